@@ -1,0 +1,30 @@
+# Quickstart targets. Each sets up its own virtual environment on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.itda-installed
+
+.PHONY: demo test test-fast bench clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# the local CPU wheel; an unpinned torch would pull a multi-GB CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test,plot,bench]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/itda demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(PY) benchmarks/pursuit.py
+	$(PY) benchmarks/build_modes.py
+
+clean:
+	rm -rf $(VENV) out

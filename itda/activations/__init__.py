@@ -1,0 +1,1 @@
+"""Activation sources: files now; models and corpora next."""

@@ -1,0 +1,292 @@
+"""Greedy ITDA dictionary building: stream activations, add those the dictionary explains worst."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, NamedTuple
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from itda.atomic import atomic_path
+from itda.dictionary import (
+    REF_FIELDS,
+    Dictionary,
+    DictionaryMeta,
+    cosine_to_threshold,
+    empty_refs,
+    threshold_to_cosine,
+)
+from itda.errors import ItdaInputError
+from itda.metrics import normalised_loss, recon_terms
+from itda.pursuit import GrowingGram, matching_pursuit
+from itda.select import first_unique_rows, greedy_dissimilar, most_frequent_rows
+
+MODES = ("improved", "reference")
+_CKPT_KEY = "itda_checkpoint"
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """How to build. Give exactly one of threshold (normalised loss) and min_cosine."""
+
+    k: int = 40
+    threshold: float | None = None
+    min_cosine: float | None = None
+    mode: str = "improved"
+    max_atoms: int | None = None
+    backend: str = "auto"
+
+    def validate(self, d: int) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ItdaInputError(f"k must be an integer >= 1, got {self.k!r}")
+        if (self.threshold is None) == (self.min_cosine is None):
+            raise ItdaInputError("give exactly one of threshold and min_cosine")
+        if self.threshold is not None and not (0.0 <= self.threshold < 4.0 / d):
+            raise ItdaInputError(
+                f"threshold {self.threshold} out of range: the normalised loss (2 - 2cos)/d lies in [0, {4.0 / d:.4g}) for d={d}"
+            )
+        if self.min_cosine is not None and not (-1.0 < self.min_cosine <= 1.0):
+            raise ItdaInputError(f"min_cosine {self.min_cosine} out of range (-1, 1]")
+        if self.mode not in MODES:
+            raise ItdaInputError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.max_atoms is not None and self.max_atoms < 1:
+            raise ItdaInputError(f"max_atoms must be >= 1, got {self.max_atoms}")
+
+    def loss_threshold(self, d: int) -> float:
+        return self.threshold if self.threshold is not None else cosine_to_threshold(self.min_cosine, d)
+
+    def cosine_threshold(self, d: int) -> float:
+        return self.min_cosine if self.min_cosine is not None else threshold_to_cosine(self.threshold, d)
+
+
+class BatchStats(NamedTuple):
+    tokens: int  # rows in the batch
+    candidates: int  # rows whose loss exceeded the threshold (or seeding rows)
+    added: int  # atoms added from this batch
+    size: int  # dictionary size after the batch
+    mean_loss: float  # mean normalised loss of the batch against the dictionary before it grew
+
+
+def _check_batch(acts: torch.Tensor, refs: torch.Tensor | None, d: int) -> torch.Tensor:
+    if not isinstance(acts, torch.Tensor) or acts.ndim != 2:
+        shape = tuple(acts.shape) if isinstance(acts, torch.Tensor) else type(acts).__name__
+        raise ItdaInputError(f"activation batch must be a 2-D tensor [tokens, d], got {shape}")
+    if acts.shape[1] != d:
+        raise ItdaInputError(f"activation batch has d={acts.shape[1]}, the dictionary has d={d}")
+    if not acts.is_floating_point():
+        raise ItdaInputError(f"activations must be floating point, got {acts.dtype}")
+    if not bool(torch.isfinite(acts).all()):
+        raise ItdaInputError("activation batch contains NaN or inf")
+    if refs is None:
+        return empty_refs(acts.shape[0])
+    if refs.shape != (acts.shape[0], len(REF_FIELDS)):
+        raise ItdaInputError(f"refs must have shape [{acts.shape[0]}, {len(REF_FIELDS)}], got {tuple(refs.shape)}")
+    return refs.to(torch.int64).cpu()
+
+
+class DictionaryBuilder:
+    """Incremental ITDA builder: call update(batch) per activation batch, then dictionary().
+
+    Modes:
+      reference: while the dictionary has fewer than d atoms a batch only seeds it with its
+        most frequent distinct rows; afterwards every row whose loss exceeds the threshold
+        against the dictionary at the start of the batch is added.
+      improved (default): no seeding; candidates are deduplicated exactly and a candidate is
+        dropped when an atom accepted earlier in the same batch already reconstructs it to
+        the threshold cosine (see itda.select.greedy_dissimilar).
+    """
+
+    def __init__(
+        self,
+        d: int,
+        config: BuildConfig,
+        *,
+        init: Dictionary | None = None,
+        meta: DictionaryMeta | None = None,
+        device: torch.device | str = "cpu",
+    ):
+        config.validate(d)
+        self.d = d
+        self.config = config
+        self.device = torch.device(device)
+        self.meta = meta or DictionaryMeta(d=d)
+        self.store = GrowingGram(d, self.device)
+        self._refs: list[torch.Tensor] = []
+        self.batches_seen = 0
+        self.tokens_seen = 0
+        if init is not None:
+            if init.d != d:
+                raise ItdaInputError(f"initial dictionary has d={init.d}, activations have d={d}")
+            self._append(init.atoms.to(torch.float32), init.refs)
+
+    # -- state -----------------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return self.store.size
+
+    def _append(self, unit_MD: torch.Tensor, refs_M5: torch.Tensor) -> None:
+        self.store.append(unit_MD)
+        self._refs.append(refs_M5.cpu())
+
+    def refs(self) -> torch.Tensor:
+        return torch.cat(self._refs) if self._refs else empty_refs(0)
+
+    # -- one batch -------------------------------------------------------------------------
+    def update(self, acts: torch.Tensor, refs: torch.Tensor | None = None) -> BatchStats:
+        refs = _check_batch(acts, refs, self.d)
+        x_BD = acts.to(device=self.device, dtype=torch.float32)
+        norms_B = x_BD.norm(dim=1)
+        nonzero_B = norms_B > 0
+        room = self._room()
+        if self.config.mode == "reference" and self.size < self.d:
+            pos = most_frequent_rows(x_BD[nonzero_B], min(self.d - self.size, room))
+            keep = torch.nonzero(nonzero_B).squeeze(1)[pos]
+            self._append(x_BD[keep] / norms_B[keep, None], refs[keep.cpu()])
+            return self._finish(x_BD.shape[0], len(keep), len(keep), float("nan"))
+
+        loss_B = self._loss(x_BD)
+        over_B = (loss_B > self.config.loss_threshold(self.d)) & nonzero_B
+        cand = torch.nonzero(over_B).squeeze(1)
+        unit_MD = x_BD[cand] / norms_B[cand, None]
+        if self.config.mode == "improved" and len(cand):
+            keep = first_unique_rows(unit_MD)
+            keep &= greedy_dissimilar(unit_MD, keep, self.config.cosine_threshold(self.d))
+            cand, unit_MD = cand[keep], unit_MD[keep]
+        cand, unit_MD = cand[:room], unit_MD[:room]
+        self._append(unit_MD, refs[cand.cpu()])
+        return self._finish(x_BD.shape[0], int(over_B.sum()), len(cand), float(loss_B.mean()))
+
+    def _room(self) -> int:
+        return self.config.max_atoms - self.size if self.config.max_atoms is not None else 1 << 62
+
+    def _loss(self, x_BD: torch.Tensor) -> torch.Tensor:
+        if self.size == 0:
+            return normalised_loss(torch.zeros(x_BD.shape[0], device=x_BD.device), self.d)
+        codes = matching_pursuit(
+            x_BD, self.store.atoms, self.config.k, gram=self.store.gram, backend=self.config.backend
+        )
+        return normalised_loss(recon_terms(x_BD, codes, self.store.atoms).cosine, self.d)
+
+    def _finish(self, tokens: int, candidates: int, added: int, mean_loss: float) -> BatchStats:
+        self.batches_seen += 1
+        self.tokens_seen += tokens
+        return BatchStats(tokens, candidates, added, self.size, mean_loss)
+
+    # -- results ---------------------------------------------------------------------------
+    def dictionary(self, dtype: torch.dtype = torch.float32) -> Dictionary:
+        meta = DictionaryMeta(**{**asdict(self.meta), "d": self.d})
+        meta.k = self.config.k
+        meta.threshold = self.config.loss_threshold(self.d)
+        meta.min_cosine = self.config.cosine_threshold(self.d)
+        meta.build = {
+            **meta.build,
+            "mode": self.config.mode,
+            "max_atoms": self.config.max_atoms,
+            "batches": self.batches_seen,
+            "tokens": self.tokens_seen,
+        }
+        atoms = self.store.atoms.to(dtype).cpu().clone()
+        return Dictionary(atoms, self.refs().clone(), meta)
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def save_checkpoint(self, path: str | os.PathLike) -> None:
+        """Atomically write the full builder state (exact float32 atoms, refs, counters)."""
+        state = {
+            "config": asdict(self.config),
+            "meta": json.loads(self.meta.to_json()),
+            "d": self.d,
+            "batches_seen": self.batches_seen,
+            "tokens_seen": self.tokens_seen,
+        }
+        tensors = {"atoms": self.store.atoms.cpu().contiguous(), "refs": self.refs().contiguous()}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={_CKPT_KEY: json.dumps(state, sort_keys=True)})
+
+    @classmethod
+    def load_checkpoint(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> "DictionaryBuilder":
+        path = Path(path)
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                header = fh.metadata() or {}
+            tensors = load_file(str(path))
+            state = json.loads(header[_CKPT_KEY])
+        except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise ItdaInputError(f"{path}: not a readable itda checkpoint ({str(exc).splitlines()[0]})") from None
+        meta = DictionaryMeta.from_json(json.dumps(state["meta"]), str(path))
+        builder = cls(state["d"], BuildConfig(**state["config"]), meta=meta, device=device)
+        builder._append(tensors["atoms"], tensors["refs"])
+        builder.batches_seen = int(state["batches_seen"])
+        builder.tokens_seen = int(state["tokens_seen"])
+        return builder
+
+
+Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]
+
+
+def _split(batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(batch, tuple):
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    return batch, None
+
+
+def build_dictionary(
+    batches: Iterable[Batch],
+    *,
+    k: int = 40,
+    threshold: float | None = None,
+    min_cosine: float | None = None,
+    mode: str = "improved",
+    init: Dictionary | None = None,
+    max_atoms: int | None = None,
+    backend: str = "auto",
+    meta: DictionaryMeta | None = None,
+    device: torch.device | str = "cpu",
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 0,
+    progress: bool = False,
+    total_tokens: int | None = None,
+) -> Dictionary:
+    """Build a dictionary from an iterator of activation batches ([B, d] or ([B, d], refs [B, 5])).
+
+    With `checkpoint`, the state is written atomically every `checkpoint_every` batches and an
+    existing checkpoint is resumed: its batches are skipped from the (identical) stream, and
+    the result is byte-identical to an uninterrupted build.
+    """
+    config = BuildConfig(k=k, threshold=threshold, min_cosine=min_cosine, mode=mode, max_atoms=max_atoms, backend=backend)
+    iterator: Iterator[Batch] = iter(batches)
+    first = next(iterator, None)
+    if first is None:
+        raise ItdaInputError("the activation stream was empty")
+    acts0 = _split(first)[0]
+    if not isinstance(acts0, torch.Tensor) or acts0.ndim != 2:
+        _check_batch(acts0, None, 0)  # raises, naming the shape
+    d = acts0.shape[1]
+    config.validate(d)
+    if checkpoint is not None and Path(checkpoint).exists():
+        builder = DictionaryBuilder.load_checkpoint(checkpoint, device=device)
+        if builder.config != config:
+            raise ItdaInputError(f"{checkpoint}: checkpoint was made with different build settings {builder.config}")
+    else:
+        builder = DictionaryBuilder(d, config, init=init, meta=meta, device=device)
+    bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, disable=not progress, desc="build")
+    try:
+        for index, batch in enumerate(itertools.chain([first], iterator)):
+            acts, refs = _split(batch)
+            if index < builder.batches_seen:
+                bar.update(acts.shape[0])
+                continue
+            stats = builder.update(acts, refs)
+            bar.update(stats.tokens)
+            bar.set_postfix(atoms=stats.size, refresh=False)
+            if checkpoint is not None and checkpoint_every and builder.batches_seen % checkpoint_every == 0:
+                builder.save_checkpoint(checkpoint)
+    finally:
+        bar.close()
+    return builder.dictionary()

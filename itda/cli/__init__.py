@@ -1,0 +1,1 @@
+"""The `itda` command line (typer)."""

@@ -1,0 +1,175 @@
+"""Public pursuit functions: validation, backend choice and chunking over rows."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+
+from itda.errors import ItdaInputError
+from itda.pursuit.codes import SparseCodes, cat_codes
+from itda.pursuit.gram import compute_gram, gram_fits
+
+Backend = Literal["auto", "torch", "numba"]
+BACKENDS = ("auto", "torch", "numba")
+CHUNK_BYTES = 256 << 20
+
+
+def _check_inputs(x: torch.Tensor, atoms: torch.Tensor, k: int) -> None:
+    if not isinstance(x, torch.Tensor) or not isinstance(atoms, torch.Tensor):
+        raise ItdaInputError("x and atoms must be torch tensors")
+    if x.ndim != 2:
+        raise ItdaInputError(f"activations must be 2-D [tokens, d], got shape {tuple(x.shape)}")
+    if atoms.ndim != 2:
+        raise ItdaInputError(f"atoms must be 2-D [atoms, d], got shape {tuple(atoms.shape)}")
+    if x.shape[1] != atoms.shape[1]:
+        raise ItdaInputError(f"dimension mismatch: activations have d={x.shape[1]}, atoms d={atoms.shape[1]}")
+    if not x.is_floating_point() or not atoms.is_floating_point():
+        raise ItdaInputError(f"activations and atoms must be floating point, got {x.dtype} and {atoms.dtype}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ItdaInputError(f"k must be an integer >= 1, got {k!r}")
+    if atoms.shape[0] == 0:
+        raise ItdaInputError("the dictionary has no atoms")
+    if not bool(torch.isfinite(x).all()):
+        raise ItdaInputError("activations contain NaN or inf")
+
+
+def _resolve(
+    x: torch.Tensor, atoms: torch.Tensor, gram: torch.Tensor | None, backend: str, need_gram_for_numba: bool = True
+) -> tuple[str, torch.Tensor | None]:
+    if backend not in BACKENDS:
+        raise ItdaInputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    n = atoms.shape[0]
+    on_cuda = atoms.device.type == "cuda"
+    if gram is not None and tuple(gram.shape) != (n, n):
+        raise ItdaInputError(f"gram has shape {tuple(gram.shape)}, expected {(n, n)}")
+    if backend == "numba" and on_cuda:
+        raise ItdaInputError("the numba backend runs on the CPU; the atoms are on CUDA")
+    if gram is None:
+        wants_gram = backend == "numba" or (gram_fits(n, atoms.device) and n <= 4 * x.shape[0])
+        if wants_gram:
+            if not gram_fits(n, atoms.device):
+                raise ItdaInputError(
+                    f"the numba backend needs the {n}x{n} Gram matrix, which exceeds the memory budget "
+                    "(ITDA_GRAM_BUDGET); use backend='torch'"
+                )
+            gram = compute_gram(atoms)
+    if backend == "auto":
+        backend = "numba" if (not on_cuda and gram is not None) else "torch"
+    return backend, gram
+
+
+def _chunk_rows(b: int, n: int, chunk_size: int | None) -> int:
+    if chunk_size:
+        return max(1, chunk_size)
+    return max(1, min(b, CHUNK_BYTES // (4 * max(n, 1))))
+
+
+def matching_pursuit(
+    x: torch.Tensor,
+    atoms: torch.Tensor,
+    k: int,
+    *,
+    gram: torch.Tensor | None = None,
+    backend: Backend = "auto",
+    chunk_size: int | None = None,
+) -> SparseCodes:
+    """Textbook matching pursuit of rows x [B, d] over unit-norm atoms [N, d], k steps.
+
+    Each step picks j = argmax |<r, a_j>| (first index on ties), takes that correlation as
+    the coefficient and subtracts it times a_j from the residual; atoms may repeat.
+    Inputs of any float dtype; arithmetic in float32. `gram` (= atoms @ atoms.T, float32)
+    may be passed to reuse it across calls. backend: 'numba' (CPU), 'torch' (CPU/CUDA) or
+    'auto'. Returns SparseCodes on the atoms' device.
+    """
+    _check_inputs(x, atoms, k)
+    backend, gram = _resolve(x, atoms, gram, backend)
+    atoms32 = atoms.to(torch.float32).contiguous()
+    x32 = x.to(device=atoms.device, dtype=torch.float32)
+    gram32 = None if gram is None else gram.to(device=atoms.device, dtype=torch.float32)
+    step = _chunk_rows(x.shape[0], atoms.shape[0], chunk_size)
+    parts = []
+    for s in range(0, x.shape[0], step):
+        x_BD = x32[s : s + step]
+        if backend == "numba":
+            parts.append(_mp_chunk_numba(x_BD, atoms32, k, gram32))
+        else:
+            from itda.pursuit.mp_torch import mp_chunk_torch
+
+            parts.append(mp_chunk_torch(x_BD, atoms32, k, gram32))
+    if not parts:
+        return _empty_codes(k, atoms.device)
+    return cat_codes(parts)
+
+
+def orthogonal_matching_pursuit(
+    x: torch.Tensor,
+    atoms: torch.Tensor,
+    k: int,
+    *,
+    gram: torch.Tensor | None = None,
+    backend: Backend = "auto",
+    chunk_size: int | None = None,
+    eps: float = 1e-6,
+) -> SparseCodes:
+    """Batch-OMP: greedy selection as MP, coefficients refit by least squares each step.
+
+    The residual is orthogonal to the chosen atoms; no atom is chosen twice. A row whose next
+    atom is linearly dependent on its chosen ones (pivot <= eps) stops early; its remaining
+    slots hold index -1 and value 0.
+    """
+    _check_inputs(x, atoms, k)
+    backend, gram = _resolve(x, atoms, gram, backend)
+    atoms32 = atoms.to(torch.float32).contiguous()
+    x32 = x.to(device=atoms.device, dtype=torch.float32)
+    gram32 = None if gram is None else gram.to(device=atoms.device, dtype=torch.float32)
+    step = max(1, _chunk_rows(x.shape[0], atoms.shape[0], chunk_size) // 2)
+    parts = []
+    for s in range(0, x.shape[0], step):
+        x_BD = x32[s : s + step]
+        if backend == "numba":
+            parts.append(_omp_chunk_numba(x_BD, atoms32, k, gram32, eps))
+        else:
+            from itda.pursuit.mp_torch import omp_chunk_torch
+
+            parts.append(omp_chunk_torch(x_BD, atoms32, k, gram32, eps))
+    if not parts:
+        return _empty_codes(k, atoms.device)
+    return cat_codes(parts)
+
+
+def _empty_codes(k: int, device: torch.device) -> SparseCodes:
+    return SparseCodes(
+        torch.empty(0, k, dtype=torch.int64, device=device),
+        torch.empty(0, k, dtype=torch.float32, device=device),
+        torch.empty(0, dtype=torch.float32, device=device),
+    )
+
+
+def _mp_chunk_numba(x_BD: torch.Tensor, atoms_ND: torch.Tensor, k: int, gram_NN: torch.Tensor) -> SparseCodes:
+    from itda.pursuit.mp_numba import mp_gram_kernel
+
+    corr_BN = (x_BD @ atoms_ND.T).numpy()
+    b = x_BD.shape[0]
+    idx_BK = np.empty((b, k), dtype=np.int64)
+    val_BK = np.empty((b, k), dtype=np.float32)
+    mp_gram_kernel(corr_BN, gram_NN.numpy(), k, idx_BK, val_BK)
+    val = torch.from_numpy(val_BK)
+    energy = (x_BD * x_BD).sum(1) - (val * val).sum(1)
+    return SparseCodes(torch.from_numpy(idx_BK), val, energy.clamp_(min=0.0))
+
+
+def _omp_chunk_numba(
+    x_BD: torch.Tensor, atoms_ND: torch.Tensor, k: int, gram_NN: torch.Tensor, eps: float
+) -> SparseCodes:
+    from itda.pursuit.mp_numba import omp_gram_kernel
+
+    alpha0_BN = (x_BD @ atoms_ND.T).numpy()
+    b = x_BD.shape[0]
+    idx_BK = np.empty((b, k), dtype=np.int64)
+    gamma_BK = np.empty((b, k), dtype=np.float32)
+    drop_B = np.empty(b, dtype=np.float32)
+    omp_gram_kernel(alpha0_BN, gram_NN.numpy(), k, eps, idx_BK, gamma_BK, drop_B)
+    energy = (x_BD * x_BD).sum(1) - torch.from_numpy(drop_B)
+    return SparseCodes(torch.from_numpy(idx_BK), torch.from_numpy(gamma_BK), energy.clamp_(min=0.0))

@@ -1,0 +1,101 @@
+"""Matching pursuit in torch (CPU and CUDA), one chunk of rows at a time.
+
+Both kernels start from one GEMM of correlations c = x A^T and then update c in place,
+c -= alpha * G[j], never re-multiplying by the whole dictionary. The Gram rows come either
+from a precomputed G or, when G does not fit in memory, are computed for the distinct atoms
+picked at each step (at most one GEMM of [unique picks, d] x [d, N] per step).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from itda.pursuit.codes import SparseCodes
+
+
+def _gram_rows(atoms_ND: torch.Tensor, gram_NN: torch.Tensor | None, j_B: torch.Tensor) -> torch.Tensor:
+    if gram_NN is not None:
+        return gram_NN.index_select(0, j_B)
+    uniq_U, inverse_B = torch.unique(j_B, return_inverse=True)
+    rows_UN = atoms_ND.index_select(0, uniq_U) @ atoms_ND.T
+    return rows_UN.index_select(0, inverse_B)
+
+
+def mp_chunk_torch(
+    x_BD: torch.Tensor, atoms_ND: torch.Tensor, k: int, gram_NN: torch.Tensor | None
+) -> SparseCodes:
+    """Textbook MP of float32 rows x over float32 unit atoms; see module docstring."""
+    b = x_BD.shape[0]
+    corr_BN = x_BD @ atoms_ND.T
+    abs_BN = torch.empty_like(corr_BN)
+    idx_BK = torch.empty(b, k, dtype=torch.int64, device=x_BD.device)
+    val_BK = torch.empty(b, k, dtype=torch.float32, device=x_BD.device)
+    rows_B = torch.arange(b, device=x_BD.device)
+    for t in range(k):
+        torch.abs(corr_BN, out=abs_BN)
+        j_B = abs_BN.argmax(dim=1)
+        alpha_B = corr_BN[rows_B, j_B]
+        idx_BK[:, t] = j_B
+        val_BK[:, t] = alpha_B
+        if t + 1 < k:
+            corr_BN.addcmul_(_gram_rows(atoms_ND, gram_NN, j_B), alpha_B[:, None], value=-1.0)
+    energy_B = (x_BD * x_BD).sum(1) - (val_BK * val_BK).sum(1)
+    return SparseCodes(idx_BK, val_BK, energy_B.clamp_(min=0.0))
+
+
+def omp_chunk_torch(
+    x_BD: torch.Tensor, atoms_ND: torch.Tensor, k: int, gram_NN: torch.Tensor | None, eps: float = 1e-6
+) -> SparseCodes:
+    """Batch-OMP with an incremental Cholesky factor of G[I, I] per row.
+
+    Residual correlations are c = alpha0 - G[:, I] gamma with gamma the least-squares
+    coefficients on the chosen set I. Without a Gram matrix the residual is formed explicitly
+    and correlated with the dictionary (one GEMM per step). A row stops early (index -1)
+    when the next atom is linearly dependent on the chosen ones.
+    """
+    b = x_BD.shape[0]
+    dev = x_BD.device
+    alpha0_BN = x_BD @ atoms_ND.T
+    corr_BN = alpha0_BN.clone()
+    chol_BKK = torch.zeros(b, k, k, dtype=torch.float32, device=dev)
+    idx_BK = torch.full((b, k), -1, dtype=torch.int64, device=dev)
+    gamma_BK = torch.zeros(b, k, dtype=torch.float32, device=dev)
+    alive_B = torch.ones(b, dtype=torch.bool, device=dev)
+    for t in range(k):
+        j_B = corr_BN.abs().argmax(dim=1)
+        if t == 0:
+            chol_BKK[:, 0, 0] = 1.0
+        else:
+            prev_BT = idx_BK[:, :t].clamp(min=0)
+            cross_BT = (atoms_ND[prev_BT] @ atoms_ND[j_B].unsqueeze(-1)).squeeze(-1)
+            w_BT = torch.linalg.solve_triangular(
+                chol_BKK[:, :t, :t], cross_BT.unsqueeze(-1), upper=False
+            ).squeeze(-1)
+            diag_B = 1.0 - (w_BT * w_BT).sum(1)
+            alive_B &= diag_B > eps
+            chol_BKK[:, t, :t] = torch.where(alive_B[:, None], w_BT, 0.0)
+            chol_BKK[:, t, t] = torch.where(alive_B, diag_B.clamp(min=eps).sqrt(), 1.0)
+        idx_BK[:, t] = torch.where(alive_B, j_B, -1)
+        if not bool(alive_B.any()):
+            break
+        sel_BT = idx_BK[:, : t + 1]
+        rhs_BT = torch.where(sel_BT >= 0, alpha0_BN.gather(1, sel_BT.clamp(min=0)), 0.0)
+        gamma_BT = torch.cholesky_solve(rhs_BT.unsqueeze(-1), chol_BKK[:, : t + 1, : t + 1]).squeeze(-1)
+        gamma_BT = torch.where(sel_BT >= 0, gamma_BT, 0.0)
+        gamma_BK[:, : t + 1] = gamma_BT
+        if t + 1 == k:
+            break
+        if gram_NN is not None:
+            corr_BN.copy_(alpha0_BN)
+            for s in range(t + 1):
+                corr_BN.addcmul_(gram_NN.index_select(0, sel_BT[:, s].clamp(min=0)), gamma_BT[:, s, None], value=-1.0)
+        else:
+            recon_BD = torch.einsum("bt,btd->bd", gamma_BT, atoms_ND[sel_BT.clamp(min=0)])
+            corr_BN = (x_BD - recon_BD) @ atoms_ND.T
+        # chosen atoms have zero residual correlation; pin them so they are never re-picked
+        corr_BN.scatter_(1, sel_BT.clamp(min=0), 0.0)
+        corr_BN[~alive_B] = 0.0
+    valid_BK = idx_BK >= 0
+    alpha_sel_BK = torch.where(valid_BK, alpha0_BN.gather(1, idx_BK.clamp(min=0)), 0.0)
+    energy_B = (x_BD * x_BD).sum(1) - (alpha_sel_BK * gamma_BK).sum(1)
+    return SparseCodes(idx_BK, torch.where(valid_BK, gamma_BK, 0.0), energy_B.clamp_(min=0.0))

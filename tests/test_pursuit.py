@@ -1,0 +1,125 @@
+import numpy as np
+import pytest
+import torch
+
+from itda.errors import ItdaInputError
+from itda.pursuit import compute_gram, decode, matching_pursuit, orthogonal_matching_pursuit
+from reference_impls import mp_float64, random_unit
+
+CASES = [(64, 16, 32, 5), (200, 64, 512, 40), (33, 128, 300, 12), (16, 8, 1024, 20)]
+
+
+def _first_tie_step(gap: np.ndarray, scale: np.ndarray, tol: float) -> np.ndarray:
+    """Per row, the first step whose best/second-best gap is within tol (k if none)."""
+    near = gap <= tol * scale[:, None]
+    return np.where(near.any(1), near.argmax(1), gap.shape[1])
+
+
+@pytest.mark.parametrize("B,d,N,k", CASES)
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_mp_matches_float64_textbook(B, d, N, k, backend, dtype):
+    rng = np.random.default_rng(B * 7 + N)
+    atoms = torch.from_numpy(random_unit(N, d, rng)).to(dtype)
+    x = torch.from_numpy(rng.standard_normal((B, d)) * 3).to(dtype)
+    idx, val, energy, gap = mp_float64(x.double().numpy(), atoms.double().numpy(), k)
+    codes = matching_pursuit(x, atoms, k, backend=backend)
+    scale = np.linalg.norm(x.double().numpy(), axis=1)
+    stop = _first_tie_step(gap, scale, 1e-5)
+    # float32 cannot order correlations closer than ~1e-6 |x|: rows are compared up to their
+    # first near-tie of the float64 reference; such ties must be rare early on
+    assert (stop >= min(k, 5)).mean() > 0.9
+    got_idx, got_val = codes.indices.numpy(), codes.values.numpy()
+    for row in range(B):
+        s = stop[row]
+        np.testing.assert_array_equal(got_idx[row, :s], idx[row, :s])
+        np.testing.assert_allclose(got_val[row, :s], val[row, :s], rtol=1e-4, atol=1e-4 * scale[row])
+    full = stop == k
+    if full.any():
+        np.testing.assert_allclose(
+            codes.residual_sq.numpy()[full], energy[full], rtol=1e-3, atol=1e-3 * scale[full].max() ** 2
+        )
+
+
+def test_gram_free_path_equals_gram_path():
+    rng = np.random.default_rng(3)
+    atoms = torch.from_numpy(random_unit(700, 48, rng)).float()
+    x = torch.from_numpy(rng.standard_normal((90, 48))).float()
+    with_gram = matching_pursuit(x, atoms, 25, gram=compute_gram(atoms), backend="torch")
+    lazy = matching_pursuit(x, atoms, 25, gram=None, backend="torch")  # N > 4B: rows on demand
+    assert torch.equal(with_gram.indices, lazy.indices)
+    torch.testing.assert_close(with_gram.values, lazy.values, rtol=1e-5, atol=1e-5)
+
+
+def test_residual_energy_matches_explicit_residual():
+    rng = np.random.default_rng(4)
+    atoms = torch.from_numpy(random_unit(256, 32, rng)).float()
+    x = torch.from_numpy(rng.standard_normal((50, 32))).float()
+    codes = matching_pursuit(x, atoms, 10)
+    r = x - decode(codes, atoms)
+    torch.testing.assert_close(codes.residual_sq, (r * r).sum(1), rtol=1e-4, atol=1e-4)
+
+
+def test_chunking_does_not_change_result():
+    rng = np.random.default_rng(5)
+    atoms = torch.from_numpy(random_unit(128, 16, rng)).float()
+    x = torch.from_numpy(rng.standard_normal((77, 16))).float()
+    for backend in ("torch", "numba"):
+        a = matching_pursuit(x, atoms, 9, backend=backend)
+        b = matching_pursuit(x, atoms, 9, backend=backend, chunk_size=10)
+        assert torch.equal(a.indices, b.indices)
+        torch.testing.assert_close(a.values, b.values, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_omp_residual_orthogonal_and_least_squares(backend):
+    rng = np.random.default_rng(6)
+    d, n, k = 40, 300, 15
+    atoms = torch.from_numpy(random_unit(n, d, rng)).float()
+    x = torch.from_numpy(rng.standard_normal((64, d))).float()
+    codes = orthogonal_matching_pursuit(x, atoms, k, backend=backend)
+    a64, x64 = atoms.double().numpy(), x.double().numpy()
+    for row in range(x.shape[0]):
+        sel = codes.indices[row].numpy()
+        sel = sel[sel >= 0]
+        assert len(set(sel.tolist())) == len(sel) == k
+        coef, *_ = np.linalg.lstsq(a64[sel].T, x64[row], rcond=None)
+        np.testing.assert_allclose(codes.values[row, : len(sel)].numpy(), coef, rtol=1e-3, atol=1e-4)
+        resid = x64[row] - coef @ a64[sel]
+        assert np.abs(a64[sel] @ resid).max() < 1e-4 * np.linalg.norm(x64[row])
+        assert abs(codes.residual_sq[row].item() - resid @ resid) < 1e-3 * (x64[row] @ x64[row])
+
+
+def test_omp_stops_on_dependent_atoms():
+    # 3 atoms in 2-D: after 2 picks the residual is zero and the third is dependent.
+    atoms = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    x = torch.tensor([[2.0, 1.0]])
+    for backend in ("torch", "numba"):
+        codes = orthogonal_matching_pursuit(x, atoms, 3, backend=backend)
+        assert codes.indices[0, 2].item() == -1 and codes.values[0, 2].item() == 0.0
+        torch.testing.assert_close(decode(codes, atoms), x)
+
+
+def test_omp_backends_agree():
+    rng = np.random.default_rng(7)
+    atoms = torch.from_numpy(random_unit(200, 24, rng)).float()
+    x = torch.from_numpy(rng.standard_normal((40, 24))).float()
+    a = orthogonal_matching_pursuit(x, atoms, 12, backend="torch")
+    b = orthogonal_matching_pursuit(x, atoms, 12, backend="numba")
+    assert torch.equal(a.indices, b.indices)
+    torch.testing.assert_close(a.values, b.values, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "x,atoms,k,match",
+    [
+        (torch.zeros(4), torch.eye(4), 2, "2-D"),
+        (torch.zeros(2, 3), torch.eye(4), 2, "dimension mismatch"),
+        (torch.zeros(2, 4), torch.eye(4), 0, "k must be"),
+        (torch.full((2, 4), float("nan")), torch.eye(4), 2, "NaN"),
+        (torch.zeros(2, 4, dtype=torch.int64), torch.eye(4), 2, "floating point"),
+    ],
+)
+def test_bad_inputs_raise(x, atoms, k, match):
+    with pytest.raises(ItdaInputError, match=match):
+        matching_pursuit(x, atoms, k)
