@@ -1,4 +1,4 @@
-"""The README's main job on the embedded default data (synthetic activations until models land)."""
+"""The README's main job: smollm2-135m, the default corpus, a middle layer, build + evaluate + report."""
 
 from __future__ import annotations
 
@@ -6,37 +6,84 @@ import json
 import time
 from pathlib import Path
 
+import torch
 import typer
 
+from itda.activations.corpus import load_contexts
+from itda.activations.hookpoints import Hookpoint, n_layers
+from itda.activations.models import load_model
 from itda.atomic import write_text_atomic
-from itda.build import build_dictionary
-from itda.evaluate import evaluate
-from itda.synthetic import synthetic_activations
+from itda.build import BuildConfig
+from itda.ce_score import ce_loss_score
+from itda.dictionary import Dictionary
+from itda.model_build import build_from_model
+from itda.model_eval import ModelEvalReport
+from itda.activations.stream import iterate_batches
+from itda.evaluate import Evaluator
 
-DEMO_D = 256
+DEMO_MODEL = "smollm2-135m"
 DEMO_K = 40
 DEMO_MIN_COSINE = 0.85
 
 
-def run_demo(out: Path, tokens: int, batch_size: int = 4096) -> dict:
-    held_out = max(tokens // 5, 1)
-    data = synthetic_activations(tokens + held_out, DEMO_D, seed=0)
-    t0 = time.perf_counter()
-    dictionary = build_dictionary(
-        data.batches(batch_size, stop=tokens), k=DEMO_K, min_cosine=DEMO_MIN_COSINE, progress=True, total_tokens=tokens
-    )
-    build_s = time.perf_counter() - t0
-    dictionary.meta.model = "synthetic"
+def atom_snippet(docs: list[str], refs_row: list[int], width: int = 40) -> str:
+    """The atom's token in its document, marked with [[ ]], with some context either side."""
+    doc, _pos, cs, ce, _tid = refs_row
+    if doc < 0 or cs < 0:
+        return "(no text reference)"
+    text = docs[doc]
+    left = text[max(0, cs - width) : cs].replace("\n", " ")
+    right = text[ce : ce + width].replace("\n", " ")
+    return f"...{left}[[{text[cs:ce]}]]{right}..."
+
+
+def run_demo(out: Path, tokens: int, eval_tokens: int = 8192, model: str = DEMO_MODEL, layer: int | None = None) -> dict:
+    lm = load_model(model)
+    layer = n_layers(lm.model) // 2 if layer is None else layer
+    hp = Hookpoint("resid_post", layer)
+    docs, contexts = load_contexts("default", lm.tokenizer, tokenizer_name=lm.tokenizer_name, split="train", tokens=tokens)
+    config = BuildConfig(k=DEMO_K, min_cosine=DEMO_MIN_COSINE)
+    result = build_from_model(lm, [hp], contexts, config, corpus_name="default")
+    dictionary = result.dictionaries[hp]
     out.mkdir(parents=True, exist_ok=True)
-    dictionary.save(out / "dictionary.safetensors")
-    report = evaluate(dictionary, (x for x, _ in data.batches(batch_size, start=tokens)))
-    summary = {**report.summary(), "build_seconds": build_s, "build_tokens_per_s": tokens / build_s}
+    dictionary.save(out / f"{hp.file_stem}.safetensors")
+
+    t0 = time.perf_counter()
+    _, held = load_contexts("default", lm.tokenizer, tokenizer_name=lm.tokenizer_name, split="heldout", tokens=eval_tokens)
+    ev = Evaluator(dictionary)
+    for batch in iterate_batches(lm.model, [hp], held, dtype=torch.float32):
+        ev.update(batch[hp].dense())
+    ce = ce_loss_score(lm.model, dictionary, hp, held)
+    report = ModelEvalReport(ev.report(), ce, model, hp.name)
+    summary = {
+        **report.summary(),
+        "dictionary_size": len(dictionary),
+        "build_tokens": result.tokens,
+        "build_seconds": result.seconds,
+        "build_tokens_per_s": result.tokens_per_s,
+        "forward_seconds": result.forward_seconds,
+        "eval_seconds": time.perf_counter() - t0,
+    }
     write_text_atomic(out / "report.json", json.dumps(summary, indent=2))
-    typer.echo(f"dictionary: {len(dictionary)} atoms (d={DEMO_D}, k={DEMO_K}, min cosine {DEMO_MIN_COSINE}) from {tokens} tokens")
-    typer.echo(f"build: {build_s:.1f}s, {tokens / build_s:,.0f} tokens/s")
-    typer.echo(
-        f"held-out ({report.tokens} tokens): FVU {report.fvu:.4f}, mean cosine {report.mean_cosine:.4f}, "
-        f"L0 {report.l0:.1f}, dead atoms {report.dead_atoms}"
-    )
-    typer.echo(f"wrote {out / 'dictionary.safetensors'} and {out / 'report.json'}")
+    _print_report(summary, dictionary, docs)
+    typer.echo(f"wrote {out / (hp.file_stem + '.safetensors')} and {out / 'report.json'}")
     return summary
+
+
+def _print_report(s: dict, dictionary: Dictionary, docs: list[str]) -> None:
+    typer.echo("")
+    typer.echo(f"model {s['model']}, {s['hookpoint']}: {s['dictionary_size']} atoms (k={DEMO_K}, min cosine {DEMO_MIN_COSINE})")
+    typer.echo(f"built from {s['build_tokens']:,} tokens in {s['build_seconds']:.0f}s ({s['build_tokens_per_s']:,.0f} tokens/s, forward {s['forward_seconds']:.0f}s)")
+    typer.echo(
+        f"held-out {s['tokens']:,} tokens: FVU {s['fvu']:.3f}, mean cosine {s['mean_cosine']:.3f}, L0 {s['l0']:.1f}, "
+        f"dead atoms {s['dead_atoms']}"
+    )
+    typer.echo(
+        f"CE-loss score {s['ce_loss_score']:.3f} (CE clean {s['ce_clean']:.3f}, spliced {s['ce_spliced']:.3f}, "
+        f"zero-ablated {s['ce_zero']:.3f})"
+    )
+    usage = dictionary.refs.shape[0]
+    picks = [0, usage // 4, usage // 2, 3 * usage // 4, usage - 1] if usage >= 5 else list(range(usage))
+    typer.echo("some atoms and the text they came from:")
+    for i in picks:
+        typer.echo(f"  atom {i:6d}: {atom_snippet(docs, dictionary.refs[i].tolist())}")

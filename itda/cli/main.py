@@ -70,44 +70,59 @@ def _threshold_args(threshold: Optional[float], min_cosine: Optional[float]) -> 
 DEFAULT_MIN_COSINE = 0.85
 
 
+def _is_activation_file(source: str) -> bool:
+    p = Path(source)
+    return p.suffix in (".safetensors", ".npy")
+
+
 @app.command()
 @user_errors
 def build(
-    acts: Path = typer.Argument(..., help="Activation file: .safetensors ('activations' [T, d], optional 'refs' [T, 5]) or .npy [T, d]."),
-    out: Path = typer.Option(..., "--out", "-o", help="Dictionary file to write (.safetensors)."),
+    source: str = typer.Argument(..., help="An activation file (.safetensors / .npy) or a model: packaged name, .gguf file or folder."),
+    out: Path = typer.Option(..., "--out", "-o", help="Dictionary file (activation file input) or folder (model input)."),
+    layer: list[int] = typer.Option([], "--layer", "-l", help="Model input: block index; repeat for several (one pass)."),
+    hook: str = typer.Option("resid_post", help="Model input: resid_post, resid_pre, attn_out or mlp_out for --layer."),
+    hookpoint: list[str] = typer.Option([], help="Model input: extra hookpoints, e.g. blocks.3.hook_mlp_out or model.layers.3.mlp."),
+    corpus: str = typer.Option("default", help="Model input: .txt, folder of .txt, .jsonl, .parquet, saved dataset, or 'default'."),
+    field: str = typer.Option("text", help="Model input: JSONL/Parquet/dataset text field."),
+    tokens: int = typer.Option(100_000, help="Model input: tokens to build from."),
+    context: int = typer.Option(128, help="Model input: tokens per context."),
+    batch_tokens: int = typer.Option(4096, help="Model input: tokens per forward pass."),
+    stream_dtype: str = typer.Option("float16", help="Model input: float16, bfloat16 or float32."),
+    include_special: bool = typer.Option(False, help="Model input: let BOS/special tokens become atoms."),
     k: int = typer.Option(40, help="Matching-pursuit steps per activation."),
     threshold: Optional[float] = typer.Option(None, help="Add rows whose normalised loss (2-2cos)/d exceeds this."),
     min_cosine: Optional[float] = typer.Option(None, help=f"Add rows reconstructed with cosine below this (default {DEFAULT_MIN_COSINE})."),
     mode: Mode = typer.Option(Mode.improved, help="improved (default) or reference (the paper's code)."),
-    batch_size: int = typer.Option(4096, help="Activations scored per step."),
+    batch_size: int = typer.Option(4096, help="Activation file input: activations scored per step."),
     max_atoms: Optional[int] = typer.Option(None, help="Stop adding atoms at this size."),
-    checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint file; an existing one is resumed."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Activation file input: checkpoint file; an existing one is resumed."),
     checkpoint_every: int = typer.Option(10, help="Batches between checkpoints."),
     dtype: DType = typer.Option(DType.float32, help="Storage dtype of the atoms."),
     backend: Backend = typer.Option(Backend.auto, help="Pursuit backend."),
     device: str = typer.Option("cpu", help="torch device (cpu, cuda, cuda:1)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Build a dictionary from an activation file."""
+    """Build dictionaries from an activation file, or from a model over a corpus."""
+    if batch_size < 1 or batch_tokens < 1:
+        raise ItdaInputError("--batch-size and --batch-tokens must be >= 1")
+    common = dict(k=k, mode=mode.value, max_atoms=max_atoms, backend=backend.value, **_threshold_args(threshold, min_cosine))
+    if _is_activation_file(source):
+        _build_from_file(Path(source), out, common, batch_size, checkpoint, checkpoint_every, dtype, device, quiet)
+    else:
+        _build_from_model(source, out, common, layer, hook, hookpoint, corpus, field, tokens, context, batch_tokens,
+                          stream_dtype, include_special, dtype, device, quiet)
+
+
+def _build_from_file(acts, out, common, batch_size, checkpoint, checkpoint_every, dtype, device, quiet) -> None:
     from itda.activations.files import load_activations
     from itda.build import build_dictionary
 
-    if batch_size < 1:
-        raise ItdaInputError(f"--batch-size must be >= 1, got {batch_size}")
     data = load_activations(acts)
     t0 = time.perf_counter()
     dictionary = build_dictionary(
-        data.batches(batch_size),
-        k=k,
-        mode=mode.value,
-        max_atoms=max_atoms,
-        backend=backend.value,
-        device=device,
-        checkpoint=checkpoint,
-        checkpoint_every=checkpoint_every if checkpoint else 0,
-        progress=not quiet,
-        total_tokens=len(data),
-        **_threshold_args(threshold, min_cosine),
+        data.batches(batch_size), device=device, checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every if checkpoint else 0, progress=not quiet, total_tokens=len(data), **common,
     )
     dictionary.meta.build["source"] = Path(data.source).name
     if dtype is DType.float16:
@@ -116,6 +131,48 @@ def build(
     if checkpoint is not None and checkpoint.exists():
         checkpoint.unlink()
     typer.echo(f"{out}: {len(dictionary)} atoms, d={dictionary.d}, from {len(data)} tokens in {time.perf_counter() - t0:.1f}s")
+
+
+def _build_from_model(source, out, common, layers, hook, extra, corpus, field, tokens, context, batch_tokens,
+                      stream_dtype, include_special, dtype, device, quiet) -> None:
+    from itda.activations.corpus import load_contexts
+    from itda.activations.hookpoints import parse_hookpoint
+    from itda.activations.models import load_model
+    from itda.activations.stream import STREAM_DTYPES
+    from itda.build import BuildConfig
+    from itda.model_build import build_from_model, save_dictionaries
+
+    if stream_dtype not in STREAM_DTYPES:
+        raise ItdaInputError(f"--stream-dtype must be one of {', '.join(STREAM_DTYPES)}")
+    if hook not in ("resid_post", "resid_pre", "attn_out", "mlp_out"):
+        raise ItdaInputError(f"--hook must be resid_post, resid_pre, attn_out or mlp_out, got {hook!r}")
+    hps = [parse_hookpoint(str(L), default_kind=hook) for L in layers] + [parse_hookpoint(h) for h in extra]
+    if not hps:
+        raise ItdaInputError("give at least one --layer or --hookpoint")
+    if out.exists() and not out.is_dir():
+        raise ItdaInputError(f"{out}: exists and is not a folder (model builds write one file per hookpoint)")
+    if tokens < 1:
+        raise ItdaInputError(f"--tokens must be >= 1, got {tokens}")
+    config = BuildConfig(**common)
+    lm = load_model(source, device=device)
+    from itda.activations.hookpoints import resolve_module
+
+    for hp in hps:
+        resolve_module(lm.model, hp)  # fail before the corpus work
+    _docs, contexts = load_contexts(corpus, lm.tokenizer, tokenizer_name=lm.tokenizer_name, split="train",
+                                    tokens=tokens, context=context, field=field)
+    result = build_from_model(
+        lm, hps, contexts, config, corpus_name=str(corpus), batch_contexts=max(1, batch_tokens // context),
+        dtype=STREAM_DTYPES[stream_dtype], include_special=include_special, device=device, progress=not quiet,
+    )
+    if dtype is DType.float16:
+        from itda.dictionary import Dictionary
+
+        result.dictionaries = {hp: Dictionary(d.atoms.half(), d.refs, d.meta) for hp, d in result.dictionaries.items()}
+    paths = save_dictionaries(result, out)
+    typer.echo(f"{result.tokens} tokens in {result.seconds:.1f}s ({result.tokens_per_s:,.0f} tokens/s; forward {result.forward_seconds:.1f}s)")
+    for p, (hp, d) in zip(paths, result.dictionaries.items()):
+        typer.echo(f"{p}: {len(d)} atoms at {hp.name}")
 
 
 @app.command()
@@ -173,24 +230,40 @@ def encode(
 @user_errors
 def eval_cmd(
     dictionary: Path = typer.Argument(..., help="Dictionary file."),
-    acts: Path = typer.Argument(..., help="Activation file to evaluate on."),
+    acts: Optional[Path] = typer.Argument(None, help="Activation file to evaluate on (or use --model)."),
+    model: Optional[str] = typer.Option(None, help="Evaluate on a model's activations (default: the dictionary's model)."),
+    corpus: str = typer.Option("default", help="With a model: corpus (its held-out split is used)."),
+    field: str = typer.Option("text"),
+    tokens: int = typer.Option(16_384, help="With a model: held-out tokens."),
+    context: int = typer.Option(128),
+    ce: bool = typer.Option(True, help="With a causal LM: compute the CE-loss score."),
     k: Optional[int] = typer.Option(None, help="Atoms per activation (default: the dictionary's k)."),
     method: Method = typer.Option(Method.mp),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the report as JSON."),
     batch_size: int = typer.Option(8192),
+    device: str = typer.Option("cpu"),
 ) -> None:
-    """FVU, cosine, normalised loss, L0 and atom usage on an activation file."""
-    from itda.activations.files import load_activations
+    """FVU, cosine, normalised loss, L0, atom usage (and the CE-loss score on a model)."""
     from itda.atomic import write_text_atomic
     from itda.dictionary import Dictionary
-    from itda.evaluate import evaluate
 
-    d = Dictionary.load(dictionary)
-    data = load_activations(acts)
-    if data.d != d.d:
-        raise ItdaInputError(f"dimension mismatch: {acts} has d={data.d}, {dictionary} has d={d.d}")
-    report = evaluate(d, (x for x, _ in data.batches(batch_size)), k=k, method=method.value)
-    summary = report.summary()
+    d = Dictionary.load(dictionary, device=device)
+    if acts is not None:
+        from itda.activations.files import load_activations
+        from itda.evaluate import evaluate
+
+        data = load_activations(acts)
+        if data.d != d.d:
+            raise ItdaInputError(f"dimension mismatch: {acts} has d={data.d}, {dictionary} has d={d.d}")
+        summary = evaluate(d, (x for x, _ in data.batches(batch_size)), k=k, method=method.value).summary()
+    else:
+        from itda.model_eval import evaluate_on_model
+
+        model = model or d.meta.model
+        if not model:
+            raise ItdaInputError(f"{dictionary}: no model recorded; give an activation file or --model")
+        summary = evaluate_on_model(d, model, corpus=corpus, field=field, tokens=tokens, context=context, ce=ce,
+                                    k=k, method=method.value, device=device).summary()
     if out is not None:
         write_text_atomic(out, json.dumps(summary, indent=2))
     for key, value in summary.items():
@@ -202,11 +275,14 @@ def eval_cmd(
 def demo(
     out: Path = typer.Option(Path("out/demo"), "--out", "-o", help="Folder for the dictionary and report."),
     tokens: int = typer.Option(100_000, help="Tokens to build from."),
+    eval_tokens: int = typer.Option(8192, help="Held-out tokens to evaluate on."),
+    model: str = typer.Option("smollm2-135m", help="Model to decompose."),
+    layer: Optional[int] = typer.Option(None, help="Block index (default: the middle one)."),
 ) -> None:
-    """Build and evaluate a dictionary on the embedded default data, then print a report."""
+    """smollm2-135m on the default corpus: build at a middle layer, evaluate held-out, report."""
     from itda.demo import run_demo
 
-    run_demo(out, tokens)
+    run_demo(out, tokens, eval_tokens, model, layer)
 
 
 def main() -> None:  # pragma: no cover

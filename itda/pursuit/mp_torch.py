@@ -1,9 +1,10 @@
 """Matching pursuit in torch (CPU and CUDA), one chunk of rows at a time.
 
 Both kernels start from one GEMM of correlations c = x A^T and then update c in place,
-c -= alpha * G[j], never re-multiplying by the whole dictionary. The Gram rows come either
-from a precomputed G or, when G does not fit in memory, are computed for the distinct atoms
-picked at each step (at most one GEMM of [unique picks, d] x [d, N] per step).
+c -= alpha * G[j], never re-multiplying by the whole dictionary when the Gram matrix G is
+given. Without G (it does not fit in memory) a step computes the Gram rows of the distinct
+atoms picked at that step, or recomputes correlations from the residual when most picks
+differ: never more than one [B, d] x [d, N] product per step.
 """
 
 from __future__ import annotations
@@ -11,14 +12,6 @@ from __future__ import annotations
 import torch
 
 from itda.pursuit.codes import SparseCodes
-
-
-def _gram_rows(atoms_ND: torch.Tensor, gram_NN: torch.Tensor | None, j_B: torch.Tensor) -> torch.Tensor:
-    if gram_NN is not None:
-        return gram_NN.index_select(0, j_B)
-    uniq_U, inverse_B = torch.unique(j_B, return_inverse=True)
-    rows_UN = atoms_ND.index_select(0, uniq_U) @ atoms_ND.T
-    return rows_UN.index_select(0, inverse_B)
 
 
 def mp_chunk_torch(
@@ -31,14 +24,25 @@ def mp_chunk_torch(
     idx_BK = torch.empty(b, k, dtype=torch.int64, device=x_BD.device)
     val_BK = torch.empty(b, k, dtype=torch.float32, device=x_BD.device)
     rows_B = torch.arange(b, device=x_BD.device)
+    resid_BD = x_BD.clone() if gram_NN is None else None
     for t in range(k):
         torch.abs(corr_BN, out=abs_BN)
         j_B = abs_BN.argmax(dim=1)
         alpha_B = corr_BN[rows_B, j_B]
         idx_BK[:, t] = j_B
         val_BK[:, t] = alpha_B
-        if t + 1 < k:
-            corr_BN.addcmul_(_gram_rows(atoms_ND, gram_NN, j_B), alpha_B[:, None], value=-1.0)
+        if t + 1 == k:
+            break
+        if gram_NN is not None:
+            corr_BN.addcmul_(gram_NN.index_select(0, j_B), alpha_B[:, None], value=-1.0)
+            continue
+        resid_BD.addcmul_(atoms_ND.index_select(0, j_B), alpha_B[:, None], value=-1.0)
+        uniq_U, inverse_B = torch.unique(j_B, return_inverse=True)
+        if 2 * uniq_U.shape[0] < b:
+            rows_UN = atoms_ND.index_select(0, uniq_U) @ atoms_ND.T
+            corr_BN.addcmul_(rows_UN.index_select(0, inverse_B), alpha_B[:, None], value=-1.0)
+        else:
+            torch.matmul(resid_BD, atoms_ND.T, out=corr_BN)
     energy_B = (x_BD * x_BD).sum(1) - (val_BK * val_BK).sum(1)
     return SparseCodes(idx_BK, val_BK, energy_B.clamp_(min=0.0))
 

@@ -1,0 +1,69 @@
+"""Dictionary size at equal FVU: improved vs reference build mode.
+
+Builds both modes over a sweep of thresholds on the same stream, evaluates FVU on held-out
+activations, and reads off each mode's size at the other's FVU by log-linear interpolation.
+Default data: the synthetic set of the demo (d=256). Pass --acts FILE for real activations.
+Usage: python benchmarks/build_modes.py [--acts FILE] [--tokens 100000]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from common import write_result
+from itda.activations.files import load_activations
+from itda.build import build_dictionary
+from itda.evaluate import evaluate
+from itda.synthetic import synthetic_activations
+
+COSINES = (0.7, 0.75, 0.8, 0.85, 0.9)
+
+
+def size_at_fvu(points: list[tuple[float, int]], fvu: float) -> float:
+    """Interpolate log(size) linearly in FVU over (fvu, size) points; nan outside their range."""
+    pts = sorted(points)
+    f = np.array([p[0] for p in pts])
+    s = np.log([p[1] for p in pts])
+    if not (f[0] <= fvu <= f[-1]):
+        return float("nan")
+    return float(np.exp(np.interp(fvu, f, s)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--acts", help="activation file (default: synthetic, d=256)")
+    parser.add_argument("--tokens", type=int, default=100_000)
+    parser.add_argument("--k", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=4096)
+    args = parser.parse_args()
+    if args.acts:
+        data = load_activations(args.acts)
+        source = args.acts
+    else:
+        data = synthetic_activations(args.tokens + args.tokens // 5, 256, seed=0)
+        source = "synthetic d=256 (itda.synthetic, seed 0)"
+    train_stop = min(args.tokens, int(len(data) * 0.8))
+    rows = []
+    for mode in ("reference", "improved"):
+        for cos in COSINES:
+            d = build_dictionary(data.batches(args.batch_size, stop=train_stop), k=args.k, min_cosine=cos, mode=mode)
+            rep = evaluate(d, (x for x, _ in data.batches(8192, start=train_stop)))
+            rows.append({"mode": mode, "min_cosine": cos, "size": len(d), "fvu": rep.fvu, "dead_atoms": rep.dead_atoms})
+            print(f"{mode:9s} cos {cos:.2f}: {len(d):6d} atoms, held-out FVU {rep.fvu:.4f}, dead {rep.dead_atoms}", flush=True)
+    ref_pts = [(r["fvu"], r["size"]) for r in rows if r["mode"] == "reference"]
+    comparison = []
+    for r in rows:
+        if r["mode"] != "improved":
+            continue
+        ref_size = size_at_fvu(ref_pts, r["fvu"])
+        comparison.append({"fvu": r["fvu"], "improved_size": r["size"], "reference_size_at_same_fvu": ref_size,
+                           "ratio": r["size"] / ref_size if ref_size == ref_size else None})
+        print(f"FVU {r['fvu']:.4f}: improved {r['size']} atoms, reference {ref_size:.0f}", flush=True)
+    print("wrote", write_result("build_modes", {"source": source, "train_tokens": train_stop, "k": args.k,
+                                                "runs": rows, "equal_fvu": comparison}))
+
+
+if __name__ == "__main__":
+    main()

