@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# the local CPU wheel; an unpinned torch would pull a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,plot,bench]'
+	$(PY) -m pip install -q -e '.[test,plot,bench,models]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -23,8 +23,9 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 bench: $(STAMP)
-	$(PY) benchmarks/pursuit.py
-	$(PY) benchmarks/build_modes.py
+	cd benchmarks && ../$(PY) pursuit.py
+	cd benchmarks && ../$(PY) build_modes.py
+	cd benchmarks && ../$(PY) build_pipeline.py
 
 clean:
 	rm -rf $(VENV) out

@@ -68,7 +68,7 @@ def build_from_model(
                     meta = DictionaryMeta(
                         d=d_model, model=lm.name, hookpoint=hp.name, layer=hp.layer, tokenizer=lm.tokenizer_name,
                         dataset_fingerprint=contexts.fingerprint,
-                        build={"corpus": corpus_name, "stream_dtype": str(dtype).replace("torch.", ""), "include_special": include_special},
+                        build={"corpus": corpus_name, "documents_fingerprint": contexts.documents_fingerprint, "stream_dtype": str(dtype).replace("torch.", ""), "include_special": include_special},
                     )
                     builders[hp] = DictionaryBuilder(d_model, config, meta=meta, device=device)
                 builders[hp].update(acts.unit, acts.refs)

@@ -8,7 +8,7 @@ import torch
 
 from itda.activations.corpus import load_contexts
 from itda.activations.hookpoints import parse_hookpoint
-from itda.activations.models import load_model
+from itda.activations.models import load_model, same_tokenizer
 from itda.activations.stream import iterate_batches
 from itda.ce_score import CEScore, ce_loss_score
 from itda.dictionary import Dictionary
@@ -50,7 +50,7 @@ def evaluate_on_model(
         raise ItdaInputError("the dictionary records no hookpoint; evaluate it on an activation file instead")
     hp = parse_hookpoint(dictionary.meta.hookpoint)
     lm = load_model(model, device=device)
-    if dictionary.meta.tokenizer and dictionary.meta.tokenizer.split(":")[0] != lm.tokenizer_name.split(":")[0]:
+    if not same_tokenizer(dictionary.meta.tokenizer, lm.tokenizer_name):
         raise ItdaInputError(f"tokenizer mismatch: dictionary built with {dictionary.meta.tokenizer}, model has {lm.tokenizer_name}")
     _docs, contexts = load_contexts(corpus, lm.tokenizer, tokenizer_name=lm.tokenizer_name, split="heldout",
                                     tokens=tokens, context=context, field=field)

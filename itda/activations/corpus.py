@@ -149,10 +149,16 @@ class Contexts:
     attention_mask: torch.Tensor  # [n, ctx] int64
     refs: torch.Tensor  # [n, ctx, 5] int64: doc, pos, char_start, char_end, token_id
     special: torch.Tensor  # [n, ctx] bool: special tokens (BOS, EOS, padding)
-    fingerprint: str
+    fingerprint: str  # tokenizer, context length and documents in order
+    documents_fingerprint: str = ""  # documents in order only: equal across tokenizers
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+    def rows(self, start: int, stop: int) -> "Contexts":
+        """Contexts start..stop (same fingerprint: a view of the same packing)."""
+        return Contexts(self.input_ids[start:stop], self.attention_mask[start:stop], self.refs[start:stop],
+                        self.special[start:stop], self.fingerprint, self.documents_fingerprint)
 
 
 def tokenize_contexts(
@@ -180,11 +186,14 @@ def tokenize_contexts(
     rows_ids, rows_refs = [], []
     total = 0
     hasher = hashlib.sha256(f"{tokenizer_name}|{context}|{len(tokenizer)}".encode())
+    doc_hasher = hashlib.sha256()
     for doc_id in doc_ids:
         text = docs[doc_id]
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
-        hasher.update(hashlib.sha1(text.encode()).digest())
+        digest = hashlib.sha1(f"{doc_id}|{text}".encode()).digest()
+        hasher.update(digest)
+        doc_hasher.update(digest)
         for start in range(0, len(ids), body):
             win = ids[start : start + body]
             if len(win) < MIN_TAIL and start > 0:
@@ -207,7 +216,7 @@ def tokenize_contexts(
     refs = torch.tensor(rows_refs, dtype=torch.int64)
     mask = (refs[..., 0] >= 0).long()
     special = refs[..., 1] < 0  # the added BOS/CLS and padding; text tokens are never special
-    return Contexts(input_ids, mask, refs, special, hasher.hexdigest()[:16])
+    return Contexts(input_ids, mask, refs, special, hasher.hexdigest()[:16], doc_hasher.hexdigest()[:16])
 
 
 def load_contexts(

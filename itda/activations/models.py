@@ -94,7 +94,21 @@ class LoadedModel:
 
     @property
     def tokenizer_name(self) -> str:
-        return f"{type(self.tokenizer).__name__}:{self.name}"
+        """'<model>|<vocab size>|<vocabulary hash>': the hash identifies the tokenizer."""
+        return tokenizer_identity(self.name, self.tokenizer)
+
+
+def tokenizer_identity(name: str, tokenizer) -> str:
+    vocab = sorted(tokenizer.get_vocab().items())
+    digest = hashlib.sha256(repr(vocab).encode()).hexdigest()[:12]
+    return f"{name}|{len(vocab)}|{digest}"
+
+
+def same_tokenizer(a: str | None, b: str | None) -> bool:
+    """Whether two tokenizer identities name the same vocabulary (unknown counts as the same)."""
+    if not a or not b:
+        return True
+    return a.split("|")[-1] == b.split("|")[-1]
 
 
 def _gguf_cache_dir(gguf: Path) -> Path:
@@ -115,6 +129,10 @@ def convert_gguf(gguf: Path) -> Path:
         raise ItdaInputError("loading GGUF files needs the 'gguf' and 'accelerate' packages (pip install gguf accelerate)") from None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, local_files_only=True, dtype=torch.float32
@@ -166,6 +184,10 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str | t
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_model_source(spec)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         config = AutoConfig.from_pretrained(source, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)

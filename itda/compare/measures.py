@@ -1,0 +1,213 @@
+"""Representation similarity measures on paired activations X [n, dx], Y [n, dy] (rows = the same inputs).
+
+Every function returns a Similarity (higher = more alike). Formulas follow the papers:
+linear CKA (Kornblith et al. 2019), debiased CKA via the unbiased HSIC (Song et al. 2012),
+SVCCA (Raghu et al. 2017), PWCCA (Morcos et al. 2018), relative representations (Moschella
+et al. 2023), mutual k-NN alignment (Huh et al. 2024), Procrustes (Williams et al. 2021).
+The in-memory measures are split into prepare(z) (per representation) and pair(p, q), so
+that layer-by-layer matrices prepare each layer once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+from itda.compare.result import Similarity
+from itda.compare.streaming import StreamingCKA, _as64
+from itda.errors import ItdaInputError
+
+
+def _subsample(n: int, max_rows: int, seed: int) -> torch.Tensor | None:
+    if n <= max_rows:
+        return None
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_rows]
+
+
+class Measure(NamedTuple):
+    prepare: Callable[[torch.Tensor], Any]
+    pair: Callable[[Any, Any], float]
+    details: dict
+
+
+# -- RBF CKA -------------------------------------------------------------------------------
+def _rbf_prepare(z: torch.Tensor, sigma_scale: float = 1.0) -> torch.Tensor:
+    n = z.shape[0]
+    d2 = torch.cdist(z, z).pow(2)
+    med = torch.median(d2[~torch.eye(n, dtype=torch.bool)].sqrt())
+    sigma = float(med) * sigma_scale
+    k = torch.exp(-d2 / (2 * sigma * sigma)) if sigma > 0 else torch.ones_like(d2)
+    kc = k - k.mean(0, keepdim=True) - k.mean(1, keepdim=True) + k.mean()
+    return kc / kc.norm()
+
+
+def _rbf_pair(kc: torch.Tensor, lc: torch.Tensor) -> float:
+    return float((kc * lc).sum())
+
+
+# -- SVCCA / PWCCA -----------------------------------------------------------------------------
+def _basis(z: torch.Tensor, rank_tol: float = 1e-10) -> torch.Tensor:
+    q, r = torch.linalg.qr(z)
+    diag = r.diagonal().abs()
+    return q[:, : int((diag > rank_tol * diag.max()).sum())]
+
+
+def _svcca_prepare(z: torch.Tensor, keep: float = 0.99) -> torch.Tensor:
+    """Orthonormal basis of the centred z's leading principal components (`keep` of the variance)."""
+    zc = z - z.mean(0)
+    u, s, _ = torch.linalg.svd(zc, full_matrices=False)
+    frac = torch.cumsum(s * s, 0) / (s * s).sum()
+    k = min(int(torch.searchsorted(frac, torch.tensor(keep, dtype=torch.float64)).item()) + 1, s.shape[0])
+    return _basis(u[:, :k] * s[:k])
+
+
+def _svcca_pair(qx: torch.Tensor, qy: torch.Tensor) -> float:
+    return float(torch.linalg.svdvals(qx.T @ qy).clamp(0, 1).mean())
+
+
+def _pwcca_prepare(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    zc = z - z.mean(0)
+    return _basis(zc), zc
+
+
+def _pwcca_pair(px, py) -> float:
+    """Canonical correlations weighted by sum_j |<h_i, x_j>| (h_i unit canonical variates of X)."""
+    (qx, xc), (qy, _) = px, py
+    u, rho, _ = torch.linalg.svd(qx.T @ qy, full_matrices=False)
+    alpha = ((qx @ u).T @ xc).abs().sum(1)
+    return float((alpha / alpha.sum() * rho.clamp(0, 1)).sum())
+
+
+# -- relative representations, mutual k-NN ---------------------------------------------------
+def _relative_prepare(z: torch.Tensor, anchor_idx: torch.Tensor) -> torch.Tensor:
+    zn = z / z.norm(dim=1, keepdim=True).clamp(min=1e-30)
+    rel = zn @ zn[anchor_idx].T
+    return rel / rel.norm(dim=1, keepdim=True).clamp(min=1e-30)
+
+
+def _relative_pair(rx: torch.Tensor, ry: torch.Tensor) -> float:
+    return float((rx * ry).sum(1).mean())
+
+
+def _knn_prepare(z: torch.Tensor, k: int) -> np.ndarray:
+    zn = z / z.norm(dim=1, keepdim=True).clamp(min=1e-30)
+    sim = zn @ zn.T
+    sim.fill_diagonal_(-math.inf)
+    return np.sort(sim.topk(k, dim=1).indices.numpy(), axis=1)
+
+
+def _knn_pair(nx_: np.ndarray, ny_: np.ndarray) -> float:
+    k = nx_.shape[1]
+    return float(np.mean([np.intersect1d(a, b, assume_unique=True).size / k for a, b in zip(nx_, ny_)]))
+
+
+def make_measure(name: str, n_rows: int, *, max_rows: int = 4096, anchors: int = 300, knn: int = 10, keep: float = 0.99,
+                 seed: int = 0) -> tuple[Measure, torch.Tensor | None]:
+    """The measure's (prepare, pair) and the row subsample it uses (None = all rows)."""
+    if name == "cka_rbf":
+        idx = _subsample(n_rows, min(max_rows, 2048), seed)
+        return Measure(_rbf_prepare, _rbf_pair, {"rows": min(n_rows, 2048, max_rows)}), idx
+    if name == "svcca":
+        return Measure(lambda z: _svcca_prepare(z, keep), _svcca_pair, {"keep": keep}), _subsample(n_rows, max_rows, seed)
+    if name == "pwcca":
+        return Measure(_pwcca_prepare, _pwcca_pair, {}), _subsample(n_rows, max_rows, seed)
+    if name == "relative":
+        idx = _subsample(n_rows, max_rows, seed)
+        m = n_rows if idx is None else len(idx)
+        anchor_idx = torch.randperm(m, generator=torch.Generator().manual_seed(seed))[: min(anchors, m)]
+        return Measure(lambda z: _relative_prepare(z, anchor_idx), _relative_pair, {"anchors": len(anchor_idx)}), idx
+    if name == "mutual_knn":
+        idx = _subsample(n_rows, max_rows, seed)
+        if (n_rows if idx is None else len(idx)) <= knn:
+            raise ItdaInputError(f"mutual k-NN needs more than k={knn} rows")
+        return Measure(lambda z: _knn_prepare(z, knn), _knn_pair, {"k": knn}), idx
+    raise ItdaInputError(f"unknown in-memory measure {name!r}")
+
+
+def _pair(x, y) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = _as64(x), _as64(y)
+    if x.shape[0] != y.shape[0]:
+        raise ItdaInputError(f"X and Y must have the same rows (inputs): {x.shape[0]} vs {y.shape[0]}")
+    return x, y
+
+
+def _one(name: str, x, y, **kw) -> Similarity:
+    x, y = _pair(x, y)
+    measure, idx = make_measure(name, x.shape[0], **kw)
+    if idx is not None:
+        x, y = x[idx], y[idx]
+    if name == "pwcca" and x.shape[0] <= max(x.shape[1], y.shape[1]):
+        raise ItdaInputError(f"PWCCA needs more rows than dimensions (n={x.shape[0]}, d={x.shape[1]}, {y.shape[1]})")
+    px, py = measure.prepare(x), measure.prepare(y)
+    details = {**measure.details, "rows": x.shape[0]}
+    if name == "svcca":
+        details.update(components_x=px.shape[1], components_y=py.shape[1])
+    return Similarity(name, measure.pair(px, py), details)
+
+
+def linear_cka(x, y) -> dict[str, Similarity]:
+    """Biased and debiased linear CKA and Procrustes similarity (exact, via StreamingCKA)."""
+    acc = StreamingCKA()
+    acc.update(x, y)
+    return acc.result()
+
+
+def rbf_cka(x, y, *, max_rows: int = 2048, seed: int = 0) -> Similarity:
+    """CKA with Gaussian kernels (bandwidth = median pairwise distance) on up to max_rows rows."""
+    return _one("cka_rbf", x, y, max_rows=max_rows, seed=seed)
+
+
+def svcca(x, y, *, keep: float = 0.99, max_rows: int = 1 << 30) -> Similarity:
+    """SVCCA: keep the principal components explaining `keep` of the variance, CCA, mean correlation."""
+    return _one("svcca", x, y, keep=keep, max_rows=max_rows)
+
+
+def pwcca(x, y, *, max_rows: int = 1 << 30) -> Similarity:
+    """PWCCA: canonical correlations weighted by how much of X each canonical variate accounts for."""
+    return _one("pwcca", x, y, max_rows=max_rows)
+
+
+def relative_similarity(x, y, *, anchors: int = 300, seed: int = 0, max_rows: int = 1 << 30) -> Similarity:
+    """Relative representations: rows as cosines to shared anchors; mean row cosine across X and Y."""
+    return _one("relative", x, y, anchors=anchors, seed=seed, max_rows=max_rows)
+
+
+def mutual_knn(x, y, *, k: int = 10, max_rows: int = 4096, seed: int = 0) -> Similarity:
+    """Mutual k-nearest-neighbour alignment: mean |N_X(i) & N_Y(i)| / k with cosine neighbours."""
+    return _one("mutual_knn", x, y, knn=k, max_rows=max_rows, seed=seed)
+
+
+STREAMED = ("cka", "cka_debiased", "procrustes")
+IN_MEMORY = ("cka_rbf", "svcca", "pwcca", "relative", "mutual_knn")
+MEASURES = STREAMED + IN_MEMORY
+
+
+def check_measures(measures: Sequence[str]) -> None:
+    unknown = set(measures) - set(MEASURES) - {"jaccard"}
+    if unknown:
+        raise ItdaInputError(f"unknown measures: {', '.join(sorted(unknown))} (known: jaccard, {', '.join(MEASURES)})")
+
+
+def compare_activations(x, y, measures: Sequence[str] = MEASURES) -> dict[str, Similarity]:
+    """All requested activation measures on one pair of representations."""
+    check_measures(measures)
+    out: dict[str, Similarity] = {}
+    if set(STREAMED) & set(measures):
+        out.update({k: v for k, v in linear_cka(x, y).items() if k in measures})
+    for name in measures:
+        if name in IN_MEMORY:
+            out[name] = _one(name, x, y)
+    return out
+
+
+def similarity_grid(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], name: str, **kw) -> np.ndarray:
+    """[len(xs), len(ys)] matrix of an in-memory measure, preparing each representation once."""
+    n = xs[0].shape[0]
+    measure, idx = make_measure(name, n, **kw)
+    pick = (lambda z: _as64(z)) if idx is None else (lambda z: _as64(z)[idx])
+    px = [measure.prepare(pick(x)) for x in xs]
+    py = [measure.prepare(pick(y)) for y in ys]
+    return np.array([[measure.pair(p, q) for q in py] for p in px])

@@ -1,0 +1,95 @@
+"""Behaviour on the real packaged models (converted once, cached under ITDA_CACHE)."""
+
+import contextlib
+
+import pytest
+import torch
+
+from itda.activations.corpus import load_contexts
+from itda.activations.hookpoints import Hookpoint, StopForward, capture
+from itda.activations.models import load_model
+from itda.activations.stream import FP16_MAX, iterate_batches
+from itda.build import BuildConfig
+from itda.model_build import build_from_model
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_contexts(smollm2):
+    return load_contexts("default", smollm2.tokenizer, tokenizer_name=smollm2.tokenizer_name, split="train", tokens=2048)
+
+
+def test_smollm2_shape_and_hookpoints(smollm2, smollm2_contexts):
+    _, ctx = smollm2_contexts
+    cfg = smollm2.config
+    assert (cfg.num_hidden_layers, cfg.hidden_size) == (30, 576) and smollm2.is_causal
+    ids, mask = ctx.input_ids[:4], ctx.attention_mask[:4]
+    with torch.inference_mode():
+        hs = smollm2.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    hps = [Hookpoint("resid_post", 15), Hookpoint("resid_pre", 0), Hookpoint("resid_post", 28)]
+    with torch.inference_mode(), capture(smollm2.model, hps) as store, contextlib.suppress(StopForward):
+        smollm2.model(input_ids=ids, attention_mask=mask)
+    torch.testing.assert_close(store[hps[0]], hs[16])
+    torch.testing.assert_close(store[hps[1]], hs[0])
+    torch.testing.assert_close(store[hps[2]], hs[29])
+
+
+def test_smollm2_atoms_are_real_activations_with_their_text(smollm2, smollm2_contexts):
+    docs, ctx = smollm2_contexts
+    hp = Hookpoint("resid_post", 15)
+    res = build_from_model(smollm2, [hp], ctx, BuildConfig(k=40, min_cosine=0.85), progress=False)
+    d = res.dictionaries[hp]
+    assert len(d) > 50 and d.meta.dataset_fingerprint == ctx.fingerprint and d.meta.hookpoint == "resid_post.15"
+    # the text span of every atom is its token
+    for doc, pos, cs, ce, tid in d.refs.tolist():
+        assert pos >= 0 and smollm2.tokenizer.decode([tid]) == docs[doc][cs:ce] or \
+            smollm2.tokenizer.decode([tid]).strip() == docs[doc][cs:ce].strip()
+    # and each atom is the normalised activation of that token
+    fp32 = torch.cat([b[hp].dense() for b in iterate_batches(smollm2.model, [hp], ctx, dtype=torch.float32)])
+    refs = torch.cat([b[hp].refs for b in iterate_batches(smollm2.model, [hp], ctx, dtype=torch.float32)])
+    key = {(r[0], r[1]): i for i, r in enumerate(refs.tolist())}
+    rows = torch.tensor([key[(r[0], r[1])] for r in d.refs.tolist()])
+    want = fp32[rows] / fp32[rows].norm(dim=1, keepdim=True)
+    assert float((want * d.atoms).sum(1).min()) > 0.9999
+
+
+def test_gemma3_overflow_is_streamed_without_loss():
+    lm = load_model("gemma3-270m")
+    assert (lm.config.num_hidden_layers, lm.config.hidden_size) == (18, 640)
+    _, ctx = load_contexts("default", lm.tokenizer, tokenizer_name=lm.tokenizer_name, split="train", tokens=1024)
+    hp = Hookpoint("resid_post", 10)
+    half = list(iterate_batches(lm.model, [hp], ctx, dtype=torch.float16, include_special=True))
+    full = list(iterate_batches(lm.model, [hp], ctx, dtype=torch.float32, include_special=True))
+    peak = max(b[hp].max_abs for b in half)
+    assert peak > FP16_MAX  # gemma's residual stream leaves the fp16 range
+    for h, f in zip(half, full):
+        assert torch.isfinite(h[hp].unit).all()
+        x = f[hp].dense()
+        torch.testing.assert_close(h[hp].dense(), x, rtol=2e-3, atol=2e-3 * float(x.abs().max()))
+    res = build_from_model(lm, [hp], ctx, BuildConfig(k=20, min_cosine=0.8), progress=False)
+    atoms = res.dictionaries[hp].atoms
+    assert torch.isfinite(atoms).all() and torch.allclose(atoms.norm(dim=1), torch.ones(len(atoms)), atol=1e-4)
+
+
+def test_minilm_encoder():
+    lm = load_model("minilm-l6")
+    assert not lm.is_causal and (lm.config.num_hidden_layers, lm.config.hidden_size) == (6, 384)
+    _, ctx = load_contexts("default", lm.tokenizer, tokenizer_name=lm.tokenizer_name, split="train", tokens=512)
+    ids, mask = ctx.input_ids[:2], ctx.attention_mask[:2]
+    with torch.inference_mode():
+        hs = lm.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    hps = [Hookpoint("resid_post", L) for L in range(6)]
+    with torch.inference_mode(), capture(lm.model, hps, stop_early=False) as store:
+        lm.model(input_ids=ids, attention_mask=mask)
+    for L in range(6):
+        torch.testing.assert_close(store[hps[L]], hs[L + 1])
+    # CLS first (special), never an atom by default
+    assert ctx.special[:, 0].all()
+    res = build_from_model(lm, [hps[3]], ctx, BuildConfig(k=10, min_cosine=0.8), progress=False)
+    assert (res.dictionaries[hps[3]].refs[:, 1] >= 0).all()
