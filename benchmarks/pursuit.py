@@ -107,8 +107,11 @@ def bench_omp(d: int = 576, n: int = 4096, b: int = 1024) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="only d=576, N=4096")
+    parser.add_argument("--only", nargs="*", default=None, help="configs as d,N (e.g. 2048,16384)")
     args = parser.parse_args()
     grid = [(576, 4096)] if args.quick else [(d, n) for d in (576, 2048, 4096) for n in (4096, 16384, 65536)]
+    if args.only:
+        grid = [tuple(int(v) for v in c.split(",")) for c in args.only]
     rows = []
     for d, n in grid:
         row = bench_config(d, n)
@@ -119,9 +122,10 @@ def main() -> None:
             f"best/floor {row['best_over_floor']:.2f}x  ref/best {row['reference_over_best']:.1f}x",
             flush=True,
         )
-    omp = bench_omp()
+    omp = bench_omp() if not args.only else None
     print("OMP:", omp, flush=True)
-    print("wrote", write_result("pursuit", {"mp": rows, "omp": omp}))
+    name = "pursuit" if not args.only else "pursuit-" + "-".join(f"{d}x{n}" for d, n in grid)
+    print("wrote", write_result(name, {"mp": rows, "omp": omp}))
 
 
 if __name__ == "__main__":

@@ -60,3 +60,24 @@ def tiny_model(arch: str, vocab: int = 128, seed: int = 0) -> torch.nn.Module:
     else:
         raise ValueError(arch)
     return model.eval()
+
+
+def reversed_word_tokenizer():
+    """Same word boundaries as word_tokenizer, different ids: a 'different tokenizer'."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    base = word_tokenizer().get_vocab()
+    words = sorted(base, key=lambda w: -base[w])
+    vocab = {w: i for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+
+
+def loaded(name: str, arch: str, tokenizer, seed: int = 0):
+    from pathlib import Path
+
+    from itda.activations.models import LoadedModel
+
+    return LoadedModel(name, tiny_model(arch, vocab=len(tokenizer), seed=seed), tokenizer, Path("."))

@@ -272,6 +272,33 @@ def eval_cmd(
 
 @app.command()
 @user_errors
+def compare(
+    a: str = typer.Argument(..., help="Model, dictionary file/folder, or activation file."),
+    b: str = typer.Argument(..., help="Same kind as A (a model may be A itself)."),
+    corpus: str = typer.Option("default", help="Models: corpus both read (held-out split of the default)."),
+    field: str = typer.Option("text"),
+    tokens: int = typer.Option(20_000, help="Models: tokens of A to read."),
+    context: int = typer.Option(128),
+    measures: str = typer.Option("jaccard,cka,svcca,relative", help="Comma list: jaccard, cka, cka_debiased, procrustes, cka_rbf, svcca, pwcca, relative, mutual_knn."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for JSON, CSV and PNG heatmaps."),
+    k: int = typer.Option(40, help="Models, Jaccard: MP steps for the dictionaries."),
+    min_cosine: float = typer.Option(0.85, help="Models, Jaccard: dictionary threshold."),
+    max_rows: int = typer.Option(4096, help="Rows kept for the in-memory measures."),
+    precision: str = typer.Option("float64", help="Streaming CKA cross products: float64 (exact) or float32 (faster)."),
+    include_special: bool = typer.Option(False, help="Keep BOS/special tokens (they can dominate CKA)."),
+    device: str = typer.Option("cpu"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Compare models layer by layer, two dictionaries (or folders of them), or two activation files."""
+    from itda.compare.cli_support import compare_command
+
+    compare_command(a, b, corpus=corpus, field=field, tokens=tokens, context=context, measures=measures, out=out, k=k,
+                    min_cosine=min_cosine, max_rows=max_rows, precision=precision, include_special=include_special,
+                    device=device, quiet=quiet)
+
+
+@app.command()
+@user_errors
 def demo(
     out: Path = typer.Option(Path("out/demo"), "--out", "-o", help="Folder for the dictionary and report."),
     tokens: int = typer.Option(100_000, help="Tokens to build from."),

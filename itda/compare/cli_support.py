@@ -1,0 +1,154 @@
+"""`itda compare`: dispatch on what was given (models, dictionaries, activation files) and report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import typer
+
+from itda.atomic import write_text_atomic
+from itda.compare.layers import argmax_accuracy, monotone_correspondence
+from itda.compare.report import has_matplotlib, write_matrix
+from itda.errors import ItdaInputError
+
+
+def _kind(spec: str) -> str:
+    p = Path(spec)
+    if p.is_dir() and any(p.glob("*.safetensors")) and not (p / "config.json").exists():
+        return "dict_folder"
+    if p.is_file() and p.suffix == ".npy":
+        return "acts"
+    if p.is_file() and p.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(p), framework="pt") as fh:
+                return "dict" if "itda" in (fh.metadata() or {}) else "acts"
+        except Exception:  # noqa: BLE001 - unreadable files are reported by the loaders
+            return "dict"
+    return "model"
+
+
+def _measure_list(text: str) -> list[str]:
+    from itda.compare.measures import check_measures
+
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    check_measures(names)
+    return names
+
+
+def compare_command(a: str, b: str, *, corpus, field, tokens, context, measures, out, k, min_cosine, max_rows,
+                    precision, include_special, device, quiet) -> None:
+    kinds = (_kind(a), _kind(b))
+    if kinds[0] != kinds[1]:
+        raise ItdaInputError(f"compare needs two of a kind; got a {kinds[0].replace('_', ' ')} and a {kinds[1].replace('_', ' ')}")
+    names = _measure_list(measures)
+    if out is not None and out.exists() and not out.is_dir():
+        raise ItdaInputError(f"{out}: exists and is not a folder")
+    if kinds[0] == "dict":
+        _compare_dicts(Path(a), Path(b), out)
+    elif kinds[0] == "dict_folder":
+        _compare_dict_folders(Path(a), Path(b), out)
+    elif kinds[0] == "acts":
+        _compare_acts(Path(a), Path(b), names, out)
+    else:
+        _compare_models(a, b, names, corpus=corpus, field=field, tokens=tokens, context=context, out=out, k=k,
+                        min_cosine=min_cosine, max_rows=max_rows, precision=precision, include_special=include_special,
+                        device=device, quiet=quiet)
+
+
+def _compare_dicts(a: Path, b: Path, out: Path | None) -> None:
+    from itda.compare.jaccard import SIZE_CONTROLS, jaccard
+    from itda.dictionary import Dictionary
+
+    da, db = Dictionary.load(a), Dictionary.load(b)
+    res = {}
+    for size in SIZE_CONTROLS:
+        try:
+            sim = jaccard(da, db, size=size)
+        except ItdaInputError as exc:
+            if size == "chance":
+                continue  # tokens seen not recorded
+            raise exc
+        res[sim.name] = {"value": sim.value, **sim.details}
+        typer.echo(f"{sim.name:16s} {sim.value:.4f}  ({sim.details['identity']} identities, {sim.details['n_a']} vs {sim.details['n_b']} atoms)")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "jaccard.json", json.dumps(res, indent=2))
+
+
+def _load_folder(p: Path):
+    from itda.dictionary import Dictionary
+
+    dicts = [Dictionary.load(f) for f in sorted(p.glob("*.safetensors"))]
+    dicts.sort(key=lambda d: (d.meta.layer if d.meta.layer is not None else 1 << 30, d.meta.hookpoint or ""))
+    return dicts
+
+
+def _compare_dict_folders(a: Path, b: Path, out: Path | None) -> None:
+    from itda.compare.jaccard import jaccard_union
+    from itda.compare.pipeline import jaccard_matrices
+
+    da, db = _load_folder(a), _load_folder(b)
+    mats = jaccard_matrices(da, db)
+    _report(mats, a.name, b.name, out, {"jaccard_model": jaccard_union(da, db).value})
+
+
+def _compare_acts(a: Path, b: Path, names: list[str], out: Path | None) -> None:
+    from itda.activations.files import load_activations
+    from itda.compare.measures import compare_activations
+
+    xa, xb = load_activations(a), load_activations(b)
+    if len(xa) != len(xb):
+        raise ItdaInputError(f"activation files must hold the same inputs: {len(xa)} vs {len(xb)} rows")
+    res = compare_activations(xa.acts, xb.acts, [n for n in names if n != "jaccard"])
+    for sim in res.values():
+        typer.echo(f"{sim.name:16s} {sim.value:.4f}")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "similarity.json", json.dumps({s.name: {"value": s.value, **s.details} for s in res.values()}, indent=2))
+
+
+def _compare_models(a: str, b: str, names: list[str], *, corpus, field, tokens, context, out, k, min_cosine, max_rows,
+                    precision, include_special, device, quiet) -> None:
+    from itda.activations.corpus import read_documents, split_documents
+    from itda.activations.models import load_model
+    from itda.compare.pipeline import compare_models
+
+    expanded = []
+    for n in names:
+        expanded.extend(["cka", "cka_debiased"] if n == "cka" else [n])
+    lm_a = load_model(a, device=device)
+    lm_b = None if b == a else load_model(b, device=device)
+    docs = read_documents(corpus, field)
+    ids = split_documents(docs, "heldout" if corpus == "default" else "all")
+    res = compare_models(lm_a, lm_b, docs, ids, tokens=tokens, measures=list(dict.fromkeys(expanded)), context=context,
+                         k=k, min_cosine=min_cosine, max_rows=max_rows, precision=precision,
+                         include_special=include_special, progress=not quiet)
+    typer.echo(f"{res.paired_tokens} paired tokens ({res.identity} identities), {res.seconds:.0f}s")
+    if not include_special:
+        typer.echo("BOS/special tokens dropped (--include-special to keep them)")
+    _report(res.matrices, res.name_a, res.name_b, out, res.model_level)
+
+
+def _report(mats: dict[str, np.ndarray], label_a: str, label_b: str, out: Path | None, model_level: dict) -> None:
+    summary = {"model_level": model_level, "measures": {}}
+    for name, m in mats.items():
+        corr = monotone_correspondence(np.nan_to_num(m, nan=-1.0))
+        entry = {"correspondence": corr}
+        if m.shape[0] == m.shape[1]:
+            entry["argmax_accuracy"] = argmax_accuracy(m)
+        summary["measures"][name] = entry
+        acc = f", argmax accuracy {entry['argmax_accuracy']:.2f}" if "argmax_accuracy" in entry else ""
+        typer.echo(f"{name:14s} {label_a} -> {label_b} layers: {corr}{acc}")
+        if out is not None:
+            write_matrix(out, name, m, label_a, label_b)
+    for key, value in model_level.items():
+        typer.echo(f"{key:14s} {value:.4f}")
+    if out is not None:
+        write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
+        if not has_matplotlib():
+            typer.echo("matplotlib is not installed: wrote JSON and CSV only (pip install 'itda[plot]' for heatmaps)")
+        typer.echo(f"wrote {out}")

@@ -1,0 +1,183 @@
+"""Compare two models layer by layer in one pass over a shared corpus.
+
+Both models read the same documents. Tokens are paired across models by (document, token
+position) when the tokenizers are the same and by (document, char_end) otherwise (tokens that
+end at the same character have read the same text). Every layer of each model is captured in
+one forward pass per batch of documents; the pass feeds the streaming CKA grid (all layer
+pairs), a bounded sample of paired rows for the in-memory measures, and one ITDA dictionary
+per layer for the Jaccard measures.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from itda.activations.corpus import Contexts, tokenize_contexts
+from itda.activations.hookpoints import Hookpoint, n_layers
+from itda.activations.models import LoadedModel, same_tokenizer
+from itda.activations.stream import iterate_batches
+from itda.build import BuildConfig, DictionaryBuilder
+from itda.compare.jaccard import SIZE_CONTROLS, jaccard, jaccard_union
+from itda.compare.measures import IN_MEMORY, STREAMED, check_measures, similarity_grid
+from itda.compare.streaming import StreamingCKAGrid
+from itda.dictionary import Dictionary, DictionaryMeta
+from itda.errors import ItdaInputError
+
+
+@dataclass
+class ModelComparison:
+    name_a: str
+    name_b: str
+    layers_a: int
+    layers_b: int
+    matrices: dict[str, np.ndarray]  # measure -> [L_A, L_B]
+    paired_tokens: int
+    identity: str  # 'token' or 'char'
+    seconds: float
+    model_level: dict[str, float] = field(default_factory=dict)
+    dictionaries_a: list[Dictionary] = field(default_factory=list)
+    dictionaries_b: list[Dictionary] = field(default_factory=list)
+
+
+def _row_docs(ctx: Contexts) -> np.ndarray:
+    return ctx.refs[..., 0].max(dim=1).values.numpy()
+
+
+def _doc_chunks(row_docs_a: np.ndarray, row_docs_b: np.ndarray, rows_per_chunk: int):
+    """Yield (rows_a range, rows_b range) covering whole documents, about rows_per_chunk rows of A each."""
+    sa = sb = 0
+    while sa < len(row_docs_a):
+        ea = min(sa + rows_per_chunk, len(row_docs_a))
+        while ea < len(row_docs_a) and row_docs_a[ea] == row_docs_a[ea - 1]:
+            ea += 1
+        last_doc = row_docs_a[ea - 1]
+        eb = sb
+        while eb < len(row_docs_b) and row_docs_b[eb] <= last_doc:
+            eb += 1
+        yield (sa, ea), (sb, eb)
+        sa, sb = ea, eb
+
+
+def _keys(refs: torch.Tensor, identity: str) -> np.ndarray:
+    r = refs.numpy()
+    col = 1 if identity == "token" else 3
+    return r[:, 0].astype(np.int64) * (1 << 32) + r[:, col].astype(np.int64)
+
+
+def compare_models(
+    lm_a: LoadedModel,
+    lm_b: LoadedModel | None,
+    docs: list[str],
+    doc_ids: list[int],
+    *,
+    tokens: int,
+    measures: list[str],
+    context: int = 128,
+    k: int = 40,
+    min_cosine: float = 0.85,
+    max_rows: int = 4096,
+    precision: str = "float64",
+    batch_tokens: int = 4096,
+    include_special: bool = False,
+    progress: bool = True,
+) -> ModelComparison:
+    """Similarity matrices [L_A, L_B] for each measure; lm_b=None compares lm_a with itself."""
+    check_measures(measures)
+    t0 = time.perf_counter()
+    self_compare = lm_b is None
+    lm_b = lm_a if lm_b is None else lm_b
+    ctx_a = tokenize_contexts(docs, doc_ids, lm_a.tokenizer, context=context, max_tokens=tokens, tokenizer_name=lm_a.tokenizer_name)
+    covered = list(dict.fromkeys(int(d) for d in _row_docs(ctx_a) if d >= 0))
+    same_tok = same_tokenizer(lm_a.tokenizer_name, lm_b.tokenizer_name)
+    ctx_b = ctx_a if self_compare or same_tok else tokenize_contexts(
+        docs, covered, lm_b.tokenizer, context=context, tokenizer_name=lm_b.tokenizer_name)
+    identity = "token" if (self_compare or same_tok) else "char"
+    hps_a = [Hookpoint("resid_post", i) for i in range(n_layers(lm_a.model))]
+    hps_b = [Hookpoint("resid_post", i) for i in range(n_layers(lm_b.model))]
+    grid = StreamingCKAGrid(precision) if set(STREAMED) & set(measures) else None
+    wants_mem = [m for m in measures if m in IN_MEMORY]
+    kept_a: list[list[torch.Tensor]] = [[] for _ in hps_a]
+    kept_b: list[list[torch.Tensor]] = [[] for _ in hps_b]
+    n_kept = 0
+    builders_a, builders_b = None, None
+    if "jaccard" in measures:
+        cfg = BuildConfig(k=k, min_cosine=min_cosine)
+
+        def make(lm, hps, ctx):
+            d = lm.config.hidden_size
+            return [DictionaryBuilder(d, cfg, meta=DictionaryMeta(
+                d=d, model=lm.name, hookpoint=hp.name, layer=hp.layer, tokenizer=lm.tokenizer_name,
+                dataset_fingerprint=ctx.fingerprint, build={"documents_fingerprint": ctx.documents_fingerprint})) for hp in hps]
+
+        builders_a = make(lm_a, hps_a, ctx_a)
+        builders_b = builders_a if self_compare else make(lm_b, hps_b, ctx_b)
+    paired = 0
+    bar = tqdm(total=int((~ctx_a.special).sum()), unit="tok", unit_scale=True, disable=not progress, desc="compare")
+    rows_per_chunk = max(1, batch_tokens // context)
+    for (sa, ea), (sb, eb) in _doc_chunks(_row_docs(ctx_a), _row_docs(ctx_b), rows_per_chunk):
+        batch_a = _forward_all(lm_a, hps_a, ctx_a.rows(sa, ea), include_special)
+        batch_b = batch_a if self_compare else _forward_all(lm_b, hps_b, ctx_b.rows(sb, eb), include_special)
+        if builders_a is not None:
+            for builder, acts in zip(builders_a, batch_a):
+                builder.update(acts.unit, acts.refs)
+            if not self_compare:
+                for builder, acts in zip(builders_b, batch_b):
+                    builder.update(acts.unit, acts.refs)
+        ka, kb = _keys(batch_a[0].refs, identity), _keys(batch_b[0].refs, identity)
+        _, ia, ib = np.intersect1d(ka, kb, assume_unique=True, return_indices=True)
+        ia, ib = torch.from_numpy(np.sort(ia)), torch.from_numpy(ib[np.argsort(ia)])
+        xs = [acts.dense()[ia] for acts in batch_a]
+        ys = [acts.dense()[ib] for acts in batch_b]
+        if grid is not None and len(ia):
+            grid.update(torch.stack(xs), torch.stack(ys))
+        if wants_mem and n_kept < max_rows:
+            take = min(max_rows - n_kept, len(ia))
+            for store, x in zip(kept_a, xs):
+                store.append(x[:take])
+            for store, y in zip(kept_b, ys):
+                store.append(y[:take])
+            n_kept += take
+        paired += len(ia)
+        bar.update(batch_a[0].unit.shape[0])
+    bar.close()
+    if paired < 4:
+        raise ItdaInputError(f"only {paired} tokens could be paired between the models")
+    matrices: dict[str, np.ndarray] = {}
+    if grid is not None:
+        mats = grid.matrices(procrustes="procrustes" in measures)
+        matrices.update({m: mats[m] for m in STREAMED if m in measures})
+    for m in wants_mem:
+        xs_mem = [torch.cat(s) for s in kept_a]
+        ys_mem = [torch.cat(s) for s in kept_b]
+        matrices[m] = similarity_grid(xs_mem, ys_mem, m, max_rows=max_rows)
+    result = ModelComparison(lm_a.name, lm_b.name, len(hps_a), len(hps_b), matrices, paired, identity,
+                             time.perf_counter() - t0)
+    if builders_a is not None:
+        result.dictionaries_a = [b.dictionary() for b in builders_a]
+        result.dictionaries_b = result.dictionaries_a if self_compare else [b.dictionary() for b in builders_b]
+        result.matrices.update(jaccard_matrices(result.dictionaries_a, result.dictionaries_b))
+        result.model_level["jaccard_model"] = jaccard_union(result.dictionaries_a, result.dictionaries_b).value
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def jaccard_matrices(dicts_a: list[Dictionary], dicts_b: list[Dictionary]) -> dict[str, np.ndarray]:
+    """jaccard_raw / jaccard_crop / jaccard_chance matrices [L_A, L_B]."""
+    out = {}
+    for size in SIZE_CONTROLS:
+        out[f"jaccard_{size}"] = np.array([[jaccard(a, b, size=size).value for b in dicts_b] for a in dicts_a])
+    return out
+
+
+def _forward_all(lm: LoadedModel, hps: list[Hookpoint], ctx: Contexts, include_special: bool):
+    out = []
+    parts = list(iterate_batches(lm.model, hps, ctx, batch_contexts=len(ctx), dtype=torch.float32,
+                                 include_special=include_special))
+    for hp in hps:
+        out.append(parts[0][hp])
+    return out

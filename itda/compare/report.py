@@ -1,0 +1,68 @@
+"""Write comparison results: JSON and CSV per matrix, a PNG heatmap when matplotlib is installed."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from itda.atomic import atomic_path, write_text_atomic
+from itda.compare.layers import argmax_accuracy, monotone_correspondence
+
+
+def matrix_summary(m: np.ndarray) -> dict:
+    out = {"correspondence": monotone_correspondence(np.nan_to_num(m, nan=-1.0))}
+    if m.shape[0] == m.shape[1]:
+        out["argmax_accuracy"] = argmax_accuracy(m)
+    return out
+
+
+def write_matrix(out_dir: Path, name: str, m: np.ndarray, label_a: str, label_b: str) -> list[Path]:
+    """out_dir/<name>.json (+ .csv, + .png if matplotlib is available)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"measure": name, "rows": label_a, "columns": label_b, "convention": "similarity",
+               "matrix": [[None if np.isnan(v) else float(v) for v in row] for row in m], **matrix_summary(m)}
+    paths = [out_dir / f"{name}.json", out_dir / f"{name}.csv"]
+    write_text_atomic(paths[0], json.dumps(payload, indent=2))
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow([f"{label_a} \\ {label_b}"] + list(range(m.shape[1])))
+    for i, row in enumerate(m):
+        w.writerow([i] + [f"{v:.6f}" for v in row])
+    write_text_atomic(paths[1], buf.getvalue())
+    png = heatmap(out_dir / f"{name}.png", m, name, label_a, label_b)
+    return paths + ([png] if png else [])
+
+
+def heatmap(path: Path, m: np.ndarray, title: str, label_a: str, label_b: str) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(1.2 + 0.28 * m.shape[1], 1.0 + 0.28 * m.shape[0]), dpi=110)
+    im = ax.imshow(m, cmap="viridis", origin="upper", aspect="auto")
+    corr = monotone_correspondence(np.nan_to_num(m, nan=-1.0))
+    ax.plot(corr, range(len(corr)), color="white", lw=1, ls="--", marker="o", ms=2)
+    ax.set_xlabel(f"{label_b} layer")
+    ax.set_ylabel(f"{label_a} layer")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+def has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True

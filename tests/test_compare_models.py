@@ -1,0 +1,62 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from itda.activations.hookpoints import Hookpoint
+from itda.activations.stream import iterate_batches
+from itda.activations.corpus import tokenize_contexts
+from itda.compare.measures import linear_cka
+from itda.compare.pipeline import compare_models
+from itda.compare.report import write_matrix
+from tiny_models import loaded, reversed_word_tokenizer, sample_docs, word_tokenizer
+
+MEASURES = ["jaccard", "cka", "cka_debiased", "procrustes", "svcca", "relative", "mutual_knn"]
+
+
+def test_self_comparison_is_perfect_on_the_diagonal():
+    tok = word_tokenizer()
+    lm = loaded("tiny-a", "llama", tok)
+    docs = sample_docs(30, seed=1)
+    res = compare_models(lm, None, docs, list(range(30)), tokens=2000, measures=MEASURES, context=32, k=8,
+                         max_rows=512, progress=False)
+    assert res.identity == "token"
+    for name, m in res.matrices.items():
+        assert m.shape == (4, 4)
+        np.testing.assert_allclose(np.diag(m), 1.0, atol=1e-6, err_msg=name)
+
+
+def test_grid_cka_equals_pairwise_formula_across_tokenizers():
+    tok_a, tok_b = word_tokenizer(), reversed_word_tokenizer()
+    lm_a, lm_b = loaded("tiny-a", "llama", tok_a, seed=0), loaded("tiny-b", "gpt2", tok_b, seed=1)
+    docs = sample_docs(20, seed=2)
+    res = compare_models(lm_a, lm_b, docs, list(range(20)), tokens=1500, measures=["cka", "jaccard"], context=32,
+                         k=8, batch_tokens=256, progress=False)
+    assert res.identity == "char"
+    # the same tokens were read by both (same word boundaries): pair every text token
+    ctx_a = tokenize_contexts(docs, range(20), tok_a, context=32, max_tokens=1500)
+    assert res.paired_tokens == int((~ctx_a.special).sum())
+    # recompute layer (1, 2) directly from paired activations
+    ha, hb = Hookpoint("resid_post", 1), Hookpoint("resid_post", 2)
+    xa = torch.cat([b[ha].dense() for b in iterate_batches(lm_a.model, [ha], ctx_a, dtype=torch.float32)])
+    ctx_b = tokenize_contexts(docs, sorted(set(ctx_a.refs[..., 0][ctx_a.refs[..., 0] >= 0].tolist())), tok_b, context=32)
+    batches_b = list(iterate_batches(lm_b.model, [hb], ctx_b, dtype=torch.float32))
+    yb = torch.cat([b[hb].dense() for b in batches_b])
+    rb = torch.cat([b[hb].refs for b in batches_b])
+    ra = torch.cat([b[ha].refs for b in iterate_batches(lm_a.model, [ha], ctx_a, dtype=torch.float32)])
+    index_b = {(d, ce): i for i, (d, _p, _cs, ce, _t) in enumerate(rb.tolist())}
+    rows = [index_b[(d, ce)] for d, _p, _cs, ce, _t in ra.tolist()]
+    want = linear_cka(xa, yb[rows])["cka"].value
+    assert abs(res.matrices["cka"][1, 2] - want) < 1e-6
+    # Jaccard with character identities is defined and symmetric in shape
+    assert res.matrices["jaccard_raw"].shape == (4, 4)
+
+
+def test_report_files(tmp_path):
+    m = np.array([[1.0, 0.2], [0.3, 0.9], [0.1, 0.8]])
+    paths = write_matrix(tmp_path, "cka", m, "a", "b")
+    payload = json.loads((tmp_path / "cka.json").read_text())
+    assert payload["correspondence"] == [0, 1, 1] and payload["convention"] == "similarity"
+    assert (tmp_path / "cka.csv").read_text().splitlines()[1].startswith("0,1.000000")
+    assert any(p.suffix == ".png" and p.stat().st_size > 1000 for p in paths)
