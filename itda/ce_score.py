@@ -102,7 +102,7 @@ def ce_loss_score(
             for name, fn in (("clean", None), ("spliced", splice), ("zero", zero)):
                 ctx = patch(model, hp, fn) if fn is not None else contextlib.nullcontext()
                 with ctx:
-                    logits = model(input_ids=ids, attention_mask=mask).logits
+                    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
                 total, n = _next_token_ce(logits, ids, mask)
                 sums[name] += total
             count += n

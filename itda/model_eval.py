@@ -45,11 +45,13 @@ def evaluate_on_model(
     method: str = "mp",
     batch_contexts: int = 32,
     device: str | torch.device = "cpu",
+    layerwise: bool | None = False,
+    max_memory: int | None = None,
 ) -> ModelEvalReport:
     if not dictionary.meta.hookpoint:
         raise ItdaInputError("the dictionary records no hookpoint; evaluate it on an activation file instead")
     hp = parse_hookpoint(dictionary.meta.hookpoint)
-    lm = load_model(model, device=device)
+    lm = load_model(model, device=device, layerwise=layerwise, max_memory=max_memory)
     if not same_tokenizer(dictionary.meta.tokenizer, lm.tokenizer_name):
         raise ItdaInputError(f"tokenizer mismatch: dictionary built with {dictionary.meta.tokenizer}, model has {lm.tokenizer_name}")
     _docs, contexts = load_contexts(corpus, lm.tokenizer, tokenizer_name=lm.tokenizer_name, split="heldout",

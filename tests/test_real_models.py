@@ -93,3 +93,13 @@ def test_minilm_encoder():
     assert ctx.special[:, 0].all()
     res = build_from_model(lm, [hps[3]], ctx, BuildConfig(k=10, min_cosine=0.8), progress=False)
     assert (res.dictionaries[hps[3]].refs[:, 1] >= 0).all()
+
+
+def test_smollm2_layerwise_matches_in_memory(smollm2, smollm2_contexts):
+    _, ctx = smollm2_contexts
+    lw = load_model("smollm2-135m", layerwise=True, max_layer=15, micro_batch=3)
+    hp = [Hookpoint("resid_post", 15)]
+    want = next(iterate_batches(smollm2.model, hp, ctx.rows(0, 8), dtype=torch.float32))[hp[0]].dense()
+    got = next(iterate_batches(lw.model, hp, ctx.rows(0, 8), dtype=torch.float32))[hp[0]].dense()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    lw.layerwise.close()

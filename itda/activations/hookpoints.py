@@ -131,6 +131,11 @@ def capture(model: torch.nn.Module, hookpoints: list[Hookpoint], stop_early: boo
     """
     store: dict[Hookpoint, torch.Tensor] = {}
     handles = []
+
+    def put(hp: Hookpoint, t: torch.Tensor) -> None:
+        # a module run in micro-chunks (layer-wise execution) fires once per chunk: concatenate
+        store[hp] = torch.cat([store[hp], t]) if hp in store else t
+
     blocks = None
     try:
         _, blocks = find_blocks(model)
@@ -140,11 +145,11 @@ def capture(model: torch.nn.Module, hookpoints: list[Hookpoint], stop_early: boo
         mod, want_input = resolve_module(model, hp)
         if want_input:
             handles.append(mod.register_forward_pre_hook(
-                lambda m, args, kwargs, hp=hp: store.__setitem__(hp, _first(args) if args else kwargs["hidden_states"]),
+                lambda m, args, kwargs, hp=hp: put(hp, _first(args) if args else kwargs["hidden_states"]),
                 with_kwargs=True,
             ))
         else:
-            handles.append(mod.register_forward_hook(lambda m, i, o, hp=hp: store.__setitem__(hp, _first(o))))
+            handles.append(mod.register_forward_hook(lambda m, i, o, hp=hp: put(hp, _first(o))))
     if stop_early and blocks is not None:
         deepest = max(depth(model, hp) for hp in hookpoints)
         if deepest < len(blocks):

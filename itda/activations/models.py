@@ -83,6 +83,7 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     source: Path  # the folder transformers loaded from
+    layerwise: object | None = None  # the LayerwiseModel when blocks stream from disk
 
     @property
     def config(self):
@@ -179,8 +180,22 @@ def resolve_model_source(spec: str) -> Path:
     raise ItdaInputError(f"{path}: not a .gguf file or a folder with config.json")
 
 
-def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a model and its tokenizer for inference (eval mode, no grad)."""
+def load_model(
+    spec: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    layerwise: bool | None = False,
+    max_layer: int | None = None,
+    max_memory: int | None = None,
+    micro_batch: int = 8,
+) -> LoadedModel:
+    """Load a model and its tokenizer for inference (eval mode, no grad).
+
+    layerwise=True streams decoder blocks from the safetensors shards (LayerwiseModel); None
+    chooses it when the checkpoint is larger than max_memory (default: half the free memory).
+    max_layer: deepest block needed (layer-wise only; None loads everything for full passes).
+    """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_model_source(spec)
@@ -188,6 +203,20 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str | t
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    if layerwise is None:
+        from itda.activations.layerwise import checkpoint_params, default_memory_budget
+
+        budget = max_memory if max_memory is not None else default_memory_budget(torch.device(device))
+        layerwise = checkpoint_params(source) * torch.finfo(dtype).bits // 8 > budget
+    if layerwise:
+        from itda.activations.layerwise import LayerwiseModel
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise ItdaInputError(f"{source}: cannot load tokenizer ({str(exc).splitlines()[0]})") from None
+        lw = LayerwiseModel(source, max_layer=max_layer, dtype=dtype, device=device, micro_batch=micro_batch)
+        return LoadedModel(spec, lw.model, tokenizer, source, layerwise=lw)
     try:
         config = AutoConfig.from_pretrained(source, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)

@@ -59,7 +59,7 @@ def iterate_batches(
         keep_flat = keep.reshape(-1)
         refs = contexts.refs[s:e].reshape(-1, contexts.refs.shape[-1])[keep_flat.cpu()]
         with torch.inference_mode(), capture(model, hookpoints) as store, contextlib.suppress(StopForward):
-            model(input_ids=ids, attention_mask=mask)
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
         out = {}
         for hp in hookpoints:
             acts = store[hp]

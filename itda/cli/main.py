@@ -90,6 +90,8 @@ def build(
     batch_tokens: int = typer.Option(4096, help="Model input: tokens per forward pass."),
     stream_dtype: str = typer.Option("float16", help="Model input: float16, bfloat16 or float32."),
     include_special: bool = typer.Option(False, help="Model input: let BOS/special tokens become atoms."),
+    layerwise: Optional[bool] = typer.Option(None, "--layerwise/--in-memory", help="Model input: stream blocks from the safetensors shards (default: when the model exceeds --max-memory)."),
+    max_memory: Optional[float] = typer.Option(None, help="Model input: memory budget in GB for choosing layer-wise execution (default: half the free memory)."),
     k: int = typer.Option(40, help="Matching-pursuit steps per activation."),
     threshold: Optional[float] = typer.Option(None, help="Add rows whose normalised loss (2-2cos)/d exceeds this."),
     min_cosine: Optional[float] = typer.Option(None, help=f"Add rows reconstructed with cosine below this (default {DEFAULT_MIN_COSINE})."),
@@ -111,7 +113,7 @@ def build(
         _build_from_file(Path(source), out, common, batch_size, checkpoint, checkpoint_every, dtype, device, quiet)
     else:
         _build_from_model(source, out, common, layer, hook, hookpoint, corpus, field, tokens, context, batch_tokens,
-                          stream_dtype, include_special, dtype, device, quiet)
+                          stream_dtype, include_special, dtype, device, quiet, layerwise, _gb(max_memory))
 
 
 def _build_from_file(acts, out, common, batch_size, checkpoint, checkpoint_every, dtype, device, quiet) -> None:
@@ -133,8 +135,16 @@ def _build_from_file(acts, out, common, batch_size, checkpoint, checkpoint_every
     typer.echo(f"{out}: {len(dictionary)} atoms, d={dictionary.d}, from {len(data)} tokens in {time.perf_counter() - t0:.1f}s")
 
 
+def _gb(value: Optional[float]) -> Optional[int]:
+    if value is None:
+        return None
+    if value <= 0:
+        raise ItdaInputError(f"--max-memory must be > 0 GB, got {value}")
+    return int(value * 2**30)
+
+
 def _build_from_model(source, out, common, layers, hook, extra, corpus, field, tokens, context, batch_tokens,
-                      stream_dtype, include_special, dtype, device, quiet) -> None:
+                      stream_dtype, include_special, dtype, device, quiet, layerwise=False, max_memory=None) -> None:
     from itda.activations.corpus import load_contexts
     from itda.activations.hookpoints import parse_hookpoint
     from itda.activations.models import load_model
@@ -154,8 +164,14 @@ def _build_from_model(source, out, common, layers, hook, extra, corpus, field, t
     if tokens < 1:
         raise ItdaInputError(f"--tokens must be >= 1, got {tokens}")
     config = BuildConfig(**common)
-    lm = load_model(source, device=device)
-    from itda.activations.hookpoints import resolve_module
+    from itda.activations.hookpoints import depth, resolve_module
+
+    deepest = max(hp.layer for hp in hps)
+    lm = load_model(source, device=device, layerwise=layerwise, max_memory=max_memory, max_layer=deepest)
+    if lm.layerwise is not None and not quiet:
+        typer.echo(f"layer-wise execution: blocks stream from {lm.source}, up to block {lm.layerwise.max_layer}")
+    if lm.layerwise is not None and any(depth(lm.model, hp) > deepest for hp in hps):
+        raise ItdaInputError("module-path hookpoints outside the blocks need --in-memory")
 
     for hp in hps:
         resolve_module(lm.model, hp)  # fail before the corpus work
@@ -242,6 +258,8 @@ def eval_cmd(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the report as JSON."),
     batch_size: int = typer.Option(8192),
     device: str = typer.Option("cpu"),
+    layerwise: Optional[bool] = typer.Option(None, "--layerwise/--in-memory", help="Stream blocks from the shards (default: when the model exceeds --max-memory)."),
+    max_memory: Optional[float] = typer.Option(None, help="Memory budget in GB for choosing layer-wise execution."),
 ) -> None:
     """FVU, cosine, normalised loss, L0, atom usage (and the CE-loss score on a model)."""
     from itda.atomic import write_text_atomic
@@ -263,7 +281,8 @@ def eval_cmd(
         if not model:
             raise ItdaInputError(f"{dictionary}: no model recorded; give an activation file or --model")
         summary = evaluate_on_model(d, model, corpus=corpus, field=field, tokens=tokens, context=context, ce=ce,
-                                    k=k, method=method.value, device=device).summary()
+                                    k=k, method=method.value, device=device, layerwise=layerwise,
+                                    max_memory=_gb(max_memory)).summary()
     if out is not None:
         write_text_atomic(out, json.dumps(summary, indent=2))
     for key, value in summary.items():
@@ -287,6 +306,8 @@ def compare(
     precision: str = typer.Option("float64", help="Streaming CKA cross products: float64 (exact) or float32 (faster)."),
     include_special: bool = typer.Option(False, help="Keep BOS/special tokens (they can dominate CKA)."),
     device: str = typer.Option("cpu"),
+    layerwise: Optional[bool] = typer.Option(None, "--layerwise/--in-memory", help="Models: stream blocks from the shards (default: when a model exceeds --max-memory)."),
+    max_memory: Optional[float] = typer.Option(None, help="Models: memory budget in GB for choosing layer-wise execution."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Compare models layer by layer, two dictionaries (or folders of them), or two activation files."""
@@ -294,7 +315,7 @@ def compare(
 
     compare_command(a, b, corpus=corpus, field=field, tokens=tokens, context=context, measures=measures, out=out, k=k,
                     min_cosine=min_cosine, max_rows=max_rows, precision=precision, include_special=include_special,
-                    device=device, quiet=quiet)
+                    device=device, quiet=quiet, layerwise=layerwise, max_memory=_gb(max_memory))
 
 
 @app.command()

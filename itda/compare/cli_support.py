@@ -40,7 +40,7 @@ def _measure_list(text: str) -> list[str]:
 
 
 def compare_command(a: str, b: str, *, corpus, field, tokens, context, measures, out, k, min_cosine, max_rows,
-                    precision, include_special, device, quiet) -> None:
+                    precision, include_special, device, quiet, layerwise=False, max_memory=None) -> None:
     kinds = (_kind(a), _kind(b))
     if kinds[0] != kinds[1]:
         raise ItdaInputError(f"compare needs two of a kind; got a {kinds[0].replace('_', ' ')} and a {kinds[1].replace('_', ' ')}")
@@ -56,7 +56,7 @@ def compare_command(a: str, b: str, *, corpus, field, tokens, context, measures,
     else:
         _compare_models(a, b, names, corpus=corpus, field=field, tokens=tokens, context=context, out=out, k=k,
                         min_cosine=min_cosine, max_rows=max_rows, precision=precision, include_special=include_special,
-                        device=device, quiet=quiet)
+                        device=device, quiet=quiet, layerwise=layerwise, max_memory=max_memory)
 
 
 def _compare_dicts(a: Path, b: Path, out: Path | None) -> None:
@@ -112,7 +112,7 @@ def _compare_acts(a: Path, b: Path, names: list[str], out: Path | None) -> None:
 
 
 def _compare_models(a: str, b: str, names: list[str], *, corpus, field, tokens, context, out, k, min_cosine, max_rows,
-                    precision, include_special, device, quiet) -> None:
+                    precision, include_special, device, quiet, layerwise=False, max_memory=None) -> None:
     from itda.activations.corpus import read_documents, split_documents
     from itda.activations.models import load_model
     from itda.compare.pipeline import compare_models
@@ -120,8 +120,8 @@ def _compare_models(a: str, b: str, names: list[str], *, corpus, field, tokens, 
     expanded = []
     for n in names:
         expanded.extend(["cka", "cka_debiased"] if n == "cka" else [n])
-    lm_a = load_model(a, device=device)
-    lm_b = None if b == a else load_model(b, device=device)
+    lm_a = load_model(a, device=device, layerwise=layerwise, max_memory=max_memory)
+    lm_b = None if b == a else load_model(b, device=device, layerwise=layerwise, max_memory=max_memory)
     docs = read_documents(corpus, field)
     ids = split_documents(docs, "heldout" if corpus == "default" else "all")
     res = compare_models(lm_a, lm_b, docs, ids, tokens=tokens, measures=list(dict.fromkeys(expanded)), context=context,

@@ -1,0 +1,165 @@
+"""Layer matching across seeds: small GPT-2-style models trained here, every measure side by side.
+
+1. Trains a byte-level BPE tokenizer (4,096 tokens) and N GPT-2-style models (6 layers,
+   d = 128) that differ only in their seed, on the default corpus's train split (cached under
+   $ITDA_CACHE/bench; nothing large is committed).
+2. For every pair of models (self-pairs included) computes [L x L] similarity matrices on
+   held-out text with itda.compare.pipeline.compare_models (one pass per pair).
+3. Reports argmax layer-matching accuracy per measure, with and without self-pairs, the
+   dictionary sizes per layer (why raw Jaccard can fail), and streaming-CKA throughput.
+Usage: python benchmarks/layer_matching.py [--models 3] [--steps 1200] [--tokens 20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import os
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import write_result
+from itda.activations.corpus import read_documents, split_documents
+from itda.activations.models import LoadedModel, cache_root
+from itda.compare.layers import pooled_accuracy
+from itda.compare.pipeline import compare_models
+from itda.compare.streaming import StreamingCKAGrid
+
+MEASURES = ["jaccard", "cka", "cka_debiased", "procrustes", "cka_rbf", "svcca", "pwcca", "relative", "mutual_knn"]
+CONTEXT = 128
+
+
+def bench_dir() -> Path:
+    d = cache_root() / "bench"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def train_tokenizer(docs: list[str]):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    path = bench_dir() / "bpe4096.json"
+    if not path.exists():
+        tok = Tokenizer(models.BPE(unk_token=None))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=4096, special_tokens=["<|bos|>", "<|pad|>"],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        tok.train_from_iterator(docs, trainer)
+        tok.save(str(path))
+    return PreTrainedTokenizerFast(tokenizer_file=str(path), bos_token="<|bos|>", pad_token="<|pad|>")
+
+
+def train_model(seed: int, tokenizer, docs: list[str], steps: int, batch: int = 16) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    out = bench_dir() / f"gpt2-l6-d128-seed{seed}-steps{steps}"
+    if (out / "config.json").exists():
+        return out
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=len(tokenizer), n_positions=CONTEXT, n_embd=128, n_layer=6, n_head=4,
+                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.bos_token_id)
+    model = GPT2LMHeadModel(cfg)
+    # the token stream: documents joined with BOS, cut into CONTEXT windows (same for every seed)
+    ids: list[int] = []
+    for d in docs:
+        ids += [tokenizer.bos_token_id] + tokenizer(d, add_special_tokens=False)["input_ids"]
+        if len(ids) > steps * batch * CONTEXT:
+            break
+    data = torch.tensor(ids[: (len(ids) // CONTEXT) * CONTEXT]).view(-1, CONTEXT)
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(1234))  # same data order for all seeds
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    model.train()
+    t0 = time.perf_counter()
+    for step in range(steps):
+        rows = order[(step * batch) % len(data) :][:batch]
+        loss = model(input_ids=data[rows], labels=data[rows]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 200 == 0 or step == steps - 1:
+            print(f"  seed {seed} step {step} loss {loss.item():.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    model.eval()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def cka_throughput(layers: int = 12, d: int = 768, tokens: int = 16384, batch: int = 4096) -> dict:
+    """Streaming CKA for all L x L layer pairs of two GPT-2-small-shaped models, random data."""
+    out = {}
+    for precision in ("float64", "float32"):
+        grid = StreamingCKAGrid(precision)
+        gen = torch.Generator().manual_seed(0)
+        xs = torch.randn(layers, batch, d, generator=gen)
+        ys = torch.randn(layers, batch, d, generator=gen)
+        t0 = time.perf_counter()
+        for _ in range(tokens // batch):
+            grid.update(xs, ys)
+        upd = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        grid.matrices(procrustes=False)
+        fin = time.perf_counter() - t1
+        acc_bytes = grid.xty.numel() * 8 + grid.a.gram.numel() * 8 * 2
+        out[precision] = {"layers": layers, "d": d, "tokens": tokens, "tokens_per_s": tokens / upd,
+                          "finalise_s": fin, "accumulator_GiB": acc_bytes / 2**30}
+        print(f"streaming CKA {layers}x{layers} pairs, d={d}, {precision}: {tokens / upd:,.0f} tokens/s, "
+              f"accumulators {acc_bytes / 2**30:.2f} GiB", flush=True)
+    out["peak_rss_GiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--tokens", type=int, default=20_000)
+    parser.add_argument("--max-rows", type=int, default=4096)
+    args = parser.parse_args()
+    docs = read_documents("default")
+    train_docs = [docs[i] for i in split_documents(docs, "train")]
+    held = split_documents(docs, "heldout")
+    tok = train_tokenizer(train_docs)
+    paths = [train_model(seed, tok, train_docs, args.steps) for seed in range(args.models)]
+    from transformers import GPT2LMHeadModel
+
+    lms = [LoadedModel(f"seed{i}", GPT2LMHeadModel.from_pretrained(p).eval(), tok, p) for i, p in enumerate(paths)]
+    pairs: dict[str, dict[tuple[str, str], np.ndarray]] = {}
+    sizes = {}
+    t0 = time.perf_counter()
+    for i, j in itertools.combinations_with_replacement(range(len(lms)), 2):
+        res = compare_models(lms[i], None if i == j else lms[j], docs, held, tokens=args.tokens, measures=MEASURES,
+                             context=CONTEXT, max_rows=args.max_rows, progress=False)
+        for name, m in res.matrices.items():
+            pairs.setdefault(name, {})[(lms[i].name, lms[j].name)] = m
+            if i != j:
+                pairs[name][(lms[j].name, lms[i].name)] = m.T
+        sizes[lms[i].name] = [len(d) for d in res.dictionaries_a]
+        sizes[lms[j].name] = [len(d) for d in res.dictionaries_b]
+        print(f"pair {lms[i].name}-{lms[j].name}: {res.paired_tokens} tokens, {res.seconds:.0f}s", flush=True)
+    compare_s = time.perf_counter() - t0
+    accuracy = {name: {"with_self_pairs": pooled_accuracy(p, self_pairs=True),
+                       "without_self_pairs": pooled_accuracy(p, self_pairs=False)} for name, p in pairs.items()}
+    for name, acc in sorted(accuracy.items(), key=lambda kv: -kv[1]["without_self_pairs"]):
+        print(f"{name:14s} accuracy without self-pairs {acc['without_self_pairs']:.3f}, with {acc['with_self_pairs']:.3f}")
+    print("dictionary sizes per layer:", sizes)
+    example = {name: p[("seed0", "seed1")].round(4).tolist() for name, p in pairs.items() if ("seed0", "seed1") in p}
+    throughput = cka_throughput()
+    print("wrote", write_result("layer_matching", {
+        "models": args.models, "steps": args.steps, "arch": "GPT-2, 6 layers, d=128, 4 heads, BPE 4096, context 128",
+        "tokens_per_pair": args.tokens, "accuracy": accuracy, "dictionary_sizes": sizes, "compare_seconds": compare_s,
+        "seed0_vs_seed1": example, "streaming_cka": throughput,
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+import contextlib
+
+import pytest
+import torch
+
+from itda.activations.hookpoints import Hookpoint, StopForward, capture
+from itda.activations.layerwise import LayerwiseModel, WeightIndex
+from tiny_models import tiny_model
+
+ARCHS = ["llama", "qwen2", "gemma3", "gpt2"]
+
+
+def _ids(batch=5, seq=20, seed=0):
+    return torch.randint(4, 128, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(params=ARCHS)
+def sharded(request, tmp_path):
+    model = tiny_model(request.param)
+    model.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    return request.param, model, tmp_path
+
+
+def _capture(model, hps, ids, mask):
+    with torch.inference_mode(), capture(model, hps) as store, contextlib.suppress(StopForward):
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    return dict(store)
+
+
+@pytest.mark.parametrize("micro_batch", [1, 2, 8])
+def test_layerwise_equals_in_memory(sharded, micro_batch):
+    arch, model, folder = sharded
+    ids = _ids()
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0  # padding in one row
+    hps = [Hookpoint("resid_post", 0), Hookpoint("resid_pre", 2), Hookpoint("resid_post", 2)]
+    if arch != "gemma3":
+        hps.append(Hookpoint("mlp_out", 1))
+    want = _capture(model, hps, ids, mask)
+    lw = LayerwiseModel(folder, max_layer=2, micro_batch=micro_batch)
+    got = _capture(lw.model, hps, ids, mask)
+    lw.close()
+    for hp in hps:
+        torch.testing.assert_close(got[hp], want[hp], rtol=1e-5, atol=1e-5, msg=f"{arch} {hp.name}")
+    # blocks past the deepest one are never read; the final norm and LM head stay on meta
+    assert all(p.device.type == "meta" for p in lw.blocks[3].parameters())
+
+
+def test_reads_only_needed_tensors(tmp_path):
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path, max_shard_size="40KB")
+    lw = LayerwiseModel(tmp_path, max_layer=1, prefetch=False)
+    _capture(lw.model, [Hookpoint("resid_post", 1)], _ids(), None)
+    per_block = sum(p.numel() * 4 for p in model.model.layers[0].parameters())
+    assert lw.bytes_read == 2 * per_block  # blocks 0 and 1, once each
+    assert lw.block_bytes(0) == per_block
+
+
+def test_missing_index(tmp_path):
+    from itda.errors import ItdaInputError
+
+    with pytest.raises(ItdaInputError, match="no model.safetensors"):
+        WeightIndex.open(tmp_path)
+
+
+MEMORY_CHILD = r"""
+import contextlib, sys, torch
+from itda.activations.hookpoints import Hookpoint, StopForward, capture
+from itda.activations.layerwise import LayerwiseModel
+
+def rss(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(field)
+
+folder, mode = sys.argv[1], sys.argv[2]
+torch.set_num_threads(1)
+ids = torch.randint(4, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+if mode == "layerwise":
+    lw = LayerwiseModel(folder, max_layer=11, micro_batch=2)
+    model = lw.model
+else:
+    from transformers import AutoModelForCausalLM
+    model = None
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+base = rss("VmRSS")
+if model is None:
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+with torch.inference_mode(), capture(model, [Hookpoint("resid_post", 11)]) as store, contextlib.suppress(StopForward):
+    model(input_ids=ids, use_cache=False)
+print(rss("VmHWM") - base)
+"""
+
+
+@pytest.mark.slow
+def test_peak_memory_stays_near_two_blocks(tmp_path):
+    """A 12-block checkpoint (~200 MB): layer-wise peak ~2 blocks + activations, in-memory all of it."""
+    import subprocess
+    import sys
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+                      num_attention_heads=8, num_key_value_heads=8)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(tmp_path, max_shard_size="30MB")
+    block = sum(p.numel() * 4 for p in model.model.layers[0].parameters())
+    total = sum(p.numel() * 4 for p in model.parameters())
+    del model
+    script = tmp_path / "child.py"
+    script.write_text(MEMORY_CHILD)
+    peak = {m: int(subprocess.run([sys.executable, str(script), str(tmp_path), m], capture_output=True, text=True,
+                                  check=True).stdout.split()[-1]) for m in ("layerwise", "in_memory")}
+    assert total > 10 * block
+    assert peak["layerwise"] < 2 * block + 24 * 2**20, (peak, block)
+    assert peak["in_memory"] > 0.9 * total, (peak, total)
