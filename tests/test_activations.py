@@ -174,3 +174,11 @@ def test_load_contexts_default_split_names():
     tok = word_tokenizer()
     with pytest.raises(ItdaInputError, match="no such corpus"):
         load_contexts("/nonexistent/corpus.jsonl", tok, tokenizer_name="w")
+
+
+def test_parquet_reader(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["one doc", "two doc"]}), tmp_path / "c.parquet")
+    assert read_documents(tmp_path / "c.parquet") == ["one doc", "two doc"]

@@ -117,3 +117,36 @@ def test_peak_memory_stays_near_two_blocks(tmp_path):
     assert total > 10 * block
     assert peak["layerwise"] < 2 * block + 24 * 2**20, (peak, block)
     assert peak["in_memory"] > 0.9 * total, (peak, total)
+
+
+def test_cli_layerwise_build_matches_in_memory(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from itda.activations.models import load_model
+    from itda.cli.main import app
+    from itda.dictionary import Dictionary
+    from tiny_models import sample_docs, word_tokenizer
+
+    tok = word_tokenizer()
+    model = tiny_model("llama", vocab=len(tok))
+    folder = tmp_path / "m"
+    model.save_pretrained(folder, max_shard_size="40KB")
+    tok.save_pretrained(folder)
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in sample_docs(20)))
+    runner = CliRunner()
+    outs = {}
+    for flag in ("--layerwise", "--in-memory"):
+        out = tmp_path / flag.strip("-")
+        r = runner.invoke(app, ["build", str(folder), "--layer", "2", "--corpus", str(corpus), "--tokens", "1500",
+                                "--context", "32", "--k", "8", "--out", str(out), flag])
+        assert r.exit_code == 0, r.output
+        outs[flag] = Dictionary.load(out / "resid_post.2.safetensors")
+    a, b = outs["--layerwise"], outs["--in-memory"]
+    assert torch.equal(a.refs, b.refs)
+    torch.testing.assert_close(a.atoms, b.atoms, rtol=1e-4, atol=1e-4)
+    # automatic choice: a budget smaller than the model picks layer-wise execution
+    assert load_model(str(folder), layerwise=None, max_memory=1000, max_layer=1).layerwise is not None
+    assert load_model(str(folder), layerwise=None, max_memory=1 << 34).layerwise is None

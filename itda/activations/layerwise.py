@@ -156,6 +156,8 @@ class LayerwiseModel:
         self._pool = ThreadPoolExecutor(max_workers=1) if prefetch else None
         self._pending: dict[int, Future] = {}
         self._lock = threading.Lock()
+        # CUDA: host-to-device copies of the next block run on their own stream
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.bytes_read = 0
         for i, block in enumerate(self.blocks):
             if i <= self.max_layer:
@@ -193,7 +195,12 @@ class LayerwiseModel:
 
     def _read_block(self, i: int) -> dict[str, torch.Tensor]:
         names = self._names(self.blocks[i], f"{self.blocks_path}.{i}.")
-        tensors = self.index.read(names, self.device, self.dtype, pin=self.device.type == "cuda")
+        if self._copy_stream is not None:
+            with torch.cuda.stream(self._copy_stream):
+                tensors = self.index.read(names, self.device, self.dtype, pin=True)
+            self._copy_stream.synchronize()
+        else:
+            tensors = self.index.read(names, self.device, self.dtype)
         self.bytes_read += sum(t.numel() * t.element_size() for t in tensors.values())
         return tensors
 

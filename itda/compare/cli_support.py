@@ -9,8 +9,7 @@ import numpy as np
 import typer
 
 from itda.atomic import write_text_atomic
-from itda.compare.layers import argmax_accuracy, monotone_correspondence
-from itda.compare.report import has_matplotlib, write_matrix
+from itda.compare.report import has_matplotlib, matrix_summary, write_matrix
 from itda.errors import ItdaInputError
 
 
@@ -136,13 +135,9 @@ def _compare_models(a: str, b: str, names: list[str], *, corpus, field, tokens, 
 def _report(mats: dict[str, np.ndarray], label_a: str, label_b: str, out: Path | None, model_level: dict) -> None:
     summary = {"model_level": model_level, "measures": {}}
     for name, m in mats.items():
-        corr = monotone_correspondence(np.nan_to_num(m, nan=-1.0))
-        entry = {"correspondence": corr}
-        if m.shape[0] == m.shape[1]:
-            entry["argmax_accuracy"] = argmax_accuracy(m)
-        summary["measures"][name] = entry
+        entry = summary["measures"][name] = matrix_summary(m)
         acc = f", argmax accuracy {entry['argmax_accuracy']:.2f}" if "argmax_accuracy" in entry else ""
-        typer.echo(f"{name:14s} {label_a} -> {label_b} layers: {corr}{acc}")
+        typer.echo(f"{name:14s} {label_a} -> {label_b} layers: {entry['correspondence']}{acc}")
         if out is not None:
             write_matrix(out, name, m, label_a, label_b)
     for key, value in model_level.items():

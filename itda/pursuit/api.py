@@ -66,6 +66,19 @@ def _chunk_rows(b: int, n: int, chunk_size: int | None) -> int:
     return max(1, min(b, CHUNK_BYTES // (4 * max(n, 1))))
 
 
+def _run(x, atoms, k, gram, backend, chunk_size, numba_chunk, torch_chunk, rows_divisor: int = 1) -> SparseCodes:
+    """Validate, choose the backend, and run a chunk kernel over row chunks."""
+    _check_inputs(x, atoms, k)
+    backend, gram = _resolve(x, atoms, gram, backend)
+    atoms32 = atoms.to(torch.float32).contiguous()
+    x32 = x.to(device=atoms.device, dtype=torch.float32)
+    gram32 = None if gram is None else gram.to(device=atoms.device, dtype=torch.float32)
+    step = max(1, _chunk_rows(x.shape[0], atoms.shape[0], chunk_size) // rows_divisor)
+    chunk = numba_chunk if backend == "numba" else torch_chunk
+    parts = [chunk(x32[s : s + step], atoms32, k, gram32) for s in range(0, x.shape[0], step)]
+    return cat_codes(parts) if parts else _empty_codes(k, atoms.device)
+
+
 def matching_pursuit(
     x: torch.Tensor,
     atoms: torch.Tensor,
@@ -83,24 +96,9 @@ def matching_pursuit(
     may be passed to reuse it across calls. backend: 'numba' (CPU), 'torch' (CPU/CUDA) or
     'auto'. Returns SparseCodes on the atoms' device.
     """
-    _check_inputs(x, atoms, k)
-    backend, gram = _resolve(x, atoms, gram, backend)
-    atoms32 = atoms.to(torch.float32).contiguous()
-    x32 = x.to(device=atoms.device, dtype=torch.float32)
-    gram32 = None if gram is None else gram.to(device=atoms.device, dtype=torch.float32)
-    step = _chunk_rows(x.shape[0], atoms.shape[0], chunk_size)
-    parts = []
-    for s in range(0, x.shape[0], step):
-        x_BD = x32[s : s + step]
-        if backend == "numba":
-            parts.append(_mp_chunk_numba(x_BD, atoms32, k, gram32))
-        else:
-            from itda.pursuit.mp_torch import mp_chunk_torch
+    from itda.pursuit.mp_torch import mp_chunk_torch
 
-            parts.append(mp_chunk_torch(x_BD, atoms32, k, gram32))
-    if not parts:
-        return _empty_codes(k, atoms.device)
-    return cat_codes(parts)
+    return _run(x, atoms, k, gram, backend, chunk_size, _mp_chunk_numba, mp_chunk_torch)
 
 
 def orthogonal_matching_pursuit(
@@ -119,24 +117,14 @@ def orthogonal_matching_pursuit(
     atom is linearly dependent on its chosen ones (pivot <= eps) stops early; its remaining
     slots hold index -1 and value 0.
     """
-    _check_inputs(x, atoms, k)
-    backend, gram = _resolve(x, atoms, gram, backend)
-    atoms32 = atoms.to(torch.float32).contiguous()
-    x32 = x.to(device=atoms.device, dtype=torch.float32)
-    gram32 = None if gram is None else gram.to(device=atoms.device, dtype=torch.float32)
-    step = max(1, _chunk_rows(x.shape[0], atoms.shape[0], chunk_size) // 2)
-    parts = []
-    for s in range(0, x.shape[0], step):
-        x_BD = x32[s : s + step]
-        if backend == "numba":
-            parts.append(_omp_chunk_numba(x_BD, atoms32, k, gram32, eps))
-        else:
-            from itda.pursuit.mp_torch import omp_chunk_torch
+    from itda.pursuit.mp_torch import omp_chunk_torch
 
-            parts.append(omp_chunk_torch(x_BD, atoms32, k, gram32, eps))
-    if not parts:
-        return _empty_codes(k, atoms.device)
-    return cat_codes(parts)
+    return _run(
+        x, atoms, k, gram, backend, chunk_size,
+        lambda xb, a, kk, g: _omp_chunk_numba(xb, a, kk, g, eps),
+        lambda xb, a, kk, g: omp_chunk_torch(xb, a, kk, g, eps),
+        rows_divisor=2,
+    )
 
 
 def _empty_codes(k: int, device: torch.device) -> SparseCodes:

@@ -1,0 +1,37 @@
+"""Comparing layers and models: Jaccard over ITDA atoms and the usual representation measures."""
+
+from itda.compare.jaccard import jaccard, jaccard_union
+from itda.compare.layers import argmax_accuracy, monotone_correspondence, pooled_accuracy
+from itda.compare.measures import (
+    MEASURES,
+    compare_activations,
+    linear_cka,
+    mutual_knn,
+    pwcca,
+    rbf_cka,
+    relative_similarity,
+    similarity_grid,
+    svcca,
+)
+from itda.compare.result import Similarity
+from itda.compare.streaming import StreamingCKA, StreamingCKAGrid
+
+__all__ = [
+    "MEASURES",
+    "Similarity",
+    "StreamingCKA",
+    "StreamingCKAGrid",
+    "argmax_accuracy",
+    "compare_activations",
+    "jaccard",
+    "jaccard_union",
+    "linear_cka",
+    "monotone_correspondence",
+    "mutual_knn",
+    "pooled_accuracy",
+    "pwcca",
+    "rbf_cka",
+    "relative_similarity",
+    "similarity_grid",
+    "svcca",
+]
