@@ -2,8 +2,9 @@
 
 Builds both modes over a sweep of thresholds on the same stream, evaluates FVU on held-out
 activations, and reads off each mode's size at the other's FVU by log-linear interpolation.
-Default data: the synthetic set of the demo (d=256). Pass --acts FILE for real activations.
-Usage: python benchmarks/build_modes.py [--acts FILE] [--tokens 100000]
+Default data: the synthetic set of the demo (d=256). --model NAME --layer L streams real
+activations (default corpus, train split) instead; --acts FILE reads an activation file.
+Usage: python benchmarks/build_modes.py [--model smollm2-135m --layer 15 | --acts FILE] [--tokens 100000]
 """
 
 from __future__ import annotations
@@ -13,7 +14,13 @@ import argparse
 import numpy as np
 
 from common import write_result
-from itda.activations.files import load_activations
+import torch
+
+from itda.activations.corpus import load_contexts
+from itda.activations.files import ActivationSet, load_activations
+from itda.activations.hookpoints import Hookpoint
+from itda.activations.models import load_model
+from itda.activations.stream import iterate_batches
 from itda.build import build_dictionary
 from itda.evaluate import evaluate
 from itda.synthetic import synthetic_activations
@@ -31,14 +38,31 @@ def size_at_fvu(points: list[tuple[float, int]], fvu: float) -> float:
     return float(np.exp(np.interp(fvu, f, s)))
 
 
+def model_activations(model: str, layer: int, tokens: int) -> ActivationSet:
+    """Real activations (float32) and refs of one layer over the default corpus's train split."""
+    lm = load_model(model)
+    hp = Hookpoint("resid_post", layer)
+    _, ctx = load_contexts("default", lm.tokenizer, tokenizer_name=lm.tokenizer_name, tokens=tokens)
+    acts, refs = [], []
+    for batch in iterate_batches(lm.model, [hp], ctx):
+        acts.append(batch[hp].dense())
+        refs.append(batch[hp].refs)
+    return ActivationSet(torch.cat(acts), torch.cat(refs), source=model)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--acts", help="activation file (default: synthetic, d=256)")
+    parser.add_argument("--model", help="stream activations from this model instead")
+    parser.add_argument("--layer", type=int, default=15)
     parser.add_argument("--tokens", type=int, default=100_000)
     parser.add_argument("--k", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=4096)
     args = parser.parse_args()
-    if args.acts:
+    if args.model:
+        data = model_activations(args.model, args.layer, args.tokens + args.tokens // 5)
+        source = f"{args.model} resid_post.{args.layer}, default corpus"
+    elif args.acts:
         data = load_activations(args.acts)
         source = args.acts
     else:
@@ -61,7 +85,8 @@ def main() -> None:
         comparison.append({"fvu": r["fvu"], "improved_size": r["size"], "reference_size_at_same_fvu": ref_size,
                            "ratio": r["size"] / ref_size if ref_size == ref_size else None})
         print(f"FVU {r['fvu']:.4f}: improved {r['size']} atoms, reference {ref_size:.0f}", flush=True)
-    print("wrote", write_result("build_modes", {"source": source, "train_tokens": train_stop, "k": args.k,
+    name = "build_modes" if not args.model else f"build_modes-{args.model}-L{args.layer}"
+    print("wrote", write_result(name, {"source": source, "train_tokens": train_stop, "k": args.k,
                                                 "runs": rows, "equal_fvu": comparison}))
 
 

@@ -5,7 +5,7 @@ import pytest
 import scipy.linalg
 import scipy.stats
 
-from itda.compare.measures import compare_activations, linear_cka, mutual_knn, pwcca, rbf_cka, relative_similarity, svcca
+from itda.compare.measures import compare_activations, compare_stream, linear_cka, mutual_knn, pwcca, rbf_cka, relative_similarity, svcca
 from itda.compare.streaming import StreamingCKA
 from itda.errors import ItdaInputError
 
@@ -185,3 +185,11 @@ def test_bad_inputs():
     bad[0, 0] = np.nan
     with pytest.raises(ItdaInputError, match="NaN"):
         linear_cka(bad, y)
+
+
+def test_compare_stream_equals_in_memory():
+    x, y = _data(n=400)
+    streamed = compare_stream(((x[s : s + 64], y[s : s + 64]) for s in range(0, 400, 64)), ["cka", "svcca", "relative"])
+    whole = compare_activations(x, y, ["cka", "svcca", "relative"])
+    for name in whole:
+        assert abs(streamed[name].value - whole[name].value) < 1e-9, name

@@ -5,6 +5,7 @@ from itda.compare.layers import argmax_accuracy, monotone_correspondence, pooled
 from itda.compare.measures import (
     MEASURES,
     compare_activations,
+    compare_stream,
     linear_cka,
     mutual_knn,
     pwcca,
@@ -23,6 +24,7 @@ __all__ = [
     "StreamingCKAGrid",
     "argmax_accuracy",
     "compare_activations",
+    "compare_stream",
     "jaccard",
     "jaccard_union",
     "linear_cka",

@@ -211,3 +211,31 @@ def similarity_grid(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], name
     px = [measure.prepare(pick(x)) for x in xs]
     py = [measure.prepare(pick(y)) for y in ys]
     return np.array([[measure.pair(p, q) for q in py] for p in px])
+
+
+def compare_stream(batches, measures: Sequence[str] = MEASURES, *, max_rows: int = 4096) -> dict[str, Similarity]:
+    """The measures over a stream of paired batches (x [b, dx], y [b, dy]).
+
+    Linear CKA, debiased CKA and Procrustes are exact over the whole stream; the in-memory
+    measures use the first max_rows rows.
+    """
+    check_measures(measures)
+    acc = StreamingCKA()
+    kept_x: list[torch.Tensor] = []
+    kept_y: list[torch.Tensor] = []
+    n_kept = 0
+    for x, y in batches:
+        x, y = _pair(x, y)
+        acc.update(x, y)
+        if n_kept < max_rows:
+            take = min(max_rows - n_kept, x.shape[0])
+            kept_x.append(x[:take])
+            kept_y.append(y[:take])
+            n_kept += take
+    out = {k: v for k, v in acc.result().items() if k in measures}
+    if any(m in IN_MEMORY for m in measures):
+        x, y = torch.cat(kept_x), torch.cat(kept_y)
+        for name in measures:
+            if name in IN_MEMORY:
+                out[name] = _one(name, x, y)
+    return out
