@@ -42,6 +42,7 @@ class BuildConfig:
     mode: str = "improved"
     max_atoms: int | None = None
     backend: str = "auto"
+    round_size: int = 256  # improved mode: candidates accepted per round before re-scoring the rest
 
     def validate(self, d: int) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
@@ -56,6 +57,8 @@ class BuildConfig:
             raise ItdaInputError(f"min_cosine {self.min_cosine} out of range (-1, 1]")
         if self.mode not in MODES:
             raise ItdaInputError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.round_size < 1:
+            raise ItdaInputError(f"round_size must be >= 1, got {self.round_size}")
         if self.max_atoms is not None and self.max_atoms < 1:
             raise ItdaInputError(f"max_atoms must be >= 1, got {self.max_atoms}")
 
@@ -98,9 +101,10 @@ class DictionaryBuilder:
       reference: while the dictionary has fewer than d atoms a batch only seeds it with its
         most frequent distinct rows; afterwards every row whose loss exceeds the threshold
         against the dictionary at the start of the batch is added.
-      improved (default): no seeding; candidates are deduplicated exactly and a candidate is
-        dropped when an atom accepted earlier in the same batch already reconstructs it to
-        the threshold cosine (see itda.select.greedy_dissimilar).
+      improved (default): no seeding; candidates are deduplicated exactly and added in rounds
+        of round_size: within a round a candidate is dropped when an atom accepted earlier in
+        the round is within the threshold cosine of it (itda.select.greedy_dissimilar); after
+        each round the remaining candidates are re-scored by MP against the grown dictionary.
     """
 
     def __init__(
@@ -155,13 +159,38 @@ class DictionaryBuilder:
         over_B = (loss_B > self.config.loss_threshold(self.d)) & nonzero_B
         cand = torch.nonzero(over_B).squeeze(1)
         unit_MD = x_BD[cand] / norms_B[cand, None]
-        if self.config.mode == "improved" and len(cand):
-            keep = first_unique_rows(unit_MD)
-            keep &= greedy_dissimilar(unit_MD, keep, self.config.cosine_threshold(self.d))
-            cand, unit_MD = cand[keep], unit_MD[keep]
-        cand, unit_MD = cand[:room], unit_MD[:room]
-        self._append(unit_MD, refs[cand.cpu()])
-        return self._finish(x_BD.shape[0], int(over_B.sum()), len(cand), float(loss_B.mean()))
+        if self.config.mode == "reference":
+            cand, unit_MD = cand[:room], unit_MD[:room]
+            self._append(unit_MD, refs[cand.cpu()])
+            return self._finish(x_BD.shape[0], len(cand), len(cand), float(loss_B.mean()))
+        added = self._add_in_rounds(cand, unit_MD, refs, room)
+        return self._finish(x_BD.shape[0], len(cand), added, float(loss_B.mean()))
+
+    def _add_in_rounds(self, cand: torch.Tensor, unit_MD: torch.Tensor, refs: torch.Tensor, room: int) -> int:
+        """Improved mode: add candidates round by round, in batch order.
+
+        Each round takes the next `round_size` candidates, drops exact duplicates and those
+        within the threshold cosine of one accepted earlier in the round, adds the rest, and
+        re-scores the remaining candidates by MP against the grown dictionary, so a candidate
+        enters only if the dictionary including earlier rounds' atoms still misses it.
+        """
+        keep = first_unique_rows(unit_MD)
+        cand, unit_MD = cand[keep], unit_MD[keep]
+        cos_thr = self.config.cosine_threshold(self.d)
+        loss_thr = self.config.loss_threshold(self.d)
+        added = 0
+        while len(cand) and added < room:
+            r = self.config.round_size
+            head_c, head_u = cand[:r], unit_MD[:r]
+            ok = greedy_dissimilar(head_u, torch.ones(len(head_c), dtype=torch.bool, device=head_u.device), cos_thr)
+            take_c, take_u = head_c[ok][: room - added], head_u[ok][: room - added]
+            self._append(take_u, refs[take_c.cpu()])
+            added += len(take_c)
+            cand, unit_MD = cand[r:], unit_MD[r:]
+            if len(cand):
+                still = self._loss(unit_MD) > loss_thr
+                cand, unit_MD = cand[still], unit_MD[still]
+        return added
 
     def _room(self) -> int:
         return self.config.max_atoms - self.size if self.config.max_atoms is not None else 1 << 62
