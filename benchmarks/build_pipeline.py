@@ -3,7 +3,7 @@
 Same settings for both runs: layer 15 resid_post, k = 40, min cosine 0.85 (the CLI default),
 contexts of 128 tokens from the default corpus, 4096 tokens per forward pass, fp16 stream.
 Quality snapshots every 100k tokens: dictionary size, FVU and CE-loss score on held-out text.
-Usage: python benchmarks/build_pipeline.py [--tokens 300000] [--compare-tokens 100000]
+Usage: python benchmarks/build_pipeline.py [--tokens 210000] [--compare-tokens 100000]
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--layer", type=int, default=15)
-    parser.add_argument("--tokens", type=int, default=300_000)
+    parser.add_argument("--tokens", type=int, default=210_000)
     parser.add_argument("--compare-tokens", type=int, default=100_000)
     parser.add_argument("--eval-tokens", type=int, default=8192)
     args = parser.parse_args()

@@ -7,7 +7,7 @@
    held-out text with itda.compare.pipeline.compare_models (one pass per pair).
 3. Reports argmax layer-matching accuracy per measure, with and without self-pairs, the
    dictionary sizes per layer (why raw Jaccard can fail), and streaming-CKA throughput.
-Usage: python benchmarks/layer_matching.py [--models 3] [--steps 1200] [--tokens 20000]
+Usage: python benchmarks/layer_matching.py [--models 3] [--steps 500] [--tokens 20000]
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def cka_throughput(layers: int = 12, d: int = 768, tokens: int = 16384, batch: i
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--tokens", type=int, default=20_000)
     parser.add_argument("--max-rows", type=int, default=4096)
     args = parser.parse_args()
