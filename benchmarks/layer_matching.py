@@ -118,12 +118,39 @@ def cka_throughput(layers: int = 12, d: int = 768, tokens: int = 16384, batch: i
     return out
 
 
+SWEEP = [(40, 0.85), (8, 0.85), (8, 0.9), (4, 0.9), (40, 0.95)]
+
+
+def jaccard_sweep(lms, docs, held, tokens: int) -> None:
+    """Jaccard layer-matching accuracy and dictionary sizes as k and the threshold vary."""
+    rows = []
+    for k, cos in SWEEP:
+        pairs: dict[str, dict] = {}
+        sizes = []
+        for i, j in itertools.combinations_with_replacement(range(len(lms)), 2):
+            res = compare_models(lms[i], None if i == j else lms[j], docs, held, tokens=tokens, measures=["jaccard"],
+                                 context=CONTEXT, k=k, min_cosine=cos, progress=False)
+            for name, m in res.matrices.items():
+                pairs.setdefault(name, {})[(lms[i].name, lms[j].name)] = m
+                if i != j:
+                    pairs[name][(lms[j].name, lms[i].name)] = m.T
+            sizes += [len(d) for d in res.dictionaries_a]
+        row = {"k": k, "min_cosine": cos, "mean_atoms_per_layer": float(np.mean(sizes)),
+               **{f"{name}_without_self": pooled_accuracy(p, self_pairs=False) for name, p in pairs.items()},
+               **{f"{name}_with_self": pooled_accuracy(p, self_pairs=True) for name, p in pairs.items()}}
+        rows.append(row)
+        print(row, flush=True)
+    print("wrote", write_result("layer_matching_jaccard_sweep", {"tokens_per_pair": tokens, "rows": rows}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", type=int, default=3)
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--tokens", type=int, default=20_000)
     parser.add_argument("--max-rows", type=int, default=4096)
+    parser.add_argument("--jaccard-sweep", action="store_true",
+                        help="only Jaccard, over (k, min cosine) settings, on the cached models")
     args = parser.parse_args()
     docs = read_documents("default")
     train_docs = [docs[i] for i in split_documents(docs, "train")]
@@ -133,6 +160,9 @@ def main() -> None:
     from transformers import GPT2LMHeadModel
 
     lms = [LoadedModel(f"seed{i}", GPT2LMHeadModel.from_pretrained(p).eval(), tok, p) for i, p in enumerate(paths)]
+    if args.jaccard_sweep:
+        jaccard_sweep(lms, docs, held, args.tokens)
+        return
     pairs: dict[str, dict[tuple[str, str], np.ndarray]] = {}
     sizes = {}
     t0 = time.perf_counter()
