@@ -102,9 +102,9 @@ class DictionaryBuilder:
         most frequent distinct rows; afterwards every row whose loss exceeds the threshold
         against the dictionary at the start of the batch is added.
       improved (default): no seeding; candidates are deduplicated exactly and added in rounds
-        of round_size: within a round a candidate is dropped when an atom accepted earlier in
-        the round is within the threshold cosine of it (itda.select.greedy_dissimilar); after
-        each round the remaining candidates are re-scored by MP against the grown dictionary.
+        of round_size, each round re-scored by MP against the dictionary as it stands; within
+        a round a candidate is dropped when an atom accepted earlier in the round is within
+        the threshold cosine of it (itda.select.greedy_dissimilar).
     """
 
     def __init__(
@@ -169,27 +169,28 @@ class DictionaryBuilder:
     def _add_in_rounds(self, cand: torch.Tensor, unit_MD: torch.Tensor, refs: torch.Tensor, room: int) -> int:
         """Improved mode: add candidates round by round, in batch order.
 
-        Each round takes the next `round_size` candidates, drops exact duplicates and those
-        within the threshold cosine of one accepted earlier in the round, adds the rest, and
-        re-scores the remaining candidates by MP against the grown dictionary, so a candidate
-        enters only if the dictionary including earlier rounds' atoms still misses it.
+        Each round takes the next `round_size` candidates, re-scores them by MP against the
+        dictionary as it stands (so atoms added by earlier rounds of this batch count), drops
+        exact duplicates and those within the threshold cosine of one accepted earlier in the
+        round, and adds the rest. Every candidate is scored at most once more than the batch.
         """
         keep = first_unique_rows(unit_MD)
         cand, unit_MD = cand[keep], unit_MD[keep]
         cos_thr = self.config.cosine_threshold(self.d)
         loss_thr = self.config.loss_threshold(self.d)
         added = 0
-        while len(cand) and added < room:
-            r = self.config.round_size
-            head_c, head_u = cand[:r], unit_MD[:r]
+        r = self.config.round_size
+        for start in range(0, len(cand), r):
+            if added >= room:
+                break
+            head_c, head_u = cand[start : start + r], unit_MD[start : start + r]
+            if added:
+                still = self._loss(head_u) > loss_thr
+                head_c, head_u = head_c[still], head_u[still]
             ok = greedy_dissimilar(head_u, torch.ones(len(head_c), dtype=torch.bool, device=head_u.device), cos_thr)
             take_c, take_u = head_c[ok][: room - added], head_u[ok][: room - added]
             self._append(take_u, refs[take_c.cpu()])
             added += len(take_c)
-            cand, unit_MD = cand[r:], unit_MD[r:]
-            if len(cand):
-                still = self._loss(unit_MD) > loss_thr
-                cand, unit_MD = cand[still], unit_MD[still]
         return added
 
     def _room(self) -> int:
