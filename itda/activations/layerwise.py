@@ -177,16 +177,33 @@ class LayerwiseModel:
     def _load_resident(self) -> None:
         """Load every parameter outside the blocks, except the final norm and the LM head."""
         block_prefix = self.blocks_path + "."
+        groups: dict[int, list[str]] = {}  # tied parameters share one object
+        for pname, p in self.model.named_parameters(remove_duplicate=False):
+            groups.setdefault(id(p), []).append(pname)
+        # tied input/output embeddings: the checkpoint may hold only one of the two names
+        io_names = []
+        tie = bool(getattr(self.model.config, "tie_word_embeddings", False))
+        for getter in ("get_input_embeddings", "get_output_embeddings"):
+            mod = getattr(self.model, getter, lambda: None)()
+            if mod is not None and getattr(mod, "weight", None) is not None:
+                io_names += [n for n, p in self.model.named_parameters(remove_duplicate=False) if p is mod.weight]
+        if tie and len(io_names) >= 2:
+            merged = [n for g in groups.values() if set(g) & set(io_names) for n in g]
+            for key in [k for k, g in groups.items() if set(g) & set(io_names)]:
+                del groups[key]
+            groups[-1] = list(dict.fromkeys(merged))
         names = {}
         tied = set()
-        for pname, p in self.model.named_parameters(remove_duplicate=False):
-            if pname.startswith(block_prefix) or (not self.full and pname.startswith(SKIP_PREFIXES)):
+        for group in groups.values():
+            wanted = [n for n in group if not n.startswith(block_prefix) and (self.full or not n.startswith(SKIP_PREFIXES))]
+            if not wanted:
                 continue
-            ckpt = self.index.checkpoint_name(pname)
+            ckpt = next((c for c in map(self.index.checkpoint_name, group) if c is not None), None)
             if ckpt is None:
-                tied.add(pname)
+                tied.update(wanted)
                 continue
-            names[pname] = ckpt
+            for n in wanted:
+                names[n] = ckpt
         tensors = self.index.read(names, self.device, self.dtype)
         self.model.load_state_dict(tensors, strict=False, assign=True)
         if self.full and tied and getattr(self.model.config, "tie_word_embeddings", False):
