@@ -199,8 +199,9 @@ class DictionaryBuilder:
     def _loss(self, x_BD: torch.Tensor) -> torch.Tensor:
         if self.size == 0:
             return normalised_loss(torch.zeros(x_BD.shape[0], device=x_BD.device), self.d)
+        # batches were validated in update(): no second NaN/inf scan here
         codes = matching_pursuit(
-            x_BD, self.store.atoms, self.config.k, gram=self.store.gram, backend=self.config.backend
+            x_BD, self.store.atoms, self.config.k, gram=self.store.gram, backend=self.config.backend, check_finite=False
         )
         return normalised_loss(recon_terms(x_BD, codes, self.store.atoms).cosine, self.d)
 

@@ -8,6 +8,7 @@ atoms depend only on the direction, and `ActBatch.dense()` restores the vector.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator, NamedTuple
 
 import torch
@@ -33,11 +34,12 @@ class ActBatch(NamedTuple):
 
 def to_act_batch(x_TD: torch.Tensor, refs: torch.Tensor, dtype: torch.dtype, where: str) -> ActBatch:
     x = x_TD.to(torch.float32)
-    if not bool(torch.isfinite(x).all()):
+    max_abs = float(x.abs().max()) if x.numel() else 0.0  # NaN propagates through max
+    if not math.isfinite(max_abs):
         raise ItdaInputError(f"the model produced NaN or inf at {where}")
     norm = x.norm(dim=1)
     unit = (x / norm.clamp(min=torch.finfo(torch.float32).tiny)[:, None]).to(dtype)
-    return ActBatch(unit, norm, refs, float(x.abs().max()) if x.numel() else 0.0)
+    return ActBatch(unit, norm, refs, max_abs)
 
 
 def iterate_batches(

@@ -139,7 +139,7 @@ def _report(mats: dict[str, np.ndarray], label_a: str, label_b: str, out: Path |
         acc = f", argmax accuracy {entry['argmax_accuracy']:.2f}" if "argmax_accuracy" in entry else ""
         typer.echo(f"{name:14s} {label_a} -> {label_b} layers: {entry['correspondence']}{acc}")
         if out is not None:
-            write_matrix(out, name, m, label_a, label_b)
+            write_matrix(out, name, m, label_a, label_b, entry)
     for key, value in model_level.items():
         typer.echo(f"{key:14s} {value:.4f}")
     if out is not None:

@@ -131,6 +131,10 @@ def compare_models(
         ka, kb = _keys(batch_a[0].refs, identity), _keys(batch_b[0].refs, identity)
         _, ia, ib = np.intersect1d(ka, kb, assume_unique=True, return_indices=True)
         ia, ib = torch.from_numpy(np.sort(ia)), torch.from_numpy(ib[np.argsort(ia)])
+        paired += len(ia)
+        bar.update(batch_a[0].unit.shape[0])
+        if grid is None and not (wants_mem and n_kept < max_rows):
+            continue  # Jaccard only: the dense paired rows are not needed
         xs = [acts.dense()[ia] for acts in batch_a]
         ys = [acts.dense()[ib] for acts in batch_b]
         if grid is not None and len(ia):
@@ -142,8 +146,6 @@ def compare_models(
             for store, y in zip(kept_b, ys):
                 store.append(y[:take])
             n_kept += take
-        paired += len(ia)
-        bar.update(batch_a[0].unit.shape[0])
     bar.close()
     if paired < 4:
         raise ItdaInputError(f"only {paired} tokens could be paired between the models")

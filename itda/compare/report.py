@@ -20,11 +20,13 @@ def matrix_summary(m: np.ndarray) -> dict:
     return out
 
 
-def write_matrix(out_dir: Path, name: str, m: np.ndarray, label_a: str, label_b: str) -> list[Path]:
-    """out_dir/<name>.json (+ .csv, + .png if matplotlib is available)."""
+def write_matrix(out_dir: Path, name: str, m: np.ndarray, label_a: str, label_b: str,
+                 summary: dict | None = None) -> list[Path]:
+    """out_dir/<name>.json (+ .csv, + .png if matplotlib is available); summary = matrix_summary(m)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    summary = matrix_summary(m) if summary is None else summary
     payload = {"measure": name, "rows": label_a, "columns": label_b, "convention": "similarity",
-               "matrix": [[None if np.isnan(v) else float(v) for v in row] for row in m], **matrix_summary(m)}
+               "matrix": [[None if np.isnan(v) else float(v) for v in row] for row in m], **summary}
     paths = [out_dir / f"{name}.json", out_dir / f"{name}.csv"]
     write_text_atomic(paths[0], json.dumps(payload, indent=2))
     buf = io.StringIO()
@@ -33,11 +35,12 @@ def write_matrix(out_dir: Path, name: str, m: np.ndarray, label_a: str, label_b:
     for i, row in enumerate(m):
         w.writerow([i] + [f"{v:.6f}" for v in row])
     write_text_atomic(paths[1], buf.getvalue())
-    png = heatmap(out_dir / f"{name}.png", m, name, label_a, label_b)
+    png = heatmap(out_dir / f"{name}.png", m, name, label_a, label_b, summary["correspondence"])
     return paths + ([png] if png else [])
 
 
-def heatmap(path: Path, m: np.ndarray, title: str, label_a: str, label_b: str) -> Path | None:
+def heatmap(path: Path, m: np.ndarray, title: str, label_a: str, label_b: str, corr: list[int]) -> Path | None:
+    """PNG heatmap of m with the correspondence corr (a B layer per A layer) drawn over it."""
     try:
         import matplotlib
 
@@ -47,7 +50,6 @@ def heatmap(path: Path, m: np.ndarray, title: str, label_a: str, label_b: str) -
         return None
     fig, ax = plt.subplots(figsize=(1.2 + 0.28 * m.shape[1], 1.0 + 0.28 * m.shape[0]), dpi=110)
     im = ax.imshow(m, cmap="viridis", origin="upper", aspect="auto")
-    corr = monotone_correspondence(np.nan_to_num(m, nan=-1.0))
     ax.plot(corr, range(len(corr)), color="white", lw=1, ls="--", marker="o", ms=2)
     ax.set_xlabel(f"{label_b} layer")
     ax.set_ylabel(f"{label_a} layer")

@@ -16,7 +16,7 @@ BACKENDS = ("auto", "torch", "numba")
 CHUNK_BYTES = 256 << 20
 
 
-def _check_inputs(x: torch.Tensor, atoms: torch.Tensor, k: int) -> None:
+def _check_inputs(x: torch.Tensor, atoms: torch.Tensor, k: int, check_finite: bool = True) -> None:
     if not isinstance(x, torch.Tensor) or not isinstance(atoms, torch.Tensor):
         raise ItdaInputError("x and atoms must be torch tensors")
     if x.ndim != 2:
@@ -31,7 +31,7 @@ def _check_inputs(x: torch.Tensor, atoms: torch.Tensor, k: int) -> None:
         raise ItdaInputError(f"k must be an integer >= 1, got {k!r}")
     if atoms.shape[0] == 0:
         raise ItdaInputError("the dictionary has no atoms")
-    if not bool(torch.isfinite(x).all()):
+    if check_finite and not bool(torch.isfinite(x).all()):
         raise ItdaInputError("activations contain NaN or inf")
 
 
@@ -66,9 +66,10 @@ def _chunk_rows(b: int, n: int, chunk_size: int | None) -> int:
     return max(1, min(b, CHUNK_BYTES // (4 * max(n, 1))))
 
 
-def _run(x, atoms, k, gram, backend, chunk_size, numba_chunk, torch_chunk, rows_divisor: int = 1) -> SparseCodes:
+def _run(x, atoms, k, gram, backend, chunk_size, numba_chunk, torch_chunk, rows_divisor: int = 1,
+         check_finite: bool = True) -> SparseCodes:
     """Validate, choose the backend, and run a chunk kernel over row chunks."""
-    _check_inputs(x, atoms, k)
+    _check_inputs(x, atoms, k, check_finite)
     backend, gram = _resolve(x, atoms, gram, backend)
     atoms32 = atoms.to(torch.float32).contiguous()
     x32 = x.to(device=atoms.device, dtype=torch.float32)
@@ -87,6 +88,7 @@ def matching_pursuit(
     gram: torch.Tensor | None = None,
     backend: Backend = "auto",
     chunk_size: int | None = None,
+    check_finite: bool = True,
 ) -> SparseCodes:
     """Textbook matching pursuit of rows x [B, d] over unit-norm atoms [N, d], k steps.
 
@@ -94,11 +96,12 @@ def matching_pursuit(
     the coefficient and subtracts it times a_j from the residual; atoms may repeat.
     Inputs of any float dtype; arithmetic in float32. `gram` (= atoms @ atoms.T, float32)
     may be passed to reuse it across calls. backend: 'numba' (CPU), 'torch' (CPU/CUDA) or
-    'auto'. Returns SparseCodes on the atoms' device.
+    'auto'. check_finite=False skips the NaN/inf scan for callers that validated x already.
+    Returns SparseCodes on the atoms' device.
     """
     from itda.pursuit.mp_torch import mp_chunk_torch
 
-    return _run(x, atoms, k, gram, backend, chunk_size, _mp_chunk_numba, mp_chunk_torch)
+    return _run(x, atoms, k, gram, backend, chunk_size, _mp_chunk_numba, mp_chunk_torch, check_finite=check_finite)
 
 
 def orthogonal_matching_pursuit(
