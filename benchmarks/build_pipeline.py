@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
 
 from common import write_result
 from itda.activations.corpus import load_contexts
@@ -19,18 +18,14 @@ from itda.activations.hookpoints import Hookpoint
 from itda.activations.models import load_model
 from itda.activations.stream import iterate_batches
 from itda.build import BuildConfig, DictionaryBuilder
-from itda.ce_score import ce_loss_score
-from itda.evaluate import Evaluator
+from itda.model_eval import evaluate_contexts
 
 STEP = 100_000
 
 
 def evaluate_snapshot(lm, dictionary, hp, held) -> dict:
-    ev = Evaluator(dictionary)
-    for batch in iterate_batches(lm.model, [hp], held, dtype=torch.float32):
-        ev.update(batch[hp].dense())
-    rep = ev.report()
-    ce = ce_loss_score(lm.model, dictionary, hp, held)
+    report = evaluate_contexts(lm, dictionary, hp, held)
+    rep, ce = report.recon, report.ce
     return {"size": len(dictionary), "fvu": rep.fvu, "mean_cosine": rep.mean_cosine, "l0": rep.l0, "ce_loss_score": ce.score,
             "ce_clean": ce.ce_clean, "ce_spliced": ce.ce_spliced, "ce_zero": ce.ce_zero}
 

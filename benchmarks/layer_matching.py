@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-import os
 import resource
 import time
 from pathlib import Path

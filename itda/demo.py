@@ -6,7 +6,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
 import typer
 
 from itda.activations.corpus import load_contexts
@@ -14,12 +13,9 @@ from itda.activations.hookpoints import Hookpoint, n_layers
 from itda.activations.models import load_model
 from itda.atomic import write_text_atomic
 from itda.build import BuildConfig
-from itda.ce_score import ce_loss_score
 from itda.dictionary import Dictionary
 from itda.model_build import build_from_model
-from itda.model_eval import ModelEvalReport
-from itda.activations.stream import iterate_batches
-from itda.evaluate import Evaluator
+from itda.model_eval import evaluate_contexts
 
 DEMO_MODEL = "smollm2-135m"
 DEMO_K = 40
@@ -50,11 +46,7 @@ def run_demo(out: Path, tokens: int, eval_tokens: int = 8192, model: str = DEMO_
 
     t0 = time.perf_counter()
     _, held = load_contexts("default", lm.tokenizer, tokenizer_name=lm.tokenizer_name, split="heldout", tokens=eval_tokens)
-    ev = Evaluator(dictionary)
-    for batch in iterate_batches(lm.model, [hp], held, dtype=torch.float32):
-        ev.update(batch[hp].dense())
-    ce = ce_loss_score(lm.model, dictionary, hp, held)
-    report = ModelEvalReport(ev.report(), ce, model, hp.name)
+    report = evaluate_contexts(lm, dictionary, hp, held)
     summary = {
         **report.summary(),
         "dictionary_size": len(dictionary),
@@ -82,8 +74,8 @@ def _print_report(s: dict, dictionary: Dictionary, docs: list[str]) -> None:
         f"CE-loss score {s['ce_loss_score']:.3f} (CE clean {s['ce_clean']:.3f}, spliced {s['ce_spliced']:.3f}, "
         f"zero-ablated {s['ce_zero']:.3f})"
     )
-    usage = dictionary.refs.shape[0]
-    picks = [0, usage // 4, usage // 2, 3 * usage // 4, usage - 1] if usage >= 5 else list(range(usage))
+    n = len(dictionary)
+    picks = [0, n // 4, n // 2, 3 * n // 4, n - 1] if n >= 5 else list(range(n))
     typer.echo("some atoms and the text they came from:")
     for i in picks:
         typer.echo(f"  atom {i:6d}: {atom_snippet(docs, dictionary.refs[i].tolist())}")

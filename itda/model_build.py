@@ -44,7 +44,6 @@ def build_from_model(
     progress: bool = True,
 ) -> ModelBuildResult:
     """Stream the contexts through the model once, feeding every hookpoint's builder."""
-    d_model = None
     builders: dict[Hookpoint, DictionaryBuilder] = {}
     max_abs = {hp: 0.0 for hp in hookpoints}
     tokens = 0
@@ -65,17 +64,18 @@ def build_from_model(
             for hp, acts in batch.items():
                 if hp not in builders:
                     d_model = acts.unit.shape[1]
-                    meta = DictionaryMeta(
-                        d=d_model, model=lm.name, hookpoint=hp.name, layer=hp.layer, tokenizer=lm.tokenizer_name,
-                        dataset_fingerprint=contexts.fingerprint,
-                        build={"corpus": corpus_name, "documents_fingerprint": contexts.documents_fingerprint, "stream_dtype": str(dtype).replace("torch.", ""), "include_special": include_special},
-                    )
+                    build = {"corpus": corpus_name, "documents_fingerprint": contexts.documents_fingerprint,
+                             "stream_dtype": str(dtype).replace("torch.", ""), "include_special": include_special}
+                    meta = DictionaryMeta(d=d_model, model=lm.name, hookpoint=hp.name, layer=hp.layer,
+                                          tokenizer=lm.tokenizer_name, dataset_fingerprint=contexts.fingerprint, build=build)
                     builders[hp] = DictionaryBuilder(d_model, config, meta=meta, device=device)
                 builders[hp].update(acts.unit, acts.refs)
                 max_abs[hp] = max(max_abs[hp], acts.max_abs)
-            tokens += next(iter(batch.values())).unit.shape[0]
-            bar.update(next(iter(batch.values())).unit.shape[0])
-            bar.set_postfix({hp.name: b.size for hp, b in builders.items()} if len(builders) <= 3 else {"atoms": sum(b.size for b in builders.values())}, refresh=False)
+            n_batch = next(iter(batch.values())).unit.shape[0]  # every hookpoint sees the same tokens
+            tokens += n_batch
+            bar.update(n_batch)
+            sizes = {hp.name: b.size for hp, b in builders.items()}
+            bar.set_postfix(sizes if len(sizes) <= 3 else {"atoms": sum(sizes.values())}, refresh=False)
     finally:
         bar.close()
     for hp, m in max_abs.items():

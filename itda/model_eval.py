@@ -6,9 +6,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from itda.activations.corpus import load_contexts
-from itda.activations.hookpoints import parse_hookpoint
-from itda.activations.models import load_model, same_tokenizer
+from itda.activations.corpus import Contexts, load_contexts
+from itda.activations.hookpoints import Hookpoint, parse_hookpoint
+from itda.activations.models import LoadedModel, load_model, same_tokenizer
 from itda.activations.stream import iterate_batches
 from itda.ce_score import CEScore, ce_loss_score
 from itda.dictionary import Dictionary
@@ -56,15 +56,32 @@ def evaluate_on_model(
         raise ItdaInputError(f"tokenizer mismatch: dictionary built with {dictionary.meta.tokenizer}, model has {lm.tokenizer_name}")
     _docs, contexts = load_contexts(corpus, lm.tokenizer, tokenizer_name=lm.tokenizer_name, split="heldout",
                                     tokens=tokens, context=context, field=field)
+    return evaluate_contexts(lm, dictionary, hp, contexts, ce=ce, k=k, method=method, batch_contexts=batch_contexts,
+                             device=device)
+
+
+def evaluate_contexts(
+    lm: LoadedModel,
+    dictionary: Dictionary,
+    hp: Hookpoint,
+    contexts: Contexts,
+    *,
+    ce: bool = True,
+    k: int | None = None,
+    method: str = "mp",
+    batch_contexts: int = 32,
+    device: str | torch.device = "cpu",
+) -> ModelEvalReport:
+    """Reconstruction metrics over the contexts' activations at hp, and the CE-loss score for causal LMs."""
     ev = Evaluator(dictionary, k, method)
     include_special = bool(dictionary.meta.build.get("include_special", False))
     for batch in iterate_batches(lm.model, [hp], contexts, batch_contexts=batch_contexts, dtype=torch.float32,
                                  include_special=include_special, device=device):
         acts = batch[hp]
         if acts.unit.shape[1] != dictionary.d:
-            raise ItdaInputError(f"dimension mismatch: {hp.name} of {model} has d={acts.unit.shape[1]}, the dictionary d={dictionary.d}")
+            raise ItdaInputError(f"dimension mismatch: {hp.name} of {lm.name} has d={acts.unit.shape[1]}, the dictionary d={dictionary.d}")
         ev.update(acts.dense())
     ce_result = None
     if ce and lm.is_causal:
         ce_result = ce_loss_score(lm.model, dictionary, hp, contexts, k=k, device=device)
-    return ModelEvalReport(ev.report(), ce_result, model, hp.name)
+    return ModelEvalReport(ev.report(), ce_result, lm.name, hp.name)

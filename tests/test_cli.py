@@ -2,7 +2,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 

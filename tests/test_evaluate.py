@@ -3,7 +3,7 @@ import torch
 
 from itda.dictionary import Dictionary, DictionaryMeta
 from itda.evaluate import evaluate
-from itda.pursuit import SparseCodes
+
 from itda.evaluate import _distinct_used
 from reference_impls import mp_float64, random_unit
 

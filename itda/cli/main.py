@@ -10,7 +10,6 @@ from enum import Enum
 from pathlib import Path
 from typing import Callable, Optional
 
-import torch
 import typer
 
 from itda.errors import ItdaInputError
