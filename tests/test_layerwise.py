@@ -150,3 +150,16 @@ def test_cli_layerwise_build_matches_in_memory(tmp_path):
     # automatic choice: a budget smaller than the model picks layer-wise execution
     assert load_model(str(folder), layerwise=None, max_memory=1000, max_layer=1).layerwise is not None
     assert load_model(str(folder), layerwise=None, max_memory=1 << 34).layerwise is None
+
+
+def test_gpt2_lm_head_folder_is_a_causal_lm(tmp_path):
+    """GPT2LMHeadModel is a causal LM (its class name has no 'ForCausalLM'): both loaders keep the head."""
+    from itda.activations.models import load_model
+    from tiny_models import word_tokenizer
+
+    tok = word_tokenizer()
+    tiny_model("gpt2", vocab=len(tok)).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    for layerwise in (False, True):
+        lm = load_model(str(tmp_path), layerwise=layerwise)
+        assert lm.is_causal and type(lm.model).__name__ == "GPT2LMHeadModel"

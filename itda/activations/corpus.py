@@ -185,8 +185,9 @@ def tokenize_contexts(
     body = context - (1 if bos is not None else 0)
     rows_ids, rows_refs = [], []
     total = 0
-    vocab_id = tokenizer_name.split("|")[-1]  # the vocabulary hash, not the model's name
-    hasher = hashlib.sha256(f"{vocab_id}|{context}|{len(tokenizer)}".encode())
+    from itda.activations.models import vocabulary_id  # the vocabulary hash, not the model's name
+
+    hasher = hashlib.sha256(f"{vocabulary_id(tokenizer_name)}|{context}|{len(tokenizer)}".encode())
     doc_hasher = hashlib.sha256()
     for doc_id in doc_ids:
         text = docs[doc_id]

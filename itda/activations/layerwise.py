@@ -139,7 +139,9 @@ class LayerwiseModel:
         self.micro_batch = max(1, micro_batch)
         config = AutoConfig.from_pretrained(self.folder, local_files_only=True)
         archs = getattr(config, "architectures", None) or []
-        cls = AutoModelForCausalLM if any("ForCausalLM" in a or "LMHead" in a for a in archs) else AutoModel
+        from itda.activations.models import is_causal_lm_class
+
+        cls = AutoModelForCausalLM if any(is_causal_lm_class(a) for a in archs) else AutoModel
         with init_empty_weights(include_buffers=False):
             self.model = cls.from_config(config, dtype=dtype)
         self.model.eval().requires_grad_(False)

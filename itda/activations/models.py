@@ -91,12 +91,19 @@ class LoadedModel:
 
     @property
     def is_causal(self) -> bool:
-        return not bool(getattr(self.config, "is_encoder_decoder", False)) and "ForCausalLM" in type(self.model).__name__
+        return is_causal_lm_class(type(self.model).__name__)
 
     @property
     def tokenizer_name(self) -> str:
         """'<model>|<vocab size>|<vocabulary hash>': the hash identifies the tokenizer."""
         return tokenizer_identity(self.name, self.tokenizer)
+
+
+def is_causal_lm_class(name: str) -> bool:
+    """Whether a transformers class name is a causal LM with an LM head (LlamaForCausalLM, GPT2LMHeadModel, ...)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
 def tokenizer_identity(name: str, tokenizer) -> str:
@@ -105,11 +112,16 @@ def tokenizer_identity(name: str, tokenizer) -> str:
     return f"{name}|{len(vocab)}|{digest}"
 
 
+def vocabulary_id(identity: str) -> str:
+    """The vocabulary hash of a tokenizer identity (the whole string if it has no '|' parts)."""
+    return identity.split("|")[-1]
+
+
 def same_tokenizer(a: str | None, b: str | None) -> bool:
     """Whether two tokenizer identities name the same vocabulary (unknown counts as the same)."""
     if not a or not b:
         return True
-    return a.split("|")[-1] == b.split("|")[-1]
+    return vocabulary_id(a) == vocabulary_id(b)
 
 
 def _gguf_cache_dir(gguf: Path) -> Path:
@@ -221,7 +233,7 @@ def load_model(
         config = AutoConfig.from_pretrained(source, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
         archs = getattr(config, "architectures", None) or []
-        if any("ForCausalLM" in a for a in archs):
+        if any(is_causal_lm_class(a) for a in archs):
             model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, dtype=dtype)
         else:
             model = AutoModel.from_pretrained(source, local_files_only=True, dtype=dtype)
