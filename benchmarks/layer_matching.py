@@ -117,6 +117,24 @@ def cka_throughput(layers: int = 12, d: int = 768, tokens: int = 16384, batch: i
     return out
 
 
+def atom_positions(lm, docs, held, tokens: int) -> None:
+    """Per layer: atoms, median stream position of their tokens, fraction from the first 4,096 tokens."""
+    from itda.activations.corpus import tokenize_contexts
+
+    res = compare_models(lm, None, docs, held, tokens=tokens, measures=["jaccard"], context=CONTEXT, progress=False)
+    ctx = tokenize_contexts(docs, held, lm.tokenizer, context=CONTEXT, max_tokens=tokens)
+    text = ctx.refs[..., :2].reshape(-1, 2)
+    text = text[text[:, 1] >= 0].tolist()
+    order = {(d, p): i for i, (d, p) in enumerate(text)}
+    rows = []
+    for layer, d in enumerate(res.dictionaries_a):
+        pos = np.array([order[(a, b)] for a, b in d.refs[:, :2].tolist()])
+        rows.append({"layer": layer, "atoms": len(d), "median_position": float(np.median(pos)),
+                     "fraction_in_first_4096": float((pos < 4096).mean())})
+        print(rows[-1], flush=True)
+    print("wrote", write_result("layer_matching_atom_positions", {"model": lm.name, "tokens": tokens, "rows": rows}))
+
+
 SWEEP = [(40, 0.85), (8, 0.85), (8, 0.9), (4, 0.9), (40, 0.95)]
 
 
@@ -150,6 +168,8 @@ def main() -> None:
     parser.add_argument("--max-rows", type=int, default=4096)
     parser.add_argument("--jaccard-sweep", action="store_true",
                         help="only Jaccard, over (k, min cosine) settings, on the cached models")
+    parser.add_argument("--atom-positions", action="store_true",
+                        help="only: where in the token stream seed 0's atoms come from (k=40, cosine 0.85)")
     args = parser.parse_args()
     docs = read_documents("default")
     train_docs = [docs[i] for i in split_documents(docs, "train")]
@@ -161,6 +181,9 @@ def main() -> None:
     lms = [LoadedModel(f"seed{i}", GPT2LMHeadModel.from_pretrained(p).eval(), tok, p) for i, p in enumerate(paths)]
     if args.jaccard_sweep:
         jaccard_sweep(lms, docs, held, args.tokens)
+        return
+    if args.atom_positions:
+        atom_positions(lms[0], docs, held, args.tokens)
         return
     pairs: dict[str, dict[tuple[str, str], np.ndarray]] = {}
     sizes = {}

@@ -2,9 +2,7 @@ import numpy as np
 import torch
 
 from itda.dictionary import Dictionary, DictionaryMeta
-from itda.evaluate import evaluate
-
-from itda.evaluate import _distinct_used
+from itda.evaluate import _distinct_used, evaluate
 from reference_impls import mp_float64, random_unit
 
 
@@ -25,8 +23,12 @@ def test_report_matches_direct_computation():
     assert abs(rep.normalised_loss - ((2 - 2 * cos) / 24).mean()) < 1e-5
     distinct = np.mean([len(set(r)) for r in idx])
     assert abs(rep.l0 - distinct) < 0.05
-    assert rep.usage.sum() == int(sum(len(set(r)) for r in idx)) or abs(rep.l0 * 400 - rep.usage.sum()) < 1e-6
-    assert rep.dead_atoms == int((rep.usage == 0).sum())
+    # usage: tokens using each atom, against the float64 reference's picks (near-ties may differ)
+    ref_usage = np.zeros(300, dtype=np.int64)
+    for r in idx:
+        ref_usage[sorted(set(r.tolist()))] += 1
+    assert np.abs(rep.usage.numpy() - ref_usage).sum() <= 0.01 * ref_usage.sum()
+    assert abs(rep.dead_atoms - int((ref_usage == 0).sum())) <= 2
 
 
 def test_distinct_used_counts_repeats_once_and_drops_cancelled():

@@ -13,6 +13,7 @@ layer, the final norm and the LM head are never loaded.
 from __future__ import annotations
 
 import json
+import math
 import threading
 import types
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -88,10 +89,7 @@ class WeightIndex:
             with safe_open(str(self.folder / shard), framework="pt") as fh:
                 for n in items:
                     sl = fh.get_slice(n)
-                    numel = 1
-                    for s in sl.get_shape():
-                        numel *= s
-                    total += numel * _dtype_bytes(sl.get_dtype())
+                    total += math.prod(sl.get_shape()) * _dtype_bytes(sl.get_dtype())
         return total
 
 
@@ -271,11 +269,7 @@ def checkpoint_params(folder: str | Path) -> int:
     total = 0
     for shard in sorted(Path(folder).glob("*.safetensors")):
         with safe_open(str(shard), framework="pt") as fh:
-            for name in fh.keys():
-                numel = 1
-                for s in fh.get_slice(name).get_shape():
-                    numel *= s
-                total += numel
+            total += sum(math.prod(fh.get_slice(name).get_shape()) for name in fh.keys())
     return total
 
 
