@@ -2,8 +2,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.itda-installed
+INTEROP := $(VENV)/.itda-interop
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo test test-fast bench bench-sae clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -16,7 +17,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/itda demo
 
-test: $(STAMP)
+# sae-lens and eai-sparsify for the interop tests; pinned to the torch/transformers already
+# installed so they never pull another torch. If they cannot be installed the tests skip.
+$(INTEROP): $(STAMP)
+	$(PY) -m pip freeze | grep -iE '^(torch|transformers|numpy|safetensors|accelerate)==' > $(VENV)/constraints.txt
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e '.[interop]' || echo "interop packages could not be installed: the interop tests will be skipped"
+	touch $(INTEROP)
+
+test: $(STAMP) $(INTEROP)
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)

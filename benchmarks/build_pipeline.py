@@ -18,7 +18,7 @@ from itda.activations.hookpoints import Hookpoint
 from itda.activations.models import load_model
 from itda.activations.stream import iterate_batches
 from itda.build import BuildConfig, DictionaryBuilder
-from itda.model_eval import evaluate_contexts
+from itda.evaluate.on_model import evaluate_contexts
 
 STEP = 100_000
 

@@ -37,3 +37,33 @@ def write_bytes_atomic(target: str | os.PathLike, data: bytes) -> None:
 
 def write_text_atomic(target: str | os.PathLike, text: str) -> None:
     write_bytes_atomic(target, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike, *, replace_if: str | None = None) -> Iterator[Path]:
+    """Yield a temporary folder beside target; on success it takes target's place.
+
+    An existing target is replaced only when it holds the file `replace_if` (an earlier output
+    of the same kind); any other existing target is refused. On error nothing changes.
+    """
+    import shutil
+
+    from itda.errors import ItdaInputError
+
+    target = Path(target)
+    if target.exists() and not (replace_if and (target / replace_if).is_file()):
+        raise ItdaInputError(f"{target}: exists and is not an earlier output of this command; choose another --out")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    old = None
+    try:
+        yield tmp
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            os.replace(target, old / "x")
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)

@@ -14,8 +14,8 @@ from itda.activations.models import load_model
 from itda.atomic import write_text_atomic
 from itda.build import BuildConfig
 from itda.dictionary import Dictionary
-from itda.model_build import build_from_model
-from itda.model_eval import evaluate_contexts
+from itda.build.from_model import build_from_model
+from itda.evaluate.on_model import evaluate_contexts
 
 DEMO_MODEL = "smollm2-135m"
 DEMO_K = 40

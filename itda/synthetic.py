@@ -11,7 +11,7 @@ import torch
 from itda.activations.files import ActivationSet
 
 
-def synthetic_activations(
+def synthetic_with_features(
     n_tokens: int,
     d: int,
     *,
@@ -21,7 +21,8 @@ def synthetic_activations(
     noise: float = 0.05,
     context: int = 128,
     seed: int = 0,
-) -> ActivationSet:
+) -> tuple[ActivationSet, torch.Tensor]:
+    """The activations and the true unit features [n_features, d] they are made of."""
     gen = torch.Generator().manual_seed(seed)
     feats_FD = torch.randn(n_features, d, generator=gen)
     feats_FD /= feats_FD.norm(dim=1, keepdim=True)
@@ -34,4 +35,9 @@ def synthetic_activations(
     refs = torch.full((n_tokens, 5), -1, dtype=torch.int64)
     refs[:, 0] = rows // context
     refs[:, 1] = rows % context
-    return ActivationSet(acts_TD.contiguous(), refs, source=f"synthetic(seed={seed})")
+    return ActivationSet(acts_TD.contiguous(), refs, source=f"synthetic(seed={seed})"), feats_FD
+
+
+def synthetic_activations(n_tokens: int, d: int, **kwargs) -> ActivationSet:
+    """Activations only (see synthetic_with_features for the keyword arguments)."""
+    return synthetic_with_features(n_tokens, d, **kwargs)[0]

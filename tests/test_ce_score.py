@@ -3,7 +3,7 @@ import torch.nn.functional as F
 
 from itda.activations.corpus import tokenize_contexts
 from itda.activations.hookpoints import Hookpoint
-from itda.ce_score import ce_loss_score
+from itda.evaluate.ce_score import ce_loss_score
 from itda.dictionary import Dictionary, DictionaryMeta
 from tiny_models import sample_docs, tiny_model, word_tokenizer
 
@@ -47,3 +47,26 @@ def test_ce_score_matches_direct_computation():
     worse = ce_loss_score(model, poor, hp, ctx, batch_contexts=3)
     assert worse.ce_spliced > res.ce_spliced
     assert worse.tokens == res.tokens == int((ctx.attention_mask[:, 1:] > 0).sum())
+
+
+def test_ce_score_with_an_sae_spliced_in():
+    from itda.sae import SaeConfig, TopKSAE
+
+    tok = word_tokenizer()
+    model = tiny_model("llama", vocab=len(tok))
+    ctx = tokenize_contexts(sample_docs(), range(8), tok, context=32)
+    d = model.config.hidden_size
+    hp = Hookpoint("resid_post", 1)
+    # latents +-e_i with k = d: relu keeps each coordinate's sign, the reconstruction is exact
+    exact = TopKSAE(SaeConfig(d, 2 * d, d))
+    with torch.no_grad():
+        exact.W_enc.copy_(torch.cat([torch.eye(d), -torch.eye(d)]))
+        exact.W_dec.copy_(exact.W_enc)
+    res = ce_loss_score(model, exact, hp, ctx, batch_contexts=3)
+    assert abs(res.ce_clean - _direct_ce(model, ctx)) < 1e-4
+    assert abs(res.ce_spliced - res.ce_clean) < 1e-4 and abs(res.score - 1) < 1e-3
+    poor = TopKSAE(SaeConfig(d, 2 * d, 1))
+    with torch.no_grad():
+        poor.W_enc.copy_(exact.W_enc)
+        poor.W_dec.copy_(exact.W_dec)
+    assert ce_loss_score(model, poor, hp, ctx, batch_contexts=3).ce_spliced > res.ce_spliced

@@ -10,7 +10,7 @@ from itda.activations.hookpoints import Hookpoint, StopForward, capture
 from itda.activations.models import load_model
 from itda.activations.stream import FP16_MAX, iterate_batches
 from itda.build import BuildConfig
-from itda.model_build import build_from_model
+from itda.build.from_model import build_from_model
 
 pytestmark = pytest.mark.slow
 

@@ -67,3 +67,18 @@ def iterate_batches(
             acts = store[hp]
             out[hp] = to_act_batch(acts.reshape(-1, acts.shape[-1])[keep_flat], refs, dtype, hp.name)
         yield out
+
+
+def iterate_dense(
+    model: torch.nn.Module,
+    hookpoint: Hookpoint,
+    contexts: Contexts,
+    *,
+    batch_contexts: int = 32,
+    include_special: bool = False,
+    device: torch.device | str = "cpu",
+) -> Iterator[torch.Tensor]:
+    """float32 activations [T, d] at one hookpoint, one chunk per forward batch (for SAE training)."""
+    for batch in iterate_batches(model, [hookpoint], contexts, batch_contexts=batch_contexts, dtype=torch.float32,
+                                 include_special=include_special, device=device):
+        yield batch[hookpoint].dense()

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import typer
 
+from itda.cli.common import is_activation_file, parse_memory, user_errors
+from itda.cli.sae import export, sae_app
 from itda.errors import ItdaInputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Inference-Time Decomposition of Activations.")
+app.add_typer(sae_app, name="sae")
+app.command()(export)
 
 
 class Mode(str, Enum):
@@ -38,26 +41,6 @@ class DType(str, Enum):
     float16 = "float16"
 
 
-def fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
-
-
-def user_errors(fn: Callable) -> Callable:
-    """Turn ItdaInputError (and missing files) into one line on stderr and exit code 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except ItdaInputError as exc:
-            fail(str(exc))
-        except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
-            fail(f"{exc.filename}: {exc.strerror}")
-
-    return wrapper
-
-
 def _threshold_args(threshold: Optional[float], min_cosine: Optional[float]) -> dict:
     if threshold is not None and min_cosine is not None:
         raise ItdaInputError("give --threshold or --min-cosine, not both")
@@ -67,11 +50,6 @@ def _threshold_args(threshold: Optional[float], min_cosine: Optional[float]) -> 
 
 
 DEFAULT_MIN_COSINE = 0.85
-
-
-def _is_activation_file(source: str) -> bool:
-    p = Path(source)
-    return p.suffix in (".safetensors", ".npy")
 
 
 @app.command()
@@ -90,7 +68,7 @@ def build(
     stream_dtype: str = typer.Option("float16", help="Model input: float16, bfloat16 or float32."),
     include_special: bool = typer.Option(False, help="Model input: let BOS/special tokens become atoms."),
     layerwise: Optional[bool] = typer.Option(None, "--layerwise/--in-memory", help="Model input: stream blocks from the safetensors shards (default: when the model exceeds --max-memory)."),
-    max_memory: Optional[float] = typer.Option(None, help="Model input: memory budget in GB for choosing layer-wise execution (default: half the free memory)."),
+    max_memory: Optional[str] = typer.Option(None, help="Model input: memory budget for choosing layer-wise execution, e.g. 8GB, 70GiB, 0.5 (GiB) (default: half the free memory)."),
     k: int = typer.Option(40, help="Matching-pursuit steps per activation."),
     threshold: Optional[float] = typer.Option(None, help="Add rows whose normalised loss (2-2cos)/d exceeds this."),
     min_cosine: Optional[float] = typer.Option(None, help=f"Add rows reconstructed with cosine below this (default {DEFAULT_MIN_COSINE})."),
@@ -108,11 +86,11 @@ def build(
     if batch_size < 1 or batch_tokens < 1:
         raise ItdaInputError("--batch-size and --batch-tokens must be >= 1")
     common = dict(k=k, mode=mode.value, max_atoms=max_atoms, backend=backend.value, **_threshold_args(threshold, min_cosine))
-    if _is_activation_file(source):
+    if is_activation_file(source):
         _build_from_file(Path(source), out, common, batch_size, checkpoint, checkpoint_every, dtype, device, quiet)
     else:
         _build_from_model(source, out, common, layer, hook, hookpoint, corpus, field, tokens, context, batch_tokens,
-                          stream_dtype, include_special, dtype, device, quiet, layerwise, _gb(max_memory))
+                          stream_dtype, include_special, dtype, device, quiet, layerwise, parse_memory(max_memory))
 
 
 def _build_from_file(acts, out, common, batch_size, checkpoint, checkpoint_every, dtype, device, quiet) -> None:
@@ -134,14 +112,6 @@ def _build_from_file(acts, out, common, batch_size, checkpoint, checkpoint_every
     typer.echo(f"{out}: {len(dictionary)} atoms, d={dictionary.d}, from {len(data)} tokens in {time.perf_counter() - t0:.1f}s")
 
 
-def _gb(value: Optional[float]) -> Optional[int]:
-    if value is None:
-        return None
-    if value <= 0:
-        raise ItdaInputError(f"--max-memory must be > 0 GB, got {value}")
-    return int(value * 2**30)
-
-
 def _build_from_model(source, out, common, layers, hook, extra, corpus, field, tokens, context, batch_tokens,
                       stream_dtype, include_special, dtype, device, quiet, layerwise=False, max_memory=None) -> None:
     from itda.activations.corpus import load_contexts
@@ -149,7 +119,7 @@ def _build_from_model(source, out, common, layers, hook, extra, corpus, field, t
     from itda.activations.models import load_model
     from itda.activations.stream import STREAM_DTYPES
     from itda.build import BuildConfig
-    from itda.model_build import build_from_model, save_dictionaries
+    from itda.build.from_model import build_from_model, save_dictionaries
 
     if stream_dtype not in STREAM_DTYPES:
         raise ItdaInputError(f"--stream-dtype must be one of {', '.join(STREAM_DTYPES)}")
@@ -258,7 +228,7 @@ def eval_cmd(
     batch_size: int = typer.Option(8192),
     device: str = typer.Option("cpu"),
     layerwise: Optional[bool] = typer.Option(None, "--layerwise/--in-memory", help="Stream blocks from the shards (default: when the model exceeds --max-memory)."),
-    max_memory: Optional[float] = typer.Option(None, help="Memory budget in GB for choosing layer-wise execution."),
+    max_memory: Optional[str] = typer.Option(None, help="Memory budget for choosing layer-wise execution, e.g. 8GB, 70GiB."),
 ) -> None:
     """FVU, cosine, normalised loss, L0, atom usage (and the CE-loss score on a model)."""
     from itda.atomic import write_text_atomic
@@ -274,14 +244,14 @@ def eval_cmd(
             raise ItdaInputError(f"dimension mismatch: {acts} has d={data.d}, {dictionary} has d={d.d}")
         summary = evaluate(d, (x for x, _ in data.batches(batch_size)), k=k, method=method.value).summary()
     else:
-        from itda.model_eval import evaluate_on_model
+        from itda.evaluate.on_model import evaluate_on_model
 
         model = model or d.meta.model
         if not model:
             raise ItdaInputError(f"{dictionary}: no model recorded; give an activation file or --model")
         summary = evaluate_on_model(d, model, corpus=corpus, field=field, tokens=tokens, context=context, ce=ce,
                                     k=k, method=method.value, device=device, layerwise=layerwise,
-                                    max_memory=_gb(max_memory)).summary()
+                                    max_memory=parse_memory(max_memory)).summary()
     if out is not None:
         write_text_atomic(out, json.dumps(summary, indent=2))
     for key, value in summary.items():
@@ -306,7 +276,7 @@ def compare(
     include_special: bool = typer.Option(False, help="Keep BOS/special tokens (they can dominate CKA)."),
     device: str = typer.Option("cpu"),
     layerwise: Optional[bool] = typer.Option(None, "--layerwise/--in-memory", help="Models: stream blocks from the shards (default: when a model exceeds --max-memory)."),
-    max_memory: Optional[float] = typer.Option(None, help="Models: memory budget in GB for choosing layer-wise execution."),
+    max_memory: Optional[str] = typer.Option(None, help="Models: memory budget for choosing layer-wise execution, e.g. 8GB, 70GiB."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Compare models layer by layer, two dictionaries (or folders of them), or two activation files."""
@@ -314,7 +284,7 @@ def compare(
 
     compare_command(a, b, corpus=corpus, field=field, tokens=tokens, context=context, measures=measures, out=out, k=k,
                     min_cosine=min_cosine, max_rows=max_rows, precision=precision, include_special=include_special,
-                    device=device, quiet=quiet, layerwise=layerwise, max_memory=_gb(max_memory))
+                    device=device, quiet=quiet, layerwise=layerwise, max_memory=parse_memory(max_memory))
 
 
 @app.command()

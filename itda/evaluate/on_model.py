@@ -10,7 +10,7 @@ from itda.activations.corpus import Contexts, load_contexts
 from itda.activations.hookpoints import Hookpoint, parse_hookpoint
 from itda.activations.models import LoadedModel, load_model, same_tokenizer
 from itda.activations.stream import iterate_batches
-from itda.ce_score import CEScore, ce_loss_score
+from itda.evaluate.ce_score import CEScore, ce_loss_score
 from itda.dictionary import Dictionary
 from itda.errors import ItdaInputError
 from itda.evaluate import EvalReport, Evaluator
@@ -18,7 +18,7 @@ from itda.evaluate import EvalReport, Evaluator
 
 @dataclass
 class ModelEvalReport:
-    recon: EvalReport
+    recon: EvalReport  # or itda.sae.SaeEvalReport
     ce: CEScore | None
     model: str
     hookpoint: str
@@ -32,8 +32,17 @@ class ModelEvalReport:
         return out
 
 
+def _coder_facts(coder) -> tuple[str | None, str | None, bool, str]:
+    """(hookpoint, tokenizer, include_special, what) of a Dictionary or an SAE (itda.sae)."""
+    if isinstance(coder, Dictionary):
+        m = coder.meta
+        return m.hookpoint, m.tokenizer, bool(m.build.get("include_special", False)), "dictionary"
+    m = coder.meta
+    return m.hookpoint, m.tokenizer, bool(m.include_special), "SAE"
+
+
 def evaluate_on_model(
-    dictionary: Dictionary,
+    dictionary,
     model: str,
     *,
     corpus: str = "default",
@@ -48,12 +57,14 @@ def evaluate_on_model(
     layerwise: bool | None = False,
     max_memory: int | None = None,
 ) -> ModelEvalReport:
-    if not dictionary.meta.hookpoint:
-        raise ItdaInputError("the dictionary records no hookpoint; evaluate it on an activation file instead")
-    hp = parse_hookpoint(dictionary.meta.hookpoint)
+    """Held-out metrics of a Dictionary, or of an SAE given as itda.sae.LoadedSae, on a model."""
+    hookpoint, tokenizer, _special, what = _coder_facts(dictionary)
+    if not hookpoint:
+        raise ItdaInputError(f"the {what} records no hookpoint; evaluate it on an activation file instead")
+    hp = parse_hookpoint(hookpoint)
     lm = load_model(model, device=device, layerwise=layerwise, max_memory=max_memory)
-    if not same_tokenizer(dictionary.meta.tokenizer, lm.tokenizer_name):
-        raise ItdaInputError(f"tokenizer mismatch: dictionary built with {dictionary.meta.tokenizer}, model has {lm.tokenizer_name}")
+    if tokenizer and not same_tokenizer(tokenizer, lm.tokenizer_name):
+        raise ItdaInputError(f"tokenizer mismatch: {what} built with {tokenizer}, model has {lm.tokenizer_name}")
     _docs, contexts = load_contexts(corpus, lm.tokenizer, tokenizer_name=lm.tokenizer_name, split="heldout",
                                     tokens=tokens, context=context, field=field)
     return evaluate_contexts(lm, dictionary, hp, contexts, ce=ce, k=k, method=method, batch_contexts=batch_contexts,
@@ -62,7 +73,7 @@ def evaluate_on_model(
 
 def evaluate_contexts(
     lm: LoadedModel,
-    dictionary: Dictionary,
+    dictionary,
     hp: Hookpoint,
     contexts: Contexts,
     *,
@@ -73,15 +84,20 @@ def evaluate_contexts(
     device: str | torch.device = "cpu",
 ) -> ModelEvalReport:
     """Reconstruction metrics over the contexts' activations at hp, and the CE-loss score for causal LMs."""
-    ev = Evaluator(dictionary, k, method)
-    include_special = bool(dictionary.meta.build.get("include_special", False))
+    _hp, _tok, include_special, what = _coder_facts(dictionary)
+    if isinstance(dictionary, Dictionary):
+        ev, coder, d = Evaluator(dictionary, k, method), dictionary, dictionary.d
+    else:
+        from itda.sae.evaluate import SaeEvaluator
+
+        ev, coder, d = SaeEvaluator(dictionary.sae), dictionary.sae, dictionary.sae.cfg.d_in
     for batch in iterate_batches(lm.model, [hp], contexts, batch_contexts=batch_contexts, dtype=torch.float32,
                                  include_special=include_special, device=device):
         acts = batch[hp]
-        if acts.unit.shape[1] != dictionary.d:
-            raise ItdaInputError(f"dimension mismatch: {hp.name} of {lm.name} has d={acts.unit.shape[1]}, the dictionary d={dictionary.d}")
+        if acts.unit.shape[1] != d:
+            raise ItdaInputError(f"dimension mismatch: {hp.name} of {lm.name} has d={acts.unit.shape[1]}, the {what} d={d}")
         ev.update(acts.dense())
     ce_result = None
     if ce and lm.is_causal:
-        ce_result = ce_loss_score(lm.model, dictionary, hp, contexts, k=k, device=device)
+        ce_result = ce_loss_score(lm.model, coder, hp, contexts, k=k, device=device)
     return ModelEvalReport(ev.report(), ce_result, lm.name, hp.name)

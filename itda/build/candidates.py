@@ -1,4 +1,4 @@
-"""Selection helpers for the greedy builder (pure math)."""
+"""Candidate helpers of the greedy builder: duplicate removal, seeding order, dissimilar subsets (pure math)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CE-loss score of a dictionary spliced into a causal LM (SAEBench's core metric).
+"""CE-loss score of a dictionary (or SAE) spliced into a causal LM (SAEBench's core metric).
 
 score = (CE_zero_ablation - CE_spliced) / (CE_zero_ablation - CE_clean), where CE_spliced
 replaces the hookpoint's activations by their dictionary reconstruction and CE_zero_ablation
@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from itda.activations.corpus import Contexts
 from itda.activations.hookpoints import Hookpoint, resolve_module
-from itda.dictionary import Dictionary
 
 
 @dataclass
@@ -70,9 +69,15 @@ def _next_token_ce(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) 
     return float(lp.sum()), int(target_ok.sum())
 
 
+class Reconstructor(Protocol):
+    """Anything with reconstruct(x [B, d], k) -> x_hat [B, d]: a Dictionary or an SAE."""
+
+    def reconstruct(self, x: torch.Tensor, k: int | None = None) -> torch.Tensor: ...
+
+
 def ce_loss_score(
     model: torch.nn.Module,
-    dictionary: Dictionary,
+    dictionary: Reconstructor,
     hp: Hookpoint,
     contexts: Contexts,
     *,

@@ -24,9 +24,9 @@ from itda.dictionary import (
     threshold_to_cosine,
 )
 from itda.errors import ItdaInputError
-from itda.metrics import normalised_loss, recon_terms
+from itda.evaluate.metrics import normalised_loss, recon_terms
 from itda.pursuit import GrowingGram, matching_pursuit
-from itda.select import first_unique_rows, greedy_dissimilar, most_frequent_rows
+from itda.build.candidates import first_unique_rows, greedy_dissimilar, most_frequent_rows
 
 MODES = ("improved", "reference")
 _CKPT_KEY = "itda_checkpoint"
@@ -104,7 +104,7 @@ class DictionaryBuilder:
       improved (default): no seeding; candidates are deduplicated exactly and added in rounds
         of round_size, each round re-scored by MP against the dictionary as it stands; within
         a round a candidate is dropped when an atom accepted earlier in the round is within
-        the threshold cosine of it (itda.select.greedy_dissimilar).
+        the threshold cosine of it (itda.build.candidates.greedy_dissimilar).
     """
 
     def __init__(

@@ -8,7 +8,7 @@ from typing import Iterable
 import torch
 
 from itda.dictionary import Dictionary
-from itda.metrics import normalised_loss, recon_terms
+from itda.evaluate.metrics import normalised_loss, recon_terms
 
 
 @dataclass

@@ -1,0 +1,285 @@
+"""SAE files: itda's own format, and the folders SAELens and sparsify load natively.
+
+- itda: one `.safetensors` file, tensors W_enc [F, D], b_enc [F], W_dec [F, D], b_dec [D] and a
+  JSON header `itda_sae` (SaeConfig, model, hookpoint, tokenizer, init and training record).
+- SAELens (v6, architecture `topk`): `cfg.json` + `sae_weights.safetensors` with
+  W_enc [D, F], b_enc [F], W_dec [F, D], b_dec [D].
+- sparsify: `<out>/<hookpoint>/cfg.json` + `sae.safetensors` with encoder.weight [F, D],
+  encoder.bias [F], W_dec [F, D], b_dec [D]; hookpoint folders are named like `layers.10`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from itda import __version__
+from itda.atomic import atomic_dir, atomic_path
+from itda.errors import ItdaInputError
+from itda.sae.model import SaeConfig, TopKSAE
+
+SAE_KEY = "itda_sae"
+SAE_FORMAT_VERSION = 1
+SAELENS_WEIGHTS = "sae_weights.safetensors"
+SPARSIFY_WEIGHTS = "sae.safetensors"
+SAELENS_MIN_VERSION = "6.0.0"
+
+
+@dataclass
+class SaeMeta:
+    """What the SAE was trained on and how; stored as JSON in the safetensors header."""
+
+    model: str | None = None
+    hookpoint: str | None = None
+    tokenizer: str | None = None
+    init: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    include_special: bool = False
+
+
+class LoadedSae(NamedTuple):
+    sae: TopKSAE
+    meta: SaeMeta
+
+
+def save_sae(sae: TopKSAE, path: str | os.PathLike, meta: SaeMeta | None = None) -> None:
+    meta = meta or SaeMeta()
+    header = {"format_version": SAE_FORMAT_VERSION, "itda_version": __version__, "cfg": sae.cfg.to_dict(), **meta.__dict__}
+    tensors = {n: getattr(sae, n).detach().cpu().contiguous() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={SAE_KEY: json.dumps(header, sort_keys=True)})
+
+
+def _read_safetensors(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            header = fh.metadata() or {}
+        return header, load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ItdaInputError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+
+
+def _check_weights(path: Path, tensors: dict[str, torch.Tensor], d: int, f: int) -> None:
+    want = {"W_enc": (f, d), "b_enc": (f,), "W_dec": (f, d), "b_dec": (d,)}
+    for name, shape in want.items():
+        t = tensors.get(name)
+        if t is None:
+            raise ItdaInputError(f"{path}: missing tensor '{name}'")
+        if tuple(t.shape) != shape or not t.is_floating_point():
+            raise ItdaInputError(f"{path}: {name} must be a float tensor {list(shape)}, got {t.dtype} {list(t.shape)}")
+        if not bool(torch.isfinite(t).all()):
+            raise ItdaInputError(f"{path}: {name} contains NaN or inf")
+
+
+def _build(cfg: SaeConfig, tensors: dict[str, torch.Tensor], device) -> TopKSAE:
+    sae = TopKSAE(cfg)
+    with torch.no_grad():
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            getattr(sae, name).copy_(tensors[name].to(torch.float32))
+    return sae.to(device)
+
+
+def load_itda_sae(path: str | os.PathLike, device="cpu") -> LoadedSae:
+    path = Path(path)
+    if not path.is_file():
+        raise ItdaInputError(f"{path}: no such SAE file")
+    header, tensors = _read_safetensors(path)
+    if SAE_KEY not in header:
+        raise ItdaInputError(f"{path}: not an itda SAE (no '{SAE_KEY}' metadata)")
+    try:
+        raw = json.loads(header[SAE_KEY])
+        if raw.get("format_version") != SAE_FORMAT_VERSION:
+            raise ItdaInputError(f"{path}: SAE format version {raw.get('format_version')!r} is not supported")
+        cfg = SaeConfig(**raw["cfg"])
+        meta = SaeMeta(**{k: raw[k] for k in SaeMeta.__dataclass_fields__ if k in raw})
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ItdaInputError(f"{path}: SAE metadata is malformed ({exc})") from None
+    _check_weights(path, tensors, cfg.d_in, cfg.n_latents)
+    return LoadedSae(_build(cfg, tensors, device), meta)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ItdaInputError(f"{path}: not readable JSON ({exc})") from None
+
+
+def load_saelens(folder: Path, device="cpu") -> LoadedSae:
+    cfg = _read_json(folder / "cfg.json")
+    if cfg.get("architecture") != "topk":
+        raise ItdaInputError(f"{folder}: SAELens architecture {cfg.get('architecture')!r}; itda reads 'topk'")
+    for key, ok in (("apply_b_dec_to_input", True), ("normalize_activations", "none"), ("rescale_acts_by_decoder_norm", False)):
+        if cfg.get(key, ok) != ok:
+            raise ItdaInputError(f"{folder}: SAELens {key}={cfg.get(key)!r} is not supported (itda needs {ok!r})")
+    _, tensors = _read_safetensors(folder / SAELENS_WEIGHTS)
+    if "W_enc" in tensors:
+        tensors["W_enc"] = tensors["W_enc"].T.contiguous()
+    sc = SaeConfig(int(cfg["d_in"]), int(cfg["d_sae"]), int(cfg["k"]))
+    _check_weights(folder, tensors, sc.d_in, sc.n_latents)
+    md = cfg.get("metadata", {}) or {}
+    return LoadedSae(_build(sc, tensors, device), SaeMeta(model=md.get("model_name"), hookpoint=md.get("hook_name")))
+
+
+def load_sparsify(folder: Path, device="cpu") -> LoadedSae:
+    cfg = _read_json(folder / "cfg.json")
+    if cfg.get("activation", "topk") != "topk" or cfg.get("skip_connection") or cfg.get("transcode"):
+        raise ItdaInputError(f"{folder}: only plain TopK sparsify SAEs are supported")
+    _, raw = _read_safetensors(folder / SPARSIFY_WEIGHTS)
+    tensors = {"W_enc": raw.get("encoder.weight"), "b_enc": raw.get("encoder.bias"), "W_dec": raw.get("W_dec"), "b_dec": raw.get("b_dec")}
+    tensors = {k: v for k, v in tensors.items() if v is not None}
+    d = int(cfg["d_in"])
+    f = int(cfg.get("num_latents") or d * int(cfg.get("expansion_factor", 32)))
+    _check_weights(folder, tensors, d, f)
+    return LoadedSae(_build(SaeConfig(d, f, int(cfg.get("k", 32))), tensors, device), SaeMeta(hookpoint=_hookpoint_from_sparsify(folder.name)))
+
+
+def load_sae(path: str | os.PathLike, device="cpu") -> LoadedSae:
+    """An itda SAE file, a SAELens folder, or a sparsify hookpoint folder (or a run folder with one)."""
+    sae = load_sae_or_none(path, device)
+    if sae is None:
+        raise ItdaInputError(f"{path}: not an SAE (an itda SAE file, a SAELens folder or a sparsify folder)")
+    return sae
+
+
+def load_sae_or_none(path: str | os.PathLike, device="cpu") -> LoadedSae | None:
+    """(sae, meta) when path holds an SAE; None when it is something else (e.g. a dictionary)."""
+    path = Path(path)
+    if path.is_file():
+        header, _ = _read_safetensors(path)
+        return load_itda_sae(path, device) if SAE_KEY in header else None
+    if not path.is_dir():
+        raise ItdaInputError(f"{path}: no such file or folder")
+    if (path / SAELENS_WEIGHTS).is_file():
+        return load_saelens(path, device)
+    if (path / SPARSIFY_WEIGHTS).is_file():
+        return load_sparsify(path, device)
+    subs = [p for p in sorted(path.iterdir()) if (p / SPARSIFY_WEIGHTS).is_file()]
+    if len(subs) == 1:
+        return load_sparsify(subs[0], device)
+    if len(subs) > 1:
+        raise ItdaInputError(f"{path}: holds {len(subs)} sparsify hookpoints ({', '.join(p.name for p in subs)}); name one")
+    return None
+
+
+def dictionary_as_sae(dictionary, k: int | None = None) -> LoadedSae:
+    """A dictionary as a TopK SAE: W_dec = W_enc = atoms, zero biases, k = the dictionary's k.
+
+    Its encoder takes the k largest correlations at once (one step of what MP does k times),
+    so it is a starting point for training, not a replacement for MP inference.
+    """
+    n = len(dictionary)
+    k = dictionary.meta.k if k is None else k
+    if n == 0:
+        raise ItdaInputError("the dictionary has no atoms")
+    if not 1 <= k <= n:
+        raise ItdaInputError(f"k must be between 1 and the {n} atoms, got {k}")
+    sae = TopKSAE(SaeConfig(dictionary.d, n, min(k, n)))
+    atoms = dictionary.atoms.detach().to("cpu", torch.float32)
+    with torch.no_grad():
+        sae.W_dec.copy_(atoms)
+        sae.W_enc.copy_(atoms)
+    m = dictionary.meta
+    meta = SaeMeta(model=m.model, hookpoint=m.hookpoint, tokenizer=m.tokenizer, init={"init": "dictionary", "atoms": n},
+                   include_special=bool(m.build.get("include_special", False)))
+    return LoadedSae(sae, meta)
+
+
+# -- export --------------------------------------------------------------------------------------
+def sparsify_hookpoint(hookpoint: str | None) -> str:
+    """sparsify's folder name: `layers.L` for resid_post L, the module path otherwise."""
+    if not hookpoint:
+        return "sae"
+    from itda.activations.hookpoints import parse_hookpoint
+
+    hp = parse_hookpoint(hookpoint)
+    if hp.kind == "resid_post":
+        return f"layers.{hp.layer}"
+    if hp.kind in ("attn_out", "mlp_out"):
+        return f"layers.{hp.layer}.{'self_attn' if hp.kind == 'attn_out' else 'mlp'}"
+    return hookpoint
+
+
+def _hookpoint_from_sparsify(name: str) -> str:
+    parts = name.split(".")
+    if len(parts) == 2 and parts[0] == "layers" and parts[1].isdigit():
+        return f"resid_post.{parts[1]}"
+    return name
+
+
+def saelens_hook_name(hookpoint: str | None) -> str | None:
+    if not hookpoint:
+        return None
+    from itda.activations.hookpoints import parse_hookpoint
+
+    hp = parse_hookpoint(hookpoint)
+    names = {"resid_post": "hook_resid_post", "resid_pre": "hook_resid_pre", "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out"}
+    return f"blocks.{hp.layer}.{names[hp.kind]}" if hp.kind in names else hookpoint
+
+
+def export_saelens(sae: TopKSAE, meta: SaeMeta, out: str | os.PathLike, context_size: int = 128) -> Path:
+    cfg = {
+        "architecture": "topk",
+        "d_in": sae.cfg.d_in,
+        "d_sae": sae.cfg.n_latents,
+        "k": sae.cfg.k,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "rescale_acts_by_decoder_norm": False,
+        "metadata": {
+            "sae_lens_version": SAELENS_MIN_VERSION,
+            "model_name": meta.model,
+            "hook_name": saelens_hook_name(meta.hookpoint),
+            "context_size": context_size,
+            "exported_by": f"itda {__version__}",
+        },
+    }
+    tensors = {
+        "W_enc": sae.W_enc.detach().cpu().float().T.contiguous(),
+        "b_enc": sae.b_enc.detach().cpu().float().contiguous(),
+        "W_dec": sae.W_dec.detach().cpu().float().contiguous(),
+        "b_dec": sae.b_dec.detach().cpu().float().contiguous(),
+    }
+    out = Path(out)
+    with atomic_dir(out, replace_if="cfg.json") as tmp:
+        save_file(tensors, str(tmp / SAELENS_WEIGHTS))
+        (tmp / "cfg.json").write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+def export_sparsify(sae: TopKSAE, meta: SaeMeta, out: str | os.PathLike) -> Path:
+    cfg = {
+        "activation": "topk",
+        "expansion_factor": max(1, sae.cfg.n_latents // sae.cfg.d_in),
+        "normalize_decoder": True,
+        "num_latents": sae.cfg.n_latents,
+        "k": sae.cfg.k,
+        "multi_topk": False,
+        "skip_connection": False,
+        "transcode": False,
+        "d_in": sae.cfg.d_in,
+    }
+    tensors = {
+        "encoder.weight": sae.W_enc.detach().cpu().float().contiguous(),
+        "encoder.bias": sae.b_enc.detach().cpu().float().contiguous(),
+        "W_dec": sae.W_dec.detach().cpu().float().contiguous(),
+        "b_dec": sae.b_dec.detach().cpu().float().contiguous(),
+    }
+    out = Path(out)
+    name = sparsify_hookpoint(meta.hookpoint)
+    with atomic_dir(out, replace_if="itda_export.json") as tmp:
+        (tmp / name).mkdir(parents=True)
+        save_file(tensors, str(tmp / name / SPARSIFY_WEIGHTS))
+        (tmp / name / "cfg.json").write_text(json.dumps(cfg, indent=2))
+        (tmp / "itda_export.json").write_text(json.dumps({"format": "sparsify", "hookpoints": [name], "model": meta.model}, indent=2))
+    return out / name
