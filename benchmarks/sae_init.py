@@ -1,0 +1,231 @@
+"""SAE initialisations on real activations: steps and wall time to a held-out FVU target.
+
+smollm2-135m resid_post at two layers (default 8 and 15) plus the layer before each (for
+layer transfer), cached once to activation files (default corpus: train split for training,
+held-out split for evaluation). For each layer and seed, TopK SAEs of `--expansion` x d
+latents, k = 32, the same steps, batch, learning rate and b_dec rule (geometric median) are
+trained from each initialisation; held-out FVU is measured every `--eval-every` steps.
+
+Target: the mean final held-out FVU of `kaiming` (sparsify's default). Reported per init: the
+steps to reach it (first evaluation at or below it; linear interpolation between evaluations),
+that as a ratio of kaiming's, the wall time to it including the init's own cost (the ITDA
+build for `itda`, the k-means for `centroid-subtracted`; the source SAE of `transfer` is
+trained once on the previous layer and, as in layer-wise transfer, not counted), and the
+final FVU. Also: ITDA alone (MP, k = 32) vs the trained SAEs on the same held-out tokens:
+FVU, CE-loss score, wall time. Writes out/sae_init.json and out/sae_init_L*.png.
+Usage: python benchmarks/sae_init.py [--layers 8 15] [--seeds 3] [--steps 400] [--tokens 131072]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from common import OUT, write_result
+from itda.activations.corpus import load_contexts
+from itda.activations.files import load_activations, save_activations
+from itda.activations.hookpoints import Hookpoint
+from itda.activations.models import load_model
+from itda.activations.stream import iterate_batches
+from itda.build import build_dictionary
+from itda.evaluate.on_model import evaluate_contexts
+from itda.evaluate.report import evaluate
+from itda.sae import SaeConfig, SaeMeta, SaeTrainer, TrainConfig, evaluate_sae, new_sae, save_sae, shuffled_batches
+from itda.sae.io import LoadedSae
+
+INITS = ("kaiming", "orthogonal", "data", "mean-subtracted", "centroid-subtracted", "outliers", "itda", "transfer")
+
+
+def cache_activations(lm, layers: list[int], tokens: int, eval_tokens: int) -> dict:
+    """Activation files per layer and split, made in one forward pass per split."""
+    paths = {}
+    hps = [Hookpoint("resid_post", L) for L in layers]
+    for split, n in (("train", tokens), ("heldout", eval_tokens)):
+        files = {L: OUT / "sae_acts" / f"smollm2_L{L}_{split}_{n}.safetensors" for L in layers}
+        paths.update({(L, split): p for L, p in files.items()})
+        if all(p.exists() for p in files.values()):
+            continue
+        _, ctx = load_contexts("default", lm.tokenizer, tokenizer_name=lm.tokenizer_name, split=split, tokens=n)
+        parts = {hp: [] for hp in hps}
+        t0 = time.perf_counter()
+        for batch in iterate_batches(lm.model, hps, ctx, batch_contexts=32, dtype=torch.float32):
+            for hp in hps:
+                parts[hp].append(batch[hp].dense().half())
+        for hp in hps:
+            save_activations(files[hp.layer], torch.cat(parts[hp]))
+        print(f"cached {split}: {sum(x.shape[0] for x in parts[hps[0]])} tokens x {len(hps)} layers in {time.perf_counter() - t0:.0f}s", flush=True)
+    return paths
+
+
+def steps_to(curve: list[tuple[int, float]], target: float) -> float | None:
+    """First step where the curve reaches target, linearly interpolated between evaluations."""
+    prev = None
+    for step, fvu in curve:
+        if fvu <= target:
+            if prev is None or prev[1] == fvu:
+                return float(step)
+            (s0, f0) = prev
+            return s0 + (f0 - target) / (f0 - fvu) * (step - s0)
+        prev = (step, fvu)
+    return None
+
+
+def train_one(spec: str, x_train, x_held, args, seed: int, resample: str | None = None):
+    cfg = SaeConfig(x_train.shape[1], args.expansion * x_train.shape[1], args.k)
+    t0 = time.perf_counter()
+    sample = x_train[torch.randperm(x_train.shape[0], generator=torch.Generator().manual_seed(seed))[: args.init_sample]]
+    sae, info = new_sae(cfg, spec, sample, seed=seed, b_dec="median", fill="data", crop=True)
+    init_s = time.perf_counter() - t0
+    trainer = SaeTrainer(sae, TrainConfig(steps=args.steps, lr=args.lr, dead_after_tokens=args.dead_after, resample=resample,
+                                          resample_every=args.resample_every, seed=seed))
+    held = x_held.split(8192)
+    curve = [(0, evaluate_sae(sae, held).fvu)]
+    step_s = []
+
+    def on_step(tr, stats):
+        if stats.step % args.eval_every == 0:
+            curve.append((stats.step, evaluate_sae(tr.sae, held).fvu))
+
+    t1 = time.perf_counter()
+    eval_s = [0.0]
+
+    def timed(tr, stats):
+        te = time.perf_counter()
+        on_step(tr, stats)
+        eval_s[0] += time.perf_counter() - te
+
+    trainer.fit(shuffled_batches(x_train, args.batch_size, seed), progress=False, callback=timed)
+    train_s = time.perf_counter() - t1 - eval_s[0]
+    step_s = train_s / args.steps
+    return sae, {"init_s": init_s, "s_per_step": step_s, "curve": curve, "final_fvu": curve[-1][1],
+                 "dead_final": int(trainer.dead_mask().sum()), "resampled": trainer.resampled_total,
+                 "encoder_scale": info.get("encoder_scale"), "atoms": info.get("atoms")}
+
+
+def plot(layer: int, results: dict, target: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for name, runs in results.items():
+        steps = [s for s, _ in runs[0]["curve"]]
+        mean = [sum(r["curve"][i][1] for r in runs) / len(runs) for i in range(len(steps))]
+        ax.plot(steps, mean, label=name, lw=2 if name in ("kaiming", "itda") else 1.2)
+    ax.axhline(target, color="k", ls="--", lw=0.8, label="target (kaiming final)")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out FVU (mean of seeds)")
+    ax.set_title(f"smollm2-135m layer {layer}: TopK SAE by initialisation")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, nargs="+", default=[8, 15])
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--batch-size", type=int, default=1024)
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--expansion", type=int, default=8)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=131_072)
+    ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--ce-tokens", type=int, default=4096)
+    ap.add_argument("--eval-every", type=int, default=25)
+    ap.add_argument("--init-sample", type=int, default=16_384)
+    ap.add_argument("--dead-after", type=int, default=204_800, help="tokens without firing before a latent counts as dead")
+    ap.add_argument("--resample-every", type=int, default=100)
+    ap.add_argument("--itda-min-cosine", type=float, default=0.9)
+    ap.add_argument("--inits", nargs="+", default=list(INITS))
+    args = ap.parse_args()
+    lm = load_model("smollm2-135m")
+    all_layers = sorted({L for L in args.layers} | {L - 1 for L in args.layers})
+    paths = cache_activations(lm, all_layers, args.tokens, args.eval_tokens)
+    _, ce_ctx = load_contexts("default", lm.tokenizer, tokenizer_name=lm.tokenizer_name, split="heldout", tokens=args.ce_tokens)
+    report = {"settings": vars(args), "layers": {}}
+    for layer in args.layers:
+        x_train = load_activations(paths[(layer, "train")]).acts.float()
+        x_held = load_activations(paths[(layer, "heldout")]).acts.float()
+        x_prev = load_activations(paths[(layer - 1, "train")]).acts.float()
+        hp = Hookpoint("resid_post", layer)
+        # ITDA dictionary on the same training tokens (timed: counted in the itda rows)
+        t0 = time.perf_counter()
+        dictionary = build_dictionary(x_train.split(4096), k=args.k, min_cosine=args.itda_min_cosine,
+                                      max_atoms=args.expansion * x_train.shape[1])
+        itda_s = time.perf_counter() - t0
+        dictionary.meta.hookpoint, dictionary.meta.model = hp.name, "smollm2-135m"
+        dict_path = OUT / "sae_acts" / f"itda_L{layer}.safetensors"
+        dictionary.save(dict_path)
+        print(f"layer {layer}: ITDA {len(dictionary)} atoms in {itda_s:.1f}s", flush=True)
+        # source SAE for layer transfer: the previous layer, kaiming init, seed 0, same budget
+        t0 = time.perf_counter()
+        prev_held = load_activations(paths[(layer - 1, "heldout")]).acts.float()
+        prev_sae, _ = train_one("kaiming", x_prev, prev_held, args, 0)
+        prev_s = time.perf_counter() - t0
+        prev_path = OUT / "sae_acts" / f"sae_kaiming_L{layer - 1}.safetensors"
+        save_sae(prev_sae, prev_path)
+        specs = {"kaiming": "kaiming", "orthogonal": "orthogonal", "data": "data", "mean-subtracted": "mean-subtracted",
+                 "centroid-subtracted": "centroid-subtracted", "outliers": "outliers", "itda": f"itda:{dict_path}",
+                 "transfer": f"transfer:{prev_path}"}
+        runs: dict[str, list[dict]] = {}
+        best: dict[str, object] = {}
+        for name in args.inits + ["kaiming+resample-itda"]:
+            spec, resample = (specs["kaiming"], "itda") if name == "kaiming+resample-itda" else (specs[name], None)
+            for seed in range(args.seeds):
+                sae, r = train_one(spec, x_train, x_held, args, seed, resample)
+                runs.setdefault(name, []).append(r)
+                if seed == 0:
+                    best[name] = sae
+                print(f"L{layer} {name:22s} seed {seed}: final FVU {r['final_fvu']:.4f} ({r['s_per_step']:.3f}s/step, init {r['init_s']:.1f}s, dead {r['dead_final']})", flush=True)
+        target = sum(r["final_fvu"] for r in runs["kaiming"]) / len(runs["kaiming"])
+        table = {}
+        for name, rs in runs.items():
+            steps = [steps_to(r["curve"], target) for r in rs]
+            extra_s = itda_s if name == "itda" else 0.0
+            walls = [None if s is None else extra_s + r["init_s"] + s * r["s_per_step"] for s, r in zip(steps, rs)]
+            reached = [s for s in steps if s is not None]
+            table[name] = {
+                "steps_to_target": steps,
+                "mean_steps": sum(reached) / len(reached) if len(reached) == len(steps) else None,
+                "wall_s_to_target": walls,
+                "final_fvu_mean": sum(r["final_fvu"] for r in rs) / len(rs),
+                "final_fvu_seeds": [r["final_fvu"] for r in rs],
+                "dead_final": [r["dead_final"] for r in rs],
+                "s_per_step": sum(r["s_per_step"] for r in rs) / len(rs),
+                "init_s": sum(r["init_s"] for r in rs) / len(rs) + extra_s,
+            }
+        base = table["kaiming"]["mean_steps"]
+        for name, row in table.items():
+            row["steps_ratio_vs_kaiming"] = row["mean_steps"] / base if row["mean_steps"] is not None and base else None
+        # ITDA alone vs trained SAEs on the same held-out tokens (FVU at k, CE-loss score)
+        t0 = time.perf_counter()
+        itda_eval = evaluate(dictionary, x_held.split(4096), k=args.k)
+        itda_eval_s = time.perf_counter() - t0
+        versus = {"itda_alone": {"fvu": itda_eval.fvu, "l0": itda_eval.l0, "atoms": len(dictionary), "build_s": itda_s,
+                                 "ce_loss_score": evaluate_contexts(lm, dictionary, hp, ce_ctx, k=args.k).ce.score,
+                                 "encode_s_heldout": itda_eval_s}}
+        for name in ("kaiming", "itda"):
+            rep = evaluate_contexts(lm, LoadedSae(best[name], SaeMeta(hookpoint=hp.name)), hp, ce_ctx)
+            versus[f"sae_{name}_seed0"] = {"fvu": table[name]["final_fvu_seeds"][0], "ce_loss_score": rep.ce.score,
+                                          "train_s": args.steps * table[name]["s_per_step"] + table[name]["init_s"]}
+        report["layers"][str(layer)] = {"target_fvu": target, "itda_atoms": len(dictionary), "itda_build_s": itda_s,
+                                        "transfer_source_s": prev_s, "table": table, "itda_vs_sae": versus,
+                                        "runs": runs}
+        plot(layer, runs, target, OUT / f"sae_init_L{layer}.png")
+        print(f"layer {layer}: target FVU {target:.4f}", flush=True)
+        for name, row in table.items():
+            print(f"  {name:22s} steps {row['mean_steps']}  ratio {row['steps_ratio_vs_kaiming']}  final {row['final_fvu_mean']:.4f}", flush=True)
+        print(f"  versus: {versus}", flush=True)
+        write_result("sae_init", report)
+
+
+if __name__ == "__main__":
+    main()
