@@ -15,16 +15,6 @@ from itda.build.from_model import build_from_model
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="session")
-def smollm2():
-    return load_model("smollm2-135m")
-
-
-@pytest.fixture(scope="session")
-def smollm2_contexts(smollm2):
-    return load_contexts("default", smollm2.tokenizer, tokenizer_name=smollm2.tokenizer_name, split="train", tokens=2048)
-
-
 def test_smollm2_shape_and_hookpoints(smollm2, smollm2_contexts):
     _, ctx = smollm2_contexts
     cfg = smollm2.config

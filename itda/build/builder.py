@@ -26,7 +26,7 @@ from itda.dictionary import (
 from itda.errors import ItdaInputError
 from itda.evaluate.metrics import normalised_loss, recon_terms
 from itda.pursuit import GrowingGram, matching_pursuit
-from itda.build.candidates import first_unique_rows, greedy_dissimilar, most_frequent_rows
+from itda.build.candidates import first_unique_rows, greedy_dissimilar
 
 MODES = ("improved", "reference")
 _CKPT_KEY = "itda_checkpoint"
@@ -95,12 +95,10 @@ def _check_batch(acts: torch.Tensor, refs: torch.Tensor | None, d: int) -> torch
 
 
 class DictionaryBuilder:
-    """Incremental ITDA builder: call update(batch) per activation batch, then dictionary().
+    """Incremental ITDA builder (improved mode): call update(batch) per batch, then dictionary().
 
-    Modes:
-      reference: while the dictionary has fewer than d atoms a batch only seeds it with its
-        most frequent distinct rows; afterwards every row whose loss exceeds the threshold
-        against the dictionary at the start of the batch is added.
+    `--mode reference` is itda.build.reference.ReferenceBuilder (the reference trainer's
+    procedure); `builder_for(config)` picks the class.
       improved (default): no seeding; candidates are deduplicated exactly and added in rounds
         of round_size, each round re-scored by MP against the dictionary as it stands; within
         a round a candidate is dropped when an atom accepted earlier in the round is within
@@ -139,6 +137,10 @@ class DictionaryBuilder:
         self.store.append(unit_MD)
         self._refs.append(refs_M5.cpu())
 
+    def _restore(self, atoms_ND: torch.Tensor, refs_N5: torch.Tensor) -> None:
+        """Set the state from a checkpoint's exact atoms."""
+        self._append(atoms_ND, refs_N5)
+
     def refs(self) -> torch.Tensor:
         return torch.cat(self._refs) if self._refs else empty_refs(0)
 
@@ -148,22 +150,11 @@ class DictionaryBuilder:
         x_BD = acts.to(device=self.device, dtype=torch.float32)
         norms_B = x_BD.norm(dim=1)
         nonzero_B = norms_B > 0
-        room = self._room()
-        if self.config.mode == "reference" and self.size < self.d:
-            pos = most_frequent_rows(x_BD[nonzero_B], min(self.d - self.size, room))
-            keep = torch.nonzero(nonzero_B).squeeze(1)[pos]
-            self._append(x_BD[keep] / norms_B[keep, None], refs[keep.cpu()])
-            return self._finish(x_BD.shape[0], len(keep), len(keep), float("nan"))
-
         loss_B = self._loss(x_BD)
         over_B = (loss_B > self.config.loss_threshold(self.d)) & nonzero_B
         cand = torch.nonzero(over_B).squeeze(1)
         unit_MD = x_BD[cand] / norms_B[cand, None]
-        if self.config.mode == "reference":
-            cand, unit_MD = cand[:room], unit_MD[:room]
-            self._append(unit_MD, refs[cand.cpu()])
-            return self._finish(x_BD.shape[0], len(cand), len(cand), float(loss_B.mean()))
-        added = self._add_in_rounds(cand, unit_MD, refs, room)
+        added = self._add_in_rounds(cand, unit_MD, refs, self._room())
         return self._finish(x_BD.shape[0], len(cand), added, float(loss_B.mean()))
 
     def _add_in_rounds(self, cand: torch.Tensor, unit_MD: torch.Tensor, refs: torch.Tensor, room: int) -> int:
@@ -251,11 +242,21 @@ class DictionaryBuilder:
         except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as exc:
             raise ItdaInputError(f"{path}: not a readable itda checkpoint ({str(exc).splitlines()[0]})") from None
         meta = DictionaryMeta.from_json(json.dumps(state["meta"]), str(path))
-        builder = cls(state["d"], BuildConfig(**state["config"]), meta=meta, device=device)
-        builder._append(tensors["atoms"], tensors["refs"])
+        config = BuildConfig(**state["config"])
+        builder = builder_class(config.mode)(state["d"], config, meta=meta, device=device)
+        builder._restore(tensors["atoms"], tensors["refs"])
         builder.batches_seen = int(state["batches_seen"])
         builder.tokens_seen = int(state["tokens_seen"])
         return builder
+
+
+def builder_class(mode: str) -> type[DictionaryBuilder]:
+    """DictionaryBuilder for the improved mode, ReferenceBuilder for the reference mode."""
+    if mode == "reference":
+        from itda.build.reference import ReferenceBuilder
+
+        return ReferenceBuilder
+    return DictionaryBuilder
 
 
 Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]
@@ -305,7 +306,7 @@ def build_dictionary(
         if builder.config != config:
             raise ItdaInputError(f"{checkpoint}: checkpoint was made with different build settings {builder.config}")
     else:
-        builder = DictionaryBuilder(d, config, init=init, meta=meta, device=device)
+        builder = builder_class(mode)(d, config, init=init, meta=meta, device=device)
     bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, disable=not progress, desc="build")
     try:
         for index, batch in enumerate(itertools.chain([first], iterator)):

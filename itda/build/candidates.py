@@ -1,4 +1,4 @@
-"""Candidate helpers of the greedy builder: duplicate removal, seeding order, dissimilar subsets (pure math)."""
+"""Candidate helpers of the greedy builder: duplicate removal, dissimilar subsets (pure math)."""
 
 from __future__ import annotations
 
@@ -45,19 +45,3 @@ def first_unique_rows(rows_MD: torch.Tensor) -> torch.Tensor:
     mask = torch.zeros(rows_MD.shape[0], dtype=torch.bool, device=rows_MD.device)
     mask[first] = True
     return mask
-
-
-def most_frequent_rows(rows_MD: torch.Tensor, limit: int) -> torch.Tensor:
-    """Positions of up to `limit` distinct rows, most frequent first (reference seeding).
-
-    Ties keep torch.unique's lexicographic order, as the reference does; each distinct row
-    is represented by its first position.
-    """
-    if rows_MD.shape[0] == 0 or limit <= 0:
-        return torch.zeros(0, dtype=torch.int64, device=rows_MD.device)
-    _, inverse, counts = torch.unique(rows_MD, dim=0, return_inverse=True, return_counts=True)
-    positions = torch.arange(rows_MD.shape[0], device=rows_MD.device)
-    first = torch.full((counts.shape[0],), rows_MD.shape[0], dtype=torch.int64, device=rows_MD.device)
-    first.scatter_reduce_(0, inverse, positions, reduce="amin")
-    order = torch.argsort(counts, descending=True, stable=True)
-    return first[order[:limit]]

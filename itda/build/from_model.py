@@ -13,7 +13,7 @@ from itda.activations.corpus import Contexts
 from itda.activations.hookpoints import Hookpoint
 from itda.activations.models import LoadedModel
 from itda.activations.stream import FP16_MAX, iterate_batches
-from itda.build import BuildConfig, DictionaryBuilder
+from itda.build import BuildConfig, builder_class
 from itda.dictionary import Dictionary, DictionaryMeta
 
 
@@ -68,7 +68,7 @@ def build_from_model(
                              "stream_dtype": str(dtype).replace("torch.", ""), "include_special": include_special}
                     meta = DictionaryMeta(d=d_model, model=lm.name, hookpoint=hp.name, layer=hp.layer,
                                           tokenizer=lm.tokenizer_name, dataset_fingerprint=contexts.fingerprint, build=build)
-                    builders[hp] = DictionaryBuilder(d_model, config, meta=meta, device=device)
+                    builders[hp] = builder_class(config.mode)(d_model, config, meta=meta, device=device)
                 builders[hp].update(acts.unit, acts.refs)
                 max_abs[hp] = max(max_abs[hp], acts.max_abs)
             n_batch = next(iter(batch.values())).unit.shape[0]  # every hookpoint sees the same tokens
