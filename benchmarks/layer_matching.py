@@ -55,20 +55,27 @@ def train_tokenizer(docs: list[str]):
     return PreTrainedTokenizerFast(tokenizer_file=str(path), bos_token="<|bos|>", pad_token="<|pad|>")
 
 
-def train_model(seed: int, tokenizer, docs: list[str], steps: int, batch: int = 16) -> Path:
+def model_dir(seed: int, steps: int, layers: int = 6, d: int = 128, at: int | None = None) -> Path:
+    name = f"gpt2-l{layers}-d{d}-seed{seed}-steps{steps}"
+    return bench_dir() / (name if at is None or at == steps else f"{name}-at{at}")
+
+
+def train_model(seed: int, tokenizer, docs: list[str], steps: int, batch: int = 16, layers: int = 6, d: int = 128,
+                checkpoints: tuple[int, ...] = ()) -> Path:
+    """Train (or reuse) one seed; also saves the model after each step count in `checkpoints`."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    out = bench_dir() / f"gpt2-l6-d128-seed{seed}-steps{steps}"
+    out = model_dir(seed, steps, layers, d)
     if (out / "config.json").exists():
         return out
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=len(tokenizer), n_positions=CONTEXT, n_embd=128, n_layer=6, n_head=4,
+    cfg = GPT2Config(vocab_size=len(tokenizer), n_positions=CONTEXT, n_embd=d, n_layer=layers, n_head=4,
                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.bos_token_id)
     model = GPT2LMHeadModel(cfg)
     # the token stream: documents joined with BOS, cut into CONTEXT windows (same for every seed)
     ids: list[int] = []
-    for d in docs:
-        ids += [tokenizer.bos_token_id] + tokenizer(d, add_special_tokens=False)["input_ids"]
+    for doc in docs:
+        ids += [tokenizer.bos_token_id] + tokenizer(doc, add_special_tokens=False)["input_ids"]
         if len(ids) > steps * batch * CONTEXT:
             break
     data = torch.tensor(ids[: (len(ids) // CONTEXT) * CONTEXT]).view(-1, CONTEXT)
@@ -85,6 +92,9 @@ def train_model(seed: int, tokenizer, docs: list[str], steps: int, batch: int = 
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        if step + 1 in checkpoints and step + 1 < steps:
+            model.save_pretrained(model_dir(seed, steps, layers, d, at=step + 1))
+            tokenizer.save_pretrained(model_dir(seed, steps, layers, d, at=step + 1))
         if step % 200 == 0 or step == steps - 1:
             print(f"  seed {seed} step {step} loss {loss.item():.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
     model.eval()

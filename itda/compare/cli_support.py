@@ -46,6 +46,11 @@ def compare_command(a: str, b: str, *, corpus, field, tokens, context, measures,
     names = _measure_list(measures)
     if out is not None and out.exists() and not out.is_dir():
         raise ItdaInputError(f"{out}: exists and is not a folder")
+    if kinds[0] in ("dict", "dict_folder"):
+        need_acts = [n for n in names if n != "jaccard"]
+        if need_acts:
+            typer.echo(f"dictionaries alone give the Jaccard family; {', '.join(need_acts)} need activations "
+                       "(compare the models, or two activation files)")
     if kinds[0] == "dict":
         _compare_dicts(Path(a), Path(b), out)
     elif kinds[0] == "dict_folder":
@@ -102,7 +107,16 @@ def _compare_acts(a: Path, b: Path, names: list[str], out: Path | None) -> None:
     xa, xb = load_activations(a), load_activations(b)
     if len(xa) != len(xb):
         raise ItdaInputError(f"activation files must hold the same inputs: {len(xa)} vs {len(xb)} rows")
-    res = compare_activations(xa.acts, xb.acts, [n for n in names if n != "jaccard"])
+    from itda.compare.itda_measures import ITDA_MEASURES, itda_grids
+
+    wanted = [n for n in names if n != "jaccard"]
+    res = compare_activations(xa.acts, xb.acts, [n for n in wanted if n not in ITDA_MEASURES])
+    itda_wanted = [n for n in wanted if n in ITDA_MEASURES]
+    if itda_wanted:
+        from itda.compare.result import Similarity
+
+        grids = itda_grids([xa.acts.float()], [xb.acts.float()], itda_wanted)
+        res.update({n: Similarity(n, float(g[0, 0]), {}) for n, g in grids.items()})
     for sim in res.values():
         typer.echo(f"{sim.name:16s} {sim.value:.4f}")
     if out is not None:

@@ -186,9 +186,11 @@ MEASURES = STREAMED + IN_MEMORY
 
 
 def check_measures(measures: Sequence[str]) -> None:
-    unknown = set(measures) - set(MEASURES) - {"jaccard"}
+    from itda.compare.itda_measures import ITDA_MEASURES
+
+    unknown = set(measures) - set(MEASURES) - set(ITDA_MEASURES) - {"jaccard"}
     if unknown:
-        raise ItdaInputError(f"unknown measures: {', '.join(sorted(unknown))} (known: jaccard, {', '.join(MEASURES)})")
+        raise ItdaInputError(f"unknown measures: {', '.join(sorted(unknown))} (known: jaccard, {', '.join(ITDA_MEASURES + MEASURES)})")
 
 
 def compare_activations(x, y, measures: Sequence[str] = MEASURES) -> dict[str, Similarity]:

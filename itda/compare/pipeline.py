@@ -22,6 +22,7 @@ from itda.activations.hookpoints import Hookpoint, n_layers
 from itda.activations.models import LoadedModel, same_tokenizer
 from itda.activations.stream import iterate_batches
 from itda.build import BuildConfig, DictionaryBuilder
+from itda.compare.itda_measures import ITDA_MEASURES, itda_grids
 from itda.compare.jaccard import SIZE_CONTROLS, jaccard, jaccard_union
 from itda.compare.measures import IN_MEMORY, STREAMED, check_measures, similarity_grid
 from itda.compare.streaming import StreamingCKAGrid
@@ -100,7 +101,8 @@ def compare_models(
     hps_a = [Hookpoint("resid_post", i) for i in range(n_layers(lm_a.model))]
     hps_b = [Hookpoint("resid_post", i) for i in range(n_layers(lm_b.model))]
     grid = StreamingCKAGrid(precision) if set(STREAMED) & set(measures) else None
-    wants_mem = [m for m in measures if m in IN_MEMORY]
+    wants_itda = [m for m in measures if m in ITDA_MEASURES]
+    wants_mem = [m for m in measures if m in IN_MEMORY] + wants_itda
     kept_a: list[list[torch.Tensor]] = [[] for _ in hps_a]
     kept_b: list[list[torch.Tensor]] = [[] for _ in hps_b]
     n_kept = 0
@@ -153,10 +155,13 @@ def compare_models(
     if grid is not None:
         mats = grid.matrices(procrustes="procrustes" in measures)
         matrices.update({m: mats[m] for m in STREAMED if m in measures})
+    xs_mem = [torch.cat(s) for s in kept_a] if wants_mem else []
+    ys_mem = [torch.cat(s) for s in kept_b] if wants_mem else []
     for m in wants_mem:
-        xs_mem = [torch.cat(s) for s in kept_a]
-        ys_mem = [torch.cat(s) for s in kept_b]
-        matrices[m] = similarity_grid(xs_mem, ys_mem, m, max_rows=max_rows)
+        if m not in ITDA_MEASURES:
+            matrices[m] = similarity_grid(xs_mem, ys_mem, m, max_rows=max_rows)
+    if wants_itda:
+        matrices.update(itda_grids(xs_mem, None if self_compare else ys_mem, wants_itda, k=k, min_cosine=min_cosine))
     result = ModelComparison(lm_a.name, lm_b.name, len(hps_a), len(hps_b), matrices, paired, identity,
                              time.perf_counter() - t0)
     if builders_a is not None:

@@ -1,0 +1,143 @@
+"""ITDA-based layer similarity on a sample of paired tokens (rows of X_i and Y_j are the same tokens).
+
+Per layer, an ITDA dictionary is built over the first `fit` fraction of the sample (improved
+mode, in row order), so its atoms are sample rows (`anchors`, row indices); every measure is
+then taken on the remaining rows, which no dictionary contains (an atom reconstructs itself,
+and which early rows become atoms depends on stream order, not on the layer). For a pair:
+
+- `itda_loss_profile`: Spearman correlation across tokens of each token's MP loss
+  (2 - 2 cos)/d under the layer's own dictionary: do the two layers find the same tokens hard?
+- `itda_code_overlap`: shared anchors P = anchors_i ∪ anchors_j; every token is encoded by MP
+  over X_i[P] and over Y_j[P] (the same tokens as atoms in both layers); mean over tokens of the
+  Jaccard index of the two sets of atoms used.
+- `itda_cross_recon`: how well the other layer's atom positions span this layer: mean cosine of
+  Y_j reconstructed over Y_j[anchors_i], divided by Y_j over Y_j[anchors_j] (its own), averaged
+  with the same from the other side.
+- `itda_relative`: relative representations (Moschella et al. 2023) with the shared ITDA anchors
+  P instead of random ones: each token as its cosines to X_i[P] (resp. Y_j[P]), rows centred,
+  linear CKA between the two [N, |P|] matrices.
+- `itda_code_cosine`: cosine between a token's MP coefficient vectors over the shared anchors
+  (both indexed by P), mean over tokens.
+All are symmetric and lie in [-1, 1] (mostly [0, 1]); 1 for a layer against itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from itda.build import build_dictionary
+from itda.evaluate.metrics import recon_terms
+from itda.pursuit import matching_pursuit
+
+ITDA_MEASURES = ("itda_loss_profile", "itda_code_overlap", "itda_cross_recon", "itda_relative", "itda_code_cosine")
+
+
+@dataclass
+class LayerSample:
+    unit: torch.Tensor  # [N, d] unit rows (zero rows stay zero)
+    anchors: torch.Tensor  # [M] int64 rows of the fit part chosen as atoms, in order of addition
+    n_fit: int  # rows [0, n_fit) built the dictionary; rows [n_fit, N) are measured
+    loss: torch.Tensor  # [N - n_fit] MP loss of the measured rows under the layer's own dictionary
+
+    @property
+    def held(self) -> torch.Tensor:
+        return self.unit[self.n_fit :]
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    x = x.to(torch.float32)
+    return x / x.norm(dim=1, keepdim=True).clamp(min=1e-12)
+
+
+def _mp_cosine(x_ND: torch.Tensor, atoms_MD: torch.Tensor, k: int):
+    codes = matching_pursuit(x_ND, atoms_MD, min(k, atoms_MD.shape[0]), check_finite=False)
+    return codes, recon_terms(x_ND, codes, atoms_MD).cosine
+
+
+def layer_sample(x_ND: torch.Tensor, k: int = 40, min_cosine: float = 0.85, fit: float = 0.5, batch: int = 1024) -> LayerSample:
+    """The layer's ITDA dictionary over the first `fit` of the rows, and the other rows' losses under it."""
+    unit = _unit(x_ND)
+    n_fit = max(1, min(unit.shape[0] - 1, int(round(fit * unit.shape[0]))))
+    refs = torch.full((n_fit, 5), -1, dtype=torch.int64)
+    refs[:, 0] = torch.arange(n_fit)
+    d = build_dictionary(((unit[s : min(s + batch, n_fit)], refs[s : s + batch]) for s in range(0, n_fit, batch)),
+                         k=k, min_cosine=min_cosine)
+    anchors = d.refs[:, 0].clone()
+    _, cos = _mp_cosine(unit[n_fit:], unit[anchors], k)
+    return LayerSample(unit, anchors, n_fit, (2 - 2 * cos) / unit.shape[1])
+
+
+def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    from scipy.stats import spearmanr
+
+    r = spearmanr(a.numpy(), b.numpy()).statistic
+    return float(r) if np.isfinite(r) else 0.0
+
+
+def _linear_cka(a: torch.Tensor, b: torch.Tensor) -> float:
+    a = a.double() - a.double().mean(0)
+    b = b.double() - b.double().mean(0)
+    num = float((a.T @ b).pow(2).sum())
+    den = float((a.T @ a).norm() * (b.T @ b).norm())
+    return num / den if den > 0 else 0.0
+
+
+def _supports(codes, n_atoms: int) -> torch.Tensor:
+    """Dense boolean [N, M] of atoms used with a non-zero total coefficient."""
+    coef = torch.zeros(codes.indices.shape[0], n_atoms, dtype=torch.float64)
+    coef.scatter_add_(1, codes.indices.clamp(min=0), codes.values.double() * (codes.indices >= 0))
+    return coef
+
+
+def pair_similarities(a: LayerSample, b: LayerSample, k: int = 40, measures=ITDA_MEASURES) -> dict[str, float]:
+    """Every requested ITDA measure for one pair of layers (see the module docstring)."""
+    out: dict[str, float] = {}
+    if "itda_loss_profile" in measures:
+        out["itda_loss_profile"] = _spearman(a.loss, b.loss)
+    shared = torch.unique(torch.cat([a.anchors, b.anchors]))
+    need_codes = {"itda_code_overlap", "itda_code_cosine"} & set(measures)
+    if need_codes:
+        ca, _ = _mp_cosine(a.held, a.unit[shared], k)
+        cb, _ = _mp_cosine(b.held, b.unit[shared], k)
+        coef_a, coef_b = _supports(ca, len(shared)), _supports(cb, len(shared))
+        if "itda_code_overlap" in measures:
+            sa, sb = coef_a != 0, coef_b != 0
+            inter = (sa & sb).sum(1).double()
+            union = (sa | sb).sum(1).double()
+            out["itda_code_overlap"] = float(torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union)).mean())
+        if "itda_code_cosine" in measures:
+            out["itda_code_cosine"] = float(torch.nn.functional.cosine_similarity(coef_a, coef_b, dim=1, eps=1e-30).mean())
+    if "itda_cross_recon" in measures:
+        _, b_over_a = _mp_cosine(b.held, b.unit[a.anchors], k)
+        _, b_own = _mp_cosine(b.held, b.unit[b.anchors], k)
+        _, a_over_b = _mp_cosine(a.held, a.unit[b.anchors], k)
+        _, a_own = _mp_cosine(a.held, a.unit[a.anchors], k)
+        out["itda_cross_recon"] = 0.5 * (float(b_over_a.mean() / b_own.mean().clamp(min=1e-12))
+                                         + float(a_over_b.mean() / a_own.mean().clamp(min=1e-12)))
+    if "itda_relative" in measures:
+        ra = a.held @ a.unit[shared].T
+        rb = b.held @ b.unit[shared].T
+        ra = ra - ra.mean(1, keepdim=True)
+        rb = rb - rb.mean(1, keepdim=True)
+        out["itda_relative"] = _linear_cka(ra, rb)
+    return out
+
+
+def itda_grids(xs: list[torch.Tensor], ys: list[torch.Tensor] | None, measures=ITDA_MEASURES, *, k: int = 40,
+               min_cosine: float = 0.85, fit: float = 0.5) -> dict[str, np.ndarray]:
+    """[L_A, L_B] matrices of the requested ITDA measures; ys=None compares xs with itself."""
+    sa = [layer_sample(x, k, min_cosine, fit) for x in xs]
+    sb = sa if ys is None else [layer_sample(y, k, min_cosine, fit) for y in ys]
+    grids = {m: np.zeros((len(sa), len(sb))) for m in measures}
+    for i, a in enumerate(sa):
+        for j, b in enumerate(sb):
+            if ys is None and j < i:
+                for m in measures:
+                    grids[m][i, j] = grids[m][j, i]
+                continue
+            for m, v in pair_similarities(a, b, k, measures).items():
+                grids[m][i, j] = v
+    return grids

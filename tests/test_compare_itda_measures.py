@@ -1,0 +1,92 @@
+"""ITDA-based layer similarity measures against float64 references written here."""
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from itda.compare.itda_measures import ITDA_MEASURES, itda_grids, layer_sample, pair_similarities
+from itda.synthetic import synthetic_activations
+from reference_impls import mp_float64
+
+
+def _mp(x, atoms, k):
+    """float64 reference MP: (support sets, coefficient matrix [N, M], reconstruction cosines)."""
+    idx, val, _, _ = mp_float64(x, atoms, k)
+    n, m = x.shape[0], atoms.shape[0]
+    coef = np.zeros((n, m))
+    for r in range(n):
+        for j, v in zip(idx[r], val[r]):
+            coef[r, j] += v
+    recon = coef @ atoms
+    cos = (recon * x).sum(1) / (np.linalg.norm(recon, axis=1) * np.linalg.norm(x, axis=1) + 1e-300)
+    return coef, cos
+
+
+@pytest.fixture(scope="module")
+def two_layers():
+    base = synthetic_activations(600, 16, n_features=48, active=3, seed=3).acts
+    g = torch.Generator().manual_seed(1)
+    rot, _ = torch.linalg.qr(torch.randn(16, 16, generator=g))
+    other = base @ rot + 0.3 * torch.randn(600, 16, generator=g) * base.norm(dim=1, keepdim=True) / 4
+    return base, other
+
+
+def test_measures_match_float64_references(two_layers):
+    x, y = two_layers
+    k = 5
+    a, b = layer_sample(x, k, 0.9), layer_sample(y, k, 0.9)
+    got = pair_similarities(a, b, k)
+    fx = (x / x.norm(dim=1, keepdim=True)).double().numpy()
+    fy = (y / y.norm(dim=1, keepdim=True)).double().numpy()
+    pa, pb = a.anchors.numpy(), b.anchors.numpy()
+    assert pa.max() < 300 and pb.max() < 300  # anchors from the fit half only
+    ux, uy = fx[300:], fy[300:]  # measured on the other half
+    # loss profile: Spearman of (2 - 2cos)/d under each layer's own anchors
+    _, cos_a = _mp(ux, fx[pa], k)
+    _, cos_b = _mp(uy, fy[pb], k)
+    assert abs(got["itda_loss_profile"] - spearmanr(cos_a, cos_b).statistic) < 1e-3
+    # shared anchors: supports and coefficient vectors over the same rows
+    shared = np.unique(np.concatenate([pa, pb]))
+    ca, _ = _mp(ux, fx[shared], k)
+    cb, _ = _mp(uy, fy[shared], k)
+    sa, sb = ca != 0, cb != 0
+    overlap = np.mean((sa & sb).sum(1) / (sa | sb).sum(1))
+    assert abs(got["itda_code_overlap"] - overlap) < 0.02  # float32 vs float64 MP may pick other atoms at near-ties
+    cosv = np.mean((ca * cb).sum(1) / (np.linalg.norm(ca, axis=1) * np.linalg.norm(cb, axis=1)))
+    assert abs(got["itda_code_cosine"] - cosv) < 0.02
+    # cross reconstruction: the other layer's positions as atoms, relative to the layer's own
+    _, b_over_a = _mp(uy, fy[pa], k)
+    _, a_over_b = _mp(ux, fx[pb], k)
+    cross = 0.5 * (b_over_a.mean() / cos_b.mean() + a_over_b.mean() / cos_a.mean())
+    assert abs(got["itda_cross_recon"] - cross) < 1e-3
+    # relative representations over the shared anchors, row-centred, linear CKA
+    ra, rb = ux @ fx[shared].T, uy @ fy[shared].T
+    ra -= ra.mean(1, keepdims=True)
+    rb -= rb.mean(1, keepdims=True)
+    ra -= ra.mean(0)
+    rb -= rb.mean(0)
+    cka = np.linalg.norm(ra.T @ rb) ** 2 / (np.linalg.norm(ra.T @ ra) * np.linalg.norm(rb.T @ rb))
+    assert abs(got["itda_relative"] - cka) < 1e-5
+
+
+def test_identical_layers_score_one_and_grids_are_symmetric(two_layers):
+    x, y = two_layers
+    grids = itda_grids([x, y], None, k=5, min_cosine=0.9)
+    for m in ITDA_MEASURES:
+        s = grids[m]
+        assert np.allclose(np.diag(s), 1.0, atol=1e-5), (m, s)
+        assert np.allclose(s, s.T)
+    # the measure sees through a rotation: x vs (x rotated) is as similar as x vs x
+    rot, _ = torch.linalg.qr(torch.randn(16, 16, generator=torch.Generator().manual_seed(2)))
+    g = itda_grids([x], [x @ rot], k=5, min_cosine=0.9)
+    for m in ITDA_MEASURES:
+        assert g[m][0, 0] > 0.99, m
+
+
+def test_unrelated_layers_score_low(two_layers):
+    x, _ = two_layers
+    noise = torch.randn_like(x)
+    g = itda_grids([x], [noise], k=5, min_cosine=0.9)
+    for m in ("itda_loss_profile", "itda_code_overlap", "itda_relative", "itda_code_cosine"):
+        assert g[m][0, 0] < 0.3, (m, g[m])
