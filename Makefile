@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.itda-installed
 INTEROP := $(VENV)/.itda-interop
 
-.PHONY: demo test test-fast bench bench-sae clean
+.PHONY: demo test test-fast reliability bench bench-sae clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -26,6 +26,10 @@ $(INTEROP): $(STAMP)
 
 test: $(STAMP) $(INTEROP)
 	$(PY) -m pytest -q
+
+# kills, interrupts, concurrent writers and the bad-input table, with counts
+reliability: $(STAMP)
+	$(PY) -m pytest -q -s tests/test_reliability.py
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

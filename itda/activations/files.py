@@ -23,8 +23,25 @@ class ActivationSet:
 
     def __init__(self, acts: torch.Tensor, refs: torch.Tensor | None = None, source: str = "<memory>"):
         self.acts = acts
-        self.refs = refs if refs is not None else torch.full((acts.shape[0], len(REF_FIELDS)), -1, dtype=torch.int64)
+        if refs is None:  # without refs an activation is known by its row: doc = row, pos = 0
+            refs = torch.full((acts.shape[0], len(REF_FIELDS)), -1, dtype=torch.int64)
+            refs[:, 0] = torch.arange(acts.shape[0])
+            refs[:, 1] = 0
+        self.refs = refs
         self.source = source
+        self._fingerprint: str | None = None
+
+    def fingerprint(self) -> str:
+        """sha256 (16 hex digits) of the activations and refs: the identity of this stream."""
+        if self._fingerprint is None:
+            import hashlib
+
+            h = hashlib.sha256()
+            h.update(str((tuple(self.acts.shape), str(self.acts.dtype))).encode())
+            h.update(self.acts.contiguous().view(torch.uint8).numpy().tobytes() if self.acts.numel() else b"")
+            h.update(self.refs.contiguous().numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
 
     def __len__(self) -> int:
         return self.acts.shape[0]
@@ -72,6 +89,8 @@ def load_activations(path: str | Path) -> ActivationSet:
         raise ItdaInputError(f"{path}: activations must be floating point, got {acts.dtype}")
     if acts.shape[0] == 0:
         raise ItdaInputError(f"{path}: no activations (0 rows)")
+    if acts.shape[1] == 0:
+        raise ItdaInputError(f"{path}: activations have 0 columns")
     if not bool(torch.isfinite(acts).all()):
         bad = int((~torch.isfinite(acts)).any(1).sum())
         raise ItdaInputError(f"{path}: {bad} activation rows contain NaN or inf")

@@ -121,6 +121,7 @@ class DictionaryBuilder:
         self.meta = meta or DictionaryMeta(d=d)
         self.store = GrowingGram(d, self.device)
         self._refs: list[torch.Tensor] = []
+        self.fingerprint: dict | None = None  # what the stream is (source, d, batch size): checked on resume
         self.batches_seen = 0
         self.tokens_seen = 0
         if init is not None:
@@ -219,8 +220,9 @@ class DictionaryBuilder:
 
     # -- checkpoints -----------------------------------------------------------------------
     def save_checkpoint(self, path: str | os.PathLike) -> None:
-        """Atomically write the full builder state (exact float32 atoms, refs, counters)."""
+        """Atomically write the full builder state (exact float32 atoms, refs, counters, stream fingerprint)."""
         state = {
+            "fingerprint": self.fingerprint,
             "config": asdict(self.config),
             "meta": json.loads(self.meta.to_json()),
             "d": self.d,
@@ -247,6 +249,7 @@ class DictionaryBuilder:
         builder._restore(tensors["atoms"], tensors["refs"])
         builder.batches_seen = int(state["batches_seen"])
         builder.tokens_seen = int(state["tokens_seen"])
+        builder.fingerprint = state.get("fingerprint")
         return builder
 
 
@@ -284,12 +287,15 @@ def build_dictionary(
     checkpoint_every: int = 0,
     progress: bool = False,
     total_tokens: int | None = None,
+    fingerprint: dict | None = None,
 ) -> Dictionary:
     """Build a dictionary from an iterator of activation batches ([B, d] or ([B, d], refs [B, 5])).
 
     With `checkpoint`, the state is written atomically every `checkpoint_every` batches and an
     existing checkpoint is resumed: its batches are skipped from the (identical) stream, and
-    the result is byte-identical to an uninterrupted build.
+    the result is byte-identical to an uninterrupted build. `fingerprint` (e.g. source hash, d,
+    batch size) is stored in the checkpoint and a resume with another one is refused. On Ctrl-C
+    the state is checkpointed before the interrupt propagates.
     """
     config = BuildConfig(k=k, threshold=threshold, min_cosine=min_cosine, mode=mode, max_atoms=max_atoms, backend=backend)
     iterator: Iterator[Batch] = iter(batches)
@@ -305,8 +311,16 @@ def build_dictionary(
         builder = DictionaryBuilder.load_checkpoint(checkpoint, device=device)
         if builder.config != config:
             raise ItdaInputError(f"{checkpoint}: checkpoint was made with different build settings {builder.config}")
+        if builder.d != d:
+            raise ItdaInputError(f"{checkpoint}: checkpoint has d={builder.d}, the activations d={d}")
+        if fingerprint is not None and builder.fingerprint != fingerprint:
+            diff = sorted(k for k in set(fingerprint) | set(builder.fingerprint or {})
+                          if (builder.fingerprint or {}).get(k) != fingerprint.get(k))
+            raise ItdaInputError(f"{checkpoint}: checkpoint was made from another stream (differs in {', '.join(diff)}); "
+                                 "remove it or use the original input and options")
     else:
         builder = builder_class(mode)(d, config, init=init, meta=meta, device=device)
+        builder.fingerprint = fingerprint
     bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, disable=not progress, desc="build")
     try:
         for index, batch in enumerate(itertools.chain([first], iterator)):
@@ -319,6 +333,10 @@ def build_dictionary(
             bar.set_postfix(atoms=stats.size, refresh=False)
             if checkpoint is not None and checkpoint_every and builder.batches_seen % checkpoint_every == 0:
                 builder.save_checkpoint(checkpoint)
+    except KeyboardInterrupt:
+        if checkpoint is not None:
+            builder.save_checkpoint(checkpoint)
+        raise
     finally:
         bar.close()
     return builder.dictionary()

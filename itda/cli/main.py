@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from itda.cli.common import is_activation_file, parse_memory, user_errors
+from itda.cli.common import check_device, check_output, is_activation_file, on_interrupt, parse_memory, user_errors
 from itda.cli.sae import export, sae_app
 from itda.errors import ItdaInputError
 
@@ -39,6 +39,15 @@ class Method(str, Enum):
 class DType(str, Enum):
     float32 = "float32"
     float16 = "float16"
+
+
+def checked_k(k: Optional[int], d) -> int:
+    """k for encoding with dictionary d: default its own k (at most its atoms); an explicit k in [1, atoms]."""
+    if k is None:
+        return max(1, min(d.meta.k, len(d)))
+    if not 1 <= k <= max(1, len(d)):
+        raise ItdaInputError(f"--k must be between 1 and the dictionary's {len(d)} atoms, got {k}")
+    return k
 
 
 def _threshold_args(threshold: Optional[float], min_cosine: Optional[float]) -> dict:
@@ -77,6 +86,7 @@ def build(
     max_atoms: Optional[int] = typer.Option(None, help="Stop adding atoms at this size."),
     checkpoint: Optional[Path] = typer.Option(None, help="Activation file input: checkpoint file; an existing one is resumed."),
     checkpoint_every: int = typer.Option(10, help="Batches between checkpoints."),
+    overwrite: bool = typer.Option(False, help="Replace an existing --out that is not an itda dictionary."),
     dtype: DType = typer.Option(DType.float32, help="Storage dtype of the atoms."),
     backend: Backend = typer.Option(Backend.auto, help="Pursuit backend."),
     device: str = typer.Option("cpu", help="torch device (cpu, cuda, cuda:1)."),
@@ -85,25 +95,34 @@ def build(
     """Build dictionaries from an activation file, or from a model over a corpus."""
     if batch_size < 1 or batch_tokens < 1:
         raise ItdaInputError("--batch-size and --batch-tokens must be >= 1")
+    if checkpoint is not None and checkpoint_every < 1:
+        raise ItdaInputError("--checkpoint-every must be >= 1 with --checkpoint")
+    check_device(device)
     common = dict(k=k, mode=mode.value, max_atoms=max_atoms, backend=backend.value, **_threshold_args(threshold, min_cosine))
     if is_activation_file(source):
-        _build_from_file(Path(source), out, common, batch_size, checkpoint, checkpoint_every, dtype, device, quiet)
+        _build_from_file(Path(source), out, common, batch_size, checkpoint, checkpoint_every, dtype, device, quiet, overwrite)
     else:
         _build_from_model(source, out, common, layer, hook, hookpoint, corpus, field, tokens, context, batch_tokens,
                           stream_dtype, include_special, dtype, device, quiet, layerwise, parse_memory(max_memory))
 
 
-def _build_from_file(acts, out, common, batch_size, checkpoint, checkpoint_every, dtype, device, quiet) -> None:
+def _build_from_file(acts, out, common, batch_size, checkpoint, checkpoint_every, dtype, device, quiet, overwrite=False) -> None:
     from itda.activations.files import load_activations
     from itda.build import build_dictionary
 
+    check_output(out, [acts] + ([checkpoint] if checkpoint else []), "dictionary", overwrite)
     data = load_activations(acts)
+    if checkpoint is not None:
+        on_interrupt(f"checkpoint saved at {checkpoint}; run the same command to resume")
     t0 = time.perf_counter()
+    fingerprint = {"source": data.fingerprint(), "d": data.d, "batch_size": batch_size}
     dictionary = build_dictionary(
         data.batches(batch_size), device=device, checkpoint=checkpoint,
-        checkpoint_every=checkpoint_every if checkpoint else 0, progress=not quiet, total_tokens=len(data), **common,
+        checkpoint_every=checkpoint_every if checkpoint else 0, progress=not quiet, total_tokens=len(data),
+        fingerprint=fingerprint, **common,
     )
     dictionary.meta.build["source"] = Path(data.source).name
+    dictionary.meta.dataset_fingerprint = f"acts:{data.fingerprint()}"
     if dtype is DType.float16:
         dictionary = type(dictionary)(dictionary.atoms.half(), dictionary.refs, dictionary.meta)
     dictionary.save(out)
@@ -191,6 +210,7 @@ def encode(
     method: Method = typer.Option(Method.mp),
     backend: Backend = typer.Option(Backend.auto),
     batch_size: int = typer.Option(8192),
+    overwrite: bool = typer.Option(False, help="Replace an existing --out that is not an itda codes file."),
 ) -> None:
     """Encode activations into sparse codes."""
     from safetensors.torch import save_file
@@ -200,14 +220,19 @@ def encode(
     from itda.dictionary import Dictionary
     from itda.pursuit.codes import cat_codes
 
+    check_output(out, [dictionary, acts], "codes", overwrite)
+    if batch_size < 1:
+        raise ItdaInputError(f"--batch-size must be >= 1, got {batch_size}")
     d = Dictionary.load(dictionary)
+    k = checked_k(k, d)
     data = load_activations(acts)
     if data.d != d.d:
         raise ItdaInputError(f"dimension mismatch: {acts} has d={data.d}, {dictionary} has d={d.d}")
     parts = [d.encode(x, k, method=method.value, backend=backend.value) for x, _ in data.batches(batch_size)]
     codes = cat_codes(parts)
     with atomic_path(out) as tmp:
-        save_file({f: getattr(codes, f).contiguous() for f in codes._fields}, str(tmp), metadata={"dictionary": str(dictionary), "method": method.value})
+        meta = {"itda_codes": json.dumps({"dictionary": str(dictionary), "method": method.value, "k": k})}
+        save_file({f: getattr(codes, f).contiguous() for f in codes._fields}, str(tmp), metadata=meta)
     typer.echo(f"{out}: codes for {len(data)} tokens, k={codes.indices.shape[1]}")
 
 
@@ -234,7 +259,10 @@ def eval_cmd(
     from itda.atomic import write_text_atomic
     from itda.dictionary import Dictionary
 
-    d = Dictionary.load(dictionary, device=device)
+    if batch_size < 1:
+        raise ItdaInputError(f"--batch-size must be >= 1, got {batch_size}")
+    d = Dictionary.load(dictionary, device=check_device(device))
+    k = checked_k(k, d)
     if acts is not None:
         from itda.activations.files import load_activations
         from itda.evaluate import evaluate
@@ -282,6 +310,7 @@ def compare(
     """Compare models layer by layer, two dictionaries (or folders of them), or two activation files."""
     from itda.compare.cli_support import compare_command
 
+    check_device(device)
     compare_command(a, b, corpus=corpus, field=field, tokens=tokens, context=context, measures=measures, out=out, k=k,
                     min_cosine=min_cosine, max_rows=max_rows, precision=precision, include_special=include_special,
                     device=device, quiet=quiet, layerwise=layerwise, max_memory=parse_memory(max_memory))

@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from itda.cli.common import is_activation_file, parse_memory, user_errors
+from itda.cli.common import check_device, check_output, is_activation_file, on_interrupt, parse_memory, user_errors
 from itda.errors import ItdaInputError
 
 sae_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Sparse autoencoders seeded from ITDA dictionaries.")
@@ -59,6 +59,7 @@ def train(
     layerwise: Optional[bool] = typer.Option(None, "--layerwise/--in-memory"),
     max_memory: Optional[str] = typer.Option(None, help="Model input: memory budget (e.g. 8GB) for layer-wise execution."),
     device: str = typer.Option("cpu"),
+    overwrite: bool = typer.Option(False, help="Replace an existing --out that is not an itda SAE."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Train a TopK SAE on an activation file or a model's activations, from any initialisation."""
@@ -75,6 +76,9 @@ def train(
         raise ItdaInputError("--batch-size, --init-sample and --batch-tokens must be >= 1")
     if checkpoint is not None and checkpoint_every < 1:
         raise ItdaInputError("--checkpoint-every must be >= 1 with --checkpoint")
+    inputs = ([Path(source)] if is_activation_file(source) else []) + ([checkpoint] if checkpoint else [])
+    check_output(out, inputs, "sae", overwrite)
+    check_device(device)
     spec = parse_init(init)
     config = TrainConfig(steps=steps, lr=lr, auxk_alpha=auxk_alpha, dead_after_tokens=dead_after_tokens,
                          resample=resample, resample_every=resample_every, seed=seed)
@@ -97,6 +101,8 @@ def train(
         trainer = SaeTrainer(sae, config)
     if not quiet:
         typer.echo(f"SAE d={d}, {latents} latents, k={k}, init {info['init']}, lr {trainer.lr:.3g}, {steps} steps of {batch_size} tokens")
+    if checkpoint is not None:
+        on_interrupt(f"checkpoint saved at {checkpoint}; run the same command to resume")
     t0 = time.perf_counter()
     # checkpoints carry the run's identity so that a resume with other data is refused
     history = trainer.fit(stream, checkpoint=checkpoint, checkpoint_every=checkpoint_every if checkpoint else 0,
@@ -193,7 +199,7 @@ def eval_cmd(
     from itda.atomic import write_text_atomic
     from itda.sae.io import load_sae
 
-    loaded = load_sae(sae_path, device=device)
+    loaded = load_sae(sae_path, device=check_device(device))
     if acts is not None:
         from itda.activations.files import load_activations
         from itda.sae.evaluate import evaluate_sae

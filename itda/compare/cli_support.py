@@ -17,16 +17,23 @@ def _kind(spec: str) -> str:
     p = Path(spec)
     if p.is_dir() and any(p.glob("*.safetensors")) and not (p / "config.json").exists():
         return "dict_folder"
-    if p.is_file() and p.suffix == ".npy":
+    if p.suffix in (".npy", ".safetensors") and not p.is_file():
+        raise ItdaInputError(f"{p}: no such file")
+    if p.suffix == ".npy":
         return "acts"
-    if p.is_file() and p.suffix == ".safetensors":
+    if p.suffix == ".safetensors":
         from safetensors import safe_open
 
         try:
             with safe_open(str(p), framework="pt") as fh:
-                return "dict" if "itda" in (fh.metadata() or {}) else "acts"
-        except Exception:  # noqa: BLE001 - unreadable files are reported by the loaders
-            return "dict"
+                meta = fh.metadata() or {}
+                for key in fh.keys():
+                    fh.get_slice(key)  # a truncated file fails here, not later as the wrong kind
+        except Exception as exc:  # noqa: BLE001 - any failure means the file cannot be read
+            raise ItdaInputError(f"{p}: not a readable safetensors file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        if p.stat().st_size < 8:
+            raise ItdaInputError(f"{p}: not a readable safetensors file")
+        return "dict" if "itda" in meta else "acts"
     return "model"
 
 

@@ -35,8 +35,19 @@ def _check_inputs(x: torch.Tensor, atoms: torch.Tensor, k: int, check_finite: bo
         raise ItdaInputError("activations contain NaN or inf")
 
 
+def gram_is_cheaper(b: int, n: int, d: int, k: int) -> bool:
+    """Whether computing the Gram matrix beats the Gram-free path, by multiply-adds.
+
+    With the Gram: n^2 d (the Gram) + b n d (first correlations) + k b n (row updates).
+    Without: b n d + k u n d, computing a Gram row for each of the u <= min(b, n) distinct
+    atoms picked per step (u = min(b, n) as the bound).
+    """
+    return n * n * d + k * b * n <= k * min(b, n) * n * d
+
+
 def _resolve(
-    x: torch.Tensor, atoms: torch.Tensor, gram: torch.Tensor | None, backend: str, need_gram_for_numba: bool = True
+    x: torch.Tensor, atoms: torch.Tensor, gram: torch.Tensor | None, backend: str, need_gram_for_numba: bool = True,
+    k: int = 40,
 ) -> tuple[str, torch.Tensor | None]:
     if backend not in BACKENDS:
         raise ItdaInputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -47,7 +58,7 @@ def _resolve(
     if backend == "numba" and on_cuda:
         raise ItdaInputError("the numba backend runs on the CPU; the atoms are on CUDA")
     if gram is None:
-        wants_gram = backend == "numba" or (gram_fits(n, atoms.device) and n <= 4 * x.shape[0])
+        wants_gram = backend == "numba" or (gram_fits(n, atoms.device) and gram_is_cheaper(x.shape[0], n, atoms.shape[1], k))
         if wants_gram:
             if not gram_fits(n, atoms.device):
                 raise ItdaInputError(
@@ -70,7 +81,7 @@ def _run(x, atoms, k, gram, backend, chunk_size, numba_chunk, torch_chunk, rows_
          check_finite: bool = True) -> SparseCodes:
     """Validate, choose the backend, and run a chunk kernel over row chunks."""
     _check_inputs(x, atoms, k, check_finite)
-    backend, gram = _resolve(x, atoms, gram, backend)
+    backend, gram = _resolve(x, atoms, gram, backend, k=k)
     atoms32 = atoms.to(torch.float32).contiguous()
     x32 = x.to(device=atoms.device, dtype=torch.float32)
     gram32 = None if gram is None else gram.to(device=atoms.device, dtype=torch.float32)

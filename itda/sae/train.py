@@ -171,6 +171,10 @@ class SaeTrainer:
                     callback(self, stats)
                 if checkpoint is not None and checkpoint_every and self.step_count % checkpoint_every == 0:
                     self.save_checkpoint(checkpoint, checkpoint_extra)
+        except KeyboardInterrupt:
+            if checkpoint is not None:
+                self.save_checkpoint(checkpoint, checkpoint_extra)
+            raise
         finally:
             bar.close()
         if self.step_count < self.config.steps:
