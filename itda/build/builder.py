@@ -146,19 +146,31 @@ class DictionaryBuilder:
         return torch.cat(self._refs) if self._refs else empty_refs(0)
 
     # -- one batch -------------------------------------------------------------------------
-    def update(self, acts: torch.Tensor, refs: torch.Tensor | None = None) -> BatchStats:
+    def update(self, acts: torch.Tensor, refs: torch.Tensor | None = None, *, score_chunk: int | None = None,
+               exchange=None) -> BatchStats:
+        """Score the batch against the dictionary, add its worst-explained rows (improved mode).
+
+        score_chunk: score rows in chunks of this many (so a batch made of W rank batches is
+        scored exactly as the W ranks score theirs). exchange: the distributed hook
+        (itda.build.distributed.Exchange) that gathers every rank's candidates in rank order,
+        so that all ranks add the same atoms.
+        """
         refs = _check_batch(acts, refs, self.d)
         x_BD = acts.to(device=self.device, dtype=torch.float32)
         norms_B = x_BD.norm(dim=1)
         nonzero_B = norms_B > 0
-        loss_B = self._loss(x_BD)
+        step = score_chunk or max(1, x_BD.shape[0])
+        loss_B = torch.cat([self._loss(x_BD[s : s + step]) for s in range(0, x_BD.shape[0], step)]) if len(x_BD) else norms_B
         over_B = (loss_B > self.config.loss_threshold(self.d)) & nonzero_B
         cand = torch.nonzero(over_B).squeeze(1)
-        unit_MD = x_BD[cand] / norms_B[cand, None]
-        added = self._add_in_rounds(cand, unit_MD, refs, self._room())
-        return self._finish(x_BD.shape[0], len(cand), added, float(loss_B.mean()))
+        unit_MD, cand_refs = x_BD[cand] / norms_B[cand, None], refs[cand.cpu()]
+        tokens, loss_sum = x_BD.shape[0], float(loss_B.double().sum())
+        if exchange is not None:
+            unit_MD, cand_refs, tokens, loss_sum = exchange.gather(unit_MD, cand_refs, tokens, loss_sum)
+        added = self._add_in_rounds(unit_MD, cand_refs, self._room())
+        return self._finish(tokens, len(unit_MD), added, loss_sum / max(tokens, 1))
 
-    def _add_in_rounds(self, cand: torch.Tensor, unit_MD: torch.Tensor, refs: torch.Tensor, room: int) -> int:
+    def _add_in_rounds(self, unit_MD: torch.Tensor, refs_M5: torch.Tensor, room: int) -> int:
         """Improved mode: add candidates round by round, in batch order.
 
         Each round takes the next `round_size` candidates, re-scores them by MP against the
@@ -167,7 +179,7 @@ class DictionaryBuilder:
         round, and adds the rest. Every candidate is scored at most once more than the batch.
         """
         keep = first_unique_rows(unit_MD)
-        cand, unit_MD = cand[keep], unit_MD[keep]
+        cand, unit_MD = torch.nonzero(keep).squeeze(1), unit_MD[keep]
         cos_thr = self.config.cosine_threshold(self.d)
         loss_thr = self.config.loss_threshold(self.d)
         added = 0
@@ -181,7 +193,7 @@ class DictionaryBuilder:
                 head_c, head_u = head_c[still], head_u[still]
             ok = greedy_dissimilar(head_u, torch.ones(len(head_c), dtype=torch.bool, device=head_u.device), cos_thr)
             take_c, take_u = head_c[ok][: room - added], head_u[ok][: room - added]
-            self._append(take_u, refs[take_c.cpu()])
+            self._append(take_u, refs_M5[take_c.cpu()])
             added += len(take_c)
         return added
 
@@ -288,6 +300,8 @@ def build_dictionary(
     progress: bool = False,
     total_tokens: int | None = None,
     fingerprint: dict | None = None,
+    score_chunk: int | None = None,
+    exchange=None,
 ) -> Dictionary:
     """Build a dictionary from an iterator of activation batches ([B, d] or ([B, d], refs [B, 5])).
 
@@ -321,20 +335,22 @@ def build_dictionary(
     else:
         builder = builder_class(mode)(d, config, init=init, meta=meta, device=device)
         builder.fingerprint = fingerprint
-    bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, disable=not progress, desc="build")
+    writer = exchange is None or exchange.rank == 0  # one rank writes checkpoints and shows progress
+    bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, disable=not (progress and writer), desc="build")
     try:
         for index, batch in enumerate(itertools.chain([first], iterator)):
             acts, refs = _split(batch)
             if index < builder.batches_seen:
                 bar.update(acts.shape[0])
                 continue
-            stats = builder.update(acts, refs)
+            stats = builder.update(acts, refs, score_chunk=score_chunk, exchange=exchange) if (score_chunk or exchange) \
+                else builder.update(acts, refs)
             bar.update(stats.tokens)
             bar.set_postfix(atoms=stats.size, refresh=False)
-            if checkpoint is not None and checkpoint_every and builder.batches_seen % checkpoint_every == 0:
+            if writer and checkpoint is not None and checkpoint_every and builder.batches_seen % checkpoint_every == 0:
                 builder.save_checkpoint(checkpoint)
     except KeyboardInterrupt:
-        if checkpoint is not None:
+        if writer and checkpoint is not None:
             builder.save_checkpoint(checkpoint)
         raise
     finally:

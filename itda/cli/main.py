@@ -107,27 +107,46 @@ def build(
 
 
 def _build_from_file(acts, out, common, batch_size, checkpoint, checkpoint_every, dtype, device, quiet, overwrite=False) -> None:
+    import torch
+
     from itda.activations.files import load_activations
     from itda.build import build_dictionary
+    from itda.build.distributed import init_distributed, rank_batches
 
     check_output(out, [acts] + ([checkpoint] if checkpoint else []), "dictionary", overwrite)
+    exchange = init_distributed(check_device(device))
+    if exchange is not None and common["mode"] == "reference":
+        raise ItdaInputError("--mode reference runs in one process (the reference adds a batch's rows all at once)")
     data = load_activations(acts)
     if checkpoint is not None:
         on_interrupt(f"checkpoint saved at {checkpoint}; run the same command to resume")
     t0 = time.perf_counter()
     fingerprint = {"source": data.fingerprint(), "d": data.d, "batch_size": batch_size}
+    batches = data.batches(batch_size)
+    if exchange is not None:
+        fingerprint["world_size"] = exchange.world
+        empty = (data.acts[:0], data.refs[:0])
+        batches = rank_batches(batches, exchange.rank, exchange.world, empty)
     dictionary = build_dictionary(
-        data.batches(batch_size), device=device, checkpoint=checkpoint,
+        batches, device=device, checkpoint=checkpoint,
         checkpoint_every=checkpoint_every if checkpoint else 0, progress=not quiet, total_tokens=len(data),
-        fingerprint=fingerprint, **common,
+        fingerprint=fingerprint, exchange=exchange, **common,
     )
     dictionary.meta.build["source"] = Path(data.source).name
     dictionary.meta.dataset_fingerprint = f"acts:{data.fingerprint()}"
+    if exchange is not None:
+        dictionary.meta.build["world_size"] = exchange.world
+        exchange.barrier()
+        if exchange.rank != 0:
+            torch.distributed.destroy_process_group()
+            return
     if dtype is DType.float16:
         dictionary = type(dictionary)(dictionary.atoms.half(), dictionary.refs, dictionary.meta)
     dictionary.save(out)
     if checkpoint is not None and checkpoint.exists():
         checkpoint.unlink()
+    if exchange is not None:
+        torch.distributed.destroy_process_group()
     typer.echo(f"{out}: {len(dictionary)} atoms, d={dictionary.d}, from {len(data)} tokens in {time.perf_counter() - t0:.1f}s")
 
 

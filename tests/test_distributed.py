@@ -1,0 +1,81 @@
+"""torchrun scale-out: 2 CPU ranks (gloo) build the same dictionary as one process over the interleaved stream."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from itda.activations.files import load_activations, save_activations
+from itda.build import build_dictionary
+from itda.build.distributed import interleaved_batches
+from itda.dictionary import Dictionary
+from itda.synthetic import synthetic_activations
+
+pytestmark = pytest.mark.slow
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+def _torchrun(args, port_env=None, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS="1", ITDA_DIST_TIMEOUT="60")
+    return TORCHRUN + ["-m", "itda"] + args, env
+
+
+def _single_process(acts, batch, world=2, **kw):
+    data = load_activations(acts)
+    return build_dictionary(interleaved_batches(data.batches(batch), world), k=8, min_cosine=0.85, score_chunk=batch, **kw)
+
+
+@pytest.fixture()
+def acts(tmp_path):
+    data = synthetic_activations(30_000, 40, n_features=400, seed=5)
+    p = tmp_path / "acts.safetensors"
+    save_activations(p, data.acts, data.refs)
+    return p
+
+
+def test_two_ranks_equal_one_process_over_the_interleaved_stream(acts, tmp_path):
+    out = tmp_path / "d.safetensors"
+    cmd, env = _torchrun(["build", str(acts), "--out", str(out), "--k", "8", "--batch-size", "700", "-q"])
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = Dictionary.load(out)
+    ref = _single_process(acts, 700)
+    assert torch.equal(d.atoms, ref.atoms) and torch.equal(d.refs, ref.refs)
+    assert d.meta.build["world_size"] == 2 and d.meta.build["tokens"] == 30_000
+    # the ranks really split the work: a single process with rank-sized batches differs
+    alone = build_dictionary(load_activations(acts).batches(700), k=8, min_cosine=0.85)
+    assert not torch.equal(alone.refs, d.refs)
+
+
+def test_killed_rank_stops_the_others_and_the_rerun_completes(acts, tmp_path):
+    psutil = pytest.importorskip("psutil")
+    out, ck = tmp_path / "d.safetensors", tmp_path / "ck.safetensors"
+    args = ["build", str(acts), "--out", str(out), "--k", "8", "--batch-size", "300", "--checkpoint", str(ck),
+            "--checkpoint-every", "1", "-q"]
+    cmd, env = _torchrun(args)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not ck.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert ck.exists(), "no checkpoint was written"
+    workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "itda" in " ".join(c.cmdline())]
+    assert len(workers) == 2
+    victim = max(workers, key=lambda c: c.pid)
+    t_kill = time.time()
+    os.kill(victim.pid, signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0 and time.time() - t_kill < 120
+    assert not out.exists()
+    from itda.build import DictionaryBuilder
+
+    DictionaryBuilder.load_checkpoint(ck)  # intact
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ref = _single_process(acts, 300)
+    d = Dictionary.load(out)
+    assert torch.equal(d.atoms, ref.atoms) and torch.equal(d.refs, ref.refs)
+    assert not ck.exists()
