@@ -59,3 +59,26 @@ def test_report_files(tmp_path):
     assert payload["correspondence"] == [0, 1, 1] and payload["convention"] == "similarity"
     assert (tmp_path / "cka.csv").read_text().splitlines()[1].startswith("0,1.000000")
     assert any(p.suffix == ".png" and p.stat().st_size > 1000 for p in paths)
+
+
+def test_minibatch_cka_runs_when_the_exact_accumulators_do_not_fit():
+    from itda.compare.itda_measures import ITDA_MEASURES
+    from itda.compare.minibatch import MinibatchCKAGrid
+
+    tok = word_tokenizer()
+    lm_a, lm_b = loaded("tiny-a", "llama", tok, seed=0), loaded("tiny-b", "llama", tok, seed=1)
+    docs = sample_docs(30, seed=4)
+    res = compare_models(lm_a, lm_b, docs, list(range(30)), tokens=2000, measures=["cka", *ITDA_MEASURES], context=32,
+                         k=8, progress=False, cka_memory=1, cka_minibatch=256, max_rows=1024)
+    assert "cka_minibatch" in res.matrices and "cka" not in res.matrices
+    assert any("minibatch" in n for n in res.notes)
+    # the same estimator by hand on the paired activations (same tokenizer: tokens pair by position)
+    ctx = tokenize_contexts(docs, range(30), tok, context=32, max_tokens=2000)
+    hps = [Hookpoint("resid_post", i) for i in range(4)]
+    xa = [torch.cat(t) for t in zip(*[[b[h].dense() for h in hps] for b in iterate_batches(lm_a.model, hps, ctx, dtype=torch.float32)])]
+    xb = [torch.cat(t) for t in zip(*[[b[h].dense() for h in hps] for b in iterate_batches(lm_b.model, hps, ctx, dtype=torch.float32)])]
+    grid = MinibatchCKAGrid(256)
+    grid.update(xa, xb)
+    np.testing.assert_allclose(res.matrices["cka_minibatch"], grid.matrix(), atol=1e-8)
+    for m in ITDA_MEASURES:
+        assert res.matrices[m].shape == (4, 4) and np.isfinite(res.matrices[m]).all()

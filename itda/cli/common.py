@@ -50,17 +50,17 @@ def is_activation_file(source: str) -> bool:
     return Path(source).suffix in (".safetensors", ".npy")
 
 
-def parse_memory(text: Optional[str]) -> Optional[int]:
+def parse_memory(text: Optional[str], option: str = "--max-memory") -> Optional[int]:
     """Bytes from '400MB', '70GiB', '1.5 GB' (as accelerate's max_memory) or a bare number of GiB."""
     if text is None:
         return None
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
     unit = m.group(2).lower() if m else ""
     if not m or unit not in _UNITS:
-        raise ItdaInputError(f"--max-memory {text!r}: give a size like 400MB, 8GB, 70GiB or a number of GiB")
+        raise ItdaInputError(f"{option} {text!r}: give a size like 400MB, 8GB, 70GiB or a number of GiB")
     value = int(float(m.group(1)) * _UNITS[unit])
     if value <= 0:
-        raise ItdaInputError(f"--max-memory must be > 0, got {text!r}")
+        raise ItdaInputError(f"{option} must be > 0, got {text!r}")
     return value
 
 

@@ -324,6 +324,7 @@ def compare(
     device: str = typer.Option("cpu"),
     layerwise: Optional[bool] = typer.Option(None, "--layerwise/--in-memory", help="Models: stream blocks from the shards (default: when a model exceeds --max-memory)."),
     max_memory: Optional[str] = typer.Option(None, help="Models: memory budget for choosing layer-wise execution, e.g. 8GB, 70GiB."),
+    cka_memory: str = typer.Option("1GiB", help="Models: largest exact CKA accumulators; beyond it minibatch CKA runs."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Compare models layer by layer, two dictionaries (or folders of them), or two activation files."""
@@ -332,7 +333,8 @@ def compare(
     check_device(device)
     compare_command(a, b, corpus=corpus, field=field, tokens=tokens, context=context, measures=measures, out=out, k=k,
                     min_cosine=min_cosine, max_rows=max_rows, precision=precision, include_special=include_special,
-                    device=device, quiet=quiet, layerwise=layerwise, max_memory=parse_memory(max_memory))
+                    device=device, quiet=quiet, layerwise=layerwise, max_memory=parse_memory(max_memory),
+                    cka_memory=parse_memory(cka_memory, "--cka-memory"))
 
 
 @app.command()

@@ -46,7 +46,7 @@ def _measure_list(text: str) -> list[str]:
 
 
 def compare_command(a: str, b: str, *, corpus, field, tokens, context, measures, out, k, min_cosine, max_rows,
-                    precision, include_special, device, quiet, layerwise=False, max_memory=None) -> None:
+                    precision, include_special, device, quiet, layerwise=False, max_memory=None, cka_memory=1 << 30) -> None:
     kinds = (_kind(a), _kind(b))
     if kinds[0] != kinds[1]:
         raise ItdaInputError(f"compare needs two of a kind; got a {kinds[0].replace('_', ' ')} and a {kinds[1].replace('_', ' ')}")
@@ -67,7 +67,7 @@ def compare_command(a: str, b: str, *, corpus, field, tokens, context, measures,
     else:
         _compare_models(a, b, names, corpus=corpus, field=field, tokens=tokens, context=context, out=out, k=k,
                         min_cosine=min_cosine, max_rows=max_rows, precision=precision, include_special=include_special,
-                        device=device, quiet=quiet, layerwise=layerwise, max_memory=max_memory)
+                        device=device, quiet=quiet, layerwise=layerwise, max_memory=max_memory, cka_memory=cka_memory)
 
 
 def _compare_dicts(a: Path, b: Path, out: Path | None) -> None:
@@ -132,7 +132,7 @@ def _compare_acts(a: Path, b: Path, names: list[str], out: Path | None) -> None:
 
 
 def _compare_models(a: str, b: str, names: list[str], *, corpus, field, tokens, context, out, k, min_cosine, max_rows,
-                    precision, include_special, device, quiet, layerwise=False, max_memory=None) -> None:
+                    precision, include_special, device, quiet, layerwise=False, max_memory=None, cka_memory=1 << 30) -> None:
     from itda.activations.corpus import read_documents, split_documents
     from itda.activations.models import load_model
     from itda.compare.pipeline import compare_models
@@ -146,8 +146,10 @@ def _compare_models(a: str, b: str, names: list[str], *, corpus, field, tokens, 
     ids = split_documents(docs, "heldout" if corpus == "default" else "all")
     res = compare_models(lm_a, lm_b, docs, ids, tokens=tokens, measures=list(dict.fromkeys(expanded)), context=context,
                          k=k, min_cosine=min_cosine, max_rows=max_rows, precision=precision,
-                         include_special=include_special, progress=not quiet)
+                         include_special=include_special, progress=not quiet, cka_memory=cka_memory)
     typer.echo(f"{res.paired_tokens} paired tokens ({res.identity} identities), {res.seconds:.0f}s")
+    for note in res.notes:
+        typer.echo(note)
     if not include_special:
         typer.echo("BOS/special tokens dropped (--include-special to keep them)")
     _report(res.matrices, res.name_a, res.name_b, out, res.model_level)

@@ -25,6 +25,7 @@ from itda.build import BuildConfig, DictionaryBuilder
 from itda.compare.itda_measures import ITDA_MEASURES, itda_grids
 from itda.compare.jaccard import SIZE_CONTROLS, jaccard, jaccard_union
 from itda.compare.measures import IN_MEMORY, STREAMED, check_measures, similarity_grid
+from itda.compare.minibatch import MinibatchCKAGrid, exact_grid_bytes
 from itda.compare.streaming import StreamingCKAGrid
 from itda.dictionary import Dictionary, DictionaryMeta
 from itda.errors import ItdaInputError
@@ -41,6 +42,7 @@ class ModelComparison:
     identity: str  # 'token' or 'char'
     seconds: float
     model_level: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # which estimators ran, and why
     dictionaries_a: list[Dictionary] = field(default_factory=list)
     dictionaries_b: list[Dictionary] = field(default_factory=list)
 
@@ -86,8 +88,15 @@ def compare_models(
     batch_tokens: int = 4096,
     include_special: bool = False,
     progress: bool = True,
+    cka_memory: int = 1 << 30,
+    cka_minibatch: int = 1024,
 ) -> ModelComparison:
-    """Similarity matrices [L_A, L_B] for each measure; lm_b=None compares lm_a with itself."""
+    """Similarity matrices [L_A, L_B] for each measure; lm_b=None compares lm_a with itself.
+
+    Linear CKA runs exactly (float64 streaming sums, O(L_A d_A L_B d_B) memory) when those
+    accumulators fit `cka_memory` bytes, else as minibatch CKA (unbiased HSIC averaged over
+    minibatches of `cka_minibatch` paired tokens, O((L_A + L_B) m^2) memory): `notes` says which.
+    """
     check_measures(measures)
     t0 = time.perf_counter()
     self_compare = lm_b is None
@@ -100,7 +109,18 @@ def compare_models(
     identity = "token" if (self_compare or same_tok) else "char"
     hps_a = [Hookpoint("resid_post", i) for i in range(n_layers(lm_a.model))]
     hps_b = [Hookpoint("resid_post", i) for i in range(n_layers(lm_b.model))]
-    grid = StreamingCKAGrid(precision) if set(STREAMED) & set(measures) else None
+    notes: list[str] = []
+    grid = mb_grid = None
+    if set(STREAMED) & set(measures):
+        need = exact_grid_bytes(len(hps_a), lm_a.config.hidden_size, len(hps_b), lm_b.config.hidden_size)
+        if need <= cka_memory:
+            grid = StreamingCKAGrid(precision)
+            notes.append(f"linear CKA: exact streaming ({need / 2**30:.2f} GiB of accumulators)")
+        else:
+            mb_grid = MinibatchCKAGrid(cka_minibatch)
+            notes.append(f"linear CKA: minibatch estimator, {cka_minibatch} tokens per minibatch (the exact accumulators "
+                         f"would need {need / 2**30:.1f} GiB > {cka_memory / 2**30:.1f} GiB); reported as cka_minibatch; "
+                         "procrustes needs the exact path")
     wants_itda = [m for m in measures if m in ITDA_MEASURES]
     wants_mem = [m for m in measures if m in IN_MEMORY] + wants_itda
     kept_a: list[list[torch.Tensor]] = [[] for _ in hps_a]
@@ -135,12 +155,14 @@ def compare_models(
         ia, ib = torch.from_numpy(np.sort(ia)), torch.from_numpy(ib[np.argsort(ia)])
         paired += len(ia)
         bar.update(batch_a[0].unit.shape[0])
-        if grid is None and not (wants_mem and n_kept < max_rows):
+        if grid is None and mb_grid is None and not (wants_mem and n_kept < max_rows):
             continue  # Jaccard only: the dense paired rows are not needed
         xs = [acts.dense()[ia] for acts in batch_a]
         ys = [acts.dense()[ib] for acts in batch_b]
         if grid is not None and len(ia):
             grid.update(torch.stack(xs), torch.stack(ys))
+        if mb_grid is not None and len(ia):
+            mb_grid.update(xs, ys)
         if wants_mem and n_kept < max_rows:
             take = min(max_rows - n_kept, len(ia))
             for store, x in zip(kept_a, xs):
@@ -155,6 +177,8 @@ def compare_models(
     if grid is not None:
         mats = grid.matrices(procrustes="procrustes" in measures)
         matrices.update({m: mats[m] for m in STREAMED if m in measures})
+    if mb_grid is not None:
+        matrices["cka_minibatch"] = mb_grid.matrix()
     xs_mem = [torch.cat(s) for s in kept_a] if wants_mem else []
     ys_mem = [torch.cat(s) for s in kept_b] if wants_mem else []
     for m in wants_mem:
@@ -163,7 +187,7 @@ def compare_models(
     if wants_itda:
         matrices.update(itda_grids(xs_mem, None if self_compare else ys_mem, wants_itda, k=k, min_cosine=min_cosine))
     result = ModelComparison(lm_a.name, lm_b.name, len(hps_a), len(hps_b), matrices, paired, identity,
-                             time.perf_counter() - t0)
+                             time.perf_counter() - t0, notes=notes)
     if builders_a is not None:
         result.dictionaries_a = [b.dictionary() for b in builders_a]
         result.dictionaries_b = result.dictionaries_a if self_compare else [b.dictionary() for b in builders_b]
