@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
+import struct
 import threading
 import types
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -93,6 +95,99 @@ class WeightIndex:
         return total
 
 
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+class ShardMaps:
+    """Copy-on-write memory maps of safetensors shards; tensors as zero-copy views into them."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self._maps: dict[str, tuple[mmap.mmap, dict, int]] = {}
+        self._lock = threading.Lock()
+
+    def _open(self, shard: str) -> tuple[mmap.mmap, dict, int]:
+        with self._lock:
+            if shard not in self._maps:
+                with open(self.folder / shard, "rb") as fh:
+                    (n,) = struct.unpack("<Q", fh.read(8))
+                    header = json.loads(fh.read(n))
+                    mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+                self._maps[shard] = (mm, header, 8 + n)
+            return self._maps[shard]
+
+    def view(self, shard: str, name: str) -> torch.Tensor:
+        mm, header, start = self._open(shard)
+        info = header[name]
+        dtype = _ST_DTYPES[info["dtype"]]
+        begin, end = info["data_offsets"]
+        count = (end - begin) // torch.empty(0, dtype=dtype).element_size()
+        flat = torch.frombuffer(mm, dtype=dtype, count=count, offset=start + begin) if count else torch.empty(0, dtype=dtype)
+        return flat.view(info["shape"])
+
+    def release(self, shard: str, name: str) -> None:
+        """Drop the mapped pages of a tensor once copied, so they leave the process's RSS."""
+        mm, header, start = self._open(shard)
+        begin, end = header[name]["data_offsets"]
+        lo = (start + begin) // mmap.PAGESIZE * mmap.PAGESIZE
+        hi = min(len(mm), start + end)
+        if hi > lo and hasattr(mm, "madvise"):
+            mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+    def close(self) -> None:
+        with self._lock:
+            for mm, _, _ in self._maps.values():
+                mm.close()
+            self._maps.clear()
+
+
+class BlockBuffers:
+    """Two reusable sets of block tensors; read k goes into set k % 2."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
+        self.sets: list[dict[str, torch.Tensor]] = [{}, {}]
+        self.staging: list[dict[str, torch.Tensor]] = [{}, {}]  # pinned host copies on CUDA
+        self.allocated_bytes = 0
+
+    def _slot(self, pool: dict, name: str, shape, dtype, device, pin: bool) -> torch.Tensor:
+        t = pool.get(name)
+        if t is None or tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+            t = torch.empty(shape, dtype=dtype, device=device, pin_memory=pin)
+            pool[name] = t
+            self.allocated_bytes += t.numel() * t.element_size()
+        return t
+
+    def fill(self, k: int, sources: dict[str, torch.Tensor], copy_stream=None) -> dict[str, torch.Tensor]:
+        """Copy {param: source view} into set k % 2 (converting float dtypes) and return it.
+
+        Runs under inference mode (in whichever thread): the buffers are inference tensors and
+        every update to them happens there.
+        """
+        with torch.inference_mode():
+            return self._fill(k, sources, copy_stream)
+
+    def _fill(self, k: int, sources: dict[str, torch.Tensor], copy_stream=None) -> dict[str, torch.Tensor]:
+        out = {}
+        on_cuda = self.device.type == "cuda"
+        for param, src in sources.items():
+            dtype = self.dtype if src.is_floating_point() else src.dtype
+            dst = self._slot(self.sets[k % 2], param, src.shape, dtype, self.device, False)
+            if on_cuda:
+                host = self._slot(self.staging[k % 2], param, src.shape, dtype, torch.device("cpu"), True)
+                host.copy_(src)
+                with torch.cuda.stream(copy_stream):
+                    dst.copy_(host, non_blocking=True)
+            else:
+                dst.copy_(src)
+            out[param] = dst
+        if on_cuda and copy_stream is not None:
+            copy_stream.synchronize()
+        return out
+
+
 def _dtype_bytes(name: str) -> int:
     return {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}.get(name, 4)
 
@@ -158,6 +253,9 @@ class LayerwiseModel:
         self._lock = threading.Lock()
         # CUDA: host-to-device copies of the next block run on their own stream
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.maps = ShardMaps(self.folder)
+        self.buffers = BlockBuffers(self.device, dtype)
+        self._reads = 0  # reads are strictly sequential: read k fills buffer set k % 2
         self.bytes_read = 0
         for i, block in enumerate(self.blocks):
             if i <= self.max_layer:
@@ -212,13 +310,15 @@ class LayerwiseModel:
 
     def _read_block(self, i: int) -> dict[str, torch.Tensor]:
         names = self._names(self.blocks[i], f"{self.blocks_path}.{i}.")
-        if self._copy_stream is not None:
-            with torch.cuda.stream(self._copy_stream):
-                tensors = self.index.read(names, self.device, self.dtype, pin=True)
-            self._copy_stream.synchronize()
-        else:
-            tensors = self.index.read(names, self.device, self.dtype)
-        self.bytes_read += sum(t.numel() * t.element_size() for t in tensors.values())
+        views = {p: self.maps.view(self.index.weight_map[c], c) for p, c in names.items()}
+        with self._lock:
+            k = self._reads
+            self._reads += 1
+        tensors = self.buffers.fill(k, views, self._copy_stream)
+        self.bytes_read += sum(v.numel() * v.element_size() for v in views.values())
+        del views
+        for c in names.values():
+            self.maps.release(self.index.weight_map[c], c)
         return tensors
 
     def _take(self, i: int) -> dict[str, torch.Tensor]:
@@ -262,6 +362,7 @@ class LayerwiseModel:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pending.clear()
+        self.maps.close()
 
 
 def checkpoint_params(folder: str | Path) -> int:
