@@ -105,6 +105,44 @@ def train_one(spec: str, x_train, x_held, args, seed: int, resample: str | None 
                  "encoder_scale": info.get("encoder_scale"), "atoms": info.get("atoms")}
 
 
+def mean_curve(runs: list[dict]) -> list[tuple[int, float]]:
+    steps = [st for st, _ in runs[0]["curve"]]
+    return [(st, sum(r["curve"][i][1] for r in runs) / len(runs)) for i, st in enumerate(steps)]
+
+
+def summarise(runs: dict[str, list[dict]], itda_s: float) -> tuple[dict, float]:
+    """Per init: steps (on the seed-mean curve, and per seed) to kaiming's mean final FVU, wall time, final FVU.
+
+    Wall time = the init's own cost (+ the ITDA build for `itda`) + steps x the median seconds
+    per step of all runs of the layer (every init trains the same SAE, so one per-step cost;
+    the median discounts runs slowed by other work on the machine).
+    """
+    target = sum(r["final_fvu"] for r in runs["kaiming"]) / len(runs["kaiming"])
+    all_steps = sorted(r["s_per_step"] for rs in runs.values() for r in rs)
+    s_step = all_steps[len(all_steps) // 2]
+    kaiming_steps = steps_to(mean_curve(runs["kaiming"]), target)
+    table = {}
+    for name, rs in runs.items():
+        extra = itda_s if name == "itda" else 0.0
+        init_s = sum(r["init_s"] for r in rs) / len(rs) + extra
+        steps = steps_to(mean_curve(rs), target)
+        table[name] = {
+            "steps_to_target": steps,
+            "steps_to_target_seeds": [steps_to(r["curve"], target) for r in rs],
+            "steps_ratio_vs_kaiming": steps / kaiming_steps if steps is not None and kaiming_steps else None,
+            "wall_s_to_target": None if steps is None else init_s + steps * s_step,
+            "init_s": init_s,
+            "final_fvu_mean": sum(r["final_fvu"] for r in rs) / len(rs),
+            "final_fvu_seeds": [r["final_fvu"] for r in rs],
+            "dead_final": [r["dead_final"] for r in rs],
+            "resampled": [r["resampled"] for r in rs],
+        }
+    base_wall = table["kaiming"]["wall_s_to_target"]
+    for row in table.values():
+        row["wall_ratio_vs_kaiming"] = row["wall_s_to_target"] / base_wall if row["wall_s_to_target"] and base_wall else None
+    return table, target
+
+
 def plot(layer: int, results: dict, target: float, path: Path) -> None:
     import matplotlib
 
@@ -145,7 +183,23 @@ def main() -> None:
     ap.add_argument("--resample-every", type=int, default=100)
     ap.add_argument("--itda-min-cosine", type=float, default=0.9)
     ap.add_argument("--inits", nargs="+", default=list(INITS))
+    ap.add_argument("--resample-inits", nargs="*", default=["kaiming"], help="inits also run with ITDA resampling")
+    ap.add_argument("--name", default="sae_init", help="result file name (out/NAME.json)")
+    ap.add_argument("--no-versus", action="store_true", help="skip the ITDA-alone vs SAE comparison")
+    ap.add_argument("--summarise", action="store_true", help="only recompute the tables and plots of out/sae_init.json")
     args = ap.parse_args()
+    if args.summarise:
+        import json
+
+        report = json.loads((OUT / f"{args.name}.json").read_text())
+        for layer, rep in report["layers"].items():
+            rep["table"], rep["target_fvu"] = summarise(rep["runs"], rep["itda_build_s"])
+            plot(int(layer), rep["runs"], rep["target_fvu"], OUT / f"{args.name}_L{layer}.png")
+            for name, row in rep["table"].items():
+                print(f"L{layer} {name:22s} steps {row['steps_to_target']} ratio {row['steps_ratio_vs_kaiming']} "
+                      f"wall {row['wall_s_to_target']} ({row['wall_ratio_vs_kaiming']}) final {row['final_fvu_mean']:.4f}")
+        (OUT / f"{args.name}.json").write_text(json.dumps(report, indent=2))
+        return
     lm = load_model("smollm2-135m")
     all_layers = sorted({L for L in args.layers} | {L - 1 for L in args.layers})
     paths = cache_activations(lm, all_layers, args.tokens, args.eval_tokens)
@@ -167,45 +221,35 @@ def main() -> None:
         print(f"layer {layer}: ITDA {len(dictionary)} atoms in {itda_s:.1f}s", flush=True)
         # source SAE for layer transfer: the previous layer, kaiming init, seed 0, same budget
         t0 = time.perf_counter()
-        prev_held = load_activations(paths[(layer - 1, "heldout")]).acts.float()
-        prev_sae, _ = train_one("kaiming", x_prev, prev_held, args, 0)
-        prev_s = time.perf_counter() - t0
         prev_path = OUT / "sae_acts" / f"sae_kaiming_L{layer - 1}.safetensors"
-        save_sae(prev_sae, prev_path)
+        if "transfer" in args.inits:
+            prev_held = load_activations(paths[(layer - 1, "heldout")]).acts.float()
+            prev_sae, _ = train_one("kaiming", x_prev, prev_held, args, 0)
+            save_sae(prev_sae, prev_path)
+        prev_s = time.perf_counter() - t0
         specs = {"kaiming": "kaiming", "orthogonal": "orthogonal", "data": "data", "mean-subtracted": "mean-subtracted",
                  "centroid-subtracted": "centroid-subtracted", "outliers": "outliers", "itda": f"itda:{dict_path}",
                  "transfer": f"transfer:{prev_path}"}
         runs: dict[str, list[dict]] = {}
         best: dict[str, object] = {}
-        for name in args.inits + ["kaiming+resample-itda"]:
-            spec, resample = (specs["kaiming"], "itda") if name == "kaiming+resample-itda" else (specs[name], None)
+        for name in args.inits + [f"{i}+resample-itda" for i in args.resample_inits]:
+            base_name = name.split("+")[0]
+            spec, resample = specs[base_name], ("itda" if "+resample" in name else None)
             for seed in range(args.seeds):
                 sae, r = train_one(spec, x_train, x_held, args, seed, resample)
                 runs.setdefault(name, []).append(r)
                 if seed == 0:
                     best[name] = sae
                 print(f"L{layer} {name:22s} seed {seed}: final FVU {r['final_fvu']:.4f} ({r['s_per_step']:.3f}s/step, init {r['init_s']:.1f}s, dead {r['dead_final']})", flush=True)
-        target = sum(r["final_fvu"] for r in runs["kaiming"]) / len(runs["kaiming"])
-        table = {}
-        for name, rs in runs.items():
-            steps = [steps_to(r["curve"], target) for r in rs]
-            extra_s = itda_s if name == "itda" else 0.0
-            walls = [None if s is None else extra_s + r["init_s"] + s * r["s_per_step"] for s, r in zip(steps, rs)]
-            reached = [s for s in steps if s is not None]
-            table[name] = {
-                "steps_to_target": steps,
-                "mean_steps": sum(reached) / len(reached) if len(reached) == len(steps) else None,
-                "wall_s_to_target": walls,
-                "final_fvu_mean": sum(r["final_fvu"] for r in rs) / len(rs),
-                "final_fvu_seeds": [r["final_fvu"] for r in rs],
-                "dead_final": [r["dead_final"] for r in rs],
-                "s_per_step": sum(r["s_per_step"] for r in rs) / len(rs),
-                "init_s": sum(r["init_s"] for r in rs) / len(rs) + extra_s,
-            }
-        base = table["kaiming"]["mean_steps"]
-        for name, row in table.items():
-            row["steps_ratio_vs_kaiming"] = row["mean_steps"] / base if row["mean_steps"] is not None and base else None
+        if "kaiming" not in runs:  # a partial run (e.g. resampling only): compare with its first init
+            runs = {"kaiming": runs[args.inits[0]], **runs}
+        table, target = summarise(runs, itda_s)
         # ITDA alone vs trained SAEs on the same held-out tokens (FVU at k, CE-loss score)
+        if args.no_versus:
+            report["layers"][str(layer)] = {"target_fvu": target, "itda_atoms": len(dictionary), "itda_build_s": itda_s,
+                                            "table": table, "runs": runs}
+            write_result(args.name, report)
+            continue
         t0 = time.perf_counter()
         itda_eval = evaluate(dictionary, x_held.split(4096), k=args.k)
         itda_eval_s = time.perf_counter() - t0
@@ -215,16 +259,16 @@ def main() -> None:
         for name in ("kaiming", "itda"):
             rep = evaluate_contexts(lm, LoadedSae(best[name], SaeMeta(hookpoint=hp.name)), hp, ce_ctx)
             versus[f"sae_{name}_seed0"] = {"fvu": table[name]["final_fvu_seeds"][0], "ce_loss_score": rep.ce.score,
-                                          "train_s": args.steps * table[name]["s_per_step"] + table[name]["init_s"]}
+                                          "train_s": args.steps * runs[name][0]["s_per_step"] + table[name]["init_s"]}
         report["layers"][str(layer)] = {"target_fvu": target, "itda_atoms": len(dictionary), "itda_build_s": itda_s,
                                         "transfer_source_s": prev_s, "table": table, "itda_vs_sae": versus,
                                         "runs": runs}
-        plot(layer, runs, target, OUT / f"sae_init_L{layer}.png")
+        plot(layer, runs, target, OUT / f"{args.name}_L{layer}.png")
         print(f"layer {layer}: target FVU {target:.4f}", flush=True)
         for name, row in table.items():
-            print(f"  {name:22s} steps {row['mean_steps']}  ratio {row['steps_ratio_vs_kaiming']}  final {row['final_fvu_mean']:.4f}", flush=True)
+            print(f"  {name:22s} steps {row['steps_to_target']}  ratio {row['steps_ratio_vs_kaiming']}  final {row['final_fvu_mean']:.4f}", flush=True)
         print(f"  versus: {versus}", flush=True)
-        write_result("sae_init", report)
+        write_result(args.name, report)
 
 
 if __name__ == "__main__":
