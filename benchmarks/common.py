@@ -43,3 +43,25 @@ def write_result(name: str, payload: dict) -> Path:
     payload = {"date": date.today().isoformat(), "machine": machine(), **payload}
     path.write_text(json.dumps(payload, indent=2))
     return path
+
+
+def run_measured(cmd: list[str], env: dict | None = None, poll_s: float = 0.02) -> dict:
+    """Run a command; sample its /proc status for the peak RssAnon and its final VmHWM (bytes)."""
+    import subprocess
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    peak_anon = vmhwm = 0
+    t0 = time.perf_counter()
+    while proc.poll() is None:
+        try:
+            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    peak_anon = max(peak_anon, int(line.split()[1]) * 1024)
+                elif line.startswith("VmHWM:"):
+                    vmhwm = max(vmhwm, int(line.split()[1]) * 1024)
+        except OSError:
+            pass
+        time.sleep(poll_s)
+    out, err = proc.communicate()
+    return {"returncode": proc.returncode, "seconds": time.perf_counter() - t0, "peak_rss_anon": peak_anon,
+            "vmhwm": vmhwm, "stdout": out, "stderr": err[-2000:]}

@@ -75,6 +75,7 @@ def build(
     context: int = typer.Option(128, help="Model input: tokens per context."),
     batch_tokens: int = typer.Option(4096, help="Model input: tokens per forward pass."),
     stream_dtype: str = typer.Option("float16", help="Model input: float16, bfloat16 or float32."),
+    model_dtype: str = typer.Option("float32", help="Model input: dtype the model computes in (bfloat16 for large models on GPU)."),
     include_special: bool = typer.Option(False, help="Model input: let BOS/special tokens become atoms."),
     layerwise: Optional[bool] = typer.Option(None, "--layerwise/--in-memory", help="Model input: stream blocks from the safetensors shards (default: when the model exceeds --max-memory)."),
     max_memory: Optional[str] = typer.Option(None, help="Model input: memory budget for choosing layer-wise execution, e.g. 8GB, 70GiB, 0.5 (GiB) (default: half the free memory)."),
@@ -103,7 +104,7 @@ def build(
         _build_from_file(Path(source), out, common, batch_size, checkpoint, checkpoint_every, dtype, device, quiet, overwrite)
     else:
         _build_from_model(source, out, common, layer, hook, hookpoint, corpus, field, tokens, context, batch_tokens,
-                          stream_dtype, include_special, dtype, device, quiet, layerwise, parse_memory(max_memory))
+                          stream_dtype, include_special, dtype, device, quiet, layerwise, parse_memory(max_memory), model_dtype)
 
 
 def _build_from_file(acts, out, common, batch_size, checkpoint, checkpoint_every, dtype, device, quiet, overwrite=False) -> None:
@@ -151,7 +152,8 @@ def _build_from_file(acts, out, common, batch_size, checkpoint, checkpoint_every
 
 
 def _build_from_model(source, out, common, layers, hook, extra, corpus, field, tokens, context, batch_tokens,
-                      stream_dtype, include_special, dtype, device, quiet, layerwise=False, max_memory=None) -> None:
+                      stream_dtype, include_special, dtype, device, quiet, layerwise=False, max_memory=None,
+                      model_dtype="float32") -> None:
     from itda.activations.corpus import load_contexts
     from itda.activations.hookpoints import parse_hookpoint
     from itda.activations.models import load_model
@@ -161,6 +163,8 @@ def _build_from_model(source, out, common, layers, hook, extra, corpus, field, t
 
     if stream_dtype not in STREAM_DTYPES:
         raise ItdaInputError(f"--stream-dtype must be one of {', '.join(STREAM_DTYPES)}")
+    if model_dtype not in STREAM_DTYPES:
+        raise ItdaInputError(f"--model-dtype must be one of {', '.join(STREAM_DTYPES)}")
     if hook not in ("resid_post", "resid_pre", "attn_out", "mlp_out"):
         raise ItdaInputError(f"--hook must be resid_post, resid_pre, attn_out or mlp_out, got {hook!r}")
     hps = [parse_hookpoint(str(L), default_kind=hook) for L in layers] + [parse_hookpoint(h) for h in extra]
@@ -174,7 +178,8 @@ def _build_from_model(source, out, common, layers, hook, extra, corpus, field, t
     from itda.activations.hookpoints import depth, resolve_module
 
     deepest = max(hp.layer for hp in hps)
-    lm = load_model(source, device=device, layerwise=layerwise, max_memory=max_memory, max_layer=deepest)
+    lm = load_model(source, device=device, layerwise=layerwise, max_memory=max_memory, max_layer=deepest,
+                    dtype=STREAM_DTYPES[model_dtype])
     if lm.layerwise is not None and not quiet:
         typer.echo(f"layer-wise execution: blocks stream from {lm.source}, up to block {lm.layerwise.max_layer}")
     if lm.layerwise is not None and any(depth(lm.model, hp) > deepest for hp in hps):

@@ -1,0 +1,132 @@
+"""The figures to take when a GPU is lent (CUDA only; exits with a message elsewhere).
+
+1. Matching pursuit on CUDA vs one GEMM of the same shape (k = 40, B = 4096 tokens), with the
+   Gram matrix given (the builder's case) and without it (the automatic path choice).
+2. Build overhead over the forward pass: smollm2-135m layer 15 on CUDA, forward alone vs
+   forward + improved-mode build, same tokens.
+3. Layer-wise streaming with prefetch on CUDA: a synthetic 24-block Llama (d = 2048) in bf16,
+   in-memory forward vs `--layerwise` (pinned double buffers, copy stream) tokens/s and peak
+   GPU memory.
+Writes out/gpu.json. Usage: python benchmarks/gpu.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+
+import torch
+
+from common import write_result
+
+
+def sync() -> None:
+    torch.cuda.synchronize()
+
+
+def timed(fn, repeats: int = 3) -> float:
+    fn()
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def mp_vs_gemm(sizes) -> list[dict]:
+    from itda.pursuit import compute_gram, matching_pursuit
+
+    rows = []
+    for d, n in sizes:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn(4096, d, device="cuda", generator=g)
+        atoms = torch.randn(n, d, device="cuda", generator=g)
+        atoms /= atoms.norm(dim=1, keepdim=True)
+        gram = compute_gram(atoms)
+        gemm = timed(lambda: x @ atoms.T)
+        with_gram = timed(lambda: matching_pursuit(x, atoms, 40, gram=gram, backend="torch"))
+        auto = timed(lambda: matching_pursuit(x, atoms, 40, backend="auto"))
+        rows.append({"d": d, "n_atoms": n, "gemm_s": gemm, "mp_gram_s": with_gram, "mp_auto_s": auto,
+                     "mp_gram_over_gemm": with_gram / gemm, "mp_auto_over_gemm": auto / gemm})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def build_overhead(tokens: int) -> dict:
+    from itda.activations.corpus import load_contexts
+    from itda.activations.hookpoints import Hookpoint
+    from itda.activations.models import load_model
+    from itda.activations.stream import iterate_batches
+    from itda.build import BuildConfig, DictionaryBuilder
+
+    lm = load_model("smollm2-135m", device="cuda")
+    hp = Hookpoint("resid_post", 15)
+    _, ctx = load_contexts("default", lm.tokenizer, tokenizer_name=lm.tokenizer_name, split="train", tokens=tokens)
+    sync()
+    t0 = time.perf_counter()
+    n = sum(b[hp].unit.shape[0] for b in iterate_batches(lm.model, [hp], ctx, batch_contexts=32, device="cuda"))
+    sync()
+    fwd = time.perf_counter() - t0
+    builder = DictionaryBuilder(lm.config.hidden_size, BuildConfig(k=40, min_cosine=0.85), device="cuda")
+    t0 = time.perf_counter()
+    for b in iterate_batches(lm.model, [hp], ctx, batch_contexts=32, device="cuda"):
+        builder.update(b[hp].unit, b[hp].refs)
+    sync()
+    both = time.perf_counter() - t0
+    return {"tokens": n, "forward_tok_s": n / fwd, "forward_build_tok_s": n / both, "overhead": both / fwd - 1,
+            "atoms": builder.size}
+
+
+def layerwise(tokens: int) -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from itda.activations.hookpoints import Hookpoint, StopForward, capture
+    from itda.activations.models import load_model
+
+    folder = tempfile.mkdtemp()
+    cfg = LlamaConfig(vocab_size=32_000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
+                      num_attention_heads=16, num_key_value_heads=16)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(folder, max_shard_size="500MB")
+    ids = torch.randint(4, 32_000, (tokens // 512, 512), device="cuda")
+    hp = Hookpoint("resid_post", 23)
+    out = {}
+    for mode in ("in_memory", "layerwise"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        lm = load_model(folder, device="cuda", dtype=torch.bfloat16, layerwise=mode == "layerwise", max_layer=23)
+
+        def run():
+            import contextlib
+
+            with torch.inference_mode(), capture(lm.model, [hp]), contextlib.suppress(StopForward):
+                for s in range(0, ids.shape[0], 8):
+                    lm.model(input_ids=ids[s : s + 8], use_cache=False)
+
+        secs = timed(run, repeats=2)
+        out[mode] = {"tok_s": ids.numel() / secs, "peak_gpu_GiB": torch.cuda.max_memory_allocated() / 2**30}
+        print(mode, out[mode], flush=True)
+        del lm
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device: gpu.py measures CUDA paths only")
+        sys.exit(0)
+    sizes = [(2048, 4096), (4096, 16_384)] if args.quick else [(576, 4096), (2048, 4096), (2048, 16_384), (4096, 16_384), (8192, 50_000)]
+    res = {"device": torch.cuda.get_device_name(), "mp_vs_gemm": mp_vs_gemm(sizes)}
+    res["build_overhead"] = build_overhead(20_000 if args.quick else 100_000)
+    res["layerwise"] = layerwise(4096 if args.quick else 32_768)
+    print("wrote", write_result("gpu", res))
+
+
+if __name__ == "__main__":
+    main()
