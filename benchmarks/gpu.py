@@ -110,7 +110,7 @@ def layerwise(tokens: int) -> dict:
         secs = timed(run, repeats=2)
         out[mode] = {"tok_s": ids.numel() / secs, "peak_gpu_GiB": torch.cuda.max_memory_allocated() / 2**30}
         print(mode, out[mode], flush=True)
-        del lm
+        lm = None  # free it before the next mode
     return out
 
 

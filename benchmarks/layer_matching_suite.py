@@ -1,12 +1,12 @@
 """Layer-matching suite with ground truth (layer i <-> layer i): every measure, every benchmark.
 
 Benchmarks (each a set of model pairs whose layers correspond one to one):
-  seeds       small GPT-2s (8 layers, d = 128, 1,500 steps) differing only in seed, all pairs
+  seeds       small GPT-2s (8 layers, d = 128, 1,000 steps) differing only in seed, all pairs
               (trained by layer_matching.py's train_model, cached under $ITDA_CACHE/bench)
   checkpoints seed 0 after 150 / 500 steps vs the other seeds' final models
-  smollm2     smollm2-135m (every second layer) vs copies with Gaussian noise on every block
-              weight, std = level x that tensor's std, levels 0.05-0.4
-  gemma3      gemma3-270m (all 18 layers) vs its noise copies
+  smollm2     smollm2-135m (every third layer: 10 layers) vs copies with Gaussian noise on every
+              block weight, std = level x that tensor's std, levels 0.05-0.4
+  gemma3      gemma3-270m (every second layer: 9 layers) vs its noise copies
 All models read the same held-out documents of the default corpus (same tokenizer within a
 benchmark, so tokens pair by position); BOS dropped; the first `--rows` tokens are the sample
 every measure sees: linear / debiased CKA and Procrustes (exact, from the streaming sums of
@@ -32,7 +32,7 @@ from itda.activations.corpus import load_contexts, read_documents, split_documen
 from itda.activations.hookpoints import Hookpoint, n_layers
 from itda.activations.models import LoadedModel, load_model
 from itda.activations.stream import iterate_batches
-from itda.compare.itda_measures import ITDA_MEASURES, itda_grids
+from itda.compare.itda_measures import itda_grids
 from itda.compare.layers import pooled_accuracy
 from itda.compare.measures import similarity_grid
 from itda.compare.streaming import StreamingCKAGrid
@@ -155,9 +155,9 @@ def bench_noise(args, model: str, levels, every: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--benchmarks", nargs="+", default=["seeds", "checkpoints", "smollm2", "gemma3"])
-    ap.add_argument("--rows", type=int, default=4096)
-    ap.add_argument("--seeds", type=int, default=4)
-    ap.add_argument("--seed-steps", type=int, default=1500)
+    ap.add_argument("--rows", type=int, default=2048)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seed-steps", type=int, default=1000)
     ap.add_argument("--itda-k", type=int, default=40)
     ap.add_argument("--itda-cos", type=float, default=0.85)
     args = ap.parse_args()
@@ -167,9 +167,9 @@ def main() -> None:
         if b in ("seeds", "checkpoints"):
             results[b] = bench_seeds(args, checkpoints=b == "checkpoints")
         elif b == "smollm2":
-            results[b] = bench_noise(args, "smollm2-135m", NOISE_SMOLLM2, every=2)
+            results[b] = bench_noise(args, "smollm2-135m", NOISE_SMOLLM2, every=3)
         elif b == "gemma3":
-            results[b] = bench_noise(args, "gemma3-270m", NOISE_GEMMA3, every=1)
+            results[b] = bench_noise(args, "gemma3-270m", NOISE_GEMMA3, every=2)
         print(f"{b}: {time.perf_counter() - t0:.0f}s", flush=True)
         write_result("layer_matching_suite", {"settings": vars(args), "results": results})
     table = {}

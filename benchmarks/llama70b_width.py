@@ -29,7 +29,7 @@ SHAPES = dict(hidden_size=8192, num_attention_heads=64, num_key_value_heads=8, i
 
 def make_checkpoint(blocks: int) -> Path:
     from safetensors.torch import save_file
-    from transformers import AutoTokenizer, LlamaConfig
+    from transformers import LlamaConfig
 
     folder = cache_root() / "bench" / f"llama70b-width-{blocks}blocks"
     if (folder / "model.safetensors.index.json").exists():

@@ -1,7 +1,6 @@
 """`itda sae train|eval` and `itda export` from the command line, and their bad inputs."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -1,7 +1,6 @@
 """Minibatch CKA against an independent float64 loop over minibatches (unbiased HSIC by formula)."""
 
 import numpy as np
-import pytest
 import torch
 
 from itda.compare.minibatch import MinibatchCKAGrid, exact_grid_bytes

@@ -1,6 +1,5 @@
 """Exports loaded by the real SAELens and sparsify packages (optional: `pip install -e '.[interop]'`)."""
 
-import os
 
 import pytest
 import torch

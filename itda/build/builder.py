@@ -10,11 +10,9 @@ from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from itda.atomic import atomic_path
+from itda.tensorfile import json_entry, read_tensor_file, write_tensor_file
 from itda.dictionary import (
     REF_FIELDS,
     Dictionary,
@@ -241,20 +239,12 @@ class DictionaryBuilder:
             "batches_seen": self.batches_seen,
             "tokens_seen": self.tokens_seen,
         }
-        tensors = {"atoms": self.store.atoms.cpu().contiguous(), "refs": self.refs().contiguous()}
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={_CKPT_KEY: json.dumps(state, sort_keys=True)})
+        write_tensor_file(path, {"atoms": self.store.atoms.cpu(), "refs": self.refs()}, _CKPT_KEY, state)
 
     @classmethod
     def load_checkpoint(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> "DictionaryBuilder":
-        path = Path(path)
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                header = fh.metadata() or {}
-            tensors = load_file(str(path))
-            state = json.loads(header[_CKPT_KEY])
-        except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as exc:
-            raise ItdaInputError(f"{path}: not a readable itda checkpoint ({str(exc).splitlines()[0]})") from None
+        header, tensors = read_tensor_file(path, "itda checkpoint")
+        state = json_entry(header, _CKPT_KEY, path, "itda checkpoint")
         meta = DictionaryMeta.from_json(json.dumps(state["meta"]), str(path))
         config = BuildConfig(**state["config"])
         builder = builder_class(config.mode)(state["d"], config, meta=meta, device=device)

@@ -13,7 +13,7 @@ from itda.activations.corpus import Contexts
 from itda.activations.hookpoints import Hookpoint
 from itda.activations.models import LoadedModel
 from itda.activations.stream import FP16_MAX, iterate_batches
-from itda.build import BuildConfig, builder_class
+from itda.build import BuildConfig, DictionaryBuilder, builder_class
 from itda.dictionary import Dictionary, DictionaryMeta
 
 

@@ -66,7 +66,7 @@ def train(
     import torch
 
     from itda.sae.init import new_sae, parse_init
-    from itda.sae.io import SaeMeta, save_sae
+    from itda.sae.io import save_sae
     from itda.sae.model import SaeConfig
     from itda.sae.train import SaeTrainer, TrainConfig
 

@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from itda import __version__
-from itda.atomic import atomic_dir, atomic_path
+from itda.atomic import atomic_dir
 from itda.errors import ItdaInputError
 from itda.sae.model import SaeConfig, TopKSAE
+from itda.tensorfile import read_tensor_file, write_tensor_file
 
 SAE_KEY = "itda_sae"
 SAE_FORMAT_VERSION = 1
@@ -53,17 +53,11 @@ def save_sae(sae: TopKSAE, path: str | os.PathLike, meta: SaeMeta | None = None)
     meta = meta or SaeMeta()
     header = {"format_version": SAE_FORMAT_VERSION, "itda_version": __version__, "cfg": sae.cfg.to_dict(), **meta.__dict__}
     tensors = {n: getattr(sae, n).detach().cpu().contiguous() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={SAE_KEY: json.dumps(header, sort_keys=True)})
+    write_tensor_file(path, tensors, SAE_KEY, header)
 
 
 def _read_safetensors(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            header = fh.metadata() or {}
-        return header, load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise ItdaInputError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+    return read_tensor_file(path)
 
 
 def _check_weights(path: Path, tensors: dict[str, torch.Tensor], d: int, f: int) -> None:

@@ -11,20 +11,16 @@ state (weights, Adam moments, counters) so a resumed run is byte-identical to an
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from itda.atomic import atomic_path
+from itda.tensorfile import json_entry, read_tensor_file, write_tensor_file
 from itda.errors import ItdaInputError
 from itda.sae.model import SaeConfig, TopKSAE
 
@@ -192,17 +188,13 @@ class SaeTrainer:
         tensors["since_fired"] = self.since_fired_F.cpu().contiguous()
         state = {"sae": self.sae.cfg.to_dict(), "config": asdict(self.config), "step_count": self.step_count,
                  "tokens_seen": self.tokens_seen, "resampled_total": self.resampled_total, "extra": extra or {}}
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={_CKPT_KEY: json.dumps(state, sort_keys=True)})
+        write_tensor_file(path, tensors, _CKPT_KEY, state)
 
     @classmethod
     def load_checkpoint(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple["SaeTrainer", dict]:
-        path = Path(path)
+        header, tensors = read_tensor_file(path, "itda SAE checkpoint")
+        state = json_entry(header, _CKPT_KEY, path, "itda SAE checkpoint")
         try:
-            with safe_open(str(path), framework="pt") as fh:
-                header = fh.metadata() or {}
-            tensors = load_file(str(path))
-            state = json.loads(header[_CKPT_KEY])
             sae = TopKSAE(SaeConfig(**state["sae"]))
             with torch.no_grad():
                 for n in _PARAMS:
@@ -220,7 +212,7 @@ class SaeTrainer:
             trainer.step_count = int(state["step_count"])
             trainer.tokens_seen = int(state["tokens_seen"])
             trainer.resampled_total = int(state.get("resampled_total", 0))
-        except (SafetensorError, OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
+        except (ValueError, KeyError, RuntimeError, TypeError) as exc:
             raise ItdaInputError(f"{path}: not a readable itda SAE checkpoint ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
         return trainer, state.get("extra", {})
 
