@@ -1,9 +1,9 @@
 """Layer-matching suite with ground truth (layer i <-> layer i): every measure, every benchmark.
 
 Benchmarks (each a set of model pairs whose layers correspond one to one):
-  seeds       small GPT-2s (8 layers, d = 128, 1,000 steps) differing only in seed, all pairs
+  seeds       small GPT-2s (8 layers, d = 128, 600 steps) differing only in seed, all pairs
               (trained by layer_matching.py's train_model, cached under $ITDA_CACHE/bench)
-  checkpoints seed 0 after 150 / 500 steps vs the other seeds' final models
+  checkpoints seed 0 after 100 / 300 steps vs the other seeds' final models
   smollm2     smollm2-135m (every third layer: 10 layers) vs copies with Gaussian noise on every
               block weight, std = level x that tensor's std, levels 0.05-0.4
   gemma3      gemma3-270m (every second layer: 9 layers) vs its noise copies
@@ -40,6 +40,7 @@ from itda.compare.streaming import StreamingCKAGrid
 BASELINES = ("cka", "cka_debiased", "procrustes", "svcca", "relative")
 NOISE_SMOLLM2 = (0.05, 0.1, 0.2, 0.3, 0.4)
 NOISE_GEMMA3 = (0.1, 0.2, 0.3)
+CHECKPOINTS = (100, 300)  # steps at which seed 0 is also saved
 
 
 def noisy_copy(lm: LoadedModel, level: float, seed: int = 0) -> LoadedModel:
@@ -125,15 +126,15 @@ def bench_seeds(args, checkpoints: bool) -> dict:
     train_docs = [docs[i] for i in split_documents(docs, "train")]
     tok = train_tokenizer(train_docs)
     paths = {f"seed{s}": train_model(s, tok, train_docs, args.seed_steps, layers=8, d=128,
-                                     checkpoints=(150, 500) if s == 0 else ()) for s in range(args.seeds)}
+                                     checkpoints=CHECKPOINTS if s == 0 else ()) for s in range(args.seeds)}
     if checkpoints:
-        paths.update({f"seed0@{at}": model_dir(0, args.seed_steps, 8, 128, at=at) for at in (150, 500)})
+        paths.update({f"seed0@{at}": model_dir(0, args.seed_steps, 8, 128, at=at) for at in CHECKPOINTS})
     lms = {n: LoadedModel(n, GPT2LMHeadModel.from_pretrained(p).eval(), tok, p) for n, p in paths.items()}
     ctx = held_contexts(next(iter(lms.values())), args.rows)
     acts = {n: samples(lm, list(range(8)), ctx, args.rows) for n, lm in lms.items()}
     finals = [f"seed{s}" for s in range(args.seeds)]
     if checkpoints:
-        pairs = [(f"seed0@{at}", f) for at in (150, 500) for f in finals[1:]]
+        pairs = [(f"seed0@{at}", f) for at in CHECKPOINTS for f in finals[1:]]
     else:
         pairs = list(itertools.combinations(finals, 2))
     return run_pairs(acts, pairs, args)
@@ -157,7 +158,7 @@ def main() -> None:
     ap.add_argument("--benchmarks", nargs="+", default=["seeds", "checkpoints", "smollm2", "gemma3"])
     ap.add_argument("--rows", type=int, default=2048)
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--seed-steps", type=int, default=1000)
+    ap.add_argument("--seed-steps", type=int, default=600)
     ap.add_argument("--itda-k", type=int, default=40)
     ap.add_argument("--itda-cos", type=float, default=0.85)
     args = ap.parse_args()
