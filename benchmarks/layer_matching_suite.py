@@ -4,9 +4,9 @@ Benchmarks (each a set of model pairs whose layers correspond one to one):
   seeds       small GPT-2s (8 layers, d = 128, 600 steps) differing only in seed, all pairs
               (trained by layer_matching.py's train_model, cached under $ITDA_CACHE/bench)
   checkpoints seed 0 after 100 / 300 steps vs the other seeds' final models
-  smollm2     smollm2-135m (every third layer: 10 layers) vs copies with Gaussian noise on every
+  smollm2     smollm2-135m (every fifth layer: 6 layers) vs copies with Gaussian noise on every
               block weight, std = level x that tensor's std, levels 0.05-0.4
-  gemma3      gemma3-270m (every second layer: 9 layers) vs its noise copies
+  gemma3      gemma3-270m (every third layer: 6 layers) vs its noise copies
 All models read the same held-out documents of the default corpus (same tokenizer within a
 benchmark, so tokens pair by position); BOS dropped; the first `--rows` tokens are the sample
 every measure sees: linear / debiased CKA and Procrustes (exact, from the streaming sums of
@@ -161,18 +161,26 @@ def main() -> None:
     ap.add_argument("--seed-steps", type=int, default=600)
     ap.add_argument("--itda-k", type=int, default=40)
     ap.add_argument("--itda-cos", type=float, default=0.85)
+    ap.add_argument("--smollm2-levels", type=float, nargs="+", default=list(NOISE_SMOLLM2))
+    ap.add_argument("--gemma3-levels", type=float, nargs="+", default=list(NOISE_GEMMA3))
+    ap.add_argument("--name", default="layer_matching_suite", help="result file out/NAME.json (merged into if it exists)")
     args = ap.parse_args()
-    results = {}
+    import json
+
+    from common import OUT
+
+    prior = OUT / f"{args.name}.json"
+    results = json.loads(prior.read_text()).get("results", {}) if prior.exists() else {}
     for b in args.benchmarks:
         t0 = time.perf_counter()
         if b in ("seeds", "checkpoints"):
             results[b] = bench_seeds(args, checkpoints=b == "checkpoints")
         elif b == "smollm2":
-            results[b] = bench_noise(args, "smollm2-135m", NOISE_SMOLLM2, every=3)
+            results[b] = bench_noise(args, "smollm2-135m", args.smollm2_levels, every=5)
         elif b == "gemma3":
-            results[b] = bench_noise(args, "gemma3-270m", NOISE_GEMMA3, every=2)
+            results[b] = bench_noise(args, "gemma3-270m", args.gemma3_levels, every=3)
         print(f"{b}: {time.perf_counter() - t0:.0f}s", flush=True)
-        write_result("layer_matching_suite", {"settings": vars(args), "results": results})
+        write_result(args.name, {"settings": vars(args), "results": results})
     table = {}
     for b, res in results.items():
         for key, per in (res.items() if b in ("smollm2", "gemma3") else [("", res)]):
@@ -184,7 +192,7 @@ def main() -> None:
         print(f"{name:22s} " + " ".join(f"{row.get(m, float('nan')):12.2f}" for m in measures))
     means = {m: float(np.mean([row[m] for row in table.values() if m in row])) for m in measures}
     print(f"{'mean':22s} " + " ".join(f"{means[m]:12.2f}" for m in measures))
-    write_result("layer_matching_suite", {"settings": vars(args), "results": results, "table": table, "means": means})
+    write_result(args.name, {"settings": vars(args), "results": results, "table": table, "means": means})
 
 
 if __name__ == "__main__":

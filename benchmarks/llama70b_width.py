@@ -42,7 +42,7 @@ def make_checkpoint(blocks: int) -> Path:
     gen = torch.Generator().manual_seed(0)
 
     def rnd(*shape):
-        return (torch.randn(*shape, generator=gen) * 0.02).to(torch.bfloat16)
+        return torch.randn(*shape, generator=gen, dtype=torch.bfloat16).mul_(0.02)
 
     weight_map = {}
     shard = 0
@@ -55,14 +55,14 @@ def make_checkpoint(blocks: int) -> Path:
         shard += 1
 
     write({"model.embed_tokens.weight": rnd(SHAPES["vocab_size"], d), "model.norm.weight": torch.ones(d, dtype=torch.bfloat16)})
+    # one block's random tensors, written for every block (memory and I/O are what is measured)
+    block = {"self_attn.q_proj.weight": rnd(d, d), "self_attn.k_proj.weight": rnd(kv, d),
+             "self_attn.v_proj.weight": rnd(kv, d), "self_attn.o_proj.weight": rnd(d, d),
+             "mlp.gate_proj.weight": rnd(mlp, d), "mlp.up_proj.weight": rnd(mlp, d), "mlp.down_proj.weight": rnd(d, mlp),
+             "input_layernorm.weight": torch.ones(d, dtype=torch.bfloat16),
+             "post_attention_layernorm.weight": torch.ones(d, dtype=torch.bfloat16)}
     for i in range(blocks):
-        p = f"model.layers.{i}."
-        write({p + "self_attn.q_proj.weight": rnd(d, d), p + "self_attn.k_proj.weight": rnd(kv, d),
-               p + "self_attn.v_proj.weight": rnd(kv, d), p + "self_attn.o_proj.weight": rnd(d, d),
-               p + "mlp.gate_proj.weight": rnd(mlp, d), p + "mlp.up_proj.weight": rnd(mlp, d),
-               p + "mlp.down_proj.weight": rnd(d, mlp),
-               p + "input_layernorm.weight": torch.ones(d, dtype=torch.bfloat16),
-               p + "post_attention_layernorm.weight": torch.ones(d, dtype=torch.bfloat16)})
+        write({f"model.layers.{i}.{k}": v for k, v in block.items()})
         print(f"wrote block {i}", flush=True)
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     # any tokenizer with ids inside the vocabulary: the packaged smollm2 one (49,152 tokens)

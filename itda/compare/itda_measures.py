@@ -41,6 +41,7 @@ class LayerSample:
     anchors: torch.Tensor  # [M] int64 rows of the fit part chosen as atoms, in order of addition
     n_fit: int  # rows [0, n_fit) built the dictionary; rows [n_fit, N) are measured
     loss: torch.Tensor  # [N - n_fit] MP loss of the measured rows under the layer's own dictionary
+    own_cos: torch.Tensor  # [N - n_fit] their reconstruction cosine under it
 
     @property
     def held(self) -> torch.Tensor:
@@ -67,7 +68,7 @@ def layer_sample(x_ND: torch.Tensor, k: int = 40, min_cosine: float = 0.85, fit:
                          k=k, min_cosine=min_cosine)
     anchors = d.refs[:, 0].clone()
     _, cos = _mp_cosine(unit[n_fit:], unit[anchors], k)
-    return LayerSample(unit, anchors, n_fit, (2 - 2 * cos) / unit.shape[1])
+    return LayerSample(unit, anchors, n_fit, (2 - 2 * cos) / unit.shape[1], cos)
 
 
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -112,9 +113,8 @@ def pair_similarities(a: LayerSample, b: LayerSample, k: int = 40, measures=ITDA
             out["itda_code_cosine"] = float(torch.nn.functional.cosine_similarity(coef_a, coef_b, dim=1, eps=1e-30).mean())
     if "itda_cross_recon" in measures:
         _, b_over_a = _mp_cosine(b.held, b.unit[a.anchors], k)
-        _, b_own = _mp_cosine(b.held, b.unit[b.anchors], k)
         _, a_over_b = _mp_cosine(a.held, a.unit[b.anchors], k)
-        _, a_own = _mp_cosine(a.held, a.unit[a.anchors], k)
+        a_own, b_own = a.own_cos, b.own_cos
         out["itda_cross_recon"] = 0.5 * (float(b_over_a.mean() / b_own.mean().clamp(min=1e-12))
                                          + float(a_over_b.mean() / a_own.mean().clamp(min=1e-12)))
     if "itda_relative" in measures:
