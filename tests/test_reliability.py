@@ -28,6 +28,7 @@ from itda.synthetic import synthetic_activations
 runner = CliRunner()
 ITDA = [sys.executable, "-m", "itda.cli.main"]
 KILLS = 10
+BATCH = 250  # 160 batches, a checkpoint every 2: many more checkpoints than kills
 
 
 def digest(p: Path) -> str:
@@ -46,14 +47,14 @@ def acts(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference_build(acts, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "whole.safetensors"
-    r = subprocess.run(ITDA + ["build", str(acts), "--out", str(out), "--k", "8", "--batch-size", "1000", "-q"],
+    r = subprocess.run(ITDA + ["build", str(acts), "--out", str(out), "--k", "8", "--batch-size", str(BATCH), "-q"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     return out
 
 
 def _build_cmd(acts, out, ck):
-    return ITDA + ["build", str(acts), "--out", str(out), "--k", "8", "--batch-size", "1000", "--checkpoint", str(ck),
+    return ITDA + ["build", str(acts), "--out", str(out), "--k", "8", "--batch-size", str(BATCH), "--checkpoint", str(ck),
                    "--checkpoint-every", "2", "-q"]
 
 
@@ -71,7 +72,7 @@ def test_repeated_sigkill_then_resume_is_byte_identical(acts, reference_build, t
             if ck.exists() and ck.stat().st_mtime_ns != before:
                 break
             time.sleep(0.01)
-        time.sleep(rng.uniform(0.0, 0.25))
+        time.sleep(rng.uniform(0.0, 0.03))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
@@ -127,7 +128,7 @@ def test_kill_during_final_write_leaves_target_untouched(tmp_path):
 @pytest.mark.slow
 def test_two_builds_writing_one_output_leave_a_valid_file(acts, reference_build, tmp_path):
     out = tmp_path / "d.safetensors"
-    cmd = ITDA + ["build", str(acts), "--out", str(out), "--k", "8", "--batch-size", "1000", "-q"]
+    cmd = ITDA + ["build", str(acts), "--out", str(out), "--k", "8", "--batch-size", str(BATCH), "-q"]
     procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
     for p in procs:
         p.wait()
