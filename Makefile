@@ -39,5 +39,11 @@ bench: $(STAMP)
 	cd benchmarks && ../$(PY) build_modes.py
 	cd benchmarks && ../$(PY) build_pipeline.py
 
+# the slower issue-8/9/11 benchmarks (tens of minutes on 2 cores)
+bench-sae: $(STAMP)
+	cd benchmarks && ../$(PY) sae_init.py --steps 300 --eval-every 20
+	cd benchmarks && ../$(PY) layer_matching_suite.py
+	cd benchmarks && ../$(PY) compare_memory.py
+
 clean:
 	rm -rf $(VENV) out

@@ -3,14 +3,13 @@
 import json
 
 import pytest
-from typer.testing import CliRunner
 
-from itda.cli.main import app
+from cli_helpers import run_bad as _bad
+from cli_helpers import run_ok as _ok
 from itda.dictionary import Dictionary
 from tiny_models import sample_docs
 
 pytestmark = pytest.mark.slow
-runner = CliRunner()
 
 
 @pytest.fixture()
@@ -19,18 +18,6 @@ def corpus(tmp_path):
     p.write_text("".join(json.dumps({"text": d}) + "\n" for d in sample_docs(60, seed=3)))
     return p
 
-
-def _ok(args):
-    r = runner.invoke(app, args)
-    assert r.exit_code == 0, r.output
-    return r
-
-
-def _bad(args, match):
-    r = runner.invoke(app, args)
-    assert r.exit_code == 2, r.output
-    lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and match in lines[-1], r.output
 
 
 def test_build_two_layers_then_eval(tmp_path):

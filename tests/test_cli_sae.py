@@ -12,24 +12,14 @@ import torch
 from typer.testing import CliRunner
 
 from itda.activations.files import save_activations
+from cli_helpers import run_bad as _bad
+from cli_helpers import run_ok as _ok
 from itda.cli.main import app
 from itda.sae import load_sae
 from itda.synthetic import synthetic_activations
 
 runner = CliRunner()
 
-
-def _ok(args):
-    r = runner.invoke(app, args)
-    assert r.exit_code == 0, r.output
-    return r
-
-
-def _bad(args, match):
-    r = runner.invoke(app, args)
-    assert r.exit_code == 2, r.output
-    lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and match in lines[0], r.output
 
 
 @pytest.fixture()
