@@ -30,6 +30,7 @@ import torch
 
 from itda.build import build_dictionary
 from itda.evaluate.metrics import recon_terms
+from itda.evaluate.report import _distinct_used
 from itda.pursuit import matching_pursuit
 
 ITDA_MEASURES = ("itda_loss_profile", "itda_code_overlap", "itda_cross_recon", "itda_relative", "itda_code_cosine")
@@ -86,11 +87,26 @@ def _linear_cka(a: torch.Tensor, b: torch.Tensor) -> float:
     return num / den if den > 0 else 0.0
 
 
-def _supports(codes, n_atoms: int) -> torch.Tensor:
-    """Dense boolean [N, M] of atoms used with a non-zero total coefficient."""
-    coef = torch.zeros(codes.indices.shape[0], n_atoms, dtype=torch.float64)
-    coef.scatter_add_(1, codes.indices.clamp(min=0), codes.values.double() * (codes.indices >= 0))
-    return coef
+def _slot_totals(codes) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per slot [N, k]: the atom's total coefficient in its row (float64), and a mask keeping one
+    slot per distinct atom with a non-zero total (MP may pick an atom twice)."""
+    idx, val = codes.indices.cpu(), codes.values.cpu().double() * (codes.indices.cpu() >= 0)
+    same_NKK = idx[:, :, None] == idx[:, None, :]
+    return (same_NKK * val[:, None, :]).sum(2), _distinct_used(idx, val)
+
+
+def _code_agreement(ca, cb) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token: Jaccard of the two support sets and cosine of the two coefficient vectors over
+    the shared atoms, from the k (index, value) pairs (never a dense [tokens, atoms] matrix)."""
+    tot_a, used_a = _slot_totals(ca)
+    tot_b, used_b = _slot_totals(cb)
+    match_NKK = (ca.indices.cpu()[:, :, None] == cb.indices.cpu()[:, None, :]) & used_a[:, :, None] & used_b[:, None, :]
+    inter = match_NKK.sum((1, 2)).double()
+    union = used_a.sum(1).double() + used_b.sum(1).double() - inter
+    jaccard = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+    dot = (match_NKK * tot_a[:, :, None] * tot_b[:, None, :]).sum((1, 2))
+    norms = ((tot_a ** 2) * used_a).sum(1).sqrt() * ((tot_b ** 2) * used_b).sum(1).sqrt()
+    return jaccard, dot / norms.clamp(min=1e-30)
 
 
 def pair_similarities(a: LayerSample, b: LayerSample, k: int = 40, measures=ITDA_MEASURES) -> dict[str, float]:
@@ -103,14 +119,11 @@ def pair_similarities(a: LayerSample, b: LayerSample, k: int = 40, measures=ITDA
     if need_codes:
         ca, _ = _mp_cosine(a.held, a.unit[shared], k)
         cb, _ = _mp_cosine(b.held, b.unit[shared], k)
-        coef_a, coef_b = _supports(ca, len(shared)), _supports(cb, len(shared))
+        jaccard, cosine = _code_agreement(ca, cb)
         if "itda_code_overlap" in measures:
-            sa, sb = coef_a != 0, coef_b != 0
-            inter = (sa & sb).sum(1).double()
-            union = (sa | sb).sum(1).double()
-            out["itda_code_overlap"] = float(torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union)).mean())
+            out["itda_code_overlap"] = float(jaccard.mean())
         if "itda_code_cosine" in measures:
-            out["itda_code_cosine"] = float(torch.nn.functional.cosine_similarity(coef_a, coef_b, dim=1, eps=1e-30).mean())
+            out["itda_code_cosine"] = float(cosine.mean())
     if "itda_cross_recon" in measures:
         _, b_over_a = _mp_cosine(b.held, b.unit[a.anchors], k)
         _, a_over_b = _mp_cosine(a.held, a.unit[b.anchors], k)
