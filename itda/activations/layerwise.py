@@ -66,7 +66,7 @@ class WeightIndex:
                 return prefix + param
         return None
 
-    def read(self, names: dict[str, str], device: torch.device, dtype: torch.dtype, pin: bool = False) -> dict[str, torch.Tensor]:
+    def read(self, names: dict[str, str], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """{param: tensor} for {param: checkpoint name}, grouped by shard, tensor by tensor."""
         by_shard: dict[str, list[tuple[str, str]]] = {}
         for param, ckpt in names.items():
@@ -77,9 +77,7 @@ class WeightIndex:
                 for param, ckpt in items:
                     t = fh.get_tensor(ckpt)
                     t = t.to(dtype) if t.is_floating_point() else t
-                    if pin:
-                        t = t.pin_memory()
-                    out[param] = t.to(device, non_blocking=True) if device.type != "cpu" else t
+                    out[param] = t.to(device) if device.type != "cpu" else t
         return out
 
     def nbytes(self, names: list[str]) -> int:
@@ -123,7 +121,7 @@ class ShardMaps:
         info = header[name]
         dtype = _ST_DTYPES[info["dtype"]]
         begin, end = info["data_offsets"]
-        count = (end - begin) // torch.empty(0, dtype=dtype).element_size()
+        count = (end - begin) // dtype.itemsize
         flat = torch.frombuffer(mm, dtype=dtype, count=count, offset=start + begin) if count else torch.empty(0, dtype=dtype)
         return flat.view(info["shape"])
 
@@ -150,14 +148,12 @@ class BlockBuffers:
         self.device, self.dtype = device, dtype
         self.sets: list[dict[str, torch.Tensor]] = [{}, {}]
         self.staging: list[dict[str, torch.Tensor]] = [{}, {}]  # pinned host copies on CUDA
-        self.allocated_bytes = 0
 
     def _slot(self, pool: dict, name: str, shape, dtype, device, pin: bool) -> torch.Tensor:
         t = pool.get(name)
         if t is None or tuple(t.shape) != tuple(shape) or t.dtype != dtype:
             t = torch.empty(shape, dtype=dtype, device=device, pin_memory=pin)
             pool[name] = t
-            self.allocated_bytes += t.numel() * t.element_size()
         return t
 
     def fill(self, k: int, sources: dict[str, torch.Tensor], copy_stream=None) -> dict[str, torch.Tensor]:
@@ -189,7 +185,7 @@ class BlockBuffers:
 
 
 def _dtype_bytes(name: str) -> int:
-    return {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}.get(name, 4)
+    return _ST_DTYPES.get(name, torch.float32).itemsize
 
 
 def _slice_batch(obj, start: int, stop: int, batch: int):

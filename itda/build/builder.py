@@ -96,7 +96,7 @@ class DictionaryBuilder:
     """Incremental ITDA builder (improved mode): call update(batch) per batch, then dictionary().
 
     `--mode reference` is itda.build.reference.ReferenceBuilder (the reference trainer's
-    procedure); `builder_for(config)` picks the class.
+    procedure); `builder_class(mode)` picks the class.
       improved (default): no seeding; candidates are deduplicated exactly and added in rounds
         of round_size, each round re-scored by MP against the dictionary as it stands; within
         a round a candidate is dropped when an atom accepted earlier in the round is within
@@ -333,8 +333,7 @@ def build_dictionary(
             if index < builder.batches_seen:
                 bar.update(acts.shape[0])
                 continue
-            stats = builder.update(acts, refs, score_chunk=score_chunk, exchange=exchange) if (score_chunk or exchange) \
-                else builder.update(acts, refs)
+            stats = builder.update(acts, refs, score_chunk=score_chunk, exchange=exchange)
             bar.update(stats.tokens)
             bar.set_postfix(atoms=stats.size, refresh=False)
             if writer and checkpoint is not None and checkpoint_every and builder.batches_seen % checkpoint_every == 0:

@@ -116,8 +116,6 @@ def _build_from_file(acts, out, common, batch_size, checkpoint, checkpoint_every
 
     check_output(out, [acts] + ([checkpoint] if checkpoint else []), "dictionary", overwrite)
     exchange = init_distributed(check_device(device))
-    if exchange is not None and common["mode"] == "reference":
-        raise ItdaInputError("--mode reference runs in one process (the reference adds a batch's rows all at once)")
     data = load_activations(acts)
     if checkpoint is not None:
         on_interrupt(f"checkpoint saved at {checkpoint}; run the same command to resume")

@@ -63,8 +63,6 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Train a TopK SAE on an activation file or a model's activations, from any initialisation."""
-    import torch
-
     from itda.sae.init import new_sae, parse_init
     from itda.sae.io import save_sae
     from itda.sae.model import SaeConfig
@@ -112,8 +110,7 @@ def train(
     meta.train = {**config.__dict__, "lr": trainer.lr, "batch_size": batch_size, "batch_topk": batch_topk,
                   "tokens": trainer.tokens_seen, "seconds": round(seconds, 3),
                   "final_train_fvu": history[-1].fvu if history else None, "resampled": trainer.resampled_total}
-    with torch.no_grad():
-        summary = evaluate(trainer.sae) if evaluate else None
+    summary = evaluate(trainer.sae) if evaluate else None
     if summary:
         meta.train["heldout"] = summary
     save_sae(trainer.sae, out, meta)

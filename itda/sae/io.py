@@ -56,10 +56,6 @@ def save_sae(sae: TopKSAE, path: str | os.PathLike, meta: SaeMeta | None = None)
     write_tensor_file(path, tensors, SAE_KEY, header)
 
 
-def _read_safetensors(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    return read_tensor_file(path)
-
-
 def _check_weights(path: Path, tensors: dict[str, torch.Tensor], d: int, f: int) -> None:
     want = {"W_enc": (f, d), "b_enc": (f,), "W_dec": (f, d), "b_dec": (d,)}
     for name, shape in want.items():
@@ -84,7 +80,7 @@ def load_itda_sae(path: str | os.PathLike, device="cpu") -> LoadedSae:
     path = Path(path)
     if not path.is_file():
         raise ItdaInputError(f"{path}: no such SAE file")
-    header, tensors = _read_safetensors(path)
+    header, tensors = read_tensor_file(path)
     if SAE_KEY not in header:
         raise ItdaInputError(f"{path}: not an itda SAE (no '{SAE_KEY}' metadata)")
     try:
@@ -113,7 +109,7 @@ def load_saelens(folder: Path, device="cpu") -> LoadedSae:
     for key, ok in (("apply_b_dec_to_input", True), ("normalize_activations", "none"), ("rescale_acts_by_decoder_norm", False)):
         if cfg.get(key, ok) != ok:
             raise ItdaInputError(f"{folder}: SAELens {key}={cfg.get(key)!r} is not supported (itda needs {ok!r})")
-    _, tensors = _read_safetensors(folder / SAELENS_WEIGHTS)
+    _, tensors = read_tensor_file(folder / SAELENS_WEIGHTS)
     if "W_enc" in tensors:
         tensors["W_enc"] = tensors["W_enc"].T.contiguous()
     sc = SaeConfig(int(cfg["d_in"]), int(cfg["d_sae"]), int(cfg["k"]))
@@ -126,7 +122,7 @@ def load_sparsify(folder: Path, device="cpu") -> LoadedSae:
     cfg = _read_json(folder / "cfg.json")
     if cfg.get("activation", "topk") != "topk" or cfg.get("skip_connection") or cfg.get("transcode"):
         raise ItdaInputError(f"{folder}: only plain TopK sparsify SAEs are supported")
-    _, raw = _read_safetensors(folder / SPARSIFY_WEIGHTS)
+    _, raw = read_tensor_file(folder / SPARSIFY_WEIGHTS)
     tensors = {"W_enc": raw.get("encoder.weight"), "b_enc": raw.get("encoder.bias"), "W_dec": raw.get("W_dec"), "b_dec": raw.get("b_dec")}
     tensors = {k: v for k, v in tensors.items() if v is not None}
     d = int(cfg["d_in"])
@@ -147,7 +143,7 @@ def load_sae_or_none(path: str | os.PathLike, device="cpu") -> LoadedSae | None:
     """(sae, meta) when path holds an SAE; None when it is something else (e.g. a dictionary)."""
     path = Path(path)
     if path.is_file():
-        header, _ = _read_safetensors(path)
+        header, _ = read_tensor_file(path)
         return load_itda_sae(path, device) if SAE_KEY in header else None
     if not path.is_dir():
         raise ItdaInputError(f"{path}: no such file or folder")
