@@ -1,0 +1,11 @@
+"""Dictionary building: the greedy builder (builder), its candidate helpers, builds from a model."""
+
+from itda.build.builder import (  # noqa: F401
+    MODES,
+    Batch,
+    BatchStats,
+    BuildConfig,
+    DictionaryBuilder,
+    build_dictionary,
+    builder_class,
+)

@@ -1,0 +1,102 @@
+"""Scale-out over torch.distributed (torchrun): every rank streams its share, all hold one dictionary.
+
+Rank r takes the stream's batches r, r + W, r + 2W, ... Per step each rank scores its batch
+against the shared dictionary; the candidates of all ranks are gathered in rank order and every
+rank applies the same deterministic selection, so the dictionaries stay identical. This equals a
+single-process build whose batches are the W rank batches of a step concatenated, scored in
+chunks of one rank batch (`build_dictionary(..., score_chunk=B)`). Rank 0 writes checkpoints
+and the output. gloo on CPU, NCCL on CUDA; collectives time out after ITDA_DIST_TIMEOUT seconds
+(default 300) so a dead peer ends the others with an error instead of a hang.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from itda.errors import ItdaInputError
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+class Exchange:
+    """The collective steps of a distributed build (gather candidates, sum counters)."""
+
+    def __init__(self, device: torch.device):
+        self.rank = dist.get_rank()
+        self.world = dist.get_world_size()
+        self.device = device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def _all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        out = [torch.empty_like(t) for _ in range(self.world)]
+        try:
+            dist.all_gather(out, t)
+        except RuntimeError as exc:  # a peer died or timed out
+            raise ItdaInputError(f"rank {self.rank}: another rank stopped ({str(exc).splitlines()[0]}); "
+                                 "the checkpoint is intact, run the command again to resume") from None
+        return out
+
+    def gather(self, unit_MD: torch.Tensor, refs_M5: torch.Tensor, tokens: int, loss_sum: float):
+        """All ranks' candidates in rank order, total tokens and loss sum."""
+        head = torch.tensor([unit_MD.shape[0], tokens, loss_sum], dtype=torch.float64, device=self.device)
+        heads = self._all_gather(head)
+        counts = [int(h[0]) for h in heads]
+        width = max(counts + [1])
+        d = unit_MD.shape[1]
+        pad_u = torch.zeros(width, d, dtype=torch.float32, device=self.device)
+        pad_r = torch.zeros(width, refs_M5.shape[1], dtype=torch.int64, device=self.device)
+        pad_u[: counts[self.rank]] = unit_MD.to(self.device, torch.float32)
+        pad_r[: counts[self.rank]] = refs_M5.to(self.device)
+        us, rs = self._all_gather(pad_u), self._all_gather(pad_r)
+        unit = torch.cat([u[:c] for u, c in zip(us, counts)]).to(unit_MD.device)
+        refs = torch.cat([r[:c] for r, c in zip(rs, counts)]).cpu()
+        return unit, refs, int(sum(float(h[1]) for h in heads)), float(sum(float(h[2]) for h in heads))
+
+    def barrier(self) -> None:
+        try:
+            dist.barrier()
+        except RuntimeError as exc:
+            raise ItdaInputError(f"rank {self.rank}: another rank stopped ({str(exc).splitlines()[0]})") from None
+
+
+def init_distributed(device: torch.device) -> Exchange | None:
+    """An Exchange when started by torchrun with WORLD_SIZE > 1, else None."""
+    if world_size_from_env() <= 1:
+        return None
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        timeout = datetime.timedelta(seconds=float(os.environ.get("ITDA_DIST_TIMEOUT", "300")))
+        dist.init_process_group(backend=backend, timeout=timeout)
+    return Exchange(device)
+
+
+def rank_batches(batches: Iterable, rank: int, world: int, empty) -> Iterator:
+    """This rank's share of a batch stream: batches rank, rank + W, ...; `empty` when its share runs out first."""
+    buf = []
+    for batch in batches:
+        buf.append(batch)
+        if len(buf) == world:
+            yield buf[rank]
+            buf = []
+    if buf:
+        yield buf[rank] if rank < len(buf) else empty
+
+
+def interleaved_batches(batches: Iterable, world: int) -> Iterator:
+    """The single-process equivalent: the W batches of each step concatenated (acts, refs)."""
+    buf = []
+    for batch in batches:
+        buf.append(batch)
+        if len(buf) == world:
+            yield torch.cat([b[0] for b in buf]), torch.cat([b[1] for b in buf])
+            buf = []
+    if buf:
+        yield torch.cat([b[0] for b in buf]), torch.cat([b[1] for b in buf])
