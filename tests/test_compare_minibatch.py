@@ -50,3 +50,55 @@ def test_memory_is_independent_of_width():
     small = MinibatchCKAGrid.memory_bytes(80, 80, 512)
     assert small < 2**30  # 80 x 80 layer pairs of any width
     assert exact_grid_bytes(80, 8192, 80, 8192) > 2**40  # the exact accumulators: terabytes
+
+
+class _TwoRanks:
+    """Stands in for a 2-rank Exchange: sum_ adds the other rank's tensor of the same call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def sum_(self, t):
+        self.calls.append(t.clone())
+        return t
+
+
+def _summed(grid_a, grid_b, call):
+    """grid_a.sum_over(...) with grid_b's contributions, recorded by running grid_b's sum_over first."""
+    rec = _TwoRanks()
+    call(grid_b, rec)
+    peer = iter(rec.calls)
+
+    class Peer:
+        @staticmethod
+        def sum_(t):
+            t += next(peer)
+            return t
+
+    call(grid_a, Peer)
+
+
+def test_sums_of_two_ranks_add_up_to_one_pass_over_both():
+    from itda.compare.streaming import StreamingCKAGrid
+
+    g = np.random.default_rng(3)
+    xs = torch.tensor(g.standard_normal((2, 128, 6)))
+    ys = torch.tensor(g.standard_normal((3, 128, 5))) + xs[:1, :, :5]
+    whole_mb, r0_mb, r1_mb = MinibatchCKAGrid(32), MinibatchCKAGrid(32), MinibatchCKAGrid(32)
+    whole_mb.update(list(xs), list(ys))
+    r0_mb.update(list(xs[:, :64]), list(ys[:, :64]))
+    r1_mb.update(list(xs[:, 64:]), list(ys[:, 64:]))
+    _summed(r0_mb, r1_mb, lambda grid, ex: grid.sum_over(ex, 2, 3))
+    np.testing.assert_allclose(r0_mb.matrix(), whole_mb.matrix(), rtol=1e-12)
+    assert r0_mb.batches == 4
+
+    whole, r0, r1 = StreamingCKAGrid(), StreamingCKAGrid(), StreamingCKAGrid()
+    whole.update(xs, ys)
+    pa, pb = xs[:, :64].mean(1), ys[:, :64].mean(1)
+    r0.update(xs[:, :64], ys[:, :64])  # pilots = this first batch's means
+    r1.set_pilots(pa, pb)  # the other rank takes the same pilots
+    r1.update(xs[:, 64:], ys[:, 64:])
+    _summed(r0, r1, lambda grid, ex: grid.sum_over(ex))
+    assert r0.n == 128
+    for name, m in r0.matrices().items():
+        np.testing.assert_allclose(m, whole.matrices()[name], rtol=1e-10)

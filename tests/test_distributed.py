@@ -79,3 +79,50 @@ def test_killed_rank_stops_the_others_and_the_rerun_completes(acts, tmp_path):
     d = Dictionary.load(out)
     assert torch.equal(d.atoms, ref.atoms) and torch.equal(d.refs, ref.refs)
     assert not ck.exists()
+
+
+def _model_dirs(tmp_path):
+    from tiny_models import tiny_model, word_tokenizer
+
+    tok = word_tokenizer()
+    dirs = []
+    for seed in (0, 1):
+        p = tmp_path / f"m{seed}"
+        tiny_model("llama", vocab=len(tok), seed=seed).save_pretrained(p)
+        tok.save_pretrained(p)
+        dirs.append(p)
+    return dirs
+
+
+def test_compare_over_two_ranks_equals_one_process_over_the_interleaved_chunks(tmp_path):
+    import json
+
+    import numpy as np
+
+    from itda.activations.models import load_model
+    from itda.compare.pipeline import compare_models
+    from tiny_models import sample_docs
+
+    (ma, mb), docs = _model_dirs(tmp_path), sample_docs(40, seed=4)
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    measures = "cka,procrustes,relative,itda_relative,jaccard"
+    out = tmp_path / "cmp"
+    cmd, env = _torchrun(["compare", str(ma), str(mb), "--corpus", str(corpus), "--tokens", "3000", "--context", "32",
+                          "--batch-tokens", "512", "--measures", measures, "--k", "8", "--max-rows", "700", "--out", str(out), "-q"])
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "split over 2 ranks" in r.stdout and r.stdout.count("paired tokens") == 1  # rank 0 alone reports
+    got = {m: np.array(json.loads((out / f"{m}.json").read_text())["matrix"])
+           for m in ("cka", "cka_debiased", "procrustes", "relative", "itda_relative", "jaccard_raw", "jaccard_crop")}
+    kw = dict(tokens=3000, measures=["cka", "cka_debiased", "procrustes", "relative", "itda_relative", "jaccard"],
+              context=32, batch_tokens=512, k=8, max_rows=700, progress=False)
+    lm_a, lm_b = load_model(str(ma)), load_model(str(mb))
+    ref = compare_models(lm_a, lm_b, docs, list(range(len(docs))), interleave=2, **kw)
+    for m in ("cka", "cka_debiased", "procrustes"):
+        np.testing.assert_allclose(got[m], ref.matrices[m], rtol=1e-9, atol=1e-12)
+    for m in ("relative", "itda_relative", "jaccard_raw", "jaccard_crop"):  # same rows, same dictionaries
+        np.testing.assert_array_equal(got[m], ref.matrices[m])
+    # both ranks' chunks are in: rank 0 reports the paired tokens of the whole stream
+    assert f"{ref.paired_tokens} paired tokens" in r.stdout and ref.paired_tokens > 2000
+    assert all(len(d) > 8 for d in ref.dictionaries_a)

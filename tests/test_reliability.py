@@ -91,13 +91,17 @@ def test_repeated_sigkill_then_resume_is_byte_identical(acts, reference_build, t
 @pytest.mark.slow
 def test_sigint_saves_a_checkpoint_and_says_so(acts, reference_build, tmp_path):
     out, ck = tmp_path / "d.safetensors", tmp_path / "ck.safetensors"
-    proc = subprocess.Popen(_build_cmd(acts, out, ck), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a shell's background jobs (CI runners, `cmd &`) start with SIGINT ignored, and Python keeps it
+    # ignored: give the child the default disposition, as a terminal's Ctrl-C would find it
+    proc = subprocess.Popen(_build_cmd(acts, out, ck), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
     while not ck.exists() and time.time() < deadline:
         time.sleep(0.05)
+    assert proc.poll() is None, "the build ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    outs, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (proc.returncode, outs, err, out.exists())
     assert "interrupted" in err and "checkpoint saved" in err and len(err.strip().splitlines()) == 1
     assert ck.exists() and not out.exists()
     r = subprocess.run(_build_cmd(acts, out, ck), capture_output=True, text=True)

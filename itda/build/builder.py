@@ -7,7 +7,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -144,12 +144,12 @@ class DictionaryBuilder:
         return torch.cat(self._refs) if self._refs else empty_refs(0)
 
     # -- one batch -------------------------------------------------------------------------
-    def update(self, acts: torch.Tensor, refs: torch.Tensor | None = None, *, score_chunk: int | None = None,
-               exchange=None) -> BatchStats:
+    def update(self, acts: torch.Tensor, refs: torch.Tensor | None = None, *,
+               score_chunk: int | Sequence[int] | None = None, exchange=None) -> BatchStats:
         """Score the batch against the dictionary, add its worst-explained rows (improved mode).
 
-        score_chunk: score rows in chunks of this many (so a batch made of W rank batches is
-        scored exactly as the W ranks score theirs). exchange: the distributed hook
+        score_chunk: score rows in chunks of this many, or of these sizes in order (so a batch
+        made of W rank batches is scored exactly as the W ranks score theirs). exchange: the distributed hook
         (itda.build.distributed.Exchange) that gathers every rank's candidates in rank order,
         so that all ranks add the same atoms.
         """
@@ -157,8 +157,14 @@ class DictionaryBuilder:
         x_BD = acts.to(device=self.device, dtype=torch.float32)
         norms_B = x_BD.norm(dim=1)
         nonzero_B = norms_B > 0
-        step = score_chunk or max(1, x_BD.shape[0])
-        loss_B = torch.cat([self._loss(x_BD[s : s + step]) for s in range(0, x_BD.shape[0], step)]) if len(x_BD) else norms_B
+        if isinstance(score_chunk, int) or score_chunk is None:
+            step = score_chunk or max(1, x_BD.shape[0])
+            sizes = [min(step, x_BD.shape[0] - s) for s in range(0, x_BD.shape[0], step)]
+        else:
+            sizes = [int(n) for n in score_chunk if n]
+            if sum(sizes) != x_BD.shape[0]:
+                raise ItdaInputError(f"score_chunk sizes add up to {sum(sizes)}, the batch has {x_BD.shape[0]} rows")
+        loss_B = torch.cat([self._loss(part) for part in torch.split(x_BD, sizes)]) if len(x_BD) else norms_B
         over_B = (loss_B > self.config.loss_threshold(self.d)) & nonzero_B
         cand = torch.nonzero(over_B).squeeze(1)
         unit_MD, cand_refs = x_BD[cand] / norms_B[cand, None], refs[cand.cpu()]

@@ -42,21 +42,33 @@ class Exchange:
                                  "the checkpoint is intact, run the command again to resume") from None
         return out
 
+    def gather_rows(self, rows_MX: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows (any count, same trailing shape and dtype) concatenated in rank order."""
+        count = torch.tensor([rows_MX.shape[0]], dtype=torch.int64, device=self.device)
+        counts = [int(c) for c in self._all_gather(count)]
+        pad = torch.zeros((max(counts + [1]),) + tuple(rows_MX.shape[1:]), dtype=rows_MX.dtype, device=self.device)
+        pad[: counts[self.rank]] = rows_MX.to(self.device)
+        return torch.cat([p[:c] for p, c in zip(self._all_gather(pad), counts)]).to(rows_MX.device)
+
     def gather(self, unit_MD: torch.Tensor, refs_M5: torch.Tensor, tokens: int, loss_sum: float):
         """All ranks' candidates in rank order, total tokens and loss sum."""
-        head = torch.tensor([unit_MD.shape[0], tokens, loss_sum], dtype=torch.float64, device=self.device)
-        heads = self._all_gather(head)
-        counts = [int(h[0]) for h in heads]
-        width = max(counts + [1])
-        d = unit_MD.shape[1]
-        pad_u = torch.zeros(width, d, dtype=torch.float32, device=self.device)
-        pad_r = torch.zeros(width, refs_M5.shape[1], dtype=torch.int64, device=self.device)
-        pad_u[: counts[self.rank]] = unit_MD.to(self.device, torch.float32)
-        pad_r[: counts[self.rank]] = refs_M5.to(self.device)
-        us, rs = self._all_gather(pad_u), self._all_gather(pad_r)
-        unit = torch.cat([u[:c] for u, c in zip(us, counts)]).to(unit_MD.device)
-        refs = torch.cat([r[:c] for r, c in zip(rs, counts)]).cpu()
-        return unit, refs, int(sum(float(h[1]) for h in heads)), float(sum(float(h[2]) for h in heads))
+        heads = self._all_gather(torch.tensor([tokens, loss_sum], dtype=torch.float64, device=self.device))
+        unit = self.gather_rows(unit_MD.to(torch.float32))
+        refs = self.gather_rows(refs_M5.to(torch.int64)).cpu()
+        return unit, refs, int(sum(float(h[0]) for h in heads)), float(sum(float(h[1]) for h in heads))
+
+    def sum_(self, t: torch.Tensor, piece_bytes: int = 1 << 28) -> torch.Tensor:
+        """Sum t over ranks in place (in pieces of at most piece_bytes on the collective's device)."""
+        flat = t.view(-1)
+        step = max(1, piece_bytes // max(1, t.element_size()))
+        for s in range(0, flat.numel(), step):
+            part = flat[s : s + step].to(self.device)
+            try:
+                dist.all_reduce(part)
+            except RuntimeError as exc:
+                raise ItdaInputError(f"rank {self.rank}: another rank stopped ({str(exc).splitlines()[0]})") from None
+            flat[s : s + step] = part.to(t.device)
+        return t
 
     def barrier(self) -> None:
         try:

@@ -317,6 +317,7 @@ def compare(
     field: str = typer.Option("text"),
     tokens: int = typer.Option(20_000, help="Models: tokens of A to read."),
     context: int = typer.Option(128),
+    batch_tokens: int = typer.Option(4096, help="Models: tokens per forward pass (the unit torchrun ranks share out)."),
     measures: str = typer.Option("jaccard,itda_relative,cka,svcca,relative", help="Comma list: jaccard, itda_relative, itda_loss_profile, itda_code_overlap, itda_code_cosine, itda_cross_recon, cka, cka_debiased, procrustes, cka_rbf, svcca, pwcca, relative, mutual_knn."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for JSON, CSV and PNG heatmaps."),
     k: int = typer.Option(40, help="Models, Jaccard: MP steps for the dictionaries."),
@@ -334,7 +335,10 @@ def compare(
     from itda.compare.cli_support import compare_command
 
     check_device(device)
+    if batch_tokens < 1:
+        raise ItdaInputError(f"--batch-tokens must be >= 1, got {batch_tokens}")
     compare_command(a, b, corpus=corpus, field=field, tokens=tokens, context=context, measures=measures, out=out, k=k,
+                    batch_tokens=batch_tokens,
                     min_cosine=min_cosine, max_rows=max_rows, precision=precision, include_special=include_special,
                     device=device, quiet=quiet, layerwise=layerwise, max_memory=parse_memory(max_memory),
                     cka_memory=parse_memory(cka_memory, "--cka-memory"))

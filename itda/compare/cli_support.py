@@ -46,7 +46,7 @@ def _measure_list(text: str) -> list[str]:
 
 
 def compare_command(a: str, b: str, *, corpus, field, tokens, context, measures, out, k, min_cosine, max_rows,
-                    precision, include_special, device, quiet, layerwise=False, max_memory=None, cka_memory=1 << 30) -> None:
+                    precision, batch_tokens=4096, include_special, device, quiet, layerwise=False, max_memory=None, cka_memory=1 << 30) -> None:
     kinds = (_kind(a), _kind(b))
     if kinds[0] != kinds[1]:
         raise ItdaInputError(f"compare needs two of a kind; got a {kinds[0].replace('_', ' ')} and a {kinds[1].replace('_', ' ')}")
@@ -67,7 +67,8 @@ def compare_command(a: str, b: str, *, corpus, field, tokens, context, measures,
     else:
         _compare_models(a, b, names, corpus=corpus, field=field, tokens=tokens, context=context, out=out, k=k,
                         min_cosine=min_cosine, max_rows=max_rows, precision=precision, include_special=include_special,
-                        device=device, quiet=quiet, layerwise=layerwise, max_memory=max_memory, cka_memory=cka_memory)
+                        device=device, quiet=quiet, layerwise=layerwise, max_memory=max_memory, cka_memory=cka_memory,
+                        batch_tokens=batch_tokens)
 
 
 def _compare_dicts(a: Path, b: Path, out: Path | None) -> None:
@@ -132,7 +133,8 @@ def _compare_acts(a: Path, b: Path, names: list[str], out: Path | None) -> None:
 
 
 def _compare_models(a: str, b: str, names: list[str], *, corpus, field, tokens, context, out, k, min_cosine, max_rows,
-                    precision, include_special, device, quiet, layerwise=False, max_memory=None, cka_memory=1 << 30) -> None:
+                    precision, include_special, device, quiet, layerwise=False, max_memory=None, cka_memory=1 << 30,
+                    batch_tokens=4096) -> None:
     from itda.activations.corpus import read_documents, split_documents
     from itda.activations.models import load_model
     from itda.compare.pipeline import compare_models
@@ -140,13 +142,25 @@ def _compare_models(a: str, b: str, names: list[str], *, corpus, field, tokens, 
     expanded = []
     for n in names:
         expanded.extend(["cka", "cka_debiased"] if n == "cka" else [n])
+    from itda.build.distributed import init_distributed
+    from itda.cli.common import check_device
+
+    exchange = init_distributed(check_device(device))
     lm_a = load_model(a, device=device, layerwise=layerwise, max_memory=max_memory)
     lm_b = None if b == a else load_model(b, device=device, layerwise=layerwise, max_memory=max_memory)
     docs = read_documents(corpus, field)
     ids = split_documents(docs, "heldout" if corpus == "default" else "all")
     res = compare_models(lm_a, lm_b, docs, ids, tokens=tokens, measures=list(dict.fromkeys(expanded)), context=context,
                          k=k, min_cosine=min_cosine, max_rows=max_rows, precision=precision,
-                         include_special=include_special, progress=not quiet, cka_memory=cka_memory)
+                         include_special=include_special, progress=not quiet, cka_memory=cka_memory, exchange=exchange,
+                         batch_tokens=batch_tokens)
+    if exchange is not None:
+        import torch.distributed
+
+        torch.distributed.destroy_process_group()
+        if exchange.rank != 0:
+            return
+        res.notes.append(f"forward passes split over {exchange.world} ranks (torchrun)")
     typer.echo(f"{res.paired_tokens} paired tokens ({res.identity} identities), {res.seconds:.0f}s")
     for note in res.notes:
         typer.echo(note)

@@ -89,6 +89,19 @@ class MinibatchCKAGrid:
             self.hsic_bb += bb
         self.batches += 1
 
+    def sum_over(self, exchange, layers_a: int, layers_b: int) -> None:
+        """Add up the minibatch sums of all ranks (each rank's own minibatches; a remainder
+        shorter than a minibatch stays unused on each rank)."""
+        count = torch.tensor([float(self.batches)], dtype=torch.float64)
+        exchange.sum_(count)
+        if self.hsic_ab is None:
+            self.hsic_ab = torch.zeros(layers_a, layers_b, dtype=torch.float64)
+            self.hsic_aa = torch.zeros(layers_a, dtype=torch.float64)
+            self.hsic_bb = torch.zeros(layers_b, dtype=torch.float64)
+        for t in (self.hsic_ab, self.hsic_aa, self.hsic_bb):
+            exchange.sum_(t)
+        self.batches = int(count.item())
+
     def matrix(self) -> np.ndarray:
         """[L_A, L_B] minibatch CKA."""
         if self.batches == 0:

@@ -90,12 +90,20 @@ def compare_models(
     progress: bool = True,
     cka_memory: int = 1 << 30,
     cka_minibatch: int = 1024,
+    exchange=None,
+    interleave: int = 1,
 ) -> ModelComparison:
     """Similarity matrices [L_A, L_B] for each measure; lm_b=None compares lm_a with itself.
 
     Linear CKA runs exactly (float64 streaming sums, O(L_A d_A L_B d_B) memory) when those
     accumulators fit `cka_memory` bytes, else as minibatch CKA (unbiased HSIC averaged over
     minibatches of `cka_minibatch` paired tokens, O((L_A + L_B) m^2) memory): `notes` says which.
+
+    exchange (itda.build.distributed.Exchange, under torchrun): rank r forwards the document chunks
+    r, r + W, ...; the CKA sums are added up over ranks, the kept rows gathered in chunk order, the
+    Jaccard dictionaries built with the ranks' candidates gathered per step; rank 0 gets the full
+    result, the other ranks an empty one. One process with interleave=W gives the same result
+    (CKA up to float64 summation order; minibatch CKA differs, its minibatches being per rank).
     """
     check_measures(measures)
     t0 = time.perf_counter()
@@ -139,40 +147,66 @@ def compare_models(
         builders_a = make(lm_a, hps_a, ctx_a)
         builders_b = builders_a if self_compare else make(lm_b, hps_b, ctx_b)
     paired = 0
-    bar = tqdm(total=int((~ctx_a.special).sum()), unit="tok", unit_scale=True, disable=not progress, desc="compare")
-    rows_per_chunk = max(1, batch_tokens // context)
-    for (sa, ea), (sb, eb) in _doc_chunks(_row_docs(ctx_a), _row_docs(ctx_b), rows_per_chunk):
-        batch_a = _forward_all(lm_a, hps_a, ctx_a.rows(sa, ea), include_special)
-        batch_b = batch_a if self_compare else _forward_all(lm_b, hps_b, ctx_b.rows(sb, eb), include_special)
+    rank = exchange.rank if exchange is not None else 0
+    world = exchange.world if exchange is not None else max(1, interleave)
+    bar = tqdm(total=int((~ctx_a.special).sum()), unit="tok", unit_scale=True, disable=not progress or rank != 0,
+               desc="compare")
+    chunks = list(_doc_chunks(_row_docs(ctx_a), _row_docs(ctx_b), max(1, batch_tokens // context)))
+    kept_chunk: list[torch.Tensor] = []  # chunk index of every kept row (ranks gather them in chunk order)
+    for first in range(0, len(chunks), world):
+        step = list(enumerate(chunks[first : first + world], first))
+        mine = step if exchange is None else step[rank : rank + 1]
+        fwd = []
+        for ci, ((sa, ea), (sb, eb)) in mine:
+            batch_a = _forward_all(lm_a, hps_a, ctx_a.rows(sa, ea), include_special)
+            batch_b = batch_a if self_compare else _forward_all(lm_b, hps_b, ctx_b.rows(sb, eb), include_special)
+            fwd.append((ci, batch_a, batch_b))
+            bar.update(batch_a[0].unit.shape[0] * (world if exchange is not None else 1))
         if builders_a is not None:
-            for builder, acts in zip(builders_a, batch_a):
-                builder.update(acts.unit, acts.refs)
+            _update_builders(builders_a, [f[1] for f in fwd], exchange)
             if not self_compare:
-                for builder, acts in zip(builders_b, batch_b):
-                    builder.update(acts.unit, acts.refs)
-        ka, kb = _keys(batch_a[0].refs, identity), _keys(batch_b[0].refs, identity)
-        _, ia, ib = np.intersect1d(ka, kb, assume_unique=True, return_indices=True)
-        ia, ib = torch.from_numpy(np.sort(ia)), torch.from_numpy(ib[np.argsort(ia)])
-        paired += len(ia)
-        bar.update(batch_a[0].unit.shape[0])
-        if grid is None and mb_grid is None and not (wants_mem and n_kept < max_rows):
-            continue  # Jaccard only: the dense paired rows are not needed
-        xs = [acts.dense()[ia] for acts in batch_a]
-        ys = [acts.dense()[ib] for acts in batch_b]
-        if grid is not None and len(ia):
-            grid.update(torch.stack(xs), torch.stack(ys))
-        if mb_grid is not None and len(ia):
-            mb_grid.update(xs, ys)
-        if wants_mem and n_kept < max_rows:
-            take = min(max_rows - n_kept, len(ia))
-            for store, x in zip(kept_a, xs):
-                store.append(x[:take])
-            for store, y in zip(kept_b, ys):
-                store.append(y[:take])
-            n_kept += take
+                _update_builders(builders_b, [f[2] for f in fwd], exchange)
+        pairs = []
+        for ci, batch_a, batch_b in fwd:
+            ka, kb = _keys(batch_a[0].refs, identity), _keys(batch_b[0].refs, identity)
+            _, ia, ib = np.intersect1d(ka, kb, assume_unique=True, return_indices=True)
+            ia, ib = torch.from_numpy(np.sort(ia)), torch.from_numpy(ib[np.argsort(ia)])
+            paired += len(ia)
+            if grid is None and mb_grid is None and not (wants_mem and n_kept < max_rows):
+                continue  # Jaccard only: the dense paired rows are not needed
+            pairs.append((ci, [acts.dense()[ia] for acts in batch_a], [acts.dense()[ib] for acts in batch_b]))
+        if exchange is not None and grid is not None and grid.a is None:
+            _share_pilots(grid, pairs, exchange, hps_a, hps_b, lm_a, lm_b)
+        for ci, xs, ys in pairs:
+            if not len(xs[0]):
+                continue
+            if grid is not None:
+                grid.update(torch.stack(xs), torch.stack(ys))
+            if mb_grid is not None:
+                mb_grid.update(xs, ys)
+            if wants_mem and n_kept < max_rows:
+                take = min(max_rows - n_kept, len(xs[0]))
+                for store, x in zip(kept_a, xs):
+                    store.append(x[:take])
+                for store, y in zip(kept_b, ys):
+                    store.append(y[:take])
+                kept_chunk.append(torch.full((take,), ci, dtype=torch.int64))
+                n_kept += take
     bar.close()
+    if exchange is not None:
+        paired = int(exchange.sum_(torch.tensor([float(paired)], dtype=torch.float64)).item())
+        if grid is not None:
+            grid.sum_over(exchange)
+        if mb_grid is not None:
+            mb_grid.sum_over(exchange, len(hps_a), len(hps_b))
+        if wants_mem:
+            kept_a, kept_b = _gather_kept(kept_a, kept_b, kept_chunk, exchange, max_rows,
+                                          lm_a.config.hidden_size, lm_b.config.hidden_size)
     if paired < 4:
         raise ItdaInputError(f"only {paired} tokens could be paired between the models")
+    if rank != 0:  # the other ranks' part is done; rank 0 reports
+        return ModelComparison(lm_a.name, lm_b.name, len(hps_a), len(hps_b), {}, paired, identity,
+                               time.perf_counter() - t0, notes=notes)
     matrices: dict[str, np.ndarray] = {}
     if grid is not None:
         mats = grid.matrices(procrustes="procrustes" in measures)
@@ -203,6 +237,42 @@ def jaccard_matrices(dicts_a: list[Dictionary], dicts_b: list[Dictionary]) -> di
     for size in SIZE_CONTROLS:
         out[f"jaccard_{size}"] = np.array([[jaccard(a, b, size=size).value for b in dicts_b] for a in dicts_a])
     return out
+
+
+def _update_builders(builders: list[DictionaryBuilder], batches: list[list], exchange) -> None:
+    """One build step per layer: this rank's batch with the ranks' candidates gathered (exchange),
+    or the step's batches concatenated and scored batch by batch (one process, interleave)."""
+    for layer, builder in enumerate(builders):
+        parts = [b[layer] for b in batches]
+        if exchange is not None:
+            unit = parts[0].unit if parts else torch.zeros(0, builder.d)
+            refs = parts[0].refs if parts else torch.zeros(0, 5, dtype=torch.int64)
+            builder.update(unit, refs, exchange=exchange)
+        elif parts:
+            builder.update(torch.cat([p.unit for p in parts]), torch.cat([p.refs for p in parts]),
+                           score_chunk=[len(p.unit) for p in parts])
+
+
+def _share_pilots(grid: StreamingCKAGrid, pairs, exchange, hps_a, hps_b, lm_a, lm_b) -> None:
+    """Give every rank the same CKA pilot means: those of the earliest chunk of this step with rows."""
+    da, db = lm_a.config.hidden_size, lm_b.config.hidden_size
+    width = len(hps_a) * da + len(hps_b) * db
+    mine = [torch.cat([torch.stack(xs).double().mean(1).reshape(-1), torch.stack(ys).double().mean(1).reshape(-1)])
+            for _, xs, ys in pairs if len(xs[0])]
+    rows = exchange.gather_rows(torch.stack(mine[:1]) if mine else torch.zeros(0, width, dtype=torch.float64))
+    if len(rows):
+        grid.set_pilots(rows[0, : len(hps_a) * da].view(len(hps_a), da), rows[0, len(hps_a) * da :].view(len(hps_b), db))
+
+
+def _gather_kept(kept_a, kept_b, kept_chunk, exchange, max_rows: int, da: int, db: int):
+    """The first max_rows paired rows in chunk order, from every rank's kept rows (same on all ranks)."""
+    chunk = exchange.gather_rows(torch.cat(kept_chunk) if kept_chunk else torch.zeros(0, dtype=torch.int64))
+    order = torch.sort(chunk, stable=True).indices[:max_rows]
+
+    def side(kept, d):
+        return [[exchange.gather_rows(torch.cat(s) if s else torch.zeros(0, d))[order]] for s in kept]
+
+    return side(kept_a, da), side(kept_b, db)
 
 
 def _forward_all(lm: LoadedModel, hps: list[Hookpoint], ctx: Contexts, include_special: bool):

@@ -102,11 +102,7 @@ class StreamingCKAGrid:
         la, n, da = x.shape
         lb, _, db = y.shape
         if self.a is None:
-            self.a, self.b = _Sides(x.mean(1)), _Sides(y.mean(1))
-            self.xty = torch.zeros(la * da, lb * db, dtype=torch.float64)
-            self.sqx_y = torch.zeros(la, lb * db, dtype=torch.float64)
-            self.sqy_x = torch.zeros(lb, la * da, dtype=torch.float64)
-            self.sqsq = torch.zeros(la, lb, dtype=torch.float64)
+            self.set_pilots(x.mean(1), y.mean(1))
         xc, sqa = self.a.add(x)
         yc, sqb = self.b.add(y)
         x_all = xc.permute(1, 0, 2).reshape(n, la * da)
@@ -119,6 +115,30 @@ class StreamingCKAGrid:
         self.sqy_x += sqb @ x_all
         self.sqsq += sqa @ sqb.T
         self.n += n
+
+    def set_pilots(self, pilot_a_LD: torch.Tensor, pilot_b_LD: torch.Tensor) -> None:
+        """Start the sums around these per-layer means (by default the first batch's): ranks that
+        share pilots have sums that add up (see `sum_over`)."""
+        if self.a is not None:
+            raise ItdaInputError("the pilot means are set once, before the first batch")
+        (la, da), (lb, db) = pilot_a_LD.shape, pilot_b_LD.shape
+        self.a, self.b = _Sides(pilot_a_LD.to("cpu", torch.float64)), _Sides(pilot_b_LD.to("cpu", torch.float64))
+        self.xty = torch.zeros(la * da, lb * db, dtype=torch.float64)
+        self.sqx_y = torch.zeros(la, lb * db, dtype=torch.float64)
+        self.sqy_x = torch.zeros(lb, la * da, dtype=torch.float64)
+        self.sqsq = torch.zeros(la, lb, dtype=torch.float64)
+
+    def sum_over(self, exchange) -> None:
+        """Add up the sums of all ranks (torch.distributed, same pilots everywhere): every rank then
+        holds the sums of the whole stream."""
+        n = torch.tensor([float(self.n)], dtype=torch.float64)
+        exchange.sum_(n)
+        self.n = int(n.item())
+        for side in (self.a, self.b):
+            for t in (side.s, side.gram, side.sq_sum, side.sq4_sum, side.sq_x):
+                exchange.sum_(t)
+        for t in (self.xty, self.sqx_y, self.sqy_x, self.sqsq):
+            exchange.sum_(t)
 
     def matrices(self, procrustes: bool = True) -> dict[str, np.ndarray]:
         """{'cka', 'cka_debiased', 'procrustes'} -> [L_A, L_B] arrays."""
