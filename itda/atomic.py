@@ -87,6 +87,7 @@ def atomic_dir(target: str | os.PathLike, *, replace_if: str | None = None) -> I
     old = None
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp made it 0700
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
             os.replace(target, old / "x")

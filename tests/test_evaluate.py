@@ -2,7 +2,8 @@ import numpy as np
 import torch
 
 from itda.dictionary import Dictionary, DictionaryMeta
-from itda.evaluate import _distinct_used, evaluate
+from itda.evaluate import evaluate
+from itda.pursuit.codes import distinct_used
 from reference_impls import mp_float64, random_unit
 
 
@@ -34,7 +35,7 @@ def test_report_matches_direct_computation():
 def test_distinct_used_counts_repeats_once_and_drops_cancelled():
     idx = torch.tensor([[3, 1, 3, 2], [5, 5, 0, -1]])
     val = torch.tensor([[1.0, 2.0, -0.5, 1.0], [1.0, -1.0, 2.0, 0.0]])
-    mask = _distinct_used(idx, val)
+    mask = distinct_used(idx, val)
     # row 0: atoms 3, 1, 2 -> 3 distinct; row 1: atom 5 cancels to 0, atom 0 used, -1 ignored
     assert mask.sum(1).tolist() == [3, 1]
     assert sorted(idx[1][mask[1]].tolist()) == [0]

@@ -12,11 +12,14 @@ from typing import Optional
 import typer
 
 from itda.cli.common import check_device, check_output, is_activation_file, on_interrupt, parse_memory, user_errors
+from itda.cli.explore import explore, select
 from itda.cli.sae import export, sae_app
 from itda.errors import ItdaInputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Inference-Time Decomposition of Activations.")
 app.add_typer(sae_app, name="sae")
+app.command("explore")(explore)
+app.command("select")(select)
 app.command()(export)
 
 

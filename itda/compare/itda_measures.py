@@ -30,8 +30,8 @@ import torch
 
 from itda.build import build_dictionary
 from itda.evaluate.metrics import recon_terms
-from itda.evaluate.report import _distinct_used
 from itda.pursuit import matching_pursuit
+from itda.pursuit.codes import atom_totals
 
 ITDA_MEASURES = ("itda_loss_profile", "itda_code_overlap", "itda_cross_recon", "itda_relative", "itda_code_cosine")
 
@@ -87,19 +87,11 @@ def _linear_cka(a: torch.Tensor, b: torch.Tensor) -> float:
     return num / den if den > 0 else 0.0
 
 
-def _slot_totals(codes) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per slot [N, k]: the atom's total coefficient in its row (float64), and a mask keeping one
-    slot per distinct atom with a non-zero total (MP may pick an atom twice)."""
-    idx, val = codes.indices.cpu(), codes.values.cpu().double() * (codes.indices.cpu() >= 0)
-    same_NKK = idx[:, :, None] == idx[:, None, :]
-    return (same_NKK * val[:, None, :]).sum(2), _distinct_used(idx, val)
-
-
 def _code_agreement(ca, cb) -> tuple[torch.Tensor, torch.Tensor]:
     """Per token: Jaccard of the two support sets and cosine of the two coefficient vectors over
     the shared atoms, from the k (index, value) pairs (never a dense [tokens, atoms] matrix)."""
-    tot_a, used_a = _slot_totals(ca)
-    tot_b, used_b = _slot_totals(cb)
+    tot_a, used_a = atom_totals(ca)
+    tot_b, used_b = atom_totals(cb)
     match_NKK = (ca.indices.cpu()[:, :, None] == cb.indices.cpu()[:, None, :]) & used_a[:, :, None] & used_b[:, None, :]
     inter = match_NKK.sum((1, 2)).double()
     union = used_a.sum(1).double() + used_b.sum(1).double() - inter

@@ -9,6 +9,7 @@ import torch
 
 from itda.dictionary import Dictionary
 from itda.evaluate.metrics import normalised_loss, recon_terms
+from itda.pursuit.codes import distinct_used
 
 
 @dataclass
@@ -56,7 +57,7 @@ class Evaluator:
         self.sum_err += float(terms.err_sq.double().sum())
         self.sum_cos += float(cos.double().sum())
         self.sum_loss += float(normalised_loss(cos.double(), self.dictionary.d).sum())
-        used = _distinct_used(codes.indices.cpu(), codes.values.cpu())
+        used = distinct_used(codes.indices.cpu(), codes.values.cpu())
         self.sum_l0 += int(used.sum())
         self.usage += torch.bincount(codes.indices.cpu()[used], minlength=len(self.dictionary))
 
@@ -74,22 +75,6 @@ class Evaluator:
             dead_atoms=int((self.usage == 0).sum()),
             usage=self.usage.clone(),
         )
-
-
-def _distinct_used(idx_BK: torch.Tensor, val_BK: torch.Tensor) -> torch.Tensor:
-    """Mask [B, k] of the first slot of each distinct atom per row whose summed coefficient is non-zero."""
-    b, k = idx_BK.shape
-    order = torch.argsort(idx_BK, dim=1, stable=True)
-    sorted_idx = idx_BK.gather(1, order)
-    sorted_val = val_BK.gather(1, order)
-    group_start = torch.ones_like(sorted_idx, dtype=torch.bool)
-    group_start[:, 1:] = sorted_idx[:, 1:] != sorted_idx[:, :-1]
-    group_id = group_start.cumsum(1) - 1
-    sums = torch.zeros(b, k, dtype=torch.float64).scatter_add_(1, group_id, sorted_val.double())
-    keep_sorted = group_start & (sums.gather(1, group_id) != 0) & (sorted_idx >= 0)
-    mask = torch.zeros_like(keep_sorted)
-    mask.scatter_(1, order, keep_sorted)
-    return mask
 
 
 def evaluate(dictionary: Dictionary, batches: Iterable[torch.Tensor], k: int | None = None, method: str = "mp") -> EvalReport:

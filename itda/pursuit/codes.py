@@ -33,3 +33,27 @@ def decode(codes: SparseCodes, atoms_ND: torch.Tensor) -> torch.Tensor:
 def cat_codes(parts: list[SparseCodes]) -> SparseCodes:
     """Concatenate codes of consecutive row chunks."""
     return SparseCodes(*(torch.cat([getattr(p, f) for p in parts]) for f in SparseCodes._fields))
+
+
+def distinct_used(idx_BK: torch.Tensor, val_BK: torch.Tensor) -> torch.Tensor:
+    """Mask [B, k] of the first slot of each distinct atom per row whose summed coefficient is non-zero."""
+    b, k = idx_BK.shape
+    order = torch.argsort(idx_BK, dim=1, stable=True)
+    sorted_idx = idx_BK.gather(1, order)
+    sorted_val = val_BK.gather(1, order)
+    group_start = torch.ones_like(sorted_idx, dtype=torch.bool)
+    group_start[:, 1:] = sorted_idx[:, 1:] != sorted_idx[:, :-1]
+    group_id = group_start.cumsum(1) - 1
+    sums = torch.zeros(b, k, dtype=torch.float64).scatter_add_(1, group_id, sorted_val.double())
+    keep_sorted = group_start & (sums.gather(1, group_id) != 0) & (sorted_idx >= 0)
+    mask = torch.zeros_like(keep_sorted)
+    mask.scatter_(1, order, keep_sorted)
+    return mask
+
+
+def atom_totals(codes: SparseCodes) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per slot [B, k]: the atom's total coefficient in its row (float64, MP may pick an atom twice),
+    and the distinct_used mask keeping one slot per distinct atom with a non-zero total."""
+    idx, val = codes.indices.cpu(), codes.values.cpu().double() * (codes.indices.cpu() >= 0)
+    same_BKK = idx[:, :, None] == idx[:, None, :]
+    return (same_BKK * val[:, None, :]).sum(2), distinct_used(idx, val)

@@ -1,0 +1,102 @@
+"""`itda select`: supports of a corpus under a dictionary, a chosen subset, and its coverage report."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from itda.activations.corpus import read_documents
+from itda.activations.hookpoints import parse_hookpoint
+from itda.activations.models import load_model, same_tokenizer
+from itda.dictionary import Dictionary
+from itda.errors import ItdaInputError
+from itda.select.coverage import coverage_curve, longest_order, random_order, select_documents
+from itda.select.supports import DocSupports, document_supports
+
+RANDOM_DRAWS = 5
+
+
+class Selection(NamedTuple):
+    chosen: np.ndarray  # corpus indices of the chosen documents, in order of choice
+    new_atoms: np.ndarray  # atoms each choice newly covered
+    report: dict
+    curves: dict[str, np.ndarray]  # strategy -> atoms covered after 1..budget documents
+
+
+def corpus_supports(corpus: str, dictionary: Dictionary, *, model: str | None = None, field: str = "text",
+                    k: int | None = None, context: int = 128, max_doc_tokens: int | None = None,
+                    device: str = "cpu", progress: bool = True) -> tuple[list[str], DocSupports]:
+    meta = dictionary.meta
+    if not meta.hookpoint:
+        raise ItdaInputError("the dictionary records no hookpoint (built from an activation file): select needs "
+                             "the model and hookpoint it was built at")
+    model = model or meta.model
+    if not model:
+        raise ItdaInputError("the dictionary records no model; give --model")
+    lm = load_model(model, device=device)
+    if meta.tokenizer and not same_tokenizer(meta.tokenizer, lm.tokenizer_name):
+        raise ItdaInputError(f"tokenizer mismatch: the dictionary was built with {meta.tokenizer}, {model} has {lm.tokenizer_name}")
+    docs = read_documents(corpus, field)
+    sup = document_supports(lm, dictionary, parse_hookpoint(meta.hookpoint), docs, list(range(len(docs))),
+                            k=min(k or meta.k, len(dictionary)), context=context, max_doc_tokens=max_doc_tokens,
+                            device=device, progress=progress)
+    return docs, sup
+
+
+def choose(sup: DocSupports, n_atoms: int, budget: int, strategy: str = "greedy", *, seed: int = 0,
+           curves_for: tuple[str, ...] = ()) -> Selection:
+    """The chosen documents and a report of atom coverage against random and longest-first choices."""
+    if budget < 1:
+        raise ItdaInputError(f"--budget must be >= 1, got {budget}")
+    if budget > len(sup.doc_ids):
+        raise ItdaInputError(f"--budget {budget} exceeds the corpus's {len(sup.doc_ids)} documents")
+    rows = select_documents(sup.sets, budget, strategy, doc_tokens=sup.tokens, seed=seed)
+    curves = {strategy: coverage_curve(sup.sets, rows)}
+    draws = np.stack([coverage_curve(sup.sets, random_order(len(sup.doc_ids), budget, seed + i)) for i in range(RANDOM_DRAWS)])
+    curves["random"] = draws.mean(0)
+    curves["longest"] = coverage_curve(sup.sets, longest_order(sup.tokens, budget))
+    for other in curves_for:
+        if other not in curves:
+            curves[other] = coverage_curve(sup.sets, select_documents(sup.sets, budget, other, doc_tokens=sup.tokens, seed=seed))
+    used = int((np.asarray(sup.sets.sum(0)).ravel() > 0).sum())
+    final = {name: float(c[len(rows) - 1]) if len(c) else 0.0 for name, c in curves.items()}
+    report = {
+        "itda_select": 1, "strategy": strategy, "budget": budget, "chosen": int(len(rows)),
+        "documents": int(len(sup.doc_ids)), "corpus_tokens": int(sup.tokens.sum()),
+        "atoms_in_dictionary": int(n_atoms), "atoms_used_by_corpus": used,
+        "coverage": {name: {"atoms": v, "of_corpus": v / used if used else 0.0, "of_dictionary": v / n_atoms}
+                     for name, v in final.items()},
+        "tokens": {strategy: int(sup.tokens[rows].sum()), "longest": int(sup.tokens[longest_order(sup.tokens, budget)].sum())},
+        "random_draws": RANDOM_DRAWS, "random_std_atoms": float(draws[:, -1].std()), "seed": seed,
+    }
+    new = np.diff(np.concatenate([[0], curves[strategy]]))
+    return Selection(sup.doc_ids[rows], new, report, curves)
+
+
+def plot_curves(curves: dict[str, np.ndarray], used: int, path, title: str) -> bool:
+    """Coverage curves as a PNG (False when matplotlib is missing)."""
+    from itda.compare.report import has_matplotlib
+
+    if not has_matplotlib():
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from itda.atomic import atomic_path
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, c in curves.items():
+        ax.plot(np.arange(1, len(c) + 1), np.asarray(c) / max(used, 1), label=name, lw=2 if name not in ("random", "longest") else 1.2)
+    ax.set_xlabel("documents chosen")
+    ax.set_ylabel("share of the corpus's atoms covered")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return True

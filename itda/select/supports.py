@@ -1,0 +1,84 @@
+"""Stream a corpus through a model and record, per document, which dictionary atoms its tokens use."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from tqdm.auto import tqdm
+
+from itda.activations.corpus import tokenize_contexts
+from itda.activations.hookpoints import Hookpoint
+from itda.activations.models import LoadedModel
+from itda.activations.stream import iterate_batches
+from itda.dictionary import Dictionary
+from itda.errors import ItdaInputError
+from itda.pursuit import matching_pursuit
+from itda.pursuit.codes import distinct_used
+
+
+class DocSupports(NamedTuple):
+    doc_ids: np.ndarray  # [D] corpus index of each row
+    sets: sp.csr_matrix  # [D, N] 1 where a token of the document uses the atom
+    tokens: np.ndarray  # [D] tokens read per document
+
+
+def document_supports(lm: LoadedModel, dictionary: Dictionary, hp: Hookpoint, docs: Sequence[str], doc_ids: Sequence[int],
+                      *, k: int, context: int = 128, max_doc_tokens: int | None = None, docs_per_step: int = 64,
+                      batch_contexts: int = 32, device: str = "cpu", progress: bool = True) -> DocSupports:
+    """Documents are tokenized, run and encoded `docs_per_step` at a time (memory: one step's
+    activations plus the sparse supports); each keeps its first max_doc_tokens tokens."""
+    atoms = dictionary.atoms.to(device, torch.float32)
+    gram = dictionary.gram()
+    gram = gram.to(device) if gram is not None else None
+    row_of = {int(d): i for i, d in enumerate(doc_ids)}
+    rows, cols, tokens = [], [], np.zeros(len(doc_ids), dtype=np.int64)
+    bar = tqdm(total=len(doc_ids), unit="doc", disable=not progress, desc="supports")
+    for s in range(0, len(doc_ids), docs_per_step):
+        step_ids = list(doc_ids[s : s + docs_per_step])
+        try:
+            ctx = _contexts(lm, docs, step_ids, context, max_doc_tokens)
+        except ItdaInputError:  # only empty documents in this step
+            bar.update(len(step_ids))
+            continue
+        for batch in iterate_batches(lm.model, [hp], ctx, batch_contexts=batch_contexts, dtype=torch.float32, device=device):
+            acts = batch[hp]
+            codes = matching_pursuit(acts.dense().to(device), atoms, k, gram=gram)
+            used = distinct_used(codes.indices.cpu(), codes.values.cpu())
+            tok_rows, slots = torch.nonzero(used, as_tuple=True)
+            doc_rows = np.array([row_of[int(d)] for d in acts.refs[:, 0].tolist()], dtype=np.int64)
+            np.add.at(tokens, doc_rows, 1)
+            rows.append(doc_rows[tok_rows.numpy()])
+            cols.append(codes.indices.cpu()[tok_rows, slots].numpy())
+        bar.update(len(step_ids))
+        bar.set_postfix(tokens=int(tokens.sum()), refresh=False)
+    bar.close()
+    r = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    c = np.concatenate(cols) if cols else np.zeros(0, np.int64)
+    sets = sp.csr_matrix((np.ones(len(r), np.float32), (r, c)), shape=(len(doc_ids), len(dictionary)))
+    sets.sum_duplicates()
+    sets.data[:] = 1.0
+    return DocSupports(np.asarray(doc_ids, dtype=np.int64), sets, tokens)
+
+
+def _contexts(lm: LoadedModel, docs, ids, context: int, max_doc_tokens: int | None):
+    if max_doc_tokens is None:
+        return tokenize_contexts(docs, ids, lm.tokenizer, context=context, tokenizer_name=lm.tokenizer_name)
+    cut = [docs[i] for i in ids]
+    # cut each document to its first max_doc_tokens tokens (by character offset), keeping its index
+    for j, i in enumerate(ids):
+        enc = lm.tokenizer(docs[i], add_special_tokens=False, return_offsets_mapping=True)
+        if len(enc["input_ids"]) > max_doc_tokens:
+            cut[j] = docs[i][: enc["offset_mapping"][max_doc_tokens - 1][1]]
+    view = _IndexedDocs(dict(zip(ids, cut)))
+    return tokenize_contexts(view, ids, lm.tokenizer, context=context, tokenizer_name=lm.tokenizer_name)
+
+
+class _IndexedDocs:
+    def __init__(self, by_id: dict):
+        self.by_id = by_id
+
+    def __getitem__(self, i):
+        return self.by_id[i]

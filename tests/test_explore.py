@@ -1,0 +1,258 @@
+"""The atom explorer: usage statistics against a dense float64 recomputation, the page's data
+against the dictionary and corpus, and the page itself in headless Chromium."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from itda.cli.main import app
+from itda.dictionary import Dictionary
+from itda.explore.usage import AtomUsageAccumulator, co_occurrence
+from itda.pursuit.codes import SparseCodes
+from tiny_models import sample_docs, tiny_model, word_tokenizer
+
+runner = CliRunner()
+
+
+def _random_codes(b, k, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, n, (b, k), generator=g)
+    idx[:, 1] = idx[:, 0]  # MP may pick an atom twice: its total counts once
+    val = torch.randn(b, k, generator=g)
+    return SparseCodes(idx, val, torch.zeros(b))
+
+
+def test_usage_matches_a_dense_recomputation():
+    n, k = 30, 6
+    acc = AtomUsageAccumulator(n)
+    batches = [_random_codes(40, k, n, s) for s in range(3)]
+    for c in batches:
+        acc.update(c, torch.rand(c.indices.shape[0]))
+    u = acc.result()
+    dense = np.zeros((120, n))  # [tokens, atoms] total coefficients, float64
+    for bi, c in enumerate(batches):
+        for r in range(c.indices.shape[0]):
+            for j in range(k):
+                dense[bi * 40 + r, int(c.indices[r, j])] += float(c.values[r, j])
+    used = dense != 0
+    np.testing.assert_array_equal(u.count_N, used.sum(0))
+    np.testing.assert_allclose(u.coef_sum_N, dense.sum(0), atol=1e-9)
+    np.testing.assert_array_equal(u.l0_T, used.sum(1))
+    for a in (0, 7, 29):
+        toks, vals = u.top_tokens(a, 3)
+        want = np.argsort(-np.where(used[:, a], dense[:, a], -np.inf), kind="stable")[: min(3, used[:, a].sum())]
+        np.testing.assert_array_equal(toks, want)
+        np.testing.assert_allclose(vals, dense[want, a])
+        rows = np.arange(120)
+        np.testing.assert_allclose(u.coefficients(a, rows), dense[:, a], atol=1e-12)
+    partners, scores = co_occurrence(u, top=4, block=7)  # blocks smaller than N exercise the blocking
+    for a in (0, 13):
+        inter = (used[:, [a]] & used).sum(0).astype(float)
+        jac = inter / (used[:, a].sum() + used.sum(0) - inter)
+        jac[a] = -1
+        order = np.lexsort((np.arange(n), -jac))[:4]
+        np.testing.assert_array_equal(partners[a], order)
+        np.testing.assert_allclose(scores[a], jac[order])
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A tiny model, a corpus, and dictionaries at two layers built from it with the CLI."""
+    root = tmp_path_factory.mktemp("explore")
+    tok = word_tokenizer()
+    model = root / "tiny"
+    tiny_model("llama", vocab=len(tok)).save_pretrained(model)
+    tok.save_pretrained(model)
+    docs = sample_docs(80, seed=4)
+    corpus = root / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    r = runner.invoke(app, ["build", str(model), "--layer", "1", "--layer", "2", "--corpus", str(corpus), "--tokens", "3000",
+                            "--context", "32", "--k", "8", "--out", str(root / "d"), "-q"])
+    assert r.exit_code == 0, r.output
+    return {"root": root, "model": model, "corpus": corpus, "docs": docs,
+            "a": root / "d" / "resid_post.1.safetensors", "b": root / "d" / "resid_post.2.safetensors"}
+
+
+def _explore(built, out, *extra):
+    return runner.invoke(app, ["explore", str(built["a"]), *extra, "--corpus", str(built["corpus"]), "--tokens", "1500",
+                               "--context", "32", "--out", str(out), "-q"])
+
+
+@pytest.fixture(scope="module")
+def page(built):
+    out = built["root"] / "page"
+    r = _explore(built, out)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def compare_page(built):
+    out = built["root"] / "cmp"
+    r = _explore(built, out, str(built["b"]))
+    assert r.exit_code == 0, r.output
+    assert "shared atoms:" in r.output
+    return out
+
+
+def test_page_data_agrees_with_the_dictionary_and_corpus(built, page):
+    data = json.loads((page / "data.json").read_text())
+    assert (page / "data.js").read_text() == "window.ITDA_EXPLORER = " + (page / "data.json").read_text().strip() + ";\n"
+    d = Dictionary.load(built["a"])
+    (view,) = data["views"]
+    assert len(view["atoms"]) == len(d)
+    docs = built["docs"]
+    for card, (doc, pos, cs, ce, tok) in zip(view["atoms"], d.refs.tolist()):
+        assert (card["doc"], card["pos"], card["token_id"]) == (doc, pos, tok)
+        assert card["token"] == docs[doc][cs:ce]
+        src = card["source"]
+        assert src["text"][src["hl"][0] : src["hl"][1]] == docs[doc][cs:ce]
+        for ctx in card["contexts"]:
+            s, e, coef = ctx["spans"][ctx["at"]]
+            assert coef != 0 and ctx["text"][s:e].strip()
+        coefs = [c["spans"][c["at"]][2] for c in card["contexts"]]
+        assert coefs == sorted(coefs, reverse=True)  # strongest first
+    s = view["summary"]
+    uses = sum(c["uses"] for c in view["atoms"])
+    assert uses == pytest.approx(s["mean_l0"] * s["tokens"])  # every token's distinct atoms, counted per atom
+    assert sum(s["usage_hist"]["counts"]) + s["usage_hist"]["zeros"] == len(d)
+    assert sum(s["cos_hist"]["counts"]) == s["tokens"] and sum(s["l0_hist"]["counts"]) == s["tokens"]
+
+
+def test_compare_page_pairs_atoms_of_the_same_token(built, compare_page):
+    data = json.loads((compare_page / "data.json").read_text())
+    a, b = Dictionary.load(built["a"]), Dictionary.load(built["b"])
+    keys_a = {tuple(r[i] for i in (0, 2, 3)) for r in a.refs.tolist()}
+    keys_b = {tuple(r[i] for i in (0, 2, 3)) for r in b.refs.tolist()}
+    assert len(data["shared"]) == len(keys_a & keys_b) > 0
+    for i, j in data["shared"]:
+        ra, rb = a.refs[i].tolist(), b.refs[j].tolist()
+        assert (ra[0], ra[2], ra[3]) == (rb[0], rb[2], rb[3])
+
+
+def test_bad_inputs_give_one_line(built, tmp_path):
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"text": d}) + "\n" for d in sample_docs(80, seed=9)))
+    r = runner.invoke(app, ["explore", str(built["a"]), "--corpus", str(other), "--tokens", "500", "--context", "32",
+                            "--out", str(tmp_path / "p")])
+    assert r.exit_code == 2 and "not the corpus" in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert not (tmp_path / "p").exists()
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("precious")
+    r = _explore(built, keep)
+    assert r.exit_code == 2 and "not an earlier output" in r.output
+    assert (keep / "notes.txt").read_text() == "precious" and len(list(keep.iterdir())) == 1
+    again = tmp_path / "again"
+    assert _explore(built, again).exit_code == 0
+    assert _explore(built, again).exit_code == 0  # an earlier explorer output is replaced
+    r = runner.invoke(app, ["explore", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "q")])
+    assert r.exit_code == 2 and "no such file" in r.output
+
+
+# -- in a real browser --------------------------------------------------------------------------
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    pytest.skip("no Chromium on this machine (make test installs Debian's chromium where apt-get can)")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (make test installs it)")
+    exe = _chromium()
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=exe, args=["--no-sandbox", "--disable-gpu"])
+        yield b
+        b.close()
+
+
+def _shows(tab, search="", token="", show="all", sort="uses-desc") -> None:
+    """Wait until the page has applied this query (body[data-query] is set after each update)."""
+    tab.wait_for_function("q => document.body.dataset.query === q", arg="|".join([search, token, show, sort]))
+
+
+def _open(browser, folder: Path):
+    page = browser.new_page(viewport={"width": 1300, "height": 1000})
+    errors = []
+    page.on("console", lambda m: errors.append(m.text) if m.type in ("error", "warning") else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto((folder / "index.html").as_uri())
+    page.wait_for_selector("body[data-ready='1']", timeout=10_000)
+    return page, errors
+
+
+def test_page_in_a_browser(browser, built, page):
+    d = Dictionary.load(built["a"])
+    data = json.loads((page / "data.json").read_text())
+    tab, errors = _open(browser, page)
+    n = len(d)
+    assert tab.locator(".card").count() == min(50, n)
+    assert tab.inner_text("#count").startswith(f"{n} of {n}")
+    # the highlighted token of every shown card is the token its refs name
+    docs = built["docs"]
+    for card in tab.locator(".card").all():
+        atom = int(card.get_attribute("data-atom"))
+        doc, pos, cs, ce, _ = d.refs[atom].tolist()
+        mark = card.locator("mark.atom-token")
+        assert mark.inner_text() == docs[doc][cs:ce]
+        assert (int(mark.get_attribute("data-doc")), int(mark.get_attribute("data-pos"))) == (doc, pos)
+    # default order is most used first
+    uses = [data["views"][0]["atoms"][int(c.get_attribute("data-atom"))]["uses"] for c in tab.locator(".card").all()]
+    assert uses == sorted(uses, reverse=True)
+    # search by text narrows the cards to those whose contexts contain it
+    word = data["views"][0]["atoms"][0]["token"].strip()
+    want = sum(1 for c in data["views"][0]["atoms"]
+               if word.lower() in ((c["source"] or {}).get("text", "") + "\x01" + "\x01".join(x["text"] for x in c["contexts"])).lower())
+    tab.fill("#search", word)
+    _shows(tab, search=word)
+    assert tab.inner_text("#count").startswith(f"{want} of")
+    # search by token: exactly the atoms taken from that token
+    tab.fill("#search", "")
+    tab.fill("#token", word)
+    want_tok = sum(1 for c in data["views"][0]["atoms"] if c["token"].strip().lower() == word.lower())
+    _shows(tab, token=word)
+    assert tab.inner_text("#count").startswith(f"{want_tok} of")
+    assert all(c.locator(".token-name").inner_text().strip("\u201c\u201d").strip().lower() == word.lower()
+               for c in tab.locator(".card").all())
+    # an atom id, and the second page
+    tab.fill("#token", "")
+    tab.fill("#search", "#3")
+    _shows(tab, search="#3")
+    assert tab.inner_text("#count").startswith("1 of")
+    assert tab.locator(".card").first.get_attribute("data-atom") == "3"
+    tab.fill("#search", "")
+    _shows(tab)
+    assert tab.inner_text("#count").startswith(f"{n} of")
+    if n > 50:
+        tab.click("#next")
+        assert tab.locator(".card").count() == n - 50
+    tab.screenshot(path=str(page / "screenshot.png"))
+    assert errors == []
+
+
+def test_compare_page_in_a_browser(browser, compare_page):
+    data = json.loads((compare_page / "data.json").read_text())
+    tab, errors = _open(browser, compare_page)
+    n_shared = len(data["shared"])
+    n_rows = n_shared + (len(data["views"][0]["atoms"]) - n_shared) + (len(data["views"][1]["atoms"]) - n_shared)
+    assert tab.inner_text("#count").startswith(f"{n_rows} of {n_rows}")
+    tab.select_option("#filter", "shared")
+    _shows(tab, show="shared")
+    assert tab.inner_text("#count").startswith(f"{n_shared} of")
+    row = tab.locator(".row").first
+    assert row.locator(".card").count() == 2 and row.get_attribute("data-kind") == "shared"
+    tab.select_option("#filter", "only-b")
+    only_b = len(data["views"][1]["atoms"]) - n_shared
+    _shows(tab, show="only-b")
+    assert tab.inner_text("#count").startswith(f"{only_b} of")
+    if only_b:
+        assert tab.locator(".row").first.locator(".card.empty").count() == 1
+    assert errors == []
