@@ -3,6 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.itda-installed
 INTEROP := $(VENV)/.itda-interop
+BROWSER := $(VENV)/.itda-browser
 
 .PHONY: demo test test-fast reliability bench bench-sae clean
 
@@ -24,7 +25,16 @@ $(INTEROP): $(STAMP)
 	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e '.[interop]' || echo "interop packages could not be installed: the interop tests will be skipped"
 	touch $(INTEROP)
 
-test: $(STAMP) $(INTEROP)
+# Debian's chromium and playwright (which drives it) for the explorer's browser tests; where
+# either cannot be installed those tests skip and say why.
+$(BROWSER): $(STAMP)
+	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "chromium could not be installed: the browser tests will be skipped"
+	$(PY) -m pip install -q -e '.[browser]' || echo "playwright could not be installed: the browser tests will be skipped"
+	touch $(BROWSER)
+
+test: $(STAMP) $(INTEROP) $(BROWSER)
 	$(PY) -m pytest -q
 
 # kills, interrupts, concurrent writers and the bad-input table, with counts
