@@ -113,9 +113,9 @@ def test_page_data_agrees_with_the_dictionary_and_corpus(built, page):
         src = card["source"]
         assert src["text"][src["hl"][0] : src["hl"][1]] == docs[doc][cs:ce]
         for ctx in card["contexts"]:
-            s, e, coef = ctx["spans"][ctx["at"]]
+            s, e, coef = ctx["spans"][3 * ctx["at"] : 3 * ctx["at"] + 3]
             assert coef != 0 and ctx["text"][s:e].strip()
-        coefs = [c["spans"][c["at"]][2] for c in card["contexts"]]
+        coefs = [c["spans"][3 * c["at"] + 2] for c in card["contexts"]]
         assert coefs == sorted(coefs, reverse=True)  # strongest first
     s = view["summary"]
     uses = sum(c["uses"] for c in view["atoms"])

@@ -44,7 +44,9 @@ def source_context(text: str, char_start: int, char_end: int, chars: int = SOURC
 
 
 def held_out_context(atom: int, row: int, usage: AtomUsage, stream_refs: np.ndarray, docs: list[str], window: int) -> dict:
-    """Tokens row-window..row+window of the same document: text, and [start, end, coefficient] per token."""
+    """Tokens row-window..row+window of the same document: the text, every token's character span
+    and this atom's coefficient on it (`spans` = [start, end, coefficient] * tokens, flat), and
+    which token (`at`) is the one the context was chosen for."""
     doc = stream_refs[row, 0]
     lo, hi = max(0, row - window), min(len(stream_refs), row + window + 1)
     rows = np.arange(lo, hi)
@@ -52,7 +54,9 @@ def held_out_context(atom: int, row: int, usage: AtomUsage, stream_refs: np.ndar
     rows = rows[stream_refs[rows, 2] >= 0]
     base, end = int(stream_refs[rows[0], 2]), int(stream_refs[rows[-1], 3])
     coefs = usage.coefficients(atom, rows)
-    spans = [[int(stream_refs[r, 2]) - base, int(stream_refs[r, 3]) - base, round(float(c), 4)] for r, c in zip(rows, coefs)]
+    spans = []  # flat: start, end, coefficient of each token (one array parses faster than many)
+    for r, c in zip(rows, coefs):
+        spans += [int(stream_refs[r, 2]) - base, int(stream_refs[r, 3]) - base, round(float(c), 4)]
     return {"text": docs[doc][base:end], "spans": spans, "at": int(np.nonzero(rows == row)[0][0])}
 
 
