@@ -5,7 +5,7 @@ against random and longest-first choices, as coverage curves (PNG) and a table.
 
 A smollm2-135m dictionary is built on the train split of the default corpus (once, cached in
 out/); the candidates are the held-out documents (each read up to --max-doc-tokens tokens);
-each document's support is the set of atoms its tokens' MP codes use.
+each document's support is the set of atoms that are among its tokens' --support-atoms strongest.
 """
 
 from __future__ import annotations
@@ -34,18 +34,21 @@ def main() -> None:
     ap.add_argument("--layer", type=int, default=15)
     ap.add_argument("--budget", type=int, default=300)
     ap.add_argument("--max-doc-tokens", type=int, default=256)
+    ap.add_argument("--min-cosine", type=float, default=0.9, help="of the dictionary build")
+    ap.add_argument("--support-atoms", type=int, default=4)
     args = ap.parse_args()
-    folder = OUT / f"select_dict_l{args.layer}_{args.build_tokens}"
+    folder = OUT / f"select_dict_l{args.layer}_{args.build_tokens}_c{args.min_cosine}"
     path = folder / f"resid_post.{args.layer}.safetensors"
     if not path.exists():
         subprocess.run([sys.executable, "-m", "itda", "build", "smollm2-135m", "--layer", str(args.layer), "--tokens",
-                        str(args.build_tokens), "--out", str(folder), "-q"], check=True)
+                        str(args.build_tokens), "--min-cosine", str(args.min_cosine), "--out", str(folder), "-q"], check=True)
     d = Dictionary.load(path)
     lm = load_model("smollm2-135m")
     docs = default_corpus()
     ids = split_documents(docs, "heldout")
     t0 = time.perf_counter()
-    sup = document_supports(lm, d, parse_hookpoint(d.meta.hookpoint), docs, ids, k=d.meta.k, max_doc_tokens=args.max_doc_tokens)
+    sup = document_supports(lm, d, parse_hookpoint(d.meta.hookpoint), docs, ids, k=d.meta.k, support_atoms=args.support_atoms,
+                             max_doc_tokens=args.max_doc_tokens)
     supports_s = time.perf_counter() - t0
     budget = min(args.budget, len(ids))
     curves, times = {}, {}
@@ -66,7 +69,8 @@ def main() -> None:
                  for name in ("greedy", "simscale", "complexity", "longest")}
     out = write_result("select_coverage", {
         "layer": args.layer, "atoms": len(d), "documents": len(ids), "corpus_tokens": int(sup.tokens.sum()),
-        "atoms_used_by_corpus": used, "max_doc_tokens": args.max_doc_tokens, "budget": budget,
+        "atoms_used_by_corpus": used, "max_doc_tokens": args.max_doc_tokens, "min_cosine": args.min_cosine,
+        "support_atoms": args.support_atoms, "budget": budget,
         "supports_s": supports_s, "select_s": times, "coverage_share": table, "tokens_chosen": tokens_at,
         "png": str(png.relative_to(OUT.parent))})
     print(f"supports {supports_s:.0f}s over {int(sup.tokens.sum())} tokens; corpus uses {used} of {len(d)} atoms; wrote {out}, {png}")

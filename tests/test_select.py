@@ -145,3 +145,17 @@ def test_select_bad_inputs(setup, tmp_path):
                                 "--out", str(tmp_path / "x.jsonl"), "-q", *args] + ([] if "--budget" in args else ["--budget", "3"]))
         assert r.exit_code == 2 and msg in r.output and len(r.output.strip().splitlines()) == 1, r.output
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_strongest_atoms_by_total_coefficient():
+    import torch
+
+    from itda.pursuit.codes import SparseCodes
+    from itda.select.supports import strongest_atoms
+
+    idx = torch.tensor([[3, 1, 3, 2, 0], [4, 4, 1, 2, -1]])
+    val = torch.tensor([[0.5, -0.9, 0.6, 0.1, 0.0], [1.0, -1.0, 0.2, -0.3, 0.0]])
+    rows, slots = strongest_atoms(SparseCodes(idx, val, torch.zeros(2)), 2)
+    got = sorted((int(r), int(idx[r, s])) for r, s in zip(rows, slots))
+    # row 0: atom 3 totals 1.1, atom 1 |-0.9|; row 1: atom 4 cancels to 0 (not used), then |-0.3| (2), 0.2 (1)
+    assert got == [(0, 1), (0, 3), (1, 1), (1, 2)]

@@ -77,6 +77,7 @@ def select(
     model: Optional[str] = typer.Option(None, help="Model (default: the one the dictionary records)."),
     field: str = typer.Option("text"),
     k: Optional[int] = typer.Option(None, help="MP steps (default: the dictionary's k)."),
+    support_atoms: int = typer.Option(4, help="A token counts the atoms with its largest |coefficients|, this many."),
     context: int = typer.Option(128),
     max_doc_tokens: Optional[int] = typer.Option(None, help="Read at most this many tokens of each document."),
     seed: int = typer.Option(0, help="Seed of the random baseline (and of --strategy random)."),
@@ -94,17 +95,20 @@ def select(
         raise ItdaInputError(f"--strategy {strategy!r}: choose one of {', '.join(STRATEGIES + BASELINES)}")
     if budget < 1:
         raise ItdaInputError(f"--budget must be >= 1, got {budget}")
+    if support_atoms < 1:
+        raise ItdaInputError(f"--support-atoms must be >= 1, got {support_atoms}")
     if max_doc_tokens is not None and max_doc_tokens < 1:
         raise ItdaInputError(f"--max-doc-tokens must be >= 1, got {max_doc_tokens}")
     report_path, png_path = out.with_suffix(".report.json"), out.with_suffix(".coverage.png")
     _check_select_output(out, report_path, [Path(corpus), dictionary], overwrite)
     d = _load_dictionary(dictionary)
-    docs, sup = corpus_supports(corpus, d, model=model, field=field, k=k, context=context, max_doc_tokens=max_doc_tokens,
+    docs, sup = corpus_supports(corpus, d, model=model, field=field, k=k, support_atoms=support_atoms, context=context,
+                                max_doc_tokens=max_doc_tokens,
                                 device=device, progress=not quiet)
     sel = choose(sup, len(d), budget, strategy, seed=seed)
     lines = [json.dumps({"doc": int(i), "new_atoms": int(g), "tokens": int(sup.tokens[int(i)]), "text": docs[int(i)]})
              for i, g in zip(sel.chosen, sel.new_atoms)]
-    sel.report.update(corpus=str(corpus), dictionary=str(dictionary), subset=str(out))
+    sel.report.update(corpus=str(corpus), dictionary=str(dictionary), subset=str(out), support_atoms=support_atoms)
     write_text_atomic(out, "\n".join(lines) + "\n")
     write_text_atomic(report_path, json.dumps(sel.report, indent=2))
     drew = plot_curves(sel.curves, sel.report["atoms_used_by_corpus"], png_path, f"{dictionary.name} on {Path(corpus).name}")

@@ -25,8 +25,8 @@ class Selection(NamedTuple):
 
 
 def corpus_supports(corpus: str, dictionary: Dictionary, *, model: str | None = None, field: str = "text",
-                    k: int | None = None, context: int = 128, max_doc_tokens: int | None = None,
-                    device: str = "cpu", progress: bool = True) -> tuple[list[str], DocSupports]:
+                    k: int | None = None, support_atoms: int = 4, context: int = 128,
+                    max_doc_tokens: int | None = None, device: str = "cpu", progress: bool = True) -> tuple[list[str], DocSupports]:
     meta = dictionary.meta
     if not meta.hookpoint:
         raise ItdaInputError("the dictionary records no hookpoint (built from an activation file): select needs "
@@ -39,7 +39,7 @@ def corpus_supports(corpus: str, dictionary: Dictionary, *, model: str | None = 
         raise ItdaInputError(f"tokenizer mismatch: the dictionary was built with {meta.tokenizer}, {model} has {lm.tokenizer_name}")
     docs = read_documents(corpus, field)
     sup = document_supports(lm, dictionary, parse_hookpoint(meta.hookpoint), docs, list(range(len(docs))),
-                            k=min(k or meta.k, len(dictionary)), context=context, max_doc_tokens=max_doc_tokens,
+                            k=min(k or meta.k, len(dictionary)), support_atoms=support_atoms, context=context, max_doc_tokens=max_doc_tokens,
                             device=device, progress=progress)
     return docs, sup
 

@@ -16,7 +16,7 @@ from itda.activations.stream import iterate_batches
 from itda.dictionary import Dictionary
 from itda.errors import ItdaInputError
 from itda.pursuit import matching_pursuit
-from itda.pursuit.codes import distinct_used
+from itda.pursuit.codes import atom_totals
 
 
 class DocSupports(NamedTuple):
@@ -26,10 +26,13 @@ class DocSupports(NamedTuple):
 
 
 def document_supports(lm: LoadedModel, dictionary: Dictionary, hp: Hookpoint, docs: Sequence[str], doc_ids: Sequence[int],
-                      *, k: int, context: int = 128, max_doc_tokens: int | None = None, docs_per_step: int = 64,
-                      batch_contexts: int = 32, device: str = "cpu", progress: bool = True) -> DocSupports:
-    """Documents are tokenized, run and encoded `docs_per_step` at a time (memory: one step's
-    activations plus the sparse supports); each keeps its first max_doc_tokens tokens."""
+                      *, k: int, support_atoms: int = 4, context: int = 128, max_doc_tokens: int | None = None,
+                      docs_per_step: int = 64, batch_contexts: int = 32, device: str = "cpu",
+                      progress: bool = True) -> DocSupports:
+    """A document's support: the atoms that are among the `support_atoms` strongest (largest
+    |total coefficient|) of at least one of its tokens. Documents are tokenized, run and encoded
+    `docs_per_step` at a time (memory: one step's activations plus the sparse supports); each
+    keeps its first max_doc_tokens tokens."""
     atoms = dictionary.atoms.to(device, torch.float32)
     gram = dictionary.gram()
     gram = gram.to(device) if gram is not None else None
@@ -46,8 +49,7 @@ def document_supports(lm: LoadedModel, dictionary: Dictionary, hp: Hookpoint, do
         for batch in iterate_batches(lm.model, [hp], ctx, batch_contexts=batch_contexts, dtype=torch.float32, device=device):
             acts = batch[hp]
             codes = matching_pursuit(acts.dense().to(device), atoms, k, gram=gram)
-            used = distinct_used(codes.indices.cpu(), codes.values.cpu())
-            tok_rows, slots = torch.nonzero(used, as_tuple=True)
+            tok_rows, slots = strongest_atoms(codes, support_atoms)
             doc_rows = np.array([row_of[int(d)] for d in acts.refs[:, 0].tolist()], dtype=np.int64)
             np.add.at(tokens, doc_rows, 1)
             rows.append(doc_rows[tok_rows.numpy()])
@@ -61,6 +63,17 @@ def document_supports(lm: LoadedModel, dictionary: Dictionary, hp: Hookpoint, do
     sets.sum_duplicates()
     sets.data[:] = 1.0
     return DocSupports(np.asarray(doc_ids, dtype=np.int64), sets, tokens)
+
+
+def strongest_atoms(codes, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token rows, slots) of each token's m distinct atoms with the largest |total coefficient|."""
+    totals, used = atom_totals(codes)
+    strength = torch.where(used, totals.abs(), torch.full_like(totals, -1.0))
+    m = min(m, strength.shape[1])
+    top_vals, top_slots = torch.topk(strength, m, dim=1)
+    keep = top_vals > 0
+    rows = torch.arange(strength.shape[0])[:, None].expand(-1, m)
+    return rows[keep], top_slots[keep]
 
 
 def _contexts(lm: LoadedModel, docs, ids, context: int, max_doc_tokens: int | None):
