@@ -14,7 +14,7 @@ from itda.cli.main import app
 from itda.dictionary import Dictionary
 from itda.explore.usage import AtomUsageAccumulator, co_occurrence
 from itda.pursuit.codes import SparseCodes
-from tiny_models import sample_docs, tiny_model, word_tokenizer
+from tiny_models import sample_docs, saved_model_and_corpus
 
 runner = CliRunner()
 
@@ -64,13 +64,7 @@ def test_usage_matches_a_dense_recomputation():
 def built(tmp_path_factory):
     """A tiny model, a corpus, and dictionaries at two layers built from it with the CLI."""
     root = tmp_path_factory.mktemp("explore")
-    tok = word_tokenizer()
-    model = root / "tiny"
-    tiny_model("llama", vocab=len(tok)).save_pretrained(model)
-    tok.save_pretrained(model)
-    docs = sample_docs(80, seed=4)
-    corpus = root / "c.jsonl"
-    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    model, corpus, docs = saved_model_and_corpus(root, 80, seed=4)
     r = runner.invoke(app, ["build", str(model), "--layer", "1", "--layer", "2", "--corpus", str(corpus), "--tokens", "3000",
                             "--context", "32", "--k", "8", "--out", str(root / "d"), "-q"])
     assert r.exit_code == 0, r.output

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from itda.cli.main import app
 from itda.select.coverage import coverage_curve, greedy_max_coverage, simscale
 from itda.select.supports import document_supports
-from tiny_models import sample_docs, tiny_model, word_tokenizer
+from tiny_models import saved_model_and_corpus
 
 runner = CliRunner()
 
@@ -74,12 +74,7 @@ def test_simscale_accepts_by_the_published_rule():
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("select")
-    tok = word_tokenizer()
-    model = root / "tiny"
-    tiny_model("llama", vocab=len(tok)).save_pretrained(model)
-    tok.save_pretrained(model)
-    corpus = root / "c.jsonl"
-    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in sample_docs(60, seed=11)))
+    model, corpus, _docs = saved_model_and_corpus(root, 60, seed=11)
     r = runner.invoke(app, ["build", str(model), "--layer", "2", "--corpus", str(corpus), "--tokens", "3000",
                             "--context", "32", "--k", "8", "--out", str(root / "d"), "-q"])
     assert r.exit_code == 0, r.output

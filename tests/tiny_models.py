@@ -81,3 +81,18 @@ def loaded(name: str, arch: str, tokenizer, seed: int = 0):
     from itda.activations.models import LoadedModel
 
     return LoadedModel(name, tiny_model(arch, vocab=len(tokenizer), seed=seed), tokenizer, Path("."))
+
+
+def saved_model_and_corpus(root, n_docs: int, seed: int, arch: str = "llama"):
+    """A tiny model folder (weights + tokenizer) and a JSONL corpus of sample_docs under root:
+    (model folder, corpus path, the documents)."""
+    import json
+
+    tok = word_tokenizer()
+    model = root / "tiny"
+    tiny_model(arch, vocab=len(tok)).save_pretrained(model)
+    tok.save_pretrained(model)
+    docs = sample_docs(n_docs, seed=seed)
+    corpus = root / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return model, corpus, docs
