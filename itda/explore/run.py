@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from tqdm.auto import tqdm
 
@@ -54,7 +52,3 @@ def view_on_model(dictionary: Dictionary, *, label: str, model: str | None = Non
     view = explorer_view(dictionary, usage, docs, stream_refs, label=label, contexts=contexts)
     view.update(model=model, corpus=str(corpus))
     return view
-
-
-def label_of(path: Path) -> str:
-    return path.stem

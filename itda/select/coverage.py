@@ -26,7 +26,6 @@ BASELINES = ("random", "longest")
 
 def _binary(sets: sp.spmatrix) -> sp.csr_matrix:
     s = sp.csr_matrix(sets, dtype=np.float64, copy=True)
-    s.data[:] = 1.0
     s.eliminate_zeros()
     s.sum_duplicates()
     s.data[:] = 1.0

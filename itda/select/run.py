@@ -44,8 +44,7 @@ def corpus_supports(corpus: str, dictionary: Dictionary, *, model: str | None = 
     return docs, sup
 
 
-def choose(sup: DocSupports, n_atoms: int, budget: int, strategy: str = "greedy", *, seed: int = 0,
-           curves_for: tuple[str, ...] = ()) -> Selection:
+def choose(sup: DocSupports, n_atoms: int, budget: int, strategy: str = "greedy", *, seed: int = 0) -> Selection:
     """The chosen documents and a report of atom coverage against random and longest-first choices."""
     if budget < 1:
         raise ItdaInputError(f"--budget must be >= 1, got {budget}")
@@ -56,9 +55,6 @@ def choose(sup: DocSupports, n_atoms: int, budget: int, strategy: str = "greedy"
     draws = np.stack([coverage_curve(sup.sets, random_order(len(sup.doc_ids), budget, seed + i)) for i in range(RANDOM_DRAWS)])
     curves["random"] = draws.mean(0)
     curves["longest"] = coverage_curve(sup.sets, longest_order(sup.tokens, budget))
-    for other in curves_for:
-        if other not in curves:
-            curves[other] = coverage_curve(sup.sets, select_documents(sup.sets, budget, other, doc_tokens=sup.tokens, seed=seed))
     used = int((np.asarray(sup.sets.sum(0)).ravel() > 0).sum())
     final = {name: float(c[len(rows) - 1]) if len(c) else 0.0 for name, c in curves.items()}
     report = {
