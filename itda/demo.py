@@ -58,7 +58,12 @@ def run_demo(out: Path, tokens: int, eval_tokens: int = 8192, model: str = DEMO_
     }
     write_text_atomic(out / "report.json", json.dumps(summary, indent=2))
     _print_report(summary, dictionary, docs)
-    typer.echo(f"wrote {out / (hp.file_stem + '.safetensors')} and {out / 'report.json'}")
+    from itda.explore.page import explorer_data, write_explorer
+    from itda.explore.run import view_on_model
+
+    view = view_on_model(dictionary, label=hp.file_stem, lm=lm, model=model, tokens=eval_tokens, progress=False)
+    page = write_explorer(out / "explorer", explorer_data([view]))
+    typer.echo(f"wrote {out / (hp.file_stem + '.safetensors')}, {out / 'report.json'} and the atom explorer {page}")
     return summary
 
 
