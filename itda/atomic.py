@@ -20,12 +20,17 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temps(target: Path) -> None:
-    """Delete `.NAME.PID.*.tmp` files beside target left by processes that no longer run."""
+    """Delete `.NAME.PID.*.tmp` files and folders beside target left by processes that no longer run."""
+    import shutil
+
     for p in target.parent.glob(f".{target.name}.*.tmp"):
         parts = p.name[len(target.name) + 2 :].split(".")
         if parts and parts[0].isdigit() and not _pid_alive(int(parts[0])):
             with contextlib.suppress(OSError):
-                p.unlink()
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
 
 
 def _umask() -> int:
@@ -83,7 +88,8 @@ def atomic_dir(target: str | os.PathLike, *, replace_if: str | None = None) -> I
     if target.exists() and not (replace_if and (target / replace_if).is_file()):
         raise ItdaInputError(f"{target}: exists and is not an earlier output of this command; choose another --out")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    remove_stale_temps(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent))
     old = None
     try:
         yield tmp

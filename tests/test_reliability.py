@@ -129,6 +129,34 @@ def test_kill_during_final_write_leaves_target_untouched(tmp_path):
     assert not list(tmp_path.glob(".d.safetensors.*.tmp"))  # removed: its writer is dead
 
 
+def test_kill_while_writing_a_folder_output(tmp_path):
+    """Folder outputs (explorer, SAE exports): a killed writer leaves the old folder whole; the
+    next write removes its temporary folder and the new folder follows the umask."""
+    target = tmp_path / "page"
+    target.mkdir()
+    (target / "data.json").write_text("old")
+    script = (
+        "import os, signal\n"
+        "from itda.atomic import atomic_dir\n"
+        f"with atomic_dir({str(target)!r}, replace_if='data.json') as tmp:\n"
+        "    (tmp / 'data.json').write_text('half')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    assert subprocess.run([sys.executable, "-c", script]).returncode == -signal.SIGKILL
+    assert (target / "data.json").read_text() == "old"
+    assert len(list(tmp_path.glob(".page.*.tmp"))) == 1
+    from itda.atomic import atomic_dir
+
+    old = os.umask(0o022)
+    try:
+        with atomic_dir(target, replace_if="data.json") as tmp:
+            (tmp / "data.json").write_text("new")
+    finally:
+        os.umask(old)
+    assert (target / "data.json").read_text() == "new" and target.stat().st_mode & 0o777 == 0o755
+    assert not list(tmp_path.glob(".page.*"))
+
+
 @pytest.mark.slow
 def test_two_builds_writing_one_output_leave_a_valid_file(acts, reference_build, tmp_path):
     out = tmp_path / "d.safetensors"
