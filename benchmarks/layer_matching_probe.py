@@ -13,6 +13,10 @@ half (n rows). For tokens' unit vectors U (n x d), their MP codes C over the lay
   k_relown_cka    linear CKA of relative representations to the layer's own atoms (U A^T)
   transplant      A's codes carried to B: cos(B_t, sum_i c_A,ti unit(B at A's atom tokens)),
                   mean over tokens, symmetrised: is the sparse linear structure shared?
+  rel_itda_mean   relative representations as Moschella et al. score them (uncentred: mean over
+                  tokens of the cosine between a token's two vectors of cosines to the anchors)
+                  with the union of both layers' ITDA atoms as anchors
+  rel_rand_mean   the same with 300 random anchors from the first half (the anchors' effect alone)
 plus the suite's baselines and ITDA measures on the same rows. Pooled argmax accuracy without
 self-pairs. Usage: python layer_matching_probe.py [--rows 4096] [--benchmarks seeds checkpoints smollm2 gemma3]
 """
@@ -89,10 +93,20 @@ def transplant(a: Layer, b: Layer) -> float:
     return float(((rec * held).sum(1) / (rec.norm(dim=1) * held.norm(dim=1)).clamp(min=1e-12)).mean())
 
 
+def _rel_mean(ra: torch.Tensor, rb: torch.Tensor) -> float:
+    ra = ra / ra.norm(dim=1, keepdim=True).clamp(min=1e-30)
+    rb = rb / rb.norm(dim=1, keepdim=True).clamp(min=1e-30)
+    return float((ra * rb).sum(1).mean())
+
+
 def pair(a: Layer, b: Layer) -> dict[str, float]:
     out = {"k_cos_cka": kernel_cka(a.k_cos, b.k_cos), "k_recon_cka": kernel_cka(a.k_recon, b.k_recon),
            "k_codes_dcka": kernel_dcka(a.k_codes, b.k_codes), "k_support_dcka": kernel_dcka(a.k_support, b.k_support),
            "k_relown_cka": kernel_cka(a.k_relown, b.k_relown), "transplant": 0.5 * (transplant(a, b) + transplant(b, a))}
+    shared = torch.unique(torch.cat([a.s.anchors, b.s.anchors]))
+    rnd = torch.randperm(a.s.n_fit, generator=torch.Generator().manual_seed(0))[:300]
+    out["rel_itda_mean"] = _rel_mean(a.s.held @ a.s.unit[shared].T, b.s.held @ b.s.unit[shared].T)
+    out["rel_rand_mean"] = _rel_mean(a.s.held @ a.s.unit[rnd].T, b.s.held @ b.s.unit[rnd].T)
     out.update(pair_similarities(a.s, b.s, 40, ("itda_relative", "itda_code_overlap", "itda_cross_recon", "itda_loss_profile")))
     return out
 

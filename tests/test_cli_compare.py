@@ -55,6 +55,22 @@ def test_compare_dictionaries_and_folders(tmp_path, model_dir, corpus):
     assert m[0][0] == 1.0 and m[1][1] == 1.0 and m[0][1] < 1.0
 
 
+def test_model_build_with_one_hookpoint_writes_the_named_file(tmp_path, model_dir, corpus):
+    from itda.dictionary import Dictionary
+
+    base = ["build", str(model_dir), "--corpus", str(corpus), "--tokens", "500", "--context", "32", "--k", "8", "-q"]
+    out = tmp_path / "one.safetensors"
+    r = runner.invoke(app, base + ["--layer", "1", "--out", str(out)])
+    assert r.exit_code == 0 and out.is_file(), r.output
+    assert Dictionary.load(out).meta.hookpoint == "resid_post.1"
+    r = runner.invoke(app, base + ["--layer", "1", "--layer", "2", "--out", str(tmp_path / "two.safetensors")])
+    assert r.exit_code == 2 and "give a folder" in r.output and not (tmp_path / "two.safetensors").exists()
+    foreign = tmp_path / "notes.safetensors"
+    foreign.write_bytes(b"not mine")
+    r = runner.invoke(app, base + ["--layer", "1", "--out", str(foreign)])
+    assert r.exit_code == 2 and foreign.read_bytes() == b"not mine"
+
+
 def test_compare_activation_files(tmp_path):
     data = synthetic_activations(600, 16, n_features=64, seed=1)
     a, b = tmp_path / "a.safetensors", tmp_path / "b.npy"

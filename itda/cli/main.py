@@ -68,7 +68,7 @@ DEFAULT_MIN_COSINE = 0.85
 @user_errors
 def build(
     source: str = typer.Argument(..., help="An activation file (.safetensors / .npy) or a model: packaged name, .gguf file or folder."),
-    out: Path = typer.Option(..., "--out", "-o", help="Dictionary file (activation file input) or folder (model input)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Dictionary file (activation file input; model input with one hookpoint) or folder (model input)."),
     layer: list[int] = typer.Option([], "--layer", "-l", help="Model input: block index; repeat for several (one pass)."),
     hook: str = typer.Option("resid_post", help="Model input: resid_post, resid_pre, attn_out or mlp_out for --layer."),
     hookpoint: list[str] = typer.Option([], help="Model input: extra hookpoints, e.g. blocks.3.hook_mlp_out or model.layers.3.mlp."),
@@ -107,7 +107,8 @@ def build(
         _build_from_file(Path(source), out, common, batch_size, checkpoint, checkpoint_every, dtype, device, quiet, overwrite)
     else:
         _build_from_model(source, out, common, layer, hook, hookpoint, corpus, field, tokens, context, batch_tokens,
-                          stream_dtype, include_special, dtype, device, quiet, layerwise, parse_memory(max_memory), model_dtype)
+                          stream_dtype, include_special, dtype, device, quiet, layerwise, parse_memory(max_memory), model_dtype,
+                          overwrite)
 
 
 def _build_from_file(acts, out, common, batch_size, checkpoint, checkpoint_every, dtype, device, quiet, overwrite=False) -> None:
@@ -154,7 +155,7 @@ def _build_from_file(acts, out, common, batch_size, checkpoint, checkpoint_every
 
 def _build_from_model(source, out, common, layers, hook, extra, corpus, field, tokens, context, batch_tokens,
                       stream_dtype, include_special, dtype, device, quiet, layerwise=False, max_memory=None,
-                      model_dtype="float32") -> None:
+                      model_dtype="float32", overwrite=False) -> None:
     from itda.activations.corpus import load_contexts
     from itda.activations.hookpoints import parse_hookpoint
     from itda.activations.models import load_model
@@ -171,8 +172,14 @@ def _build_from_model(source, out, common, layers, hook, extra, corpus, field, t
     hps = [parse_hookpoint(str(L), default_kind=hook) for L in layers] + [parse_hookpoint(h) for h in extra]
     if not hps:
         raise ItdaInputError("give at least one --layer or --hookpoint")
-    if out.exists() and not out.is_dir():
-        raise ItdaInputError(f"{out}: exists and is not a folder (model builds write one file per hookpoint)")
+    one_file = len(hps) == 1 and out.suffix == ".safetensors" and not out.is_dir()
+    if len(hps) > 1 and out.suffix == ".safetensors" and not out.is_dir():
+        raise ItdaInputError(f"{out}: {len(hps)} hookpoints write one file each into a folder; give a folder for --out")
+    if one_file:
+        check_output(out, [Path(source)], "dictionary", overwrite)
+    elif out.exists() and not out.is_dir():
+        raise ItdaInputError(f"{out}: exists and is not a folder (model builds write one file per hookpoint; "
+                             "one hookpoint and --out NAME.safetensors write that file)")
     if tokens < 1:
         raise ItdaInputError(f"--tokens must be >= 1, got {tokens}")
     config = BuildConfig(**common)
@@ -198,7 +205,12 @@ def _build_from_model(source, out, common, layers, hook, extra, corpus, field, t
         from itda.dictionary import Dictionary
 
         result.dictionaries = {hp: Dictionary(d.atoms.half(), d.refs, d.meta) for hp, d in result.dictionaries.items()}
-    paths = save_dictionaries(result, out)
+    if one_file:
+        (dictionary,) = result.dictionaries.values()
+        dictionary.save(out)
+        paths = [out]
+    else:
+        paths = save_dictionaries(result, out)
     typer.echo(f"{result.tokens} tokens in {result.seconds:.1f}s ({result.tokens_per_s:,.0f} tokens/s; forward {result.forward_seconds:.1f}s)")
     for p, (hp, d) in zip(paths, result.dictionaries.items()):
         typer.echo(f"{p}: {len(d)} atoms at {hp.name}")
