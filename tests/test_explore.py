@@ -250,3 +250,31 @@ def test_compare_page_in_a_browser(browser, compare_page):
     if only_b:
         assert tab.locator(".row").first.locator(".card.empty").count() == 1
     assert errors == []
+
+
+@pytest.mark.slow
+def test_explorer_on_smollm2_highlights_the_bpe_tokens(smollm2, smollm2_contexts):
+    """On a real BPE tokenizer (leading spaces, sub-words) the highlighted source span is the
+    token the refs name, and held-out contexts highlight the token they were chosen for."""
+    from itda.activations.hookpoints import Hookpoint
+    from itda.build import BuildConfig
+    from itda.build.from_model import build_from_model
+    from itda.explore.run import view_on_model
+
+    docs, ctx = smollm2_contexts
+    hp = Hookpoint("resid_post", 6)
+    d = build_from_model(smollm2, [hp], ctx, BuildConfig(k=40, min_cosine=0.85), corpus_name="default",
+                         progress=False).dictionaries[hp]
+    view = view_on_model(d, label="smollm2", lm=smollm2, tokens=1024, contexts=3, progress=False)
+    tok = smollm2.tokenizer
+    assert len(view["atoms"]) == len(d) and view["summary"]["tokens"] >= 900
+    for card, (doc, pos, cs, ce, tid) in zip(view["atoms"], d.refs.tolist()):
+        if doc < 0:
+            continue
+        src = card["source"]
+        shown = src["text"][src["hl"][0] : src["hl"][1]]
+        assert shown == docs[doc][cs:ce] == card["token"]
+        assert tok.decode([tid]).strip() == shown.strip()  # the span is that token's text
+        for c in card["contexts"]:
+            s, e, coef = c["spans"][3 * c["at"] : 3 * c["at"] + 3]
+            assert coef != 0 and c["text"][s:e]

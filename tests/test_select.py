@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import torch
 from typer.testing import CliRunner
 
 from itda.cli.main import app
@@ -100,17 +101,32 @@ def test_select_end_to_end(setup):
     assert len(lines) == 8 and len({x["doc"] for x in lines}) == 8
     docs = read_documents(str(setup["corpus"]))
     assert all(x["text"] == docs[x["doc"]] for x in lines)
-    # the supports by hand: every token's MP code over the dictionary, document by document
+    # the supports by hand: all documents in one pass, each token's MP code, its 4 strongest atoms by a plain loop
+    from itda.activations.corpus import tokenize_contexts
+    from itda.activations.stream import iterate_batches
+    from itda.pursuit import matching_pursuit
+
     d = Dictionary.load(setup["dict"])
     lm = load_model(str(setup["model"]))
-    sup = document_supports(lm, d, parse_hookpoint(d.meta.hookpoint), docs, list(range(len(docs))), k=d.meta.k, context=32,
-                            progress=False)
-    chosen, gains = greedy_max_coverage(sup.sets, 8)
+    hp = parse_hookpoint(d.meta.hookpoint)
+    ctx = tokenize_contexts(docs, range(len(docs)), lm.tokenizer, context=32)
+    sets = [set() for _ in docs]
+    for batch in iterate_batches(lm.model, [hp], ctx, batch_contexts=len(ctx), dtype=torch.float32):
+        codes = matching_pursuit(batch[hp].dense(), d.atoms.float(), d.meta.k)
+        for doc, idx, val in zip(batch[hp].refs[:, 0].tolist(), codes.indices.tolist(), codes.values.tolist()):
+            total = {}
+            for i, v in zip(idx, val):
+                total[i] = total.get(i, 0.0) + v
+            sets[doc] |= set(sorted((i for i in total if total[i] != 0), key=lambda i: -abs(total[i]))[:4])
+    mine = document_supports(lm, d, hp, docs, list(range(len(docs))), k=d.meta.k, context=32, progress=False)
+    assert [set(np.nonzero(mine.sets[i].toarray()[0])[0].tolist()) for i in range(len(docs))] == sets
+    sup = sp.csr_matrix(np.array([[a in s for a in range(len(d))] for s in sets], dtype=np.float32))
+    chosen, gains = greedy_max_coverage(sup, 8)
     assert [x["doc"] for x in lines] == chosen.tolist() and [x["new_atoms"] for x in lines] == gains.tolist()
     cov = report["coverage"]
     assert cov["greedy"]["atoms"] == gains.sum()
     assert cov["greedy"]["atoms"] >= cov["random"]["atoms"] and cov["greedy"]["atoms"] >= cov["longest"]["atoms"]
-    assert report["atoms_used_by_corpus"] == int((np.asarray(sup.sets.sum(0)).ravel() > 0).sum())
+    assert report["atoms_used_by_corpus"] == len(set().union(*sets))
     assert out.with_suffix(".coverage.png").stat().st_size > 1000
     # deterministic, and an earlier selection may be replaced
     first = out.read_bytes()
@@ -143,8 +159,6 @@ def test_select_bad_inputs(setup, tmp_path):
 
 
 def test_strongest_atoms_by_total_coefficient():
-    import torch
-
     from itda.pursuit.codes import SparseCodes
     from itda.select.supports import strongest_atoms
 

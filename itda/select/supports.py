@@ -37,7 +37,8 @@ def document_supports(lm: LoadedModel, dictionary: Dictionary, hp: Hookpoint, do
     gram = dictionary.gram()
     gram = gram.to(device) if gram is not None else None
     row_of = {int(d): i for i, d in enumerate(doc_ids)}
-    rows, cols, tokens = [], [], np.zeros(len(doc_ids), dtype=np.int64)
+    n = len(dictionary)
+    pairs, tokens = [], np.zeros(len(doc_ids), dtype=np.int64)  # per step: unique doc_row * n + atom
     bar = tqdm(total=len(doc_ids), unit="doc", disable=not progress, desc="supports")
     for s in range(0, len(doc_ids), docs_per_step):
         step_ids = list(doc_ids[s : s + docs_per_step])
@@ -46,22 +47,21 @@ def document_supports(lm: LoadedModel, dictionary: Dictionary, hp: Hookpoint, do
         except ItdaInputError:  # only empty documents in this step
             bar.update(len(step_ids))
             continue
+        step_pairs = []
         for batch in iterate_batches(lm.model, [hp], ctx, batch_contexts=batch_contexts, dtype=torch.float32, device=device):
             acts = batch[hp]
             codes = matching_pursuit(acts.dense().to(device), atoms, k, gram=gram)
             tok_rows, slots = strongest_atoms(codes, support_atoms)
             doc_rows = np.array([row_of[int(d)] for d in acts.refs[:, 0].tolist()], dtype=np.int64)
             np.add.at(tokens, doc_rows, 1)
-            rows.append(doc_rows[tok_rows.numpy()])
-            cols.append(codes.indices.cpu()[tok_rows, slots].numpy())
+            step_pairs.append(doc_rows[tok_rows.numpy()] * n + codes.indices.cpu()[tok_rows, slots].numpy())
+        if step_pairs:  # a document lies within one step: its pairs are final (memory: distinct pairs only)
+            pairs.append(np.unique(np.concatenate(step_pairs)))
         bar.update(len(step_ids))
         bar.set_postfix(tokens=int(tokens.sum()), refresh=False)
     bar.close()
-    r = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-    c = np.concatenate(cols) if cols else np.zeros(0, np.int64)
-    sets = sp.csr_matrix((np.ones(len(r), np.float32), (r, c)), shape=(len(doc_ids), len(dictionary)))
-    sets.sum_duplicates()
-    sets.data[:] = 1.0
+    keys = np.concatenate(pairs) if pairs else np.zeros(0, np.int64)
+    sets = sp.csr_matrix((np.ones(len(keys), np.float32), (keys // n, keys % n)), shape=(len(doc_ids), n))
     return DocSupports(np.asarray(doc_ids, dtype=np.int64), sets, tokens)
 
 
