@@ -19,6 +19,10 @@ half (n rows). For tokens' unit vectors U (n x d), their MP codes C over the lay
   rel_rand_mean   the same with 300 random anchors from the first half (the anchors' effect alone)
 plus the suite's baselines and ITDA measures on the same rows. Pooled argmax accuracy without
 self-pairs. Usage: python layer_matching_probe.py [--rows 4096] [--benchmarks seeds checkpoints smollm2 gemma3]
+
+--all-layers: every layer of smollm2 (30) and gemma3 (18) at --levels, with the measures that stay
+cheap at 30 x 30 pairs (CKA, Procrustes, relative, itda_relative, rel_itda_mean, and k_cos_cka /
+k_recon_cka computed as linear CKA of the unit-normalised rows / of the ITDA reconstructions).
 """
 
 from __future__ import annotations
@@ -126,11 +130,47 @@ def grids(xs, ys) -> dict[str, np.ndarray]:
     return out
 
 
-def run(models: dict, pairs: list) -> dict[str, float]:
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=1, keepdim=True).clamp(min=1e-12)
+
+
+def cheap_grids(xs, ys) -> dict[str, np.ndarray]:
+    """The measures of --all-layers: feature-space forms, no n x n kernels per layer."""
+    half = xs[0].shape[0] // 2
+    sa = [layer_sample(x, 40, 0.85, 0.5) for x in xs]
+    sb = [layer_sample(y, 40, 0.85, 0.5) for y in ys]
+
+    def recon(s):
+        codes, _ = _mp_cosine(s.held, s.unit[s.anchors], 40)
+        from itda.pursuit import decode
+
+        return _unit(decode(codes, s.unit[s.anchors]))
+
+    out = {}
+    for name, fa, fb in (("cka", lambda x, s: x[half:], None), ("k_cos_cka", lambda x, s: s.held, None),
+                         ("k_recon_cka", lambda x, s: recon(s), None)):
+        g = StreamingCKAGrid("float64")
+        g.update(torch.stack([fa(x, s) for x, s in zip(xs, sa)]), torch.stack([fa(y, s) for y, s in zip(ys, sb)]))
+        mats = g.matrices(procrustes=name == "cka")
+        out[name] = mats["cka"]
+        if name == "cka":
+            out["procrustes"] = mats["procrustes"]
+    out["relative"] = similarity_grid([x[half:] for x in xs], [y[half:] for y in ys], "relative", max_rows=half)
+    for m in ("itda_relative", "rel_itda_mean"):
+        out[m] = np.zeros((len(sa), len(sb)))
+    for i, a in enumerate(sa):
+        for j, b in enumerate(sb):
+            out["itda_relative"][i, j] = pair_similarities(a, b, 40, ("itda_relative",))["itda_relative"]
+            shared = torch.unique(torch.cat([a.anchors, b.anchors]))
+            out["rel_itda_mean"][i, j] = _rel_mean(a.held @ a.unit[shared].T, b.held @ b.unit[shared].T)
+    return out
+
+
+def run(models: dict, pairs: list, grid_fn=None) -> dict[str, float]:
     per: dict = {}
     for a, b in pairs:
         t0 = time.perf_counter()
-        for m, s in grids(models[a], models[b]).items():
+        for m, s in (grid_fn or grids)(models[a], models[b]).items():
             per.setdefault(m, {})[(a, b)] = s
         print(f"  {a} vs {b}: {time.perf_counter() - t0:.0f}s", flush=True)
     return {m: pooled_accuracy(p, self_pairs=False) for m, p in per.items()}
@@ -175,8 +215,20 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=4096)
     ap.add_argument("--benchmarks", nargs="+", default=["seeds", "checkpoints", "smollm2", "gemma3"])
+    ap.add_argument("--all-layers", action="store_true")
+    ap.add_argument("--levels", type=float, nargs="+", default=[0.2, 0.3])
     args = ap.parse_args()
     table = {}
+    if args.all_layers:
+        for key, model in (("smollm2", "smollm2-135m"), ("gemma3", "gemma3-270m")):
+            if key in args.benchmarks:
+                res = cached(f"{key}_all_{args.rows}_" + "-".join(map(str, args.levels)), lambda: noise_samples(model, args.levels, 1, args.rows))
+                for level in args.levels:
+                    table[f"{key} {level} all layers"] = run({"base": res["base"], "noisy": res[str(level)]},
+                                                             [("base", "noisy")], cheap_grids)
+                    print(table[f"{key} {level} all layers"], flush=True)
+        write_result("layer_matching_probe_all_layers", {"rows": args.rows, "levels": args.levels, "table": table})
+        return
     if {"seeds", "checkpoints"} & set(args.benchmarks):
         seeds = cached(f"seeds_{args.rows}", lambda: seed_samples(args.rows))
         if "seeds" in args.benchmarks:
