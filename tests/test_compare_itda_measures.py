@@ -68,6 +68,16 @@ def test_measures_match_float64_references(two_layers):
     rb -= rb.mean(0)
     cka = np.linalg.norm(ra.T @ rb) ** 2 / (np.linalg.norm(ra.T @ ra) * np.linalg.norm(rb.T @ rb))
     assert abs(got["itda_relative"] - cka) < 1e-5
+    # reconstructions over each layer's own atoms, unit length, linear CKA of the two [N, d] matrices
+    cxa, _ = _mp(ux, fx[pa], k)
+    cyb, _ = _mp(uy, fy[pb], k)
+    qa, qb = cxa @ fx[pa], cyb @ fy[pb]
+    qa /= np.linalg.norm(qa, axis=1, keepdims=True)
+    qb /= np.linalg.norm(qb, axis=1, keepdims=True)
+    qa -= qa.mean(0)
+    qb -= qb.mean(0)
+    cka = np.linalg.norm(qa.T @ qb) ** 2 / (np.linalg.norm(qa.T @ qa) * np.linalg.norm(qb.T @ qb))
+    assert abs(got["itda_recon_cka"] - cka) < 1e-3  # float32 MP
 
 
 def test_identical_layers_score_one_and_grids_are_symmetric(two_layers):
@@ -88,5 +98,5 @@ def test_unrelated_layers_score_low(two_layers):
     x, _ = two_layers
     noise = torch.randn_like(x)
     g = itda_grids([x], [noise], k=5, min_cosine=0.9)
-    for m in ("itda_loss_profile", "itda_code_overlap", "itda_relative", "itda_code_cosine"):
+    for m in ("itda_loss_profile", "itda_code_overlap", "itda_relative", "itda_code_cosine", "itda_recon_cka"):
         assert g[m][0, 0] < 0.3, (m, g[m])

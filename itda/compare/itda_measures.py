@@ -18,6 +18,10 @@ and which early rows become atoms depends on stream order, not on the layer). Fo
   linear CKA between the two [N, |P|] matrices.
 - `itda_code_cosine`: cosine between a token's MP coefficient vectors over the shared anchors
   (both indexed by P), mean over tokens.
+- `itda_recon_cka`: each measured token's ITDA reconstruction in its layer (MP over the layer's
+  own dictionary, of the unit token, renormalised to unit length): linear CKA between the two
+  layers' [N, d] reconstructions. CKA in the geometry ITDA works in (directions, not norms,
+  so a few high-norm tokens cannot dominate), seen through the dictionary.
 All are symmetric and lie in [-1, 1] (mostly [0, 1]); 1 for a layer against itself.
 """
 
@@ -30,10 +34,11 @@ import torch
 
 from itda.build import build_dictionary
 from itda.evaluate.metrics import recon_terms
-from itda.pursuit import matching_pursuit
+from itda.pursuit import decode, matching_pursuit
 from itda.pursuit.codes import atom_totals
 
-ITDA_MEASURES = ("itda_loss_profile", "itda_code_overlap", "itda_cross_recon", "itda_relative", "itda_code_cosine")
+ITDA_MEASURES = ("itda_recon_cka", "itda_loss_profile", "itda_code_overlap", "itda_cross_recon", "itda_relative",
+                 "itda_code_cosine")
 
 
 @dataclass
@@ -43,6 +48,7 @@ class LayerSample:
     n_fit: int  # rows [0, n_fit) built the dictionary; rows [n_fit, N) are measured
     loss: torch.Tensor  # [N - n_fit] MP loss of the measured rows under the layer's own dictionary
     own_cos: torch.Tensor  # [N - n_fit] their reconstruction cosine under it
+    recon: torch.Tensor  # [N - n_fit, d] their reconstructions, unit length
 
     @property
     def held(self) -> torch.Tensor:
@@ -68,8 +74,9 @@ def layer_sample(x_ND: torch.Tensor, k: int = 40, min_cosine: float = 0.85, fit:
     d = build_dictionary(((unit[s : min(s + batch, n_fit)], refs[s : s + batch]) for s in range(0, n_fit, batch)),
                          k=k, min_cosine=min_cosine)
     anchors = d.refs[:, 0].clone()
-    _, cos = _mp_cosine(unit[n_fit:], unit[anchors], k)
-    return LayerSample(unit, anchors, n_fit, (2 - 2 * cos) / unit.shape[1], cos)
+    codes, cos = _mp_cosine(unit[n_fit:], unit[anchors], k)
+    recon = decode(codes, unit[anchors])
+    return LayerSample(unit, anchors, n_fit, (2 - 2 * cos) / unit.shape[1], cos, _unit(recon))
 
 
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -104,6 +111,8 @@ def _code_agreement(ca, cb) -> tuple[torch.Tensor, torch.Tensor]:
 def pair_similarities(a: LayerSample, b: LayerSample, k: int = 40, measures=ITDA_MEASURES) -> dict[str, float]:
     """Every requested ITDA measure for one pair of layers (see the module docstring)."""
     out: dict[str, float] = {}
+    if "itda_recon_cka" in measures:
+        out["itda_recon_cka"] = _linear_cka(a.recon, b.recon)
     if "itda_loss_profile" in measures:
         out["itda_loss_profile"] = _spearman(a.loss, b.loss)
     shared = torch.unique(torch.cat([a.anchors, b.anchors]))
