@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from common import OUT, write_result
-from layer_matching_suite import CHECKPOINTS, NOISE_GEMMA3, NOISE_SMOLLM2, held_contexts, noisy_copy, samples
+from layer_matching_suite import CHECKPOINTS, NOISE_GEMMA3, NOISE_SMOLLM2, baseline_grids, held_contexts, noisy_copy, samples
 from itda.activations.hookpoints import n_layers
 from itda.activations.models import LoadedModel, load_model
 from itda.compare.itda_measures import _mp_cosine, layer_sample, pair_similarities
@@ -116,12 +116,7 @@ def pair(a: Layer, b: Layer) -> dict[str, float]:
 
 
 def grids(xs, ys) -> dict[str, np.ndarray]:
-    g = StreamingCKAGrid("float64")
-    g.update(torch.stack(xs), torch.stack(ys))
-    mats = g.matrices(procrustes=True)
-    out = {m: mats[m] for m in ("cka", "cka_debiased", "procrustes")}
-    for m in ("svcca", "relative"):
-        out[m] = similarity_grid(xs, ys, m, max_rows=xs[0].shape[0])
+    out = baseline_grids(xs, ys)
     la, lb = [Layer(x) for x in xs], [Layer(y) for y in ys]
     for i, a in enumerate(la):
         for j, b in enumerate(lb):

@@ -70,13 +70,19 @@ def samples(lm: LoadedModel, layers: list[int], ctx, rows: int) -> list[torch.Te
     return [torch.cat(parts[hp])[:rows] for hp in hps]
 
 
-def all_grids(xs, ys, itda_k: int, itda_cos: float) -> dict[str, np.ndarray]:
+def baseline_grids(xs, ys) -> dict[str, np.ndarray]:
+    """CKA, debiased CKA and Procrustes (exact sums), SVCCA and relative representations."""
     grid = StreamingCKAGrid("float64")
     grid.update(torch.stack(xs), torch.stack(ys))
     mats = grid.matrices(procrustes=True)
     out = {m: mats[m] for m in ("cka", "cka_debiased", "procrustes")}
     for m in ("svcca", "relative"):
         out[m] = similarity_grid(xs, ys, m, max_rows=xs[0].shape[0])
+    return out
+
+
+def all_grids(xs, ys, itda_k: int, itda_cos: float) -> dict[str, np.ndarray]:
+    out = baseline_grids(xs, ys)
     out.update(itda_grids(xs, ys, k=itda_k, min_cosine=itda_cos))
     return out
 
