@@ -14,7 +14,6 @@ import argparse
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 from common import OUT, write_result

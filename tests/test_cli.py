@@ -5,20 +5,16 @@ import pytest
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from itda.activations.files import save_activations
+from cli_helpers import synthetic_acts_file
 from itda.cli.main import app
 from itda.dictionary import Dictionary
-from itda.synthetic import synthetic_activations
 
 runner = CliRunner()
 
 
 @pytest.fixture()
 def acts_file(tmp_path):
-    data = synthetic_activations(3000, 32, n_features=128, seed=0)
-    p = tmp_path / "acts.safetensors"
-    save_activations(p, data.acts, data.refs)
-    return p
+    return synthetic_acts_file(tmp_path / "acts.safetensors", 3000, 32, n_features=128, seed=0)
 
 
 def test_build_info_encode_eval(tmp_path, acts_file):

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from itda.activations.files import save_activations
 from cli_helpers import run_bad as _bad
+from cli_helpers import synthetic_acts_file
 from cli_helpers import run_ok as _ok
 from itda.cli.main import app
 from itda.sae import load_sae
@@ -24,9 +25,7 @@ runner = CliRunner()
 
 @pytest.fixture()
 def files(tmp_path):
-    data = synthetic_activations(6000, 32, n_features=128, seed=0)
-    acts = tmp_path / "acts.safetensors"
-    save_activations(acts, data.acts, data.refs)
+    acts = synthetic_acts_file(tmp_path / "acts.safetensors", 6000, 32, n_features=128, seed=0)
     d = tmp_path / "d.safetensors"
     _ok(["build", str(acts), "--out", str(d), "--k", "8", "--min-cosine", "0.8", "-q"])
     return acts, d

@@ -9,11 +9,11 @@ import time
 import pytest
 import torch
 
-from itda.activations.files import load_activations, save_activations
+from cli_helpers import synthetic_acts_file
+from itda.activations.files import load_activations
 from itda.build import build_dictionary
 from itda.build.distributed import interleaved_batches
 from itda.dictionary import Dictionary
-from itda.synthetic import synthetic_activations
 
 pytestmark = pytest.mark.slow
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -31,10 +31,7 @@ def _single_process(acts, batch, world=2, **kw):
 
 @pytest.fixture()
 def acts(tmp_path):
-    data = synthetic_activations(30_000, 40, n_features=400, seed=5)
-    p = tmp_path / "acts.safetensors"
-    save_activations(p, data.acts, data.refs)
-    return p
+    return synthetic_acts_file(tmp_path / "acts.safetensors", 30_000, 40, n_features=400, seed=5)
 
 
 def test_two_ranks_equal_one_process_over_the_interleaved_stream(acts, tmp_path):

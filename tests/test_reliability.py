@@ -19,11 +19,10 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from itda.activations.files import save_activations
+from cli_helpers import synthetic_acts_file
 from itda.cli.main import app
 from itda.dictionary import Dictionary
 from itda.pursuit.api import gram_is_cheaper
-from itda.synthetic import synthetic_activations
 
 runner = CliRunner()
 ITDA = [sys.executable, "-m", "itda.cli.main"]
@@ -37,11 +36,7 @@ def digest(p: Path) -> str:
 
 @pytest.fixture(scope="module")
 def acts(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("rel")
-    data = synthetic_activations(40_000, 48, n_features=512, seed=11)
-    path = folder / "acts.safetensors"
-    save_activations(path, data.acts, data.refs)
-    return path
+    return synthetic_acts_file(tmp_path_factory.mktemp("rel") / "acts.safetensors", 40_000, 48, n_features=512, seed=11)
 
 
 @pytest.fixture(scope="module")
