@@ -8,7 +8,7 @@ from typing import Iterable
 import torch
 
 from itda.dictionary import Dictionary
-from itda.evaluate.metrics import normalised_loss, recon_terms
+from itda.evaluate.metrics import ReconSums, normalised_loss, recon_terms
 from itda.pursuit.codes import distinct_used
 
 
@@ -37,43 +37,28 @@ class Evaluator:
         self.dictionary = dictionary
         self.k = dictionary.meta.k if k is None else k
         self.method = method
-        self.n = 0
-        self.sum_x = torch.zeros(dictionary.d, dtype=torch.float64)
-        self.sum_x_sq = 0.0
-        self.sum_err = 0.0
-        self.sum_cos = 0.0
+        self.sums = ReconSums(dictionary.d, len(dictionary))
         self.sum_loss = 0.0
-        self.sum_l0 = 0
-        self.usage = torch.zeros(len(dictionary), dtype=torch.int64)
 
     def update(self, x_BD: torch.Tensor) -> None:
         codes = self.dictionary.encode(x_BD, self.k, method=self.method)
         terms = recon_terms(x_BD, codes, self.dictionary.atoms.to(torch.float32))
-        cos = terms.cosine
-        x64 = x_BD.to(torch.float64).cpu()
-        self.n += x_BD.shape[0]
-        self.sum_x += x64.sum(0)
-        self.sum_x_sq += float(terms.x_sq.double().sum())
-        self.sum_err += float(terms.err_sq.double().sum())
-        self.sum_cos += float(cos.double().sum())
-        self.sum_loss += float(normalised_loss(cos.double(), self.dictionary.d).sum())
         used = distinct_used(codes.indices.cpu(), codes.values.cpu())
-        self.sum_l0 += int(used.sum())
-        self.usage += torch.bincount(codes.indices.cpu()[used], minlength=len(self.dictionary))
+        self.sums.add(x_BD, terms.x_sq, terms.err_sq, terms.cosine, codes.indices.cpu()[used])
+        self.sum_loss += float(normalised_loss(terms.cosine.double(), self.dictionary.d).sum())
 
     def report(self) -> EvalReport:
-        n = max(self.n, 1)
-        total_var = self.sum_x_sq - float((self.sum_x * self.sum_x).sum()) / n
+        s = self.sums
         return EvalReport(
-            tokens=self.n,
+            tokens=s.n,
             k=self.k,
-            fvu=self.sum_err / total_var if total_var > 0 else float("nan"),
-            mean_cosine=self.sum_cos / n,
-            normalised_loss=self.sum_loss / n,
-            l0=self.sum_l0 / n,
+            fvu=s.fvu,
+            mean_cosine=s.mean(s.sum_cos),
+            normalised_loss=s.mean(self.sum_loss),
+            l0=s.mean(s.sum_l0),
             n_atoms=len(self.dictionary),
-            dead_atoms=int((self.usage == 0).sum()),
-            usage=self.usage.clone(),
+            dead_atoms=int((s.usage == 0).sum()),
+            usage=s.usage.clone(),
         )
 
 

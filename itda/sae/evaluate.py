@@ -7,6 +7,7 @@ from typing import Iterable
 
 import torch
 
+from itda.evaluate.metrics import ReconSums
 from itda.sae.model import TopKSAE
 
 
@@ -32,13 +33,7 @@ class SaeEvaluator:
 
     def __init__(self, sae: TopKSAE):
         self.sae = sae
-        self.n = 0
-        self.sum_x = torch.zeros(sae.cfg.d_in, dtype=torch.float64)
-        self.sum_x_sq = 0.0
-        self.sum_err = 0.0
-        self.sum_cos = 0.0
-        self.sum_l0 = 0
-        self.usage = torch.zeros(sae.cfg.n_latents, dtype=torch.int64)
+        self.sums = ReconSums(sae.cfg.d_in, sae.cfg.n_latents)
 
     @torch.no_grad()
     def update(self, x_BD: torch.Tensor) -> None:
@@ -46,28 +41,21 @@ class SaeEvaluator:
         x = x_BD.to(device=self.sae.device, dtype=torch.float32)
         enc = self.sae.encode(x, batch=False)
         x_hat = self.sae.decode(enc.top_acts, enc.top_indices)
-        active = enc.top_acts > 0
         x64, xh64 = x.double(), x_hat.double()
-        self.n += x.shape[0]
-        self.sum_x += x64.sum(0).cpu()
-        self.sum_x_sq += float((x64 * x64).sum())
-        self.sum_err += float(((x64 - xh64) ** 2).sum())
-        self.sum_cos += float(torch.nn.functional.cosine_similarity(x64, xh64, dim=1).sum())
-        self.sum_l0 += int(active.sum())
-        self.usage += torch.bincount(enc.top_indices[active].cpu(), minlength=self.sae.cfg.n_latents)
+        self.sums.add(x64, (x64 * x64).sum(1), ((x64 - xh64) ** 2).sum(1),
+                      torch.nn.functional.cosine_similarity(x64, xh64, dim=1), enc.top_indices[enc.top_acts > 0])
 
     def report(self) -> SaeEvalReport:
-        n = max(self.n, 1)
-        total_var = self.sum_x_sq - float((self.sum_x * self.sum_x).sum()) / n
+        s = self.sums
         return SaeEvalReport(
-            tokens=self.n,
+            tokens=s.n,
             k=self.sae.cfg.k,
-            fvu=self.sum_err / total_var if total_var > 0 else float("nan"),
-            mean_cosine=self.sum_cos / n,
-            l0=self.sum_l0 / n,
+            fvu=s.fvu,
+            mean_cosine=s.mean(s.sum_cos),
+            l0=s.mean(s.sum_l0),
             n_latents=self.sae.cfg.n_latents,
-            dead_latents=int((self.usage == 0).sum()),
-            usage=self.usage.clone(),
+            dead_latents=int((s.usage == 0).sum()),
+            usage=s.usage.clone(),
         )
 
 
