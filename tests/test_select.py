@@ -138,7 +138,10 @@ def test_select_strategies_run(setup, strategy):
     out = setup["root"] / f"{strategy}.jsonl"
     r = _select(setup, out, "--strategy", strategy)
     assert r.exit_code == 0, r.output
-    assert len(out.read_text().splitlines()) == 8 and strategy in json.loads(out.with_suffix(".report.json").read_text())["coverage"]
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    coverage = json.loads(out.with_suffix(".report.json").read_text())["coverage"]
+    assert len(lines) == 8 and all(isinstance(x["new_atoms"], int) for x in lines)
+    assert sum(x["new_atoms"] for x in lines) == coverage[strategy]["atoms"]  # the chosen documents' own gains
 
 
 def test_select_bad_inputs(setup, tmp_path):

@@ -169,12 +169,13 @@ def tokenize_contexts(
     context: int = DEFAULT_CONTEXT,
     max_tokens: int | None = None,
     tokenizer_name: str = "",
+    max_doc_tokens: int | None = None,
 ) -> Contexts:
     """Split each document into windows of context tokens (a BOS first when the tokenizer has one).
 
     Windows never span documents; a short last window (>= MIN_TAIL tokens) is right-padded.
     Positions count real tokens within the document from 0. Stops once max_tokens real tokens
-    are packed (whole windows).
+    are packed (whole windows); max_doc_tokens keeps each document's first tokens only.
     """
     if not getattr(tokenizer, "is_fast", False):
         raise ItdaInputError("character offsets need a fast tokenizer (tokenizers library)")
@@ -187,12 +188,13 @@ def tokenize_contexts(
     total = 0
     from itda.activations.models import vocabulary_id  # the vocabulary hash, not the model's name
 
-    hasher = hashlib.sha256(f"{vocabulary_id(tokenizer_name)}|{context}|{len(tokenizer)}".encode())
+    cut = f"|first {max_doc_tokens}" if max_doc_tokens is not None else ""
+    hasher = hashlib.sha256(f"{vocabulary_id(tokenizer_name)}|{context}|{len(tokenizer)}{cut}".encode())
     doc_hasher = hashlib.sha256()
     for doc_id in doc_ids:
         text = docs[doc_id]
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        ids, offsets = enc["input_ids"][:max_doc_tokens], enc["offset_mapping"][:max_doc_tokens]
         digest = hashlib.sha1(f"{doc_id}|{text}".encode()).digest()
         hasher.update(digest)
         doc_hasher.update(digest)

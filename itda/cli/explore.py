@@ -115,7 +115,7 @@ def select(
     cov = sel.report["coverage"]
     typer.echo(f"{sel.report['documents']} documents, {sel.report['corpus_tokens']} tokens; the corpus uses "
                f"{sel.report['atoms_used_by_corpus']} of {sel.report['atoms_in_dictionary']} atoms")
-    for name in (strategy, "random", "longest"):
+    for name in dict.fromkeys((strategy, "random", "longest")):
         typer.echo(f"{name:10s} {budget} documents cover {cov[name]['atoms']:.0f} atoms ({100 * cov[name]['of_corpus']:.1f}% of the corpus's)")
     typer.echo(f"wrote {out}, {report_path}" + (f", {png_path}" if drew else ""))
 

@@ -105,15 +105,13 @@ def encode_stream(dictionary: Dictionary, batches, k: int) -> tuple[AtomUsage, n
     """Encode a stream of ActBatch (itda.activations.stream) by MP: the usage and every token's refs."""
     from itda.evaluate.metrics import recon_terms
     from itda.explore.usage import AtomUsageAccumulator
-    from itda.pursuit import matching_pursuit
 
     acc = AtomUsageAccumulator(len(dictionary))
     refs = []
     atoms = dictionary.atoms.to(torch.float32)
-    gram = dictionary.gram()
     for batch in batches:
         x = batch.dense()
-        codes = matching_pursuit(x, atoms, k, gram=gram)
+        codes = dictionary.encode(x, k)
         acc.update(codes, recon_terms(x, codes, atoms).cosine)
         refs.append(batch.refs.numpy())
     return acc.result(), (np.concatenate(refs) if refs else np.zeros((0, 5), np.int64))

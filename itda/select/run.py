@@ -51,10 +51,11 @@ def choose(sup: DocSupports, n_atoms: int, budget: int, strategy: str = "greedy"
     if budget > len(sup.doc_ids):
         raise ItdaInputError(f"--budget {budget} exceeds the corpus's {len(sup.doc_ids)} documents")
     rows = select_documents(sup.sets, budget, strategy, doc_tokens=sup.tokens, seed=seed)
-    curves = {strategy: coverage_curve(sup.sets, rows)}
+    longest = longest_order(sup.tokens, budget)
     draws = np.stack([coverage_curve(sup.sets, random_order(len(sup.doc_ids), budget, seed + i)) for i in range(RANDOM_DRAWS)])
-    curves["random"] = draws.mean(0)
-    curves["longest"] = coverage_curve(sup.sets, longest_order(sup.tokens, budget))
+    chosen = coverage_curve(sup.sets, rows)
+    # the baselines, then the choice (under its own name when it is one of them: its own curve)
+    curves = {"random": draws.mean(0), "longest": coverage_curve(sup.sets, longest), strategy: chosen}
     used = int((np.asarray(sup.sets.sum(0)).ravel() > 0).sum())
     final = {name: float(c[len(rows) - 1]) if len(c) else 0.0 for name, c in curves.items()}
     report = {
@@ -63,10 +64,10 @@ def choose(sup: DocSupports, n_atoms: int, budget: int, strategy: str = "greedy"
         "atoms_in_dictionary": int(n_atoms), "atoms_used_by_corpus": used,
         "coverage": {name: {"atoms": v, "of_corpus": v / used if used else 0.0, "of_dictionary": v / n_atoms}
                      for name, v in final.items()},
-        "tokens": {strategy: int(sup.tokens[rows].sum()), "longest": int(sup.tokens[longest_order(sup.tokens, budget)].sum())},
+        "tokens": {"longest": int(sup.tokens[longest].sum()), strategy: int(sup.tokens[rows].sum())},
         "random_draws": RANDOM_DRAWS, "random_std_atoms": float(draws[:, -1].std()), "seed": seed,
     }
-    new = np.diff(np.concatenate([[0], curves[strategy]]))
+    new = np.diff(np.concatenate([[0], chosen]))
     return Selection(sup.doc_ids[rows], new, report, curves)
 
 

@@ -15,7 +15,6 @@ from itda.activations.models import LoadedModel
 from itda.activations.stream import iterate_batches
 from itda.dictionary import Dictionary
 from itda.errors import ItdaInputError
-from itda.pursuit import matching_pursuit
 from itda.pursuit.codes import atom_totals
 
 
@@ -33,9 +32,7 @@ def document_supports(lm: LoadedModel, dictionary: Dictionary, hp: Hookpoint, do
     |total coefficient|) of at least one of its tokens. Documents are tokenized, run and encoded
     `docs_per_step` at a time (memory: one step's activations plus the sparse supports); each
     keeps its first max_doc_tokens tokens."""
-    atoms = dictionary.atoms.to(device, torch.float32)
-    gram = dictionary.gram()
-    gram = gram.to(device) if gram is not None else None
+    dictionary = dictionary.to(device)
     row_of = {int(d): i for i, d in enumerate(doc_ids)}
     n = len(dictionary)
     pairs, tokens = [], np.zeros(len(doc_ids), dtype=np.int64)  # per step: unique doc_row * n + atom
@@ -43,14 +40,15 @@ def document_supports(lm: LoadedModel, dictionary: Dictionary, hp: Hookpoint, do
     for s in range(0, len(doc_ids), docs_per_step):
         step_ids = list(doc_ids[s : s + docs_per_step])
         try:
-            ctx = _contexts(lm, docs, step_ids, context, max_doc_tokens)
+            ctx = tokenize_contexts(docs, step_ids, lm.tokenizer, context=context, tokenizer_name=lm.tokenizer_name,
+                                    max_doc_tokens=max_doc_tokens)
         except ItdaInputError:  # only empty documents in this step
             bar.update(len(step_ids))
             continue
         step_pairs = []
         for batch in iterate_batches(lm.model, [hp], ctx, batch_contexts=batch_contexts, dtype=torch.float32, device=device):
             acts = batch[hp]
-            codes = matching_pursuit(acts.dense().to(device), atoms, k, gram=gram)
+            codes = dictionary.encode(acts.dense(), k)
             tok_rows, slots = strongest_atoms(codes, support_atoms)
             doc_rows = np.array([row_of[int(d)] for d in acts.refs[:, 0].tolist()], dtype=np.int64)
             np.add.at(tokens, doc_rows, 1)
@@ -75,23 +73,3 @@ def strongest_atoms(codes, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     rows = torch.arange(strength.shape[0])[:, None].expand(-1, m)
     return rows[keep], top_slots[keep]
 
-
-def _contexts(lm: LoadedModel, docs, ids, context: int, max_doc_tokens: int | None):
-    if max_doc_tokens is None:
-        return tokenize_contexts(docs, ids, lm.tokenizer, context=context, tokenizer_name=lm.tokenizer_name)
-    cut = [docs[i] for i in ids]
-    # cut each document to its first max_doc_tokens tokens (by character offset), keeping its index
-    for j, i in enumerate(ids):
-        enc = lm.tokenizer(docs[i], add_special_tokens=False, return_offsets_mapping=True)
-        if len(enc["input_ids"]) > max_doc_tokens:
-            cut[j] = docs[i][: enc["offset_mapping"][max_doc_tokens - 1][1]]
-    view = _IndexedDocs(dict(zip(ids, cut)))
-    return tokenize_contexts(view, ids, lm.tokenizer, context=context, tokenizer_name=lm.tokenizer_name)
-
-
-class _IndexedDocs:
-    def __init__(self, by_id: dict):
-        self.by_id = by_id
-
-    def __getitem__(self, i):
-        return self.by_id[i]
