@@ -41,6 +41,26 @@ def _coder_facts(coder) -> tuple[str | None, str | None, bool, str]:
     return m.hookpoint, m.tokenizer, bool(m.include_special), "SAE"
 
 
+def model_at_hookpoint(coder, model: str | None = None, *, needs: str = "this", device: str | torch.device = "cpu",
+                       layerwise: bool | None = False, max_memory: int | None = None,
+                       lm: LoadedModel | None = None) -> tuple[LoadedModel, Hookpoint]:
+    """The model a Dictionary (or itda.sae.LoadedSae) was built on (`model` overrides the recorded
+    one; `lm` is used when already loaded) and its hookpoint, refused in one line when the coder
+    records no hookpoint or model, or the model's tokenizer differs from the coder's."""
+    hookpoint, tokenizer, _special, what = _coder_facts(coder)
+    if not hookpoint:
+        raise ItdaInputError(f"the {what} records no hookpoint (built from an activation file); {needs} needs the "
+                             "model and hookpoint it was built at")
+    model = model or coder.meta.model
+    if lm is None:
+        if not model:
+            raise ItdaInputError(f"the {what} records no model; give --model")
+        lm = load_model(model, device=device, layerwise=layerwise, max_memory=max_memory)
+    if tokenizer and not same_tokenizer(tokenizer, lm.tokenizer_name):
+        raise ItdaInputError(f"tokenizer mismatch: {what} built with {tokenizer}, model has {lm.tokenizer_name}")
+    return lm, parse_hookpoint(hookpoint)
+
+
 def evaluate_on_model(
     dictionary,
     model: str,
@@ -58,13 +78,8 @@ def evaluate_on_model(
     max_memory: int | None = None,
 ) -> ModelEvalReport:
     """Held-out metrics of a Dictionary, or of an SAE given as itda.sae.LoadedSae, on a model."""
-    hookpoint, tokenizer, _special, what = _coder_facts(dictionary)
-    if not hookpoint:
-        raise ItdaInputError(f"the {what} records no hookpoint; evaluate it on an activation file instead")
-    hp = parse_hookpoint(hookpoint)
-    lm = load_model(model, device=device, layerwise=layerwise, max_memory=max_memory)
-    if tokenizer and not same_tokenizer(tokenizer, lm.tokenizer_name):
-        raise ItdaInputError(f"tokenizer mismatch: {what} built with {tokenizer}, model has {lm.tokenizer_name}")
+    lm, hp = model_at_hookpoint(dictionary, model, needs="evaluation on a model",
+                                device=device, layerwise=layerwise, max_memory=max_memory)
     _docs, contexts = load_contexts(corpus, lm.tokenizer, tokenizer_name=lm.tokenizer_name, split="heldout",
                                     tokens=tokens, context=context, field=field)
     return evaluate_contexts(lm, dictionary, hp, contexts, ce=ce, k=k, method=method, batch_contexts=batch_contexts,

@@ -7,9 +7,8 @@ from typing import NamedTuple
 import numpy as np
 
 from itda.activations.corpus import read_documents
-from itda.activations.hookpoints import parse_hookpoint
-from itda.activations.models import load_model, same_tokenizer
 from itda.dictionary import Dictionary
+from itda.evaluate.on_model import model_at_hookpoint
 from itda.errors import ItdaInputError
 from itda.select.coverage import coverage_curve, longest_order, random_order, select_documents
 from itda.select.supports import DocSupports, document_supports
@@ -27,19 +26,9 @@ class Selection(NamedTuple):
 def corpus_supports(corpus: str, dictionary: Dictionary, *, model: str | None = None, field: str = "text",
                     k: int | None = None, support_atoms: int = 4, context: int = 128,
                     max_doc_tokens: int | None = None, device: str = "cpu", progress: bool = True) -> tuple[list[str], DocSupports]:
-    meta = dictionary.meta
-    if not meta.hookpoint:
-        raise ItdaInputError("the dictionary records no hookpoint (built from an activation file): select needs "
-                             "the model and hookpoint it was built at")
-    model = model or meta.model
-    if not model:
-        raise ItdaInputError("the dictionary records no model; give --model")
-    lm = load_model(model, device=device)
-    if meta.tokenizer and not same_tokenizer(meta.tokenizer, lm.tokenizer_name):
-        raise ItdaInputError(f"tokenizer mismatch: the dictionary was built with {meta.tokenizer}, {model} has {lm.tokenizer_name}")
+    lm, hp = model_at_hookpoint(dictionary, model, needs="select", device=device)
     docs = read_documents(corpus, field)
-    sup = document_supports(lm, dictionary, parse_hookpoint(meta.hookpoint), docs, list(range(len(docs))),
-                            k=min(k or meta.k, len(dictionary)), support_atoms=support_atoms, context=context, max_doc_tokens=max_doc_tokens,
+    sup = document_supports(lm, dictionary, hp, docs, list(range(len(docs))), k=min(k or dictionary.meta.k, len(dictionary)), support_atoms=support_atoms, context=context, max_doc_tokens=max_doc_tokens,
                             device=device, progress=progress)
     return docs, sup
 
