@@ -114,3 +114,14 @@ def check_device(device: str):
     elif dev.type not in ("cpu", "mps"):
         raise ItdaInputError(f"--device {device}: itda runs on cpu or cuda")
     return dev
+
+
+def load_dictionary_file(path: Path):
+    """A dictionary file, refused in one line when missing or another itda artifact."""
+    from itda.dictionary import Dictionary
+
+    if not path.is_file():
+        raise ItdaInputError(f"{path}: no such file")
+    if artifact_kind(path) not in ("dictionary", None):
+        raise ItdaInputError(f"{path}: is an itda {artifact_kind(path)}, not a dictionary")
+    return Dictionary.load(path)

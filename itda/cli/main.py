@@ -12,7 +12,8 @@ from typing import Optional
 import typer
 
 from itda.cli.common import check_device, check_output, is_activation_file, on_interrupt, parse_memory, user_errors
-from itda.cli.explore import explore, select
+from itda.cli.explore import explore
+from itda.cli.select import select
 from itda.cli.sae import export, sae_app
 from itda.errors import ItdaInputError
 
