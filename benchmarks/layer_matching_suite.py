@@ -1,21 +1,29 @@
 """Layer-matching suite with ground truth (layer i <-> layer i): every measure, every benchmark.
 
 Benchmarks (each a set of model pairs whose layers correspond one to one):
-  seeds       small GPT-2s (8 layers, d = 128, 600 steps) differing only in seed, all pairs
-              (trained by layer_matching.py's train_model, cached under $ITDA_CACHE/bench)
+  seeds       small GPT-2s (8 layers, d = 128, --seed-steps steps, 4 seeds) differing only in
+              seed, all pairs (trained by layer_matching.py's train_model, cached under
+              $ITDA_CACHE/bench)
   checkpoints seed 0 after 100 / 300 steps vs the other seeds' final models
-  smollm2     smollm2-135m (every fifth layer: 6 layers) vs copies with Gaussian noise on every
-              block weight, std = level x that tensor's std, levels 0.05-0.4
-  gemma3      gemma3-270m (every third layer: 6 layers) vs its noise copies
+  smollm2     smollm2-135m (every second layer: 15) vs copies with Gaussian noise on every weight matrix
+              of every block, std = level x that tensor's std, levels 0.05-0.4
+  gemma3      gemma3-270m (every second layer: 9) vs its noise copies, levels 0.1-0.3
+Each noise copy's next-token loss on held-out text is reported beside it (`copy_loss`): a copy
+beyond the uniform distribution's loss (ln vocab) no longer computes what the base computes.
 All models read the same held-out documents of the default corpus (same tokenizer within a
-benchmark, so tokens pair by position); BOS dropped; the first `--rows` tokens are the sample
-every measure sees: linear / debiased CKA and Procrustes (exact, from the streaming sums of
-the sample), SVCCA, relative representations, and the ITDA measures of
-itda.compare.itda_measures (dictionaries built over the same sample).
-Reports per measure and benchmark: argmax accuracy without and with self-pairs and the
-specificity margin (mean over layers of S[i, i] - max_{j != i} S[i, j], without self-pairs).
-Writes out/layer_matching_suite.json.
-Usage: python benchmarks/layer_matching_suite.py [--benchmarks seeds checkpoints smollm2 gemma3] [--rows 4096]
+benchmark, so tokens pair by position); BOS dropped; the first `--rows` tokens are the sample.
+Baselines see every row: linear / debiased CKA and Procrustes (exact sums), SVCCA (99%) and
+relative representations (300 random anchors). ITDA measures build each layer's dictionary
+(k = 40, min cosine 0.85) on the first half of the rows and are taken on the other half:
+itda_recon_cka, itda_loss_profile and jaccard (atom sets by token) on every layer; with --full
+also itda_relative, itda_code_overlap, itda_code_cosine and itda_cross_recon, on the subset of
+layers in SUBSET (their pairwise MPs cost about a second per layer pair).
+Reports per measure and benchmark: argmax accuracy without and with self-pairs, the specificity
+margin (mean over layers of S[i, i] - max_{j != i} S[i, j], without self-pairs) and, for
+itda_recon_cka against the best baseline, the argmax decisions only it gets right and only the
+baseline gets right (McNemar counts) with the exact two-sided p-value.
+Writes out/layer_matching_suite.json (merged per benchmark).
+Usage: python benchmarks/layer_matching_suite.py [--benchmarks seeds checkpoints smollm2 gemma3] [--full]
 """
 
 from __future__ import annotations
@@ -27,34 +35,55 @@ import time
 import numpy as np
 import torch
 
-from common import write_result
+from common import OUT, write_result
 from itda.activations.corpus import load_contexts, read_documents, split_documents
 from itda.activations.hookpoints import Hookpoint, n_layers
 from itda.activations.models import LoadedModel, load_model
 from itda.activations.stream import iterate_batches
-from itda.compare.itda_measures import itda_grids
-from itda.compare.layers import pooled_accuracy
-from itda.compare.measures import similarity_grid
+from itda.compare.itda_measures import ITDA_MEASURES, layer_sample, pair_similarities
+from itda.compare.measures import _relative_pair, _relative_prepare, _svcca_pair, _svcca_prepare, similarity_grid
 from itda.compare.streaming import StreamingCKAGrid
 
 BASELINES = ("cka", "cka_debiased", "procrustes", "svcca", "relative")
+BASELINES_GOAL = ("cka", "cka_debiased", "procrustes", "svcca")  # the issue's bar for the default ITDA measure
 NOISE_SMOLLM2 = (0.05, 0.1, 0.2, 0.3, 0.4)
 NOISE_GEMMA3 = (0.1, 0.2, 0.3)
 CHECKPOINTS = (100, 300)  # steps at which seed 0 is also saved
+SEEDS, SEED_LAYERS = 4, 8
+PLOTTED = ("itda_recon_cka", "jaccard", "itda_loss_profile", "cka", "cka_debiased", "procrustes", "svcca", "relative")
+STRIDE = {"smollm2": 2, "gemma3": 2}  # every second layer: adjacent layers of a residual stream must be told apart
+SUBSET = {"seeds": list(range(0, 8, 2)), "checkpoints": list(range(0, 8, 2)), "smollm2": list(range(0, 15, 3)),
+          "gemma3": list(range(0, 9, 2))}  # positions (after STRIDE) that --full's costly ITDA measures are taken on
 
 
 def noisy_copy(lm: LoadedModel, level: float, seed: int = 0) -> LoadedModel:
-    """The model with N(0, (level * std(W))^2) added to every tensor of every block."""
+    """The model with N(0, (level * std(W))^2) added to every weight matrix of every block.
+
+    Norm gains (1-D tensors) are left alone: Gemma's (1 + w) gains have std up to 6.6 around
+    means near 0, so noise on them flips signs and leaves no working model (gemma3-270m's
+    next-token loss 2.85 -> 21 nats at level 0.1, worse than uniform; `copy_loss`).
+    """
     import copy
 
     model = copy.deepcopy(lm.model)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if ".layers." in name or ".h." in name:
-                std = float(p.float().std()) if p.numel() > 1 else 0.0
-                p.add_(torch.randn(p.shape, generator=gen) * (level * std))
+            if (".layers." in name or ".h." in name) and p.dim() >= 2:
+                p.add_(torch.randn(p.shape, generator=gen) * (level * float(p.float().std())))
     return LoadedModel(f"{lm.name}+noise{level}", model, lm.tokenizer, lm.source)
+
+
+def copy_loss(lm: LoadedModel, ctx, contexts: int = 16) -> float:
+    """Mean next-token cross-entropy (nats) of the model on the first `contexts` contexts."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(min(contexts, len(ctx))):
+            ids, mask = ctx.input_ids[i : i + 1], ctx.attention_mask[i : i + 1]
+            loss = lm.model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+            n = int(mask.sum()) - 1
+            total, count = total + float(loss) * n, count + n
+    return total / count
 
 
 def samples(lm: LoadedModel, layers: list[int], ctx, rows: int) -> list[torch.Tensor]:
@@ -81,49 +110,126 @@ def baseline_grids(xs, ys) -> dict[str, np.ndarray]:
     return out
 
 
-def all_grids(xs, ys, itda_k: int, itda_cos: float) -> dict[str, np.ndarray]:
-    out = baseline_grids(xs, ys)
-    out.update(itda_grids(xs, ys, k=itda_k, min_cosine=itda_cos))
+
+class Prepared:
+    """One model's layers, prepared once for every pair they take part in."""
+
+    def __init__(self, xs: list[torch.Tensor], itda_k: int, itda_cos: float):
+        from scipy.stats import rankdata
+
+        self.xs = xs
+        n = xs[0].shape[0]
+        self.svcca = [_svcca_prepare(x.double()) for x in xs]
+        anchor_idx = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:300]
+        self.relative = [_relative_prepare(x.double(), anchor_idx) for x in xs]
+        self.itda = [layer_sample(x, itda_k, itda_cos, 0.5) for x in xs]
+        self.recon = torch.stack([s.recon for s in self.itda])
+        ranks = torch.tensor(np.stack([rankdata(s.loss.numpy()) for s in self.itda]))
+        ranks = ranks - ranks.mean(1, keepdim=True)
+        self.loss_ranks = ranks / ranks.norm(dim=1, keepdim=True).clamp(min=1e-30)
+        atoms = torch.zeros(len(xs), self.itda[0].n_fit, dtype=torch.float64)
+        for i, s in enumerate(self.itda):
+            atoms[i, s.anchors] = 1.0
+        self.atoms = atoms
+
+
+def cka_grid(xs: torch.Tensor, ys: torch.Tensor, procrustes: bool = False) -> dict[str, np.ndarray]:
+    grid = StreamingCKAGrid("float64")
+    grid.update(xs, ys)
+    return grid.matrices(procrustes=procrustes)
+
+
+def grids(a: Prepared, b: Prepared, full_layers: list[int] | None, itda_k: int) -> dict[str, np.ndarray]:
+    """Every measure's [L_A, L_B] matrix (--full measures on the layers full_layers only)."""
+    mats = cka_grid(torch.stack(a.xs), torch.stack(b.xs), procrustes=True)
+    out = {m: mats[m] for m in ("cka", "cka_debiased", "procrustes")}
+    out["svcca"] = np.array([[_svcca_pair(p, q) for q in b.svcca] for p in a.svcca])
+    out["relative"] = np.array([[_relative_pair(p, q) for q in b.relative] for p in a.relative])
+    out["itda_recon_cka"] = cka_grid(a.recon, b.recon)["cka"]
+    out["itda_loss_profile"] = (a.loss_ranks @ b.loss_ranks.T).numpy()
+    inter = a.atoms @ b.atoms.T
+    out["jaccard"] = (inter / (a.atoms.sum(1)[:, None] + b.atoms.sum(1)[None, :] - inter)).numpy()
+    if full_layers:
+        extra = [m for m in ITDA_MEASURES if m not in out]
+        for m in extra:
+            out[m] = np.full((len(full_layers), len(full_layers)), np.nan)
+        for i, li in enumerate(full_layers):
+            for j, lj in enumerate(full_layers):
+                for m, v in pair_similarities(a.itda[li], b.itda[lj], itda_k, extra).items():
+                    out[m][i, j] = v
     return out
 
 
 def margin(s: np.ndarray) -> float:
     s = np.asarray(s)
     n = min(s.shape)
-    vals = []
-    for i in range(n):
-        off = np.delete(s[i], i)
-        vals.append(s[i, i] - off.max())
-    return float(np.mean(vals))
+    return float(np.mean([s[i, i] - np.delete(s[i], i).max() for i in range(n)]))
 
 
-def score(pairs: dict[tuple[str, str], np.ndarray]) -> dict:
-    cross = [s for (a, b), s in pairs.items() if a != b]
-    return {"without_self": pooled_accuracy(pairs, self_pairs=False), "with_self": pooled_accuracy(pairs, self_pairs=True),
-            "margin": float(np.mean([margin(s) for s in cross]))}
+def hits(s: np.ndarray) -> np.ndarray:
+    """Per argmax decision (rows of S, then rows of S^T): is the corresponding layer the best?"""
+    n = min(s.shape)
+    return np.concatenate([np.nanargmax(s[:n], 1) == np.arange(n), np.nanargmax(s.T[:n], 1) == np.arange(n)])
 
 
-def run_pairs(models: dict[str, list[torch.Tensor]], pairs: list[tuple[str, str]], args) -> dict[str, dict]:
-    """Pooled scores per measure over the given (a, b) pairs (self-pairs added for each model)."""
+def score(per_pair: dict[tuple[str, str], np.ndarray]) -> dict:
+    cross = {k: s for k, s in per_pair.items() if k[0] != k[1]}
+    return {"without_self": float(np.mean(np.concatenate([hits(s) for s in cross.values()]))),
+            "with_self": float(np.mean(np.concatenate([hits(s) for s in per_pair.values()]))),
+            "margin": float(np.mean([margin(s) for s in cross.values()] + [margin(s.T) for s in cross.values()]))}
+
+
+def mcnemar(per_measure: dict, ours: str, baseline: str) -> dict:
+    """Argmax decisions (without self-pairs) only `ours` gets right / only `baseline` gets right."""
+    from scipy.stats import binomtest
+
+    keys = [k for k in per_measure[ours] if k[0] != k[1]]
+    h_o = np.concatenate([hits(per_measure[ours][k]) for k in keys])
+    h_b = np.concatenate([hits(per_measure[baseline][k]) for k in keys])
+    only_o, only_b = int((h_o & ~h_b).sum()), int((h_b & ~h_o).sum())
+    p = binomtest(only_o, only_o + only_b).pvalue if only_o + only_b else 1.0
+    return {"baseline": baseline, "only_ours": only_o, "only_baseline": only_b, "p_value": float(p)}
+
+
+def run_pairs(models: dict[str, list[torch.Tensor]], pairs: list[tuple[str, str]], args, prepared: dict) -> dict:
+    """Scores per measure over the (a, b) pairs, self-pairs added for each model."""
     per_measure: dict[str, dict[tuple[str, str], np.ndarray]] = {}
     names = sorted({n for p in pairs for n in p})
-    todo = [(n, n) for n in names] + pairs
-    for a, b in todo:
+    full = SUBSET.get(args.current) if args.full else None
+    for n in names:
+        if n not in prepared:
+            t0 = time.perf_counter()
+            prepared[n] = Prepared(models[n], args.itda_k, args.itda_cos)
+            print(f"  prepared {n} ({len(models[n])} layers): {time.perf_counter() - t0:.0f}s", flush=True)
+    for a, b in [(n, n) for n in names] + pairs:
         t0 = time.perf_counter()
-        grids = all_grids(models[a], models[b], args.itda_k, args.itda_cos)
-        for m, s in grids.items():
+        key = ("grid", a, b)
+        if key not in prepared:
+            prepared[key] = grids(prepared[a], prepared[b], full, args.itda_k)
+        for m, s in prepared[key].items():
             per_measure.setdefault(m, {})[(a, b)] = s
             if a != b:
                 per_measure[m][(b, a)] = s.T
         print(f"  {a} vs {b}: {time.perf_counter() - t0:.0f}s", flush=True)
-    return {m: score(p) for m, p in per_measure.items()}
+    scores = {m: score(p) for m, p in per_measure.items()}
+    best = max(BASELINES_GOAL, key=lambda m: scores[m]["without_self"])
+    scores["itda_recon_cka"]["mcnemar"] = mcnemar(per_measure, "itda_recon_cka", best)
+    return scores
 
 
 def held_contexts(lm: LoadedModel, rows: int):
     return load_contexts("default", lm.tokenizer, tokenizer_name=lm.tokenizer_name, split="heldout", tokens=rows + 512)[1]
 
 
-def bench_seeds(args, checkpoints: bool) -> dict:
+def cached(name: str, make) -> dict:
+    path = OUT / f"suite_samples_{name}.pt"
+    if not path.exists():
+        OUT.mkdir(parents=True, exist_ok=True)
+        torch.save(make(), path)
+    return torch.load(path)
+
+
+def seed_samples(args) -> dict:
     from transformers import GPT2LMHeadModel
 
     from layer_matching import model_dir, train_model, train_tokenizer
@@ -131,74 +237,98 @@ def bench_seeds(args, checkpoints: bool) -> dict:
     docs = read_documents("default")
     train_docs = [docs[i] for i in split_documents(docs, "train")]
     tok = train_tokenizer(train_docs)
-    paths = {f"seed{s}": train_model(s, tok, train_docs, args.seed_steps, layers=8, d=128,
-                                     checkpoints=CHECKPOINTS if s == 0 else ()) for s in range(args.seeds)}
-    if checkpoints:
-        paths.update({f"seed0@{at}": model_dir(0, args.seed_steps, 8, 128, at=at) for at in CHECKPOINTS})
+    paths = {f"seed{s}": train_model(s, tok, train_docs, args.seed_steps, layers=SEED_LAYERS, d=128,
+                                     checkpoints=CHECKPOINTS if s == 0 else ()) for s in range(SEEDS)}
+    paths.update({f"seed0@{at}": model_dir(0, args.seed_steps, SEED_LAYERS, 128, at=at) for at in CHECKPOINTS})
     lms = {n: LoadedModel(n, GPT2LMHeadModel.from_pretrained(p).eval(), tok, p) for n, p in paths.items()}
     ctx = held_contexts(next(iter(lms.values())), args.rows)
-    acts = {n: samples(lm, list(range(8)), ctx, args.rows) for n, lm in lms.items()}
-    finals = [f"seed{s}" for s in range(args.seeds)]
-    if checkpoints:
-        pairs = [(f"seed0@{at}", f) for at in CHECKPOINTS for f in finals[1:]]
-    else:
-        pairs = list(itertools.combinations(finals, 2))
-    return run_pairs(acts, pairs, args)
-
-
-def bench_noise(args, model: str, levels, every: int) -> dict:
-    lm = load_model(model)
-    layers = list(range(0, n_layers(lm.model), every))
-    ctx = held_contexts(lm, args.rows)
-    out = {}
-    base = samples(lm, layers, ctx, args.rows)
-    for level in levels:
-        noisy = samples(noisy_copy(lm, level), layers, ctx, args.rows)
-        out[str(level)] = run_pairs({"base": base, "noisy": noisy}, [("base", "noisy")], args)
-        print(f"{model} noise {level}: " + ", ".join(f"{m} {r['without_self']:.2f}" for m, r in out[str(level)].items()), flush=True)
+    out = {n: samples(lm, list(range(SEED_LAYERS)), ctx, args.rows) for n, lm in lms.items()}
+    out["loss"] = {n: copy_loss(lm, ctx) for n, lm in lms.items()}
     return out
 
 
+def noise_samples(args, model: str, levels) -> dict:
+    lm = load_model(model)
+    layers = list(range(n_layers(lm.model)))
+    ctx = held_contexts(lm, args.rows)
+    out = {"base": samples(lm, layers, ctx, args.rows), "loss": {"base": copy_loss(lm, ctx)}}
+    for level in levels:
+        copy = noisy_copy(lm, level)
+        out[str(level)], out["loss"][str(level)] = samples(copy, layers, ctx, args.rows), copy_loss(copy, ctx)
+        print(f"  {model} noise {level}: copy loss {out['loss'][str(level)]:.2f} nats", flush=True)
+    return out
+
+
+def plot_table(table: dict[str, dict[str, float]], measures: list[str], path) -> None:
+    """Heatmap of accuracy without self-pairs, benchmarks x measures, values written in."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    vals = np.array([[table[b].get(m, np.nan) for m in measures] for b in table])
+    fig, ax = plt.subplots(figsize=(1.0 + 0.85 * len(measures), 0.9 + 0.38 * len(table)))
+    ax.imshow(vals, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    for (i, j), v in np.ndenumerate(vals):
+        ax.text(j, i, "" if np.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=8,
+                color="white" if v < 0.6 else "black")
+    ax.set_xticks(range(len(measures)), measures, rotation=35, ha="right", fontsize=8)
+    ax.set_yticks(range(len(table)), list(table), fontsize=8)
+    ax.set_title("layer matching: argmax accuracy without self-pairs", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--benchmarks", nargs="+", default=["seeds", "checkpoints", "smollm2", "gemma3"])
-    ap.add_argument("--rows", type=int, default=2048)
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--seed-steps", type=int, default=600)
-    ap.add_argument("--itda-k", type=int, default=40)
-    ap.add_argument("--itda-cos", type=float, default=0.85)
-    ap.add_argument("--smollm2-levels", type=float, nargs="+", default=list(NOISE_SMOLLM2))
-    ap.add_argument("--gemma3-levels", type=float, nargs="+", default=list(NOISE_GEMMA3))
-    ap.add_argument("--name", default="layer_matching_suite", help="result file out/NAME.json (merged into if it exists)")
-    args = ap.parse_args()
     import json
 
-    from common import OUT
-
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--benchmarks", nargs="+", default=["seeds", "checkpoints", "smollm2", "gemma3"])
+    ap.add_argument("--rows", type=int, default=4096)
+    ap.add_argument("--seed-steps", type=int, default=1000)
+    ap.add_argument("--itda-k", type=int, default=40)
+    ap.add_argument("--itda-cos", type=float, default=0.85)
+    ap.add_argument("--full", action="store_true", help="also the costly ITDA measures, on SUBSET's layers")
+    ap.add_argument("--name", default="layer_matching_suite", help="result file out/NAME.json (merged into if it exists)")
+    args = ap.parse_args()
     prior = OUT / f"{args.name}.json"
-    results = json.loads(prior.read_text()).get("results", {}) if prior.exists() else {}
+    old = json.loads(prior.read_text()) if prior.exists() else {}
+    results, losses = old.get("results", {}), old.get("copy_loss", {})
+    finals = [f"seed{s}" for s in range(SEEDS)]
     for b in args.benchmarks:
-        t0 = time.perf_counter()
+        t0, args.current, prepared = time.perf_counter(), b, {}
         if b in ("seeds", "checkpoints"):
-            results[b] = bench_seeds(args, checkpoints=b == "checkpoints")
-        elif b == "smollm2":
-            results[b] = bench_noise(args, "smollm2-135m", args.smollm2_levels, every=5)
-        elif b == "gemma3":
-            results[b] = bench_noise(args, "gemma3-270m", args.gemma3_levels, every=3)
+            acts = cached(f"seeds_{args.seed_steps}_{args.rows}", lambda: seed_samples(args))
+            pairs = (list(itertools.combinations(finals, 2)) if b == "seeds"
+                     else [(f"seed0@{at}", f) for at in CHECKPOINTS for f in finals[1:]])
+            results[b] = run_pairs(acts, pairs, args, prepared)
+            losses["seeds"] = acts["loss"]
+        else:
+            model, levels = {"smollm2": ("smollm2-135m", NOISE_SMOLLM2), "gemma3": ("gemma3-270m", NOISE_GEMMA3)}[b]
+            acts = cached(f"{b}_{args.rows}", lambda m=model, lv=levels: noise_samples(args, m, lv))
+            losses[b] = acts["loss"]
+            pick = slice(None, None, STRIDE[b])
+            for level in levels:
+                results[f"{b} {level}"] = run_pairs({"base": acts["base"][pick], "noisy": acts[str(level)][pick]},
+                                                    [("base", "noisy")], args, prepared)
+                for key in [k for k in prepared if "noisy" in k]:
+                    del prepared[key]
+                print(f"{b} {level}: " + ", ".join(f"{m} {r['without_self']:.2f}" for m, r in results[f"{b} {level}"].items()),
+                      flush=True)
         print(f"{b}: {time.perf_counter() - t0:.0f}s", flush=True)
-        write_result(args.name, {"settings": vars(args), "results": results})
-    table = {}
-    for b, res in results.items():
-        for key, per in (res.items() if b in ("smollm2", "gemma3") else [("", res)]):
-            name = f"{b} {key}".strip()
-            table[name] = {m: r["without_self"] for m, r in per.items()}
+        write_result(args.name, {"settings": {k: v for k, v in vars(args).items() if k != "current"}, "copy_loss": losses,
+                                 "results": results})
+    table = {name: {m: r["without_self"] for m, r in per.items()} for name, per in results.items()}
     measures = sorted({m for row in table.values() for m in row})
-    print(f"{'benchmark':22s} " + " ".join(f"{m[:12]:>12s}" for m in measures))
+    print(f"{'benchmark':16s} " + " ".join(f"{m[:12]:>12s}" for m in measures))
     for name, row in table.items():
-        print(f"{name:22s} " + " ".join(f"{row.get(m, float('nan')):12.2f}" for m in measures))
+        print(f"{name:16s} " + " ".join(f"{row.get(m, float('nan')):12.2f}" for m in measures))
     means = {m: float(np.mean([row[m] for row in table.values() if m in row])) for m in measures}
-    print(f"{'mean':22s} " + " ".join(f"{means[m]:12.2f}" for m in measures))
-    write_result(args.name, {"settings": vars(args), "results": results, "table": table, "means": means})
+    print(f"{'mean':16s} " + " ".join(f"{means[m]:12.2f}" for m in measures))
+    write_result(args.name, {"settings": {k: v for k, v in vars(args).items() if k != "current"}, "copy_loss": losses,
+                             "results": results, "table": table, "means": means})
+    plot_table(table, [m for m in PLOTTED if m in measures], OUT / f"{args.name}.png")
 
 
 if __name__ == "__main__":
