@@ -294,7 +294,8 @@ def main() -> None:
     args = ap.parse_args()
     prior = OUT / f"{args.name}.json"
     old = json.loads(prior.read_text()) if prior.exists() else {}
-    results, losses = old.get("results", {}), old.get("copy_loss", {})
+    results = {b: r for b, r in old.get("results", {}).items() if "cka" in r}  # drops an older layout's entries
+    losses = old.get("copy_loss", {})
     finals = [f"seed{s}" for s in range(SEEDS)]
     for b in args.benchmarks:
         t0, args.current, prepared = time.perf_counter(), b, {}
