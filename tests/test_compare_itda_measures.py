@@ -42,10 +42,16 @@ def test_measures_match_float64_references(two_layers):
     pa, pb = a.anchors.numpy(), b.anchors.numpy()
     assert pa.max() < 300 and pb.max() < 300  # anchors from the fit half only
     ux, uy = fx[300:], fy[300:]  # measured on the other half
-    # loss profile: Spearman of (2 - 2cos)/d under each layer's own anchors
+    # loss profile: Spearman of (2 - 2cos)/d over every row, cross-fitted: rows of the fit half
+    # under a dictionary of the other half's rows, rows of the other half under the anchors
+    ra_, rb_ = a.anchors_rest.numpy(), b.anchors_rest.numpy()
+    assert ra_.min() >= 300 and rb_.min() >= 300
     _, cos_a = _mp(ux, fx[pa], k)
     _, cos_b = _mp(uy, fy[pb], k)
-    assert abs(got["itda_loss_profile"] - spearmanr(cos_a, cos_b).statistic) < 1e-3
+    _, cos_a_fit = _mp(fx[:300], fx[ra_], k)
+    _, cos_b_fit = _mp(fy[:300], fy[rb_], k)
+    got_loss = spearmanr(np.concatenate([cos_a_fit, cos_a]), np.concatenate([cos_b_fit, cos_b])).statistic
+    assert abs(got["itda_loss_profile"] - got_loss) < 1e-3
     # shared anchors: supports and coefficient vectors over the same rows
     shared = np.unique(np.concatenate([pa, pb]))
     ca, _ = _mp(ux, fx[shared], k)
@@ -68,12 +74,15 @@ def test_measures_match_float64_references(two_layers):
     rb -= rb.mean(0)
     cka = np.linalg.norm(ra.T @ rb) ** 2 / (np.linalg.norm(ra.T @ ra) * np.linalg.norm(rb.T @ rb))
     assert abs(got["itda_relative"] - cka) < 1e-5
-    # reconstructions over each layer's own atoms, unit length, linear CKA of the two [N, d] matrices
-    cxa, _ = _mp(ux, fx[pa], k)
-    cyb, _ = _mp(uy, fy[pb], k)
-    qa, qb = cxa @ fx[pa], cyb @ fy[pb]
-    qa /= np.linalg.norm(qa, axis=1, keepdims=True)
-    qb /= np.linalg.norm(qb, axis=1, keepdims=True)
+    # reconstructions over each layer's own atoms (cross-fitted as above), unit length, linear CKA
+    # of the two [N, d] matrices
+    def recon(f, fit_atoms, rest_atoms):
+        cf, _ = _mp(f[:300], f[rest_atoms], k)
+        ch, _ = _mp(f[300:], f[fit_atoms], k)
+        q = np.concatenate([cf @ f[rest_atoms], ch @ f[fit_atoms]])
+        return q / np.linalg.norm(q, axis=1, keepdims=True)
+
+    qa, qb = recon(fx, pa, ra_), recon(fy, pb, rb_)
     qa -= qa.mean(0)
     qb -= qb.mean(0)
     cka = np.linalg.norm(qa.T @ qb) ** 2 / (np.linalg.norm(qa.T @ qa) * np.linalg.norm(qb.T @ qb))

@@ -1,9 +1,12 @@
 """ITDA-based layer similarity on a sample of paired tokens (rows of X_i and Y_j are the same tokens).
 
 Per layer, an ITDA dictionary is built over the first `fit` fraction of the sample (improved
-mode, in row order), so its atoms are sample rows (`anchors`, row indices); every measure is
-then taken on the remaining rows, which no dictionary contains (an atom reconstructs itself,
-and which early rows become atoms depends on stream order, not on the layer). For a pair:
+mode, in row order), so its atoms are sample rows (`anchors`, row indices); the measures are
+taken on rows no dictionary they are encoded with contains (an atom reconstructs itself, and
+which early rows become atoms depends on stream order, not on the layer). The per-token
+measures (loss profile, reconstruction CKA) are cross-fitted: the fit rows are also measured,
+under a second dictionary built on the remaining rows, so they see every row of the sample, as
+the baselines do. The anchor-based measures use the remaining rows only. For a pair:
 
 - `itda_loss_profile`: Spearman correlation across tokens of each token's MP loss
   (2 - 2 cos)/d under the layer's own dictionary: do the two layers find the same tokens hard?
@@ -46,9 +49,10 @@ class LayerSample:
     unit: torch.Tensor  # [N, d] unit rows (zero rows stay zero)
     anchors: torch.Tensor  # [M] int64 rows of the fit part chosen as atoms, in order of addition
     n_fit: int  # rows [0, n_fit) built the dictionary; rows [n_fit, N) are measured
-    loss: torch.Tensor  # [N - n_fit] MP loss of the measured rows under the layer's own dictionary
-    own_cos: torch.Tensor  # [N - n_fit] their reconstruction cosine under it
-    recon: torch.Tensor  # [N - n_fit, d] their reconstructions, unit length
+    own_cos: torch.Tensor  # [N - n_fit] reconstruction cosine of rows n_fit: under the dictionary of anchors
+    loss: torch.Tensor  # [N] every row's MP loss, cross-fitted (rows < n_fit under a dictionary of rows >= n_fit)
+    recon: torch.Tensor  # [N, d] every row's reconstruction, unit length, cross-fitted the same way
+    anchors_rest: torch.Tensor  # [M'] rows >= n_fit kept by the cross-fitting dictionary (built on rows >= n_fit)
 
     @property
     def held(self) -> torch.Tensor:
@@ -65,18 +69,28 @@ def _mp_cosine(x_ND: torch.Tensor, atoms_MD: torch.Tensor, k: int):
     return codes, recon_terms(x_ND, codes, atoms_MD).cosine
 
 
+def _dictionary_rows(unit_ND: torch.Tensor, k: int, min_cosine: float, batch: int) -> torch.Tensor:
+    """Rows of unit_ND an ITDA dictionary built over them in order keeps, in order of addition."""
+    n = unit_ND.shape[0]
+    refs = torch.full((n, 5), -1, dtype=torch.int64)
+    refs[:, 0] = torch.arange(n)
+    d = build_dictionary(((unit_ND[s : min(s + batch, n)], refs[s : s + batch]) for s in range(0, n, batch)),
+                         k=k, min_cosine=min_cosine)
+    return d.refs[:, 0].clone()
+
+
 def layer_sample(x_ND: torch.Tensor, k: int = 40, min_cosine: float = 0.85, fit: float = 0.5, batch: int = 1024) -> LayerSample:
-    """The layer's ITDA dictionary over the first `fit` of the rows, and the other rows' losses under it."""
+    """The layer's ITDA dictionary over the first `fit` of the rows, and every row's loss and
+    reconstruction (cross-fitted: the first rows under a dictionary of the others)."""
     unit = _unit(x_ND)
     n_fit = max(1, min(unit.shape[0] - 1, int(round(fit * unit.shape[0]))))
-    refs = torch.full((n_fit, 5), -1, dtype=torch.int64)
-    refs[:, 0] = torch.arange(n_fit)
-    d = build_dictionary(((unit[s : min(s + batch, n_fit)], refs[s : s + batch]) for s in range(0, n_fit, batch)),
-                         k=k, min_cosine=min_cosine)
-    anchors = d.refs[:, 0].clone()
+    anchors = _dictionary_rows(unit[:n_fit], k, min_cosine, batch)
     codes, cos = _mp_cosine(unit[n_fit:], unit[anchors], k)
-    recon = decode(codes, unit[anchors])
-    return LayerSample(unit, anchors, n_fit, (2 - 2 * cos) / unit.shape[1], cos, _unit(recon))
+    back = _dictionary_rows(unit[n_fit:], k, min_cosine, batch) + n_fit
+    codes_fit, cos_fit = _mp_cosine(unit[:n_fit], unit[back], k)
+    recon = torch.cat([decode(codes_fit, unit[back]), decode(codes, unit[anchors])])
+    loss = (2 - 2 * torch.cat([cos_fit, cos])) / unit.shape[1]
+    return LayerSample(unit, anchors, n_fit, cos, loss, _unit(recon), back)
 
 
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
