@@ -14,10 +14,13 @@ All models read the same held-out documents of the default corpus (same tokenize
 benchmark, so tokens pair by position); BOS dropped; the first `--rows` tokens are the sample.
 Baselines see every row: linear / debiased CKA and Procrustes (exact sums), SVCCA (99%) and
 relative representations (300 random anchors). ITDA measures build each layer's dictionary
-(k = 40, min cosine 0.85) on the first half of the rows and are taken on the other half:
+(k = 40, min cosine 0.85) on the first half of the rows (itda_recon_cka and itda_loss_profile
+cross-fitted over all rows, see itda.compare.itda_measures; the rest on the other half):
 itda_recon_cka, itda_loss_profile and jaccard (atom sets by token) on every layer; with --full
 also itda_relative, itda_code_overlap, itda_code_cosine and itda_cross_recon, on the subset of
-layers in SUBSET (their pairwise MPs cost about a second per layer pair).
+layers in SUBSET (their pairwise MPs cost about a second per layer pair), and every measure
+scored again on that subset (results[benchmark]["subset"]: fewer, farther-apart layers are an
+easier task, so only measures on the same layers compare).
 Reports per measure and benchmark: argmax accuracy without and with self-pairs, the specificity
 margin (mean over layers of S[i, i] - max_{j != i} S[i, j], without self-pairs) and, for
 itda_recon_cka against the best baseline, the argmax decisions only it gets right and only the
@@ -50,6 +53,7 @@ NOISE_SMOLLM2 = (0.05, 0.1, 0.2, 0.3, 0.4)
 NOISE_GEMMA3 = (0.1, 0.2, 0.3)
 CHECKPOINTS = (100, 300)  # steps at which seed 0 is also saved
 SEEDS, SEED_LAYERS = 4, 8
+CHEAP_ITDA = ("itda_recon_cka", "itda_loss_profile")
 PLOTTED = ("itda_recon_cka", "jaccard", "itda_loss_profile", "cka", "cka_debiased", "procrustes", "svcca", "relative")
 STRIDE = {"smollm2": 2, "gemma3": 2}  # every second layer: adjacent layers of a residual stream must be told apart
 SUBSET = {"seeds": list(range(0, 8, 2)), "checkpoints": list(range(0, 8, 2)), "smollm2": list(range(0, 15, 3)),
@@ -211,9 +215,15 @@ def run_pairs(models: dict[str, list[torch.Tensor]], pairs: list[tuple[str, str]
             if a != b:
                 per_measure[m][(b, a)] = s.T
         print(f"  {a} vs {b}: {time.perf_counter() - t0:.0f}s", flush=True)
-    scores = {m: score(p) for m, p in per_measure.items()}
+    full_only = [m for m in per_measure if m in ITDA_MEASURES and m not in CHEAP_ITDA]
+    every = {m: p for m, p in per_measure.items() if m not in full_only}
+    scores = {m: score(p) for m, p in every.items()}
     best = max(BASELINES_GOAL, key=lambda m: scores[m]["without_self"])
-    scores["itda_recon_cka"]["mcnemar"] = mcnemar(per_measure, "itda_recon_cka", best)
+    scores["itda_recon_cka"]["mcnemar"] = mcnemar(every, "itda_recon_cka", best)
+    if full:  # every measure on the same subset of layers
+        sub = {m: {k: s[np.ix_(full, full)] for k, s in p.items()} for m, p in every.items()}
+        sub.update({m: per_measure[m] for m in full_only})
+        scores["subset"] = {"layers": full, **{m: score(p) for m, p in sub.items()}}
     return scores
 
 
@@ -315,12 +325,12 @@ def main() -> None:
                                                     [("base", "noisy")], args, prepared)
                 for key in [k for k in prepared if "noisy" in k]:
                     del prepared[key]
-                print(f"{b} {level}: " + ", ".join(f"{m} {r['without_self']:.2f}" for m, r in results[f"{b} {level}"].items()),
-                      flush=True)
+                print(f"{b} {level}: " + ", ".join(f"{m} {r['without_self']:.2f}" for m, r in results[f"{b} {level}"].items()
+                                                   if m != "subset"), flush=True)
         print(f"{b}: {time.perf_counter() - t0:.0f}s", flush=True)
         write_result(args.name, {"settings": {k: v for k, v in vars(args).items() if k != "current"}, "copy_loss": losses,
                                  "results": results})
-    table = {name: {m: r["without_self"] for m, r in per.items()} for name, per in results.items()}
+    table = {name: {m: r["without_self"] for m, r in per.items() if m != "subset"} for name, per in results.items()}
     measures = sorted({m for row in table.values() for m in row})
     print(f"{'benchmark':16s} " + " ".join(f"{m[:12]:>12s}" for m in measures))
     for name, row in table.items():
