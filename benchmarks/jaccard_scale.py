@@ -52,12 +52,13 @@ def main() -> None:
     ap.add_argument("--level", type=float, default=0.2)
     ap.add_argument("--stride", type=int, default=2)
     ap.add_argument("--min-cosine", type=float, default=0.85)
+    ap.add_argument("--noise-seed", type=int, default=0)
     ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m or gemma3-270m")
     args = ap.parse_args()
     lm = load_model(args.model)
     layers = list(range(0, n_layers(lm.model), args.stride))
     ctx = held_contexts(lm, args.tokens)
-    noisy = noisy_copy(lm, args.level)
+    noisy = noisy_copy(lm, args.level, seed=args.noise_seed)
     t0 = time.perf_counter()
     xa, xb = samples(lm, layers, ctx, args.tokens), samples(noisy, layers, ctx, args.tokens)
     print(f"activations: {time.perf_counter() - t0:.0f}s", flush=True)
@@ -68,7 +69,7 @@ def main() -> None:
         rows_b.append(atom_rows(y, args.min_cosine))
         print(f"layer {layers[i]}: {len(rows_a[-1])} / {len(rows_b[-1])} atoms, {time.perf_counter() - t0:.0f}s", flush=True)
     out = {"model": args.model, "level": args.level, "tokens": args.tokens, "min_cosine": args.min_cosine,
-           "layers": layers, "copy_loss": copy_loss(noisy, ctx), "rows": {}}
+           "noise_seed": args.noise_seed, "layers": layers, "copy_loss": copy_loss(noisy, ctx), "rows": {}}
     grid, seen = StreamingCKAGrid("float64"), 0
     n = 2048
     while n <= args.tokens:
@@ -82,7 +83,7 @@ def main() -> None:
         n *= 2
     path = OUT / "jaccard_scale.json"
     runs = json.loads(path.read_text()).get("runs", {}) if path.exists() else {}
-    runs[f"{args.model} {args.level} {args.tokens} {args.min_cosine}"] = out
+    runs[f"{args.model} {args.level} {args.tokens} {args.min_cosine} seed{args.noise_seed}"] = out
     write_result("jaccard_scale", {"runs": runs})
 
 
