@@ -52,7 +52,8 @@ bench: $(STAMP)
 # the slower issue-8/9/11 benchmarks (tens of minutes on 2 cores)
 bench-sae: $(STAMP)
 	cd benchmarks && ../$(PY) sae_init.py --steps 300 --eval-every 20
-	cd benchmarks && ../$(PY) layer_matching_suite.py
+	cd benchmarks && ../$(PY) layer_matching_suite.py --full
+	cd benchmarks && ../$(PY) jaccard_scale.py
 	cd benchmarks && ../$(PY) compare_memory.py
 
 clean:
