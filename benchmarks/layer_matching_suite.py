@@ -43,7 +43,7 @@ from itda.activations.corpus import load_contexts, read_documents, split_documen
 from itda.activations.hookpoints import Hookpoint, n_layers
 from itda.activations.models import LoadedModel, load_model
 from itda.activations.stream import iterate_batches
-from itda.compare.itda_measures import ITDA_MEASURES, layer_sample, pair_similarities
+from itda.compare.itda_measures import ITDA_MEASURES, PER_TOKEN, layer_sample, pair_similarities
 from itda.compare.measures import _relative_pair, _relative_prepare, _svcca_pair, _svcca_prepare, similarity_grid
 from itda.compare.streaming import StreamingCKAGrid
 
@@ -53,7 +53,6 @@ NOISE_SMOLLM2 = (0.05, 0.1, 0.2, 0.3, 0.4)
 NOISE_GEMMA3 = (0.1, 0.2, 0.3)
 CHECKPOINTS = (100, 300)  # steps at which seed 0 is also saved
 SEEDS, SEED_LAYERS = 4, 8
-CHEAP_ITDA = ("itda_recon_cka", "itda_loss_profile")
 PLOTTED = ("itda_recon_cka", "jaccard", "itda_loss_profile", "cka", "cka_debiased", "procrustes", "svcca", "relative")
 STRIDE = {"smollm2": 2, "gemma3": 2}  # every second layer: adjacent layers of a residual stream must be told apart
 SUBSET = {"seeds": list(range(0, 8, 2)), "checkpoints": list(range(0, 8, 2)), "smollm2": list(range(0, 15, 3)),
@@ -187,7 +186,8 @@ def mcnemar(per_measure: dict, ours: str, baseline: str) -> dict:
     """Argmax decisions (without self-pairs) only `ours` gets right / only `baseline` gets right."""
     from scipy.stats import binomtest
 
-    keys = [k for k in per_measure[ours] if k[0] != k[1]]
+    # one orientation per model pair: hits() already counts both directions, and (b, a) holds S^T
+    keys = [(a, b) for a, b in per_measure[ours] if a < b]
     h_o = np.concatenate([hits(per_measure[ours][k]) for k in keys])
     h_b = np.concatenate([hits(per_measure[baseline][k]) for k in keys])
     only_o, only_b = int((h_o & ~h_b).sum()), int((h_b & ~h_o).sum())
@@ -215,7 +215,7 @@ def run_pairs(models: dict[str, list[torch.Tensor]], pairs: list[tuple[str, str]
             if a != b:
                 per_measure[m][(b, a)] = s.T
         print(f"  {a} vs {b}: {time.perf_counter() - t0:.0f}s", flush=True)
-    full_only = [m for m in per_measure if m in ITDA_MEASURES and m not in CHEAP_ITDA]
+    full_only = [m for m in per_measure if m in ITDA_MEASURES and m not in PER_TOKEN]
     every = {m: p for m, p in per_measure.items() if m not in full_only}
     scores = {m: score(p) for m, p in every.items()}
     best = max(BASELINES_GOAL, key=lambda m: scores[m]["without_self"])

@@ -109,3 +109,13 @@ def test_unrelated_layers_score_low(two_layers):
     g = itda_grids([x], [noise], k=5, min_cosine=0.9)
     for m in ("itda_loss_profile", "itda_code_overlap", "itda_relative", "itda_code_cosine", "itda_recon_cka"):
         assert g[m][0, 0] < 0.3, (m, g[m])
+
+
+def test_anchor_measures_alone_skip_the_cross_fit_and_agree(two_layers):
+    x, y = two_layers
+    anchor_only = ("itda_relative", "itda_code_overlap", "itda_cross_recon")
+    alone = itda_grids([x], [y], anchor_only, k=5, min_cosine=0.9)
+    every = itda_grids([x], [y], k=5, min_cosine=0.9)
+    for m in anchor_only:
+        assert alone[m][0, 0] == every[m][0, 0], m
+    assert layer_sample(x, 5, 0.9, per_token=False).recon is None

@@ -42,17 +42,19 @@ from itda.pursuit.codes import atom_totals
 
 ITDA_MEASURES = ("itda_recon_cka", "itda_loss_profile", "itda_code_overlap", "itda_cross_recon", "itda_relative",
                  "itda_code_cosine")
+PER_TOKEN = ("itda_recon_cka", "itda_loss_profile")  # the cross-fitted ones (need layer_sample(per_token=True))
 
 
 @dataclass
 class LayerSample:
     unit: torch.Tensor  # [N, d] unit rows (zero rows stay zero)
     anchors: torch.Tensor  # [M] int64 rows of the fit part chosen as atoms, in order of addition
-    n_fit: int  # rows [0, n_fit) built the dictionary; rows [n_fit, N) are measured
+    n_fit: int  # rows [0, n_fit) built the dictionary; the anchor-based measures use rows [n_fit, N)
     own_cos: torch.Tensor  # [N - n_fit] reconstruction cosine of rows n_fit: under the dictionary of anchors
-    loss: torch.Tensor  # [N] every row's MP loss, cross-fitted (rows < n_fit under a dictionary of rows >= n_fit)
-    recon: torch.Tensor  # [N, d] every row's reconstruction, unit length, cross-fitted the same way
-    anchors_rest: torch.Tensor  # [M'] rows >= n_fit kept by the cross-fitting dictionary (built on rows >= n_fit)
+    # per-token parts (None unless layer_sample(per_token=True)):
+    loss: torch.Tensor | None  # [N] every row's MP loss, cross-fitted (rows < n_fit under a dictionary of rows >= n_fit)
+    recon: torch.Tensor | None  # [N, d] every row's reconstruction, unit length, cross-fitted the same way
+    anchors_rest: torch.Tensor | None  # [M'] rows >= n_fit kept by the cross-fitting dictionary
 
     @property
     def held(self) -> torch.Tensor:
@@ -79,13 +81,16 @@ def _dictionary_rows(unit_ND: torch.Tensor, k: int, min_cosine: float, batch: in
     return d.refs[:, 0].clone()
 
 
-def layer_sample(x_ND: torch.Tensor, k: int = 40, min_cosine: float = 0.85, fit: float = 0.5, batch: int = 1024) -> LayerSample:
-    """The layer's ITDA dictionary over the first `fit` of the rows, and every row's loss and
-    reconstruction (cross-fitted: the first rows under a dictionary of the others)."""
+def layer_sample(x_ND: torch.Tensor, k: int = 40, min_cosine: float = 0.85, fit: float = 0.5, batch: int = 1024,
+                 per_token: bool = True) -> LayerSample:
+    """The layer's ITDA dictionary over the first `fit` of the rows and, with per_token, every
+    row's loss and reconstruction (cross-fitted: the first rows under a dictionary of the others)."""
     unit = _unit(x_ND)
     n_fit = max(1, min(unit.shape[0] - 1, int(round(fit * unit.shape[0]))))
     anchors = _dictionary_rows(unit[:n_fit], k, min_cosine, batch)
     codes, cos = _mp_cosine(unit[n_fit:], unit[anchors], k)
+    if not per_token:
+        return LayerSample(unit, anchors, n_fit, cos, None, None, None)
     back = _dictionary_rows(unit[n_fit:], k, min_cosine, batch) + n_fit
     codes_fit, cos_fit = _mp_cosine(unit[:n_fit], unit[back], k)
     recon = torch.cat([decode(codes_fit, unit[back]), decode(codes, unit[anchors])])
@@ -157,8 +162,9 @@ def pair_similarities(a: LayerSample, b: LayerSample, k: int = 40, measures=ITDA
 def itda_grids(xs: list[torch.Tensor], ys: list[torch.Tensor] | None, measures=ITDA_MEASURES, *, k: int = 40,
                min_cosine: float = 0.85, fit: float = 0.5) -> dict[str, np.ndarray]:
     """[L_A, L_B] matrices of the requested ITDA measures; ys=None compares xs with itself."""
-    sa = [layer_sample(x, k, min_cosine, fit) for x in xs]
-    sb = sa if ys is None else [layer_sample(y, k, min_cosine, fit) for y in ys]
+    per_token = bool(set(PER_TOKEN) & set(measures))
+    sa = [layer_sample(x, k, min_cosine, fit, per_token=per_token) for x in xs]
+    sb = sa if ys is None else [layer_sample(y, k, min_cosine, fit, per_token=per_token) for y in ys]
     grids = {m: np.zeros((len(sa), len(sb))) for m in measures}
     for i, a in enumerate(sa):
         for j, b in enumerate(sb):
