@@ -22,18 +22,13 @@ import torch
 from common import OUT, write_result
 from itda.activations.hookpoints import n_layers
 from itda.activations.models import load_model
-from itda.build import build_dictionary
+from itda.compare.itda_measures import dictionary_rows
 from itda.compare.streaming import StreamingCKAGrid
 from layer_matching_suite import copy_loss, held_contexts, hits, noisy_copy, samples
 
 
-def atom_rows(x_ND: torch.Tensor, min_cosine: float, batch: int = 1024) -> torch.Tensor:
-    unit = x_ND / x_ND.norm(dim=1, keepdim=True).clamp(min=1e-12)
-    refs = torch.full((unit.shape[0], 5), -1, dtype=torch.int64)
-    refs[:, 0] = torch.arange(unit.shape[0])
-    d = build_dictionary(((unit[s : s + batch], refs[s : s + batch]) for s in range(0, unit.shape[0], batch)),
-                         k=40, min_cosine=min_cosine)
-    return d.refs[:, 0].clone()
+def atom_rows(x_ND: torch.Tensor, min_cosine: float) -> torch.Tensor:
+    return dictionary_rows(x_ND / x_ND.norm(dim=1, keepdim=True).clamp(min=1e-12), 40, min_cosine, 1024)
 
 
 def jaccard_at(rows_a: list[torch.Tensor], rows_b: list[torch.Tensor], n: int) -> np.ndarray:

@@ -1,7 +1,8 @@
 """Probe: candidate layer measures beyond itda.compare's, on the suite's benchmarks (issue 9 research).
 
-Samples are the suite's (layer_matching_suite.py: same models, noise copies, held-out tokens,
-BOS dropped), cached in out/probe_samples_*.pt. Each layer's ITDA dictionary is built on the
+Samples are the suite's as it was then (layer_matching_suite.py: same models, noise copies with
+norm gains perturbed too, noisy_copy(norms=True); 3 seeds x 600 steps; held-out tokens, BOS
+dropped; itda_loss_profile was not yet cross-fitted), cached in out/probe_samples_*.pt. Each layer's ITDA dictionary is built on the
 first half of the rows (k = 40, min cosine 0.85) and every measure below is taken on the other
 half (n rows). For tokens' unit vectors U (n x d), their MP codes C over the layer's own atoms
 (n x M, atoms = rows of the first half), the reconstructions R = C A normalised:
@@ -202,7 +203,7 @@ def noise_samples(model: str, levels, every: int, rows: int) -> dict:
     ctx = held_contexts(lm, rows)
     res = {"base": samples(lm, layers, ctx, rows)}
     for level in levels:
-        res[str(level)] = samples(noisy_copy(lm, level), layers, ctx, rows)
+        res[str(level)] = samples(noisy_copy(lm, level, norms=True), layers, ctx, rows)
     return res
 
 

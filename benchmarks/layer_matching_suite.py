@@ -59,8 +59,9 @@ SUBSET = {"seeds": list(range(0, 8, 2)), "checkpoints": list(range(0, 8, 2)), "s
           "gemma3": list(range(0, 9, 2))}  # positions (after STRIDE) that --full's costly ITDA measures are taken on
 
 
-def noisy_copy(lm: LoadedModel, level: float, seed: int = 0) -> LoadedModel:
-    """The model with N(0, (level * std(W))^2) added to every weight matrix of every block.
+def noisy_copy(lm: LoadedModel, level: float, seed: int = 0, norms: bool = False) -> LoadedModel:
+    """The model with N(0, (level * std(W))^2) added to every weight matrix of every block
+    (norms=True: to every block tensor, the earlier runs' protocol that layer_matching_probe.py keeps).
 
     Norm gains (1-D tensors) are left alone: Gemma's (1 + w) gains have std up to 6.6 around
     means near 0, so noise on them flips signs and leaves no working model (gemma3-270m's
@@ -72,8 +73,9 @@ def noisy_copy(lm: LoadedModel, level: float, seed: int = 0) -> LoadedModel:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if (".layers." in name or ".h." in name) and p.dim() >= 2:
-                p.add_(torch.randn(p.shape, generator=gen) * (level * float(p.float().std())))
+            if (".layers." in name or ".h." in name) and (p.dim() >= 2 or norms):
+                std = float(p.float().std()) if p.numel() > 1 else 0.0
+                p.add_(torch.randn(p.shape, generator=gen) * (level * std))
     return LoadedModel(f"{lm.name}+noise{level}", model, lm.tokenizer, lm.source)
 
 

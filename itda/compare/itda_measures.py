@@ -71,7 +71,7 @@ def _mp_cosine(x_ND: torch.Tensor, atoms_MD: torch.Tensor, k: int):
     return codes, recon_terms(x_ND, codes, atoms_MD).cosine
 
 
-def _dictionary_rows(unit_ND: torch.Tensor, k: int, min_cosine: float, batch: int) -> torch.Tensor:
+def dictionary_rows(unit_ND: torch.Tensor, k: int, min_cosine: float, batch: int) -> torch.Tensor:
     """Rows of unit_ND an ITDA dictionary built over them in order keeps, in order of addition."""
     n = unit_ND.shape[0]
     refs = torch.full((n, 5), -1, dtype=torch.int64)
@@ -87,11 +87,11 @@ def layer_sample(x_ND: torch.Tensor, k: int = 40, min_cosine: float = 0.85, fit:
     row's loss and reconstruction (cross-fitted: the first rows under a dictionary of the others)."""
     unit = _unit(x_ND)
     n_fit = max(1, min(unit.shape[0] - 1, int(round(fit * unit.shape[0]))))
-    anchors = _dictionary_rows(unit[:n_fit], k, min_cosine, batch)
+    anchors = dictionary_rows(unit[:n_fit], k, min_cosine, batch)
     codes, cos = _mp_cosine(unit[n_fit:], unit[anchors], k)
     if not per_token:
         return LayerSample(unit, anchors, n_fit, cos, None, None, None)
-    back = _dictionary_rows(unit[n_fit:], k, min_cosine, batch) + n_fit
+    back = dictionary_rows(unit[n_fit:], k, min_cosine, batch) + n_fit
     codes_fit, cos_fit = _mp_cosine(unit[:n_fit], unit[back], k)
     recon = torch.cat([decode(codes_fit, unit[back]), decode(codes, unit[anchors])])
     loss = (2 - 2 * torch.cat([cos_fit, cos])) / unit.shape[1]

@@ -1,0 +1,50 @@
+"""Probe: per-dimension standardisation before every measure (issue 9 research).
+
+On the suite's cached samples (out/suite_samples_*.pt, written by layer_matching_suite.py),
+every second layer: each dimension centred and scaled by its std over the dictionary half, then
+the suite's measures (layer_matching_suite.grids: ITDA measures and baselines alike) on the
+standardised rows, base vs noise copy. Accuracy without self-pairs, both directions, plain vs
+standardised. Writes out/standardise_probe.json.
+Usage: python standardise_probe.py [--rows 4096]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from common import OUT, write_result
+from layer_matching_suite import NOISE_GEMMA3, NOISE_SMOLLM2, STRIDE, Prepared, grids, hits
+
+MEASURES = ("itda_recon_cka", "itda_loss_profile", "jaccard", "cka", "procrustes")
+
+
+def standardise(x_ND: torch.Tensor) -> torch.Tensor:
+    half = x_ND[: x_ND.shape[0] // 2]
+    return (x_ND - half.mean(0)) / half.std(0).clamp(min=1e-6)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=4096)
+    args = ap.parse_args()
+    out = {}
+    for key, levels in (("smollm2", NOISE_SMOLLM2[2:4]), ("gemma3", NOISE_GEMMA3)):
+        acts = torch.load(OUT / f"suite_samples_{key}_{args.rows}.pt")
+        base = acts["base"][:: STRIDE[key]]
+        for level in levels:
+            noisy = acts[str(level)][:: STRIDE[key]]
+            row = {}
+            for tag, f in (("plain", lambda x: x), ("standardised", standardise)):
+                pa, pb = Prepared([f(x) for x in base], 40, 0.85), Prepared([f(y) for y in noisy], 40, 0.85)
+                mats = grids(pa, pb, None, 40)
+                row[tag] = {m: float(hits(mats[m]).mean()) for m in MEASURES}
+                row[tag]["atoms_per_layer"] = float(pa.atoms.sum(1).mean())
+            out[f"{key} {level}"] = row
+            print(key, level, row, flush=True)
+    write_result("standardise_probe", out)
+
+
+if __name__ == "__main__":
+    main()
