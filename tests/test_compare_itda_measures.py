@@ -23,6 +23,17 @@ def _mp(x, atoms, k):
     return coef, cos
 
 
+def _loo(f, rows, k):
+    """Unit reconstructions and cosines of every row of f over the atoms f[rows], a row that is
+    itself an atom encoded by the other atoms (float64 reference)."""
+    q, cos = np.zeros_like(f), np.zeros(len(f))
+    for r in range(len(f)):
+        keep = rows[rows != r]
+        coef, c = _mp(f[r : r + 1], f[keep], k)
+        q[r], cos[r] = coef[0] @ f[keep], c[0]
+    return q / np.linalg.norm(q, axis=1, keepdims=True), cos
+
+
 @pytest.fixture(scope="module")
 def two_layers():
     base = synthetic_activations(600, 16, n_features=48, active=3, seed=3).acts
@@ -42,16 +53,14 @@ def test_measures_match_float64_references(two_layers):
     pa, pb = a.anchors.numpy(), b.anchors.numpy()
     assert pa.max() < 300 and pb.max() < 300  # anchors from the fit half only
     ux, uy = fx[300:], fy[300:]  # measured on the other half
-    # loss profile: Spearman of (2 - 2cos)/d over every row, cross-fitted: rows of the fit half
-    # under a dictionary of the other half's rows, rows of the other half under the anchors
-    ra_, rb_ = a.anchors_rest.numpy(), b.anchors_rest.numpy()
-    assert ra_.min() >= 300 and rb_.min() >= 300
+    # loss profile: Spearman of (2 - 2cos)/d over every row, each row encoded by a dictionary of
+    # all rows without its own atom (leave-one-out)
+    qa, cos_a_all = _loo(fx, a.anchors_all.numpy(), k)
+    qb, cos_b_all = _loo(fy, b.anchors_all.numpy(), k)
+    got_loss = spearmanr(cos_a_all, cos_b_all).statistic  # the loss is a decreasing function of cos
+    assert abs(got["itda_loss_profile"] - got_loss) < 1e-3
     _, cos_a = _mp(ux, fx[pa], k)
     _, cos_b = _mp(uy, fy[pb], k)
-    _, cos_a_fit = _mp(fx[:300], fx[ra_], k)
-    _, cos_b_fit = _mp(fy[:300], fy[rb_], k)
-    got_loss = spearmanr(np.concatenate([cos_a_fit, cos_a]), np.concatenate([cos_b_fit, cos_b])).statistic
-    assert abs(got["itda_loss_profile"] - got_loss) < 1e-3
     # shared anchors: supports and coefficient vectors over the same rows
     shared = np.unique(np.concatenate([pa, pb]))
     ca, _ = _mp(ux, fx[shared], k)
@@ -74,17 +83,8 @@ def test_measures_match_float64_references(two_layers):
     rb -= rb.mean(0)
     cka = np.linalg.norm(ra.T @ rb) ** 2 / (np.linalg.norm(ra.T @ ra) * np.linalg.norm(rb.T @ rb))
     assert abs(got["itda_relative"] - cka) < 1e-5
-    # reconstructions over each layer's own atoms (cross-fitted as above), unit length, linear CKA
-    # of the two [N, d] matrices
-    def recon(f, fit_atoms, rest_atoms):
-        cf, _ = _mp(f[:300], f[rest_atoms], k)
-        ch, _ = _mp(f[300:], f[fit_atoms], k)
-        q = np.concatenate([cf @ f[rest_atoms], ch @ f[fit_atoms]])
-        return q / np.linalg.norm(q, axis=1, keepdims=True)
-
-    qa, qb = recon(fx, pa, ra_), recon(fy, pb, rb_)
-    qa -= qa.mean(0)
-    qb -= qb.mean(0)
+    # the same leave-one-out reconstructions, unit length, linear CKA of the two [N, d] matrices
+    qa, qb = qa - qa.mean(0), qb - qb.mean(0)
     cka = np.linalg.norm(qa.T @ qb) ** 2 / (np.linalg.norm(qa.T @ qa) * np.linalg.norm(qb.T @ qb))
     assert abs(got["itda_recon_cka"] - cka) < 1e-3  # float32 MP
 

@@ -82,3 +82,45 @@ def test_minibatch_cka_runs_when_the_exact_accumulators_do_not_fit():
     np.testing.assert_allclose(res.matrices["cka_minibatch"], grid.matrix(), atol=1e-8)
     for m in ITDA_MEASURES:
         assert res.matrices[m].shape == (4, 4) and np.isfinite(res.matrices[m]).all()
+
+
+def test_per_token_itda_measures_stream_every_token_leave_one_out():
+    """itda_loss_profile / itda_recon_cka over the whole stream: every paired token of each layer
+    encoded by MP over that layer's dictionary without its own atom, checked in float64 here."""
+    from scipy.stats import spearmanr
+
+    from reference_impls import mp_float64
+
+    tok = word_tokenizer()
+    lm_a, lm_b = loaded("tiny-a", "llama", tok, seed=0), loaded("tiny-b", "llama", tok, seed=1)
+    docs = sample_docs(12, seed=4)
+    k = 6
+    res = compare_models(lm_a, lm_b, docs, list(range(12)), tokens=600, context=32, k=k, batch_tokens=128,
+                         measures=["itda_loss_profile", "itda_recon_cka"], max_rows=16, progress=False)
+    assert "jaccard_raw" not in res.matrices  # dictionaries built for the per-token measures only
+    ctx = tokenize_contexts(docs, range(12), tok, context=32, max_tokens=600)
+    n_tokens = int((~ctx.special).sum())
+    assert n_tokens > 16  # more tokens than --max-rows: the measures are not sample-based
+
+    def side(lm, dicts, layer):
+        hp = Hookpoint("resid_post", layer)
+        batches = list(iterate_batches(lm.model, [hp], ctx, dtype=torch.float32))
+        x = torch.cat([b[hp].dense() for b in batches]).double().numpy()
+        refs = torch.cat([b[hp].refs for b in batches]).numpy()
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        atoms = dicts[layer].atoms.double().numpy()
+        own = {(int(d), int(p)): i for i, (d, p) in enumerate(dicts[layer].refs[:, :2].tolist())}
+        q, cos = np.zeros_like(x), np.zeros(len(x))
+        for r in range(len(x)):
+            keep = np.array([i for i in range(len(atoms)) if i != own.get((int(refs[r, 0]), int(refs[r, 1])), -1)])
+            idx, val, _, _ = mp_float64(x[r : r + 1], atoms[keep], min(k, len(atoms)))
+            q[r] = val[0] @ atoms[keep][idx[0]]
+            cos[r] = q[r] @ x[r] / np.linalg.norm(q[r])
+        assert len(x) == n_tokens and len(own) < len(x)
+        return q / np.linalg.norm(q, axis=1, keepdims=True), cos
+
+    for la, lb in ((1, 1), (2, 3)):
+        qa, ca = side(lm_a, res.dictionaries_a, la)
+        qb, cb = side(lm_b, res.dictionaries_b, lb)
+        assert abs(res.matrices["itda_loss_profile"][la, lb] - spearmanr(ca, cb).statistic) < 2e-3
+        assert abs(res.matrices["itda_recon_cka"][la, lb] - linear_cka(torch.from_numpy(qa), torch.from_numpy(qb))["cka"].value) < 2e-3

@@ -123,3 +123,23 @@ def test_omp_backends_agree():
 def test_bad_inputs_raise(x, atoms, k, match):
     with pytest.raises(ItdaInputError, match=match):
         matching_pursuit(x, atoms, k)
+
+
+def test_leave_one_out_is_mp_over_the_dictionary_without_the_rows_own_atom():
+    from itda.pursuit.leave_one_out import matching_pursuit_leave_one_out
+
+    rng = np.random.default_rng(11)
+    atoms = torch.from_numpy(random_unit(120, 24, rng)).float()
+    own = torch.tensor([5, -1, 0, 119, -1, 37])
+    x = torch.from_numpy(rng.standard_normal((6, 24))).float()
+    x[0], x[2], x[3], x[5] = atoms[5], atoms[0], atoms[119], atoms[37] * 2.0  # rows that are (scaled) atoms
+    codes = matching_pursuit_leave_one_out(x, atoms, 9, own)
+    a = atoms.double().numpy()
+    for row in range(6):
+        keep = np.array([j for j in range(120) if j != int(own[row])])
+        idx, val, energy, _ = mp_float64(x[row : row + 1].double().numpy(), a[keep], 9)
+        np.testing.assert_array_equal(codes.indices[row].numpy(), keep[idx[0]])
+        np.testing.assert_allclose(codes.values[row].numpy(), val[0], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(float(codes.residual_sq[row]), energy[0], rtol=1e-3, atol=1e-5)
+    assert int(own[0]) not in codes.indices[0].tolist()  # without the exclusion step 1 picks the atom itself
+    assert matching_pursuit(x[:1], atoms, 9).indices[0, 0] == 5

@@ -338,7 +338,7 @@ def compare(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for JSON, CSV and PNG heatmaps."),
     k: int = typer.Option(40, help="Models, Jaccard: MP steps for the dictionaries."),
     min_cosine: float = typer.Option(0.85, help="Models, Jaccard: dictionary threshold."),
-    max_rows: int = typer.Option(4096, help="Rows kept for the in-memory measures."),
+    max_rows: int = typer.Option(4096, help="Rows kept for the in-memory measures (not itda_loss_profile / itda_recon_cka: they see every token)."),
     precision: str = typer.Option("float64", help="Streaming CKA cross products: float64 (exact) or float32 (faster)."),
     include_special: bool = typer.Option(False, help="Keep BOS/special tokens (they can dominate CKA)."),
     device: str = typer.Option("cpu"),

@@ -3,10 +3,11 @@
 Per layer, an ITDA dictionary is built over the first `fit` fraction of the sample (improved
 mode, in row order), so its atoms are sample rows (`anchors`, row indices); the measures are
 taken on rows no dictionary they are encoded with contains (an atom reconstructs itself, and
-which early rows become atoms depends on stream order, not on the layer). The per-token
-measures (loss profile, reconstruction CKA) are cross-fitted: the fit rows are also measured,
-under a second dictionary built on the remaining rows, so they see every row of the sample, as
-the baselines do. The anchor-based measures use the remaining rows only. For a pair:
+which early rows become atoms depends on stream order, not on the layer). The anchor-based
+measures use the remaining rows only. The per-token measures (loss profile, reconstruction CKA)
+see every row of the sample, as the baselines do: a second dictionary is built over all rows and
+every row is encoded by it leave-one-out (a row that is an atom is encoded without its own atom),
+the definition `itda.compare.per_token` streams over a whole corpus. For a pair:
 
 - `itda_loss_profile`: Spearman correlation across tokens of each token's MP loss
   (2 - 2 cos)/d under the layer's own dictionary: do the two layers find the same tokens hard?
@@ -36,13 +37,14 @@ import numpy as np
 import torch
 
 from itda.build import build_dictionary
+from itda.compare.per_token import token_parts, unit_rows
 from itda.evaluate.metrics import recon_terms
-from itda.pursuit import decode, matching_pursuit
+from itda.pursuit import matching_pursuit
 from itda.pursuit.codes import atom_totals
 
 ITDA_MEASURES = ("itda_recon_cka", "itda_loss_profile", "itda_code_overlap", "itda_cross_recon", "itda_relative",
                  "itda_code_cosine")
-PER_TOKEN = ("itda_recon_cka", "itda_loss_profile")  # the cross-fitted ones (need layer_sample(per_token=True))
+PER_TOKEN = ("itda_recon_cka", "itda_loss_profile")  # leave-one-out over every row (layer_sample(per_token=True))
 
 
 @dataclass
@@ -52,18 +54,13 @@ class LayerSample:
     n_fit: int  # rows [0, n_fit) built the dictionary; the anchor-based measures use rows [n_fit, N)
     own_cos: torch.Tensor  # [N - n_fit] reconstruction cosine of rows n_fit: under the dictionary of anchors
     # per-token parts (None unless layer_sample(per_token=True)):
-    loss: torch.Tensor | None  # [N] every row's MP loss, cross-fitted (rows < n_fit under a dictionary of rows >= n_fit)
-    recon: torch.Tensor | None  # [N, d] every row's reconstruction, unit length, cross-fitted the same way
-    anchors_rest: torch.Tensor | None  # [M'] rows >= n_fit kept by the cross-fitting dictionary
+    loss: torch.Tensor | None  # [N] every row's MP loss over the dictionary of all rows, leave-one-out
+    recon: torch.Tensor | None  # [N, d] every row's reconstruction (the same MP), unit length
+    anchors_all: torch.Tensor | None  # [M'] rows kept by the dictionary built over all rows
 
     @property
     def held(self) -> torch.Tensor:
         return self.unit[self.n_fit :]
-
-
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    x = x.to(torch.float32)
-    return x / x.norm(dim=1, keepdim=True).clamp(min=1e-12)
 
 
 def _mp_cosine(x_ND: torch.Tensor, atoms_MD: torch.Tensor, k: int):
@@ -84,18 +81,18 @@ def dictionary_rows(unit_ND: torch.Tensor, k: int, min_cosine: float, batch: int
 def layer_sample(x_ND: torch.Tensor, k: int = 40, min_cosine: float = 0.85, fit: float = 0.5, batch: int = 1024,
                  per_token: bool = True) -> LayerSample:
     """The layer's ITDA dictionary over the first `fit` of the rows and, with per_token, every
-    row's loss and reconstruction (cross-fitted: the first rows under a dictionary of the others)."""
-    unit = _unit(x_ND)
+    row's loss and reconstruction under a dictionary of all rows, leave-one-out."""
+    unit = unit_rows(x_ND)
     n_fit = max(1, min(unit.shape[0] - 1, int(round(fit * unit.shape[0]))))
     anchors = dictionary_rows(unit[:n_fit], k, min_cosine, batch)
-    codes, cos = _mp_cosine(unit[n_fit:], unit[anchors], k)
+    _, cos = _mp_cosine(unit[n_fit:], unit[anchors], k)
     if not per_token:
         return LayerSample(unit, anchors, n_fit, cos, None, None, None)
-    back = dictionary_rows(unit[n_fit:], k, min_cosine, batch) + n_fit
-    codes_fit, cos_fit = _mp_cosine(unit[:n_fit], unit[back], k)
-    recon = torch.cat([decode(codes_fit, unit[back]), decode(codes, unit[anchors])])
-    loss = (2 - 2 * torch.cat([cos_fit, cos])) / unit.shape[1]
-    return LayerSample(unit, anchors, n_fit, cos, loss, _unit(recon), back)
+    every = dictionary_rows(unit, k, min_cosine, batch)
+    own = torch.full((unit.shape[0],), -1, dtype=torch.int64)
+    own[every] = torch.arange(len(every))
+    recon, loss = token_parts(unit, unit[every], own, k)
+    return LayerSample(unit, anchors, n_fit, cos, loss, recon, every)
 
 
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:

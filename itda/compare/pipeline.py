@@ -1,11 +1,12 @@
-"""Compare two models layer by layer in one pass over a shared corpus.
+"""Compare two models layer by layer over a shared corpus (one pass; two with per-token ITDA measures).
 
 Both models read the same documents. Tokens are paired across models by (document, token
 position) when the tokenizers are the same and by (document, char_end) otherwise (tokens that
 end at the same character have read the same text). Every layer of each model is captured in
 one forward pass per batch of documents; the pass feeds the streaming CKA grid (all layer
 pairs), a bounded sample of paired rows for the in-memory measures, and one ITDA dictionary
-per layer for the Jaccard measures.
+per layer for the Jaccard measures. itda_loss_profile / itda_recon_cka take a second pass that
+encodes every paired token over those dictionaries (itda.compare.per_token).
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from itda.activations.hookpoints import Hookpoint, n_layers
 from itda.activations.models import LoadedModel, same_tokenizer
 from itda.activations.stream import iterate_batches
 from itda.build import BuildConfig, DictionaryBuilder
-from itda.compare.itda_measures import ITDA_MEASURES, itda_grids
+from itda.compare.itda_measures import ITDA_MEASURES, PER_TOKEN, itda_grids
 from itda.compare.jaccard import SIZE_CONTROLS, jaccard, jaccard_union
 from itda.compare.measures import IN_MEMORY, STREAMED, check_measures, similarity_grid
 from itda.compare.minibatch import MinibatchCKAGrid, exact_grid_bytes
+from itda.compare.per_token import PerTokenGrid
 from itda.compare.streaming import StreamingCKAGrid
 from itda.dictionary import Dictionary, DictionaryMeta
 from itda.errors import ItdaInputError
@@ -129,13 +131,14 @@ def compare_models(
             notes.append(f"linear CKA: minibatch estimator, {cka_minibatch} tokens per minibatch (the exact accumulators "
                          f"would need {need / 2**30:.1f} GiB > {cka_memory / 2**30:.1f} GiB); reported as cka_minibatch; "
                          "procrustes needs the exact path")
-    wants_itda = [m for m in measures if m in ITDA_MEASURES]
+    per_token = [m for m in measures if m in PER_TOKEN]  # streamed in a second pass
+    wants_itda = [m for m in measures if m in ITDA_MEASURES and m not in PER_TOKEN]
     wants_mem = [m for m in measures if m in IN_MEMORY] + wants_itda
     kept_a: list[list[torch.Tensor]] = [[] for _ in hps_a]
     kept_b: list[list[torch.Tensor]] = [[] for _ in hps_b]
     n_kept = 0
     builders_a, builders_b = None, None
-    if "jaccard" in measures:
+    if "jaccard" in measures or per_token:
         cfg = BuildConfig(k=k, min_cosine=min_cosine)
 
         def make(lm, hps, ctx):
@@ -152,25 +155,28 @@ def compare_models(
     bar = tqdm(total=int((~ctx_a.special).sum()), unit="tok", unit_scale=True, disable=not progress or rank != 0,
                desc="compare")
     chunks = list(_doc_chunks(_row_docs(ctx_a), _row_docs(ctx_b), max(1, batch_tokens // context)))
-    kept_chunk: list[torch.Tensor] = []  # chunk index of every kept row (ranks gather them in chunk order)
-    for first in range(0, len(chunks), world):
-        step = list(enumerate(chunks[first : first + world], first))
-        mine = step if exchange is None else step[rank : rank + 1]
+
+    def forward_step(mine, bar):
         fwd = []
         for ci, ((sa, ea), (sb, eb)) in mine:
             batch_a = _forward_all(lm_a, hps_a, ctx_a.rows(sa, ea), include_special)
             batch_b = batch_a if self_compare else _forward_all(lm_b, hps_b, ctx_b.rows(sb, eb), include_special)
             fwd.append((ci, batch_a, batch_b))
             bar.update(batch_a[0].unit.shape[0] * (world if exchange is not None else 1))
+        return fwd
+
+    kept_chunk: list[torch.Tensor] = []  # chunk index of every kept row (ranks gather them in chunk order)
+    for first in range(0, len(chunks), world):
+        step = list(enumerate(chunks[first : first + world], first))
+        mine = step if exchange is None else step[rank : rank + 1]
+        fwd = forward_step(mine, bar)
         if builders_a is not None:
             _update_builders(builders_a, [f[1] for f in fwd], exchange)
             if not self_compare:
                 _update_builders(builders_b, [f[2] for f in fwd], exchange)
         pairs = []
         for ci, batch_a, batch_b in fwd:
-            ka, kb = _keys(batch_a[0].refs, identity), _keys(batch_b[0].refs, identity)
-            _, ia, ib = np.intersect1d(ka, kb, assume_unique=True, return_indices=True)
-            ia, ib = torch.from_numpy(np.sort(ia)), torch.from_numpy(ib[np.argsort(ia)])
+            ia, ib = _pair_rows(batch_a, batch_b, identity)
             paired += len(ia)
             if grid is None and mb_grid is None and not (wants_mem and n_kept < max_rows):
                 continue  # Jaccard only: the dense paired rows are not needed
@@ -204,6 +210,25 @@ def compare_models(
                                           lm_a.config.hidden_size, lm_b.config.hidden_size)
     if paired < 4:
         raise ItdaInputError(f"only {paired} tokens could be paired between the models")
+    per_token_grid = None
+    if per_token:
+        dicts_a = [b.dictionary() for b in builders_a]
+        dicts_b = None if self_compare else [b.dictionary() for b in builders_b]
+        per_token_grid = PerTokenGrid(dicts_a, dicts_b, k, per_token)
+        notes.append("itda per-token measures: every paired token, second pass over the corpus, leave-one-out MP over "
+                     "the layer dictionaries")
+        bar = tqdm(total=int((~ctx_a.special).sum()), unit="tok", unit_scale=True,
+                   disable=not progress or rank != 0, desc="compare: per-token ITDA")
+        for first in range(0, len(chunks), world):
+            step = list(enumerate(chunks[first : first + world], first))
+            for _, batch_a, batch_b in forward_step(step if exchange is None else step[rank : rank + 1], bar):
+                ia, ib = _pair_rows(batch_a, batch_b, identity)
+                per_token_grid.update([acts.dense()[ia] for acts in batch_a], batch_a[0].refs[ia],
+                                      None if self_compare else [acts.dense()[ib] for acts in batch_b],
+                                      batch_b[0].refs[ib])
+        bar.close()
+        if exchange is not None:
+            per_token_grid.sum_over(exchange)
     if rank != 0:  # the other ranks' part is done; rank 0 reports
         return ModelComparison(lm_a.name, lm_b.name, len(hps_a), len(hps_b), {}, paired, identity,
                                time.perf_counter() - t0, notes=notes)
@@ -218,6 +243,8 @@ def compare_models(
     for m in wants_mem:
         if m not in ITDA_MEASURES:
             matrices[m] = similarity_grid(xs_mem, ys_mem, m, max_rows=max_rows)
+    if per_token_grid is not None:
+        matrices.update(per_token_grid.matrices())
     if wants_itda:
         matrices.update(itda_grids(xs_mem, None if self_compare else ys_mem, wants_itda, k=k, min_cosine=min_cosine))
     result = ModelComparison(lm_a.name, lm_b.name, len(hps_a), len(hps_b), matrices, paired, identity,
@@ -225,6 +252,7 @@ def compare_models(
     if builders_a is not None:
         result.dictionaries_a = [b.dictionary() for b in builders_a]
         result.dictionaries_b = result.dictionaries_a if self_compare else [b.dictionary() for b in builders_b]
+    if "jaccard" in measures:
         result.matrices.update(jaccard_matrices(result.dictionaries_a, result.dictionaries_b))
         result.model_level["jaccard_model"] = jaccard_union(result.dictionaries_a, result.dictionaries_b).value
     result.seconds = time.perf_counter() - t0
@@ -273,6 +301,13 @@ def _gather_kept(kept_a, kept_b, kept_chunk, exchange, max_rows: int, da: int, d
         return [[exchange.gather_rows(torch.cat(s) if s else torch.zeros(0, d))[order]] for s in kept]
 
     return side(kept_a, da), side(kept_b, db)
+
+
+def _pair_rows(batch_a, batch_b, identity: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row indices (ia, ib) of the tokens both batches hold, in A's row order."""
+    ka, kb = _keys(batch_a[0].refs, identity), _keys(batch_b[0].refs, identity)
+    _, ia, ib = np.intersect1d(ka, kb, assume_unique=True, return_indices=True)
+    return torch.from_numpy(np.sort(ia)), torch.from_numpy(ib[np.argsort(ia)])
 
 
 def _forward_all(lm: LoadedModel, hps: list[Hookpoint], ctx: Contexts, include_special: bool):

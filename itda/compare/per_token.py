@@ -1,0 +1,138 @@
+"""Per-token ITDA measures over every compared token, in bounded memory (itda_loss_profile,
+itda_recon_cka), from the dictionaries a comparison built over its whole stream.
+
+Every paired token of each layer is encoded by MP (k atoms) over that layer's dictionary; a token
+that is itself an atom of that layer is encoded without its own atom (leave-one-out), so no token
+is scored by an atom made from it. Per token and layer this gives the MP loss (2 - 2 cos)/d and
+the unit-length reconstruction.
+- itda_loss_profile: Spearman correlation across tokens of the two layers' losses (one float32
+  per token and layer is kept).
+- itda_recon_cka: linear CKA between the two layers' reconstructions, from exact float64 running
+  sums (`StreamingCKAGrid`, zero pilot means: the rows have unit length).
+`token_parts` is the per-layer step, shared with the in-memory measures (`itda_measures`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from itda.dictionary import Dictionary
+from itda.pursuit import decode
+from itda.pursuit.leave_one_out import matching_pursuit_leave_one_out
+
+
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """float32 rows scaled to unit length (zero rows stay zero)."""
+    x = x.to(torch.float32)
+    return x / x.norm(dim=1, keepdim=True).clamp(min=1e-12)
+
+
+def token_parts(unit_ND: torch.Tensor, atoms_MD: torch.Tensor, own_N: torch.Tensor, k: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(unit reconstructions [N, d], MP losses [N]) of unit rows over unit atoms, row n without
+    atom own_N[n] (-1: none)."""
+    atoms = atoms_MD.to(torch.float32)
+    if not atoms.shape[0]:
+        recon = torch.zeros_like(unit_ND)
+    else:  # a row left with no atom (a one-atom dictionary, its own) gets coefficient 0
+        recon = decode(matching_pursuit_leave_one_out(unit_ND, atoms, min(k, atoms.shape[0]), own_N), atoms)
+    cos = (recon * unit_ND).sum(1) / recon.norm(dim=1).clamp(min=1e-12)
+    return unit_rows(recon), (2 - 2 * cos) / unit_ND.shape[1]
+
+
+def spearman_grid(loss_a_LN: torch.Tensor, loss_b_LN: torch.Tensor) -> np.ndarray:
+    """[L_A, L_B] Spearman correlations across tokens (average ranks for ties; 0 for a constant row)."""
+    from scipy.stats import rankdata
+
+    def normed(loss):
+        r = torch.from_numpy(rankdata(loss.double().numpy(), axis=1))
+        r = r - r.mean(1, keepdim=True)
+        n = r.norm(dim=1, keepdim=True)
+        return torch.where(n > 0, r / n.clamp(min=1e-300), torch.zeros_like(r))
+
+    return (normed(loss_a_LN) @ normed(loss_b_LN).T).numpy()
+
+
+class _LayerIndex:
+    """A layer's dictionary: float32 atoms and, per (document, position), its atom row."""
+
+    def __init__(self, d: Dictionary):
+        self.atoms = d.atoms.to(torch.float32)
+        refs = d.refs.numpy()
+        self.keys = refs[:, 0].astype(np.int64) * (1 << 32) + refs[:, 1].astype(np.int64)
+        self.order = np.argsort(self.keys, kind="stable")
+
+    def own(self, refs_N5: torch.Tensor) -> torch.Tensor:
+        r = refs_N5.numpy()
+        keys = r[:, 0].astype(np.int64) * (1 << 32) + r[:, 1].astype(np.int64)
+        if not len(self.keys):
+            return torch.full((len(keys),), -1, dtype=torch.int64)
+        pos = np.searchsorted(self.keys[self.order], keys).clip(max=len(self.keys) - 1)
+        hit = self.keys[self.order][pos] == keys
+        return torch.from_numpy(np.where(hit, self.order[pos], -1).astype(np.int64))
+
+
+class PerTokenGrid:
+    """Accumulates the per-token ITDA measures for every layer pair over batches of paired tokens."""
+
+    def __init__(self, dicts_a: list[Dictionary], dicts_b: list[Dictionary] | None, k: int, measures):
+        from itda.compare.streaming import StreamingCKAGrid
+
+        self.k, self.measures = k, tuple(measures)
+        self.a = [_LayerIndex(d) for d in dicts_a]
+        self.b = None if dicts_b is None else [_LayerIndex(d) for d in dicts_b]
+        self.losses_a: list[torch.Tensor] = []
+        self.losses_b: list[torch.Tensor] = []
+        self.grid = None
+        if "itda_recon_cka" in self.measures:
+            self.grid = StreamingCKAGrid("float64")
+            da = dicts_a[0].atoms.shape[1]
+            db = da if dicts_b is None else dicts_b[0].atoms.shape[1]
+            self.grid.set_pilots(torch.zeros(len(dicts_a), da), torch.zeros(len(self.b or self.a), db))
+
+    @staticmethod
+    def _side(index: list[_LayerIndex], xs: list[torch.Tensor], refs: torch.Tensor, k: int):
+        recon, loss = [], []
+        for layer, x in zip(index, xs):
+            r, s = token_parts(unit_rows(x), layer.atoms, layer.own(refs), k)
+            recon.append(r)
+            loss.append(s)
+        return torch.stack(recon), torch.stack(loss)
+
+    def update(self, xs: list[torch.Tensor], refs_a: torch.Tensor, ys: list[torch.Tensor] | None,
+               refs_b: torch.Tensor | None) -> None:
+        """One batch of paired rows: xs[l] [n, d_A] with refs_a [n, 5] (document, position, ...),
+        and the same tokens in B (ys=None when B is A)."""
+        if not len(xs[0]):
+            return
+        recon_a, loss_a = self._side(self.a, xs, refs_a, self.k)
+        recon_b, loss_b = (recon_a, loss_a) if ys is None else self._side(self.b, ys, refs_b, self.k)
+        self.losses_a.append(loss_a)
+        self.losses_b.append(loss_b)
+        if self.grid is not None:
+            self.grid.update(recon_a, recon_b)
+
+    def sum_over(self, exchange) -> None:
+        """Under torchrun: every rank's losses and CKA sums combined (rank order; the measures do
+        not depend on token order)."""
+        la = len(self.a)
+        mine = torch.cat([self.loss_a_LN(), self.loss_b_LN()]).T.contiguous()
+        both = exchange.gather_rows(mine).T
+        self.losses_a, self.losses_b = [both[:la]], [both[la:]]
+        if self.grid is not None:
+            self.grid.sum_over(exchange)
+
+    def loss_a_LN(self) -> torch.Tensor:
+        return torch.cat(self.losses_a, 1) if self.losses_a else torch.zeros(len(self.a), 0)
+
+    def loss_b_LN(self) -> torch.Tensor:
+        return torch.cat(self.losses_b, 1) if self.losses_b else torch.zeros(len(self.b or self.a), 0)
+
+    def matrices(self) -> dict[str, np.ndarray]:
+        out = {}
+        if "itda_loss_profile" in self.measures:
+            out["itda_loss_profile"] = spearman_grid(self.loss_a_LN(), self.loss_b_LN())
+        if self.grid is not None:
+            out["itda_recon_cka"] = self.grid.matrices(procrustes=False)["cka"]
+        return out
