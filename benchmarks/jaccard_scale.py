@@ -2,7 +2,8 @@
 
 smollm2-135m (or --model gemma3-270m) vs its noise copy (noise on weight matrices, layer_matching_suite.noisy_copy), every
 second layer; or --model seeds: the suite's four small GPT-2 seeds, every layer, all six pairs (the
-paper's Jaccard claim is across seeds). Per layer one ITDA dictionary (improved mode, k = 40, --min-cosine 0.85) is built over
+paper's Jaccard claim is across seeds). Per layer one ITDA dictionary (improved mode, --k 40,
+--min-cosine 0.85) is built over
 --tokens held-out tokens in stream order; ITDA only adds atoms, so the dictionary after the first
 n tokens is the set of atoms whose source row is < n, and one build gives Jaccard (atom sets by
 token) at every n. Linear CKA and Procrustes (exact streaming sums) at the same n, on the same
@@ -108,7 +109,8 @@ def main() -> None:
         print(n, out["rows"][n], flush=True)
     path = OUT / "jaccard_scale.json"
     runs = json.loads(path.read_text()).get("runs", {}) if path.exists() else {}
-    key = f"seeds {args.tokens} {args.min_cosine}" if args.model == "seeds" else f"{args.model} {args.level} {args.tokens} {args.min_cosine} seed{args.noise_seed}"
+    key = (f"seeds {args.tokens} {args.min_cosine}" if args.model == "seeds"
+           else f"{args.model} {args.level} {args.tokens} {args.min_cosine} seed{args.noise_seed}")
     runs[key + ("" if args.k == 40 else f" k{args.k}")] = out
     write_result("jaccard_scale", {"runs": runs})
 

@@ -1,10 +1,11 @@
-"""Probe: per-dimension standardisation before every measure (issue 9 research).
+"""Probe: centring or per-dimension standardisation before every measure (issue 9 research).
 
 On the suite's cached samples (out/suite_samples_*.pt, written by layer_matching_suite.py),
-every second layer: each dimension centred and scaled by its std over the dictionary half, then
+every second layer: each dimension centred (and, standardised, scaled by its std) over the
+dictionary half, then
 the suite's measures (layer_matching_suite.grids: ITDA measures and baselines alike) on the
-standardised rows, base vs noise copy. Accuracy without self-pairs, both directions, plain vs
-standardised. Writes out/standardise_probe.json.
+transformed rows, base vs noise copy. Accuracy without self-pairs, both directions, plain vs
+centred vs standardised (CKA and Procrustes centre anyway: centring changes only ITDA's input). Writes out/standardise_probe.json.
 Usage: python standardise_probe.py [--rows 4096]
 """
 
@@ -18,6 +19,10 @@ from common import OUT, write_result
 from layer_matching_suite import NOISE_GEMMA3, NOISE_SMOLLM2, STRIDE, Prepared, grids, hits
 
 MEASURES = ("itda_recon_cka", "itda_loss_profile", "jaccard", "cka", "procrustes")
+
+
+def centre(x_ND: torch.Tensor) -> torch.Tensor:
+    return x_ND - x_ND[: x_ND.shape[0] // 2].mean(0)
 
 
 def standardise(x_ND: torch.Tensor) -> torch.Tensor:
@@ -36,7 +41,7 @@ def main() -> None:
         for level in levels:
             noisy = acts[str(level)][:: STRIDE[key]]
             row = {}
-            for tag, f in (("plain", lambda x: x), ("standardised", standardise)):
+            for tag, f in (("plain", lambda x: x), ("centred", centre), ("standardised", standardise)):
                 pa, pb = Prepared([f(x) for x in base], 40, 0.85), Prepared([f(y) for y in noisy], 40, 0.85)
                 mats = grids(pa, pb, None, 40)
                 row[tag] = {m: float(hits(mats[m]).mean()) for m in MEASURES}
