@@ -53,7 +53,7 @@ bench: $(STAMP)
 bench-sae: $(STAMP)
 	cd benchmarks && ../$(PY) sae_init.py --steps 300 --eval-every 20
 	cd benchmarks && ../$(PY) layer_matching_suite.py --full
-	cd benchmarks && ../$(PY) jaccard_scale.py
+	cd benchmarks && ../$(PY) jaccard_scale.py && ../$(PY) jaccard_scale.py --model seeds --tokens 131072 --k 7 --min-cosine 0.95
 	cd benchmarks && ../$(PY) compare_memory.py
 
 clean:
