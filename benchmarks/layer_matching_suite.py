@@ -45,6 +45,7 @@ from itda.activations.models import LoadedModel, load_model
 from itda.activations.stream import iterate_batches
 from itda.compare.itda_measures import ITDA_MEASURES, PER_TOKEN, layer_sample, pair_similarities
 from itda.compare.measures import _relative_pair, _relative_prepare, _svcca_pair, _svcca_prepare, similarity_grid
+from itda.compare.per_token import spearman_grid
 from itda.compare.streaming import StreamingCKAGrid
 
 BASELINES = ("cka", "cka_debiased", "procrustes", "svcca", "relative")
@@ -120,8 +121,6 @@ class Prepared:
     """One model's layers, prepared once for every pair they take part in."""
 
     def __init__(self, xs: list[torch.Tensor], itda_k: int, itda_cos: float):
-        from scipy.stats import rankdata
-
         self.xs = xs
         n = xs[0].shape[0]
         self.svcca = [_svcca_prepare(x.double()) for x in xs]
@@ -129,9 +128,7 @@ class Prepared:
         self.relative = [_relative_prepare(x.double(), anchor_idx) for x in xs]
         self.itda = [layer_sample(x, itda_k, itda_cos, 0.5) for x in xs]
         self.recon = torch.stack([s.recon for s in self.itda])
-        ranks = torch.tensor(np.stack([rankdata(s.loss.numpy()) for s in self.itda]))
-        ranks = ranks - ranks.mean(1, keepdim=True)
-        self.loss_ranks = ranks / ranks.norm(dim=1, keepdim=True).clamp(min=1e-30)
+        self.loss = torch.stack([s.loss for s in self.itda])
         atoms = torch.zeros(len(xs), self.itda[0].n_fit, dtype=torch.float64)
         for i, s in enumerate(self.itda):
             atoms[i, s.anchors] = 1.0
@@ -151,7 +148,7 @@ def grids(a: Prepared, b: Prepared, full_layers: list[int] | None, itda_k: int) 
     out["svcca"] = np.array([[_svcca_pair(p, q) for q in b.svcca] for p in a.svcca])
     out["relative"] = np.array([[_relative_pair(p, q) for q in b.relative] for p in a.relative])
     out["itda_recon_cka"] = cka_grid(a.recon, b.recon)["cka"]
-    out["itda_loss_profile"] = (a.loss_ranks @ b.loss_ranks.T).numpy()
+    out["itda_loss_profile"] = spearman_grid(a.loss, b.loss)
     inter = a.atoms @ b.atoms.T
     out["jaccard"] = (inter / (a.atoms.sum(1)[:, None] + b.atoms.sum(1)[None, :] - inter)).numpy()
     if full_layers:

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from itda.build import build_dictionary
-from itda.compare.per_token import token_parts, unit_rows
+from itda.compare.per_token import spearman_grid, token_parts, unit_rows
 from itda.evaluate.metrics import recon_terms
 from itda.pursuit import matching_pursuit
 from itda.pursuit.codes import atom_totals
@@ -95,13 +95,6 @@ def layer_sample(x_ND: torch.Tensor, k: int = 40, min_cosine: float = 0.85, fit:
     return LayerSample(unit, anchors, n_fit, cos, loss, recon, every)
 
 
-def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    from scipy.stats import spearmanr
-
-    r = spearmanr(a.numpy(), b.numpy()).statistic
-    return float(r) if np.isfinite(r) else 0.0
-
-
 def _linear_cka(a: torch.Tensor, b: torch.Tensor) -> float:
     a = a.double() - a.double().mean(0)
     b = b.double() - b.double().mean(0)
@@ -130,7 +123,7 @@ def pair_similarities(a: LayerSample, b: LayerSample, k: int = 40, measures=ITDA
     if "itda_recon_cka" in measures:
         out["itda_recon_cka"] = _linear_cka(a.recon, b.recon)
     if "itda_loss_profile" in measures:
-        out["itda_loss_profile"] = _spearman(a.loss, b.loss)
+        out["itda_loss_profile"] = float(spearman_grid(a.loss[None], b.loss[None])[0, 0])
     shared = torch.unique(torch.cat([a.anchors, b.anchors]))
     need_codes = {"itda_code_overlap", "itda_code_cosine"} & set(measures)
     if need_codes:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from itda.compare.result import Similarity
 from itda.dictionary import Dictionary
@@ -33,7 +34,14 @@ def atom_keys(d: Dictionary, identity: str, limit: int | None = None) -> np.ndar
     known = (refs[:, 0] >= 0) & (refs[:, col] >= 0)
     if not known.all():
         raise ItdaInputError(f"{int((~known).sum())} atoms have no {'token position' if col == 1 else 'character'} reference")
-    return refs[:, 0].astype(np.int64) * (1 << 32) + refs[:, col].astype(np.int64)
+    return ref_keys(d.refs[:limit], identity)
+
+
+def ref_keys(refs_N5: torch.Tensor, identity: str) -> np.ndarray:
+    """int64 keys doc * 2^32 + (pos if identity == 'token' else char_end) of rows of refs."""
+    r = refs_N5.numpy()
+    col = 1 if identity == "token" else 3
+    return r[:, 0].astype(np.int64) * (1 << 32) + r[:, col].astype(np.int64)
 
 
 def resolve_identity(a: Dictionary, b: Dictionary, identity: str) -> str:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from itda.compare.jaccard import ref_keys
+from itda.compare.streaming import StreamingCKAGrid
 from itda.dictionary import Dictionary
 from itda.pursuit import decode
 from itda.pursuit.leave_one_out import matching_pursuit_leave_one_out
@@ -59,26 +61,23 @@ class _LayerIndex:
 
     def __init__(self, d: Dictionary):
         self.atoms = d.atoms.to(torch.float32)
-        refs = d.refs.numpy()
-        self.keys = refs[:, 0].astype(np.int64) * (1 << 32) + refs[:, 1].astype(np.int64)
-        self.order = np.argsort(self.keys, kind="stable")
+        keys = ref_keys(d.refs, "token")
+        self.order = np.argsort(keys, kind="stable")
+        self.sorted_keys = keys[self.order]
 
     def own(self, refs_N5: torch.Tensor) -> torch.Tensor:
-        r = refs_N5.numpy()
-        keys = r[:, 0].astype(np.int64) * (1 << 32) + r[:, 1].astype(np.int64)
-        if not len(self.keys):
+        """int64 [N]: the atom row of each token (by document and position), -1 if none."""
+        keys = ref_keys(refs_N5, "token")
+        if not len(self.sorted_keys):
             return torch.full((len(keys),), -1, dtype=torch.int64)
-        pos = np.searchsorted(self.keys[self.order], keys).clip(max=len(self.keys) - 1)
-        hit = self.keys[self.order][pos] == keys
-        return torch.from_numpy(np.where(hit, self.order[pos], -1).astype(np.int64))
+        pos = np.searchsorted(self.sorted_keys, keys).clip(max=len(self.sorted_keys) - 1)
+        return torch.from_numpy(np.where(self.sorted_keys[pos] == keys, self.order[pos], -1).astype(np.int64))
 
 
 class PerTokenGrid:
     """Accumulates the per-token ITDA measures for every layer pair over batches of paired tokens."""
 
     def __init__(self, dicts_a: list[Dictionary], dicts_b: list[Dictionary] | None, k: int, measures):
-        from itda.compare.streaming import StreamingCKAGrid
-
         self.k, self.measures = k, tuple(measures)
         self.a = [_LayerIndex(d) for d in dicts_a]
         self.b = None if dicts_b is None else [_LayerIndex(d) for d in dicts_b]
@@ -107,9 +106,11 @@ class PerTokenGrid:
         if not len(xs[0]):
             return
         recon_a, loss_a = self._side(self.a, xs, refs_a, self.k)
-        recon_b, loss_b = (recon_a, loss_a) if ys is None else self._side(self.b, ys, refs_b, self.k)
         self.losses_a.append(loss_a)
-        self.losses_b.append(loss_b)
+        recon_b = recon_a
+        if self.b is not None:
+            recon_b, loss_b = self._side(self.b, ys, refs_b, self.k)
+            self.losses_b.append(loss_b)
         if self.grid is not None:
             self.grid.update(recon_a, recon_b)
 
@@ -117,9 +118,11 @@ class PerTokenGrid:
         """Under torchrun: every rank's losses and CKA sums combined (rank order; the measures do
         not depend on token order)."""
         la = len(self.a)
-        mine = torch.cat([self.loss_a_LN(), self.loss_b_LN()]).T.contiguous()
+        mine = (self.loss_a_LN() if self.b is None else torch.cat([self.loss_a_LN(), self.loss_b_LN()])).T.contiguous()
         both = exchange.gather_rows(mine).T
-        self.losses_a, self.losses_b = [both[:la]], [both[la:]]
+        self.losses_a = [both[:la]]
+        if self.b is not None:
+            self.losses_b = [both[la:]]
         if self.grid is not None:
             self.grid.sum_over(exchange)
 
@@ -127,7 +130,9 @@ class PerTokenGrid:
         return torch.cat(self.losses_a, 1) if self.losses_a else torch.zeros(len(self.a), 0)
 
     def loss_b_LN(self) -> torch.Tensor:
-        return torch.cat(self.losses_b, 1) if self.losses_b else torch.zeros(len(self.b or self.a), 0)
+        if self.b is None:  # B is A
+            return self.loss_a_LN()
+        return torch.cat(self.losses_b, 1) if self.losses_b else torch.zeros(len(self.b), 0)
 
     def matrices(self) -> dict[str, np.ndarray]:
         out = {}

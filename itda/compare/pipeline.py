@@ -24,7 +24,7 @@ from itda.activations.models import LoadedModel, same_tokenizer
 from itda.activations.stream import iterate_batches
 from itda.build import BuildConfig, DictionaryBuilder
 from itda.compare.itda_measures import ITDA_MEASURES, PER_TOKEN, itda_grids
-from itda.compare.jaccard import SIZE_CONTROLS, jaccard, jaccard_union
+from itda.compare.jaccard import SIZE_CONTROLS, jaccard, jaccard_union, ref_keys
 from itda.compare.measures import IN_MEMORY, STREAMED, check_measures, similarity_grid
 from itda.compare.minibatch import MinibatchCKAGrid, exact_grid_bytes
 from itda.compare.per_token import PerTokenGrid
@@ -66,12 +66,6 @@ def _doc_chunks(row_docs_a: np.ndarray, row_docs_b: np.ndarray, rows_per_chunk: 
             eb += 1
         yield (sa, ea), (sb, eb)
         sa, sb = ea, eb
-
-
-def _keys(refs: torch.Tensor, identity: str) -> np.ndarray:
-    r = refs.numpy()
-    col = 1 if identity == "token" else 3
-    return r[:, 0].astype(np.int64) * (1 << 32) + r[:, col].astype(np.int64)
 
 
 def compare_models(
@@ -210,11 +204,13 @@ def compare_models(
                                           lm_a.config.hidden_size, lm_b.config.hidden_size)
     if paired < 4:
         raise ItdaInputError(f"only {paired} tokens could be paired between the models")
+    dicts_a = dicts_b = None
+    if builders_a is not None and (per_token or rank == 0):
+        dicts_a = [b.dictionary() for b in builders_a]
+        dicts_b = dicts_a if self_compare else [b.dictionary() for b in builders_b]
     per_token_grid = None
     if per_token:
-        dicts_a = [b.dictionary() for b in builders_a]
-        dicts_b = None if self_compare else [b.dictionary() for b in builders_b]
-        per_token_grid = PerTokenGrid(dicts_a, dicts_b, k, per_token)
+        per_token_grid = PerTokenGrid(dicts_a, None if self_compare else dicts_b, k, per_token)
         notes.append("itda per-token measures: every paired token, second pass over the corpus, leave-one-out MP over "
                      "the layer dictionaries")
         bar = tqdm(total=int((~ctx_a.special).sum()), unit="tok", unit_scale=True,
@@ -249,9 +245,8 @@ def compare_models(
         matrices.update(itda_grids(xs_mem, None if self_compare else ys_mem, wants_itda, k=k, min_cosine=min_cosine))
     result = ModelComparison(lm_a.name, lm_b.name, len(hps_a), len(hps_b), matrices, paired, identity,
                              time.perf_counter() - t0, notes=notes)
-    if builders_a is not None:
-        result.dictionaries_a = [b.dictionary() for b in builders_a]
-        result.dictionaries_b = result.dictionaries_a if self_compare else [b.dictionary() for b in builders_b]
+    if dicts_a is not None:
+        result.dictionaries_a, result.dictionaries_b = dicts_a, dicts_b
     if "jaccard" in measures:
         result.matrices.update(jaccard_matrices(result.dictionaries_a, result.dictionaries_b))
         result.model_level["jaccard_model"] = jaccard_union(result.dictionaries_a, result.dictionaries_b).value
@@ -305,7 +300,7 @@ def _gather_kept(kept_a, kept_b, kept_chunk, exchange, max_rows: int, da: int, d
 
 def _pair_rows(batch_a, batch_b, identity: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Row indices (ia, ib) of the tokens both batches hold, in A's row order."""
-    ka, kb = _keys(batch_a[0].refs, identity), _keys(batch_b[0].refs, identity)
+    ka, kb = ref_keys(batch_a[0].refs, identity), ref_keys(batch_b[0].refs, identity)
     _, ia, ib = np.intersect1d(ka, kb, assume_unique=True, return_indices=True)
     return torch.from_numpy(np.sort(ia)), torch.from_numpy(ib[np.argsort(ia)])
 

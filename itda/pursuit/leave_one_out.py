@@ -34,18 +34,23 @@ def matching_pursuit_leave_one_out(x_BD: torch.Tensor, atoms_ND: torch.Tensor, k
 
     Rows with an own atom are few (one per atom at most), so they take a residual-based torch
     loop (one [b, d] x [d, N] product per step); the result is MP over the dictionary without
-    that atom. Assumes x finite (callers validate) and N >= 2 where any own_B >= 0.
+    that atom (with N = 1 such a row gets coefficient 0). Assumes x finite (callers validate).
     """
     atoms = atoms_ND.to(torch.float32)
     x = x_BD.to(device=atoms.device, dtype=torch.float32)
-    codes = matching_pursuit(x, atoms, k, check_finite=False)
     own = own_B.to(atoms.device)
-    loo = torch.nonzero(own >= 0).flatten()
-    if not len(loo):
-        return codes
-    idx, val, res = (t.clone() for t in codes)
+    held = own >= 0
+    if not bool(held.any()):
+        return matching_pursuit(x, atoms, k, check_finite=False)
+    b = x.shape[0]
+    idx = torch.empty(b, k, dtype=torch.int64, device=atoms.device)
+    val = torch.empty(b, k, dtype=torch.float32, device=atoms.device)
+    res = torch.empty(b, dtype=torch.float32, device=atoms.device)
+    free = torch.nonzero(~held).flatten()
+    if len(free):
+        idx[free], val[free], res[free] = matching_pursuit(x[free], atoms, k, check_finite=False)
+    loo = torch.nonzero(held).flatten()
     for s in range(0, len(loo), chunk):
         r = loo[s : s + chunk]
-        part = _mp_excluding(x[r], atoms, k, own[r])
-        idx[r], val[r], res[r] = part.indices, part.values, part.residual_sq
+        idx[r], val[r], res[r] = _mp_excluding(x[r], atoms, k, own[r])
     return SparseCodes(idx, val, res)
