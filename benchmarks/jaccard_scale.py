@@ -25,12 +25,13 @@ from common import OUT, write_result
 from itda.activations.hookpoints import n_layers
 from itda.activations.models import load_model
 from itda.compare.itda_measures import dictionary_rows
+from itda.compare.per_token import unit_rows
 from itda.compare.streaming import StreamingCKAGrid
 from layer_matching_suite import copy_loss, held_contexts, hits, noisy_copy, samples
 
 
 def atom_rows(x_ND: torch.Tensor, min_cosine: float, k: int = 40) -> torch.Tensor:
-    return dictionary_rows(x_ND / x_ND.norm(dim=1, keepdim=True).clamp(min=1e-12), k, min_cosine, 1024)
+    return dictionary_rows(unit_rows(x_ND), k, min_cosine, 1024)
 
 
 def jaccard_at(rows_a: list[torch.Tensor], rows_b: list[torch.Tensor], n: int) -> np.ndarray:

@@ -111,7 +111,7 @@ def test_unrelated_layers_score_low(two_layers):
         assert g[m][0, 0] < 0.3, (m, g[m])
 
 
-def test_anchor_measures_alone_skip_the_cross_fit_and_agree(two_layers):
+def test_anchor_measures_alone_skip_the_per_token_parts_and_agree(two_layers):
     x, y = two_layers
     anchor_only = ("itda_relative", "itda_code_overlap", "itda_cross_recon")
     alone = itda_grids([x], [y], anchor_only, k=5, min_cosine=0.9)
