@@ -6,12 +6,13 @@ dictionary half, then
 the suite's measures (layer_matching_suite.grids: ITDA measures and baselines alike) on the
 transformed rows, base vs noise copy. Accuracy without self-pairs, both directions, plain vs
 centred vs standardised (CKA and Procrustes centre anyway: centring changes only ITDA's input). Writes out/standardise_probe.json.
-Usage: python standardise_probe.py [--rows 4096]
+Usage: python standardise_probe.py [--rows 4096] [--models smollm2 gemma3]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 
 import torch
 
@@ -33,9 +34,13 @@ def standardise(x_ND: torch.Tensor) -> torch.Tensor:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=4096)
+    ap.add_argument("--models", nargs="+", default=["smollm2", "gemma3"])
     args = ap.parse_args()
-    out = {}
+    prior = OUT / "standardise_probe.json"
+    out = json.loads(prior.read_text()) if prior.exists() else {}  # rows of other models are kept
     for key, levels in (("smollm2", NOISE_SMOLLM2[2:4]), ("gemma3", NOISE_GEMMA3)):
+        if key not in args.models:
+            continue
         acts = torch.load(OUT / f"suite_samples_{key}_{args.rows}.pt")
         base = acts["base"][:: STRIDE[key]]
         for level in levels:
@@ -48,7 +53,7 @@ def main() -> None:
                 row[tag]["atoms_per_layer"] = float(pa.atoms.sum(1).mean())
             out[f"{key} {level}"] = row
             print(key, level, row, flush=True)
-    write_result("standardise_probe", out)
+            write_result("standardise_probe", out)
 
 
 if __name__ == "__main__":
