@@ -26,7 +26,10 @@ margin (mean over layers of S[i, i] - max_{j != i} S[i, j], without self-pairs) 
 itda_recon_cka against the best baseline, the argmax decisions only it gets right and only the
 baseline gets right (McNemar counts) with the exact two-sided p-value.
 Writes out/layer_matching_suite.json (merged per benchmark).
-Usage: python benchmarks/layer_matching_suite.py [--benchmarks seeds checkpoints smollm2 gemma3] [--full]
+With --draws N each noise level is N copies (noise seeds 0..N-1, draw d > 0 cached as
+out/suite_samples_<model>_<rows>_draw<d>.pt), each against the base: one row per level over all
+of them (one noise draw decides a row by several layers; RESULTS.md).
+Usage: python benchmarks/layer_matching_suite.py [--benchmarks seeds checkpoints smollm2 gemma3] [--full] [--draws 1]
 """
 
 from __future__ import annotations
@@ -256,13 +259,16 @@ def seed_samples(args) -> dict:
     return out
 
 
-def noise_samples(args, model: str, levels) -> dict:
+def noise_samples(args, model: str, levels, draw: int = 0) -> dict:
+    """Every layer of the model (draw 0 only) and of its noise copies (noise seed = draw)."""
     lm = load_model(model)
     layers = list(range(n_layers(lm.model)))
     ctx = held_contexts(lm, args.rows)
-    out = {"base": samples(lm, layers, ctx, args.rows), "loss": {"base": copy_loss(lm, ctx)}}
+    out = {"loss": {}}
+    if draw == 0:
+        out = {"base": samples(lm, layers, ctx, args.rows), "loss": {"base": copy_loss(lm, ctx)}}
     for level in levels:
-        copy = noisy_copy(lm, level)
+        copy = noisy_copy(lm, level, seed=draw)
         out[str(level)], out["loss"][str(level)] = samples(copy, layers, ctx, args.rows), copy_loss(copy, ctx)
         print(f"  {model} noise {level}: copy loss {out['loss'][str(level)]:.2f} nats", flush=True)
     return out
@@ -298,6 +304,7 @@ def main() -> None:
     ap.add_argument("--seed-steps", type=int, default=1000)
     ap.add_argument("--itda-k", type=int, default=40)
     ap.add_argument("--itda-cos", type=float, default=0.85)
+    ap.add_argument("--draws", type=int, default=1, help="noise draws per level (seeds 0..N-1), each copy vs the base")
     ap.add_argument("--full", action="store_true", help="also the costly ITDA measures, on SUBSET's layers")
     ap.add_argument("--name", default="layer_matching_suite", help="result file out/NAME.json (merged into if it exists)")
     args = ap.parse_args()
@@ -316,13 +323,17 @@ def main() -> None:
             losses["seeds"] = acts["loss"]
         else:
             model, levels = {"smollm2": ("smollm2-135m", NOISE_SMOLLM2), "gemma3": ("gemma3-270m", NOISE_GEMMA3)}[b]
-            acts = cached(f"{b}_{args.rows}", lambda m=model, lv=levels: noise_samples(args, m, lv))
-            losses[b] = acts["loss"]
+            draws = [cached(f"{b}_{args.rows}" + (f"_draw{d}" if d else ""),
+                            lambda m=model, lv=levels, d=d: noise_samples(args, m, lv, draw=d)) for d in range(args.draws)]
+            losses[b] = {f"{key}@draw{d}" if d else key: v
+                         for d, acts in enumerate(draws) for key, v in acts["loss"].items()}
             pick = slice(None, None, STRIDE[b])
             for level in levels:
-                results[f"{b} {level}"] = run_pairs({"base": acts["base"][pick], "noisy": acts[str(level)][pick]},
-                                                    [("base", "noisy")], args, prepared)
-                for key in [k for k in prepared if "noisy" in k]:
+                models = {"base": draws[0]["base"][pick]}
+                models.update({f"noisy{d}": acts[str(level)][pick] for d, acts in enumerate(draws)})
+                pairs = [("base", f"noisy{d}") for d in range(args.draws)]
+                results[f"{b} {level}"] = run_pairs(models, pairs, args, prepared)
+                for key in [k for k in prepared if "noisy" in str(k)]:
                     del prepared[key]
                 print(f"{b} {level}: " + ", ".join(f"{m} {r['without_self']:.2f}" for m, r in results[f"{b} {level}"].items()
                                                    if m != "subset"), flush=True)
