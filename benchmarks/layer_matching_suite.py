@@ -14,8 +14,9 @@ All models read the same held-out documents of the default corpus (same tokenize
 benchmark, so tokens pair by position); BOS dropped; the first `--rows` tokens are the sample.
 Baselines see every row: linear / debiased CKA and Procrustes (exact sums), SVCCA (99%) and
 relative representations (300 random anchors). ITDA measures build each layer's dictionary
-(k = 40, min cosine 0.85) on the first half of the rows (itda_recon_cka and itda_loss_profile
-cross-fitted over all rows, see itda.compare.itda_measures; the rest on the other half):
+(k = 40, min cosine 0.85): itda_recon_cka and itda_loss_profile over every row centred by the
+sample mean, each row encoded leave-one-out (itda.compare.itda_measures); Jaccard and the anchor
+measures over the first half of the rows (the anchor measures measured on the other half):
 itda_recon_cka, itda_loss_profile and jaccard (atom sets by token) on every layer; with --full
 also itda_relative, itda_code_overlap, itda_code_cosine and itda_cross_recon, on the subset of
 layers in SUBSET (their pairwise MPs cost about a second per layer pair), and every measure

@@ -53,10 +53,12 @@ def test_measures_match_float64_references(two_layers):
     pa, pb = a.anchors.numpy(), b.anchors.numpy()
     assert pa.max() < 300 and pb.max() < 300  # anchors from the fit half only
     ux, uy = fx[300:], fy[300:]  # measured on the other half
-    # loss profile: Spearman of (2 - 2cos)/d over every row, each row encoded by a dictionary of
-    # all rows without its own atom (leave-one-out)
-    qa, cos_a_all = _loo(fx, a.anchors_all.numpy(), k)
-    qb, cos_b_all = _loo(fy, b.anchors_all.numpy(), k)
+    # loss profile: Spearman of (2 - 2cos)/d over every row centred by the sample mean, each row
+    # encoded by a dictionary of all centred rows without its own atom (leave-one-out)
+    cx, cy = (v.double().numpy() - v.double().numpy().mean(0) for v in (x, y))
+    cx, cy = (v / np.linalg.norm(v, axis=1, keepdims=True) for v in (cx, cy))
+    qa, cos_a_all = _loo(cx, a.anchors_all.numpy(), k)
+    qb, cos_b_all = _loo(cy, b.anchors_all.numpy(), k)
     got_loss = spearmanr(cos_a_all, cos_b_all).statistic  # the loss is a decreasing function of cos
     assert abs(got["itda_loss_profile"] - got_loss) < 1e-3
     _, cos_a = _mp(ux, fx[pa], k)

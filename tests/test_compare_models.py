@@ -85,8 +85,9 @@ def test_minibatch_cka_runs_when_the_exact_accumulators_do_not_fit():
 
 
 def test_per_token_itda_measures_stream_every_token_leave_one_out():
-    """itda_loss_profile / itda_recon_cka over the whole stream: every paired token of each layer
-    encoded by MP over that layer's dictionary without its own atom, checked in float64 here."""
+    """itda_loss_profile / itda_recon_cka over the whole stream: every paired token of each layer,
+    centred by the layer's mean over the first document chunk, encoded by MP over that layer's
+    dictionary of centred rows without its own atom, checked in float64 here."""
     from scipy.stats import spearmanr
 
     from reference_impls import mp_float64
@@ -94,22 +95,33 @@ def test_per_token_itda_measures_stream_every_token_leave_one_out():
     tok = word_tokenizer()
     lm_a, lm_b = loaded("tiny-a", "llama", tok, seed=0), loaded("tiny-b", "llama", tok, seed=1)
     docs = sample_docs(12, seed=4)
-    k = 6
-    res = compare_models(lm_a, lm_b, docs, list(range(12)), tokens=600, context=32, k=k, batch_tokens=128,
+    k, context, batch_tokens = 6, 32, 128
+    res = compare_models(lm_a, lm_b, docs, list(range(12)), tokens=600, context=context, k=k, batch_tokens=batch_tokens,
                          measures=["itda_loss_profile", "itda_recon_cka"], max_rows=16, progress=False)
-    assert "jaccard_raw" not in res.matrices  # dictionaries built for the per-token measures only
-    ctx = tokenize_contexts(docs, range(12), tok, context=32, max_tokens=600)
+    assert "jaccard_raw" not in res.matrices and not res.dictionaries_a  # no Jaccard dictionaries were asked for
+    ctx = tokenize_contexts(docs, range(12), tok, context=context, max_tokens=600)
     n_tokens = int((~ctx.special).sum())
     assert n_tokens > 16  # more tokens than --max-rows: the measures are not sample-based
+    # the first document chunk: batch_tokens // context contexts, extended to the end of its document
+    row_doc = ctx.refs[..., 0].max(dim=1).values
+    end = batch_tokens // context
+    while end < len(row_doc) and row_doc[end] == row_doc[end - 1]:
+        end += 1
 
-    def side(lm, dicts, layer):
+    def side(lm, basis, layer):
         hp = Hookpoint("resid_post", layer)
         batches = list(iterate_batches(lm.model, [hp], ctx, dtype=torch.float32))
         x = torch.cat([b[hp].dense() for b in batches]).double().numpy()
         refs = torch.cat([b[hp].refs for b in batches]).numpy()
+        first = np.isin(refs[:, 0], np.unique(row_doc[:end].numpy()))
+        np.testing.assert_allclose(basis.centres_LD[layer].numpy(), x[first].mean(0), rtol=1e-5, atol=1e-5)
+        x = x - x[first].mean(0)
         x /= np.linalg.norm(x, axis=1, keepdims=True)
-        atoms = dicts[layer].atoms.double().numpy()
-        own = {(int(d), int(p)): i for i, (d, p) in enumerate(dicts[layer].refs[:, :2].tolist())}
+        atoms = basis.dictionaries[layer].atoms.double().numpy()
+        row_of = {(int(d), int(p)): r for r, (d, p) in enumerate(refs[:, :2].tolist())}
+        own = {(int(d), int(p)): i for i, (d, p) in enumerate(basis.dictionaries[layer].refs[:, :2].tolist())}
+        # every atom is its token's centred row
+        np.testing.assert_allclose(atoms, x[[row_of[key] for key in own]], atol=1e-4)
         q, cos = np.zeros_like(x), np.zeros(len(x))
         for r in range(len(x)):
             keep = np.array([i for i in range(len(atoms)) if i != own.get((int(refs[r, 0]), int(refs[r, 1])), -1)])
@@ -120,7 +132,7 @@ def test_per_token_itda_measures_stream_every_token_leave_one_out():
         return q / np.linalg.norm(q, axis=1, keepdims=True), cos
 
     for la, lb in ((1, 1), (2, 3)):
-        qa, ca = side(lm_a, res.dictionaries_a, la)
-        qb, cb = side(lm_b, res.dictionaries_b, lb)
+        qa, ca = side(lm_a, res.per_token_basis_a, la)
+        qb, cb = side(lm_b, res.per_token_basis_b, lb)
         assert abs(res.matrices["itda_loss_profile"][la, lb] - spearmanr(ca, cb).statistic) < 2e-3
         assert abs(res.matrices["itda_recon_cka"][la, lb] - linear_cka(torch.from_numpy(qa), torch.from_numpy(qb))["cka"].value) < 2e-3

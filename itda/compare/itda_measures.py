@@ -5,11 +5,12 @@ mode, in row order), so its atoms are sample rows (`anchors`, row indices); the 
 taken on rows no dictionary they are encoded with contains (an atom reconstructs itself, and
 which early rows become atoms depends on stream order, not on the layer). The anchor-based
 measures use the remaining rows only. The per-token measures (loss profile, reconstruction CKA)
-see every row of the sample, as the baselines do: a second dictionary is built over all rows and
-every row is encoded by it leave-one-out (a row that is an atom is encoded without its own atom),
-the definition `itda.compare.per_token` streams over a whole corpus. For a pair:
+see every row of the sample, as the baselines do: the rows are centred (minus their mean over the
+sample), a second dictionary is built over all centred rows and every centred row is encoded by it
+leave-one-out (a row that is an atom is encoded without its own atom), the definition
+`itda.compare.per_token` streams over a whole corpus. For a pair:
 
-- `itda_loss_profile`: Spearman correlation across tokens of each token's MP loss
+- `itda_loss_profile`: Spearman correlation across tokens of each (centred) token's MP loss
   (2 - 2 cos)/d under the layer's own dictionary: do the two layers find the same tokens hard?
 - `itda_code_overlap`: shared anchors P = anchors_i ∪ anchors_j; every token is encoded by MP
   over X_i[P] and over Y_j[P] (the same tokens as atoms in both layers); mean over tokens of the
@@ -23,7 +24,7 @@ the definition `itda.compare.per_token` streams over a whole corpus. For a pair:
 - `itda_code_cosine`: cosine between a token's MP coefficient vectors over the shared anchors
   (both indexed by P), mean over tokens.
 - `itda_recon_cka`: each measured token's ITDA reconstruction in its layer (MP over the layer's
-  own dictionary, of the unit token, renormalised to unit length): linear CKA between the two
+  own dictionary, of the unit centred token, renormalised to unit length): linear CKA between the two
   layers' [N, d] reconstructions. CKA in the geometry ITDA works in (directions, not norms,
   so a few high-norm tokens cannot dominate), seen through the dictionary.
 All are symmetric and lie in [-1, 1] (mostly [0, 1]); 1 for a layer against itself.
@@ -53,10 +54,10 @@ class LayerSample:
     anchors: torch.Tensor  # [M] int64 rows of the fit part chosen as atoms, in order of addition
     n_fit: int  # rows [0, n_fit) built the dictionary; the anchor-based measures use rows [n_fit, N)
     own_cos: torch.Tensor  # [N - n_fit] reconstruction cosine of rows n_fit: under the dictionary of anchors
-    # per-token parts (None unless layer_sample(per_token=True)):
-    loss: torch.Tensor | None  # [N] every row's MP loss over the dictionary of all rows, leave-one-out
-    recon: torch.Tensor | None  # [N, d] every row's reconstruction (the same MP), unit length
-    anchors_all: torch.Tensor | None  # [M'] rows kept by the dictionary built over all rows
+    # per-token parts (None unless layer_sample(per_token=True)), of the rows centred by their mean:
+    loss: torch.Tensor | None  # [N] every centred row's MP loss over the dictionary of all centred rows, leave-one-out
+    recon: torch.Tensor | None  # [N, d] every centred row's reconstruction (the same MP), unit length
+    anchors_all: torch.Tensor | None  # [M'] rows kept by the dictionary built over all centred rows
 
     @property
     def held(self) -> torch.Tensor:
@@ -81,17 +82,19 @@ def dictionary_rows(unit_ND: torch.Tensor, k: int, min_cosine: float, batch: int
 def layer_sample(x_ND: torch.Tensor, k: int = 40, min_cosine: float = 0.85, fit: float = 0.5, batch: int = 1024,
                  per_token: bool = True) -> LayerSample:
     """The layer's ITDA dictionary over the first `fit` of the rows and, with per_token, every
-    row's loss and reconstruction under a dictionary of all rows, leave-one-out."""
+    centred row's loss and reconstruction under a dictionary of all centred rows, leave-one-out
+    (rows centred by their mean over the sample)."""
     unit = unit_rows(x_ND)
     n_fit = max(1, min(unit.shape[0] - 1, int(round(fit * unit.shape[0]))))
     anchors = dictionary_rows(unit[:n_fit], k, min_cosine, batch)
     _, cos = _mp_cosine(unit[n_fit:], unit[anchors], k)
     if not per_token:
         return LayerSample(unit, anchors, n_fit, cos, None, None, None)
-    every = dictionary_rows(unit, k, min_cosine, batch)
+    centred = unit_rows(x_ND.double() - x_ND.double().mean(0))
+    every = dictionary_rows(centred, k, min_cosine, batch)
     own = torch.full((unit.shape[0],), -1, dtype=torch.int64)
     own[every] = torch.arange(len(every))
-    recon, loss = token_parts(unit, unit[every], own, k)
+    recon, loss = token_parts(centred, centred[every], own, k)
     return LayerSample(unit, anchors, n_fit, cos, loss, recon, every)
 
 

@@ -1,10 +1,14 @@
 """Per-token ITDA measures over every compared token, in bounded memory (itda_loss_profile,
-itda_recon_cka), from the dictionaries a comparison built over its whole stream.
+itda_recon_cka), from centred dictionaries a comparison built over its whole stream.
 
-Every paired token of each layer is encoded by MP (k atoms) over that layer's dictionary; a token
-that is itself an atom of that layer is encoded without its own atom (leave-one-out), so no token
-is scored by an atom made from it. Per token and layer this gives the MP loss (2 - 2 cos)/d and
-the unit-length reconstruction.
+Each layer's activations are centred first (minus a fixed per-layer mean: over the first document
+chunk when streaming, over the sample in memory), and the layer's dictionary is built over the
+centred rows: without it, a layer whose tokens share one large mean direction (gemma3-270m's
+outlier dimension) gets a few dozen atoms that all point along it. The baselines centre too.
+Every paired token of each layer is then encoded by MP (k atoms) over that layer's dictionary; a
+token that is itself an atom of that layer is encoded without its own atom (leave-one-out), so no
+token is scored by an atom made from it. Per token and layer this gives the MP loss
+(2 - 2 cos)/d of the unit centred row and its unit-length reconstruction.
 - itda_loss_profile: Spearman correlation across tokens of the two layers' losses (one float32
   per token and layer is kept).
 - itda_recon_cka: linear CKA between the two layers' reconstructions, from exact float64 running
@@ -13,6 +17,8 @@ the unit-length reconstruction.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -56,11 +62,20 @@ def spearman_grid(loss_a_LN: torch.Tensor, loss_b_LN: torch.Tensor) -> np.ndarra
     return (normed(loss_a_LN) @ normed(loss_b_LN).T).numpy()
 
 
+class CentredDictionaries(NamedTuple):
+    """One model's basis for the per-token measures: what each layer is centred by, and the
+    dictionaries built over its centred rows."""
+
+    centres_LD: torch.Tensor  # float32 [L, d]
+    dictionaries: list[Dictionary]
+
+
 class _LayerIndex:
     """A layer's dictionary: float32 atoms and, per (document, position), its atom row."""
 
-    def __init__(self, d: Dictionary):
+    def __init__(self, d: Dictionary, centre_D: torch.Tensor):
         self.atoms = d.atoms.to(torch.float32)
+        self.centre = centre_D.to(torch.float32)
         keys = ref_keys(d.refs, "token")
         self.order = np.argsort(keys, kind="stable")
         self.sorted_keys = keys[self.order]
@@ -77,24 +92,24 @@ class _LayerIndex:
 class PerTokenGrid:
     """Accumulates the per-token ITDA measures for every layer pair over batches of paired tokens."""
 
-    def __init__(self, dicts_a: list[Dictionary], dicts_b: list[Dictionary] | None, k: int, measures):
+    def __init__(self, basis_a: CentredDictionaries, basis_b: CentredDictionaries | None, k: int, measures):
         self.k, self.measures = k, tuple(measures)
-        self.a = [_LayerIndex(d) for d in dicts_a]
-        self.b = None if dicts_b is None else [_LayerIndex(d) for d in dicts_b]
+        self.a = [_LayerIndex(d, c) for d, c in zip(basis_a.dictionaries, basis_a.centres_LD)]
+        self.b = None if basis_b is None else [_LayerIndex(d, c) for d, c in zip(basis_b.dictionaries, basis_b.centres_LD)]
         self.losses_a: list[torch.Tensor] = []
         self.losses_b: list[torch.Tensor] = []
         self.grid = None
         if "itda_recon_cka" in self.measures:
             self.grid = StreamingCKAGrid("float64")
-            da = dicts_a[0].atoms.shape[1]
-            db = da if dicts_b is None else dicts_b[0].atoms.shape[1]
-            self.grid.set_pilots(torch.zeros(len(dicts_a), da), torch.zeros(len(self.b or self.a), db))
+            da = basis_a.centres_LD.shape[1]
+            db = da if basis_b is None else basis_b.centres_LD.shape[1]
+            self.grid.set_pilots(torch.zeros(len(self.a), da), torch.zeros(len(self.b or self.a), db))
 
     @staticmethod
     def _side(index: list[_LayerIndex], xs: list[torch.Tensor], refs: torch.Tensor, k: int):
         recon, loss = [], []
         for layer, x in zip(index, xs):
-            r, s = token_parts(unit_rows(x), layer.atoms, layer.own(refs), k)
+            r, s = token_parts(unit_rows(x.to(torch.float32) - layer.centre), layer.atoms, layer.own(refs), k)
             recon.append(r)
             loss.append(s)
         return torch.stack(recon), torch.stack(loss)

@@ -5,8 +5,9 @@ position) when the tokenizers are the same and by (document, char_end) otherwise
 end at the same character have read the same text). Every layer of each model is captured in
 one forward pass per batch of documents; the pass feeds the streaming CKA grid (all layer
 pairs), a bounded sample of paired rows for the in-memory measures, and one ITDA dictionary
-per layer for the Jaccard measures. itda_loss_profile / itda_recon_cka take a second pass that
-encodes every paired token over those dictionaries (itda.compare.per_token).
+per layer for the Jaccard measures (and, for itda_loss_profile / itda_recon_cka, one per layer over
+rows centred by the first document chunk's mean). Those two take a second pass that encodes every
+paired token over the centred dictionaries (itda.compare.per_token).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from itda.compare.itda_measures import ITDA_MEASURES, PER_TOKEN, itda_grids
 from itda.compare.jaccard import SIZE_CONTROLS, jaccard, jaccard_union, ref_keys
 from itda.compare.measures import IN_MEMORY, STREAMED, check_measures, similarity_grid
 from itda.compare.minibatch import MinibatchCKAGrid, exact_grid_bytes
-from itda.compare.per_token import PerTokenGrid
+from itda.compare.per_token import CentredDictionaries, PerTokenGrid
 from itda.compare.streaming import StreamingCKAGrid
 from itda.dictionary import Dictionary, DictionaryMeta
 from itda.errors import ItdaInputError
@@ -45,8 +46,10 @@ class ModelComparison:
     seconds: float
     model_level: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # which estimators ran, and why
-    dictionaries_a: list[Dictionary] = field(default_factory=list)
+    dictionaries_a: list[Dictionary] = field(default_factory=list)  # the Jaccard dictionaries
     dictionaries_b: list[Dictionary] = field(default_factory=list)
+    per_token_basis_a: CentredDictionaries | None = None  # what the per-token ITDA measures encoded over
+    per_token_basis_b: CentredDictionaries | None = None
 
 
 def _row_docs(ctx: Contexts) -> np.ndarray:
@@ -131,18 +134,22 @@ def compare_models(
     kept_a: list[list[torch.Tensor]] = [[] for _ in hps_a]
     kept_b: list[list[torch.Tensor]] = [[] for _ in hps_b]
     n_kept = 0
-    builders_a, builders_b = None, None
-    if "jaccard" in measures or per_token:
-        cfg = BuildConfig(k=k, min_cosine=min_cosine)
+    cfg = BuildConfig(k=k, min_cosine=min_cosine)
 
-        def make(lm, hps, ctx):
-            d = lm.config.hidden_size
-            return [DictionaryBuilder(d, cfg, meta=DictionaryMeta(
-                d=d, model=lm.name, hookpoint=hp.name, layer=hp.layer, tokenizer=lm.tokenizer_name,
-                dataset_fingerprint=ctx.fingerprint, build={"documents_fingerprint": ctx.documents_fingerprint})) for hp in hps]
+    def make(lm, hps, ctx, centred=False):
+        d = lm.config.hidden_size
+        return [DictionaryBuilder(d, cfg, meta=DictionaryMeta(
+            d=d, model=lm.name, hookpoint=hp.name, layer=hp.layer, tokenizer=lm.tokenizer_name,
+            dataset_fingerprint=ctx.fingerprint, build={"documents_fingerprint": ctx.documents_fingerprint,
+                                                        "centred": centred})) for hp in hps]
 
+    builders_a = builders_b = centred_a = centred_b = centres_a = centres_b = None
+    if "jaccard" in measures:
         builders_a = make(lm_a, hps_a, ctx_a)
         builders_b = builders_a if self_compare else make(lm_b, hps_b, ctx_b)
+    if per_token:
+        centred_a = make(lm_a, hps_a, ctx_a, centred=True)
+        centred_b = centred_a if self_compare else make(lm_b, hps_b, ctx_b, centred=True)
     paired = 0
     rank = exchange.rank if exchange is not None else 0
     world = exchange.world if exchange is not None else max(1, interleave)
@@ -168,6 +175,16 @@ def compare_models(
             _update_builders(builders_a, [f[1] for f in fwd], exchange)
             if not self_compare:
                 _update_builders(builders_b, [f[2] for f in fwd], exchange)
+        if centred_a is not None:  # centres: the first chunk with rows (no earlier chunk had any to add)
+            if centres_a is None:
+                centres_a = _first_chunk_means([f[1] for f in fwd], exchange, len(hps_a), lm_a.config.hidden_size)
+            if centres_b is None:
+                centres_b = centres_a if self_compare else _first_chunk_means(
+                    [f[2] for f in fwd], exchange, len(hps_b), lm_b.config.hidden_size)
+            if centres_a is not None:
+                _update_builders(centred_a, [f[1] for f in fwd], exchange, centres_a)
+            if centres_b is not None and not self_compare:
+                _update_builders(centred_b, [f[2] for f in fwd], exchange, centres_b)
         pairs = []
         for ci, batch_a, batch_b in fwd:
             ia, ib = _pair_rows(batch_a, batch_b, identity)
@@ -204,15 +221,17 @@ def compare_models(
                                           lm_a.config.hidden_size, lm_b.config.hidden_size)
     if paired < 4:
         raise ItdaInputError(f"only {paired} tokens could be paired between the models")
-    dicts_a = dicts_b = None
-    if builders_a is not None and (per_token or rank == 0):
+    dicts_a = dicts_b = basis_a = basis_b = None
+    if builders_a is not None and rank == 0:
         dicts_a = [b.dictionary() for b in builders_a]
         dicts_b = dicts_a if self_compare else [b.dictionary() for b in builders_b]
     per_token_grid = None
     if per_token:
-        per_token_grid = PerTokenGrid(dicts_a, None if self_compare else dicts_b, k, per_token)
+        basis_a = CentredDictionaries(centres_a, [b.dictionary() for b in centred_a])
+        basis_b = basis_a if self_compare else CentredDictionaries(centres_b, [b.dictionary() for b in centred_b])
+        per_token_grid = PerTokenGrid(basis_a, None if self_compare else basis_b, k, per_token)
         notes.append("itda per-token measures: every paired token, second pass over the corpus, leave-one-out MP over "
-                     "the layer dictionaries")
+                     "dictionaries of the layer's rows centred by the first document chunk's mean")
         bar = tqdm(total=int((~ctx_a.special).sum()), unit="tok", unit_scale=True,
                    disable=not progress or rank != 0, desc="compare: per-token ITDA")
         for first in range(0, len(chunks), world):
@@ -247,6 +266,7 @@ def compare_models(
                              time.perf_counter() - t0, notes=notes)
     if dicts_a is not None:
         result.dictionaries_a, result.dictionaries_b = dicts_a, dicts_b
+    result.per_token_basis_a, result.per_token_basis_b = basis_a, basis_b
     if "jaccard" in measures:
         result.matrices.update(jaccard_matrices(result.dictionaries_a, result.dictionaries_b))
         result.model_level["jaccard_model"] = jaccard_union(result.dictionaries_a, result.dictionaries_b).value
@@ -262,18 +282,30 @@ def jaccard_matrices(dicts_a: list[Dictionary], dicts_b: list[Dictionary]) -> di
     return out
 
 
-def _update_builders(builders: list[DictionaryBuilder], batches: list[list], exchange) -> None:
+def _update_builders(builders: list[DictionaryBuilder], batches: list[list], exchange,
+                     centres_LD: torch.Tensor | None = None) -> None:
     """One build step per layer: this rank's batch with the ranks' candidates gathered (exchange),
-    or the step's batches concatenated and scored batch by batch (one process, interleave)."""
+    or the step's batches concatenated and scored batch by batch (one process, interleave); with
+    centres_LD, over the rows minus their layer's centre."""
     for layer, builder in enumerate(builders):
-        parts = [b[layer] for b in batches]
+        parts = [b[layer].unit if centres_LD is None else b[layer].dense() - centres_LD[layer] for b in batches]
+        refs = [b[layer].refs for b in batches]
         if exchange is not None:
-            unit = parts[0].unit if parts else torch.zeros(0, builder.d)
-            refs = parts[0].refs if parts else torch.zeros(0, 5, dtype=torch.int64)
-            builder.update(unit, refs, exchange=exchange)
+            rows = parts[0] if parts else torch.zeros(0, builder.d)
+            builder.update(rows, refs[0] if refs else torch.zeros(0, 5, dtype=torch.int64), exchange=exchange)
         elif parts:
-            builder.update(torch.cat([p.unit for p in parts]), torch.cat([p.refs for p in parts]),
-                           score_chunk=[len(p.unit) for p in parts])
+            builder.update(torch.cat(parts), torch.cat(refs), score_chunk=[len(p) for p in parts])
+
+
+def _first_chunk_means(batches: list[list], exchange, n_layers: int, d: int) -> torch.Tensor | None:
+    """float32 [L, d]: each layer's mean over the earliest chunk of this step with rows, the same
+    on every rank (None: no chunk of the step has rows)."""
+    mine = [torch.stack([acts.dense().double().mean(0) for acts in b]).reshape(1, -1) for b in batches
+            if len(b[0].unit)]
+    rows = mine[0] if mine else torch.zeros(0, n_layers * d, dtype=torch.float64)
+    if exchange is not None:
+        rows = exchange.gather_rows(rows)
+    return rows[0].to(torch.float32).view(n_layers, d) if len(rows) else None
 
 
 def _share_pilots(grid: StreamingCKAGrid, pairs, exchange, hps_a, hps_b, lm_a, lm_b) -> None:
