@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from itda.compare.itda_measures import ITDA_MEASURES, itda_grids, layer_sample, pair_similarities
+from itda.compare.itda_measures import ITDA_MEASURES, PER_TOKEN, itda_grids, layer_sample, pair_similarities
 from itda.synthetic import synthetic_activations
 from reference_impls import mp_float64
 
@@ -121,3 +121,17 @@ def test_anchor_measures_alone_skip_the_per_token_parts_and_agree(two_layers):
     for m in anchor_only:
         assert alone[m][0, 0] == every[m][0, 0], m
     assert layer_sample(x, 5, 0.9, per_token=False).recon is None
+
+
+def test_per_token_measures_ignore_a_shared_offset(two_layers):
+    """Centring: one large vector added to every token of a layer (an outlier dimension's mean)
+    changes nothing for the per-token measures; uncentred, it swamps the directions (the plain
+    unit rows of the shifted layer all point along it)."""
+    x, y = two_layers
+    offset = 20 * x.norm(dim=1).mean() * torch.nn.functional.normalize(torch.randn(16, generator=torch.Generator().manual_seed(5)), dim=0)
+    plain = itda_grids([x], [y], PER_TOKEN, k=5, min_cosine=0.9)
+    shifted = itda_grids([x + offset], [y], PER_TOKEN, k=5, min_cosine=0.9)
+    for m in PER_TOKEN:
+        assert abs(shifted[m][0, 0] - plain[m][0, 0]) < 1e-3, m
+    unit = torch.nn.functional.normalize(x + offset, dim=1)
+    assert (unit @ unit.mean(0)).min() > 0.9  # precondition: the offset dominates every shifted unit row
