@@ -71,7 +71,7 @@ class CentredDictionaries(NamedTuple):
 
 
 class _LayerIndex:
-    """A layer's dictionary: float32 atoms and, per (document, position), its atom row."""
+    """A layer's centre and dictionary: float32 atoms and, per (document, position), its atom row."""
 
     def __init__(self, d: Dictionary, centre_D: torch.Tensor):
         self.atoms = d.atoms.to(torch.float32)
