@@ -156,7 +156,7 @@ def grids(a: Prepared, b: Prepared, full_layers: list[int] | None, itda_k: int) 
     inter = a.atoms @ b.atoms.T
     out["jaccard"] = (inter / (a.atoms.sum(1)[:, None] + b.atoms.sum(1)[None, :] - inter)).numpy()
     if full_layers:
-        extra = [m for m in ITDA_MEASURES if m not in out]
+        extra = [m for m in ITDA_MEASURES if m not in out and m not in PER_TOKEN]  # itda_fused: norm_profile_probe.py
         for m in extra:
             out[m] = np.full((len(full_layers), len(full_layers)), np.nan)
         for i, li in enumerate(full_layers):

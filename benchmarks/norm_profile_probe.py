@@ -10,8 +10,8 @@ this scores, per benchmark row and noise draw, the argmax accuracy without self-
   norm_profile           Spearman correlation across tokens of the activation norms ||x_t||: the
                          one thing unit rows lose
   fused                  z(itda_recon_cka) + z(itda_loss_profile) + z(norm_profile), each matrix
-                         standardised over its entries: a candidate chosen after looking at draw 0,
-                         so draws 1 and 2 are its held-out test
+                         standardised over its entries (the library's itda_fused): chosen after
+                         looking at draw 0, so draws 1 and 2 are its held-out test
 Writes out/norm_profile_probe.json (merged: rows of benchmarks not run are kept).
 Usage: python norm_profile_probe.py [--draws 3] [--benchmarks seeds checkpoints smollm2 gemma3]
 """
@@ -27,7 +27,7 @@ import torch
 
 from common import OUT, write_result
 from itda.compare.itda_measures import layer_sample
-from itda.compare.per_token import spearman_grid, unit_rows
+from itda.compare.per_token import fused_grid, spearman_grid, unit_rows
 from layer_matching_suite import CHECKPOINTS, NOISE_GEMMA3, NOISE_SMOLLM2, SEEDS, STRIDE, cka_grid, hits
 
 MEASURES = ("cka", "procrustes", "unit_cka", "unit_proc", "itda_recon_cka", "itda_loss_profile", "norm_profile", "fused")
@@ -41,16 +41,12 @@ def prepare(xs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
             "recon": torch.stack([s.recon for s in samples]), "loss": torch.stack([s.loss for s in samples])}
 
 
-def standardised(s: np.ndarray) -> np.ndarray:
-    return (s - s.mean()) / max(float(s.std()), 1e-12)
-
-
 def measure_grids(a: dict, b: dict) -> dict[str, np.ndarray]:
     raw, unit = cka_grid(a["x"], b["x"], procrustes=True), cka_grid(a["unit"], b["unit"], procrustes=True)
     out = {"cka": raw["cka"], "procrustes": raw["procrustes"], "unit_cka": unit["cka"], "unit_proc": unit["procrustes"],
            "itda_recon_cka": cka_grid(a["recon"], b["recon"])["cka"],
            "itda_loss_profile": spearman_grid(a["loss"], b["loss"]), "norm_profile": spearman_grid(a["norm"], b["norm"])}
-    out["fused"] = sum(standardised(out[m]) for m in ("itda_recon_cka", "itda_loss_profile", "norm_profile"))
+    out["fused"] = fused_grid(out)  # the library's itda_fused
     return out
 
 

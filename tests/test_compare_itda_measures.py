@@ -94,14 +94,17 @@ def test_measures_match_float64_references(two_layers):
 def test_identical_layers_score_one_and_grids_are_symmetric(two_layers):
     x, y = two_layers
     grids = itda_grids([x, y], None, k=5, min_cosine=0.9)
-    for m in ITDA_MEASURES:
+    pairwise = [m for m in ITDA_MEASURES if m != "itda_fused"]  # itda_fused is relative to the grid
+    for m in pairwise:
         s = grids[m]
         assert np.allclose(np.diag(s), 1.0, atol=1e-5), (m, s)
         assert np.allclose(s, s.T)
+    s = grids["itda_fused"]
+    assert np.allclose(s, s.T) and (np.diag(s) > s[[1, 0], [0, 1]]).all()
     # the measure sees through a rotation: x vs (x rotated) is as similar as x vs x
     rot, _ = torch.linalg.qr(torch.randn(16, 16, generator=torch.Generator().manual_seed(2)))
     g = itda_grids([x], [x @ rot], k=5, min_cosine=0.9)
-    for m in ITDA_MEASURES:
+    for m in pairwise:
         assert g[m][0, 0] > 0.99, m
 
 
@@ -135,3 +138,16 @@ def test_per_token_measures_ignore_a_shared_offset(two_layers):
         assert abs(shifted[m][0, 0] - plain[m][0, 0]) < 1e-3, m
     unit = torch.nn.functional.normalize(x + offset, dim=1)
     assert (unit @ unit.mean(0)).min() > 0.9  # precondition: the offset dominates every shifted unit row
+
+
+def test_fused_is_the_standardised_sum_of_its_three_parts(two_layers):
+    """itda_fused = z(itda_recon_cka) + z(itda_loss_profile) + z(norm profile), each [L_A, L_B]
+    matrix standardised over its entries; the norm profile from scipy here."""
+    x, y = two_layers
+    xs, ys = [x, y, x * (1 + torch.rand(600, 1, generator=torch.Generator().manual_seed(7)))], [y, x]
+    got = itda_grids(xs, ys, ("itda_fused",), k=5, min_cosine=0.9)
+    assert list(got) == ["itda_fused"] and got["itda_fused"].shape == (3, 2)
+    parts = itda_grids(xs, ys, ("itda_recon_cka", "itda_loss_profile"), k=5, min_cosine=0.9)
+    parts["norm"] = np.array([[spearmanr(a.norm(dim=1).numpy(), b.norm(dim=1).numpy()).statistic for b in ys] for a in xs])
+    want = sum((s - s.mean()) / s.std() for s in parts.values())
+    np.testing.assert_allclose(got["itda_fused"], want, atol=1e-6)

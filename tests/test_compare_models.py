@@ -97,7 +97,7 @@ def test_per_token_itda_measures_stream_every_token_leave_one_out():
     docs = sample_docs(12, seed=4)
     k, context, batch_tokens = 6, 32, 128
     res = compare_models(lm_a, lm_b, docs, list(range(12)), tokens=600, context=context, k=k, batch_tokens=batch_tokens,
-                         measures=["itda_loss_profile", "itda_recon_cka"], max_rows=16, progress=False)
+                         measures=["itda_loss_profile", "itda_recon_cka", "itda_fused"], max_rows=16, progress=False)
     assert "jaccard_raw" not in res.matrices and not res.dictionaries_a  # no Jaccard dictionaries were asked for
     ctx = tokenize_contexts(docs, range(12), tok, context=context, max_tokens=600)
     n_tokens = int((~ctx.special).sum())
@@ -136,3 +136,14 @@ def test_per_token_itda_measures_stream_every_token_leave_one_out():
         qb, cb = side(lm_b, res.per_token_basis_b, lb)
         assert abs(res.matrices["itda_loss_profile"][la, lb] - spearmanr(ca, cb).statistic) < 2e-3
         assert abs(res.matrices["itda_recon_cka"][la, lb] - linear_cka(torch.from_numpy(qa), torch.from_numpy(qb))["cka"].value) < 2e-3
+
+    # itda_fused: its two ITDA parts and the norm profile (Spearman of every token's activation
+    # norm), each matrix standardised over its entries, summed
+    def norms(lm):
+        hps = [Hookpoint("resid_post", layer) for layer in range(res.matrices["itda_fused"].shape[0])]
+        batches = list(iterate_batches(lm.model, hps, ctx, dtype=torch.float32))
+        return [torch.cat([b[hp].dense() for b in batches]).norm(dim=1).numpy() for hp in hps]
+
+    norm = np.array([[spearmanr(p, q).statistic for q in norms(lm_b)] for p in norms(lm_a)])
+    parts = [res.matrices["itda_recon_cka"], res.matrices["itda_loss_profile"], norm]
+    np.testing.assert_allclose(res.matrices["itda_fused"], sum((s - s.mean()) / s.std() for s in parts), atol=1e-5)

@@ -27,7 +27,11 @@ leave-one-out (a row that is an atom is encoded without its own atom), the defin
   own dictionary, of the unit centred token, renormalised to unit length): linear CKA between the two
   layers' [N, d] reconstructions. CKA in the geometry ITDA works in (directions, not norms,
   so a few high-norm tokens cannot dominate), seen through the dictionary.
-All are symmetric and lie in [-1, 1] (mostly [0, 1]); 1 for a layer against itself.
+- `itda_fused` (grids only): z(itda_recon_cka) + z(itda_loss_profile) + z(norm profile), each
+  [L_A, L_B] matrix standardised over its entries; the norm profile is the Spearman correlation
+  across tokens of the activation norms (`itda.compare.per_token.fused_grid`).
+All but itda_fused are symmetric and lie in [-1, 1] (mostly [0, 1]); 1 for a layer against
+itself. itda_fused is a score relative to the grid (mean 0 per part), for ranking layers.
 """
 
 from __future__ import annotations
@@ -38,14 +42,14 @@ import numpy as np
 import torch
 
 from itda.build import build_dictionary
-from itda.compare.per_token import spearman_grid, token_parts, unit_rows
+from itda.compare.per_token import FUSED_PARTS, fused_grid, spearman_grid, token_parts, unit_rows
 from itda.evaluate.metrics import recon_terms
 from itda.pursuit import matching_pursuit
 from itda.pursuit.codes import atom_totals
 
 ITDA_MEASURES = ("itda_recon_cka", "itda_loss_profile", "itda_code_overlap", "itda_cross_recon", "itda_relative",
-                 "itda_code_cosine")
-PER_TOKEN = ("itda_recon_cka", "itda_loss_profile")  # leave-one-out over every row (layer_sample(per_token=True))
+                 "itda_code_cosine", "itda_fused")
+PER_TOKEN = ("itda_recon_cka", "itda_loss_profile", "itda_fused")  # every row, leave-one-out (layer_sample(per_token=True))
 
 
 @dataclass
@@ -155,6 +159,9 @@ def pair_similarities(a: LayerSample, b: LayerSample, k: int = 40, measures=ITDA
 def itda_grids(xs: list[torch.Tensor], ys: list[torch.Tensor] | None, measures=ITDA_MEASURES, *, k: int = 40,
                min_cosine: float = 0.85, fit: float = 0.5) -> dict[str, np.ndarray]:
     """[L_A, L_B] matrices of the requested ITDA measures; ys=None compares xs with itself."""
+    wanted = tuple(measures)
+    if "itda_fused" in wanted:  # from its parts, computed here whether asked for or not
+        measures = tuple(dict.fromkeys([m for m in wanted if m != "itda_fused"] + ["itda_recon_cka", "itda_loss_profile"]))
     per_token = bool(set(PER_TOKEN) & set(measures))
     sa = [layer_sample(x, k, min_cosine, fit, per_token=per_token) for x in xs]
     sb = sa if ys is None else [layer_sample(y, k, min_cosine, fit, per_token=per_token) for y in ys]
@@ -167,4 +174,8 @@ def itda_grids(xs: list[torch.Tensor], ys: list[torch.Tensor] | None, measures=I
                 continue
             for m, v in pair_similarities(a, b, k, measures).items():
                 grids[m][i, j] = v
-    return grids
+    if "itda_fused" in wanted:
+        norms = [torch.stack([v.to(torch.float32).norm(dim=1) for v in side]) for side in (xs, xs if ys is None else ys)]
+        grids["norm_profile"] = spearman_grid(*norms)
+        grids["itda_fused"] = fused_grid({m: grids[m] for m in FUSED_PARTS})
+    return {m: grids[m] for m in wanted}

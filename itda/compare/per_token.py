@@ -13,6 +13,9 @@ token is scored by an atom made from it. Per token and layer this gives the MP l
   per token and layer is kept).
 - itda_recon_cka: linear CKA between the two layers' reconstructions, from exact float64 running
   sums (`StreamingCKAGrid`, zero pilot means: the rows have unit length).
+- itda_fused: both of them and the norm profile (Spearman correlation across tokens of the
+  activation norms ||x_t||, the one thing unit rows drop), each [L_A, L_B] matrix standardised
+  over its entries, summed (`fused_grid`). A third of it needs no dictionary.
 `token_parts` is the per-layer step, shared with the in-memory measures (`itda_measures`).
 """
 
@@ -62,6 +65,15 @@ def spearman_grid(loss_a_LN: torch.Tensor, loss_b_LN: torch.Tensor) -> np.ndarra
     return (normed(loss_a_LN) @ normed(loss_b_LN).T).numpy()
 
 
+FUSED_PARTS = ("itda_recon_cka", "itda_loss_profile", "norm_profile")
+
+
+def fused_grid(parts: dict[str, np.ndarray]) -> np.ndarray:
+    """itda_fused [L_A, L_B]: the FUSED_PARTS matrices, each standardised over its entries (mean 0,
+    std 1), summed. Relative to the layers compared: a pair's value depends on the other pairs."""
+    return sum((s - s.mean()) / max(float(s.std()), 1e-12) for s in (np.asarray(parts[m]) for m in FUSED_PARTS))
+
+
 class CentredDictionaries(NamedTuple):
     """One model's basis for the per-token measures: what each layer is centred by, and the
     dictionaries built over its centred rows."""
@@ -94,25 +106,28 @@ class PerTokenGrid:
 
     def __init__(self, basis_a: CentredDictionaries, basis_b: CentredDictionaries | None, k: int, measures):
         self.k, self.measures = k, tuple(measures)
+        self.needed = set(self.measures) | (set(FUSED_PARTS) if "itda_fused" in self.measures else set())
         self.a = [_LayerIndex(d, c) for d, c in zip(basis_a.dictionaries, basis_a.centres_LD)]
         self.b = None if basis_b is None else [_LayerIndex(d, c) for d, c in zip(basis_b.dictionaries, basis_b.centres_LD)]
-        self.losses_a: list[torch.Tensor] = []
-        self.losses_b: list[torch.Tensor] = []
+        # per side, per-token columns [L, n] of each profile: MP loss and activation norm
+        self.profiles = {side: {"loss": [], "norm": []} for side in ("a", "b")}
         self.grid = None
-        if "itda_recon_cka" in self.measures:
+        if "itda_recon_cka" in self.needed:
             self.grid = StreamingCKAGrid("float64")
             da = basis_a.centres_LD.shape[1]
             db = da if basis_b is None else basis_b.centres_LD.shape[1]
             self.grid.set_pilots(torch.zeros(len(self.a), da), torch.zeros(len(self.b or self.a), db))
 
-    @staticmethod
-    def _side(index: list[_LayerIndex], xs: list[torch.Tensor], refs: torch.Tensor, k: int):
+    def _side(self, side: str, index: list[_LayerIndex], xs: list[torch.Tensor], refs: torch.Tensor) -> torch.Tensor:
+        """This side's unit reconstructions [L, n, d]; its losses and norms appended to its profiles."""
         recon, loss = [], []
         for layer, x in zip(index, xs):
-            r, s = token_parts(unit_rows(x.to(torch.float32) - layer.centre), layer.atoms, layer.own(refs), k)
+            r, s = token_parts(unit_rows(x.to(torch.float32) - layer.centre), layer.atoms, layer.own(refs), self.k)
             recon.append(r)
             loss.append(s)
-        return torch.stack(recon), torch.stack(loss)
+        self.profiles[side]["loss"].append(torch.stack(loss))
+        self.profiles[side]["norm"].append(torch.stack([x.to(torch.float32).norm(dim=1) for x in xs]))
+        return torch.stack(recon)
 
     def update(self, xs: list[torch.Tensor], refs_a: torch.Tensor, ys: list[torch.Tensor] | None,
                refs_b: torch.Tensor | None) -> None:
@@ -120,39 +135,36 @@ class PerTokenGrid:
         and the same tokens in B (ys=None when B is A)."""
         if not len(xs[0]):
             return
-        recon_a, loss_a = self._side(self.a, xs, refs_a, self.k)
-        self.losses_a.append(loss_a)
-        recon_b = recon_a
-        if self.b is not None:
-            recon_b, loss_b = self._side(self.b, ys, refs_b, self.k)
-            self.losses_b.append(loss_b)
+        recon_a = self._side("a", self.a, xs, refs_a)
+        recon_b = recon_a if self.b is None else self._side("b", self.b, ys, refs_b)
         if self.grid is not None:
             self.grid.update(recon_a, recon_b)
 
     def sum_over(self, exchange) -> None:
-        """Under torchrun: every rank's losses and CKA sums combined (rank order; the measures do
+        """Under torchrun: every rank's profiles and CKA sums combined (rank order; the measures do
         not depend on token order)."""
-        la = len(self.a)
-        mine = (self.loss_a_LN() if self.b is None else torch.cat([self.loss_a_LN(), self.loss_b_LN()])).T.contiguous()
-        both = exchange.gather_rows(mine).T
-        self.losses_a = [both[:la]]
-        if self.b is not None:
-            self.losses_b = [both[la:]]
+        keys = [(side, name) for side in ("a", "b") if side == "a" or self.b is not None for name in ("loss", "norm")]
+        cols = [self.profile(side, name) for side, name in keys]
+        both = exchange.gather_rows(torch.cat(cols).T.contiguous()).T
+        for (side, name), part in zip(keys, torch.split(both, [len(c) for c in cols])):
+            self.profiles[side][name] = [part]
         if self.grid is not None:
             self.grid.sum_over(exchange)
 
-    def loss_a_LN(self) -> torch.Tensor:
-        return torch.cat(self.losses_a, 1) if self.losses_a else torch.zeros(len(self.a), 0)
-
-    def loss_b_LN(self) -> torch.Tensor:
-        if self.b is None:  # B is A
-            return self.loss_a_LN()
-        return torch.cat(self.losses_b, 1) if self.losses_b else torch.zeros(len(self.b), 0)
+    def profile(self, side: str, name: str) -> torch.Tensor:
+        """[L, n]: the per-token column of `name` (loss or norm) for side a or b (B is A: side a)."""
+        side = "a" if self.b is None else side
+        parts = self.profiles[side][name]
+        return torch.cat(parts, 1) if parts else torch.zeros(len(self.a if side == "a" else self.b), 0)
 
     def matrices(self) -> dict[str, np.ndarray]:
         out = {}
-        if "itda_loss_profile" in self.measures:
-            out["itda_loss_profile"] = spearman_grid(self.loss_a_LN(), self.loss_b_LN())
+        if "itda_loss_profile" in self.needed:
+            out["itda_loss_profile"] = spearman_grid(self.profile("a", "loss"), self.profile("b", "loss"))
+        if "norm_profile" in self.needed:
+            out["norm_profile"] = spearman_grid(self.profile("a", "norm"), self.profile("b", "norm"))
         if self.grid is not None:
             out["itda_recon_cka"] = self.grid.matrices(procrustes=False)["cka"]
-        return out
+        if "itda_fused" in self.needed:
+            out["itda_fused"] = fused_grid(out)
+        return {m: out[m] for m in self.measures}
