@@ -54,6 +54,7 @@ bench-sae: $(STAMP)
 	cd benchmarks && ../$(PY) sae_init.py --steps 300 --eval-every 20
 	cd benchmarks && ../$(PY) layer_matching_suite.py --full
 	cd benchmarks && ../$(PY) layer_matching_suite.py --benchmarks gemma3 smollm2 --draws 3 --name layer_matching_suite_draws
+	cd benchmarks && ../$(PY) norm_profile_probe.py
 	cd benchmarks && ../$(PY) jaccard_scale.py && ../$(PY) jaccard_scale.py --model seeds --tokens 131072 --k 7 --min-cosine 0.95
 	cd benchmarks && ../$(PY) compare_memory.py
 

@@ -17,14 +17,15 @@ relative representations (300 random anchors). ITDA measures build each layer's 
 (k = 40, min cosine 0.85): itda_recon_cka and itda_loss_profile over every row centred by the
 sample mean, each row encoded leave-one-out (itda.compare.itda_measures); Jaccard and the anchor
 measures over the first half of the rows (the anchor measures measured on the other half):
-itda_recon_cka, itda_loss_profile and jaccard (atom sets by token) on every layer; with --full
+itda_recon_cka, itda_loss_profile, itda_fused (with norm_profile, its non-ITDA part) and jaccard
+(atom sets by token) on every layer; with --full
 also itda_relative, itda_code_overlap, itda_code_cosine and itda_cross_recon, on the subset of
 layers in SUBSET (their pairwise MPs cost about a second per layer pair), and every measure
 scored again on that subset (results[benchmark]["subset"]: fewer, farther-apart layers are an
 easier task, so only measures on the same layers compare).
 Reports per measure and benchmark: argmax accuracy without and with self-pairs, the specificity
 margin (mean over layers of S[i, i] - max_{j != i} S[i, j], without self-pairs) and, for
-itda_recon_cka against the best baseline, the argmax decisions only it gets right and only the
+itda_recon_cka and itda_fused against the best baseline, the argmax decisions only it gets right and only the
 baseline gets right (McNemar counts) with the exact two-sided p-value.
 Writes out/layer_matching_suite.json (merged per benchmark).
 With --draws N each noise level is N copies (noise seeds 0..N-1, draw d > 0 cached as
@@ -49,7 +50,7 @@ from itda.activations.models import LoadedModel, load_model
 from itda.activations.stream import iterate_batches
 from itda.compare.itda_measures import ITDA_MEASURES, PER_TOKEN, layer_sample, pair_similarities
 from itda.compare.measures import _relative_pair, _relative_prepare, _svcca_pair, _svcca_prepare, similarity_grid
-from itda.compare.per_token import spearman_grid
+from itda.compare.per_token import fused_grid, spearman_grid
 from itda.compare.streaming import StreamingCKAGrid
 
 BASELINES = ("cka", "cka_debiased", "procrustes", "svcca", "relative")
@@ -58,7 +59,7 @@ NOISE_SMOLLM2 = (0.05, 0.1, 0.2, 0.3, 0.4)
 NOISE_GEMMA3 = (0.1, 0.2, 0.3)
 CHECKPOINTS = (100, 300)  # steps at which seed 0 is also saved
 SEEDS, SEED_LAYERS = 4, 8
-PLOTTED = ("itda_recon_cka", "jaccard", "itda_loss_profile", "cka", "cka_debiased", "procrustes", "svcca", "relative")
+PLOTTED = ("itda_fused", "itda_recon_cka", "jaccard", "itda_loss_profile", "cka", "cka_debiased", "procrustes", "svcca", "relative")
 STRIDE = {"smollm2": 2, "gemma3": 2}  # every second layer: adjacent layers of a residual stream must be told apart
 SUBSET = {"seeds": list(range(0, 8, 2)), "checkpoints": list(range(0, 8, 2)), "smollm2": list(range(0, 15, 3)),
           "gemma3": list(range(0, 9, 2))}  # positions (after STRIDE) that --full's costly ITDA measures are taken on
@@ -133,6 +134,7 @@ class Prepared:
         self.itda = [layer_sample(x, itda_k, itda_cos, 0.5) for x in xs]
         self.recon = torch.stack([s.recon for s in self.itda])
         self.loss = torch.stack([s.loss for s in self.itda])
+        self.norm = torch.stack([x.float().norm(dim=1) for x in xs])
         atoms = torch.zeros(len(xs), self.itda[0].n_fit, dtype=torch.float64)
         for i, s in enumerate(self.itda):
             atoms[i, s.anchors] = 1.0
@@ -153,10 +155,12 @@ def grids(a: Prepared, b: Prepared, full_layers: list[int] | None, itda_k: int) 
     out["relative"] = np.array([[_relative_pair(p, q) for q in b.relative] for p in a.relative])
     out["itda_recon_cka"] = cka_grid(a.recon, b.recon)["cka"]
     out["itda_loss_profile"] = spearman_grid(a.loss, b.loss)
+    out["norm_profile"] = spearman_grid(a.norm, b.norm)
+    out["itda_fused"] = fused_grid(out)
     inter = a.atoms @ b.atoms.T
     out["jaccard"] = (inter / (a.atoms.sum(1)[:, None] + b.atoms.sum(1)[None, :] - inter)).numpy()
     if full_layers:
-        extra = [m for m in ITDA_MEASURES if m not in out and m not in PER_TOKEN]  # itda_fused: norm_profile_probe.py
+        extra = [m for m in ITDA_MEASURES if m not in out and m not in PER_TOKEN]
         for m in extra:
             out[m] = np.full((len(full_layers), len(full_layers)), np.nan)
         for i, li in enumerate(full_layers):
@@ -222,7 +226,8 @@ def run_pairs(models: dict[str, list[torch.Tensor]], pairs: list[tuple[str, str]
     every = {m: p for m, p in per_measure.items() if m not in full_only}
     scores = {m: score(p) for m, p in every.items()}
     best = max(BASELINES_GOAL, key=lambda m: scores[m]["without_self"])
-    scores["itda_recon_cka"]["mcnemar"] = mcnemar(every, "itda_recon_cka", best)
+    for ours in ("itda_recon_cka", "itda_fused"):
+        scores[ours]["mcnemar"] = mcnemar(every, ours, best)
     if full:  # every measure on the same subset of layers
         sub = {m: {k: s[np.ix_(full, full)] for k, s in p.items()} for m, p in every.items()}
         sub.update({m: per_measure[m] for m in full_only})
