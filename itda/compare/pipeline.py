@@ -297,26 +297,29 @@ def _update_builders(builders: list[DictionaryBuilder], batches: list[list], exc
             builder.update(torch.cat(parts), torch.cat(refs), score_chunk=[len(p) for p in parts])
 
 
-def _first_chunk_means(batches: list[list], exchange, n_layers: int, d: int) -> torch.Tensor | None:
-    """float32 [L, d]: each layer's mean over the earliest chunk of this step with rows, the same
-    on every rank (None: no chunk of the step has rows)."""
-    mine = [torch.stack([acts.dense().double().mean(0) for acts in b]).reshape(1, -1) for b in batches
-            if len(b[0].unit)]
-    rows = mine[0] if mine else torch.zeros(0, n_layers * d, dtype=torch.float64)
+def _earliest_means(chunks: list[list[torch.Tensor]], exchange, width: int) -> torch.Tensor | None:
+    """float64 [width]: the per-layer row means, concatenated, of the earliest of this step's chunks
+    with rows (each chunk: its layers' [n, d] rows), the same on every rank (None: none has rows)."""
+    mine = [torch.cat([x.double().mean(0) for x in layers]) for layers in chunks if len(layers[0])]
+    rows = torch.stack(mine[:1]) if mine else torch.zeros(0, width, dtype=torch.float64)
     if exchange is not None:
         rows = exchange.gather_rows(rows)
-    return rows[0].to(torch.float32).view(n_layers, d) if len(rows) else None
+    return rows[0] if len(rows) else None
+
+
+def _first_chunk_means(batches: list[list], exchange, n_layers: int, d: int) -> torch.Tensor | None:
+    """float32 [L, d]: each layer's mean over all rows of the earliest chunk with rows (the centres)."""
+    means = _earliest_means([[acts.dense() for acts in b] for b in batches], exchange, n_layers * d)
+    return None if means is None else means.to(torch.float32).view(n_layers, d)
 
 
 def _share_pilots(grid: StreamingCKAGrid, pairs, exchange, hps_a, hps_b, lm_a, lm_b) -> None:
-    """Give every rank the same CKA pilot means: those of the earliest chunk of this step with rows."""
-    da, db = lm_a.config.hidden_size, lm_b.config.hidden_size
-    width = len(hps_a) * da + len(hps_b) * db
-    mine = [torch.cat([torch.stack(xs).double().mean(1).reshape(-1), torch.stack(ys).double().mean(1).reshape(-1)])
-            for _, xs, ys in pairs if len(xs[0])]
-    rows = exchange.gather_rows(torch.stack(mine[:1]) if mine else torch.zeros(0, width, dtype=torch.float64))
-    if len(rows):
-        grid.set_pilots(rows[0, : len(hps_a) * da].view(len(hps_a), da), rows[0, len(hps_a) * da :].view(len(hps_b), db))
+    """Give every rank the same CKA pilot means: those of the paired rows of the earliest chunk of
+    this step with rows."""
+    la, lb, da, db = len(hps_a), len(hps_b), lm_a.config.hidden_size, lm_b.config.hidden_size
+    means = _earliest_means([xs + ys for _, xs, ys in pairs], exchange, la * da + lb * db)
+    if means is not None:
+        grid.set_pilots(means[: la * da].view(la, da), means[la * da :].view(lb, db))
 
 
 def _gather_kept(kept_a, kept_b, kept_chunk, exchange, max_rows: int, da: int, db: int):
