@@ -17,8 +17,8 @@ relative representations (300 random anchors). ITDA measures build each layer's 
 (k = 40, min cosine 0.85): itda_recon_cka and itda_loss_profile over every row centred by the
 sample mean, each row encoded leave-one-out (itda.compare.itda_measures); Jaccard and the anchor
 measures over the first half of the rows (the anchor measures measured on the other half):
-itda_recon_cka, itda_loss_profile, itda_fused (with norm_profile, its non-ITDA part) and jaccard
-(atom sets by token) on every layer; with --full
+itda_recon_cka, itda_loss_profile, itda_scaled_cka, itda_scaled_procrustes, itda_fused (with
+norm_profile, its non-ITDA part) and jaccard (atom sets by token) on every layer; with --full
 also itda_relative, itda_code_overlap, itda_code_cosine and itda_cross_recon, on the subset of
 layers in SUBSET (their pairwise MPs cost about a second per layer pair), and every measure
 scored again on that subset (results[benchmark]["subset"]: fewer, farther-apart layers are an
@@ -59,7 +59,7 @@ NOISE_SMOLLM2 = (0.05, 0.1, 0.2, 0.3, 0.4)
 NOISE_GEMMA3 = (0.1, 0.2, 0.3)
 CHECKPOINTS = (100, 300)  # steps at which seed 0 is also saved
 SEEDS, SEED_LAYERS = 4, 8
-PLOTTED = ("itda_fused", "itda_recon_cka", "jaccard", "itda_loss_profile", "cka", "cka_debiased", "procrustes", "svcca", "relative")
+PLOTTED = ("itda_fused", "itda_scaled_procrustes", "itda_recon_cka", "jaccard", "itda_loss_profile", "cka", "cka_debiased", "procrustes", "svcca", "relative")
 STRIDE = {"smollm2": 2, "gemma3": 2}  # every second layer: adjacent layers of a residual stream must be told apart
 SUBSET = {"seeds": list(range(0, 8, 2)), "checkpoints": list(range(0, 8, 2)), "smollm2": list(range(0, 15, 3)),
           "gemma3": list(range(0, 9, 2))}  # positions (after STRIDE) that --full's costly ITDA measures are taken on
@@ -135,6 +135,7 @@ class Prepared:
         self.recon = torch.stack([s.recon for s in self.itda])
         self.loss = torch.stack([s.loss for s in self.itda])
         self.norm = torch.stack([x.float().norm(dim=1) for x in xs])
+        self.scaled = torch.stack([s.recon.double() * s.centred_norm.double()[:, None] for s in self.itda])
         atoms = torch.zeros(len(xs), self.itda[0].n_fit, dtype=torch.float64)
         for i, s in enumerate(self.itda):
             atoms[i, s.anchors] = 1.0
@@ -153,8 +154,11 @@ def grids(a: Prepared, b: Prepared, full_layers: list[int] | None, itda_k: int) 
     out = {m: mats[m] for m in ("cka", "cka_debiased", "procrustes")}
     out["svcca"] = np.array([[_svcca_pair(p, q) for q in b.svcca] for p in a.svcca])
     out["relative"] = np.array([[_relative_pair(p, q) for q in b.relative] for p in a.relative])
-    out["itda_recon_cka"] = cka_grid(a.recon, b.recon)["cka"]
+    recon = cka_grid(a.recon, b.recon, procrustes=True)
+    out["itda_recon_cka"], out["itda_recon_procrustes"] = recon["cka"], recon["procrustes"]
     out["itda_loss_profile"] = spearman_grid(a.loss, b.loss)
+    scaled = cka_grid(a.scaled, b.scaled, procrustes=True)
+    out["itda_scaled_cka"], out["itda_scaled_procrustes"] = scaled["cka"], scaled["procrustes"]
     out["norm_profile"] = spearman_grid(a.norm, b.norm)
     out["itda_fused"] = fused_grid(out)
     inter = a.atoms @ b.atoms.T
@@ -217,6 +221,8 @@ def run_pairs(models: dict[str, list[torch.Tensor]], pairs: list[tuple[str, str]
         key = ("grid", a, b)
         if key not in prepared:
             prepared[key] = grids(prepared[a], prepared[b], full, args.itda_k)
+        if args.keep_grids and a != b:
+            keep_grids(f"{args.row} {a} {b}", prepared[key])
         for m, s in prepared[key].items():
             per_measure.setdefault(m, {})[(a, b)] = s
             if a != b:
@@ -233,6 +239,17 @@ def run_pairs(models: dict[str, list[torch.Tensor]], pairs: list[tuple[str, str]
         sub.update({m: per_measure[m] for m in full_only})
         scores["subset"] = {"layers": full, **{m: score(p) for m, p in sub.items()}}
     return scores
+
+
+GRIDS = OUT / "suite_grids"
+
+
+def keep_grids(name: str, mats: dict[str, np.ndarray]) -> None:
+    """One model pair's [L_A, L_B] matrices, every measure, for later analysis (fusion_probe.py)."""
+    from safetensors.numpy import save_file
+
+    GRIDS.mkdir(parents=True, exist_ok=True)
+    save_file({m: np.ascontiguousarray(g, dtype=np.float64) for m, g in mats.items()}, str(GRIDS / f"{name}.safetensors"))
 
 
 def held_contexts(lm: LoadedModel, rows: int):
@@ -312,6 +329,7 @@ def main() -> None:
     ap.add_argument("--itda-cos", type=float, default=0.85)
     ap.add_argument("--draws", type=int, default=1, help="noise draws per level (seeds 0..N-1), each copy vs the base")
     ap.add_argument("--full", action="store_true", help="also the costly ITDA measures, on SUBSET's layers")
+    ap.add_argument("--keep-grids", action="store_true", help="write every pair's matrices to out/suite_grids/")
     ap.add_argument("--name", default="layer_matching_suite", help="result file out/NAME.json (merged into if it exists)")
     args = ap.parse_args()
     prior = OUT / f"{args.name}.json"
@@ -325,6 +343,7 @@ def main() -> None:
             acts = cached(f"seeds_{args.seed_steps}_{args.rows}", lambda: seed_samples(args))
             pairs = (list(itertools.combinations(finals, 2)) if b == "seeds"
                      else [(f"seed0@{at}", f) for at in CHECKPOINTS for f in finals[1:]])
+            args.row = b
             results[b] = run_pairs(acts, pairs, args, prepared)
             losses["seeds"] = acts["loss"]
         else:
@@ -338,13 +357,14 @@ def main() -> None:
                 models = {"base": draws[0]["base"][pick]}
                 models.update({f"noisy{d}": acts[str(level)][pick] for d, acts in enumerate(draws)})
                 pairs = [("base", f"noisy{d}") for d in range(args.draws)]
+                args.row = f"{b} {level}"
                 results[f"{b} {level}"] = run_pairs(models, pairs, args, prepared)
                 for key in [k for k in prepared if "noisy" in str(k)]:
                     del prepared[key]
                 print(f"{b} {level}: " + ", ".join(f"{m} {r['without_self']:.2f}" for m, r in results[f"{b} {level}"].items()
                                                    if m != "subset"), flush=True)
         print(f"{b}: {time.perf_counter() - t0:.0f}s", flush=True)
-        write_result(args.name, {"settings": {k: v for k, v in vars(args).items() if k != "current"}, "copy_loss": losses,
+        write_result(args.name, {"settings": {k: v for k, v in vars(args).items() if k not in ("current", "row")}, "copy_loss": losses,
                                  "results": results})
     table = {name: {m: r["without_self"] for m, r in per.items() if m != "subset"} for name, per in results.items()}
     measures = sorted({m for row in table.values() for m in row})
@@ -353,7 +373,7 @@ def main() -> None:
         print(f"{name:16s} " + " ".join(f"{row.get(m, float('nan')):12.2f}" for m in measures))
     means = {m: float(np.mean([row[m] for row in table.values() if m in row])) for m in measures}
     print(f"{'mean':16s} " + " ".join(f"{means[m]:12.2f}" for m in measures))
-    write_result(args.name, {"settings": {k: v for k, v in vars(args).items() if k != "current"}, "copy_loss": losses,
+    write_result(args.name, {"settings": {k: v for k, v in vars(args).items() if k not in ("current", "row")}, "copy_loss": losses,
                              "results": results, "table": table, "means": means})
     plot_table(table, [m for m in PLOTTED if m in measures], OUT / f"{args.name}.png")
 

@@ -10,8 +10,9 @@ this scores, per benchmark row and noise draw, the argmax accuracy without self-
   norm_profile           Spearman correlation across tokens of the activation norms ||x_t||: the
                          one thing unit rows lose
   fused                  z(itda_recon_cka) + z(itda_loss_profile) + z(norm_profile), each matrix
-                         standardised over its entries (the library's itda_fused): chosen after
-                         looking at draw 0, so draws 1 and 2 are its held-out test
+                         standardised over its entries (the library's first itda_fused, replaced
+                         after fusion_probe.py): chosen after looking at draw 0, so draws 1 and 2
+                         are its held-out test
 Writes out/norm_profile_probe.json (merged: rows of benchmarks not run are kept).
 Usage: python norm_profile_probe.py [--draws 3] [--benchmarks seeds checkpoints smollm2 gemma3]
 """
@@ -27,7 +28,7 @@ import torch
 
 from common import OUT, write_result
 from itda.compare.itda_measures import layer_sample
-from itda.compare.per_token import fused_grid, spearman_grid, unit_rows
+from itda.compare.per_token import spearman_grid, unit_rows
 from layer_matching_suite import CHECKPOINTS, NOISE_GEMMA3, NOISE_SMOLLM2, SEEDS, STRIDE, cka_grid, hits
 
 MEASURES = ("cka", "procrustes", "unit_cka", "unit_proc", "itda_recon_cka", "itda_loss_profile", "norm_profile", "fused")
@@ -46,7 +47,7 @@ def measure_grids(a: dict, b: dict) -> dict[str, np.ndarray]:
     out = {"cka": raw["cka"], "procrustes": raw["procrustes"], "unit_cka": unit["cka"], "unit_proc": unit["procrustes"],
            "itda_recon_cka": cka_grid(a["recon"], b["recon"])["cka"],
            "itda_loss_profile": spearman_grid(a["loss"], b["loss"]), "norm_profile": spearman_grid(a["norm"], b["norm"])}
-    out["fused"] = fused_grid(out)  # the library's itda_fused
+    out["fused"] = sum((s - s.mean()) / s.std() for s in (out[m] for m in ("itda_recon_cka", "itda_loss_profile", "norm_profile")))
     return out
 
 

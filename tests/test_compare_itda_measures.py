@@ -56,7 +56,8 @@ def test_measures_match_float64_references(two_layers):
     # loss profile: Spearman of (2 - 2cos)/d over every row centred by the sample mean, each row
     # encoded by a dictionary of all centred rows without its own atom (leave-one-out)
     cx, cy = (v.double().numpy() - v.double().numpy().mean(0) for v in (x, y))
-    cx, cy = (v / np.linalg.norm(v, axis=1, keepdims=True) for v in (cx, cy))
+    nx, ny = np.linalg.norm(cx, axis=1), np.linalg.norm(cy, axis=1)
+    cx, cy = cx / nx[:, None], cy / ny[:, None]
     qa, cos_a_all = _loo(cx, a.anchors_all.numpy(), k)
     qb, cos_b_all = _loo(cy, b.anchors_all.numpy(), k)
     got_loss = spearmanr(cos_a_all, cos_b_all).statistic  # the loss is a decreasing function of cos
@@ -89,6 +90,13 @@ def test_measures_match_float64_references(two_layers):
     qa, qb = qa - qa.mean(0), qb - qb.mean(0)
     cka = np.linalg.norm(qa.T @ qb) ** 2 / (np.linalg.norm(qa.T @ qa) * np.linalg.norm(qb.T @ qb))
     assert abs(got["itda_recon_cka"] - cka) < 1e-3  # float32 MP
+    # the same reconstructions at their centred rows' lengths: linear CKA and Procrustes similarity
+    sa, sb = qa * nx[:, None], qb * ny[:, None]
+    sa, sb = sa - sa.mean(0), sb - sb.mean(0)
+    cka = np.linalg.norm(sa.T @ sb) ** 2 / (np.linalg.norm(sa.T @ sa) * np.linalg.norm(sb.T @ sb))
+    assert abs(got["itda_scaled_cka"] - cka) < 1e-3
+    proc = np.linalg.svd(sa.T @ sb, compute_uv=False).sum() / (np.linalg.norm(sa) * np.linalg.norm(sb))
+    assert abs(got["itda_scaled_procrustes"] - proc) < 1e-3
 
 
 def test_identical_layers_score_one_and_grids_are_symmetric(two_layers):
@@ -141,13 +149,13 @@ def test_per_token_measures_ignore_a_shared_offset(two_layers):
 
 
 def test_fused_is_the_standardised_sum_of_its_three_parts(two_layers):
-    """itda_fused = z(itda_recon_cka) + z(itda_loss_profile) + z(norm profile), each [L_A, L_B]
-    matrix standardised over its entries; the norm profile from scipy here."""
+    """itda_fused = z(itda_scaled_cka) + z(itda_scaled_procrustes) + z(norm profile), each
+    [L_A, L_B] matrix standardised over its entries; the norm profile from scipy here."""
     x, y = two_layers
     xs, ys = [x, y, x * (1 + torch.rand(600, 1, generator=torch.Generator().manual_seed(7)))], [y, x]
     got = itda_grids(xs, ys, ("itda_fused",), k=5, min_cosine=0.9)
     assert list(got) == ["itda_fused"] and got["itda_fused"].shape == (3, 2)
-    parts = itda_grids(xs, ys, ("itda_recon_cka", "itda_loss_profile"), k=5, min_cosine=0.9)
+    parts = itda_grids(xs, ys, ("itda_scaled_cka", "itda_scaled_procrustes"), k=5, min_cosine=0.9)
     parts["norm"] = np.array([[spearmanr(a.norm(dim=1).numpy(), b.norm(dim=1).numpy()).statistic for b in ys] for a in xs])
     want = sum((s - s.mean()) / s.std() for s in parts.values())
     np.testing.assert_allclose(got["itda_fused"], want, atol=1e-6)

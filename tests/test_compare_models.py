@@ -97,7 +97,8 @@ def test_per_token_itda_measures_stream_every_token_leave_one_out():
     docs = sample_docs(12, seed=4)
     k, context, batch_tokens = 6, 32, 128
     res = compare_models(lm_a, lm_b, docs, list(range(12)), tokens=600, context=context, k=k, batch_tokens=batch_tokens,
-                         measures=["itda_loss_profile", "itda_recon_cka", "itda_fused"], max_rows=16, progress=False)
+                         measures=["itda_loss_profile", "itda_recon_cka", "itda_scaled_cka", "itda_scaled_procrustes",
+                                   "itda_fused"], max_rows=16, progress=False)
     assert "jaccard_raw" not in res.matrices and not res.dictionaries_a  # no Jaccard dictionaries were asked for
     ctx = tokenize_contexts(docs, range(12), tok, context=context, max_tokens=600)
     n_tokens = int((~ctx.special).sum())
@@ -116,7 +117,8 @@ def test_per_token_itda_measures_stream_every_token_leave_one_out():
         first = np.isin(refs[:, 0], np.unique(row_doc[:end].numpy()))
         np.testing.assert_allclose(basis.centres_LD[layer].numpy(), x[first].mean(0), rtol=1e-5, atol=1e-5)
         x = x - x[first].mean(0)
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        length = np.linalg.norm(x, axis=1)
+        x /= length[:, None]
         atoms = basis.dictionaries[layer].atoms.double().numpy()
         row_of = {(int(d), int(p)): r for r, (d, p) in enumerate(refs[:, :2].tolist())}
         own = {(int(d), int(p)): i for i, (d, p) in enumerate(basis.dictionaries[layer].refs[:, :2].tolist())}
@@ -129,15 +131,24 @@ def test_per_token_itda_measures_stream_every_token_leave_one_out():
             q[r] = val[0] @ atoms[keep][idx[0]]
             cos[r] = q[r] @ x[r] / np.linalg.norm(q[r])
         assert len(x) == n_tokens and len(own) < len(x)
-        return q / np.linalg.norm(q, axis=1, keepdims=True), cos
+        return q / np.linalg.norm(q, axis=1, keepdims=True), cos, length
+
+    def cka_procrustes(p, q):  # float64, centred
+        p, q = p - p.mean(0), q - q.mean(0)
+        cka = np.linalg.norm(p.T @ q) ** 2 / (np.linalg.norm(p.T @ p) * np.linalg.norm(q.T @ q))
+        return cka, np.linalg.svd(p.T @ q, compute_uv=False).sum() / (np.linalg.norm(p) * np.linalg.norm(q))
 
     for la, lb in ((1, 1), (2, 3)):
-        qa, ca = side(lm_a, res.per_token_basis_a, la)
-        qb, cb = side(lm_b, res.per_token_basis_b, lb)
+        qa, ca, na = side(lm_a, res.per_token_basis_a, la)
+        qb, cb, nb = side(lm_b, res.per_token_basis_b, lb)
         assert abs(res.matrices["itda_loss_profile"][la, lb] - spearmanr(ca, cb).statistic) < 2e-3
-        assert abs(res.matrices["itda_recon_cka"][la, lb] - linear_cka(torch.from_numpy(qa), torch.from_numpy(qb))["cka"].value) < 2e-3
+        assert abs(res.matrices["itda_recon_cka"][la, lb] - cka_procrustes(qa, qb)[0]) < 2e-3
+        # the reconstructions at their centred rows' lengths
+        cka, proc = cka_procrustes(qa * na[:, None], qb * nb[:, None])
+        assert abs(res.matrices["itda_scaled_cka"][la, lb] - cka) < 2e-3
+        assert abs(res.matrices["itda_scaled_procrustes"][la, lb] - proc) < 2e-3
 
-    # itda_fused: its two ITDA parts and the norm profile (Spearman of every token's activation
+    # itda_fused: its two scaled ITDA parts and the norm profile (Spearman of every token's activation
     # norm), each matrix standardised over its entries, summed
     def norms(lm):
         hps = [Hookpoint("resid_post", layer) for layer in range(res.matrices["itda_fused"].shape[0])]
@@ -145,5 +156,5 @@ def test_per_token_itda_measures_stream_every_token_leave_one_out():
         return [torch.cat([b[hp].dense() for b in batches]).norm(dim=1).numpy() for hp in hps]
 
     norm = np.array([[spearmanr(p, q).statistic for q in norms(lm_b)] for p in norms(lm_a)])
-    parts = [res.matrices["itda_recon_cka"], res.matrices["itda_loss_profile"], norm]
+    parts = [res.matrices["itda_scaled_cka"], res.matrices["itda_scaled_procrustes"], norm]
     np.testing.assert_allclose(res.matrices["itda_fused"], sum((s - s.mean()) / s.std() for s in parts), atol=1e-5)

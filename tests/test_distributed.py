@@ -103,7 +103,7 @@ def test_compare_over_two_ranks_equals_one_process_over_the_interleaved_chunks(t
     (ma, mb), docs = _model_dirs(tmp_path), sample_docs(40, seed=4)
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    measures = "cka,procrustes,relative,itda_relative,itda_loss_profile,itda_recon_cka,itda_fused,jaccard"
+    measures = "cka,procrustes,relative,itda_relative,itda_loss_profile,itda_recon_cka,itda_scaled_procrustes,itda_fused,jaccard"
     out = tmp_path / "cmp"
     cmd, env = _torchrun(["compare", str(ma), str(mb), "--corpus", str(corpus), "--tokens", "3000", "--context", "32",
                           "--batch-tokens", "512", "--measures", measures, "--k", "8", "--max-rows", "700", "--out", str(out), "-q"])
@@ -112,13 +112,14 @@ def test_compare_over_two_ranks_equals_one_process_over_the_interleaved_chunks(t
     assert "split over 2 ranks" in r.stdout and r.stdout.count("paired tokens") == 1  # rank 0 alone reports
     got = {m: np.array(json.loads((out / f"{m}.json").read_text())["matrix"])
            for m in ("cka", "cka_debiased", "procrustes", "relative", "itda_relative", "jaccard_raw", "jaccard_crop",
-                     "itda_loss_profile", "itda_recon_cka", "itda_fused")}
+                     "itda_loss_profile", "itda_recon_cka", "itda_scaled_procrustes", "itda_fused")}
     kw = dict(tokens=3000, measures=["cka", "cka_debiased", "procrustes", "relative", "itda_relative", "itda_loss_profile",
-                                     "itda_recon_cka", "itda_fused", "jaccard"],
+                                     "itda_recon_cka", "itda_scaled_procrustes", "itda_fused", "jaccard"],
               context=32, batch_tokens=512, k=8, max_rows=700, progress=False)
     lm_a, lm_b = load_model(str(ma)), load_model(str(mb))
     ref = compare_models(lm_a, lm_b, docs, list(range(len(docs))), interleave=2, **kw)
-    for m in ("cka", "cka_debiased", "procrustes", "itda_loss_profile", "itda_recon_cka", "itda_fused"):  # up to summation order
+    for m in ("cka", "cka_debiased", "procrustes", "itda_loss_profile", "itda_recon_cka", "itda_scaled_procrustes",
+              "itda_fused"):  # up to summation order
         np.testing.assert_allclose(got[m], ref.matrices[m], rtol=1e-9, atol=1e-12)
     for m in ("relative", "itda_relative", "jaccard_raw", "jaccard_crop"):  # same rows, same dictionaries
         np.testing.assert_array_equal(got[m], ref.matrices[m])

@@ -27,9 +27,13 @@ leave-one-out (a row that is an atom is encoded without its own atom), the defin
   own dictionary, of the unit centred token, renormalised to unit length): linear CKA between the two
   layers' [N, d] reconstructions. CKA in the geometry ITDA works in (directions, not norms,
   so a few high-norm tokens cannot dominate), seen through the dictionary.
-- `itda_fused` (grids only): z(itda_recon_cka) + z(itda_loss_profile) + z(norm profile), each
-  [L_A, L_B] matrix standardised over its entries; the norm profile is the Spearman correlation
-  across tokens of the activation norms (`itda.compare.per_token.fused_grid`).
+- `itda_scaled_cka`, `itda_scaled_procrustes`: the same reconstructions, each scaled by its
+  centred row's norm ||x_t - mu|| (ITDA's reconstruction of the centred activation), compared by
+  linear CKA and by orthogonal Procrustes similarity (nuclear norm of the centred cross-covariance
+  over the two Frobenius norms).
+- `itda_fused` (grids only): z(itda_scaled_cka) + z(itda_scaled_procrustes) + z(norm profile),
+  each [L_A, L_B] matrix standardised over its entries; the norm profile is the Spearman
+  correlation across tokens of the activation norms (`itda.compare.per_token.fused_grid`).
 All but itda_fused are symmetric and lie in [-1, 1] (mostly [0, 1]); 1 for a layer against
 itself. itda_fused is a score relative to the grid (mean 0 per part), for ranking layers.
 """
@@ -42,14 +46,15 @@ import numpy as np
 import torch
 
 from itda.build import build_dictionary
-from itda.compare.per_token import FUSED_PARTS, fused_grid, spearman_grid, token_parts, unit_rows
+from itda.compare.per_token import FUSED_PARTS, fused_grid, scaled_recon, spearman_grid, token_parts, unit_rows
 from itda.evaluate.metrics import recon_terms
 from itda.pursuit import matching_pursuit
 from itda.pursuit.codes import atom_totals
 
-ITDA_MEASURES = ("itda_recon_cka", "itda_loss_profile", "itda_code_overlap", "itda_cross_recon", "itda_relative",
-                 "itda_code_cosine", "itda_fused")
-PER_TOKEN = ("itda_recon_cka", "itda_loss_profile", "itda_fused")  # every row, leave-one-out (layer_sample(per_token=True))
+ITDA_MEASURES = ("itda_recon_cka", "itda_loss_profile", "itda_scaled_cka", "itda_scaled_procrustes", "itda_code_overlap",
+                 "itda_cross_recon", "itda_relative", "itda_code_cosine", "itda_fused")
+# every row, leave-one-out (layer_sample(per_token=True))
+PER_TOKEN = ("itda_recon_cka", "itda_loss_profile", "itda_scaled_cka", "itda_scaled_procrustes", "itda_fused")
 
 
 @dataclass
@@ -61,6 +66,8 @@ class LayerSample:
     # per-token parts (None unless layer_sample(per_token=True)), of the rows centred by their mean:
     loss: torch.Tensor | None  # [N] every centred row's MP loss over the dictionary of all centred rows, leave-one-out
     recon: torch.Tensor | None  # [N, d] every centred row's reconstruction (the same MP), unit length
+    norm: torch.Tensor | None  # [N] every row's activation norm ||x_t|| (uncentred: the norm profile)
+    centred_norm: torch.Tensor | None  # [N] every centred row's norm ||x_t - mu|| (the scaled reconstructions)
     anchors_all: torch.Tensor | None  # [M'] rows kept by the dictionary built over all centred rows
 
     @property
@@ -93,13 +100,15 @@ def layer_sample(x_ND: torch.Tensor, k: int = 40, min_cosine: float = 0.85, fit:
     anchors = dictionary_rows(unit[:n_fit], k, min_cosine, batch)
     _, cos = _mp_cosine(unit[n_fit:], unit[anchors], k)
     if not per_token:
-        return LayerSample(unit, anchors, n_fit, cos, None, None, None)
-    centred = unit_rows(x_ND.double() - x_ND.double().mean(0))
+        return LayerSample(unit, anchors, n_fit, cos, None, None, None, None, None)
+    centred_ND = x_ND.double() - x_ND.double().mean(0)
+    centred = unit_rows(centred_ND)
     every = dictionary_rows(centred, k, min_cosine, batch)
     own = torch.full((unit.shape[0],), -1, dtype=torch.int64)
     own[every] = torch.arange(len(every))
     recon, loss = token_parts(centred, centred[every], own, k)
-    return LayerSample(unit, anchors, n_fit, cos, loss, recon, every)
+    return LayerSample(unit, anchors, n_fit, cos, loss, recon, x_ND.to(torch.float32).norm(dim=1),
+                       centred_ND.norm(dim=1).float(), every)
 
 
 def _linear_cka(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -108,6 +117,13 @@ def _linear_cka(a: torch.Tensor, b: torch.Tensor) -> float:
     num = float((a.T @ b).pow(2).sum())
     den = float((a.T @ a).norm() * (b.T @ b).norm())
     return num / den if den > 0 else 0.0
+
+
+def _procrustes(a: torch.Tensor, b: torch.Tensor) -> float:
+    a = a.double() - a.double().mean(0)
+    b = b.double() - b.double().mean(0)
+    den = float(a.norm() * b.norm())
+    return float(torch.linalg.svdvals(a.T @ b).sum()) / den if den > 0 else 0.0
 
 
 def _code_agreement(ca, cb) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,6 +147,12 @@ def pair_similarities(a: LayerSample, b: LayerSample, k: int = 40, measures=ITDA
         out["itda_recon_cka"] = _linear_cka(a.recon, b.recon)
     if "itda_loss_profile" in measures:
         out["itda_loss_profile"] = float(spearman_grid(a.loss[None], b.loss[None])[0, 0])
+    if {"itda_scaled_cka", "itda_scaled_procrustes"} & set(measures):
+        xa, xb = scaled_recon(a.recon, a.centred_norm), scaled_recon(b.recon, b.centred_norm)
+        if "itda_scaled_cka" in measures:
+            out["itda_scaled_cka"] = _linear_cka(xa, xb)
+        if "itda_scaled_procrustes" in measures:
+            out["itda_scaled_procrustes"] = _procrustes(xa, xb)
     shared = torch.unique(torch.cat([a.anchors, b.anchors]))
     need_codes = {"itda_code_overlap", "itda_code_cosine"} & set(measures)
     if need_codes:
@@ -161,7 +183,8 @@ def itda_grids(xs: list[torch.Tensor], ys: list[torch.Tensor] | None, measures=I
     """[L_A, L_B] matrices of the requested ITDA measures; ys=None compares xs with itself."""
     wanted = tuple(measures)
     if "itda_fused" in wanted:  # from its parts, computed here whether asked for or not
-        measures = tuple(dict.fromkeys([m for m in wanted if m != "itda_fused"] + ["itda_recon_cka", "itda_loss_profile"]))
+        measures = tuple(dict.fromkeys([m for m in wanted if m != "itda_fused"]
+                                       + [m for m in FUSED_PARTS if m in ITDA_MEASURES]))
     per_token = bool(set(PER_TOKEN) & set(measures))
     sa = [layer_sample(x, k, min_cosine, fit, per_token=per_token) for x in xs]
     sb = sa if ys is None else [layer_sample(y, k, min_cosine, fit, per_token=per_token) for y in ys]
@@ -175,7 +198,6 @@ def itda_grids(xs: list[torch.Tensor], ys: list[torch.Tensor] | None, measures=I
             for m, v in pair_similarities(a, b, k, measures).items():
                 grids[m][i, j] = v
     if "itda_fused" in wanted:
-        norms = [torch.stack([v.to(torch.float32).norm(dim=1) for v in side]) for side in (xs, xs if ys is None else ys)]
-        grids["norm_profile"] = spearman_grid(*norms)
+        grids["norm_profile"] = spearman_grid(torch.stack([s.norm for s in sa]), torch.stack([s.norm for s in sb]))
         grids["itda_fused"] = fused_grid({m: grids[m] for m in FUSED_PARTS})
     return {m: grids[m] for m in wanted}

@@ -1,5 +1,6 @@
 """Per-token ITDA measures over every compared token, in bounded memory (itda_loss_profile,
-itda_recon_cka), from centred dictionaries a comparison built over its whole stream.
+itda_recon_cka, itda_scaled_cka, itda_scaled_procrustes, itda_fused), from centred dictionaries a
+comparison built over its whole stream.
 
 Each layer's activations are centred first (minus a fixed per-layer mean: over the first document
 chunk when streaming, over the sample in memory), and the layer's dictionary is built over the
@@ -13,9 +14,13 @@ token is scored by an atom made from it. Per token and layer this gives the MP l
   per token and layer is kept).
 - itda_recon_cka: linear CKA between the two layers' reconstructions, from exact float64 running
   sums (`StreamingCKAGrid`, zero pilot means: the rows have unit length).
-- itda_fused: both of them and the norm profile (Spearman correlation across tokens of the
-  activation norms ||x_t||, the one thing unit rows drop), each [L_A, L_B] matrix standardised
-  over its entries, summed (`fused_grid`). A third of it needs no dictionary.
+- itda_scaled_cka, itda_scaled_procrustes: linear CKA and orthogonal Procrustes similarity between
+  the two layers' reconstructions each scaled by its centred row's norm ||x_t - mu|| (ITDA's
+  reconstruction of the centred activation: its direction through the dictionary, its length
+  kept, the one thing unit rows drop), exact float64 sums as above.
+- itda_fused: itda_scaled_cka, itda_scaled_procrustes and the norm profile (Spearman correlation
+  across tokens of the activation norms ||x_t||), each [L_A, L_B] matrix standardised over its
+  entries, summed (`fused_grid`). A third of it needs no dictionary.
 `token_parts` is the per-layer step, shared with the in-memory measures (`itda_measures`).
 """
 
@@ -52,6 +57,11 @@ def token_parts(unit_ND: torch.Tensor, atoms_MD: torch.Tensor, own_N: torch.Tens
     return unit_rows(recon), (2 - 2 * cos) / unit_ND.shape[1]
 
 
+def scaled_recon(recon_LND: torch.Tensor, norm_LN: torch.Tensor) -> torch.Tensor:
+    """Unit reconstructions scaled by their rows' norms (float64): ITDA's reconstruction of the row."""
+    return recon_LND.double() * norm_LN.double()[..., None]
+
+
 def spearman_grid(loss_a_LN: torch.Tensor, loss_b_LN: torch.Tensor) -> np.ndarray:
     """[L_A, L_B] Spearman correlations across tokens (average ranks for ties; 0 for a constant row)."""
     from scipy.stats import rankdata
@@ -65,7 +75,8 @@ def spearman_grid(loss_a_LN: torch.Tensor, loss_b_LN: torch.Tensor) -> np.ndarra
     return (normed(loss_a_LN) @ normed(loss_b_LN).T).numpy()
 
 
-FUSED_PARTS = ("itda_recon_cka", "itda_loss_profile", "norm_profile")
+FUSED_PARTS = ("itda_scaled_cka", "itda_scaled_procrustes", "norm_profile")
+SCALED = ("itda_scaled_cka", "itda_scaled_procrustes")
 
 
 def fused_grid(parts: dict[str, np.ndarray]) -> np.ndarray:
@@ -111,23 +122,33 @@ class PerTokenGrid:
         self.b = None if basis_b is None else [_LayerIndex(d, c) for d, c in zip(basis_b.dictionaries, basis_b.centres_LD)]
         # per side, per-token columns [L, n] of each profile: MP loss and activation norm
         self.profiles = {side: {"loss": [], "norm": []} for side in ("a", "b")}
-        self.grid = None
-        if "itda_recon_cka" in self.needed:
-            self.grid = StreamingCKAGrid("float64")
-            da = basis_a.centres_LD.shape[1]
-            db = da if basis_b is None else basis_b.centres_LD.shape[1]
-            self.grid.set_pilots(torch.zeros(len(self.a), da), torch.zeros(len(self.b or self.a), db))
+        da = basis_a.centres_LD.shape[1]
+        db = da if basis_b is None else basis_b.centres_LD.shape[1]
 
-    def _side(self, side: str, index: list[_LayerIndex], xs: list[torch.Tensor], refs: torch.Tensor) -> torch.Tensor:
-        """This side's unit reconstructions [L, n, d]; its losses and norms appended to its profiles."""
-        recon, loss = [], []
+        def grid_if(wanted: bool) -> StreamingCKAGrid | None:
+            if not wanted:
+                return None
+            grid = StreamingCKAGrid("float64")
+            grid.set_pilots(torch.zeros(len(self.a), da), torch.zeros(len(self.b or self.a), db))
+            return grid
+
+        self.unit_grid = grid_if("itda_recon_cka" in self.needed)  # unit reconstructions
+        self.scaled_grid = grid_if(bool(set(SCALED) & self.needed))  # reconstructions x ||x_t||
+
+    def _side(self, side: str, index: list[_LayerIndex], xs: list[torch.Tensor], refs: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This side's (unit reconstructions [L, n, d], centred norms ||x_t - mu|| [L, n]); its
+        losses and (uncentred) norms appended to its profiles."""
+        recon, loss, centred_norm = [], [], []
         for layer, x in zip(index, xs):
-            r, s = token_parts(unit_rows(x.to(torch.float32) - layer.centre), layer.atoms, layer.own(refs), self.k)
+            centred = x.to(torch.float32) - layer.centre
+            r, s = token_parts(unit_rows(centred), layer.atoms, layer.own(refs), self.k)
             recon.append(r)
             loss.append(s)
+            centred_norm.append(centred.norm(dim=1))
         self.profiles[side]["loss"].append(torch.stack(loss))
         self.profiles[side]["norm"].append(torch.stack([x.to(torch.float32).norm(dim=1) for x in xs]))
-        return torch.stack(recon)
+        return torch.stack(recon), torch.stack(centred_norm)
 
     def update(self, xs: list[torch.Tensor], refs_a: torch.Tensor, ys: list[torch.Tensor] | None,
                refs_b: torch.Tensor | None) -> None:
@@ -135,10 +156,12 @@ class PerTokenGrid:
         and the same tokens in B (ys=None when B is A)."""
         if not len(xs[0]):
             return
-        recon_a = self._side("a", self.a, xs, refs_a)
-        recon_b = recon_a if self.b is None else self._side("b", self.b, ys, refs_b)
-        if self.grid is not None:
-            self.grid.update(recon_a, recon_b)
+        recon_a, norm_a = self._side("a", self.a, xs, refs_a)
+        recon_b, norm_b = (recon_a, norm_a) if self.b is None else self._side("b", self.b, ys, refs_b)
+        if self.unit_grid is not None:
+            self.unit_grid.update(recon_a, recon_b)
+        if self.scaled_grid is not None:
+            self.scaled_grid.update(scaled_recon(recon_a, norm_a), scaled_recon(recon_b, norm_b))
 
     def sum_over(self, exchange) -> None:
         """Under torchrun: every rank's profiles and CKA sums combined (rank order; the measures do
@@ -148,8 +171,9 @@ class PerTokenGrid:
         both = exchange.gather_rows(torch.cat(cols).T.contiguous()).T
         for (side, name), part in zip(keys, torch.split(both, [len(c) for c in cols])):
             self.profiles[side][name] = [part]
-        if self.grid is not None:
-            self.grid.sum_over(exchange)
+        for grid in (self.unit_grid, self.scaled_grid):
+            if grid is not None:
+                grid.sum_over(exchange)
 
     def profile(self, side: str, name: str) -> torch.Tensor:
         """[L, n]: the per-token column of `name` (loss or norm) for side a or b (B is A: side a)."""
@@ -163,8 +187,11 @@ class PerTokenGrid:
             out["itda_loss_profile"] = spearman_grid(self.profile("a", "loss"), self.profile("b", "loss"))
         if "norm_profile" in self.needed:
             out["norm_profile"] = spearman_grid(self.profile("a", "norm"), self.profile("b", "norm"))
-        if self.grid is not None:
-            out["itda_recon_cka"] = self.grid.matrices(procrustes=False)["cka"]
+        if self.unit_grid is not None:
+            out["itda_recon_cka"] = self.unit_grid.matrices(procrustes=False)["cka"]
+        if self.scaled_grid is not None:
+            m = self.scaled_grid.matrices(procrustes="itda_scaled_procrustes" in self.needed)
+            out["itda_scaled_cka"], out["itda_scaled_procrustes"] = m["cka"], m["procrustes"]
         if "itda_fused" in self.needed:
             out["itda_fused"] = fused_grid(out)
         return {m: out[m] for m in self.measures}

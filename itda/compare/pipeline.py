@@ -5,9 +5,10 @@ position) when the tokenizers are the same and by (document, char_end) otherwise
 end at the same character have read the same text). Every layer of each model is captured in
 one forward pass per batch of documents; the pass feeds the streaming CKA grid (all layer
 pairs), a bounded sample of paired rows for the in-memory measures, and one ITDA dictionary
-per layer for the Jaccard measures (and, for itda_loss_profile / itda_recon_cka, one per layer over
-rows centred by the first document chunk's mean). Those two take a second pass that encodes every
-paired token over the centred dictionaries (itda.compare.per_token).
+per layer for the Jaccard measures (and, for the per-token ITDA measures: itda_fused,
+itda_scaled_*, itda_loss_profile, itda_recon_cka, one per layer over rows centred by the first
+document chunk's mean). Those take a second pass that encodes every paired token over the
+centred dictionaries (itda.compare.per_token).
 """
 
 from __future__ import annotations

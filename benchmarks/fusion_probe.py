@@ -1,0 +1,92 @@
+"""Probe: which ITDA-based parts, alone or combined, match layers best on every row (issue 9).
+
+Reads the matrices `layer_matching_suite.py --keep-grids` kept (out/suite_grids/<row> <a> <b>
+.safetensors: every measure's [L_A, L_B] matrix for one model pair) and scores candidate
+combinations without recomputing anything: each combination is a sum of matrices, each
+standardised over its entries (mean 0, std 1), as itda_fused is. Parts:
+  itda_recon_cka, itda_recon_procrustes   CKA / Procrustes of the unit leave-one-out reconstructions
+  itda_scaled_cka, itda_scaled_procrustes the same reconstructions scaled by ||x_t - mu||
+  itda_loss_profile, norm_profile         Spearman across tokens of MP losses / activation norms
+Accuracy without self-pairs per row, over all draws, and over the draws > 0 alone (a combination
+chosen by looking at draw 0 is tested on draws 1 and 2). Writes out/fusion_probe.json.
+Usage: python fusion_probe.py
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from safetensors.numpy import load_file
+
+from common import OUT, write_result
+from layer_matching_suite import BASELINES_GOAL, GRIDS, hits
+
+COMBOS = {
+    "loss+recon_cka+norm (first itda_fused)": ("itda_recon_cka", "itda_loss_profile", "norm_profile"),
+    "scaled_cka+scaled_proc+norm (itda_fused)": ("itda_scaled_cka", "itda_scaled_procrustes", "norm_profile"),
+    "scaled_proc+norm": ("itda_scaled_procrustes", "norm_profile"),
+    "scaled_cka+norm": ("itda_scaled_cka", "norm_profile"),
+    "recon_proc+norm": ("itda_recon_procrustes", "norm_profile"),
+    "recon_cka+recon_proc+norm": ("itda_recon_cka", "itda_recon_procrustes", "norm_profile"),
+    "scaled_cka+scaled_proc": ("itda_scaled_cka", "itda_scaled_procrustes"),
+    "recon_proc+scaled_proc+norm": ("itda_recon_procrustes", "itda_scaled_procrustes", "norm_profile"),
+    "recon_proc+scaled_cka+scaled_proc+norm": ("itda_recon_procrustes", "itda_scaled_cka", "itda_scaled_procrustes",
+                                               "norm_profile"),
+    "all_itda+norm": ("itda_recon_cka", "itda_recon_procrustes", "itda_scaled_cka", "itda_scaled_procrustes",
+                      "itda_loss_profile", "norm_profile"),
+}
+SINGLES = ("itda_recon_cka", "itda_recon_procrustes", "itda_scaled_cka", "itda_scaled_procrustes", "itda_loss_profile",
+           "norm_profile")
+
+
+def z(s: np.ndarray) -> np.ndarray:
+    return (s - s.mean()) / max(float(s.std()), 1e-12)
+
+
+def load_pairs() -> dict[str, list[tuple[int, dict[str, np.ndarray]]]]:
+    """{row: [(draw, {measure: matrix}) per model pair]} from the kept matrices."""
+    rows: dict[str, list[tuple[int, dict[str, np.ndarray]]]] = {}
+    for f in sorted(GRIDS.glob("*.safetensors")):
+        row, _, b = f.stem.rsplit(" ", 2)
+        draw = int(b[len("noisy"):]) if b.startswith("noisy") else 0
+        rows.setdefault(row, []).append((draw, load_file(str(f))))
+    return rows
+
+
+def scored(pair: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out = {m: pair[m] for m in (*BASELINES_GOAL, *SINGLES) if m in pair}
+    for name, parts in COMBOS.items():
+        if all(p in pair for p in parts):
+            out[name] = sum(z(pair[p]) for p in parts)
+    return out
+
+
+def analyse() -> dict:
+    rows = load_pairs()
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for row, pairs in rows.items():
+        for subset, keep in (("all", lambda d: True), ("held_out", lambda d: d > 0)):
+            decisions: dict[str, list[np.ndarray]] = {}
+            for draw, pair in pairs:
+                if keep(draw):
+                    for m, s in scored(pair).items():
+                        decisions.setdefault(m, []).append(hits(s))
+            if decisions:
+                table.setdefault(subset, {})[row] = {m: float(np.concatenate(h).mean()) for m, h in decisions.items()}
+    for subset, t in table.items():
+        print(f"\n{subset}: accuracy without self-pairs; 'short' = rows below the best goal baseline")
+        best = {r: max(v[m] for m in BASELINES_GOAL) for r, v in t.items()}
+        for m in next(iter(t.values())):
+            short = [r for r in t if t[r][m] < best[r] - 1e-9]
+            print(f"{m:44s} mean {np.mean([t[r][m] for r in t]):.3f}  short {len(short)}: "
+                  + ", ".join(f"{r} {t[r][m]:.2f}<{best[r]:.2f}" for r in short))
+        print(f"{'best goal baseline per row':44s} mean {np.mean(list(best.values())):.3f}")
+    return table
+
+
+def main() -> None:
+    table = analyse()
+    write_result("fusion_probe", {"combos": {k: list(v) for k, v in COMBOS.items()}, "accuracy": table})
+
+
+if __name__ == "__main__":
+    main()
