@@ -31,7 +31,10 @@ Writes out/layer_matching_suite.json (merged per benchmark).
 With --draws N each noise level is N copies (noise seeds 0..N-1, draw d > 0 cached as
 out/suite_samples_<model>_<rows>_draw<d>.pt), each against the base: one row per level over all
 of them (one noise draw decides a row by several layers; RESULTS.md).
+--keep-grids writes every model pair's matrices (all measures) to out/suite_grids/ for
+fusion_probe.py; --no-self skips the self-pairs (then no accuracy with self-pairs is reported).
 Usage: python benchmarks/layer_matching_suite.py [--benchmarks seeds checkpoints smollm2 gemma3] [--full] [--draws 1]
+       [--keep-grids] [--no-self]
 """
 
 from __future__ import annotations
@@ -154,8 +157,7 @@ def grids(a: Prepared, b: Prepared, full_layers: list[int] | None, itda_k: int) 
     out = {m: mats[m] for m in ("cka", "cka_debiased", "procrustes")}
     out["svcca"] = np.array([[_svcca_pair(p, q) for q in b.svcca] for p in a.svcca])
     out["relative"] = np.array([[_relative_pair(p, q) for q in b.relative] for p in a.relative])
-    recon = cka_grid(a.recon, b.recon, procrustes=True)
-    out["itda_recon_cka"], out["itda_recon_procrustes"] = recon["cka"], recon["procrustes"]
+    out["itda_recon_cka"] = cka_grid(a.recon, b.recon)["cka"]
     out["itda_loss_profile"] = spearman_grid(a.loss, b.loss)
     scaled = cka_grid(a.scaled, b.scaled, procrustes=True)
     out["itda_scaled_cka"], out["itda_scaled_procrustes"] = scaled["cka"], scaled["procrustes"]
@@ -189,7 +191,8 @@ def hits(s: np.ndarray) -> np.ndarray:
 def score(per_pair: dict[tuple[str, str], np.ndarray]) -> dict:
     cross = {k: s for k, s in per_pair.items() if k[0] != k[1]}
     return {"without_self": float(np.mean(np.concatenate([hits(s) for s in cross.values()]))),
-            "with_self": float(np.mean(np.concatenate([hits(s) for s in per_pair.values()]))),
+            "with_self": (float(np.mean(np.concatenate([hits(s) for s in per_pair.values()])))
+                          if len(cross) < len(per_pair) else None),
             "margin": float(np.mean([margin(s) for s in cross.values()] + [margin(s.T) for s in cross.values()]))}
 
 
@@ -216,7 +219,7 @@ def run_pairs(models: dict[str, list[torch.Tensor]], pairs: list[tuple[str, str]
             t0 = time.perf_counter()
             prepared[n] = Prepared(models[n], args.itda_k, args.itda_cos)
             print(f"  prepared {n} ({len(models[n])} layers): {time.perf_counter() - t0:.0f}s", flush=True)
-    for a, b in [(n, n) for n in names] + pairs:
+    for a, b in ([] if args.no_self else [(n, n) for n in names]) + pairs:
         t0 = time.perf_counter()
         key = ("grid", a, b)
         if key not in prepared:
@@ -329,6 +332,7 @@ def main() -> None:
     ap.add_argument("--itda-cos", type=float, default=0.85)
     ap.add_argument("--draws", type=int, default=1, help="noise draws per level (seeds 0..N-1), each copy vs the base")
     ap.add_argument("--full", action="store_true", help="also the costly ITDA measures, on SUBSET's layers")
+    ap.add_argument("--no-self", action="store_true", help="skip the self-pairs (no accuracy with self-pairs; faster)")
     ap.add_argument("--keep-grids", action="store_true", help="write every pair's matrices to out/suite_grids/")
     ap.add_argument("--name", default="layer_matching_suite", help="result file out/NAME.json (merged into if it exists)")
     args = ap.parse_args()
