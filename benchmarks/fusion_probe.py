@@ -4,8 +4,8 @@ Reads the matrices `layer_matching_suite.py --keep-grids` kept (out/suite_grids/
 .safetensors: every measure's [L_A, L_B] matrix for one model pair) and scores candidate
 combinations without recomputing anything: each combination is a sum of matrices, each
 standardised over its entries (mean 0, std 1), as itda_fused is. Parts:
-  itda_recon_cka, itda_recon_procrustes   CKA / Procrustes of the unit leave-one-out reconstructions
-  itda_scaled_cka, itda_scaled_procrustes the same reconstructions scaled by ||x_t - mu||
+  itda_recon_cka                          CKA of the unit leave-one-out reconstructions
+  itda_scaled_cka, itda_scaled_procrustes CKA / Procrustes of the same scaled by ||x_t - mu||
   itda_loss_profile, norm_profile         Spearman across tokens of MP losses / activation norms
 Accuracy without self-pairs per row, over all draws, and over the draws > 0 alone (a combination
 chosen by looking at draw 0 is tested on draws 1 and 2). Writes out/fusion_probe.json.
@@ -22,19 +22,17 @@ from layer_matching_suite import BASELINES_GOAL, GRIDS, hits
 
 COMBOS = {
     "loss+recon_cka+norm (first itda_fused)": ("itda_recon_cka", "itda_loss_profile", "norm_profile"),
-    "scaled_cka+scaled_proc+norm (itda_fused)": ("itda_scaled_cka", "itda_scaled_procrustes", "norm_profile"),
+    "scaled_cka+scaled_proc+norm": ("itda_scaled_cka", "itda_scaled_procrustes", "norm_profile"),
+    "recon_cka+norm": ("itda_recon_cka", "norm_profile"),
+    "loss+norm": ("itda_loss_profile", "norm_profile"),
     "scaled_proc+norm": ("itda_scaled_procrustes", "norm_profile"),
     "scaled_cka+norm": ("itda_scaled_cka", "norm_profile"),
-    "recon_proc+norm": ("itda_recon_procrustes", "norm_profile"),
-    "recon_cka+recon_proc+norm": ("itda_recon_cka", "itda_recon_procrustes", "norm_profile"),
     "scaled_cka+scaled_proc": ("itda_scaled_cka", "itda_scaled_procrustes"),
-    "recon_proc+scaled_proc+norm": ("itda_recon_procrustes", "itda_scaled_procrustes", "norm_profile"),
-    "recon_proc+scaled_cka+scaled_proc+norm": ("itda_recon_procrustes", "itda_scaled_cka", "itda_scaled_procrustes",
-                                               "norm_profile"),
-    "all_itda+norm": ("itda_recon_cka", "itda_recon_procrustes", "itda_scaled_cka", "itda_scaled_procrustes",
-                      "itda_loss_profile", "norm_profile"),
+    "recon_cka+scaled_proc+norm": ("itda_recon_cka", "itda_scaled_procrustes", "norm_profile"),
+    "recon_cka+scaled_cka+scaled_proc+norm": ("itda_recon_cka", "itda_scaled_cka", "itda_scaled_procrustes", "norm_profile"),
+    "all_itda+norm": ("itda_recon_cka", "itda_scaled_cka", "itda_scaled_procrustes", "itda_loss_profile", "norm_profile"),
 }
-SINGLES = ("itda_recon_cka", "itda_recon_procrustes", "itda_scaled_cka", "itda_scaled_procrustes", "itda_loss_profile",
+SINGLES = ("itda_recon_cka", "itda_scaled_cka", "itda_scaled_procrustes", "itda_loss_profile",
            "norm_profile")
 
 
