@@ -3,10 +3,12 @@
 Reads the matrices `layer_matching_suite.py --keep-grids` kept (out/suite_grids/<row> <a> <b>
 .safetensors: every measure's [L_A, L_B] matrix for one model pair) and scores candidate
 combinations without recomputing anything: each combination is a sum of matrices, each
-standardised over its entries (mean 0, std 1), as itda_fused is. Parts:
+standardised over its entries (mean 0, std 1), as itda_fused is, and again with each part
+standardised per row for the row decisions and per column for the column decisions. Parts:
   itda_recon_cka                          CKA of the unit leave-one-out reconstructions
   itda_scaled_cka, itda_scaled_procrustes CKA / Procrustes of the same scaled by ||x_t - mu||
   itda_loss_profile, norm_profile         Spearman across tokens of MP losses / activation norms
+  jaccard                                 Jaccard of the two layers' atom sets (by token)
 Accuracy without self-pairs per row, over all draws, and over the draws > 0 alone (a combination
 chosen by looking at draw 0 is tested on draws 1 and 2). Writes out/fusion_probe.json.
 Usage: python fusion_probe.py
@@ -30,9 +32,11 @@ COMBOS = {
     "scaled_cka+scaled_proc": ("itda_scaled_cka", "itda_scaled_procrustes"),
     "recon_cka+scaled_proc+norm": ("itda_recon_cka", "itda_scaled_procrustes", "norm_profile"),
     "recon_cka+scaled_cka+scaled_proc+norm": ("itda_recon_cka", "itda_scaled_cka", "itda_scaled_procrustes", "norm_profile"),
+    "loss+recon_cka+jaccard": ("itda_recon_cka", "itda_loss_profile", "jaccard"),
+    "loss+recon_cka+jaccard+norm": ("itda_recon_cka", "itda_loss_profile", "jaccard", "norm_profile"),
     "all_itda+norm": ("itda_recon_cka", "itda_scaled_cka", "itda_scaled_procrustes", "itda_loss_profile", "norm_profile"),
 }
-SINGLES = ("itda_recon_cka", "itda_scaled_cka", "itda_scaled_procrustes", "itda_loss_profile",
+SINGLES = ("jaccard", "itda_recon_cka", "itda_scaled_cka", "itda_scaled_procrustes", "itda_loss_profile",
            "norm_profile")
 
 
@@ -50,11 +54,23 @@ def load_pairs() -> dict[str, list[tuple[int, dict[str, np.ndarray]]]]:
     return rows
 
 
-def scored(pair: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    out = {m: pair[m] for m in (*BASELINES_GOAL, *SINGLES) if m in pair}
+def z_lines(s: np.ndarray, axis: int) -> np.ndarray:
+    """Each row (axis=1) or column (axis=0) standardised on its own."""
+    return (s - s.mean(axis, keepdims=True)) / np.maximum(s.std(axis, keepdims=True), 1e-12)
+
+
+def decisions(pair: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per measure or combination, its argmax hits (rows of S, then of S^T). A combination sums its
+    parts standardised over all entries (as itda_fused) and, as '<name> [per line]', standardised
+    per row for the row decisions and per column for the column decisions."""
+    out = {m: hits(pair[m]) for m in (*BASELINES_GOAL, *SINGLES) if m in pair}
     for name, parts in COMBOS.items():
         if all(p in pair for p in parts):
-            out[name] = sum(z(pair[p]) for p in parts)
+            out[name] = hits(sum(z(pair[p]) for p in parts))
+            by_row, by_col = (sum(z_lines(pair[p], axis) for p in parts) for axis in (1, 0))
+            n = min(by_row.shape)
+            out[name + " [per line]"] = np.concatenate([by_row[:n].argmax(1) == np.arange(n),
+                                                        by_col.T[:n].argmax(1) == np.arange(n)])
     return out
 
 
@@ -63,13 +79,13 @@ def analyse() -> dict:
     table: dict[str, dict[str, dict[str, float]]] = {}
     for row, pairs in rows.items():
         for subset, keep in (("all", lambda d: True), ("held_out", lambda d: d > 0)):
-            decisions: dict[str, list[np.ndarray]] = {}
+            got: dict[str, list[np.ndarray]] = {}
             for draw, pair in pairs:
                 if keep(draw):
-                    for m, s in scored(pair).items():
-                        decisions.setdefault(m, []).append(hits(s))
-            if decisions:
-                table.setdefault(subset, {})[row] = {m: float(np.concatenate(h).mean()) for m, h in decisions.items()}
+                    for m, h in decisions(pair).items():
+                        got.setdefault(m, []).append(h)
+            if got:
+                table.setdefault(subset, {})[row] = {m: float(np.concatenate(h).mean()) for m, h in got.items()}
     for subset, t in table.items():
         print(f"\n{subset}: accuracy without self-pairs; 'short' = rows below the best goal baseline")
         best = {r: max(v[m] for m in BASELINES_GOAL) for r, v in t.items()}
