@@ -24,7 +24,7 @@ from layer_matching_suite import BASELINES_GOAL, GRIDS, hits
 
 COMBOS = {
     "loss+recon_cka+norm (first itda_fused)": ("itda_recon_cka", "itda_loss_profile", "norm_profile"),
-    "scaled_cka+scaled_proc+norm": ("itda_scaled_cka", "itda_scaled_procrustes", "norm_profile"),
+    "scaled_cka+scaled_proc+norm (itda_fused)": ("itda_scaled_cka", "itda_scaled_procrustes", "norm_profile"),
     "recon_cka+norm": ("itda_recon_cka", "norm_profile"),
     "loss+norm": ("itda_loss_profile", "norm_profile"),
     "scaled_proc+norm": ("itda_scaled_procrustes", "norm_profile"),
@@ -74,9 +74,22 @@ def decisions(pair: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def analyse() -> dict:
+LIBRARY = "scaled_cka+scaled_proc+norm (itda_fused)"  # the library's itda_fused
+
+
+def mcnemar(ours: np.ndarray, base: np.ndarray) -> dict:
+    """Decisions only ours / only the baseline gets right, exact two-sided binomial p-value."""
+    from scipy.stats import binomtest
+
+    only_o, only_b = int((ours & ~base).sum()), int((base & ~ours).sum())
+    return {"only_ours": only_o, "only_baseline": only_b,
+            "p_value": float(binomtest(only_o, only_o + only_b).pvalue) if only_o + only_b else 1.0}
+
+
+def analyse() -> tuple[dict, dict]:
     rows = load_pairs()
     table: dict[str, dict[str, dict[str, float]]] = {}
+    significance: dict[str, dict] = {}
     for row, pairs in rows.items():
         for subset, keep in (("all", lambda d: True), ("held_out", lambda d: d > 0)):
             got: dict[str, list[np.ndarray]] = {}
@@ -85,7 +98,11 @@ def analyse() -> dict:
                     for m, h in decisions(pair).items():
                         got.setdefault(m, []).append(h)
             if got:
-                table.setdefault(subset, {})[row] = {m: float(np.concatenate(h).mean()) for m, h in got.items()}
+                got = {m: np.concatenate(h) for m, h in got.items()}
+                table.setdefault(subset, {})[row] = {m: float(h.mean()) for m, h in got.items()}
+                if subset == "all":
+                    best = max(BASELINES_GOAL, key=lambda m: got[m].mean())
+                    significance[row] = {"baseline": best, **mcnemar(got[LIBRARY], got[best])}
     for subset, t in table.items():
         print(f"\n{subset}: accuracy without self-pairs; 'short' = rows below the best goal baseline")
         best = {r: max(v[m] for m in BASELINES_GOAL) for r, v in t.items()}
@@ -94,12 +111,16 @@ def analyse() -> dict:
             print(f"{m:44s} mean {np.mean([t[r][m] for r in t]):.3f}  short {len(short)}: "
                   + ", ".join(f"{r} {t[r][m]:.2f}<{best[r]:.2f}" for r in short))
         print(f"{'best goal baseline per row':44s} mean {np.mean(list(best.values())):.3f}")
-    return table
+    print(f"\n{LIBRARY} vs the row's best goal baseline (all draws): only ours - only baseline, McNemar p")
+    for row, m in significance.items():
+        print(f"  {row:16s} {m['only_ours']:3d} - {m['only_baseline']:3d} vs {m['baseline']:13s} p = {m['p_value']:.2g}")
+    return table, significance
 
 
 def main() -> None:
-    table = analyse()
-    write_result("fusion_probe", {"combos": {k: list(v) for k, v in COMBOS.items()}, "accuracy": table})
+    table, significance = analyse()
+    write_result("fusion_probe", {"combos": {k: list(v) for k, v in COMBOS.items()}, "accuracy": table,
+                                  "mcnemar_itda_fused": significance})
 
 
 if __name__ == "__main__":

@@ -149,13 +149,13 @@ def test_per_token_measures_ignore_a_shared_offset(two_layers):
 
 
 def test_fused_is_the_standardised_sum_of_its_three_parts(two_layers):
-    """itda_fused = z(itda_recon_cka) + z(itda_loss_profile) + z(norm profile), each [L_A, L_B]
-    matrix standardised over its entries; the norm profile from scipy here."""
+    """itda_fused = z(itda_scaled_cka) + z(itda_scaled_procrustes) + z(norm profile), each
+    [L_A, L_B] matrix standardised over its entries; the norm profile from scipy here."""
     x, y = two_layers
     xs, ys = [x, y, x * (1 + torch.rand(600, 1, generator=torch.Generator().manual_seed(7)))], [y, x]
     got = itda_grids(xs, ys, ("itda_fused",), k=5, min_cosine=0.9)
     assert list(got) == ["itda_fused"] and got["itda_fused"].shape == (3, 2)
-    parts = itda_grids(xs, ys, ("itda_recon_cka", "itda_loss_profile"), k=5, min_cosine=0.9)
+    parts = itda_grids(xs, ys, ("itda_scaled_cka", "itda_scaled_procrustes"), k=5, min_cosine=0.9)
     parts["norm"] = np.array([[spearmanr(a.norm(dim=1).numpy(), b.norm(dim=1).numpy()).statistic for b in ys] for a in xs])
     want = sum((s - s.mean()) / s.std() for s in parts.values())
     np.testing.assert_allclose(got["itda_fused"], want, atol=1e-6)

@@ -148,7 +148,7 @@ def test_per_token_itda_measures_stream_every_token_leave_one_out():
         assert abs(res.matrices["itda_scaled_cka"][la, lb] - cka) < 2e-3
         assert abs(res.matrices["itda_scaled_procrustes"][la, lb] - proc) < 2e-3
 
-    # itda_fused: its two ITDA parts and the norm profile (Spearman of every token's activation
+    # itda_fused: its two scaled ITDA parts and the norm profile (Spearman of every token's activation
     # norm), each matrix standardised over its entries, summed
     def norms(lm):
         hps = [Hookpoint("resid_post", layer) for layer in range(res.matrices["itda_fused"].shape[0])]
@@ -156,5 +156,5 @@ def test_per_token_itda_measures_stream_every_token_leave_one_out():
         return [torch.cat([b[hp].dense() for b in batches]).norm(dim=1).numpy() for hp in hps]
 
     norm = np.array([[spearmanr(p, q).statistic for q in norms(lm_b)] for p in norms(lm_a)])
-    parts = [res.matrices["itda_recon_cka"], res.matrices["itda_loss_profile"], norm]
+    parts = [res.matrices["itda_scaled_cka"], res.matrices["itda_scaled_procrustes"], norm]
     np.testing.assert_allclose(res.matrices["itda_fused"], sum((s - s.mean()) / s.std() for s in parts), atol=1e-5)

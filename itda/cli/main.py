@@ -334,7 +334,7 @@ def compare(
     tokens: int = typer.Option(20_000, help="Models: tokens of A to read."),
     context: int = typer.Option(128),
     batch_tokens: int = typer.Option(4096, help="Models: tokens per forward pass (the unit torchrun ranks share out; the first one's mean centres the per-token ITDA measures)."),
-    measures: str = typer.Option("jaccard,itda_fused,itda_loss_profile,itda_recon_cka,cka,procrustes,svcca,relative", help="Comma list: jaccard, itda_fused, itda_scaled_procrustes, itda_scaled_cka, itda_loss_profile, itda_recon_cka, itda_relative, itda_code_overlap, itda_code_cosine, itda_cross_recon, cka, cka_debiased, procrustes, cka_rbf, svcca, pwcca, relative, mutual_knn."),
+    measures: str = typer.Option("jaccard,itda_fused,itda_recon_cka,cka,procrustes,svcca,relative", help="Comma list: jaccard, itda_fused, itda_scaled_procrustes, itda_scaled_cka, itda_loss_profile, itda_recon_cka, itda_relative, itda_code_overlap, itda_code_cosine, itda_cross_recon, cka, cka_debiased, procrustes, cka_rbf, svcca, pwcca, relative, mutual_knn."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for JSON, CSV and PNG heatmaps."),
     k: int = typer.Option(40, help="Models: MP steps for the dictionaries (Jaccard, ITDA measures)."),
     min_cosine: float = typer.Option(0.85, help="Models: dictionary threshold (Jaccard, ITDA measures)."),

@@ -18,9 +18,9 @@ token is scored by an atom made from it. Per token and layer this gives the MP l
   the two layers' reconstructions each scaled by its centred row's norm ||x_t - mu|| (ITDA's
   reconstruction of the centred activation: its direction through the dictionary, its length
   kept, the one thing unit rows drop), exact float64 sums as above.
-- itda_fused: itda_recon_cka, itda_loss_profile and the norm profile (Spearman correlation across
-  tokens of the activation norms ||x_t||, the one thing unit rows drop), each [L_A, L_B] matrix
-  standardised over its entries, summed (`fused_grid`). A third of it needs no dictionary.
+- itda_fused: itda_scaled_cka, itda_scaled_procrustes and the norm profile (Spearman correlation
+  across tokens of the activation norms ||x_t||), each [L_A, L_B] matrix standardised over its
+  entries, summed (`fused_grid`). A third of it needs no dictionary.
 `token_parts` is the per-layer step, shared with the in-memory measures (`itda_measures`).
 """
 
@@ -75,7 +75,7 @@ def spearman_grid(loss_a_LN: torch.Tensor, loss_b_LN: torch.Tensor) -> np.ndarra
     return (normed(loss_a_LN) @ normed(loss_b_LN).T).numpy()
 
 
-FUSED_PARTS = ("itda_recon_cka", "itda_loss_profile", "norm_profile")
+FUSED_PARTS = ("itda_scaled_cka", "itda_scaled_procrustes", "norm_profile")
 SCALED = ("itda_scaled_cka", "itda_scaled_procrustes")
 
 
