@@ -4,13 +4,15 @@ Reads the matrices `layer_matching_suite.py --keep-grids` kept (out/suite_grids/
 .safetensors: every measure's [L_A, L_B] matrix for one model pair) and scores candidate
 combinations without recomputing anything: each combination is a sum of matrices, each
 standardised over its entries (mean 0, std 1), as itda_fused is, and again with each part
-standardised per row for the row decisions and per column for the column decisions. Parts:
+standardised per row for the row decisions and per column for the column decisions, and with
+each part weighted by how decisively it picks a partner (`peak`, label-free). Parts:
   itda_recon_cka                          CKA of the unit leave-one-out reconstructions
   itda_scaled_cka, itda_scaled_procrustes CKA / Procrustes of the same scaled by ||x_t - mu||
   itda_loss_profile, norm_profile         Spearman across tokens of MP losses / activation norms
   jaccard                                 Jaccard of the two layers' atom sets (by token)
-Accuracy without self-pairs per row, over all draws, and over the draws > 0 alone (a combination
-chosen by looking at draw 0 is tested on draws 1 and 2). Writes out/fusion_probe.json.
+Accuracy without self-pairs per row over draws 0-2 (and the seeds / checkpoints), over draws 1-2
+alone, and over the fresh draws >= 3 (`layer_matching_suite.py --first-draw 3`), which were
+taken after itda_fused was chosen: its held-out test. Writes out/fusion_probe.json.
 Usage: python fusion_probe.py
 """
 
@@ -20,7 +22,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from common import OUT, write_result
-from layer_matching_suite import BASELINES_GOAL, GRIDS, hits
+from layer_matching_suite import BASELINES_GOAL, GRIDS, hits, plot_table
 
 COMBOS = {
     "loss+recon_cka+norm (first itda_fused)": ("itda_recon_cka", "itda_loss_profile", "norm_profile"),
@@ -59,6 +61,12 @@ def z_lines(s: np.ndarray, axis: int) -> np.ndarray:
     return (s - s.mean(axis, keepdims=True)) / np.maximum(s.std(axis, keepdims=True), 1e-12)
 
 
+def peak(s: np.ndarray) -> float:
+    """How decisively a matrix picks one partner per layer, from the matrix alone: the mean over its
+    rows and columns of (max - mean) / std."""
+    return float(np.mean([((m.max(1) - m.mean(1)) / np.maximum(m.std(1), 1e-12)).mean() for m in (s, s.T)]))
+
+
 def decisions(pair: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Per measure or combination, its argmax hits (rows of S, then of S^T). A combination sums its
     parts standardised over all entries (as itda_fused) and, as '<name> [per line]', standardised
@@ -71,9 +79,11 @@ def decisions(pair: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             n = min(by_row.shape)
             out[name + " [per line]"] = np.concatenate([by_row[:n].argmax(1) == np.arange(n),
                                                         by_col.T[:n].argmax(1) == np.arange(n)])
+            out[name + " [peak-weighted]"] = hits(sum(peak(pair[p]) * z(pair[p]) for p in parts))
     return out
 
 
+FRESH = 3  # noise draws from 3 on: taken after itda_fused was chosen (layer_matching_suite.py --first-draw 3)
 LIBRARY = "scaled_cka+scaled_proc+norm (itda_fused)"  # the library's itda_fused
 
 
@@ -91,7 +101,7 @@ def analyse() -> tuple[dict, dict]:
     table: dict[str, dict[str, dict[str, float]]] = {}
     significance: dict[str, dict] = {}
     for row, pairs in rows.items():
-        for subset, keep in (("all", lambda d: True), ("held_out", lambda d: d > 0)):
+        for subset, keep in (("all", lambda d: d < FRESH), ("held_out", lambda d: 0 < d < FRESH), ("fresh", lambda d: d >= FRESH)):
             got: dict[str, list[np.ndarray]] = {}
             for draw, pair in pairs:
                 if keep(draw):
@@ -100,9 +110,9 @@ def analyse() -> tuple[dict, dict]:
             if got:
                 got = {m: np.concatenate(h) for m, h in got.items()}
                 table.setdefault(subset, {})[row] = {m: float(h.mean()) for m, h in got.items()}
-                if subset == "all":
+                if subset in ("all", "fresh"):
                     best = max(BASELINES_GOAL, key=lambda m: got[m].mean())
-                    significance[row] = {"baseline": best, **mcnemar(got[LIBRARY], got[best])}
+                    significance.setdefault(subset, {})[row] = {"baseline": best, **mcnemar(got[LIBRARY], got[best])}
     for subset, t in table.items():
         print(f"\n{subset}: accuracy without self-pairs; 'short' = rows below the best goal baseline")
         best = {r: max(v[m] for m in BASELINES_GOAL) for r, v in t.items()}
@@ -111,14 +121,26 @@ def analyse() -> tuple[dict, dict]:
             print(f"{m:44s} mean {np.mean([t[r][m] for r in t]):.3f}  short {len(short)}: "
                   + ", ".join(f"{r} {t[r][m]:.2f}<{best[r]:.2f}" for r in short))
         print(f"{'best goal baseline per row':44s} mean {np.mean(list(best.values())):.3f}")
-    print(f"\n{LIBRARY} vs the row's best goal baseline (all draws): only ours - only baseline, McNemar p")
-    for row, m in significance.items():
-        print(f"  {row:16s} {m['only_ours']:3d} - {m['only_baseline']:3d} vs {m['baseline']:13s} p = {m['p_value']:.2g}")
+    for subset, rows_sig in significance.items():
+        print(f"\n{LIBRARY} vs the row's best goal baseline ({subset}): only ours - only baseline, McNemar p")
+        for row, m in rows_sig.items():
+            print(f"  {row:16s} {m['only_ours']:3d} - {m['only_baseline']:3d} vs {m['baseline']:13s} p = {m['p_value']:.2g}")
     return table, significance
+
+
+PLOTTED = {LIBRARY: "itda_fused", "loss+recon_cka+norm (first itda_fused)": "first itda_fused",
+           "itda_scaled_cka": "itda_scaled_cka", "itda_scaled_procrustes": "itda_scaled_procrustes",
+           "itda_recon_cka": "itda_recon_cka", "norm_profile": "norm_profile", "jaccard": "jaccard", "cka": "cka",
+           "cka_debiased": "cka_debiased", "procrustes": "procrustes", "svcca": "svcca"}
+ROWS = ("smollm2 0.05", "smollm2 0.1", "smollm2 0.2", "smollm2 0.3", "smollm2 0.4", "gemma3 0.1", "gemma3 0.2",
+        "gemma3 0.3", "seeds", "checkpoints")
 
 
 def main() -> None:
     table, significance = analyse()
+    for subset, t in table.items():  # heatmap: benchmarks x the library's measures
+        named = {r: {short: t[r][m] for m, short in PLOTTED.items()} for r in ROWS if r in t}
+        plot_table(named, list(PLOTTED.values()), OUT / f"fusion_probe_{subset}.png")
     write_result("fusion_probe", {"combos": {k: list(v) for k, v in COMBOS.items()}, "accuracy": table,
                                   "mcnemar_itda_fused": significance})
 

@@ -331,6 +331,8 @@ def main() -> None:
     ap.add_argument("--itda-k", type=int, default=40)
     ap.add_argument("--itda-cos", type=float, default=0.85)
     ap.add_argument("--draws", type=int, default=1, help="noise draws per level (seeds 0..N-1), each copy vs the base")
+    ap.add_argument("--first-draw", type=int, default=0, help="noise seeds first-draw..first-draw+draws-1 (the base from draw 0)")
+    ap.add_argument("--levels", type=float, nargs="+", default=None, help="only these noise levels")
     ap.add_argument("--full", action="store_true", help="also the costly ITDA measures, on SUBSET's layers")
     ap.add_argument("--no-self", action="store_true", help="skip the self-pairs (no accuracy with self-pairs; faster)")
     ap.add_argument("--keep-grids", action="store_true", help="write every pair's matrices to out/suite_grids/")
@@ -352,15 +354,16 @@ def main() -> None:
             losses["seeds"] = acts["loss"]
         else:
             model, levels = {"smollm2": ("smollm2-135m", NOISE_SMOLLM2), "gemma3": ("gemma3-270m", NOISE_GEMMA3)}[b]
-            draws = [cached(f"{b}_{args.rows}" + (f"_draw{d}" if d else ""),
-                            lambda m=model, lv=levels, d=d: noise_samples(args, m, lv, draw=d)) for d in range(args.draws)]
+            ids = list(range(args.first_draw, args.first_draw + args.draws))
+            draws = {d: cached(f"{b}_{args.rows}" + (f"_draw{d}" if d else ""),
+                               lambda m=model, lv=levels, d=d: noise_samples(args, m, lv, draw=d)) for d in sorted({0, *ids})}
             losses[b] = {f"{key}@draw{d}" if d else key: v
-                         for d, acts in enumerate(draws) for key, v in acts["loss"].items()}
+                         for d, acts in draws.items() if d in ids for key, v in acts["loss"].items()}
             pick = slice(None, None, STRIDE[b])
-            for level in levels:
+            for level in [lv for lv in levels if args.levels is None or lv in args.levels]:
                 models = {"base": draws[0]["base"][pick]}
-                models.update({f"noisy{d}": acts[str(level)][pick] for d, acts in enumerate(draws)})
-                pairs = [("base", f"noisy{d}") for d in range(args.draws)]
+                models.update({f"noisy{d}": draws[d][str(level)][pick] for d in ids})
+                pairs = [("base", f"noisy{d}") for d in ids]
                 args.row = f"{b} {level}"
                 results[f"{b} {level}"] = run_pairs(models, pairs, args, prepared)
                 for key in [k for k in prepared if "noisy" in str(k)]:
