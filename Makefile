@@ -52,8 +52,9 @@ bench: $(STAMP)
 # the slower issue-8/9/11 benchmarks (tens of minutes on 2 cores)
 bench-sae: $(STAMP)
 	cd benchmarks && ../$(PY) sae_init.py --steps 300 --eval-every 20
-	cd benchmarks && ../$(PY) layer_matching_suite.py --full
-	cd benchmarks && ../$(PY) layer_matching_suite.py --benchmarks gemma3 smollm2 --draws 3 --name layer_matching_suite_draws
+	cd benchmarks && ../$(PY) layer_matching_suite.py --full --keep-grids
+	cd benchmarks && ../$(PY) layer_matching_suite.py --benchmarks gemma3 smollm2 --draws 3 --keep-grids --name layer_matching_suite_draws
+	cd benchmarks && ../$(PY) fusion_probe.py
 	cd benchmarks && ../$(PY) norm_profile_probe.py
 	cd benchmarks && ../$(PY) jaccard_scale.py && ../$(PY) jaccard_scale.py --model seeds --tokens 131072 --k 7 --min-cosine 0.95
 	cd benchmarks && ../$(PY) compare_memory.py
