@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from itda.build import build_dictionary
+from itda.compare.measures import linear_cka
 from itda.compare.per_token import FUSED_PARTS, fused_grid, scaled_recon, spearman_grid, token_parts, unit_rows
 from itda.evaluate.metrics import recon_terms
 from itda.pursuit import matching_pursuit
@@ -119,13 +120,6 @@ def _linear_cka(a: torch.Tensor, b: torch.Tensor) -> float:
     return num / den if den > 0 else 0.0
 
 
-def _procrustes(a: torch.Tensor, b: torch.Tensor) -> float:
-    a = a.double() - a.double().mean(0)
-    b = b.double() - b.double().mean(0)
-    den = float(a.norm() * b.norm())
-    return float(torch.linalg.svdvals(a.T @ b).sum()) / den if den > 0 else 0.0
-
-
 def _code_agreement(ca, cb) -> tuple[torch.Tensor, torch.Tensor]:
     """Per token: Jaccard of the two support sets and cosine of the two coefficient vectors over
     the shared atoms, from the k (index, value) pairs (never a dense [tokens, atoms] matrix)."""
@@ -148,11 +142,10 @@ def pair_similarities(a: LayerSample, b: LayerSample, k: int = 40, measures=ITDA
     if "itda_loss_profile" in measures:
         out["itda_loss_profile"] = float(spearman_grid(a.loss[None], b.loss[None])[0, 0])
     if {"itda_scaled_cka", "itda_scaled_procrustes"} & set(measures):
-        xa, xb = scaled_recon(a.recon, a.centred_norm), scaled_recon(b.recon, b.centred_norm)
-        if "itda_scaled_cka" in measures:
-            out["itda_scaled_cka"] = _linear_cka(xa, xb)
-        if "itda_scaled_procrustes" in measures:
-            out["itda_scaled_procrustes"] = _procrustes(xa, xb)
+        exact = linear_cka(scaled_recon(a.recon, a.centred_norm), scaled_recon(b.recon, b.centred_norm))
+        for m, name in (("itda_scaled_cka", "cka"), ("itda_scaled_procrustes", "procrustes")):
+            if m in measures:
+                out[m] = exact[name].value
     shared = torch.unique(torch.cat([a.anchors, b.anchors]))
     need_codes = {"itda_code_overlap", "itda_code_cosine"} & set(measures)
     if need_codes:
