@@ -22,7 +22,8 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from common import OUT, write_result
-from layer_matching_suite import BASELINES_GOAL, GRIDS, hits, plot_table
+from itda.compare.per_token import fused_grid
+from layer_matching_suite import BASELINES_GOAL, GRIDS, hits, mcnemar_counts, plot_table
 
 COMBOS = {
     "loss+recon_cka+norm (first itda_fused)": ("itda_recon_cka", "itda_loss_profile", "norm_profile"),
@@ -74,7 +75,7 @@ def decisions(pair: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     out = {m: hits(pair[m]) for m in (*BASELINES_GOAL, *SINGLES) if m in pair}
     for name, parts in COMBOS.items():
         if all(p in pair for p in parts):
-            out[name] = hits(sum(z(pair[p]) for p in parts))
+            out[name] = hits(fused_grid(pair, parts))
             by_row, by_col = (sum(z_lines(pair[p], axis) for p in parts) for axis in (1, 0))
             n = min(by_row.shape)
             out[name + " [per line]"] = np.concatenate([by_row[:n].argmax(1) == np.arange(n),
@@ -85,15 +86,6 @@ def decisions(pair: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 FRESH = 3  # noise draws from 3 on: taken after itda_fused was chosen (layer_matching_suite.py --first-draw 3)
 LIBRARY = "scaled_cka+scaled_proc+norm (itda_fused)"  # the library's itda_fused
-
-
-def mcnemar(ours: np.ndarray, base: np.ndarray) -> dict:
-    """Decisions only ours / only the baseline gets right, exact two-sided binomial p-value."""
-    from scipy.stats import binomtest
-
-    only_o, only_b = int((ours & ~base).sum()), int((base & ~ours).sum())
-    return {"only_ours": only_o, "only_baseline": only_b,
-            "p_value": float(binomtest(only_o, only_o + only_b).pvalue) if only_o + only_b else 1.0}
 
 
 def analyse() -> tuple[dict, dict]:
@@ -112,7 +104,7 @@ def analyse() -> tuple[dict, dict]:
                 table.setdefault(subset, {})[row] = {m: float(h.mean()) for m, h in got.items()}
                 if subset in ("all", "fresh"):
                     best = max(BASELINES_GOAL, key=lambda m: got[m].mean())
-                    significance.setdefault(subset, {})[row] = {"baseline": best, **mcnemar(got[LIBRARY], got[best])}
+                    significance.setdefault(subset, {})[row] = {"baseline": best, **mcnemar_counts(got[LIBRARY], got[best])}
     for subset, t in table.items():
         print(f"\n{subset}: accuracy without self-pairs; 'short' = rows below the best goal baseline")
         best = {r: max(v[m] for m in BASELINES_GOAL) for r, v in t.items()}

@@ -53,7 +53,7 @@ from itda.activations.models import LoadedModel, load_model
 from itda.activations.stream import iterate_batches
 from itda.compare.itda_measures import ITDA_MEASURES, PER_TOKEN, layer_sample, pair_similarities
 from itda.compare.measures import _relative_pair, _relative_prepare, _svcca_pair, _svcca_prepare, similarity_grid
-from itda.compare.per_token import fused_grid, spearman_grid
+from itda.compare.per_token import fused_grid, scaled_recon, spearman_grid
 from itda.compare.streaming import StreamingCKAGrid
 
 BASELINES = ("cka", "cka_debiased", "procrustes", "svcca", "relative")
@@ -137,8 +137,8 @@ class Prepared:
         self.itda = [layer_sample(x, itda_k, itda_cos, 0.5) for x in xs]
         self.recon = torch.stack([s.recon for s in self.itda])
         self.loss = torch.stack([s.loss for s in self.itda])
-        self.norm = torch.stack([x.float().norm(dim=1) for x in xs])
-        self.scaled = torch.stack([s.recon.double() * s.centred_norm.double()[:, None] for s in self.itda])
+        self.norm = torch.stack([s.norm for s in self.itda])
+        self.scaled = scaled_recon(self.recon, torch.stack([s.centred_norm for s in self.itda]))
         atoms = torch.zeros(len(xs), self.itda[0].n_fit, dtype=torch.float64)
         for i, s in enumerate(self.itda):
             atoms[i, s.anchors] = 1.0
@@ -196,17 +196,22 @@ def score(per_pair: dict[tuple[str, str], np.ndarray]) -> dict:
             "margin": float(np.mean([margin(s) for s in cross.values()] + [margin(s.T) for s in cross.values()]))}
 
 
-def mcnemar(per_measure: dict, ours: str, baseline: str) -> dict:
-    """Argmax decisions (without self-pairs) only `ours` gets right / only `baseline` gets right."""
+def mcnemar_counts(h_ours: np.ndarray, h_base: np.ndarray) -> dict:
+    """Decisions only ours / only the baseline gets right, with the exact two-sided McNemar p-value."""
     from scipy.stats import binomtest
 
+    only_o, only_b = int((h_ours & ~h_base).sum()), int((h_base & ~h_ours).sum())
+    return {"only_ours": only_o, "only_baseline": only_b,
+            "p_value": float(binomtest(only_o, only_o + only_b).pvalue) if only_o + only_b else 1.0}
+
+
+def mcnemar(per_measure: dict, ours: str, baseline: str) -> dict:
+    """Argmax decisions (without self-pairs) only `ours` gets right / only `baseline` gets right."""
     # one orientation per model pair: hits() already counts both directions, and (b, a) holds S^T
     keys = [(a, b) for a, b in per_measure[ours] if a < b]
     h_o = np.concatenate([hits(per_measure[ours][k]) for k in keys])
     h_b = np.concatenate([hits(per_measure[baseline][k]) for k in keys])
-    only_o, only_b = int((h_o & ~h_b).sum()), int((h_b & ~h_o).sum())
-    p = binomtest(only_o, only_o + only_b).pvalue if only_o + only_b else 1.0
-    return {"baseline": baseline, "only_ours": only_o, "only_baseline": only_b, "p_value": float(p)}
+    return {"baseline": baseline, **mcnemar_counts(h_o, h_b)}
 
 
 def run_pairs(models: dict[str, list[torch.Tensor]], pairs: list[tuple[str, str]], args, prepared: dict) -> dict:

@@ -28,7 +28,7 @@ import torch
 
 from common import OUT, write_result
 from itda.compare.itda_measures import layer_sample
-from itda.compare.per_token import spearman_grid, unit_rows
+from itda.compare.per_token import fused_grid, spearman_grid, unit_rows
 from layer_matching_suite import CHECKPOINTS, NOISE_GEMMA3, NOISE_SMOLLM2, SEEDS, STRIDE, cka_grid, hits
 
 MEASURES = ("cka", "procrustes", "unit_cka", "unit_proc", "itda_recon_cka", "itda_loss_profile", "norm_profile", "fused")
@@ -47,7 +47,7 @@ def measure_grids(a: dict, b: dict) -> dict[str, np.ndarray]:
     out = {"cka": raw["cka"], "procrustes": raw["procrustes"], "unit_cka": unit["cka"], "unit_proc": unit["procrustes"],
            "itda_recon_cka": cka_grid(a["recon"], b["recon"])["cka"],
            "itda_loss_profile": spearman_grid(a["loss"], b["loss"]), "norm_profile": spearman_grid(a["norm"], b["norm"])}
-    out["fused"] = sum((s - s.mean()) / s.std() for s in (out[m] for m in ("itda_recon_cka", "itda_loss_profile", "norm_profile")))
+    out["fused"] = fused_grid(out, ("itda_recon_cka", "itda_loss_profile", "norm_profile"))  # the first itda_fused
     return out
 
 

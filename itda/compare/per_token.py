@@ -79,10 +79,10 @@ FUSED_PARTS = ("itda_scaled_cka", "itda_scaled_procrustes", "norm_profile")
 SCALED = ("itda_scaled_cka", "itda_scaled_procrustes")
 
 
-def fused_grid(parts: dict[str, np.ndarray]) -> np.ndarray:
-    """itda_fused [L_A, L_B]: the FUSED_PARTS matrices, each standardised over its entries (mean 0,
-    std 1), summed. Relative to the layers compared: a pair's value depends on the other pairs."""
-    return sum((s - s.mean()) / max(float(s.std()), 1e-12) for s in (np.asarray(parts[m]) for m in FUSED_PARTS))
+def fused_grid(parts: dict[str, np.ndarray], names=FUSED_PARTS) -> np.ndarray:
+    """itda_fused [L_A, L_B]: the `names` matrices (FUSED_PARTS), each standardised over its entries
+    (mean 0, std 1), summed. Relative to the layers compared: a pair's value depends on the other pairs."""
+    return sum((s - s.mean()) / max(float(s.std()), 1e-12) for s in (np.asarray(parts[m]) for m in names))
 
 
 class CentredDictionaries(NamedTuple):
