@@ -12,7 +12,8 @@ each part weighted by how decisively it picks a partner (`peak`, label-free). Pa
   jaccard                                 Jaccard of the two layers' atom sets (by token)
 Accuracy without self-pairs per row over draws 0-2 (and the seeds / checkpoints), over draws 1-2
 alone, and over the fresh draws >= 3 (`layer_matching_suite.py --first-draw 3`), which were
-taken after itda_fused was chosen: its held-out test. Writes out/fusion_probe.json.
+taken after itda_fused was chosen: its held-out test. Prints RESULTS.md's tables (markdown) and
+writes out/fusion_probe.json and out/fusion_probe_<subset>.png.
 Usage: python fusion_probe.py
 """
 
@@ -120,6 +121,7 @@ def analyse() -> tuple[dict, dict]:
     return table, significance
 
 
+# columns of the heatmaps and of RESULTS.md's tables
 PLOTTED = {LIBRARY: "itda_fused", "loss+recon_cka+norm (first itda_fused)": "first itda_fused",
            "itda_scaled_cka": "itda_scaled_cka", "itda_scaled_procrustes": "itda_scaled_procrustes",
            "itda_recon_cka": "itda_recon_cka", "norm_profile": "norm_profile", "jaccard": "jaccard", "cka": "cka",
@@ -128,8 +130,23 @@ ROWS = ("smollm2 0.05", "smollm2 0.1", "smollm2 0.2", "smollm2 0.3", "smollm2 0.
         "gemma3 0.3", "seeds", "checkpoints")
 
 
+def markdown(t: dict[str, dict[str, float]]) -> str:
+    """RESULTS.md's table: the PLOTTED columns per row (bold = best of them), and their means."""
+    rows = [r for r in ROWS if r in t]
+    lines = ["| benchmark | " + " | ".join(f"**{v}**" if m == LIBRARY else v for m, v in PLOTTED.items()) + " |",
+             "|---" * (len(PLOTTED) + 1) + "|"]
+    for r in rows:
+        best = max(t[r][m] for m in PLOTTED)
+        lines.append(f"| {r} | " + " | ".join(f"**{t[r][m]:.2f}**" if t[r][m] >= best - 1e-9 else f"{t[r][m]:.2f}"
+                                              for m in PLOTTED) + " |")
+    lines.append("| mean | " + " | ".join(f"{np.mean([t[r][m] for r in rows]):.2f}" for m in PLOTTED) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     table, significance = analyse()
+    for subset, t in table.items():
+        print(f"\n{subset}:\n{markdown(t)}")
     for subset, t in table.items():  # heatmap: benchmarks x the library's measures
         named = {r: {short: t[r][m] for m, short in PLOTTED.items()} for r in ROWS if r in t}
         plot_table(named, list(PLOTTED.values()), OUT / f"fusion_probe_{subset}.png")
