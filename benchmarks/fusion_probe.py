@@ -3,17 +3,21 @@
 Reads the matrices `layer_matching_suite.py --keep-grids` kept (out/suite_grids/<row> <a> <b>
 .safetensors: every measure's [L_A, L_B] matrix for one model pair) and scores candidate
 combinations without recomputing anything: each combination is a sum of matrices, each
-standardised over its entries (mean 0, std 1), as itda_fused is, and again with each part
-standardised per row for the row decisions and per column for the column decisions, and with
-each part weighted by how decisively it picks a partner (`peak`, label-free). Parts:
+standardised over its entries (mean 0, std 1); as '<name> +csls' that sum hubness-corrected by
+CSLS with k = 2 (`itda.compare.hubness`), which is the library's itda_fused for the three parts
+scaled_cka + scaled_proc + norm. Also, without CSLS, each part standardised per row for the row
+decisions and per column for the column decisions ('[per line]') and each part weighted by how
+decisively it picks a partner ('[peak-weighted]', label-free); and the goal baselines
+hubness-corrected too ('<baseline> +csls'), to show what CSLS alone does for them. Parts:
   itda_recon_cka                          CKA of the unit leave-one-out reconstructions
   itda_scaled_cka, itda_scaled_procrustes CKA / Procrustes of the same scaled by ||x_t - mu||
   itda_loss_profile, norm_profile         Spearman across tokens of MP losses / activation norms
   jaccard                                 Jaccard of the two layers' atom sets (by token)
 Accuracy without self-pairs per row over draws 0-2 (and the seeds / checkpoints), over draws 1-2
-alone, and over the fresh draws >= 3 (`layer_matching_suite.py --first-draw 3`), which were
-taken after itda_fused was chosen: its held-out test. Prints RESULTS.md's tables (markdown) and
-writes out/fusion_probe.json and out/fusion_probe_<subset>.png.
+alone, over the fresh draws 3 (`layer_matching_suite.py --first-draw 3`, taken after the z-sum
+was chosen, before CSLS was), and over the held-out draws >= 4 and seeds >= 4, taken after
+CSLS was chosen (`--first-draw 4`, `--seeds 7 --first-seed 4`): its held-out test. Prints
+RESULTS.md's tables (markdown) and writes out/fusion_probe.json and out/fusion_probe_<subset>.png.
 Usage: python fusion_probe.py
 """
 
@@ -23,12 +27,13 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from common import OUT, write_result
+from itda.compare.hubness import csls
 from itda.compare.per_token import fused_grid
 from layer_matching_suite import BASELINES_GOAL, GRIDS, hits, mcnemar_counts, plot_table
 
 COMBOS = {
     "loss+recon_cka+norm (first itda_fused)": ("itda_recon_cka", "itda_loss_profile", "norm_profile"),
-    "scaled_cka+scaled_proc+norm (itda_fused)": ("itda_scaled_cka", "itda_scaled_procrustes", "norm_profile"),
+    "scaled_cka+scaled_proc+norm": ("itda_scaled_cka", "itda_scaled_procrustes", "norm_profile"),
     "recon_cka+norm": ("itda_recon_cka", "norm_profile"),
     "loss+norm": ("itda_loss_profile", "norm_profile"),
     "scaled_proc+norm": ("itda_scaled_procrustes", "norm_profile"),
@@ -48,13 +53,24 @@ def z(s: np.ndarray) -> np.ndarray:
     return (s - s.mean()) / max(float(s.std()), 1e-12)
 
 
+FRESH, NEW = 3, 4  # noise draw 3: taken after the z-sum was chosen; noise draws >= 4 and seeds >= 4: after CSLS was
+
+
+def taken(row: str, a: str, b: str) -> int:
+    """The pair's data batch: its noise draw; for the seeds and checkpoints 0, or NEW when a seed
+    >= NEW takes part."""
+    if b.startswith("noisy"):
+        return int(b[len("noisy"):])
+    seed_ids = [int(n[len("seed"):].split("@")[0]) for n in (a, b)]
+    return NEW if max(seed_ids) >= NEW else 0
+
+
 def load_pairs() -> dict[str, list[tuple[int, dict[str, np.ndarray]]]]:
-    """{row: [(draw, {measure: matrix}) per model pair]} from the kept matrices."""
+    """{row: [(batch, {measure: matrix}) per model pair]} from the kept matrices."""
     rows: dict[str, list[tuple[int, dict[str, np.ndarray]]]] = {}
     for f in sorted(GRIDS.glob("*.safetensors")):
-        row, _, b = f.stem.rsplit(" ", 2)
-        draw = int(b[len("noisy"):]) if b.startswith("noisy") else 0
-        rows.setdefault(row, []).append((draw, load_file(str(f))))
+        row, a, b = f.stem.rsplit(" ", 2)
+        rows.setdefault(row, []).append((taken(row, a, b), load_file(str(f))))
     return rows
 
 
@@ -70,13 +86,15 @@ def peak(s: np.ndarray) -> float:
 
 
 def decisions(pair: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Per measure or combination, its argmax hits (rows of S, then of S^T). A combination sums its
-    parts standardised over all entries (as itda_fused) and, as '<name> [per line]', standardised
-    per row for the row decisions and per column for the column decisions."""
+    """Per measure or combination, its argmax hits (rows of S, then of S^T): each combination's
+    z-sum plain, '+csls', '[per line]' and '[peak-weighted]' (docstring above); each goal baseline
+    plain and '+csls'."""
     out = {m: hits(pair[m]) for m in (*BASELINES_GOAL, *SINGLES) if m in pair}
+    out.update({f"{m} +csls": hits(csls(pair[m])) for m in BASELINES_GOAL if m in pair})
     for name, parts in COMBOS.items():
         if all(p in pair for p in parts):
-            out[name] = hits(fused_grid(pair, parts))
+            out[name] = hits(fused_grid(pair, parts, hubness_k=0))
+            out[name + " +csls"] = hits(fused_grid(pair, parts))
             by_row, by_col = (sum(z_lines(pair[p], axis) for p in parts) for axis in (1, 0))
             n = min(by_row.shape)
             out[name + " [per line]"] = np.concatenate([by_row[:n].argmax(1) == np.arange(n),
@@ -85,8 +103,9 @@ def decisions(pair: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-FRESH = 3  # noise draws from 3 on: taken after itda_fused was chosen (layer_matching_suite.py --first-draw 3)
-LIBRARY = "scaled_cka+scaled_proc+norm (itda_fused)"  # the library's itda_fused
+LIBRARY = "scaled_cka+scaled_proc+norm +csls"  # the library's itda_fused
+SUBSETS = {"all": lambda d: d < FRESH, "held_out": lambda d: 0 < d < FRESH, "fresh": lambda d: d == FRESH,
+           "new": lambda d: d >= NEW}
 
 
 def analyse() -> tuple[dict, dict]:
@@ -94,7 +113,7 @@ def analyse() -> tuple[dict, dict]:
     table: dict[str, dict[str, dict[str, float]]] = {}
     significance: dict[str, dict] = {}
     for row, pairs in rows.items():
-        for subset, keep in (("all", lambda d: d < FRESH), ("held_out", lambda d: 0 < d < FRESH), ("fresh", lambda d: d >= FRESH)):
+        for subset, keep in SUBSETS.items():
             got: dict[str, list[np.ndarray]] = {}
             for draw, pair in pairs:
                 if keep(draw):
@@ -103,7 +122,7 @@ def analyse() -> tuple[dict, dict]:
             if got:
                 got = {m: np.concatenate(h) for m, h in got.items()}
                 table.setdefault(subset, {})[row] = {m: float(h.mean()) for m, h in got.items()}
-                if subset in ("all", "fresh"):
+                if subset != "held_out":
                     best = max(BASELINES_GOAL, key=lambda m: got[m].mean())
                     significance.setdefault(subset, {})[row] = {"baseline": best, **mcnemar_counts(got[LIBRARY], got[best])}
     for subset, t in table.items():
@@ -122,10 +141,12 @@ def analyse() -> tuple[dict, dict]:
 
 
 # columns of the heatmaps and of RESULTS.md's tables
-PLOTTED = {LIBRARY: "itda_fused", "loss+recon_cka+norm (first itda_fused)": "first itda_fused",
+PLOTTED = {LIBRARY: "itda_fused", "scaled_cka+scaled_proc+norm": "z-sum (no csls)",
+           "loss+recon_cka+norm (first itda_fused)": "first itda_fused",
            "itda_scaled_cka": "itda_scaled_cka", "itda_scaled_procrustes": "itda_scaled_procrustes",
            "itda_recon_cka": "itda_recon_cka", "norm_profile": "norm_profile", "jaccard": "jaccard", "cka": "cka",
-           "cka_debiased": "cka_debiased", "procrustes": "procrustes", "svcca": "svcca"}
+           "cka_debiased": "cka_debiased", "procrustes": "procrustes", "svcca": "svcca",
+           "cka +csls": "cka +csls", "procrustes +csls": "procrustes +csls"}
 ROWS = ("smollm2 0.05", "smollm2 0.1", "smollm2 0.2", "smollm2 0.3", "smollm2 0.4", "gemma3 0.1", "gemma3 0.2",
         "gemma3 0.3", "seeds", "checkpoints")
 

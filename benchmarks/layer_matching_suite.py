@@ -1,10 +1,11 @@
 """Layer-matching suite with ground truth (layer i <-> layer i): every measure, every benchmark.
 
 Benchmarks (each a set of model pairs whose layers correspond one to one):
-  seeds       small GPT-2s (8 layers, d = 128, --seed-steps steps, 4 seeds) differing only in
-              seed, all pairs (trained by layer_matching.py's train_model, cached under
-              $ITDA_CACHE/bench)
-  checkpoints seed 0 after 100 / 300 steps vs the other seeds' final models
+  seeds       small GPT-2s (8 layers, d = 128, --seed-steps steps, --seeds 4 seeds) differing only
+              in seed, all pairs (trained by layer_matching.py's train_model, cached under
+              $ITDA_CACHE/bench); with --first-seed F only the pairs with a seed >= F (seeds
+              trained for a held-out test)
+  checkpoints seed 0 after 100 / 300 steps vs the other seeds' final models (those >= F)
   smollm2     smollm2-135m (every second layer: 15) vs copies with Gaussian noise on every weight matrix
               of every block, std = level x that tensor's std, levels 0.05-0.4
   gemma3      gemma3-270m (every second layer: 9) vs its noise copies, levels 0.1-0.3
@@ -34,7 +35,7 @@ of them (one noise draw decides a row by several layers; RESULTS.md).
 --keep-grids writes every model pair's matrices (all measures) to out/suite_grids/ for
 fusion_probe.py; --no-self skips the self-pairs (then no accuracy with self-pairs is reported).
 Usage: python benchmarks/layer_matching_suite.py [--benchmarks seeds checkpoints smollm2 gemma3] [--full] [--draws 1]
-       [--keep-grids] [--no-self]
+       [--first-draw 0] [--seeds 4] [--first-seed 0] [--keep-grids] [--no-self]
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ BASELINES_GOAL = ("cka", "cka_debiased", "procrustes", "svcca")  # the issue's b
 NOISE_SMOLLM2 = (0.05, 0.1, 0.2, 0.3, 0.4)
 NOISE_GEMMA3 = (0.1, 0.2, 0.3)
 CHECKPOINTS = (100, 300)  # steps at which seed 0 is also saved
-SEEDS, SEED_LAYERS = 4, 8
+SEED_LAYERS = 8
 PLOTTED = ("itda_fused", "itda_scaled_procrustes", "itda_recon_cka", "jaccard", "itda_loss_profile", "cka", "cka_debiased", "procrustes", "svcca", "relative")
 STRIDE = {"smollm2": 2, "gemma3": 2}  # every second layer: adjacent layers of a residual stream must be told apart
 SUBSET = {"seeds": list(range(0, 8, 2)), "checkpoints": list(range(0, 8, 2)), "smollm2": list(range(0, 15, 3)),
@@ -281,7 +282,7 @@ def seed_samples(args) -> dict:
     train_docs = [docs[i] for i in split_documents(docs, "train")]
     tok = train_tokenizer(train_docs)
     paths = {f"seed{s}": train_model(s, tok, train_docs, args.seed_steps, layers=SEED_LAYERS, d=128,
-                                     checkpoints=CHECKPOINTS if s == 0 else ()) for s in range(SEEDS)}
+                                     checkpoints=CHECKPOINTS if s == 0 else ()) for s in range(args.seeds)}
     paths.update({f"seed0@{at}": model_dir(0, args.seed_steps, SEED_LAYERS, 128, at=at) for at in CHECKPOINTS})
     lms = {n: LoadedModel(n, GPT2LMHeadModel.from_pretrained(p).eval(), tok, p) for n, p in paths.items()}
     ctx = held_contexts(next(iter(lms.values())), args.rows)
@@ -333,6 +334,8 @@ def main() -> None:
     ap.add_argument("--benchmarks", nargs="+", default=["seeds", "checkpoints", "smollm2", "gemma3"])
     ap.add_argument("--rows", type=int, default=4096)
     ap.add_argument("--seed-steps", type=int, default=1000)
+    ap.add_argument("--seeds", type=int, default=4, help="seeds 0..N-1 of the small GPT-2s")
+    ap.add_argument("--first-seed", type=int, default=0, help="only the pairs with a seed >= this one (held-out seeds)")
     ap.add_argument("--itda-k", type=int, default=40)
     ap.add_argument("--itda-cos", type=float, default=0.85)
     ap.add_argument("--draws", type=int, default=1, help="noise draws per level (seeds 0..N-1), each copy vs the base")
@@ -347,13 +350,15 @@ def main() -> None:
     old = json.loads(prior.read_text()) if prior.exists() else {}
     results = {b: r for b, r in old.get("results", {}).items() if "cka" in r}  # drops an older layout's entries
     losses = old.get("copy_loss", {})
-    finals = [f"seed{s}" for s in range(SEEDS)]
+    finals = [f"seed{s}" for s in range(args.seeds)]
+    new = [f"seed{s}" for s in range(max(1, args.first_seed), args.seeds)]
     for b in args.benchmarks:
         t0, args.current, prepared = time.perf_counter(), b, {}
         if b in ("seeds", "checkpoints"):
-            acts = cached(f"seeds_{args.seed_steps}_{args.rows}", lambda: seed_samples(args))
-            pairs = (list(itertools.combinations(finals, 2)) if b == "seeds"
-                     else [(f"seed0@{at}", f) for at in CHECKPOINTS for f in finals[1:]])
+            acts = cached(f"seeds_{args.seed_steps}_{args.rows}" + (f"_n{args.seeds}" if args.seeds != 4 else ""),
+                          lambda: seed_samples(args))
+            pairs = ([(x, y) for x, y in itertools.combinations(finals, 2) if y in new or args.first_seed == 0]
+                     if b == "seeds" else [(f"seed0@{at}", f) for at in CHECKPOINTS for f in new])
             args.row = b
             results[b] = run_pairs(acts, pairs, args, prepared)
             losses["seeds"] = acts["loss"]

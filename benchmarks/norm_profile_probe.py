@@ -47,7 +47,7 @@ def measure_grids(a: dict, b: dict) -> dict[str, np.ndarray]:
     out = {"cka": raw["cka"], "procrustes": raw["procrustes"], "unit_cka": unit["cka"], "unit_proc": unit["procrustes"],
            "itda_recon_cka": cka_grid(a["recon"], b["recon"])["cka"],
            "itda_loss_profile": spearman_grid(a["loss"], b["loss"]), "norm_profile": spearman_grid(a["norm"], b["norm"])}
-    out["fused"] = fused_grid(out, ("itda_recon_cka", "itda_loss_profile", "norm_profile"))  # the first itda_fused
+    out["fused"] = fused_grid(out, ("itda_recon_cka", "itda_loss_profile", "norm_profile"), hubness_k=0)  # the first itda_fused
     return out
 
 

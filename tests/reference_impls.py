@@ -30,3 +30,14 @@ def mp_float64(x: np.ndarray, atoms: np.ndarray, k: int):
 def random_unit(n: int, d: int, rng: np.random.Generator) -> np.ndarray:
     a = rng.standard_normal((n, d))
     return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+
+def csls_loops(s: np.ndarray, k: int) -> np.ndarray:
+    """CSLS written from its definition (Conneau et al. 2018): 2 S[i, j] minus the mean of row i's
+    and of column j's k largest entries (k clamped to the line's length)."""
+    out = np.empty_like(s, dtype=np.float64)
+    for i in range(s.shape[0]):
+        for j in range(s.shape[1]):
+            row, col = sorted(s[i], reverse=True), sorted(s[:, j], reverse=True)
+            out[i, j] = 2 * s[i, j] - np.mean(row[:k]) - np.mean(col[:k])
+    return out

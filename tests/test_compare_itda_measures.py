@@ -7,7 +7,7 @@ from scipy.stats import spearmanr
 
 from itda.compare.itda_measures import ITDA_MEASURES, PER_TOKEN, itda_grids, layer_sample, pair_similarities
 from itda.synthetic import synthetic_activations
-from reference_impls import mp_float64
+from reference_impls import csls_loops, mp_float64
 
 
 def _mp(x, atoms, k):
@@ -148,8 +148,8 @@ def test_per_token_measures_ignore_a_shared_offset(two_layers):
     assert (unit @ unit.mean(0)).min() > 0.9  # precondition: the offset dominates every shifted unit row
 
 
-def test_fused_is_the_standardised_sum_of_its_three_parts(two_layers):
-    """itda_fused = z(itda_scaled_cka) + z(itda_scaled_procrustes) + z(norm profile), each
+def test_fused_is_the_hubness_corrected_standardised_sum_of_its_three_parts(two_layers):
+    """itda_fused = csls_2(z(itda_scaled_cka) + z(itda_scaled_procrustes) + z(norm profile)), each
     [L_A, L_B] matrix standardised over its entries; the norm profile from scipy here."""
     x, y = two_layers
     xs, ys = [x, y, x * (1 + torch.rand(600, 1, generator=torch.Generator().manual_seed(7)))], [y, x]
@@ -157,5 +157,5 @@ def test_fused_is_the_standardised_sum_of_its_three_parts(two_layers):
     assert list(got) == ["itda_fused"] and got["itda_fused"].shape == (3, 2)
     parts = itda_grids(xs, ys, ("itda_scaled_cka", "itda_scaled_procrustes"), k=5, min_cosine=0.9)
     parts["norm"] = np.array([[spearmanr(a.norm(dim=1).numpy(), b.norm(dim=1).numpy()).statistic for b in ys] for a in xs])
-    want = sum((s - s.mean()) / s.std() for s in parts.values())
+    want = csls_loops(sum((s - s.mean()) / s.std() for s in parts.values()), 2)
     np.testing.assert_allclose(got["itda_fused"], want, atol=1e-6)

@@ -31,11 +31,13 @@ leave-one-out (a row that is an atom is encoded without its own atom), the defin
   centred row's norm ||x_t - mu|| (ITDA's reconstruction of the centred activation), compared by
   linear CKA and by orthogonal Procrustes similarity (nuclear norm of the centred cross-covariance
   over the two Frobenius norms).
-- `itda_fused` (grids only): z(itda_scaled_cka) + z(itda_scaled_procrustes) + z(norm profile),
-  each [L_A, L_B] matrix standardised over its entries; the norm profile is the Spearman
-  correlation across tokens of the activation norms (`itda.compare.per_token.fused_grid`).
+- `itda_fused` (grids only): csls(z(itda_scaled_cka) + z(itda_scaled_procrustes) + z(norm
+  profile)), each [L_A, L_B] matrix standardised over its entries, the sum hubness-corrected
+  (CSLS, k = 2: `itda.compare.hubness`); the norm profile is the Spearman correlation across
+  tokens of the activation norms (`itda.compare.per_token.fused_grid`).
 All but itda_fused are symmetric and lie in [-1, 1] (mostly [0, 1]); 1 for a layer against
-itself. itda_fused is a score relative to the grid (mean 0 per part), for ranking layers.
+itself. itda_fused is a score relative to the grid, for ranking layers: above 0 where a pair
+stands above both layers' usual partners.
 """
 
 from __future__ import annotations

@@ -20,7 +20,9 @@ token is scored by an atom made from it. Per token and layer this gives the MP l
   kept, the one thing unit rows drop), exact float64 sums as above.
 - itda_fused: itda_scaled_cka, itda_scaled_procrustes and the norm profile (Spearman correlation
   across tokens of the activation norms ||x_t||), each [L_A, L_B] matrix standardised over its
-  entries, summed (`fused_grid`). A third of it needs no dictionary.
+  entries, summed, and the sum hubness-corrected by CSLS with k = 2 (`fused_grid`,
+  `itda.compare.hubness`): a pair scores by how far it stands above both layers' two best
+  partners. A third of it needs no dictionary.
 `token_parts` is the per-layer step, shared with the in-memory measures (`itda_measures`).
 """
 
@@ -31,6 +33,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from itda.compare.hubness import CSLS_K, csls
 from itda.compare.jaccard import ref_keys
 from itda.compare.streaming import StreamingCKAGrid
 from itda.dictionary import Dictionary
@@ -79,10 +82,12 @@ FUSED_PARTS = ("itda_scaled_cka", "itda_scaled_procrustes", "norm_profile")
 SCALED = ("itda_scaled_cka", "itda_scaled_procrustes")
 
 
-def fused_grid(parts: dict[str, np.ndarray], names=FUSED_PARTS) -> np.ndarray:
+def fused_grid(parts: dict[str, np.ndarray], names=FUSED_PARTS, hubness_k: int = CSLS_K) -> np.ndarray:
     """itda_fused [L_A, L_B]: the `names` matrices (FUSED_PARTS), each standardised over its entries
-    (mean 0, std 1), summed. Relative to the layers compared: a pair's value depends on the other pairs."""
-    return sum((s - s.mean()) / max(float(s.std()), 1e-12) for s in (np.asarray(parts[m]) for m in names))
+    (mean 0, std 1), summed, then hubness-corrected (`itda.compare.hubness.csls`, k = hubness_k; 0:
+    the plain sum). Relative to the layers compared: a pair's value depends on the other pairs."""
+    zsum = sum((s - s.mean()) / max(float(s.std()), 1e-12) for s in (np.asarray(parts[m]) for m in names))
+    return csls(zsum, hubness_k)
 
 
 class CentredDictionaries(NamedTuple):

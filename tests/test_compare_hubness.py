@@ -1,0 +1,35 @@
+import numpy as np
+import pytest
+
+from itda.compare.hubness import csls
+from reference_impls import csls_loops
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (7, 5), (1, 4), (4, 1), (3, 3)])
+@pytest.mark.parametrize("k", [1, 2, 3, 10])
+def test_csls_matches_its_definition(shape, k):
+    s = np.random.default_rng(k).normal(size=shape)
+    np.testing.assert_allclose(csls(s, k), csls_loops(s, k), atol=1e-12)
+
+
+def test_k0_is_the_identity_and_symmetric_stays_symmetric():
+    s = np.random.default_rng(0).normal(size=(6, 6))
+    assert np.array_equal(csls(s, 0), s)
+    sym = s + s.T
+    np.testing.assert_allclose(csls(sym), csls(sym).T, atol=1e-12)
+
+
+def test_a_hub_layer_no_longer_takes_every_row():
+    """A layer that is similar to every layer of the other model (a hub) wins every plain argmax;
+    after CSLS each layer finds its own partner, whose similarity stands out against both sides."""
+    true = 0.6 * np.eye(6) + 0.05 * np.random.default_rng(1).random((6, 6))
+    hubbed = true.copy()
+    hubbed[:, 2] += 0.7  # column 2 similar to every row
+    assert (hubbed.argmax(1) == 2).all()
+    assert (csls(hubbed).argmax(1) == np.arange(6)).all()
+    assert (csls(hubbed).argmax(0) == np.arange(6)).all()
+
+
+def test_non_finite_refused():
+    with pytest.raises(ValueError, match="finite"):
+        csls(np.array([[1.0, np.nan], [0.0, 1.0]]))
