@@ -81,8 +81,57 @@ def test_minibatch_cka_runs_when_the_exact_accumulators_do_not_fit():
     grid = MinibatchCKAGrid(256)
     grid.update(xa, xb)
     np.testing.assert_allclose(res.matrices["cka_minibatch"], grid.matrix(), atol=1e-8)
+    # the per-token ITDA grids past the budget: minibatch CKA too, no Procrustes (it needs the exact path)
+    assert "itda_scaled_procrustes" not in res.matrices
+    assert any("itda per-token CKA measures: minibatch" in n for n in res.notes)
     for m in ITDA_MEASURES:
-        assert res.matrices[m].shape == (4, 4) and np.isfinite(res.matrices[m]).all()
+        if m != "itda_scaled_procrustes":
+            assert res.matrices[m].shape == (4, 4) and np.isfinite(res.matrices[m]).all()
+
+
+def test_per_token_grids_past_the_budget_are_minibatch_cka_of_the_same_rows():
+    """Past --cka-memory, itda_recon_cka / itda_scaled_cka are the minibatch estimator over the very
+    rows the exact path sums (each paired token's leave-one-out reconstruction, unit and scaled by
+    ||x_t - mu||), and itda_fused = csls_2(z(itda_scaled_cka) + z(norm profile))."""
+    from scipy.stats import spearmanr
+
+    from itda.compare.minibatch import MinibatchCKAGrid
+    from itda.compare.per_token import _LayerIndex, token_parts, unit_rows
+
+    tok = word_tokenizer()
+    lm_a, lm_b = loaded("tiny-a", "llama", tok, seed=0), loaded("tiny-b", "llama", tok, seed=1)
+    docs = sample_docs(30, seed=4)
+    measures = ["itda_recon_cka", "itda_scaled_cka", "itda_scaled_procrustes", "itda_fused"]
+    res = compare_models(lm_a, lm_b, docs, list(range(30)), tokens=1200, measures=measures, context=32, k=8,
+                         progress=False, cka_memory=1, cka_minibatch=128)
+    assert sorted(res.matrices) == sorted(m for m in measures if m != "itda_scaled_procrustes")
+    ctx = tokenize_contexts(docs, range(30), tok, context=32, max_tokens=1200)
+    hps = [Hookpoint("resid_post", i) for i in range(4)]
+
+    def rows(lm, basis):
+        batches = list(iterate_batches(lm.model, hps, ctx, dtype=torch.float32))
+        refs = torch.cat([b[hps[0]].refs for b in batches])
+        unit, scaled, norms = [], [], []
+        for layer, hp in enumerate(hps):
+            x = torch.cat([b[hp].dense() for b in batches])
+            index = _LayerIndex(basis.dictionaries[layer], basis.centres_LD[layer])
+            centred = x - basis.centres_LD[layer]
+            r, _ = token_parts(unit_rows(centred), index.atoms, index.own(refs), 8)
+            unit.append(r)
+            scaled.append(r.double() * centred.norm(dim=1).double()[:, None])
+            norms.append(x.norm(dim=1).numpy())
+        return unit, scaled, norms
+
+    ua, sa, na = rows(lm_a, res.per_token_basis_a)
+    ub, sb, nb = rows(lm_b, res.per_token_basis_b)
+    for name, xa, xb in (("itda_recon_cka", ua, ub), ("itda_scaled_cka", sa, sb)):
+        grid = MinibatchCKAGrid(128)
+        grid.update(xa, xb)
+        np.testing.assert_allclose(res.matrices[name], grid.matrix(), atol=1e-6)
+    norm = np.array([[spearmanr(p, q).statistic for q in nb] for p in na])
+    parts = [res.matrices["itda_scaled_cka"], norm]
+    np.testing.assert_allclose(res.matrices["itda_fused"], csls_loops(sum((s - s.mean()) / s.std() for s in parts), 2),
+                               atol=1e-5)
 
 
 def test_per_token_itda_measures_stream_every_token_leave_one_out():

@@ -344,7 +344,7 @@ def compare(
     device: str = typer.Option("cpu"),
     layerwise: Optional[bool] = typer.Option(None, "--layerwise/--in-memory", help="Models: stream blocks from the shards (default: when a model exceeds --max-memory)."),
     max_memory: Optional[str] = typer.Option(None, help="Models: memory budget for choosing layer-wise execution, e.g. 8GB, 70GiB."),
-    cka_memory: str = typer.Option("1GiB", help="Models: largest exact CKA accumulators; beyond it minibatch CKA runs."),
+    cka_memory: str = typer.Option("1GiB", help="Models: largest exact CKA accumulators (each grid: raw CKA/Procrustes, the per-token ITDA grids); beyond it minibatch CKA runs, without Procrustes."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Compare models layer by layer, two dictionaries (or folders of them), or two activation files."""

@@ -35,6 +35,7 @@ import torch
 
 from itda.compare.hubness import CSLS_K, csls
 from itda.compare.jaccard import ref_keys
+from itda.compare.minibatch import MinibatchCKAGrid, exact_grid_bytes
 from itda.compare.streaming import StreamingCKAGrid
 from itda.dictionary import Dictionary
 from itda.pursuit import decode
@@ -79,6 +80,7 @@ def spearman_grid(loss_a_LN: torch.Tensor, loss_b_LN: torch.Tensor) -> np.ndarra
 
 
 FUSED_PARTS = ("itda_scaled_cka", "itda_scaled_procrustes", "norm_profile")
+FUSED_PARTS_MINIBATCH = ("itda_scaled_cka", "norm_profile")  # past the exact accumulators' budget
 SCALED = ("itda_scaled_cka", "itda_scaled_procrustes")
 
 
@@ -118,9 +120,18 @@ class _LayerIndex:
 
 
 class PerTokenGrid:
-    """Accumulates the per-token ITDA measures for every layer pair over batches of paired tokens."""
+    """Accumulates the per-token ITDA measures for every layer pair over batches of paired tokens.
 
-    def __init__(self, basis_a: CentredDictionaries, basis_b: CentredDictionaries | None, k: int, measures):
+    The CKA-type parts (itda_recon_cka, itda_scaled_*) are exact float64 sums while one such grid's
+    accumulators fit `memory` bytes (None: always). Past it they run as minibatch CKA (unbiased
+    HSIC over minibatches of `minibatch` tokens, `itda.compare.minibatch`, memory independent of
+    the width), itda_scaled_procrustes is not computed (it needs the exact cross-covariances) and
+    itda_fused is formed from itda_scaled_cka and the norm profile (`FUSED_PARTS_MINIBATCH`);
+    `note` says which.
+    """
+
+    def __init__(self, basis_a: CentredDictionaries, basis_b: CentredDictionaries | None, k: int, measures,
+                 memory: int | None = None, minibatch: int = 1024):
         self.k, self.measures = k, tuple(measures)
         self.needed = set(self.measures) | (set(FUSED_PARTS) if "itda_fused" in self.measures else set())
         self.a = [_LayerIndex(d, c) for d, c in zip(basis_a.dictionaries, basis_a.centres_LD)]
@@ -129,10 +140,18 @@ class PerTokenGrid:
         self.profiles = {side: {"loss": [], "norm": []} for side in ("a", "b")}
         da = basis_a.centres_LD.shape[1]
         db = da if basis_b is None else basis_b.centres_LD.shape[1]
+        need = exact_grid_bytes(len(self.a), da, len(self.b or self.a), db)
+        self.exact = memory is None or need <= memory
+        self.note = None if self.exact else (
+            f"itda per-token CKA measures: minibatch estimator, {minibatch} tokens per minibatch (exact accumulators "
+            f"would need {need / 2**30:.1f} GiB each > {memory / 2**30:.1f} GiB); itda_scaled_procrustes needs the "
+            "exact path (not computed); itda_fused from itda_scaled_cka and the norm profile")
 
-        def grid_if(wanted: bool) -> StreamingCKAGrid | None:
+        def grid_if(wanted: bool) -> StreamingCKAGrid | MinibatchCKAGrid | None:
             if not wanted:
                 return None
+            if not self.exact:
+                return MinibatchCKAGrid(minibatch)
             grid = StreamingCKAGrid("float64")
             grid.set_pilots(torch.zeros(len(self.a), da), torch.zeros(len(self.b or self.a), db))
             return grid
@@ -177,8 +196,10 @@ class PerTokenGrid:
         for (side, name), part in zip(keys, torch.split(both, [len(c) for c in cols])):
             self.profiles[side][name] = [part]
         for grid in (self.unit_grid, self.scaled_grid):
-            if grid is not None:
+            if grid is not None and self.exact:
                 grid.sum_over(exchange)
+            elif grid is not None:
+                grid.sum_over(exchange, len(self.a), len(self.b or self.a))
 
     def profile(self, side: str, name: str) -> torch.Tensor:
         """[L, n]: the per-token column of `name` (loss or norm) for side a or b (B is A: side a)."""
@@ -192,11 +213,17 @@ class PerTokenGrid:
             out["itda_loss_profile"] = spearman_grid(self.profile("a", "loss"), self.profile("b", "loss"))
         if "norm_profile" in self.needed:
             out["norm_profile"] = spearman_grid(self.profile("a", "norm"), self.profile("b", "norm"))
-        if self.unit_grid is not None:
-            out["itda_recon_cka"] = self.unit_grid.matrices(procrustes=False)["cka"]
-        if self.scaled_grid is not None:
-            m = self.scaled_grid.matrices(procrustes="itda_scaled_procrustes" in self.needed)
-            out["itda_scaled_cka"], out["itda_scaled_procrustes"] = m["cka"], m["procrustes"]
+        if not self.exact:
+            if self.unit_grid is not None:
+                out["itda_recon_cka"] = self.unit_grid.matrix()
+            if self.scaled_grid is not None:
+                out["itda_scaled_cka"] = self.scaled_grid.matrix()
+        else:
+            if self.unit_grid is not None:
+                out["itda_recon_cka"] = self.unit_grid.matrices(procrustes=False)["cka"]
+            if self.scaled_grid is not None:
+                m = self.scaled_grid.matrices(procrustes="itda_scaled_procrustes" in self.needed)
+                out["itda_scaled_cka"], out["itda_scaled_procrustes"] = m["cka"], m["procrustes"]
         if "itda_fused" in self.needed:
-            out["itda_fused"] = fused_grid(out)
-        return {m: out[m] for m in self.measures}
+            out["itda_fused"] = fused_grid(out, FUSED_PARTS if self.exact else FUSED_PARTS_MINIBATCH)
+        return {m: out[m] for m in self.measures if m in out}

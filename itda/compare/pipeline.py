@@ -98,6 +98,8 @@ def compare_models(
     Linear CKA runs exactly (float64 streaming sums, O(L_A d_A L_B d_B) memory) when those
     accumulators fit `cka_memory` bytes, else as minibatch CKA (unbiased HSIC averaged over
     minibatches of `cka_minibatch` paired tokens, O((L_A + L_B) m^2) memory): `notes` says which.
+    The per-token ITDA measures' CKA grids follow the same rule, each grid on its own
+    (`itda.compare.per_token.PerTokenGrid`).
 
     exchange (itda.build.distributed.Exchange, under torchrun): rank r forwards the document chunks
     r, r + W, ...; the CKA sums are added up over ranks, the kept rows gathered in chunk order, the
@@ -230,9 +232,12 @@ def compare_models(
     if per_token:
         basis_a = CentredDictionaries(centres_a, [b.dictionary() for b in centred_a])
         basis_b = basis_a if self_compare else CentredDictionaries(centres_b, [b.dictionary() for b in centred_b])
-        per_token_grid = PerTokenGrid(basis_a, None if self_compare else basis_b, k, per_token)
+        per_token_grid = PerTokenGrid(basis_a, None if self_compare else basis_b, k, per_token,
+                                      memory=cka_memory, minibatch=cka_minibatch)
         notes.append("itda per-token measures: every paired token, second pass over the corpus, leave-one-out MP over "
                      "dictionaries of the layer's rows centred by the first document chunk's mean")
+        if per_token_grid.note:
+            notes.append(per_token_grid.note)
         bar = tqdm(total=int((~ctx_a.special).sum()), unit="tok", unit_scale=True,
                    disable=not progress or rank != 0, desc="compare: per-token ITDA")
         for first in range(0, len(chunks), world):
