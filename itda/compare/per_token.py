@@ -166,10 +166,11 @@ class PerTokenGrid:
         recon, loss, centred_norm = [], [], []
         for layer, x in zip(index, xs):
             centred = x.to(torch.float32) - layer.centre
-            r, s = token_parts(unit_rows(centred), layer.atoms, layer.own(refs), self.k)
+            length = centred.norm(dim=1)
+            r, s = token_parts(centred / length.clamp(min=1e-12)[:, None], layer.atoms, layer.own(refs), self.k)
             recon.append(r)
             loss.append(s)
-            centred_norm.append(centred.norm(dim=1))
+            centred_norm.append(length)
         self.profiles[side]["loss"].append(torch.stack(loss))
         self.profiles[side]["norm"].append(torch.stack([x.to(torch.float32).norm(dim=1) for x in xs]))
         return torch.stack(recon), torch.stack(centred_norm)
