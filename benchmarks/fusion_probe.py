@@ -8,7 +8,8 @@ CSLS with k = 2 (`itda.compare.hubness`), which is the library's itda_fused for 
 scaled_cka + scaled_proc + norm. Also, without CSLS, each part standardised per row for the row
 decisions and per column for the column decisions ('[per line]') and each part weighted by how
 decisively it picks a partner ('[peak-weighted]', label-free); and the goal baselines
-hubness-corrected too ('<baseline> +csls'), to show what CSLS alone does for them. Parts:
+hubness-corrected too ('<baseline> +csls'), to show what CSLS alone does for them, and the
+library's combination with CSLS's k = 1, 3, 4 instead of 2. Parts:
   itda_recon_cka                          CKA of the unit leave-one-out reconstructions
   itda_scaled_cka, itda_scaled_procrustes CKA / Procrustes of the same scaled by ||x_t - mu||
   itda_loss_profile, norm_profile         Spearman across tokens of MP losses / activation norms
@@ -28,7 +29,7 @@ from safetensors.numpy import load_file
 
 from common import OUT, write_result
 from itda.compare.hubness import csls
-from itda.compare.per_token import fused_grid
+from itda.compare.per_token import FUSED_PARTS, fused_grid
 from layer_matching_suite import BASELINES_GOAL, GRIDS, hits, mcnemar_counts, plot_table
 
 COMBOS = {
@@ -100,6 +101,8 @@ def decisions(pair: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             out[name + " [per line]"] = np.concatenate([by_row[:n].argmax(1) == np.arange(n),
                                                         by_col.T[:n].argmax(1) == np.arange(n)])
             out[name + " [peak-weighted]"] = hits(sum(peak(pair[p]) * z(pair[p]) for p in parts))
+    for k in (1, 3, 4):  # the library's CSLS neighbourhood (k = 2) against its neighbours
+        out[f"scaled_cka+scaled_proc+norm +csls k={k}"] = hits(fused_grid(pair, FUSED_PARTS, hubness_k=k))
     return out
 
 
