@@ -1,15 +1,15 @@
 """Hubness correction of a layer-similarity matrix: cross-domain similarity local scaling (CSLS).
 
-In a matrix of layer similarities some layers are "hubs": similar to every layer of the other
-model (in a residual stream, the middle layers; in small models whose layers barely differ, one
-layer whose token-norm pattern every other layer shares). An argmax over a row then picks the hub
-rather than the partner. CSLS (Conneau et al., "Word translation without parallel data", ICLR
+In a matrix of layer similarities some layers are "hubs": similar to several layers of the other
+model (adjacent layers of a residual stream differ little, and some stand nearer the rest than
+others). An argmax over a row then picks the hub rather than the partner. CSLS (Conneau et al., "Word translation without parallel data", ICLR
 2018) scores a pair by how far it stands above both layers' usual similarity:
 
     csls(S)[i, j] = 2 S[i, j] - r_A[i] - r_B[j],
     r_A[i] = mean of the k largest entries of row i,  r_B[j] = the same for column j,
 
-with k clamped to the other side's number of layers. Pure numpy; no I/O.
+with k clamped to the other side's number of layers. A NaN entry makes its row and column NaN
+(they have no usual similarity). Pure numpy; no I/O.
 """
 
 from __future__ import annotations
@@ -30,6 +30,4 @@ def csls(s_AB: np.ndarray, k: int = CSLS_K) -> np.ndarray:
     s = np.asarray(s_AB, dtype=np.float64)
     if k == 0 or not s.size:
         return s
-    if not np.isfinite(s).all():
-        raise ValueError("csls needs a finite similarity matrix")
     return 2 * s - top_k_mean(s, k, axis=1) - top_k_mean(s, k, axis=0)
