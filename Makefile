@@ -56,7 +56,7 @@ bench-sae: $(STAMP)
 	cd benchmarks && ../$(PY) layer_matching_suite.py --benchmarks gemma3 smollm2 --draws 3 --keep-grids --name layer_matching_suite_draws
 	cd benchmarks && ../$(PY) layer_matching_suite.py --benchmarks smollm2 --levels 0.2 0.3 0.4 --first-draw 3 --keep-grids --no-self --name layer_matching_suite_fresh
 	cd benchmarks && ../$(PY) layer_matching_suite.py --benchmarks gemma3 --first-draw 3 --keep-grids --no-self --name layer_matching_suite_fresh
-	cd benchmarks && ../$(PY) layer_matching_suite.py --benchmarks gemma3 smollm2 --first-draw 4 --keep-grids --no-self --name layer_matching_suite_heldout
+	cd benchmarks && ../$(PY) layer_matching_suite.py --benchmarks gemma3 smollm2 --first-draw 4 --keep-grids --name layer_matching_suite_heldout_self
 	cd benchmarks && ../$(PY) layer_matching_suite.py --benchmarks seeds checkpoints --seeds 7 --first-seed 4 --keep-grids --name layer_matching_suite_seeds_heldout
 	cd benchmarks && ../$(PY) fusion_probe.py
 	cd benchmarks && ../$(PY) norm_profile_probe.py

@@ -18,7 +18,8 @@ Accuracy without self-pairs per row over draws 0-2 (and the seeds / checkpoints)
 alone, over the fresh draws 3 (`layer_matching_suite.py --first-draw 3`, taken after the z-sum
 was chosen, before CSLS was), and over the held-out draws >= 4 and seeds >= 4, taken after
 CSLS was chosen (`--first-draw 4`, `--seeds 7 --first-seed 4`): its held-out test. Prints
-RESULTS.md's tables (markdown) and writes out/fusion_probe.json and out/fusion_probe_<subset>.png.
+RESULTS.md's tables (markdown; the held-out one with and without self-pairs from the suite's
+result files HELD_OUT_RUNS) and writes out/fusion_probe.json and out/fusion_probe_<subset>.png.
 Usage: python fusion_probe.py
 """
 
@@ -171,8 +172,31 @@ def markdown(t: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+HELD_OUT_RUNS = ("layer_matching_suite_heldout_self", "layer_matching_suite_seeds_heldout")  # suite runs with self-pairs
+
+
+def self_table() -> str | None:
+    """RESULTS.md's held-out table with and without self-pairs, from the suite's own result files."""
+    import json
+
+    files = [OUT / f"{name}.json" for name in HELD_OUT_RUNS]
+    if not all(f.exists() for f in files):
+        return None
+    res = {r: v for f in files for r, v in json.loads(f.read_text())["results"].items()}
+    rows, names = [r for r in ROWS if r in res], ("itda_fused", *BASELINES_GOAL)
+    lines = ["| benchmark | " + " | ".join(f"{m} with / without self" for m in names) + " |", "|---" * (len(names) + 1) + "|"]
+    lines += [f"| {r} | " + " | ".join(f"{res[r][m]['with_self']:.2f} / {res[r][m]['without_self']:.2f}" for m in names) + " |"
+              for r in rows]
+    lines.append("| mean | " + " | ".join(f"{np.mean([res[r][m]['with_self'] for r in rows]):.2f} / "
+                                         f"{np.mean([res[r][m]['without_self'] for r in rows]):.2f}" for m in names) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     table, significance = analyse()
+    held = self_table()
+    if held:
+        print(f"\nheld out, with and without self-pairs (suite results):\n{held}")
     for subset, t in table.items():
         print(f"\n{subset}:\n{markdown(t)}")
     for subset, t in table.items():  # heatmap: benchmarks x the library's measures
