@@ -48,7 +48,7 @@ COMBOS = {
     "all_itda+norm": ("itda_recon_cka", "itda_scaled_cka", "itda_scaled_procrustes", "itda_loss_profile", "norm_profile"),
 }
 SINGLES = ("jaccard", "itda_recon_cka", "itda_scaled_cka", "itda_scaled_procrustes", "itda_loss_profile",
-           "norm_profile")
+           "norm_profile", "itda_fused_minibatch", "cka_minibatch")  # the last two: suite runs from 2026-11-30 on
 
 
 def z(s: np.ndarray) -> np.ndarray:
@@ -134,7 +134,7 @@ def analyse() -> tuple[dict, dict]:
     for subset, t in table.items():
         print(f"\n{subset}: accuracy without self-pairs; 'short' = rows below the best goal baseline")
         best = {r: max(v[m] for m in BASELINES_GOAL) for r, v in t.items()}
-        for m in next(iter(t.values())):
+        for m in [m for m in next(iter(t.values())) if all(m in v for v in t.values())]:
             short = [r for r in t if t[r][m] < best[r] - 1e-9]
             print(f"{m:44s} mean {np.mean([t[r][m] for r in t]):.3f}  short {len(short)}: "
                   + ", ".join(f"{r} {t[r][m]:.2f}<{best[r]:.2f}" for r in short))

@@ -19,7 +19,10 @@ relative representations (300 random anchors). ITDA measures build each layer's 
 sample mean, each row encoded leave-one-out (itda.compare.itda_measures); Jaccard and the anchor
 measures over the first half of the rows (the anchor measures measured on the other half):
 itda_recon_cka, itda_loss_profile, itda_scaled_cka, itda_scaled_procrustes, itda_fused (with
-norm_profile, its non-ITDA part) and jaccard (atom sets by token) on every layer; with --full
+norm_profile, its non-ITDA part) and jaccard (atom sets by token) on every layer; also what
+`itda compare` falls back to past --cka-memory: cka_minibatch and itda_fused_minibatch
+(minibatch CKA of the scaled reconstructions + the norm profile, hubness-corrected), 1,024 rows
+per minibatch; with --full
 also itda_relative, itda_code_overlap, itda_code_cosine and itda_cross_recon, on the subset of
 layers in SUBSET (their pairwise MPs cost about a second per layer pair), and every measure
 scored again on that subset (results[benchmark]["subset"]: fewer, farther-apart layers are an
@@ -54,7 +57,8 @@ from itda.activations.models import LoadedModel, load_model
 from itda.activations.stream import iterate_batches
 from itda.compare.itda_measures import ITDA_MEASURES, PER_TOKEN, layer_sample, pair_similarities
 from itda.compare.measures import _relative_pair, _relative_prepare, _svcca_pair, _svcca_prepare, similarity_grid
-from itda.compare.per_token import fused_grid, scaled_recon, spearman_grid
+from itda.compare.minibatch import MinibatchCKAGrid
+from itda.compare.per_token import FUSED_PARTS_MINIBATCH, fused_grid, scaled_recon, spearman_grid
 from itda.compare.streaming import StreamingCKAGrid
 
 BASELINES = ("cka", "cka_debiased", "procrustes", "svcca", "relative")
@@ -146,6 +150,13 @@ class Prepared:
         self.atoms = atoms
 
 
+def minibatch_cka(xs: torch.Tensor, ys: torch.Tensor, m: int = 1024) -> np.ndarray:
+    """[L_A, L_B] minibatch CKA (unbiased HSIC over minibatches of m rows), as `itda compare` past --cka-memory."""
+    grid = MinibatchCKAGrid(m)
+    grid.update(list(xs), list(ys))
+    return grid.matrix()
+
+
 def cka_grid(xs: torch.Tensor, ys: torch.Tensor, procrustes: bool = False) -> dict[str, np.ndarray]:
     grid = StreamingCKAGrid("float64")
     grid.update(xs, ys)
@@ -164,6 +175,10 @@ def grids(a: Prepared, b: Prepared, full_layers: list[int] | None, itda_k: int) 
     out["itda_scaled_cka"], out["itda_scaled_procrustes"] = scaled["cka"], scaled["procrustes"]
     out["norm_profile"] = spearman_grid(a.norm, b.norm)
     out["itda_fused"] = fused_grid(out)
+    # what `itda compare` computes past --cka-memory: minibatch CKA (itda_fused from scaled CKA + norm profile)
+    out["cka_minibatch"] = minibatch_cka(torch.stack(a.xs), torch.stack(b.xs))
+    out["itda_fused_minibatch"] = fused_grid({"itda_scaled_cka": minibatch_cka(a.scaled, b.scaled),
+                                              "norm_profile": out["norm_profile"]}, FUSED_PARTS_MINIBATCH)
     inter = a.atoms @ b.atoms.T
     out["jaccard"] = (inter / (a.atoms.sum(1)[:, None] + b.atoms.sum(1)[None, :] - inter)).numpy()
     if full_layers:
