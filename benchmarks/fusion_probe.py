@@ -58,7 +58,7 @@ def z(s: np.ndarray) -> np.ndarray:
 FRESH, NEW = 3, 4  # noise draw 3: taken after the z-sum was chosen; noise draws >= 4 and seeds >= 4: after CSLS was
 
 
-def taken(row: str, a: str, b: str) -> int:
+def taken(a: str, b: str) -> int:
     """The pair's data batch: its noise draw; for the seeds and checkpoints 0, or NEW when a seed
     >= NEW takes part."""
     if b.startswith("noisy"):
@@ -72,7 +72,7 @@ def load_pairs() -> dict[str, list[tuple[int, dict[str, np.ndarray]]]]:
     rows: dict[str, list[tuple[int, dict[str, np.ndarray]]]] = {}
     for f in sorted(GRIDS.glob("*.safetensors")):
         row, a, b = f.stem.rsplit(" ", 2)
-        rows.setdefault(row, []).append((taken(row, a, b), load_file(str(f))))
+        rows.setdefault(row, []).append((taken(a, b), load_file(str(f))))
     return rows
 
 
@@ -172,6 +172,25 @@ def markdown(t: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def why_seeds(rows: dict) -> str | None:
+    """RESULTS.md's account of the seeds row (seeds 0-3): how flat each part's matrices are, which
+    layers the first pair's uncorrected sum and itda_fused pick, and the decisions CSLS changes."""
+    pairs = [p for d, p in rows.get("seeds", []) if d == 0]
+    if not pairs:
+        return None
+    lines = [f"  {m:24s} entries {min(p[m].min() for p in pairs):.2f}-{max(p[m].max() for p in pairs):.2f}, "
+             f"std per pair {np.mean([p[m].std() for p in pairs]):.3f}" for m in (*FUSED_PARTS, "procrustes")]
+    plain, fused = fused_grid(pairs[0], FUSED_PARTS, hubness_k=0), fused_grid(pairs[0], FUSED_PARTS)
+    lines.append(f"  first pair, rows -> {plain.argmax(1).tolist()} uncorrected, {fused.argmax(1).tolist()} itda_fused")
+    lines.append(f"  first pair, columns -> {plain.argmax(0).tolist()} uncorrected, {fused.argmax(0).tolist()} itda_fused")
+    h_plain = np.concatenate([hits(fused_grid(p, FUSED_PARTS, hubness_k=0)) for p in pairs])
+    h_fused = np.concatenate([hits(fused_grid(p, FUSED_PARTS)) for p in pairs])
+    c = mcnemar_counts(h_fused, h_plain)
+    lines.append(f"  CSLS turns {c['only_ours']} wrong decisions right and {c['only_baseline']} right ones wrong "
+                 f"(of {len(h_fused)})")
+    return "\n".join(lines)
+
+
 HELD_OUT_RUNS = ("layer_matching_suite_heldout_self", "layer_matching_suite_seeds_heldout")  # suite runs with self-pairs
 
 
@@ -194,6 +213,9 @@ def self_table() -> str | None:
 
 def main() -> None:
     table, significance = analyse()
+    why = why_seeds(load_pairs())
+    if why:
+        print(f"\nseeds 0-3, the row CSLS was chosen for:\n{why}")
     held = self_table()
     if held:
         print(f"\nheld out, with and without self-pairs (suite results):\n{held}")

@@ -372,7 +372,7 @@ def main() -> None:
         if b in ("seeds", "checkpoints"):
             acts = cached(f"seeds_{args.seed_steps}_{args.rows}" + (f"_n{args.seeds}" if args.seeds != 4 else ""),
                           lambda: seed_samples(args))
-            pairs = ([(x, y) for x, y in itertools.combinations(finals, 2) if y in new or args.first_seed == 0]
+            pairs = ([(x, y) for x, y in itertools.combinations(finals, 2) if y in new]
                      if b == "seeds" else [(f"seed0@{at}", f) for at in CHECKPOINTS for f in new])
             args.row = b
             results[b] = run_pairs(acts, pairs, args, prepared)

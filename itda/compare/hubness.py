@@ -2,8 +2,9 @@
 
 In a matrix of layer similarities some layers are "hubs": similar to several layers of the other
 model (adjacent layers of a residual stream differ little, and some stand nearer the rest than
-others). An argmax over a row then picks the hub rather than the partner. CSLS (Conneau et al., "Word translation without parallel data", ICLR
-2018) scores a pair by how far it stands above both layers' usual similarity:
+others). An argmax over a row then picks the hub rather than the partner. CSLS (Conneau et al.,
+"Word translation without parallel data", ICLR 2018) scores a pair by how far it stands above
+both layers' usual similarity:
 
     csls(S)[i, j] = 2 S[i, j] - r_A[i] - r_B[j],
     r_A[i] = mean of the k largest entries of row i,  r_B[j] = the same for column j,
