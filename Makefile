@@ -37,9 +37,10 @@ $(BROWSER): $(STAMP)
 test: $(STAMP) $(INTEROP) $(BROWSER)
 	$(PY) -m pytest -q
 
-# kills, interrupts, concurrent writers and the bad-input table, with counts
+# kills and resumes (builds from files and models, SAE training), interrupts, concurrent writers,
+# a read-only HOME and the bad-input table, with counts
 reliability: $(STAMP)
-	$(PY) -m pytest -q -s tests/test_reliability.py
+	$(PY) -m pytest -q -s tests/test_reliability.py tests/test_build_checkpoint.py tests/test_sae_reliability.py
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

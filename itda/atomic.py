@@ -40,6 +40,17 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
+def _naming(target: Path, tmp: Path | None = None) -> Iterator[None]:
+    """Re-raise an OSError about the hidden temporary (or the folder) as one about `target`."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno is not None and exc.filename is not None and (tmp is None or Path(exc.filename) == tmp):
+            raise type(exc)(exc.errno, exc.strerror, str(target)) from None
+        raise
+
+
+@contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; on success rename it over the target.
 
@@ -48,17 +59,19 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     (named with their PID) are removed first.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
+    with _naming(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(target)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        os.chmod(tmp_path, 0o666 & ~_umask())
-        with open(tmp_path, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp_path, target)
+        with _naming(target, tmp_path):
+            yield tmp_path
+            os.chmod(tmp_path, 0o666 & ~_umask())
+            with open(tmp_path, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-
 from itda import __version__
-from itda.atomic import atomic_path
 from itda.errors import ItdaInputError
 from itda.pursuit import SparseCodes, compute_gram, decode, matching_pursuit, orthogonal_matching_pursuit
 from itda.pursuit.gram import gram_fits
+from itda.tensorfile import read_tensor_file, write_tensor_file
 
 FORMAT_VERSION = 1
 REF_FIELDS = ("doc", "pos", "char_start", "char_end", "token_id")
@@ -58,10 +56,42 @@ class DictionaryMeta:
         known = {f.name for f in fields(cls)}
         if "d" not in raw:
             raise ItdaInputError(f"{source}: metadata lacks the dimension 'd'")
-        return cls(**{k: v for k, v in raw.items() if k in known})
+        meta = cls(**{k: v for k, v in raw.items() if k in known})
+        meta.validate(source)
+        return meta
+
+    def validate(self, source: str) -> None:
+        """Raise ItdaInputError naming the first field of the wrong type or out of range."""
+        def bad(name: str, want: str) -> ItdaInputError:
+            return ItdaInputError(f"{source}: metadata field '{name}' must be {want}, got {getattr(self, name)!r}")
+
+        for name in ("d", "k"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise bad(name, "an integer >= 1")
+        if self.threshold is not None and not (_is_number(self.threshold) and 0 <= self.threshold < math.inf):
+            raise bad("threshold", "a finite number >= 0 or null")
+        if self.min_cosine is not None and not (_is_number(self.min_cosine) and -1 <= self.min_cosine <= 1):
+            raise bad("min_cosine", "a number in [-1, 1] or null")
+        if self.layer is not None and not _is_int(self.layer):
+            raise bad("layer", "an integer or null")
+        for name in ("model", "hookpoint", "tokenizer", "dataset_fingerprint"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise bad(name, "a string or null")
+        if not isinstance(self.loss, str) or not isinstance(self.itda_version, str):
+            raise bad("loss" if not isinstance(self.loss, str) else "itda_version", "a string")
+        if not isinstance(self.build, dict):
+            raise bad("build", "an object")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
 
 
 def cosine_to_threshold(min_cosine: float, d: int) -> float:
@@ -121,6 +151,14 @@ class Dictionary:
         return self._gram
 
     # -- inference -------------------------------------------------------------------------
+    def encoding_k(self, k: int | None = None) -> int:
+        """MP steps to encode with: default the build's k (at most the atoms); an explicit k in [1, atoms]."""
+        if k is None:
+            return max(1, min(self.meta.k, len(self)))
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= max(1, len(self)):
+            raise ItdaInputError(f"k must be between 1 and the dictionary's {len(self)} atoms, got {k}")
+        return k
+
     def encode(self, x: torch.Tensor, k: int | None = None, *, method: str = "mp", backend: str = "auto") -> SparseCodes:
         """Sparse codes of x [B, d] with k atoms (default: the k the dictionary was built with)."""
         k = self.meta.k if k is None else k
@@ -139,10 +177,8 @@ class Dictionary:
 
     # -- persistence -----------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        """Write one .safetensors file (atoms, refs, JSON metadata) atomically."""
-        tensors = {"atoms": self.atoms.detach().cpu().contiguous(), "refs": self.refs.cpu().contiguous()}
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={_META_KEY: self.meta.to_json()})
+        """Write one .safetensors file (atoms, refs, JSON metadata, content checksum) atomically."""
+        write_tensor_file(path, {"atoms": self.atoms, "refs": self.refs}, _META_KEY, self.meta.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> "Dictionary":
@@ -150,14 +186,7 @@ class Dictionary:
         path = Path(path)
         if not path.is_file():
             raise ItdaInputError(f"{path}: no such dictionary file")
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as fh:
-                header = fh.metadata() or {}
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise ItdaInputError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+        header, tensors = read_tensor_file(path, "safetensors file")
         if _META_KEY not in header:
             raise ItdaInputError(f"{path}: not an itda dictionary (no '{_META_KEY}' metadata)")
         meta = DictionaryMeta.from_json(header[_META_KEY], str(path))

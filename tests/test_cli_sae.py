@@ -78,7 +78,7 @@ def test_sae_bad_inputs_exit_2(tmp_path, files):
     _bad(["sae", "eval", str(d), str(acts)], "not an SAE")
     _bad(["sae", "eval", str(tmp_path / "nope.safetensors"), str(acts)], "no such")
     (tmp_path / "mine").mkdir()
-    _bad(["export", str(d), "--format", "saelens", "--out", str(tmp_path / "mine")], "not an earlier output")
+    _bad(["export", str(d), "--format", "saelens", "--out", str(tmp_path / "mine")], "exists and is not an SAELens export")
     assert not out.exists() and ck.read_bytes() == b"not a checkpoint at all"
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 

@@ -114,7 +114,7 @@ def test_failed_save_keeps_previous_file(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr("itda.dictionary.save_file", boom)
+    monkeypatch.setattr("itda.tensorfile.save_file", boom)
     with pytest.raises(OSError):
         _dict(n=5).save(p)
     assert p.read_bytes() == before

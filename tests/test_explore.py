@@ -140,7 +140,7 @@ def test_bad_inputs_give_one_line(built, tmp_path):
     keep.mkdir()
     (keep / "notes.txt").write_text("precious")
     r = _explore(built, keep)
-    assert r.exit_code == 2 and "not an earlier output" in r.output
+    assert r.exit_code == 2 and "exists and is not an explorer folder" in r.output
     assert (keep / "notes.txt").read_text() == "precious" and len(list(keep.iterdir())) == 1
     again = tmp_path / "again"
     assert _explore(built, again).exit_code == 0

@@ -1,17 +1,23 @@
-"""Reliability: kills, interrupts, concurrent writers and a table of bad inputs (`make reliability`).
+"""Reliability: kills, interrupts, concurrent writers, a read-only HOME, and the table of bad inputs
+(`make reliability`).
 
-Every bad input must give one line `error: ...` and exit code 2, leave existing outputs byte for
-byte as they were and leave no temporary file behind.
+Every bad input must give one line `error: ...` and exit code 2, leave every file that existed
+byte for byte as it was and leave no temporary file behind; every row of the table is checked so.
+The SIGKILL/resume tests of model-input builds and of SAE training live in
+tests/test_build_checkpoint.py and tests/test_sae_reliability.py (also run by `make reliability`).
 """
 
 import hashlib
+import json
 import os
-import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -19,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from cli_helpers import synthetic_acts_file
+from cli_helpers import kill_after_checkpoints, synthetic_acts_file
 from itda.cli.main import app
 from itda.dictionary import Dictionary
 from itda.pursuit.api import gram_is_cheaper
@@ -56,25 +62,8 @@ def _build_cmd(acts, out, ck):
 @pytest.mark.slow
 def test_repeated_sigkill_then_resume_is_byte_identical(acts, reference_build, tmp_path):
     out, ck = tmp_path / "d.safetensors", tmp_path / "ck.safetensors"
-    rng = random.Random(7)
-    kills = 0
-    for _ in range(KILLS + 5):
-        before = ck.stat().st_mtime_ns if ck.exists() else None
-        proc = subprocess.Popen(_build_cmd(acts, out, ck), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        # wait until this run has written a checkpoint of its own, then kill it at a random moment
-        deadline = time.time() + 60
-        while proc.poll() is None and time.time() < deadline:
-            if ck.exists() and ck.stat().st_mtime_ns != before:
-                break
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0.0, 0.03))
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
-        proc.wait()
-        assert not out.exists() or digest(out) == digest(reference_build)  # never a partial output
-        if out.exists() or kills == KILLS:
-            break
+    kills = kill_after_checkpoints(lambda: subprocess.Popen(_build_cmd(acts, out, ck), stdout=subprocess.DEVNULL,
+                                                            stderr=subprocess.DEVNULL), ck, out, KILLS, wait_s=60)
     assert kills == KILLS
     r = subprocess.run(_build_cmd(acts, out, ck), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -175,6 +164,19 @@ def test_outputs_follow_the_umask(tmp_path):
     assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
 
 
+def test_a_failed_write_names_the_target_not_the_temporary(tmp_path, monkeypatch):
+    from itda.atomic import write_text_atomic
+
+    def refuse(src, dst):
+        raise PermissionError(13, "Permission denied", str(src))
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(PermissionError) as info:
+        write_text_atomic(tmp_path / "report.json", "{}")
+    assert info.value.filename == str(tmp_path / "report.json")
+    assert not list(tmp_path.iterdir())
+
+
 def test_mp_path_is_chosen_by_cost():
     # B = 2048, d = 2048, N = 16,384: the Gram costs about N/B = 8 products, the Gram-free path k
     assert gram_is_cheaper(2048, 16_384, 2048, 40)
@@ -193,100 +195,351 @@ def test_dictionaries_from_one_activation_file_compare(tmp_path, acts):
     assert r.exit_code == 0, r.output
 
 
-# -- bad inputs --------------------------------------------------------------------------------------
-def _files(tmp_path: Path, acts: Path) -> dict:
-    f = {}
-    d = tmp_path / "dict.safetensors"
-    assert runner.invoke(app, ["build", str(acts), "--out", str(d), "--k", "8", "--batch-size", "4000", "-q"]).exit_code == 0
-    f["dict"] = d
-    good = d.read_bytes()
-    (tmp_path / "truncated.safetensors").write_bytes(good[: len(good) // 2])
-    (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 100)
-    tampered = bytearray(good)
-    tampered[-8:] = b"\xff" * 8  # NaN bytes into the last atom values
-    (tmp_path / "tampered.safetensors").write_bytes(bytes(tampered))
-    nan = np.ones((50, 48), np.float32)
-    nan[3, 3] = np.nan
-    np.save(tmp_path / "nan.npy", nan)
-    inf = np.ones((50, 48), np.float32)
-    inf[5, 0] = np.inf
-    np.save(tmp_path / "inf.npy", inf)
-    np.save(tmp_path / "zero_cols.npy", np.ones((50, 0), np.float32))
-    np.save(tmp_path / "ints.npy", np.ones((50, 48), np.int32))
-    np.save(tmp_path / "narrow.npy", np.random.default_rng(0).standard_normal((300, 16)).astype(np.float32))
-    save_file({"x": torch.ones(0, 48)}, str(tmp_path / "empty.safetensors"))
-    (tmp_path / "notes.txt").write_text("a user's file")
-    (tmp_path / "a_file").write_text("not a folder")
-    (tmp_path / "folder").mkdir()
-    # checkpoints as a killed build leaves them (the library keeps them; the CLI removes them on success)
-    import shutil
+def test_extreme_finite_activations_build_the_same_dictionary(tmp_path):
+    """Rows near the float32 limit: the same atoms as the unscaled rows (not one zero atom), finite FVU."""
+    from itda.activations.files import load_activations
+    from itda.build import build_dictionary
+    from itda.evaluate import evaluate
 
+    x = load_activations(synthetic_acts_file(tmp_path / "a.safetensors", 2000, 24, n_features=64, seed=5)).acts
+    plain = build_dictionary([x[:1000], x[1000:]], k=6, min_cosine=0.9)
+    for scale in (1e30, 1e-30):
+        big = build_dictionary([x[:1000] * scale, x[1000:] * scale], k=6, min_cosine=0.9)
+        assert len(big) == len(plain) and torch.allclose(big.atoms, plain.atoms, atol=1e-5)
+        rep, ref = evaluate(big, [x * scale], k=6), evaluate(plain, [x], k=6)
+        assert np.isfinite(rep.fvu) and abs(rep.fvu - ref.fvu) < 1e-5 * max(ref.fvu, 1e-3)
+        assert abs(rep.mean_cosine - ref.mean_cosine) < 1e-6
+
+
+# -- the table of bad inputs ------------------------------------------------------------------------
+class Case(NamedTuple):
+    name: str
+    argv: list[str]  # {w}: the folder of fixtures (every file there is protected), {n}: a scratch folder
+    fragment: str | None  # the error line contains this; None: the command must succeed (exit 0)
+
+
+def _meta_variant(src: Path, dst: Path, **changes) -> None:
+    """A copy of dictionary src with metadata fields changed (and a valid checksum)."""
+    from itda.tensorfile import write_tensor_file
+
+    d = Dictionary.load(src)
+    meta = {**json.loads(d.meta.to_json()), **changes}
+    write_tensor_file(dst, {"atoms": d.atoms, "refs": d.refs}, "itda", json.dumps(meta))
+
+
+def _sae_files(w: Path, acts: Path) -> None:
+    from itda.sae.io import SaeMeta, save_sae
+    from itda.sae.model import SaeConfig, TopKSAE
+    from itda.sae.train import SaeTrainer, TrainConfig
+    from itda.tensorfile import read_tensor_file, write_tensor_file
+
+    torch.manual_seed(0)
+    sae = TopKSAE(SaeConfig(48, 128, 8))
+    save_sae(sae, w / "sae.safetensors", SaeMeta())
+    header, tensors = read_tensor_file(w / "sae.safetensors")
+    entry = json.loads(header["itda_sae"])
+    entry["cfg"]["k"] = 1000
+    write_tensor_file(w / "sae_k1000.safetensors", tensors, "itda_sae", entry)
+    trainer = SaeTrainer(sae, TrainConfig(steps=5))
+    trainer.step(torch.randn(64, 48))
+    trainer.save_checkpoint(w / "ck_sae.safetensors")
+
+
+def _model_files(w: Path) -> None:
+    from tiny_models import saved_model_and_corpus, tiny_model, word_tokenizer
+
+    model, corpus, _docs = saved_model_and_corpus(w, 30, seed=2)
+    r = runner.invoke(app, ["build", str(model), "--layer", "1", "--corpus", str(corpus), "--tokens", "1500", "--k", "8",
+                            "--out", str(w / "mdict"), "-q"])
+    assert r.exit_code == 0, r.output
+    tok = word_tokenizer()
+    small = w / "smallvocab"
+    tiny_model("llama", vocab=20).save_pretrained(small)  # the tokenizer's ids go past 20
+    tok.save_pretrained(small)
+    (w / "empty.jsonl").write_text("".join(json.dumps({"text": ""}) + "\n" for _ in range(5)))
+
+
+def _checkpoint_files(w: Path, acts: Path) -> None:
     from itda.activations.files import load_activations
     from itda.build import build_dictionary
 
-    narrow = load_activations(tmp_path / "narrow.npy")
-    build_dictionary(narrow.batches(100), k=4, min_cosine=0.85, checkpoint=tmp_path / "ck_other.safetensors",
+    narrow = load_activations(w / "narrow.npy")
+    build_dictionary(narrow.batches(100), k=4, min_cosine=0.85, checkpoint=w / "ck_other.safetensors",
                      checkpoint_every=1, fingerprint={"source": narrow.fingerprint(), "d": 16, "batch_size": 100})
     data = load_activations(acts)
-    keep = tmp_path / "ck_kept.safetensors"
-    build_dictionary(data.batches(4000, stop=8000), k=8, min_cosine=0.85, checkpoint=keep, checkpoint_every=1,
-                     fingerprint={"source": data.fingerprint(), "d": 48, "batch_size": 4000})
-    shutil.copy(keep, tmp_path / "ck_kept_copy.safetensors")
-    f["ck"] = tmp_path / "ck_kept_copy.safetensors"
-    return f
+    build_dictionary(data.batches(1000, stop=2000), k=8, min_cosine=0.85, checkpoint=w / "ck_kept.safetensors",
+                     checkpoint_every=1, fingerprint={"source": data.fingerprint(), "d": 48, "batch_size": 1000})
 
 
-BAD = [
-    # (name, argv with {t} = tmp folder, {acts}, {dict}, expected fragment)
-    ("missing activation file", ["build", "{t}/missing.npy", "--out", "{t}/o.safetensors"], "no such activation file"),
-    ("truncated dictionary", ["info", "{t}/truncated.safetensors"], "not a readable safetensors file"),
-    ("garbage dictionary", ["info", "{t}/garbage.safetensors"], "not a readable safetensors file"),
-    ("tampered dictionary", ["info", "{t}/tampered.safetensors"], "NaN or inf"),
-    ("NaN activations", ["build", "{t}/nan.npy", "--out", "{t}/o.safetensors"], "NaN or inf"),
-    ("inf activations", ["build", "{t}/inf.npy", "--out", "{t}/o.safetensors"], "NaN or inf"),
-    ("0 columns", ["build", "{t}/zero_cols.npy", "--out", "{t}/o.safetensors"], "0 columns"),
-    ("integer activations", ["build", "{t}/ints.npy", "--out", "{t}/o.safetensors"], "floating point"),
-    ("empty activations", ["build", "{t}/empty.safetensors", "--out", "{t}/o.safetensors"], "0 rows"),
-    ("output is the input", ["build", "{acts}", "--out", "{acts}"], "also an input"),
-    ("output is a user's file", ["build", "{acts}", "--out", "{t}/notes.txt"], "not an itda dictionary"),
-    ("output is a folder", ["build", "{acts}", "--out", "{t}/folder"], "is a folder"),
-    ("output under a file", ["build", "{acts}", "--out", "{t}/a_file/o.safetensors"], "Not a directory"),
-    ("encode over its dictionary", ["encode", "{dict}", "{acts}", "--out", "{dict}"], "also an input"),
-    ("encode k too large", ["encode", "{dict}", "{acts}", "--out", "{t}/c.safetensors", "--k", "1000000000"], "--k must be between"),
-    ("encode batch size 0", ["encode", "{dict}", "{acts}", "--out", "{t}/c.safetensors", "--batch-size", "0"], "--batch-size"),
-    ("eval k too large", ["eval", "{dict}", "{acts}", "--k", "1000000000"], "--k must be between"),
-    ("width mismatch", ["eval", "{dict}", "{t}/narrow.npy"], "dimension mismatch"),
-    ("bogus device", ["build", "{acts}", "--out", "{t}/o.safetensors", "--device", "bogus"], "not a torch device"),
-    ("cuda without CUDA", ["build", "{acts}", "--out", "{t}/o.safetensors", "--device", "cuda"], "CUDA is not available"),
-    ("checkpoint every 0", ["build", "{acts}", "--out", "{t}/o.safetensors", "--checkpoint", "{t}/c.ck", "--checkpoint-every", "0"], "--checkpoint-every"),
-    ("checkpoint of another width", ["build", "{acts}", "--out", "{t}/o.safetensors", "--k", "4", "--batch-size", "100",
-                                     "--checkpoint", "{t}/ck_other.safetensors"], "d=16"),
-    ("checkpoint at another batch size", ["build", "{acts}", "--out", "{t}/o.safetensors", "--k", "8", "--batch-size", "2000",
-                                          "--checkpoint", "{ck}"], "another stream"),
-    ("checkpoint of another file", ["build", "{t}/narrow_copy.npy", "--out", "{t}/o.safetensors", "--k", "8", "--batch-size", "4000",
-                                    "--checkpoint", "{ck}"], "checkpoint"),
-    ("bad memory size", ["build", "smollm2-135m", "--layer", "1", "--out", "{t}/m", "--max-memory", "lots"], "--max-memory"),
-    ("compare missing file", ["compare", "{dict}", "{t}/missing.safetensors"], "no such file"),
-    ("compare truncated file", ["compare", "{dict}", "{t}/truncated.safetensors"], "not a readable safetensors file"),
-    ("unknown measure", ["compare", "{dict}", "{dict}", "--measures", "cosmic"], "unknown measures"),
-    ("SAE from a dictionary", ["sae", "eval", "{dict}", "{acts}"], "not an SAE"),
+def _array_files(w: Path) -> None:
+    rng = np.random.default_rng(0)
+    nan = np.ones((50, 48), np.float32)
+    nan[3, 3] = np.nan
+    np.save(w / "nan.npy", nan)
+    inf = np.ones((50, 48), np.float32)
+    inf[5, 0] = np.inf
+    np.save(w / "inf.npy", inf)
+    np.save(w / "zero_cols.npy", np.ones((50, 0), np.float32))
+    np.save(w / "ints.npy", np.ones((50, 48), np.int32))
+    np.save(w / "narrow.npy", rng.standard_normal((300, 16)).astype(np.float32))
+    np.save(w / "narrow_copy.npy", rng.standard_normal((300, 48)).astype(np.float32))
+    save_file({"activations": torch.ones(0, 48)}, str(w / "empty.safetensors"))
+    save_file({"x": torch.ones(10, 48)}, str(w / "lone.safetensors"))
+
+
+def _damaged_dictionaries(w: Path) -> None:
+    good = (w / "dict.safetensors").read_bytes()
+    (w / "truncated.safetensors").write_bytes(good[: len(good) // 2])
+    (w / "garbage.safetensors").write_bytes(b"\x00" * 100)
+    tampered = bytearray(good)
+    tampered[-8:] = b"\xff" * 8  # NaN bytes into the last atom values
+    (w / "tampered.safetensors").write_bytes(bytes(tampered))
+    flipped = bytearray(good)
+    flipped[-60] ^= 0x01  # one mantissa bit of an atom: still finite and nearly unit-norm
+    (w / "bitflip.safetensors").write_bytes(bytes(flipped))
+    d = Dictionary.load(w / "dict.safetensors")
+    atoms = d.atoms.clone()
+    atoms[0, 0] = float("nan")  # written without a checksum, as an older itda did
+    save_file({"atoms": atoms, "refs": d.refs}, str(w / "nan_unchecked.safetensors"), metadata={"itda": d.meta.to_json()})
+    for name, change in (("k_eight", {"k": "eight"}), ("k_zero", {"k": 0}), ("k_negative", {"k": -3}),
+                         ("d_string", {"d": "48"}), ("cosine_2", {"min_cosine": 2.0}), ("layer_float", {"layer": 1.5})):
+        _meta_variant(w / "dict.safetensors", w / f"meta_{name}.safetensors", **change)
+
+
+def _user_files(w: Path) -> None:
+    (w / "notes.txt").write_text("a user's file")
+    (w / "user.json").write_text('{"mine": true}\n')
+    (w / "a_file").write_text("not a folder")
+    (w / "folder").mkdir()
+    (w / "user_dir").mkdir()
+    (w / "user_dir" / "paper.tex").write_text("a user's folder")
+    (w / "imp.report.json").write_text('{"someone": "else"}\n')  # beside a select --out imp.jsonl
+    (w / "imp2.coverage.png").write_bytes(b"\x89PNG not itda's")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Every kind of file the commands read or write, good and bad; all of them protected."""
+    w = tmp_path_factory.mktemp("world")
+    acts = synthetic_acts_file(w / "acts.safetensors", 3000, 48, n_features=256, seed=11)
+    for name, k in (("dict", "8"), ("dict4", "4")):
+        r = runner.invoke(app, ["build", str(acts), "--out", str(w / f"{name}.safetensors"), "--k", k, "-q"])
+        assert r.exit_code == 0, r.output
+    np.save(w / "huge.npy", _scaled(acts, 1e30))
+    _array_files(w)
+    _damaged_dictionaries(w)
+    _sae_files(w, acts)
+    _checkpoint_files(w, acts)
+    _model_files(w)
+    _user_files(w)
+    for argv in (["encode", f"{w}/dict.safetensors", str(acts), "--out", f"{w}/codes.safetensors"],
+                 ["eval", f"{w}/dict.safetensors", str(acts), "--out", f"{w}/report.json"],
+                 ["export", f"{w}/sae.safetensors", "--format", "saelens", "--out", f"{w}/saelens"],
+                 ["export", f"{w}/sae.safetensors", "--format", "sparsify", "--out", f"{w}/sparsify"]):
+        r = runner.invoke(app, argv)
+        assert r.exit_code == 0, r.output
+    shutil.copy(w / "ck_kept.safetensors", w / "ck_kept_copy.safetensors")
+    return w
+
+
+def _scaled(acts: Path, scale: float) -> np.ndarray:
+    from itda.activations.files import load_activations
+
+    return (load_activations(acts).acts.numpy() * scale).astype(np.float32)
+
+
+A, D, D4, SAE = "{w}/acts.safetensors", "{w}/dict.safetensors", "{w}/dict4.safetensors", "{w}/sae.safetensors"
+MD, MODEL, CORPUS = "{w}/mdict/resid_post.1.safetensors", "{w}/tiny", "{w}/c.jsonl"
+SELECT = ["select", CORPUS, "--dict", MD, "--budget", "3", "-q"]
+CASES = [
+    # -- reading: files that are missing, damaged or of another kind
+    Case("missing activation file", ["build", "{w}/missing.npy", "--out", "{n}/o.safetensors"], "no such activation file"),
+    Case("truncated dictionary", ["info", "{w}/truncated.safetensors"], "not a readable safetensors file"),
+    Case("garbage dictionary", ["info", "{w}/garbage.safetensors"], "not a readable safetensors file"),
+    Case("NaN bytes in atoms: checksum", ["info", "{w}/tampered.safetensors"], "checksum mismatch"),
+    Case("one flipped mantissa bit: checksum", ["info", "{w}/bitflip.safetensors", "--verify"], "checksum mismatch"),
+    Case("flipped bit refused by encode too", ["encode", "{w}/bitflip.safetensors", A, "--out", "{n}/c.safetensors"], "checksum mismatch"),
+    Case("NaN atoms in a file without checksum", ["info", "{w}/nan_unchecked.safetensors"], "NaN or inf"),
+    Case("info --verify of a good dictionary", ["info", D, "--verify"], None),
+    Case("metadata k = 'eight' (encode)", ["encode", "{w}/meta_k_eight.safetensors", A, "--out", "{n}/c.safetensors"], "field 'k'"),
+    Case("metadata k = 'eight' (eval)", ["eval", "{w}/meta_k_eight.safetensors", A], "field 'k'"),
+    Case("metadata k = 'eight' (export)", ["export", "{w}/meta_k_eight.safetensors", "--format", "saelens", "--out", "{n}/x"], "field 'k'"),
+    Case("metadata k = 'eight' (info)", ["info", "{w}/meta_k_eight.safetensors"], "field 'k'"),
+    Case("metadata k = 0", ["encode", "{w}/meta_k_zero.safetensors", A, "--out", "{n}/c.safetensors"], "field 'k'"),
+    Case("metadata k = -3", ["encode", "{w}/meta_k_negative.safetensors", A, "--out", "{n}/c.safetensors"], "field 'k'"),
+    Case("metadata d = '48'", ["info", "{w}/meta_d_string.safetensors"], "field 'd'"),
+    Case("metadata min_cosine = 2", ["info", "{w}/meta_cosine_2.safetensors"], "field 'min_cosine'"),
+    Case("metadata layer = 1.5", ["info", "{w}/meta_layer_float.safetensors"], "field 'layer'"),
+    Case("NaN activations", ["build", "{w}/nan.npy", "--out", "{n}/o.safetensors"], "NaN or inf"),
+    Case("inf activations", ["build", "{w}/inf.npy", "--out", "{n}/o.safetensors"], "NaN or inf"),
+    Case("0 columns", ["build", "{w}/zero_cols.npy", "--out", "{n}/o.safetensors"], "0 columns"),
+    Case("integer activations", ["build", "{w}/ints.npy", "--out", "{n}/o.safetensors"], "floating point"),
+    Case("empty activations", ["build", "{w}/empty.safetensors", "--out", "{n}/o.safetensors"], "0 rows"),
+    Case("lone tensor not named activations", ["build", "{w}/lone.safetensors", "--out", "{n}/o.safetensors"], "named 'activations'"),
+    Case("a dictionary as activations", ["build", D, "--out", "{n}/o.safetensors"], "is a dictionary file of itda"),
+    Case("an SAE checkpoint as build checkpoint", ["build", A, "--out", "{n}/o.safetensors", "--checkpoint", "{w}/ck_sae.safetensors"],
+         "it is an SAE checkpoint file"),
+    Case("SAE from a dictionary", ["sae", "eval", D, A], "not an SAE"),
+    Case("SAE metadata k=1000 > 128 latents (eval)", ["sae", "eval", "{w}/sae_k1000.safetensors", A], "k"),
+    Case("SAE metadata k=1000 > 128 latents (export)", ["export", "{w}/sae_k1000.safetensors", "--format", "saelens",
+                                                         "--out", "{n}/sl"], "k"),
+    Case("width mismatch", ["eval", D, "{w}/narrow.npy"], "dimension mismatch"),
+    Case("compare missing file", ["compare", D, "{w}/missing.safetensors"], "no such file"),
+    Case("compare truncated file", ["compare", D, "{w}/truncated.safetensors"], "not a readable safetensors file"),
+    # -- options out of range, refused before any work or allocation
+    Case("build --k 100000000 (191 GiB)", ["build", A, "--out", "{n}/o.safetensors", "--k", "100000000"], "--k 100000000"),
+    Case("build --k 10000000", ["build", A, "--out", "{n}/o.safetensors", "--k", "10000000"], "free on cpu"),
+    Case("sae train --latents 100000000", ["sae", "train", A, "--out", "{n}/s.safetensors", "--latents", "100000000",
+                                            "--k", "8"], "free"),
+    Case("encode k too large", ["encode", D, A, "--out", "{n}/c.safetensors", "--k", "1000000000"], "--k must be between"),
+    Case("encode batch size 0", ["encode", D, A, "--out", "{n}/c.safetensors", "--batch-size", "0"], "--batch-size"),
+    Case("eval k too large", ["eval", D, A, "--k", "1000000000"], "--k must be between"),
+    Case("explore --k 0", ["explore", MD, "--out", "{n}/page", "--tokens", "200", "--k", "0"], "k must be between"),
+    Case("select --k 0", SELECT + ["--out", "{n}/s.jsonl", "--k", "0"], "k must be between"),
+    Case("context beyond the model's positions", ["build", MODEL, "--layer", "1", "--corpus", CORPUS, "--context", "300",
+                                                  "--tokens", "600", "-q", "--out", "{n}/m"], "256 positions"),
+    Case("tokenizer ids beyond the vocabulary (build)", ["build", "{w}/smallvocab", "--layer", "1", "--corpus", CORPUS,
+                                                         "--tokens", "300", "-q", "--out", "{n}/m"], "vocabulary"),
+    Case("tokenizer ids beyond the vocabulary (explore)", ["explore", MD, "--model", "{w}/smallvocab", "--corpus", CORPUS,
+                                                           "--tokens", "200", "-q", "--out", "{n}/page"], "vocabulary"),
+    Case("select: documents without tokens", ["select", "{w}/empty.jsonl", "--dict", MD, "--budget", "1", "-q", "--out", "{n}/e.jsonl"],
+         "no tokens"),
+    Case("compare --measures ''", ["compare", A, A, "--measures", ""], "--measures is empty"),
+    Case("compare --precision float16", ["compare", A, A, "--precision", "float16"], "--precision"),
+    Case("unknown measure", ["compare", D, D, "--measures", "cosmic"], "unknown measures"),
+    Case("bogus device", ["build", A, "--out", "{n}/o.safetensors", "--device", "bogus"], "not a torch device"),
+    Case("cuda without CUDA", ["build", A, "--out", "{n}/o.safetensors", "--device", "cuda"], "CUDA is not available"),
+    Case("bad memory size", ["build", MODEL, "--layer", "1", "--out", "{n}/m", "--max-memory", "lots"], "--max-memory"),
+    Case("--layer with an activation file", ["build", A, "--layer", "3", "--out", "{n}/o.safetensors"], "is an activation file"),
+    Case("checkpoint every 0", ["build", A, "--out", "{n}/o.safetensors", "--checkpoint", "{n}/c.ck", "--checkpoint-every", "0"],
+         "--checkpoint-every"),
+    Case("checkpoint of another width", ["build", A, "--out", "{n}/o.safetensors", "--k", "4", "--batch-size", "100",
+                                         "--checkpoint", "{w}/ck_other.safetensors"], "d=16"),
+    Case("checkpoint at another batch size", ["build", A, "--out", "{n}/o.safetensors", "--k", "8", "--batch-size", "2000",
+                                              "--checkpoint", "{w}/ck_kept_copy.safetensors"], "another stream"),
+    Case("checkpoint of another file", ["build", "{w}/narrow_copy.npy", "--out", "{n}/o.safetensors", "--k", "8",
+                                        "--batch-size", "1000", "--checkpoint", "{w}/ck_kept_copy.safetensors"], "checkpoint"),
+    # -- command-line usage, one line like every other error
+    Case("unknown option", ["build", A, "--out", "{n}/o.safetensors", "--bogus"], "No such option"),
+    Case("bad choice", ["build", A, "--out", "{n}/o.safetensors", "--mode", "fastest"], "--mode"),
+    Case("not a number", ["build", A, "--out", "{n}/o.safetensors", "--k", "many"], "--k"),
+    Case("missing required option", ["build", A], "--out"),
+    Case("unknown command", ["bulid", A], "No such command"),
+    Case("unknown sae option", ["sae", "train", A, "--out", "{n}/s.safetensors", "--latents", "64", "--bogus"], "No such option"),
+    # -- outputs: never an input, never someone else's file, never a temporary left
+    Case("output is the input", ["build", A, "--out", A], "also an input"),
+    Case("output is a user's file", ["build", A, "--out", "{w}/notes.txt"], "exists and is not"),
+    Case("output is a folder", ["build", A, "--out", "{w}/folder"], "is a folder"),
+    Case("output under a file", ["build", A, "--out", "{w}/a_file/o.safetensors"], "Not a directory"),
+    Case("model build into a file", ["build", MODEL, "--layer", "1", "--layer", "2", "--out", "{w}/notes.txt"], "is not a folder"),
+    Case("encode over its dictionary", ["encode", D, A, "--out", D], "also an input"),
+    Case("encode over its activations", ["encode", D, A, "--out", A], "also an input"),
+    Case("encode over a user's file", ["encode", D, A, "--out", "{w}/notes.txt"], "exists and is not"),
+    Case("encode over earlier codes", ["encode", D, A, "--out", "{w}/codes.safetensors"], None),
+    Case("eval --out its activations", ["eval", D, A, "--out", A], "also an input"),
+    Case("eval --out its dictionary", ["eval", D, A, "--out", D], "also an input"),
+    Case("eval --out another dictionary", ["eval", D, A, "--out", D4], "exists and is not"),
+    Case("eval --out an activation file", ["eval", D, A, "--out", "{w}/narrow.npy"], "exists and is not"),
+    Case("eval --out a user's JSON", ["eval", D, A, "--out", "{w}/user.json"], "exists and is not"),
+    Case("eval --out its earlier report (same bytes)", ["eval", D, A, "--out", "{w}/report.json"], None),
+    Case("sae eval --out its activations", ["sae", "eval", SAE, A, "--out", A], "also an input"),
+    Case("sae eval --out its SAE", ["sae", "eval", SAE, A, "--out", SAE], "also an input"),
+    Case("sae eval --out a dictionary", ["sae", "eval", SAE, A, "--out", D], "exists and is not"),
+    Case("sae eval --out an eval report", ["sae", "eval", SAE, A, "--out", "{w}/report.json"], "exists and is not"),
+    Case("sae train --out a dictionary", ["sae", "train", A, "--out", D, "--latents", "64", "--k", "4", "--steps", "2"],
+         "exists and is not"),
+    Case("sae train --out its activations", ["sae", "train", A, "--out", A, "--latents", "64", "--k", "4"], "also an input"),
+    Case("export over a user's folder", ["export", SAE, "--format", "saelens", "--out", "{w}/user_dir"], "exists and is not"),
+    Case("export over the other format's export", ["export", SAE, "--format", "sparsify", "--out", "{w}/saelens"],
+         "exists and is not"),
+    Case("export over a file", ["export", SAE, "--format", "saelens", "--out", "{w}/notes.txt"], "is a file"),
+    Case("export over its earlier export", ["export", SAE, "--format", "saelens", "--out", "{w}/saelens"], None),
+    Case("explore over a user's folder", ["explore", MD, "--out", "{w}/user_dir", "--tokens", "200"], "exists and is not"),
+    Case("explore into the dictionary's folder", ["explore", MD, "--out", "{w}/mdict", "--tokens", "200"], "holds the input"),
+    Case("select beside a user's report", SELECT + ["--out", "{w}/imp.jsonl"], "imp.report.json: exists and is not"),
+    Case("select beside a user's plot", SELECT + ["--out", "{w}/imp2.jsonl"], "imp2.coverage.png: exists and is not"),
+    Case("select over its corpus", SELECT + ["--out", CORPUS], "also an input"),
+    Case("select over a dictionary", SELECT + ["--out", D], "exists and is not"),
+    Case("compare into a user's folder", ["compare", D, D4, "--out", "{w}/user_dir"], "exists and is not"),
+    Case("compare into its inputs' folder", ["compare", A, A, "--out", "{w}"], "holds the input"),
+    Case("compare --out a file", ["compare", D, D4, "--out", "{w}/notes.txt"], "is a file"),
 ]
 
 
-def test_bad_inputs_table(tmp_path, acts):
-    f = _files(tmp_path, acts)
-    np.save(tmp_path / "narrow_copy.npy", np.random.default_rng(1).standard_normal((300, 48)).astype(np.float32))
-    protected = [f["dict"], acts, tmp_path / "notes.txt", f["ck"]]
-    before = {p: digest(p) for p in protected}
+def _snapshot(root: Path) -> dict[Path, str]:
+    return {p: digest(p) for p in sorted(root.rglob("*")) if p.is_file() and not p.name.startswith(".itda-outputs")}
+
+
+def test_bad_inputs_table(world, tmp_path):
+    before = _snapshot(world)
     failures = []
-    for name, argv, fragment in BAD:
-        args = [a.format(t=tmp_path, acts=acts, dict=f["dict"], ck=f["ck"]) for a in argv]
-        r = runner.invoke(app, args)
+    for case in CASES:
+        scratch = tmp_path / f"case{CASES.index(case)}"
+        scratch.mkdir()
+        r = runner.invoke(app, [a.format(w=world, n=scratch) for a in case.argv])
         lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
-        if r.exit_code != 2 or len(lines) != 1 or fragment not in lines[0] or not lines[0].startswith("error: "):
-            failures.append(f"{name}: exit {r.exit_code}, output {r.output!r}")
+        if case.fragment is None:
+            ok = r.exit_code == 0
+        else:
+            ok = (r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and case.fragment in lines[0]
+                  and not any(scratch.iterdir()))
+        changed = [str(p) for p, h in _snapshot(world).items() if before.get(p, h) != h]
+        temps = [str(p) for p in list(world.rglob(".*.tmp")) + list(scratch.rglob(".*.tmp"))]
+        if not ok or changed or temps:
+            failures.append(f"{case.name}: exit {r.exit_code}, output {r.output[-300:]!r}, changed {changed}, temporaries {temps}")
     assert not failures, "\n".join(failures)
-    assert {p: digest(p) for p in protected} == before
-    assert not (tmp_path / "o.safetensors").exists() and not (tmp_path / "c.safetensors").exists()
-    assert not list(tmp_path.glob(".*.tmp"))
-    print(f"\n{len(BAD)} bad inputs: one line, exit 2, nothing overwritten")
+    refused = sum(c.fragment is not None for c in CASES)
+    print(f"\n{len(CASES)} cases ({refused} refused in one line with exit 2, {len(CASES) - refused} allowed): "
+          f"{len(before)} protected files unchanged, no temporaries")
+
+
+def _python_for(user: str) -> str | None:
+    """A python3.{minor} outside /root that `user` can run, or None."""
+    for cand in (f"/usr/bin/python3.{sys.version_info.minor}", f"/usr/local/bin/python3.{sys.version_info.minor}"):
+        if os.path.exists(cand) and subprocess.run(["runuser", "-u", user, "--", cand, "-c", "pass"]).returncode == 0:
+            return cand
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0 or shutil.which("runuser") is None,
+                    reason="needs root to run the CLI as another user")
+def test_cli_runs_for_a_user_whose_home_is_not_writable(tmp_path):
+    """As `nobody`, HOME read-only, itda installed read-only: every command works (numba compiles in memory)."""
+    python = _python_for("nobody")
+    if python is None:
+        pytest.skip("no python3 that the user nobody can run")
+    root = Path(tempfile.mkdtemp(prefix="itda-ro-"))
+    try:
+        root.chmod(0o777)
+        home = root / "home"
+        home.mkdir(mode=0o555)
+        data = root / "acts.npy"
+        np.save(data, np.random.default_rng(0).standard_normal((400, 16)).astype(np.float32))
+        site = [p for p in sys.path if p.endswith("site-packages")]
+        env = {"HOME": str(home), "PATH": "/usr/bin:/bin", "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1])] + site),
+               "NUMBA_CACHE_DIR": ""}
+        env.pop("NUMBA_CACHE_DIR")
+
+        def run(*args):
+            return subprocess.run(["runuser", "-u", "nobody", "--", "env", *[f"{k}={v}" for k, v in env.items()], python,
+                                   *args], capture_output=True, text=True, cwd=root, timeout=300)
+
+        # the trap itself: numba's disk cache has nowhere to go for this user
+        probe = root / "probe.py"
+        probe.write_text("import numba\n@numba.njit(cache=True)\ndef f(x):\n    return x + 1\n")
+        probe.chmod(0o444)
+        root.chmod(0o755)  # the user cannot write beside the probe either
+        assert "cannot cache" in run(str(probe)).stderr
+        root.chmod(0o777)
+        assert run("-m", "itda", "--help").returncode == 0
+        r = run("-m", "itda", "build", str(data), "--out", str(root / "d.safetensors"), "--k", "4", "-q")
+        assert r.returncode == 0, r.stderr
+        r = run("-m", "itda", "eval", str(root / "d.safetensors"), str(data), "--out", str(root / "r.json"))
+        assert r.returncode == 0 and json.loads((root / "r.json").read_text())["fvu"] < 1, r.stderr
+        readonly = root / "ro"
+        readonly.mkdir(mode=0o555)
+        r = run("-m", "itda", "build", str(data), "--out", str(readonly / "d.safetensors"))
+        assert r.returncode == 2 and r.stderr.strip() == f"error: {readonly / 'd.safetensors'}: cannot write in {readonly} (Permission denied)"
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -152,7 +152,7 @@ def test_select_bad_inputs(setup, tmp_path):
     foreign = tmp_path / "keep.jsonl"
     foreign.write_text("mine\n")
     r = _select(setup, foreign)
-    assert r.exit_code == 2 and "not an earlier itda selection" in r.output and foreign.read_text() == "mine\n"
+    assert r.exit_code == 2 and "exists and is not a select subset" in r.output and foreign.read_text() == "mine\n"
     for args, msg in ((["--budget", "0"], "--budget"), (["--strategy", "best"], "--strategy"),
                       (["--budget", "100000"], "exceeds")):
         r = runner.invoke(app, ["select", str(setup["corpus"]), "--dict", str(setup["dict"]), "--context", "32",

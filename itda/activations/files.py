@@ -7,12 +7,12 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from itda.atomic import atomic_path
 from itda.dictionary import REF_FIELDS
 from itda.errors import ItdaInputError
+from itda.tensorfile import artifact_kind, kind_name, read_tensor_file
 
 ACTS_KEY = "activations"
 REFS_KEY = "refs"
@@ -70,16 +70,12 @@ def load_activations(path: str | Path) -> ActivationSet:
             raise ItdaInputError(f"{path}: not a readable .npy array ({exc})") from None
         acts = torch.from_numpy(np.ascontiguousarray(arr))
     elif path.suffix == ".safetensors":
-        try:
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise ItdaInputError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
-        if ACTS_KEY in tensors:
-            acts = tensors[ACTS_KEY]
-        elif len(tensors) == 1:
-            acts = next(iter(tensors.values()))
-        else:
-            raise ItdaInputError(f"{path}: expected a tensor named '{ACTS_KEY}' (found {', '.join(sorted(tensors))})")
+        header, tensors = read_tensor_file(path, "safetensors file")
+        if artifact_kind(header):
+            raise ItdaInputError(f"{path}: is {kind_name(artifact_kind(header))} file of itda, not an activation file")
+        if ACTS_KEY not in tensors:
+            raise ItdaInputError(f"{path}: expected a tensor named '{ACTS_KEY}' (found {', '.join(map(repr, sorted(tensors))) or 'none'})")
+        acts = tensors[ACTS_KEY]
         refs = tensors.get(REFS_KEY)
     else:
         raise ItdaInputError(f"{path}: unsupported activation file type '{path.suffix}' (use .safetensors or .npy)")

@@ -26,7 +26,18 @@ from itda.errors import ItdaInputError  # noqa: E402
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("ITDA_CACHE", Path.home() / ".cache" / "itda"))
+    """ITDA_CACHE, else ~/.cache/itda, else (HOME not writable) a per-user folder in the temp dir."""
+    if os.environ.get("ITDA_CACHE"):
+        return Path(os.environ["ITDA_CACHE"])
+    home = Path.home() / ".cache" / "itda"
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        if os.access(home, os.W_OK | os.X_OK):
+            return home
+    except OSError:
+        pass
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return Path(tempfile.gettempdir()) / f"itda-cache-{uid}"
 
 
 @dataclass(frozen=True)

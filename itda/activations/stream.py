@@ -42,6 +42,22 @@ def to_act_batch(x_TD: torch.Tensor, refs: torch.Tensor, dtype: torch.dtype, whe
     return ActBatch(unit, norm, refs, max_abs)
 
 
+def check_contexts_fit(model: torch.nn.Module, contexts: Contexts) -> None:
+    """Refuse contexts longer than the model's positions or holding ids beyond its vocabulary."""
+    config = getattr(model, "config", None)
+    positions = next((getattr(config, a) for a in ("max_position_embeddings", "n_positions", "max_seq_len")
+                      if isinstance(getattr(config, a, None), int)), None)
+    length = contexts.input_ids.shape[1] if contexts.input_ids.ndim == 2 else 0
+    if positions is not None and length > positions:
+        raise ItdaInputError(f"contexts of {length} tokens exceed the model's {positions} positions; use --context {positions} or less")
+    vocab = getattr(config, "vocab_size", None)
+    if isinstance(vocab, int) and contexts.input_ids.numel():
+        top, low = int(contexts.input_ids.max()), int(contexts.input_ids.min())
+        if top >= vocab or low < 0:
+            raise ItdaInputError(f"the tokenizer produced token id {top if top >= vocab else low}, outside the model's "
+                                 f"vocabulary of {vocab}: the tokenizer does not belong to this model")
+
+
 def iterate_batches(
     model: torch.nn.Module,
     hookpoints: list[Hookpoint],
@@ -53,6 +69,7 @@ def iterate_batches(
     device: torch.device | str = "cpu",
 ) -> Iterator[dict[Hookpoint, ActBatch]]:
     """Yield {hookpoint: ActBatch} per batch; padding (and by default BOS/special tokens) dropped."""
+    check_contexts_fit(model, contexts)
     for s in range(0, len(contexts), batch_contexts):
         e = min(s + batch_contexts, len(contexts))
         ids = contexts.input_ids[s:e].to(device)

@@ -22,7 +22,7 @@ from itda.dictionary import (
     threshold_to_cosine,
 )
 from itda.errors import ItdaInputError
-from itda.evaluate.metrics import normalised_loss, recon_terms
+from itda.evaluate.metrics import normalised_loss, recon_terms, unit_rows
 from itda.pursuit import GrowingGram, matching_pursuit
 from itda.build.candidates import first_unique_rows, greedy_dissimilar
 
@@ -119,6 +119,7 @@ class DictionaryBuilder:
         self.meta = meta or DictionaryMeta(d=d)
         self.store = GrowingGram(d, self.device)
         self._refs: list[torch.Tensor] = []
+        self._appends: list[int] = []  # rows per append, in order: a resume replays them (the same Gram bits)
         self.fingerprint: dict | None = None  # what the stream is (source, d, batch size): checked on resume
         self.batches_seen = 0
         self.tokens_seen = 0
@@ -135,10 +136,20 @@ class DictionaryBuilder:
     def _append(self, unit_MD: torch.Tensor, refs_M5: torch.Tensor) -> None:
         self.store.append(unit_MD)
         self._refs.append(refs_M5.cpu())
+        if len(unit_MD):
+            self._appends.append(int(len(unit_MD)))
 
-    def _restore(self, atoms_ND: torch.Tensor, refs_N5: torch.Tensor) -> None:
-        """Set the state from a checkpoint's exact atoms."""
-        self._append(atoms_ND, refs_N5)
+    def _restore(self, atoms_ND: torch.Tensor, refs_N5: torch.Tensor, appends: list[int] | None = None) -> None:
+        """Set the state from a checkpoint's exact atoms, appended in the original chunks.
+
+        Replaying the chunks gives the Gram matrix the same shapes of products, hence the same
+        bits, as the uninterrupted build (without `appends`: one chunk).
+        """
+        sizes = appends if appends and sum(appends) == len(atoms_ND) else [len(atoms_ND)]
+        start = 0
+        for n in sizes:
+            self._append(atoms_ND[start : start + n], refs_N5[start : start + n])
+            start += n
 
     def refs(self) -> torch.Tensor:
         return torch.cat(self._refs) if self._refs else empty_refs(0)
@@ -155,7 +166,7 @@ class DictionaryBuilder:
         """
         refs = _check_batch(acts, refs, self.d)
         x_BD = acts.to(device=self.device, dtype=torch.float32)
-        norms_B = x_BD.norm(dim=1)
+        rows_BD, norms_B = unit_rows(x_BD)  # exact unit rows even near the float32 limit
         nonzero_B = norms_B > 0
         if isinstance(score_chunk, int) or score_chunk is None:
             step = score_chunk or max(1, x_BD.shape[0])
@@ -167,7 +178,7 @@ class DictionaryBuilder:
         loss_B = torch.cat([self._loss(part) for part in torch.split(x_BD, sizes)]) if len(x_BD) else norms_B
         over_B = (loss_B > self.config.loss_threshold(self.d)) & nonzero_B
         cand = torch.nonzero(over_B).squeeze(1)
-        unit_MD, cand_refs = x_BD[cand] / norms_B[cand, None], refs[cand.cpu()]
+        unit_MD, cand_refs = rows_BD[cand], refs[cand.cpu()]
         tokens, loss_sum = x_BD.shape[0], float(loss_B.double().sum())
         if exchange is not None:
             unit_MD, cand_refs, tokens, loss_sum = exchange.gather(unit_MD, cand_refs, tokens, loss_sum)
@@ -235,30 +246,44 @@ class DictionaryBuilder:
         return Dictionary(atoms, self.refs().clone(), meta)
 
     # -- checkpoints -----------------------------------------------------------------------
-    def save_checkpoint(self, path: str | os.PathLike) -> None:
-        """Atomically write the full builder state (exact float32 atoms, refs, counters, stream fingerprint)."""
-        state = {
-            "fingerprint": self.fingerprint,
-            "config": asdict(self.config),
-            "meta": json.loads(self.meta.to_json()),
-            "d": self.d,
-            "batches_seen": self.batches_seen,
-            "tokens_seen": self.tokens_seen,
-        }
-        write_tensor_file(path, {"atoms": self.store.atoms.cpu(), "refs": self.refs()}, _CKPT_KEY, state)
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """The full state: tensors (exact float32 atoms, refs, append sizes) and JSON (settings, counters).
+
+        A snapshot: later updates append past it and replace, never modify, what it holds.
+        """
+        self._refs = [self.refs()]
+        tensors = {"atoms": self.store.atoms, "refs": self._refs[0],
+                   "appends": torch.tensor(self._appends, dtype=torch.int64)}
+        entry = {"fingerprint": self.fingerprint, "config": asdict(self.config), "meta": json.loads(self.meta.to_json()),
+                 "d": self.d, "batches_seen": self.batches_seen, "tokens_seen": self.tokens_seen}
+        return tensors, entry
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], entry: dict, source: str | os.PathLike,
+                   device: torch.device | str = "cpu") -> "DictionaryBuilder":
+        """The builder a state() describes (its mode's class); a malformed state raises ItdaInputError naming source."""
+        try:
+            meta = DictionaryMeta.from_json(json.dumps(entry["meta"]), str(source))
+            config = BuildConfig(**entry["config"])
+            builder = builder_class(config.mode)(int(entry["d"]), config, meta=meta, device=device)
+            appends = tensors["appends"].tolist() if "appends" in tensors else None
+            builder._restore(tensors["atoms"].to(torch.float32), tensors["refs"].to(torch.int64), appends)
+            builder.batches_seen = int(entry["batches_seen"])
+            builder.tokens_seen = int(entry["tokens_seen"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ItdaInputError(f"{source}: not a readable itda checkpoint ({type(exc).__name__}: {exc})") from None
+        builder.fingerprint = entry.get("fingerprint")
+        return builder
+
+    def save_checkpoint(self, path: str | os.PathLike, state: tuple[dict, dict] | None = None) -> None:
+        """Atomically write the full builder state (or a `state()` snapshot taken earlier)."""
+        tensors, entry = state if state is not None else self.state()
+        write_tensor_file(path, tensors, _CKPT_KEY, entry)
 
     @classmethod
     def load_checkpoint(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> "DictionaryBuilder":
         header, tensors = read_tensor_file(path, "itda checkpoint")
-        state = json_entry(header, _CKPT_KEY, path, "itda checkpoint")
-        meta = DictionaryMeta.from_json(json.dumps(state["meta"]), str(path))
-        config = BuildConfig(**state["config"])
-        builder = builder_class(config.mode)(state["d"], config, meta=meta, device=device)
-        builder._restore(tensors["atoms"], tensors["refs"])
-        builder.batches_seen = int(state["batches_seen"])
-        builder.tokens_seen = int(state["tokens_seen"])
-        builder.fingerprint = state.get("fingerprint")
-        return builder
+        return cls.from_state(tensors, json_entry(header, _CKPT_KEY, path, "itda checkpoint"), path, device)
 
 
 def builder_class(mode: str) -> type[DictionaryBuilder]:
@@ -332,6 +357,8 @@ def build_dictionary(
         builder = builder_class(mode)(d, config, init=init, meta=meta, device=device)
         builder.fingerprint = fingerprint
     writer = exchange is None or exchange.rank == 0  # one rank writes checkpoints and shows progress
+    keep = writer and checkpoint is not None
+    snapshot = builder.state() if keep else None  # the state after the last whole batch (what Ctrl-C saves)
     bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, disable=not (progress and writer), desc="build")
     try:
         for index, batch in enumerate(itertools.chain([first], iterator)):
@@ -340,13 +367,14 @@ def build_dictionary(
                 bar.update(acts.shape[0])
                 continue
             stats = builder.update(acts, refs, score_chunk=score_chunk, exchange=exchange)
+            snapshot = builder.state() if keep else None
             bar.update(stats.tokens)
             bar.set_postfix(atoms=stats.size, refresh=False)
-            if writer and checkpoint is not None and checkpoint_every and builder.batches_seen % checkpoint_every == 0:
-                builder.save_checkpoint(checkpoint)
+            if keep and checkpoint_every and builder.batches_seen % checkpoint_every == 0:
+                builder.save_checkpoint(checkpoint, snapshot)
     except KeyboardInterrupt:
-        if writer and checkpoint is not None:
-            builder.save_checkpoint(checkpoint)
+        if keep:
+            builder.save_checkpoint(checkpoint, snapshot)
         raise
     finally:
         bar.close()

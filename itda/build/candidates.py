@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 import torch
 
+from itda.pursuit.jit import njit_cached
 
-@numba.njit(cache=True)
+
+@njit_cached()
 def _greedy_dissimilar(abs_cos_MM, eligible_M, min_cosine, accept_M):
     m = abs_cos_MM.shape[0]
     for i in range(m):

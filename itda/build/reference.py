@@ -89,9 +89,11 @@ class ReferenceBuilder(DictionaryBuilder):
         if init is not None:
             super()._append(init.atoms.to(torch.float32), init.refs)
 
-    def _restore(self, atoms_ND: torch.Tensor, refs_N5: torch.Tensor) -> None:
+    def _restore(self, atoms_ND: torch.Tensor, refs_N5: torch.Tensor, appends: list[int] | None = None) -> None:
+        """Set the exact (already renormalised) atoms: renormalising them again would change their bits."""
         self.store.restore(atoms_ND)
         self._refs = [refs_N5.cpu()]
+        self._appends = list(appends or [])
 
     def update(self, acts: torch.Tensor, refs: torch.Tensor | None = None, *, score_chunk: int | None = None,
                exchange=None) -> BatchStats:
@@ -100,6 +102,9 @@ class ReferenceBuilder(DictionaryBuilder):
             raise ItdaInputError("--mode reference runs in one process (the reference adds a batch's rows all at once)")
         refs = _check_batch(acts, refs, self.d)
         x_BD = acts.to(device=self.device, dtype=torch.float32)
+        if not bool(torch.isfinite(x_BD.norm(dim=1)).all()):
+            raise ItdaInputError("activation norms overflow float32, as the reference's norms do at this scale; "
+                                 "use --mode improved (it scales rows exactly) or rescale the activations")
         if self.config.max_atoms is not None and self.size >= self.config.max_atoms:
             return self._finish(x_BD.shape[0], 0, 0, 0.0)  # the reference stops updating when full
         seeded = 0

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import functools
 import re
+import sys
 from pathlib import Path
 from typing import Callable, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from itda.errors import ItdaInputError
 
@@ -26,6 +28,36 @@ def on_interrupt(note: str) -> None:
 def fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)
+
+
+try:  # typer >= 0.2x carries its own copy of click
+    from typer._click import exceptions as _cli_errors
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click import exceptions as _cli_errors
+
+
+class OneLineErrors(TyperGroup):
+    """The command group: usage errors (unknown option, bad choice, wrong type) as one line and exit 2."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except _cli_errors.NoArgsIsHelpError as exc:
+            exc.show()  # `itda` alone, `itda sae`: the help text
+            sys.exit(exc.exit_code)
+        except _cli_errors.UsageError as exc:
+            where = f"{exc.ctx.command_path}: " if exc.ctx is not None else ""
+            typer.echo(f"error: {where}{' '.join(exc.format_message().split())}", err=True)
+            sys.exit(2)
+        except _cli_errors.ClickException as exc:
+            typer.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
+            sys.exit(2)
+        except typer.Abort:
+            typer.echo("aborted", err=True)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -64,38 +96,19 @@ def parse_memory(text: Optional[str], option: str = "--max-memory") -> Optional[
     return value
 
 
-ARTIFACT_KEYS = {"dictionary": "itda", "codes": "itda_codes", "sae": "itda_sae"}
-
-
-def artifact_kind(path: Path) -> str | None:
-    """'dictionary', 'codes' or 'sae' for an itda safetensors artifact; None otherwise."""
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-    except Exception:  # noqa: BLE001 - anything unreadable is not an itda artifact
-        return None
-    for kind, key in ARTIFACT_KEYS.items():
-        if key in meta:
-            return kind
-    return None
-
-
 def check_output(out: Path, inputs: list[Path], kind: str, overwrite: bool) -> None:
-    """Refuse an output that is an input, a folder, or an existing file other than an itda `kind`."""
-    if out.is_dir():
-        raise ItdaInputError(f"{out}: is a folder; give a file name for --out")
-    for parent in out.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ItdaInputError(f"{out}: Not a directory ({parent} is a file)")
-            break
-    for inp in inputs:
-        if inp.exists() and out.exists() and out.resolve() == inp.resolve():
-            raise ItdaInputError(f"{out}: --out is also an input; choose another --out")
-    if out.exists() and not overwrite and artifact_kind(out) != kind:
-        raise ItdaInputError(f"{out}: exists and is not an itda {kind}; choose another --out or pass --overwrite")
+    """Refuse an output that is an input, a folder, or an existing file other than an itda `kind` (see itda.cli.outputs)."""
+    from itda.cli.outputs import Output, check_outputs
+
+    check_outputs([Output(out, kind)], inputs, overwrite)
+
+
+def checked_k(k: Optional[int], d) -> int:
+    """k for encoding with dictionary d (Dictionary.encoding_k), the error naming --k."""
+    try:
+        return d.encoding_k(k)
+    except ItdaInputError as exc:
+        raise ItdaInputError(f"--{exc}") from None
 
 
 def check_device(device: str):
@@ -120,8 +133,10 @@ def load_dictionary_file(path: Path):
     """A dictionary file, refused in one line when missing or another itda artifact."""
     from itda.dictionary import Dictionary
 
+    from itda.cli.outputs import header_kind
+
     if not path.is_file():
         raise ItdaInputError(f"{path}: no such file")
-    if artifact_kind(path) not in ("dictionary", None):
-        raise ItdaInputError(f"{path}: is an itda {artifact_kind(path)}, not a dictionary")
+    if header_kind(path) not in ("dictionary", None):
+        raise ItdaInputError(f"{path}: is an itda {header_kind(path)}, not a dictionary")
     return Dictionary.load(path)

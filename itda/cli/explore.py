@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from itda.cli.common import check_device, load_dictionary_file, user_errors
+from itda.cli.outputs import Output, check_outputs, record_outputs
 from itda.errors import ItdaInputError
 
 
@@ -24,6 +25,7 @@ def explore(
     k: Optional[int] = typer.Option(None, help="MP steps (default: the dictionary's k)."),
     contexts: int = typer.Option(5, help="Held-out contexts per atom."),
     device: str = typer.Option("cpu"),
+    overwrite: bool = typer.Option(False, help="Replace an earlier explorer folder that was changed since itda wrote it."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """A static page (open OUT/index.html from disk) with one card per atom; two dictionaries side by side."""
@@ -34,9 +36,8 @@ def explore(
     check_device(device)
     if tokens < 1 or contexts < 0:
         raise ItdaInputError("--tokens must be >= 1 and --contexts >= 0")
-    for p in (dictionary, other):
-        if p is not None and out.exists() and out.resolve() == p.resolve():
-            raise ItdaInputError(f"{out}: --out is also an input; choose another --out")
+    outputs = [Output(out, "explorer", folder=True)]
+    check_outputs(outputs, [dictionary, other], overwrite)
     dicts = [load_dictionary_file(dictionary)] + ([load_dictionary_file(other)] if other is not None else [])
     labels = [dictionary.stem] + ([other.stem] if other is not None else [])
     if len(labels) == 2 and labels[0] == labels[1]:
@@ -46,6 +47,7 @@ def explore(
                            contexts=contexts, device=device, progress=not quiet) for d, label, m in zip(dicts, labels, models)]
     shared = shared_atoms(dicts[0], dicts[1]) if len(dicts) == 2 else None
     page = write_explorer(out, explorer_data(views, shared))
+    record_outputs(outputs)
     for v in views:
         s = v["summary"]
         typer.echo(f"{v['label']}: {s['atoms']} atoms, {s['tokens']} held-out tokens, {s['dead']} unused, "

@@ -11,13 +11,15 @@ from typing import Optional
 
 import typer
 
-from itda.cli.common import check_device, check_output, is_activation_file, on_interrupt, parse_memory, user_errors
+from itda.cli.common import OneLineErrors, check_device, checked_k, check_output, is_activation_file, on_interrupt, parse_memory, user_errors
 from itda.cli.explore import explore
+from itda.cli.outputs import Output, check_outputs, record_outputs
 from itda.cli.select import select
 from itda.cli.sae import export, sae_app
 from itda.errors import ItdaInputError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Inference-Time Decomposition of Activations.")
+app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True,
+                  help="Inference-Time Decomposition of Activations.")
 app.add_typer(sae_app, name="sae")
 app.command("explore")(explore)
 app.command("select")(select)
@@ -45,13 +47,13 @@ class DType(str, Enum):
     float16 = "float16"
 
 
-def checked_k(k: Optional[int], d) -> int:
-    """k for encoding with dictionary d: default its own k (at most its atoms); an explicit k in [1, atoms]."""
-    if k is None:
-        return max(1, min(d.meta.k, len(d)))
-    if not 1 <= k <= max(1, len(d)):
-        raise ItdaInputError(f"--k must be between 1 and the dictionary's {len(d)} atoms, got {k}")
-    return k
+def check_codes_fit(k: int, rows: int, device: str) -> None:
+    """Refuse a --k whose sparse codes for one batch cannot fit in memory, before any work."""
+    from itda.pursuit.api import codes_bytes
+    from itda.resources import check_fits
+
+    if k >= 1:
+        check_fits(2 * codes_bytes(rows, k), f"--k {k} (sparse codes of a {rows}-row batch)", device)
 
 
 def _threshold_args(threshold: Optional[float], min_cosine: Optional[float]) -> dict:
@@ -89,8 +91,8 @@ def build(
     mode: Mode = typer.Option(Mode.improved, help="improved (default) or reference (the paper's code)."),
     batch_size: int = typer.Option(4096, help="Activation file input: activations scored per step."),
     max_atoms: Optional[int] = typer.Option(None, help="Stop adding atoms at this size."),
-    checkpoint: Optional[Path] = typer.Option(None, help="Activation file input: checkpoint file; an existing one is resumed."),
-    checkpoint_every: int = typer.Option(10, help="Batches between checkpoints."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint file (activation file or model input): saved every --checkpoint-every batches and on Ctrl-C, resumed when it exists, removed on success."),
+    checkpoint_every: int = typer.Option(10, help="Batches between checkpoints (activation file: scoring steps; model: forward batches, per rank under torchrun)."),
     overwrite: bool = typer.Option(False, help="Replace an existing --out that is not an itda dictionary."),
     dtype: DType = typer.Option(DType.float32, help="Storage dtype of the atoms."),
     backend: Backend = typer.Option(Backend.auto, help="Pursuit backend."),
@@ -103,13 +105,16 @@ def build(
     if checkpoint is not None and checkpoint_every < 1:
         raise ItdaInputError("--checkpoint-every must be >= 1 with --checkpoint")
     check_device(device)
+    if is_activation_file(source) and (layer or hookpoint):
+        raise ItdaInputError(f"--layer and --hookpoint choose a model's hookpoints; {source} is an activation file")
+    check_codes_fit(k, batch_size if is_activation_file(source) else batch_tokens, device)
     common = dict(k=k, mode=mode.value, max_atoms=max_atoms, backend=backend.value, **_threshold_args(threshold, min_cosine))
     if is_activation_file(source):
         _build_from_file(Path(source), out, common, batch_size, checkpoint, checkpoint_every, dtype, device, quiet, overwrite)
     else:
         _build_from_model(source, out, common, layer, hook, hookpoint, corpus, field, tokens, context, batch_tokens,
                           stream_dtype, include_special, dtype, device, quiet, layerwise, parse_memory(max_memory), model_dtype,
-                          overwrite)
+                          overwrite, checkpoint=checkpoint, checkpoint_every=checkpoint_every)
 
 
 def _build_from_file(acts, out, common, batch_size, checkpoint, checkpoint_every, dtype, device, quiet, overwrite=False) -> None:
@@ -156,13 +161,14 @@ def _build_from_file(acts, out, common, batch_size, checkpoint, checkpoint_every
 
 def _build_from_model(source, out, common, layers, hook, extra, corpus, field, tokens, context, batch_tokens,
                       stream_dtype, include_special, dtype, device, quiet, layerwise=False, max_memory=None,
-                      model_dtype="float32", overwrite=False) -> None:
+                      model_dtype="float32", overwrite=False, checkpoint=None, checkpoint_every=10) -> None:
     from itda.activations.corpus import load_contexts
     from itda.activations.hookpoints import parse_hookpoint
     from itda.activations.models import load_model
     from itda.activations.stream import STREAM_DTYPES
     from itda.build import BuildConfig
-    from itda.build.from_model import build_from_model, save_dictionaries
+    from itda.build.distributed import init_distributed
+    from itda.build.from_model import build_from_model
 
     if stream_dtype not in STREAM_DTYPES:
         raise ItdaInputError(f"--stream-dtype must be one of {', '.join(STREAM_DTYPES)}")
@@ -176,14 +182,16 @@ def _build_from_model(source, out, common, layers, hook, extra, corpus, field, t
     one_file = len(hps) == 1 and out.suffix == ".safetensors" and not out.is_dir()
     if len(hps) > 1 and out.suffix == ".safetensors" and not out.is_dir():
         raise ItdaInputError(f"{out}: {len(hps)} hookpoints write one file each into a folder; give a folder for --out")
-    if one_file:
-        check_output(out, [Path(source)], "dictionary", overwrite)
-    elif out.exists() and not out.is_dir():
+    if not one_file and out.exists() and not out.is_dir():
         raise ItdaInputError(f"{out}: exists and is not a folder (model builds write one file per hookpoint; "
                              "one hookpoint and --out NAME.safetensors write that file)")
+    files = [out] if one_file else [out / f"{hp.file_stem}.safetensors" for hp in hps]
+    check_outputs([Output(p, "dictionary") for p in files], [source, corpus, checkpoint], overwrite)
     if tokens < 1:
         raise ItdaInputError(f"--tokens must be >= 1, got {tokens}")
+    _check_model_checkpoint(checkpoint, files, [Path(source)] + ([Path(corpus)] if corpus != "default" else []))
     config = BuildConfig(**common)
+    exchange = init_distributed(check_device(device))
     from itda.activations.hookpoints import depth, resolve_module
 
     deepest = max(hp.layer for hp in hps)
@@ -198,13 +206,42 @@ def _build_from_model(source, out, common, layers, hook, extra, corpus, field, t
         resolve_module(lm.model, hp)  # fail before the corpus work
     _docs, contexts = load_contexts(corpus, lm.tokenizer, tokenizer_name=lm.tokenizer_name, split="train",
                                     tokens=tokens, context=context, field=field)
+    if checkpoint is not None:
+        on_interrupt(f"checkpoint saved at {checkpoint}; run the same command to resume")
     result = build_from_model(
         lm, hps, contexts, config, corpus_name=str(corpus), batch_contexts=max(1, batch_tokens // context),
         dtype=STREAM_DTYPES[stream_dtype], include_special=include_special, device=device, progress=not quiet,
+        checkpoint=checkpoint, checkpoint_every=checkpoint_every if checkpoint else 0,
+        fingerprint={"tokens": tokens, "model_dtype": model_dtype}, exchange=exchange,
     )
-    if dtype is DType.float16:
-        from itda.dictionary import Dictionary
+    _save_model_build(result, out, one_file, dtype, checkpoint, exchange)
 
+
+def _check_model_checkpoint(checkpoint, outputs, inputs) -> None:
+    """Refuse a --checkpoint that is a folder, one of the outputs or an input."""
+    if checkpoint is None:
+        return
+    if checkpoint.is_dir():
+        raise ItdaInputError(f"{checkpoint}: --checkpoint is a folder; give a file name")
+    if checkpoint.resolve() in {p.resolve() for p in outputs}:
+        raise ItdaInputError(f"{checkpoint}: --checkpoint is also an output; choose another --checkpoint")
+    if checkpoint.resolve() in {p.resolve() for p in inputs if p.exists()}:
+        raise ItdaInputError(f"{checkpoint}: --checkpoint is also an input; choose another --checkpoint")
+
+
+def _save_model_build(result, out, one_file, dtype, checkpoint, exchange) -> None:
+    """Rank 0 writes the dictionaries, then removes the checkpoint and reports; other ranks leave the group."""
+    import torch
+
+    from itda.build.from_model import save_dictionaries
+    from itda.dictionary import Dictionary
+
+    if exchange is not None:
+        exchange.barrier()
+        if exchange.rank != 0:
+            torch.distributed.destroy_process_group()
+            return
+    if dtype is DType.float16:
         result.dictionaries = {hp: Dictionary(d.atoms.half(), d.refs, d.meta) for hp, d in result.dictionaries.items()}
     if one_file:
         (dictionary,) = result.dictionaries.values()
@@ -212,6 +249,10 @@ def _build_from_model(source, out, common, layers, hook, extra, corpus, field, t
         paths = [out]
     else:
         paths = save_dictionaries(result, out)
+    if checkpoint is not None and checkpoint.exists():
+        checkpoint.unlink()
+    if exchange is not None:
+        torch.distributed.destroy_process_group()
     typer.echo(f"{result.tokens} tokens in {result.seconds:.1f}s ({result.tokens_per_s:,.0f} tokens/s; forward {result.forward_seconds:.1f}s)")
     for p, (hp, d) in zip(paths, result.dictionaries.items()):
         typer.echo(f"{p}: {len(d)} atoms at {hp.name}")
@@ -219,14 +260,22 @@ def _build_from_model(source, out, common, layers, hook, extra, corpus, field, t
 
 @app.command()
 @user_errors
-def info(dictionary: Path = typer.Argument(..., help="Dictionary file."), as_json: bool = typer.Option(False, "--json")) -> None:
-    """Summarise a dictionary."""
+def info(
+    dictionary: Path = typer.Argument(..., help="Dictionary file."),
+    as_json: bool = typer.Option(False, "--json"),
+    verify: bool = typer.Option(False, "--verify", help="Report the content checksum (every load checks it; this says so)."),
+) -> None:
+    """Summarise a dictionary (its metadata, atoms and references, all validated)."""
     from itda.dictionary import REF_FIELDS, Dictionary
+    from itda.tensorfile import read_header, recorded_digest
 
-    d = Dictionary.load(dictionary)
+    d = Dictionary.load(dictionary)  # a checksum mismatch or invalid metadata stops here
     summary = {"file": str(dictionary), "n_atoms": len(d), "dtype": str(d.atoms.dtype).replace("torch.", ""), **json.loads(d.meta.to_json())}
     known = (d.refs[:, 0] >= 0).sum().item()
     summary["atoms_with_refs"] = int(known)
+    if verify:
+        recorded = recorded_digest(read_header(dictionary))
+        summary["checksum"] = f"ok (sha256 {recorded[:16]}...)" if recorded else "none recorded (written by an itda without checksums)"
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
@@ -251,14 +300,13 @@ def encode(
     overwrite: bool = typer.Option(False, help="Replace an existing --out that is not an itda codes file."),
 ) -> None:
     """Encode activations into sparse codes."""
-    from safetensors.torch import save_file
-
     from itda.activations.files import load_activations
-    from itda.atomic import atomic_path
     from itda.dictionary import Dictionary
     from itda.pursuit.codes import cat_codes
+    from itda.tensorfile import write_tensor_file
 
-    check_output(out, [dictionary, acts], "codes", overwrite)
+    outputs = [Output(out, "codes")]
+    check_outputs(outputs, [dictionary, acts], overwrite)
     if batch_size < 1:
         raise ItdaInputError(f"--batch-size must be >= 1, got {batch_size}")
     d = Dictionary.load(dictionary)
@@ -268,9 +316,9 @@ def encode(
         raise ItdaInputError(f"dimension mismatch: {acts} has d={data.d}, {dictionary} has d={d.d}")
     parts = [d.encode(x, k, method=method.value, backend=backend.value) for x, _ in data.batches(batch_size)]
     codes = cat_codes(parts)
-    with atomic_path(out) as tmp:
-        meta = {"itda_codes": json.dumps({"dictionary": str(dictionary), "method": method.value, "k": k})}
-        save_file({f: getattr(codes, f).contiguous() for f in codes._fields}, str(tmp), metadata=meta)
+    write_tensor_file(out, {f: getattr(codes, f) for f in codes._fields}, "itda_codes",
+                      {"dictionary": str(dictionary), "method": method.value, "k": k})
+    record_outputs(outputs)
     typer.echo(f"{out}: codes for {len(data)} tokens, k={codes.indices.shape[1]}")
 
 
@@ -292,6 +340,7 @@ def eval_cmd(
     device: str = typer.Option("cpu"),
     layerwise: Optional[bool] = typer.Option(None, "--layerwise/--in-memory", help="Stream blocks from the shards (default: when the model exceeds --max-memory)."),
     max_memory: Optional[str] = typer.Option(None, help="Memory budget for choosing layer-wise execution, e.g. 8GB, 70GiB."),
+    overwrite: bool = typer.Option(False, help="Replace an existing --out that itda did not write."),
 ) -> None:
     """FVU, cosine, normalised loss, L0, atom usage (and the CE-loss score on a model)."""
     from itda.atomic import write_text_atomic
@@ -299,6 +348,8 @@ def eval_cmd(
 
     if batch_size < 1:
         raise ItdaInputError(f"--batch-size must be >= 1, got {batch_size}")
+    outputs = [Output(out, "eval-report")] if out is not None else []
+    check_outputs(outputs, [dictionary, acts, model], overwrite)
     d = Dictionary.load(dictionary, device=check_device(device))
     k = checked_k(k, d)
     if acts is not None:
@@ -320,6 +371,7 @@ def eval_cmd(
                                     max_memory=parse_memory(max_memory)).summary()
     if out is not None:
         write_text_atomic(out, json.dumps(summary, indent=2))
+        record_outputs(outputs)
     for key, value in summary.items():
         typer.echo(f"{key:16s} {value:.6g}" if isinstance(value, float) else f"{key:16s} {value}")
 
@@ -345,6 +397,7 @@ def compare(
     layerwise: Optional[bool] = typer.Option(None, "--layerwise/--in-memory", help="Models: stream blocks from the shards (default: when a model exceeds --max-memory)."),
     max_memory: Optional[str] = typer.Option(None, help="Models: memory budget for choosing layer-wise execution, e.g. 8GB, 70GiB."),
     cka_memory: str = typer.Option("1GiB", help="Models: largest exact CKA accumulators (each grid: raw CKA/Procrustes, the per-token ITDA grids); beyond it minibatch CKA runs, without Procrustes."),
+    overwrite: bool = typer.Option(False, help="Write into an existing --out folder that itda did not write."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Compare models layer by layer, two dictionaries (or folders of them), or two activation files."""
@@ -357,7 +410,7 @@ def compare(
                     batch_tokens=batch_tokens,
                     min_cosine=min_cosine, max_rows=max_rows, precision=precision, include_special=include_special,
                     device=device, quiet=quiet, layerwise=layerwise, max_memory=parse_memory(max_memory),
-                    cka_memory=parse_memory(cka_memory, "--cka-memory"))
+                    cka_memory=parse_memory(cka_memory, "--cka-memory"), overwrite=overwrite)
 
 
 @app.command()
@@ -368,11 +421,15 @@ def demo(
     eval_tokens: int = typer.Option(8192, help="Held-out tokens to evaluate on."),
     model: str = typer.Option("smollm2-135m", help="Model to decompose."),
     layer: Optional[int] = typer.Option(None, help="Block index (default: the middle one)."),
+    overwrite: bool = typer.Option(False, help="Replace a report or explorer in --out that itda did not write."),
 ) -> None:
     """smollm2-135m on the default corpus: build at a middle layer, evaluate held-out, report."""
     from itda.demo import run_demo
 
+    outputs = [Output(out / "report.json", "demo-report"), Output(out / "explorer", "explorer", folder=True)]
+    check_outputs(outputs, [model], overwrite)
     run_demo(out, tokens, eval_tokens, model, layer)
+    record_outputs(outputs)
 
 
 def main() -> None:  # pragma: no cover

@@ -63,15 +63,18 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Train a TopK SAE on an activation file or a model's activations, from any initialisation."""
-    from itda.sae.init import new_sae, parse_init
+    from itda.resources import check_fits
+    from itda.sae.init import parse_init
     from itda.sae.io import save_sae
-    from itda.sae.model import SaeConfig
-    from itda.sae.train import SaeTrainer, TrainConfig
+    from itda.sae.model import SaeConfig, activation_units
+    from itda.sae.train import ScaledBatches, TrainConfig, training_bytes
 
     if latents < 1 or not (1 <= k <= latents):
         raise ItdaInputError(f"need --latents >= 1 and 1 <= --k <= --latents, got latents={latents}, k={k}")
     if batch_size < 1 or init_sample < 1 or batch_tokens < 1:
         raise ItdaInputError("--batch-size, --init-sample and --batch-tokens must be >= 1")
+    if batch_size < 2:
+        raise ItdaInputError(f"--batch-size must be >= 2 (the FVU loss needs a batch's variance), got {batch_size}")
     if checkpoint is not None and checkpoint_every < 1:
         raise ItdaInputError("--checkpoint-every must be >= 1 with --checkpoint")
     inputs = ([Path(source)] if is_activation_file(source) else []) + ([checkpoint] if checkpoint else [])
@@ -88,37 +91,56 @@ def train(
                                                           batch_size, batch_tokens, init_sample, layerwise,
                                                           parse_memory(max_memory), device)
     cfg = SaeConfig(d, latents, k, batch_topk)
-    fingerprint = {"source": str(source), "d": d, "batch_size": batch_size, "sample_sum": float(sample.double().sum())}
-    if checkpoint is not None and checkpoint.exists():
-        trainer, extra = SaeTrainer.load_checkpoint(checkpoint, device=device)
-        if trainer.sae.cfg != cfg or trainer.config != config or extra.get("fingerprint") != fingerprint:
-            raise ItdaInputError(f"{checkpoint}: checkpoint was made with other settings or data; remove it or change --checkpoint")
-        info = extra["init"]
-    else:
-        sae, info = new_sae(cfg, spec, sample, device=device, seed=seed, b_dec=b_dec, fill=fill, crop=crop)
-        trainer = SaeTrainer(sae, config)
+    check_fits(training_bytes(cfg, batch_size), f"training an SAE of {latents} latents x d={d} (batch {batch_size})", device)
+    units = activation_units(sample)  # 1.0 for ordinary activations; extreme ones train in power-of-two units
+    fingerprint = {"source": str(source), "d": d, "batch_size": batch_size, "sample_sum": float(sample.double().sum()),
+                   "units": units}
+    trainer, info = _trainer(cfg, config, spec, sample, units, checkpoint, fingerprint, device,
+                             dict(seed=seed, b_dec=b_dec, fill=fill, crop=crop))
     if not quiet:
         typer.echo(f"SAE d={d}, {latents} latents, k={k}, init {info['init']}, lr {trainer.lr:.3g}, {steps} steps of {batch_size} tokens")
     if checkpoint is not None:
         on_interrupt(f"checkpoint saved at {checkpoint}; run the same command to resume")
     t0 = time.perf_counter()
     # checkpoints carry the run's identity so that a resume with other data is refused
-    history = trainer.fit(stream, checkpoint=checkpoint, checkpoint_every=checkpoint_every if checkpoint else 0,
-                          checkpoint_extra={"fingerprint": fingerprint, "init": info}, progress=not quiet)
-    seconds = time.perf_counter() - t0
+    trainer.fit(stream if units == 1.0 else ScaledBatches(stream, 1.0 / units), checkpoint=checkpoint,
+                checkpoint_every=checkpoint_every if checkpoint else 0,
+                checkpoint_extra={"fingerprint": fingerprint, "init": info}, progress=not quiet)
+    seconds = time.perf_counter() - t0  # printed, never stored: a resumed run must write the same bytes
+    trainer.sae.scale_biases_(units)  # from training units back to the activations' own (exact)
     meta.init = info
     meta.train = {**config.__dict__, "lr": trainer.lr, "batch_size": batch_size, "batch_topk": batch_topk,
-                  "tokens": trainer.tokens_seen, "seconds": round(seconds, 3),
-                  "final_train_fvu": history[-1].fvu if history else None, "resampled": trainer.resampled_total}
+                  "tokens": trainer.tokens_seen, "units": units, "final_train_fvu": trainer.last_fvu,
+                  "resampled": trainer.resampled_total}
     summary = evaluate(trainer.sae) if evaluate else None
     if summary:
         meta.train["heldout"] = summary
     save_sae(trainer.sae, out, meta)
-    if checkpoint is not None and checkpoint.exists():
-        checkpoint.unlink()
+    if checkpoint is not None:
+        from itda.atomic import remove_stale_temps
+
+        checkpoint.unlink(missing_ok=True)
+        remove_stale_temps(checkpoint)  # what writers killed mid-checkpoint left
     typer.echo(f"{out}: {latents} latents, k={k}, {trainer.tokens_seen} tokens in {seconds:.1f}s")
     if summary:
         _print_summary(summary)
+
+
+def _trainer(cfg, config, spec, sample, units: float, checkpoint: Optional[Path], fingerprint: dict, device: str,
+             init_kwargs: dict):
+    """(trainer, init record): resumed from a checkpoint made by this same run, or new with its SAE in `units`."""
+    from itda.sae.init import new_sae
+    from itda.sae.train import SaeTrainer
+
+    if checkpoint is not None and checkpoint.exists():
+        trainer, extra = SaeTrainer.load_checkpoint(checkpoint, device=device)
+        if (trainer.sae.cfg != cfg or trainer.config != config or extra.get("fingerprint") != fingerprint
+                or not isinstance(extra.get("init"), dict)):
+            raise ItdaInputError(f"{checkpoint}: checkpoint was made with other settings or data; remove it or change --checkpoint")
+        return trainer, extra["init"]
+    sae, info = new_sae(cfg, spec, sample, device=device, **init_kwargs)
+    sae.scale_biases_(1.0 / units)
+    return SaeTrainer(sae, config), info
 
 
 def _file_source(path: Path, batch_size: int, seed: int, init_sample: int, holdout: float):
@@ -135,6 +157,9 @@ def _file_source(path: Path, batch_size: int, seed: int, init_sample: int, holdo
     n_train = len(data) - int(round(holdout * len(data)))
     train_rows = data.acts[:n_train].to(torch.float32)
     held = data.acts[n_train:].to(torch.float32)
+    if len(held) and bool((held == held[:1]).all()):
+        raise ItdaInputError(f"{path}: the {len(held)} held-out row(s) of --holdout {holdout} have no variance, so FVU is "
+                             "undefined; change --holdout (0: none)")
     gen = torch.Generator().manual_seed(seed)
     sample = train_rows[torch.randperm(n_train, generator=gen)[: min(init_sample, n_train)]]
     evaluate = (lambda sae: evaluate_sae(sae, held.split(8192)).summary()) if len(held) else None
@@ -191,11 +216,15 @@ def eval_cmd(
     device: str = typer.Option("cpu"),
     layerwise: Optional[bool] = typer.Option(None, "--layerwise/--in-memory"),
     max_memory: Optional[str] = typer.Option(None),
+    overwrite: bool = typer.Option(False, help="Replace an existing --out that itda did not write."),
 ) -> None:
     """FVU, mean cosine, L0, dead latents (and the CE-loss score on a model, as `itda eval`)."""
     from itda.atomic import write_text_atomic
+    from itda.cli.outputs import Output, check_outputs, record_outputs
     from itda.sae.io import load_sae
 
+    outputs = [Output(out, "sae-eval-report")] if out is not None else []
+    check_outputs(outputs, [sae_path, acts, model], overwrite)
     loaded = load_sae(sae_path, device=check_device(device))
     if acts is not None:
         from itda.activations.files import load_activations
@@ -215,6 +244,7 @@ def eval_cmd(
                                     device=device, layerwise=layerwise, max_memory=parse_memory(max_memory)).summary()
     if out is not None:
         write_text_atomic(out, json.dumps(summary, indent=2))
+        record_outputs(outputs)
     _print_summary(summary)
 
 
@@ -224,10 +254,14 @@ def export(
     format: ExportFormat = typer.Option(..., "--format", help="saelens or sparsify."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write (replaced only if it is an earlier export)."),
     k: Optional[int] = typer.Option(None, help="Dictionary input: TopK k (default: the dictionary's k)."),
+    overwrite: bool = typer.Option(False, help="Replace an earlier export folder that was changed since itda wrote it."),
 ) -> None:
     """Write an SAE (or a dictionary as a TopK SAE) in a format SAELens or sparsify loads natively."""
+    from itda.cli.outputs import Output, check_outputs, record_outputs
     from itda.sae.io import export_saelens, export_sparsify, load_sae_or_none
 
+    outputs = [Output(out, f"{format.value}-export", folder=True)]
+    check_outputs(outputs, [source], overwrite)
     loaded = load_sae_or_none(source)
     if loaded is None:
         from itda.dictionary import Dictionary
@@ -235,5 +269,6 @@ def export(
 
         loaded = dictionary_as_sae(Dictionary.load(source), k)
     where = export_saelens(*loaded, out) if format is ExportFormat.saelens else export_sparsify(*loaded, out)
+    record_outputs(outputs)
     cfg = loaded.sae.cfg
     typer.echo(f"{where}: {format.value} TopK SAE, d_in={cfg.d_in}, {cfg.n_latents} latents, k={cfg.k}")

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from itda.cli.common import check_device, load_dictionary_file, user_errors
+from itda.cli.outputs import Output, check_outputs, record_outputs
 from itda.errors import ItdaInputError
 
 
@@ -45,7 +46,8 @@ def select(
     if max_doc_tokens is not None and max_doc_tokens < 1:
         raise ItdaInputError(f"--max-doc-tokens must be >= 1, got {max_doc_tokens}")
     report_path, png_path = out.with_suffix(".report.json"), out.with_suffix(".coverage.png")
-    _check_select_output(out, report_path, [Path(corpus), dictionary], overwrite)
+    outputs = [Output(out, "select-subset"), Output(report_path, "select-report"), Output(png_path, "select-plot")]
+    check_outputs(outputs, [corpus, dictionary], overwrite)
     d = load_dictionary_file(dictionary)
     docs, sup = corpus_supports(corpus, d, model=model, field=field, k=k, support_atoms=support_atoms, context=context,
                                 max_doc_tokens=max_doc_tokens,
@@ -57,6 +59,7 @@ def select(
     write_text_atomic(out, "\n".join(lines) + "\n")
     write_text_atomic(report_path, json.dumps(sel.report, indent=2))
     drew = plot_curves(sel.curves, sel.report["atoms_used_by_corpus"], png_path, f"{dictionary.name} on {Path(corpus).name}")
+    record_outputs(outputs)
     cov = sel.report["coverage"]
     typer.echo(f"{sel.report['documents']} documents, {sel.report['corpus_tokens']} tokens; the corpus uses "
                f"{sel.report['atoms_used_by_corpus']} of {sel.report['atoms_in_dictionary']} atoms")
@@ -64,17 +67,3 @@ def select(
         typer.echo(f"{name:10s} {budget} documents cover {cov[name]['atoms']:.0f} atoms ({100 * cov[name]['of_corpus']:.1f}% of the corpus's)")
     typer.echo(f"wrote {out}, {report_path}" + (f", {png_path}" if drew else ""))
 
-
-def _check_select_output(out: Path, report_path: Path, inputs: list[Path], overwrite: bool) -> None:
-    if out.is_dir():
-        raise ItdaInputError(f"{out}: is a folder; give a file name for --out")
-    for p in inputs:
-        if p.exists() and out.exists() and out.resolve() == p.resolve():
-            raise ItdaInputError(f"{out}: --out is also an input; choose another --out")
-    if out.exists() and not overwrite:
-        try:
-            earlier = json.loads(report_path.read_text()).get("itda_select") == 1
-        except (OSError, ValueError, AttributeError):
-            earlier = False
-        if not earlier:
-            raise ItdaInputError(f"{out}: exists and is not an earlier itda selection; choose another --out or pass --overwrite")

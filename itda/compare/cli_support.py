@@ -41,34 +41,45 @@ def _measure_list(text: str) -> list[str]:
     from itda.compare.measures import check_measures
 
     names = [m.strip() for m in text.split(",") if m.strip()]
+    if not names:
+        raise ItdaInputError("--measures is empty; name at least one measure (e.g. jaccard,cka)")
     check_measures(names)
     return names
 
 
 def compare_command(a: str, b: str, *, corpus, field, tokens, context, measures, out, k, min_cosine, max_rows,
-                    precision, batch_tokens=4096, include_special, device, quiet, layerwise=False, max_memory=None, cka_memory=1 << 30) -> None:
+                    precision, batch_tokens=4096, include_special, device, quiet, layerwise=False, max_memory=None,
+                    cka_memory=1 << 30, overwrite=False) -> None:
+    from itda.cli.outputs import Output, guarded
+
     kinds = (_kind(a), _kind(b))
     if kinds[0] != kinds[1]:
         raise ItdaInputError(f"compare needs two of a kind; got a {kinds[0].replace('_', ' ')} and a {kinds[1].replace('_', ' ')}")
     names = _measure_list(measures)
-    if out is not None and out.exists() and not out.is_dir():
-        raise ItdaInputError(f"{out}: exists and is not a folder")
-    if kinds[0] in ("dict", "dict_folder"):
+    if precision not in ("float64", "float32"):
+        raise ItdaInputError(f"--precision must be float64 or float32, got {precision!r}")
+    outputs = [Output(out, "compare-report", folder=True)] if out is not None else []
+    with guarded(outputs, [a, b], overwrite):
+        _dispatch(kinds[0], a, b, names, out, corpus=corpus, field=field, tokens=tokens, context=context, k=k,
+                  min_cosine=min_cosine, max_rows=max_rows, precision=precision, include_special=include_special,
+                  device=device, quiet=quiet, layerwise=layerwise, max_memory=max_memory, cka_memory=cka_memory,
+                  batch_tokens=batch_tokens)
+
+
+def _dispatch(kind: str, a: str, b: str, names: list[str], out: Path | None, **options) -> None:
+    if kind in ("dict", "dict_folder"):
         need_acts = [n for n in names if n != "jaccard"]
         if need_acts:
             typer.echo(f"dictionaries alone give the Jaccard family; {', '.join(need_acts)} need activations "
                        "(compare the models, or two activation files)")
-    if kinds[0] == "dict":
+    if kind == "dict":
         _compare_dicts(Path(a), Path(b), out)
-    elif kinds[0] == "dict_folder":
+    elif kind == "dict_folder":
         _compare_dict_folders(Path(a), Path(b), out)
-    elif kinds[0] == "acts":
+    elif kind == "acts":
         _compare_acts(Path(a), Path(b), names, out)
     else:
-        _compare_models(a, b, names, corpus=corpus, field=field, tokens=tokens, context=context, out=out, k=k,
-                        min_cosine=min_cosine, max_rows=max_rows, precision=precision, include_special=include_special,
-                        device=device, quiet=quiet, layerwise=layerwise, max_memory=max_memory, cka_memory=cka_memory,
-                        batch_tokens=batch_tokens)
+        _compare_models(a, b, names, out=out, **options)
 
 
 def _compare_dicts(a: Path, b: Path, out: Path | None) -> None:

@@ -85,6 +85,9 @@ def ce_loss_score(
     batch_contexts: int = 16,
     device: str | torch.device = "cpu",
 ) -> CEScore:
+    from itda.activations.stream import check_contexts_fit
+
+    check_contexts_fit(model, contexts)
     sums = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
     count = 0
     for s in range(0, len(contexts), batch_contexts):

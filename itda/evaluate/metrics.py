@@ -10,18 +10,44 @@ from itda.pursuit.codes import SparseCodes, decode
 
 
 class ReconTerms(NamedTuple):
-    """Per-row float32 terms of x against its reconstruction x_hat."""
+    """Per-row terms of x against its reconstruction x_hat, finite for every finite float32 input.
 
-    x_sq: torch.Tensor  # ||x||^2
-    xhat_sq: torch.Tensor  # ||x_hat||^2
-    dot: torch.Tensor  # <x, x_hat>
-    err_sq: torch.Tensor  # ||x - x_hat||^2
+    Each row pair is scaled by a power of two before squaring (exact: the cosine is bit for bit the
+    plain float32 one), and the squared terms are float64 after scaling back, so rows near the
+    float32 limit give finite sums instead of inf.
+    """
 
-    @property
-    def cosine(self) -> torch.Tensor:
-        """cos(x, x_hat); 0 where either vector is zero (an empty reconstruction)."""
-        denom = (self.x_sq * self.xhat_sq).sqrt()
-        return torch.where(denom > 0, self.dot / denom.clamp(min=1e-30), torch.zeros_like(denom))
+    x_sq: torch.Tensor  # ||x||^2, float64
+    xhat_sq: torch.Tensor  # ||x_hat||^2, float64
+    dot: torch.Tensor  # <x, x_hat>, float64
+    err_sq: torch.Tensor  # ||x - x_hat||^2, float64
+    cosine: torch.Tensor  # cos(x, x_hat), float32; 0 where either vector is zero (an empty reconstruction)
+
+
+def row_exponents(*rows_BD: torch.Tensor) -> torch.Tensor:
+    """Per row, the power-of-two exponent e with max |component| (over all given tensors) in [2^(e-1), 2^e)."""
+    top = torch.stack([r.abs().amax(dim=1) if r.shape[1] else r.new_zeros(r.shape[0]) for r in rows_BD]).amax(dim=0)
+    return torch.frexp(top).exponent
+
+
+def unit_rows(x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x / ||x|| in float32, ||x|| in float64) per row, exact for any finite input; zero rows stay zero."""
+    e = row_exponents(x_BD)
+    scaled = torch.ldexp(x_BD.to(torch.float32), -e[:, None].to(torch.float32))
+    norm = scaled.norm(dim=1)
+    unit = torch.where(norm[:, None] > 0, scaled / norm.clamp(min=torch.finfo(torch.float32).tiny)[:, None], scaled)
+    return unit, torch.ldexp(norm.double(), e.double())
+
+
+def _scaled_terms(xs: torch.Tensor, xhat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    e = row_exponents(xs, xhat)[:, None].to(torch.float32)
+    xs, xhat = torch.ldexp(xs, -e), torch.ldexp(xhat, -e)
+    diff = xs - xhat
+    x_sq, xhat_sq, dot, err_sq = (xs * xs).sum(1), (xhat * xhat).sum(1), (xs * xhat).sum(1), (diff * diff).sum(1)
+    denom = (x_sq * xhat_sq).sqrt()
+    cosine = torch.where(denom > 0, dot / denom.clamp(min=1e-30), torch.zeros_like(denom))
+    back = torch.ldexp(torch.ones_like(x_sq, dtype=torch.float64), 2 * e[:, 0].double())
+    return x_sq.double() * back, xhat_sq.double() * back, dot.double() * back, err_sq.double() * back, cosine
 
 
 def recon_terms(x_BD: torch.Tensor, codes: SparseCodes, atoms_ND: torch.Tensor, chunk: int = 256) -> ReconTerms:
@@ -30,13 +56,10 @@ def recon_terms(x_BD: torch.Tensor, codes: SparseCodes, atoms_ND: torch.Tensor, 
     parts: list[tuple[torch.Tensor, ...]] = []
     for s in range(0, x32.shape[0], chunk):
         sub = SparseCodes(*(t[s : s + chunk] for t in codes))
-        xhat = decode(sub, atoms_ND)
-        xs = x32[s : s + chunk]
-        diff = xs - xhat
-        parts.append(((xs * xs).sum(1), (xhat * xhat).sum(1), (xs * xhat).sum(1), (diff * diff).sum(1)))
+        parts.append(_scaled_terms(x32[s : s + chunk], decode(sub, atoms_ND)))
     if not parts:
-        z = torch.zeros(0, device=atoms_ND.device)
-        return ReconTerms(z, z, z, z)
+        z = torch.zeros(0, device=atoms_ND.device, dtype=torch.float64)
+        return ReconTerms(z, z, z, z, z.float())
     return ReconTerms(*(torch.cat(col) for col in zip(*parts)))
 
 

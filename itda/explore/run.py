@@ -27,7 +27,7 @@ def view_on_model(dictionary: Dictionary, *, label: str, model: str | None = Non
     check_refs(dictionary, docs, lm.tokenizer)
     ids = split_documents(docs, "heldout") or split_documents(docs, "all")
     ctx = tokenize_contexts(docs, ids, lm.tokenizer, context=context, max_tokens=tokens, tokenizer_name=lm.tokenizer_name)
-    k = min(k or dictionary.meta.k, len(dictionary))
+    k = dictionary.encoding_k(k)
     bar = tqdm(total=int((~ctx.special).sum()), unit="tok", unit_scale=True, disable=not progress, desc=f"encode {label}")
 
     def batches():

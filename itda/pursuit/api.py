@@ -10,6 +10,7 @@ import torch
 from itda.errors import ItdaInputError
 from itda.pursuit.codes import SparseCodes, cat_codes
 from itda.pursuit.gram import compute_gram, gram_fits
+from itda.resources import check_fits
 
 Backend = Literal["auto", "torch", "numba"]
 BACKENDS = ("auto", "torch", "numba")
@@ -71,6 +72,11 @@ def _resolve(
     return backend, gram
 
 
+def codes_bytes(rows: int, k: int) -> int:
+    """Bytes of the sparse codes of `rows` rows with k steps (int64 indices, float32 values)."""
+    return rows * k * 12
+
+
 def _chunk_rows(b: int, n: int, chunk_size: int | None) -> int:
     if chunk_size:
         return max(1, chunk_size)
@@ -81,6 +87,8 @@ def _run(x, atoms, k, gram, backend, chunk_size, numba_chunk, torch_chunk, rows_
          check_finite: bool = True) -> SparseCodes:
     """Validate, choose the backend, and run a chunk kernel over row chunks."""
     _check_inputs(x, atoms, k, check_finite)
+    if codes_bytes(x.shape[0], k) > 1 << 26:  # small requests are not worth a look at free memory
+        check_fits(2 * codes_bytes(x.shape[0], k), f"matching-pursuit codes of {x.shape[0]} rows with k={k}", atoms.device)
     backend, gram = _resolve(x, atoms, gram, backend, k=k)
     atoms32 = atoms.to(torch.float32).contiguous()
     x32 = x.to(device=atoms.device, dtype=torch.float32)

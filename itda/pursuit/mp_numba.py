@@ -12,6 +12,8 @@ import math
 import numba
 import numpy as np
 
+from itda.pursuit.jit import njit_cached
+
 
 _FASTMATH = {"nnan", "ninf", "nsz", "contract"}
 _ABS_MASK = np.int32(0x7FFFFFFF)
@@ -53,7 +55,7 @@ def _argmax_abs(c):
     return _first_index_of(bits, _max_abs_bits(bits))
 
 
-@numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
+@njit_cached(parallel=True, fastmath=_FASTMATH)
 def mp_gram_kernel(corr_BN, gram_NN, k, idx_BK, val_BK):
     """In-place MP over correlation rows corr_BN (C-contiguous float32, overwritten)."""
     b_total, n = corr_BN.shape
@@ -75,7 +77,7 @@ def mp_gram_kernel(corr_BN, gram_NN, k, idx_BK, val_BK):
                 j = _first_index_of(bits, m)
 
 
-@numba.njit(parallel=True, cache=True, fastmath=_FASTMATH)
+@njit_cached(parallel=True, fastmath=_FASTMATH)
 def omp_gram_kernel(alpha0_BN, gram_NN, k, eps, idx_BK, gamma_BK, energy_drop_B):
     """Batch-OMP (Rubinstein, Zibulevsky & Elad 2008) with incremental Cholesky, per row.
 

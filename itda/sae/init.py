@@ -5,7 +5,9 @@ A spec is `kaiming`, `orthogonal`, `data`, `mean-subtracted`, `centroid-subtract
 activations [S, D] and a torch.Generator and returns unit decoder rows [F, D]; `initialise`
 then sets b_dec (geometric median, mean or zero) and, except for `kaiming` (sparsify's
 default: encoder kaiming-uniform, decoder = its normalised copy), the encoder to the decoder
-rows times one scalar fitted by least squares on the sample.
+rows times one scalar fitted by least squares on the sample. A sample of extreme size (see
+model.activation_units) is initialised in power-of-two units and the SAE scaled back, exactly;
+new_sae refuses, before allocating, an SAE whose initialisation cannot fit in free memory.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ import torch
 from torch import Tensor
 
 from itda.errors import ItdaInputError
-from itda.sae.model import SaeConfig, TopKSAE
+from itda.sae.model import SaeConfig, TopKSAE, activation_units
 
 B_DEC_RULES = ("median", "mean", "zero")
 FILL_RULES = ("data", "kaiming")
 OUTLIER_PCS = 16  # `outliers`: principal components projected out before ranking samples
+ENCODER_FIT_ROWS = 4096  # sample rows the encoder scale is fitted on
+ENCODER_FIT_BYTES = 2**30  # the fit's [rows, F] pre-activations and [rows, k, D] gathered rows, per chunk
 
 
 class InitSpec(NamedTuple):
@@ -171,14 +175,35 @@ def atom_rows(atoms_ND: Tensor, n: int, sample_SD: Tensor, gen: torch.Generator,
     return torch.cat([atoms, unit_rows(rest)])
 
 
-def fit_encoder_scale(w_dec_FD: Tensor, b_dec: Tensor, sample_SD: Tensor, k: int, max_rows: int = 4096) -> float:
-    """Scalar s minimising ||(x - b) - s * D^T topk(relu(D (x - b)))||^2 over the sample."""
+def fit_encoder_scale(w_dec_FD: Tensor, b_dec: Tensor, sample_SD: Tensor, k: int, max_rows: int = ENCODER_FIT_ROWS) -> float:
+    """Scalar s minimising ||(x - b) - s * D^T topk(relu(D (x - b)))||^2 over the sample.
+
+    Rows go in chunks of at most ENCODER_FIT_BYTES of temporaries (one chunk for F * k * D of
+    ordinary size, so the sums are those of a single pass).
+    """
     x = sample_SD[:max_rows] - b_dec
-    pre = torch.relu(x @ w_dec_FD.T)
-    acts, idx = pre.topk(min(k, pre.shape[1]), dim=1)
-    y = torch.einsum("bk,bkd->bd", acts, w_dec_FD[idx])
-    den = float((y * y).sum())
-    return float((x * y).sum()) / den if den > 0 else 1.0
+    n, d = w_dec_FD.shape
+    k = min(k, n)
+    rows = max(1, ENCODER_FIT_BYTES // (4 * (2 * n + k * d)))
+    num = den = 0.0
+    for s in range(0, x.shape[0], rows):
+        xs = x[s : s + rows]
+        acts, idx = torch.relu(xs @ w_dec_FD.T).topk(k, dim=1)
+        y = torch.einsum("bk,bkd->bd", acts, w_dec_FD[idx])
+        num += float((xs * y).sum())
+        den += float((y * y).sum())
+    return num / den if den > 0 else 1.0
+
+
+def init_bytes(cfg: SaeConfig, spec: InitSpec, sample_rows: int) -> int:
+    """Peak CPU bytes of new_sae: the SAE (2 F D + F + D float32), three [F, D] float32 temporaries
+    (rows, unit rows, encoder rows), one chunk of the encoder fit over the sample (not for kaiming
+    or transfer) and, for orthogonal, three float64 [D, D] blocks of its QR."""
+    f, d = cfg.n_latents, cfg.d_in
+    fit_rows = 0 if spec.name in ("kaiming", "transfer") else min(sample_rows, ENCODER_FIT_ROWS)
+    fit = min(ENCODER_FIT_BYTES, fit_rows * 4 * (2 * f + min(cfg.k, f) * d))
+    qr = 3 * 8 * d * d if spec.name == "orthogonal" else 0
+    return 4 * (2 * f * d + f + d) + 4 * 3 * f * d + fit + qr
 
 
 def initialise(
@@ -204,6 +229,10 @@ def initialise(
         other = load_sae_or_none(spec.path)
         if other is not None:
             return _copy_sae(sae, other.sae, info)
+    units = activation_units(sample)  # 1.0 for ordinary activations; extreme ones are initialised in units
+    if units != 1.0:
+        sample = sample * (1.0 / units)
+        info["units"] = units
     bias = decoder_bias(sample, b_dec)
     if spec.name in ("itda", "transfer"):
         from itda.dictionary import Dictionary
@@ -225,6 +254,7 @@ def initialise(
         sae.W_enc.copy_(w_enc)
         sae.b_enc.zero_()
         sae.b_dec.copy_(bias)
+    sae.scale_biases_(units)  # back to the activations' own units (exact)
     return info
 
 
@@ -241,8 +271,11 @@ def _copy_sae(sae: TopKSAE, other: TopKSAE, info: dict) -> dict:
 
 
 def new_sae(cfg: SaeConfig, spec: InitSpec | str, sample_SD: Tensor, device: torch.device | str = "cpu", **kwargs) -> tuple[TopKSAE, dict]:
-    """A TopKSAE initialised by spec on the sample (kwargs: seed, b_dec, fill, crop)."""
+    """A TopKSAE initialised by spec on the sample (kwargs: seed, b_dec, fill, crop); refused if it cannot fit in memory."""
+    from itda.resources import check_fits
+
     spec = parse_init(spec) if isinstance(spec, str) else spec
+    check_fits(init_bytes(cfg, spec, sample_SD.shape[0]), f"initialising an SAE of {cfg.n_latents} latents x d={cfg.d_in}", "cpu")
     sae = TopKSAE(cfg)
     info = initialise(sae, spec, sample_SD, **kwargs)
     return sae.to(device), info

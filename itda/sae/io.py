@@ -50,13 +50,87 @@ class LoadedSae(NamedTuple):
 
 
 def save_sae(sae: TopKSAE, path: str | os.PathLike, meta: SaeMeta | None = None) -> None:
+    """Write sae and meta as an itda SAE file (atomically); weights with NaN or inf are refused."""
     meta = meta or SaeMeta()
     header = {"format_version": SAE_FORMAT_VERSION, "itda_version": __version__, "cfg": sae.cfg.to_dict(), **meta.__dict__}
     tensors = {n: getattr(sae, n).detach().cpu().contiguous() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    for name, t in tensors.items():
+        if not bool(torch.isfinite(t).all()):
+            raise ItdaInputError(f"{path}: not written: the SAE's {name} contains NaN or inf (training diverged?)")
     write_tensor_file(path, tensors, SAE_KEY, header)
 
 
-def _check_weights(path: Path, tensors: dict[str, torch.Tensor], d: int, f: int) -> None:
+_MISSING = object()
+
+
+class Fields:
+    """Typed reads from one JSON object of a file's metadata; every error names the file and the field."""
+
+    def __init__(self, where: str | os.PathLike, obj: Any, prefix: str = ""):
+        if not isinstance(obj, dict):
+            what = f"field '{prefix.rstrip('.')}'" if prefix else "the metadata"
+            raise ItdaInputError(f"{where}: {what} must be a JSON object, got {obj!r}")
+        self.where, self.obj, self.prefix = where, obj, prefix
+
+    def get(self, key: str, default: Any = _MISSING) -> Any:
+        if key in self.obj:
+            return self.obj[key]
+        if default is _MISSING:
+            raise ItdaInputError(f"{self.where}: field '{self.prefix}{key}' is missing")
+        return default
+
+    def fail(self, key: str, want: str) -> ItdaInputError:
+        return ItdaInputError(f"{self.where}: field '{self.prefix}{key}' must be {want}, got {self.obj.get(key)!r}")
+
+    def integer(self, key: str, low: int = 1, high: int | None = None, high_name: str = "", default: Any = _MISSING) -> int:
+        v = self.get(key, default)
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise self.fail(key, "an integer")
+        if v < low or (high is not None and v > high):
+            raise self.fail(key, f"an integer >= {low}" if high is None else f"an integer from {low} to {high_name} = {high}")
+        return v
+
+    def boolean(self, key: str, default: Any = _MISSING, must: bool | None = None) -> bool:
+        v = self.get(key, default)
+        if not isinstance(v, bool) or (must is not None and v != must):
+            raise self.fail(key, "true or false" if must is None else f"{'true' if must else 'false'} (all itda supports)")
+        return v
+
+    def string(self, key: str, default: Any = _MISSING, choices: tuple[str, ...] | None = None, none: bool = False) -> str | None:
+        v = self.get(key, default)
+        if v is None and none:
+            return None
+        if not isinstance(v, str) or (choices is not None and v not in choices):
+            want = "a string" if choices is None else " or ".join(repr(c) for c in choices)
+            raise self.fail(key, want + (" or null" if none else ""))
+        return v
+
+    def mapping(self, key: str, default: Any = _MISSING) -> dict:
+        v = self.get(key, default)
+        if not isinstance(v, dict):
+            raise self.fail(key, "a JSON object")
+        return v
+
+
+def checked_config(where: str | os.PathLike, raw: Any, names: tuple[str, str, str] = ("d_in", "n_latents", "k"),
+                   prefix: str = "cfg.", batch_topk: bool = True) -> SaeConfig:
+    """A SaeConfig from a metadata object: d_in >= 1, n_latents >= 1, 1 <= k <= n_latents (ints), batch_topk a bool.
+
+    `names` are the file's keys for d_in, n_latents and k; with `batch_topk` the object may hold
+    no other key (an itda header). Errors name `where` and the field.
+    """
+    f = Fields(where, raw, prefix)
+    d_key, f_key, k_key = names
+    d, n = f.integer(d_key), f.integer(f_key)
+    cfg = SaeConfig(d, n, f.integer(k_key, 1, n, f_key), f.boolean("batch_topk", False) if batch_topk else False)
+    extra = sorted(set(raw) - {*names, "batch_topk"}) if batch_topk else []
+    if extra:
+        raise ItdaInputError(f"{where}: unknown field '{prefix}{extra[0]}'")
+    return cfg
+
+
+def check_weights(path: Path, tensors: dict[str, torch.Tensor], d: int, f: int) -> None:
+    """W_enc [F, D], b_enc [F], W_dec [F, D], b_dec [D]: present, floating point, finite."""
     want = {"W_enc": (f, d), "b_enc": (f,), "W_dec": (f, d), "b_dec": (d,)}
     for name, shape in want.items():
         t = tensors.get(name)
@@ -85,50 +159,89 @@ def load_itda_sae(path: str | os.PathLike, device="cpu") -> LoadedSae:
         raise ItdaInputError(f"{path}: not an itda SAE (no '{SAE_KEY}' metadata)")
     try:
         raw = json.loads(header[SAE_KEY])
-        if raw.get("format_version") != SAE_FORMAT_VERSION:
-            raise ItdaInputError(f"{path}: SAE format version {raw.get('format_version')!r} is not supported")
-        cfg = SaeConfig(**raw["cfg"])
-        meta = SaeMeta(**{k: raw[k] for k in SaeMeta.__dataclass_fields__ if k in raw})
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ItdaInputError(f"{path}: SAE metadata is malformed ({exc})") from None
-    _check_weights(path, tensors, cfg.d_in, cfg.n_latents)
+    except json.JSONDecodeError as exc:
+        raise ItdaInputError(f"{path}: SAE metadata is not JSON ({exc})") from None
+    cfg, meta = _checked_header(path, raw)
+    check_weights(path, tensors, cfg.d_in, cfg.n_latents)
     return LoadedSae(_build(cfg, tensors, device), meta)
 
 
-def _read_json(path: Path) -> dict:
+def _checked_header(path: Path, raw: Any) -> tuple[SaeConfig, SaeMeta]:
+    """Every field of an itda SAE header, typed and in range (unknown top-level fields are ignored)."""
+    f = Fields(path, raw)
+    version = f.integer("format_version", 0)
+    if version != SAE_FORMAT_VERSION:
+        raise ItdaInputError(f"{path}: SAE format version {version} is not supported (this itda reads version {SAE_FORMAT_VERSION})")
+    f.string("itda_version", None, none=True)
+    cfg = checked_config(path, f.get("cfg"))
+    meta = SaeMeta(model=f.string("model", None, none=True), hookpoint=_hookpoint_field(f, "hookpoint"),
+                   tokenizer=f.string("tokenizer", None, none=True), init=f.mapping("init", {}), train=f.mapping("train", {}),
+                   include_special=f.boolean("include_special", False))
+    return cfg, meta
+
+
+def _hookpoint_field(f: Fields, key: str) -> str | None:
+    """An optional hookpoint name that itda can parse."""
+    from itda.activations.hookpoints import parse_hookpoint
+
+    name = f.string(key, None, none=True)
+    if name is not None:
+        try:
+            parse_hookpoint(name)
+        except ItdaInputError:
+            raise f.fail(key, "a hookpoint itda can parse") from None
+    return name
+
+
+def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ItdaInputError(f"{path}: not readable JSON ({exc})") from None
 
 
 def load_saelens(folder: Path, device="cpu") -> LoadedSae:
-    cfg = _read_json(folder / "cfg.json")
-    if cfg.get("architecture") != "topk":
-        raise ItdaInputError(f"{folder}: SAELens architecture {cfg.get('architecture')!r}; itda reads 'topk'")
-    for key, ok in (("apply_b_dec_to_input", True), ("normalize_activations", "none"), ("rescale_acts_by_decoder_norm", False)):
-        if cfg.get(key, ok) != ok:
-            raise ItdaInputError(f"{folder}: SAELens {key}={cfg.get(key)!r} is not supported (itda needs {ok!r})")
+    """A SAELens v6 `topk` folder; cfg.json is checked field by field before the weights are read."""
+    where = folder / "cfg.json"
+    cfg = _read_json(where)
+    f = Fields(where, cfg)
+    if f.string("architecture") != "topk":
+        raise ItdaInputError(f"{folder}: SAELens architecture {cfg['architecture']!r}; itda reads 'topk'")
+    f.boolean("apply_b_dec_to_input", True, must=True)
+    f.string("normalize_activations", "none", choices=("none",))
+    f.boolean("rescale_acts_by_decoder_norm", False, must=False)
+    sc = checked_config(where, cfg, ("d_in", "d_sae", "k"), prefix="", batch_topk=False)
+    md_raw = f.get("metadata", None)
+    md = Fields(where, {} if md_raw is None else md_raw, "metadata.")
+    meta = SaeMeta(model=md.string("model_name", None, none=True), hookpoint=_hookpoint_field(md, "hook_name"))
     _, tensors = read_tensor_file(folder / SAELENS_WEIGHTS)
     if "W_enc" in tensors:
         tensors["W_enc"] = tensors["W_enc"].T.contiguous()
-    sc = SaeConfig(int(cfg["d_in"]), int(cfg["d_sae"]), int(cfg["k"]))
-    _check_weights(folder, tensors, sc.d_in, sc.n_latents)
-    md = cfg.get("metadata", {}) or {}
-    return LoadedSae(_build(sc, tensors, device), SaeMeta(model=md.get("model_name"), hookpoint=md.get("hook_name")))
+    check_weights(folder, tensors, sc.d_in, sc.n_latents)
+    return LoadedSae(_build(sc, tensors, device), meta)
+
+
+def _sparsify_config(where: Path, cfg: Any) -> SaeConfig:
+    """sparsify's cfg.json: a plain TopK SAE, d_in >= 1, num_latents (0: d_in * expansion_factor), 1 <= k <= latents."""
+    f = Fields(where, cfg)
+    f.string("activation", "topk", choices=("topk",))
+    f.boolean("skip_connection", False, must=False)
+    f.boolean("transcode", False, must=False)
+    f.boolean("multi_topk", False)
+    f.boolean("normalize_decoder", True)
+    d = f.integer("d_in")
+    n = f.integer("num_latents", 0, default=0) or d * f.integer("expansion_factor", 1, default=32)
+    return SaeConfig(d, n, f.integer("k", 1, n, "the number of latents", default=32))
 
 
 def load_sparsify(folder: Path, device="cpu") -> LoadedSae:
-    cfg = _read_json(folder / "cfg.json")
-    if cfg.get("activation", "topk") != "topk" or cfg.get("skip_connection") or cfg.get("transcode"):
-        raise ItdaInputError(f"{folder}: only plain TopK sparsify SAEs are supported")
+    """A sparsify hookpoint folder (cfg.json + sae.safetensors); cfg.json is checked before the weights are read."""
+    sc = _sparsify_config(folder / "cfg.json", _read_json(folder / "cfg.json"))
     _, raw = read_tensor_file(folder / SPARSIFY_WEIGHTS)
     tensors = {"W_enc": raw.get("encoder.weight"), "b_enc": raw.get("encoder.bias"), "W_dec": raw.get("W_dec"), "b_dec": raw.get("b_dec")}
     tensors = {k: v for k, v in tensors.items() if v is not None}
-    d = int(cfg["d_in"])
-    f = int(cfg.get("num_latents") or d * int(cfg.get("expansion_factor", 32)))
-    _check_weights(folder, tensors, d, f)
-    return LoadedSae(_build(SaeConfig(d, f, int(cfg.get("k", 32))), tensors, device), SaeMeta(hookpoint=_hookpoint_from_sparsify(folder.name)))
+    check_weights(folder, tensors, sc.d_in, sc.n_latents)
+    return LoadedSae(_build(sc, tensors, device), SaeMeta(hookpoint=_hookpoint_from_sparsify(folder.name)))
 
 
 def load_sae(path: str | os.PathLike, device="cpu") -> LoadedSae:

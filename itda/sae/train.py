@@ -5,12 +5,15 @@ tokens); Adam; the gradient along each decoder row is projected out before the s
 rows are renormalised after it. Optional dead-latent resampling with the ITDA rule: the rows of
 the batch the SAE reconstructs worst (lowest cosine), greedily kept when no kept row is within
 the build's cosine of them, become the dead latents' decoder rows. Checkpoints hold the full
-state (weights, Adam moments, counters) so a resumed run is byte-identical to an uninterrupted one.
+state (weights, Adam moments, counters, the last FVU) so a resumed run is byte-identical to an
+uninterrupted one. Batches without variance and non-finite losses are refused before the update;
+training_bytes estimates the memory a run needs before anything is allocated.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -22,9 +25,11 @@ from tqdm.auto import tqdm
 
 from itda.tensorfile import json_entry, read_tensor_file, write_tensor_file
 from itda.errors import ItdaInputError
+from itda.sae.io import Fields, check_weights, checked_config
 from itda.sae.model import SaeConfig, TopKSAE
 
 RESAMPLE_RULES = (None, "itda")
+MAX_LR = 1e3  # Adam moves each weight by about lr a step: far past any use for unit-norm decoder rows
 _CKPT_KEY = "itda_sae_checkpoint"
 _PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
@@ -44,8 +49,12 @@ class TrainConfig:
     def validate(self) -> None:
         if self.steps < 1:
             raise ItdaInputError(f"--steps must be >= 1, got {self.steps}")
-        if self.lr is not None and not self.lr > 0:
-            raise ItdaInputError(f"--lr must be > 0, got {self.lr}")
+        if self.lr is not None and not 0 < self.lr <= MAX_LR:
+            raise ItdaInputError(f"--lr must be > 0 and at most {MAX_LR:g}, got {self.lr}")
+        if not 0 <= self.auxk_alpha < math.inf:
+            raise ItdaInputError(f"--auxk-alpha must be a finite number >= 0, got {self.auxk_alpha}")
+        if not 0 <= self.seed < 2**32:
+            raise ItdaInputError(f"--seed must be an integer from 0 to 2^32 - 1, got {self.seed}")
         if self.resample not in RESAMPLE_RULES:
             raise ItdaInputError(f"unknown --resample {self.resample!r}; choose itda or leave it out")
         if self.resample_every < 1 or self.dead_after_tokens < 1:
@@ -53,6 +62,15 @@ class TrainConfig:
 
     def learning_rate(self, n_latents: int) -> float:
         return self.lr if self.lr is not None else 2e-4 / (n_latents / 2**14) ** 0.5
+
+
+def training_bytes(cfg: SaeConfig, batch_size: int) -> int:
+    """Bytes an SAE's training holds: weights, gradients and Adam's two moments (four float32 copies of
+    W_enc, W_dec [F, D], b_enc [F], b_dec [D]), two [F, D] temporaries (the decoder-gradient projection,
+    Adam's update), the int64 last-fired counters, and three float32 [B, F] tensors of a step (the
+    pre-activations, their gradient, AuxK's masked copy). Within 10% of the measured peak on CPU."""
+    f, d = cfg.n_latents, cfg.d_in
+    return 4 * (4 * (2 * f * d + f + d) + 2 * f * d + 3 * batch_size * f) + 8 * f
 
 
 class StepStats(NamedTuple):
@@ -75,21 +93,36 @@ class SaeTrainer:
         self.step_count = 0
         self.tokens_seen = 0
         self.resampled_total = 0
+        self.last_fvu: float | None = None  # training FVU of the latest step (kept in checkpoints)
 
     # -- one step -------------------------------------------------------------------------------
     def dead_mask(self) -> Tensor:
         return self.since_fired_F >= self.config.dead_after_tokens
 
-    def step(self, x_BD: Tensor) -> StepStats:
+    def checked_batch(self, x_BD: Tensor) -> Tensor:
+        """x as float32 on the SAE's device; refused unless [B >= 2, d_in], finite and not all rows equal."""
+        n = self.step_count
         if x_BD.ndim != 2 or x_BD.shape[1] != self.sae.cfg.d_in:
             raise ItdaInputError(f"activation batch has shape {tuple(x_BD.shape)}, the SAE d_in={self.sae.cfg.d_in}")
+        if x_BD.shape[0] < 2:
+            raise ItdaInputError(f"activation batch at step {n} has {x_BD.shape[0]} row(s); the FVU loss needs at least 2")
         x = x_BD.to(device=self.sae.device, dtype=torch.float32)
         if not bool(torch.isfinite(x).all()):
-            raise ItdaInputError(f"activation batch at step {self.step_count} contains NaN or inf")
+            raise ItdaInputError(f"activation batch at step {n} contains NaN or inf")
+        if bool((x == x[:1]).all()):
+            raise ItdaInputError(f"activation batch at step {n} has no variance (all {x.shape[0]} rows are equal): FVU is undefined")
+        return x
+
+    def step(self, x_BD: Tensor) -> StepStats:
+        x = self.checked_batch(x_BD)
         self.sae.train()
         dead = self.dead_mask()
         out = self.sae(x, dead, self.config.k_aux)
         loss = out.fvu + self.config.auxk_alpha * out.auxk_loss
+        fvu, aux = float(out.fvu.detach()), float(out.auxk_loss.detach())
+        if not (math.isfinite(fvu) and math.isfinite(aux)):
+            raise ItdaInputError(f"training diverged at step {self.step_count}: the loss is not finite (FVU {fvu}, AuxK {aux}); "
+                                 "lower --lr")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.sae.remove_parallel_grads()
@@ -105,8 +138,8 @@ class SaeTrainer:
         resampled = 0
         if self.config.resample == "itda" and self.step_count % self.config.resample_every == 0:
             resampled = self.resample_dead(x)
-        return StepStats(self.step_count, float(out.fvu.detach()), float(out.auxk_loss.detach()), int(self.dead_mask().sum()),
-                         float(active.sum()) / x.shape[0], resampled)
+        self.last_fvu = fvu
+        return StepStats(self.step_count, fvu, aux, int(self.dead_mask().sum()), float(active.sum()) / x.shape[0], resampled)
 
     @torch.no_grad()
     def resample_dead(self, x_BD: Tensor) -> int:
@@ -187,15 +220,19 @@ class SaeTrainer:
                     tensors[f"adam.{n}.{key}"] = st[key].detach().cpu().reshape(-1) if key == "step" else st[key].detach().cpu().contiguous()
         tensors["since_fired"] = self.since_fired_F.cpu().contiguous()
         state = {"sae": self.sae.cfg.to_dict(), "config": asdict(self.config), "step_count": self.step_count,
-                 "tokens_seen": self.tokens_seen, "resampled_total": self.resampled_total, "extra": extra or {}}
+                 "tokens_seen": self.tokens_seen, "resampled_total": self.resampled_total, "last_fvu": self.last_fvu,
+                 "extra": extra or {}}
         write_tensor_file(path, tensors, _CKPT_KEY, state)
 
     @classmethod
     def load_checkpoint(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple["SaeTrainer", dict]:
+        """(trainer, extra) from a checkpoint; its config and tensor shapes are checked before anything is allocated."""
         header, tensors = read_tensor_file(path, "itda SAE checkpoint")
         state = json_entry(header, _CKPT_KEY, path, "itda SAE checkpoint")
+        cfg = checked_config(path, state.get("sae"), prefix="sae.")
+        _check_state(path, state, tensors, cfg)
         try:
-            sae = TopKSAE(SaeConfig(**state["sae"]))
+            sae = TopKSAE(cfg)
             with torch.no_grad():
                 for n in _PARAMS:
                     getattr(sae, n).copy_(tensors[f"sae.{n}"])
@@ -209,12 +246,34 @@ class SaeTrainer:
                         "exp_avg_sq": tensors[f"adam.{n}.exp_avg_sq"].to(device),
                     }
             trainer.since_fired_F = tensors["since_fired"].to(device)
-            trainer.step_count = int(state["step_count"])
-            trainer.tokens_seen = int(state["tokens_seen"])
-            trainer.resampled_total = int(state.get("resampled_total", 0))
+            trainer.step_count = state["step_count"]
+            trainer.tokens_seen = state["tokens_seen"]
+            trainer.resampled_total = state.get("resampled_total", 0)
+            trainer.last_fvu = None if state.get("last_fvu") is None else float(state["last_fvu"])
         except (ValueError, KeyError, RuntimeError, TypeError) as exc:
             raise ItdaInputError(f"{path}: not a readable itda SAE checkpoint ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
         return trainer, state.get("extra", {})
+
+
+def _check_state(path, state: dict, tensors: dict[str, Tensor], cfg: SaeConfig) -> None:
+    """A checkpoint's counters (ints >= 0, last_fvu a number or null) and tensor shapes, against cfg."""
+    f = Fields(path, state)
+    for key in ("step_count", "tokens_seen"):
+        f.integer(key, 0)
+    f.integer("resampled_total", 0, default=0)
+    f.mapping("extra", {})
+    f.mapping("config")
+    if not isinstance(state.get("last_fvu"), (int, float, type(None))) or isinstance(state.get("last_fvu"), bool):
+        raise f.fail("last_fvu", "a number or null")
+    shapes = {"W_enc": (cfg.n_latents, cfg.d_in), "b_enc": (cfg.n_latents,), "W_dec": (cfg.n_latents, cfg.d_in), "b_dec": (cfg.d_in,)}
+    check_weights(path, {n: tensors[f"sae.{n}"] for n in shapes if f"sae.{n}" in tensors}, cfg.d_in, cfg.n_latents)
+    want = {f"adam.{n}.{key}": shape for n, shape in shapes.items() for key in ("exp_avg", "exp_avg_sq")}
+    want.update({f"adam.{n}.step": (1,) for n in shapes}, since_fired=(cfg.n_latents,))
+    for name, t in tensors.items():
+        if name in want and tuple(t.shape) != want[name]:
+            raise ItdaInputError(f"{path}: checkpoint tensor {name} has shape {list(t.shape)}, expected {list(want[name])}")
+    if "since_fired" not in tensors or tensors["since_fired"].dtype != torch.int64:
+        raise ItdaInputError(f"{path}: checkpoint tensor since_fired is missing or not int64")
 
 
 # -- batch streams ---------------------------------------------------------------------------------
@@ -227,6 +286,16 @@ def shuffled_batches(acts_TD: Tensor, batch_size: int, seed: int = 0) -> Iterato
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         for s in range(0, n - batch_size + 1, batch_size):
             yield acts_TD[perm[s : s + batch_size]]
+
+
+class ScaledBatches:
+    """The batches of a stream as float32 times `factor` (a power of two: exact); re-iterable when the stream is."""
+
+    def __init__(self, batches: Iterable[Tensor], factor: float):
+        self.batches, self.factor = batches, factor
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return (x.to(torch.float32) * self.factor for x in self.batches)
 
 
 def rebatch(chunks: Iterable[Tensor], batch_size: int) -> Iterator[Tensor]:

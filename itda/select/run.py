@@ -28,8 +28,10 @@ def corpus_supports(corpus: str, dictionary: Dictionary, *, model: str | None = 
                     max_doc_tokens: int | None = None, device: str = "cpu", progress: bool = True) -> tuple[list[str], DocSupports]:
     lm, hp = model_at_hookpoint(dictionary, model, needs="select", device=device)
     docs = read_documents(corpus, field)
-    sup = document_supports(lm, dictionary, hp, docs, list(range(len(docs))), k=min(k or dictionary.meta.k, len(dictionary)), support_atoms=support_atoms, context=context, max_doc_tokens=max_doc_tokens,
+    sup = document_supports(lm, dictionary, hp, docs, list(range(len(docs))), k=dictionary.encoding_k(k), support_atoms=support_atoms, context=context, max_doc_tokens=max_doc_tokens,
                             device=device, progress=progress)
+    if int(np.asarray(sup.tokens).sum()) == 0:
+        raise ItdaInputError(f"{corpus}: its documents hold no tokens to select from")
     return docs, sup
 
 
