@@ -537,6 +537,14 @@ def test_cli_runs_for_a_user_whose_home_is_not_writable(tmp_path):
         assert r.returncode == 0, r.stderr
         r = run("-m", "itda", "eval", str(root / "d.safetensors"), str(data), "--out", str(root / "r.json"))
         assert r.returncode == 0 and json.loads((root / "r.json").read_text())["fvu"] < 1, r.stderr
+        from tiny_models import saved_model_and_corpus
+
+        model, corpus, _docs = saved_model_and_corpus(root, 20, seed=1)  # transformers' loading, HOME unwritable
+        for p in [model, corpus, *model.iterdir()]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        r = run("-m", "itda", "build", str(model), "--layer", "1", "--corpus", str(corpus), "--tokens", "400",
+                "--out", str(root / "m"), "-q")
+        assert r.returncode == 0 and (root / "m" / "resid_post.1.safetensors").is_file(), r.stderr
         readonly = root / "ro"
         readonly.mkdir(mode=0o555)
         r = run("-m", "itda", "build", str(data), "--out", str(readonly / "d.safetensors"))
