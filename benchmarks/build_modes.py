@@ -21,8 +21,8 @@ from itda.activations.files import ActivationSet, load_activations
 from itda.activations.hookpoints import Hookpoint
 from itda.activations.models import load_model
 from itda.activations.stream import iterate_batches
-from itda.build import build_dictionary
-from itda.evaluate import evaluate
+from itda.builder import build_dictionary
+from itda.evaluation import evaluate
 from itda.synthetic import synthetic_activations
 
 COSINES = (0.7, 0.75, 0.8, 0.85, 0.9)

@@ -17,8 +17,8 @@ from itda.activations.corpus import load_contexts
 from itda.activations.hookpoints import Hookpoint
 from itda.activations.models import load_model
 from itda.activations.stream import iterate_batches
-from itda.build import BuildConfig, DictionaryBuilder
-from itda.evaluate.on_model import evaluate_contexts
+from itda.builder import BuildConfig, DictionaryBuilder
+from itda.evaluation.on_model import evaluate_contexts
 
 STEP = 100_000
 

@@ -19,7 +19,7 @@ import time
 import torch
 
 from common import run_measured, write_result
-from itda.compare.minibatch import MinibatchCKAGrid, exact_grid_bytes
+from itda.comparison.minibatch import MinibatchCKAGrid, exact_grid_bytes
 
 
 def child(layers: int, d: int, m: int, minibatches: int) -> None:

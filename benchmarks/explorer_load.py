@@ -1,6 +1,6 @@
 """How fast the atom explorer's page loads and filters in headless Chromium, by dictionary size.
 
-Pages are written with itda.explore.page from synthetic views whose cards have the shape of real
+Pages are written with itda.explorer.page from synthetic views whose cards have the shape of real
 ones (a 320-character source context, 5 held-out contexts of 25 tokens with coefficients, 5
 co-occurring atoms): the page's cost depends on that shape, not on where the numbers came from.
 Optionally (--page DIR) an existing explorer output is timed too.
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from common import write_result
 
-from itda.explore.page import explorer_data, write_explorer
+from itda.explorer.page import explorer_data, write_explorer
 
 WORDS = ("the of and to in is that for it as with was on be by this are from at or an which not but have model layer "
          "token value function return list string number error file path class method object type name default").split()

@@ -4,7 +4,7 @@ Reads the matrices `layer_matching_suite.py --keep-grids` kept (out/suite_grids/
 .safetensors: every measure's [L_A, L_B] matrix for one model pair) and scores candidate
 combinations without recomputing anything: each combination is a sum of matrices, each
 standardised over its entries (mean 0, std 1); as '<name> +csls' that sum hubness-corrected by
-CSLS with k = 2 (`itda.compare.hubness`), which is the library's itda_fused for the three parts
+CSLS with k = 2 (`itda.comparison.hubness`), which is the library's itda_fused for the three parts
 scaled_cka + scaled_proc + norm. Also, without CSLS, each part standardised per row for the row
 decisions and per column for the column decisions ('[per line]') and each part weighted by how
 decisively it picks a partner ('[peak-weighted]', label-free); and the goal baselines
@@ -29,8 +29,8 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from common import OUT, write_result
-from itda.compare.hubness import csls
-from itda.compare.per_token import FUSED_PARTS, fused_grid
+from itda.comparison.hubness import csls
+from itda.comparison.per_token import FUSED_PARTS, fused_grid
 from layer_matching_suite import BASELINES_GOAL, GRIDS, hits, mcnemar_counts, plot_table
 
 COMBOS = {

@@ -62,7 +62,7 @@ def build_overhead(tokens: int) -> dict:
     from itda.activations.hookpoints import Hookpoint
     from itda.activations.models import load_model
     from itda.activations.stream import iterate_batches
-    from itda.build import BuildConfig, DictionaryBuilder
+    from itda.builder import BuildConfig, DictionaryBuilder
 
     lm = load_model("smollm2-135m", device="cuda")
     hp = Hookpoint("resid_post", 15)

@@ -24,9 +24,9 @@ import torch
 from common import OUT, write_result
 from itda.activations.hookpoints import n_layers
 from itda.activations.models import load_model
-from itda.compare.itda_measures import dictionary_rows
-from itda.compare.per_token import unit_rows
-from itda.compare.streaming import StreamingCKAGrid
+from itda.comparison.itda_measures import dictionary_rows
+from itda.comparison.per_token import unit_rows
+from itda.comparison.streaming import StreamingCKAGrid
 from layer_matching_suite import copy_loss, held_contexts, hits, noisy_copy, samples
 
 

@@ -4,7 +4,7 @@
    d = 128) that differ only in their seed, on the default corpus's train split (cached under
    $ITDA_CACHE/bench; nothing large is committed).
 2. For every pair of models (self-pairs included) computes [L x L] similarity matrices on
-   held-out text with itda.compare.pipeline.compare_models (one pass per pair).
+   held-out text with itda.comparison.pipeline.compare_models (one pass per pair).
 3. Reports argmax layer-matching accuracy per measure, with and without self-pairs, the
    dictionary sizes per layer (why raw Jaccard can fail), and streaming-CKA throughput.
 Usage: python benchmarks/layer_matching.py [--models 3] [--steps 500] [--tokens 20000]
@@ -25,9 +25,9 @@ import torch
 from common import write_result
 from itda.activations.corpus import read_documents, split_documents
 from itda.activations.models import LoadedModel, cache_root
-from itda.compare.layers import pooled_accuracy
-from itda.compare.pipeline import compare_models
-from itda.compare.streaming import StreamingCKAGrid
+from itda.comparison.layers import pooled_accuracy
+from itda.comparison.pipeline import compare_models
+from itda.comparison.streaming import StreamingCKAGrid
 
 MEASURES = ["jaccard", "cka", "cka_debiased", "procrustes", "cka_rbf", "svcca", "pwcca", "relative", "mutual_knn"]
 CONTEXT = 128

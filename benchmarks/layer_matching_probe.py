@@ -1,4 +1,4 @@
-"""Probe: candidate layer measures beyond itda.compare's, on the suite's benchmarks (issue 9 research).
+"""Probe: candidate layer measures beyond itda.comparison's, on the suite's benchmarks (issue 9 research).
 
 Samples are the suite's as it was then (layer_matching_suite.py: same models, noise copies with
 norm gains perturbed too, noisy_copy(norms=True); 3 seeds x 600 steps; held-out tokens, BOS
@@ -39,10 +39,10 @@ from common import OUT, write_result
 from layer_matching_suite import CHECKPOINTS, NOISE_GEMMA3, NOISE_SMOLLM2, baseline_grids, held_contexts, noisy_copy, samples
 from itda.activations.hookpoints import n_layers
 from itda.activations.models import LoadedModel, load_model
-from itda.compare.itda_measures import _mp_cosine, layer_sample, pair_similarities
-from itda.compare.layers import pooled_accuracy
-from itda.compare.measures import similarity_grid
-from itda.compare.streaming import StreamingCKAGrid
+from itda.comparison.itda_measures import _mp_cosine, layer_sample, pair_similarities
+from itda.comparison.layers import pooled_accuracy
+from itda.comparison.measures import similarity_grid
+from itda.comparison.streaming import StreamingCKAGrid
 from itda.pursuit.codes import atom_totals
 
 

@@ -16,7 +16,7 @@ benchmark, so tokens pair by position); BOS dropped; the first `--rows` tokens a
 Baselines see every row: linear / debiased CKA and Procrustes (exact sums), SVCCA (99%) and
 relative representations (300 random anchors). ITDA measures build each layer's dictionary
 (k = 40, min cosine 0.85): itda_recon_cka and itda_loss_profile over every row centred by the
-sample mean, each row encoded leave-one-out (itda.compare.itda_measures); Jaccard and the anchor
+sample mean, each row encoded leave-one-out (itda.comparison.itda_measures); Jaccard and the anchor
 measures over the first half of the rows (the anchor measures measured on the other half):
 itda_recon_cka, itda_loss_profile, itda_scaled_cka, itda_scaled_procrustes, itda_fused (with
 norm_profile, its non-ITDA part) and jaccard (atom sets by token) on every layer; also what
@@ -55,11 +55,11 @@ from itda.activations.corpus import load_contexts, read_documents, split_documen
 from itda.activations.hookpoints import Hookpoint, n_layers
 from itda.activations.models import LoadedModel, load_model
 from itda.activations.stream import iterate_batches
-from itda.compare.itda_measures import ITDA_MEASURES, PER_TOKEN, layer_sample, pair_similarities
-from itda.compare.measures import _relative_pair, _relative_prepare, _svcca_pair, _svcca_prepare, similarity_grid
-from itda.compare.minibatch import MinibatchCKAGrid
-from itda.compare.per_token import FUSED_PARTS_MINIBATCH, fused_grid, scaled_recon, spearman_grid
-from itda.compare.streaming import StreamingCKAGrid
+from itda.comparison.itda_measures import ITDA_MEASURES, PER_TOKEN, layer_sample, pair_similarities
+from itda.comparison.measures import _relative_pair, _relative_prepare, _svcca_pair, _svcca_prepare, similarity_grid
+from itda.comparison.minibatch import MinibatchCKAGrid
+from itda.comparison.per_token import FUSED_PARTS_MINIBATCH, fused_grid, scaled_recon, spearman_grid
+from itda.comparison.streaming import StreamingCKAGrid
 
 BASELINES = ("cka", "cka_debiased", "procrustes", "svcca", "relative")
 BASELINES_GOAL = ("cka", "cka_debiased", "procrustes", "svcca")  # the bar for the default ITDA measure

@@ -5,7 +5,7 @@ layer_matching_suite.py; every second layer of smollm2 / gemma3, all 8 layers of
 this scores, per benchmark row and noise draw, the argmax accuracy without self-pairs of:
   cka, procrustes        the raw activations (the suite's best baselines)
   unit_cka, unit_proc    the same on unit rows: the directions alone, no dictionary
-  itda_recon_cka         the library's measure (centred, leave-one-out; itda.compare.itda_measures)
+  itda_recon_cka         the library's measure (centred, leave-one-out; itda.comparison.itda_measures)
   itda_loss_profile      the same
   norm_profile           Spearman correlation across tokens of the activation norms ||x_t||: the
                          one thing unit rows lose
@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from common import OUT, write_result
-from itda.compare.itda_measures import layer_sample
-from itda.compare.per_token import fused_grid, spearman_grid, unit_rows
+from itda.comparison.itda_measures import layer_sample
+from itda.comparison.per_token import fused_grid, spearman_grid, unit_rows
 from layer_matching_suite import CHECKPOINTS, NOISE_GEMMA3, NOISE_SMOLLM2, SEEDS, STRIDE, cka_grid, hits
 
 MEASURES = ("cka", "procrustes", "unit_cka", "unit_proc", "itda_recon_cka", "itda_loss_profile", "norm_profile", "fused")

@@ -24,7 +24,7 @@ import torch
 
 from common import write_result
 from itda.activations.files import load_activations
-from itda.build import build_dictionary
+from itda.builder import build_dictionary
 
 
 def import_reference_trainer(repo: Path, commit: str | None):

@@ -30,9 +30,9 @@ from itda.activations.files import load_activations, save_activations
 from itda.activations.hookpoints import Hookpoint
 from itda.activations.models import load_model
 from itda.activations.stream import iterate_batches
-from itda.build import build_dictionary
-from itda.evaluate.on_model import evaluate_contexts
-from itda.evaluate.report import evaluate
+from itda.builder import build_dictionary
+from itda.evaluation.on_model import evaluate_contexts
+from itda.evaluation.report import evaluate
 from itda.sae import SaeConfig, SaeMeta, SaeTrainer, TrainConfig, evaluate_sae, new_sae, save_sae, shuffled_batches
 from itda.sae.io import LoadedSae
 

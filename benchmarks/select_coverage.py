@@ -22,9 +22,9 @@ from itda.activations.corpus import default_corpus, split_documents
 from itda.activations.hookpoints import parse_hookpoint
 from itda.activations.models import load_model
 from itda.dictionary import Dictionary
-from itda.select.coverage import coverage_curve, random_order, select_documents
-from itda.select.run import RANDOM_DRAWS, plot_curves
-from itda.select.supports import document_supports
+from itda.selection.coverage import coverage_curve, random_order, select_documents
+from itda.selection.run import RANDOM_DRAWS, plot_curves
+from itda.selection.supports import document_supports
 
 
 def main() -> None:

@@ -2,9 +2,9 @@
 
 __version__ = "0.1.0"
 
-from itda.build import BatchStats, BuildConfig, DictionaryBuilder, build_dictionary  # noqa: E402
+from itda.builder import BatchStats, BuildConfig, DictionaryBuilder, build_dictionary  # noqa: E402
 from itda.dictionary import Dictionary, DictionaryMeta  # noqa: E402
-from itda.evaluate import EvalReport, evaluate  # noqa: E402
+from itda.evaluation import EvalReport, evaluate  # noqa: E402
 from itda.pursuit import SparseCodes, matching_pursuit, orthogonal_matching_pursuit  # noqa: E402
 
 __all__ = [

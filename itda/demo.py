@@ -12,10 +12,10 @@ from itda.activations.corpus import load_contexts
 from itda.activations.hookpoints import Hookpoint, n_layers
 from itda.activations.models import load_model
 from itda.atomic import write_text_atomic
-from itda.build import BuildConfig
+from itda.builder import BuildConfig
 from itda.dictionary import Dictionary
-from itda.build.from_model import build_from_model
-from itda.evaluate.on_model import evaluate_contexts
+from itda.builder.from_model import build_from_model
+from itda.evaluation.on_model import evaluate_contexts
 
 DEMO_MODEL = "smollm2-135m"
 DEMO_K = 40
@@ -58,8 +58,8 @@ def run_demo(out: Path, tokens: int, eval_tokens: int = 8192, model: str = DEMO_
     }
     write_text_atomic(out / "report.json", json.dumps(summary, indent=2))
     _print_report(summary, dictionary, docs)
-    from itda.explore.page import explorer_data, write_explorer
-    from itda.explore.run import view_on_model
+    from itda.explorer.page import explorer_data, write_explorer
+    from itda.explorer.run import view_on_model
 
     view = view_on_model(dictionary, label=hp.file_stem, lm=lm, model=model, tokens=eval_tokens, progress=False)
     page = write_explorer(out / "explorer", explorer_data([view]))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from itda.build import BuildConfig, DictionaryBuilder, build_dictionary
+from itda.builder import BuildConfig, DictionaryBuilder, build_dictionary
 from itda.dictionary import Dictionary
 from itda.errors import ItdaInputError
 from itda.synthetic import synthetic_activations
@@ -146,7 +146,7 @@ def test_checkpoint_with_other_settings_refused(tmp_path):
 CHILD = textwrap.dedent(
     """
     import sys, time
-    from itda.build import build_dictionary
+    from itda.builder import build_dictionary
     from itda.synthetic import synthetic_activations
     out, ck, slow = sys.argv[1], sys.argv[2], float(sys.argv[3])
     data = synthetic_activations(12000, 32, n_features=256, seed=7)

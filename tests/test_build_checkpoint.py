@@ -14,12 +14,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import itda.build.from_model as fm
+import itda.builder.from_model as fm
 from cli_helpers import run_bad
 from itda.activations.corpus import load_contexts
 from itda.activations.hookpoints import Hookpoint
 from itda.activations.models import load_model
-from itda.build import BuildConfig, builder_class
+from itda.builder import BuildConfig, builder_class
 from itda.cli.main import app
 from itda.dictionary import Dictionary
 from itda.tensorfile import read_tensor_file

@@ -3,7 +3,7 @@ import torch.nn.functional as F
 
 from itda.activations.corpus import tokenize_contexts
 from itda.activations.hookpoints import Hookpoint
-from itda.evaluate.ce_score import ce_loss_score
+from itda.evaluation.ce_score import ce_loss_score
 from itda.dictionary import Dictionary, DictionaryMeta
 from tiny_models import sample_docs, tiny_model, word_tokenizer
 

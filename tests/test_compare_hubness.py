@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from itda.compare.hubness import csls
+from itda.comparison.hubness import csls
 from reference_impls import csls_loops
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from itda.compare.itda_measures import ITDA_MEASURES, PER_TOKEN, itda_grids, layer_sample, pair_similarities
+from itda.comparison.itda_measures import ITDA_MEASURES, PER_TOKEN, itda_grids, layer_sample, pair_similarities
 from itda.synthetic import synthetic_activations
 from reference_impls import csls_loops, mp_float64
 

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from itda.compare.jaccard import jaccard, jaccard_union
-from itda.compare.layers import argmax_accuracy, monotone_correspondence, pooled_accuracy
+from itda.comparison.jaccard import jaccard, jaccard_union
+from itda.comparison.layers import argmax_accuracy, monotone_correspondence, pooled_accuracy
 from itda.dictionary import Dictionary, DictionaryMeta
 from itda.errors import ItdaInputError
 

@@ -5,8 +5,8 @@ import pytest
 import scipy.linalg
 import scipy.stats
 
-from itda.compare.measures import compare_activations, compare_stream, linear_cka, mutual_knn, pwcca, rbf_cka, relative_similarity, svcca
-from itda.compare.streaming import StreamingCKA
+from itda.comparison.measures import compare_activations, compare_stream, linear_cka, mutual_knn, pwcca, rbf_cka, relative_similarity, svcca
+from itda.comparison.streaming import StreamingCKA
 from itda.errors import ItdaInputError
 
 

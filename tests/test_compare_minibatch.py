@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from itda.compare.minibatch import MinibatchCKAGrid, exact_grid_bytes
+from itda.comparison.minibatch import MinibatchCKAGrid, exact_grid_bytes
 
 
 def hsic1(k: np.ndarray, l: np.ndarray) -> float:
@@ -79,7 +79,7 @@ def _summed(grid_a, grid_b, call):
 
 
 def test_sums_of_two_ranks_add_up_to_one_pass_over_both():
-    from itda.compare.streaming import StreamingCKAGrid
+    from itda.comparison.streaming import StreamingCKAGrid
 
     g = np.random.default_rng(3)
     xs = torch.tensor(g.standard_normal((2, 128, 6)))

@@ -6,9 +6,9 @@ import torch
 from itda.activations.hookpoints import Hookpoint
 from itda.activations.stream import iterate_batches
 from itda.activations.corpus import tokenize_contexts
-from itda.compare.measures import linear_cka
-from itda.compare.pipeline import compare_models
-from itda.compare.report import write_matrix
+from itda.comparison.measures import linear_cka
+from itda.comparison.pipeline import compare_models
+from itda.comparison.report import write_matrix
 from reference_impls import csls_loops
 from tiny_models import loaded, reversed_word_tokenizer, sample_docs, word_tokenizer
 
@@ -63,8 +63,8 @@ def test_report_files(tmp_path):
 
 
 def test_minibatch_cka_runs_when_the_exact_accumulators_do_not_fit():
-    from itda.compare.itda_measures import ITDA_MEASURES
-    from itda.compare.minibatch import MinibatchCKAGrid
+    from itda.comparison.itda_measures import ITDA_MEASURES
+    from itda.comparison.minibatch import MinibatchCKAGrid
 
     tok = word_tokenizer()
     lm_a, lm_b = loaded("tiny-a", "llama", tok, seed=0), loaded("tiny-b", "llama", tok, seed=1)
@@ -95,8 +95,8 @@ def test_per_token_grids_past_the_budget_are_minibatch_cka_of_the_same_rows():
     ||x_t - mu||), and itda_fused = csls_2(z(itda_scaled_cka) + z(norm profile))."""
     from scipy.stats import spearmanr
 
-    from itda.compare.minibatch import MinibatchCKAGrid
-    from itda.compare.per_token import _LayerIndex, token_parts, unit_rows
+    from itda.comparison.minibatch import MinibatchCKAGrid
+    from itda.comparison.per_token import _LayerIndex, token_parts, unit_rows
 
     tok = word_tokenizer()
     lm_a, lm_b = loaded("tiny-a", "llama", tok, seed=0), loaded("tiny-b", "llama", tok, seed=1)

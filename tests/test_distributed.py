@@ -11,8 +11,8 @@ import torch
 
 from cli_helpers import synthetic_acts_file
 from itda.activations.files import load_activations
-from itda.build import build_dictionary
-from itda.build.distributed import interleaved_batches
+from itda.builder import build_dictionary
+from itda.builder.distributed import interleaved_batches
 from itda.dictionary import Dictionary
 
 pytestmark = pytest.mark.slow
@@ -67,7 +67,7 @@ def test_killed_rank_stops_the_others_and_the_rerun_completes(acts, tmp_path):
     proc.communicate(timeout=120)
     assert proc.returncode != 0 and time.time() - t_kill < 120
     assert not out.exists()
-    from itda.build import DictionaryBuilder
+    from itda.builder import DictionaryBuilder
 
     DictionaryBuilder.load_checkpoint(ck)  # intact
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -97,7 +97,7 @@ def test_compare_over_two_ranks_equals_one_process_over_the_interleaved_chunks(t
     import numpy as np
 
     from itda.activations.models import load_model
-    from itda.compare.pipeline import compare_models
+    from itda.comparison.pipeline import compare_models
     from tiny_models import sample_docs
 
     (ma, mb), docs = _model_dirs(tmp_path), sample_docs(40, seed=4)

@@ -2,7 +2,7 @@ import numpy as np
 import torch
 
 from itda.dictionary import Dictionary, DictionaryMeta
-from itda.evaluate import evaluate
+from itda.evaluation import evaluate
 from itda.pursuit.codes import distinct_used
 from reference_impls import mp_float64, random_unit
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from itda.cli.main import app
 from itda.dictionary import Dictionary
-from itda.explore.usage import AtomUsageAccumulator, co_occurrence
+from itda.explorer.usage import AtomUsageAccumulator, co_occurrence
 from itda.pursuit.codes import SparseCodes
 from tiny_models import sample_docs, saved_model_and_corpus
 
@@ -257,9 +257,9 @@ def test_explorer_on_smollm2_highlights_the_bpe_tokens(smollm2, smollm2_contexts
     """On a real BPE tokenizer (leading spaces, sub-words) the highlighted source span is the
     token the refs name, and held-out contexts highlight the token they were chosen for."""
     from itda.activations.hookpoints import Hookpoint
-    from itda.build import BuildConfig
-    from itda.build.from_model import build_from_model
-    from itda.explore.run import view_on_model
+    from itda.builder import BuildConfig
+    from itda.builder.from_model import build_from_model
+    from itda.explorer.run import view_on_model
 
     docs, ctx = smollm2_contexts
     hp = Hookpoint("resid_post", 6)

@@ -9,8 +9,8 @@ from itda.activations.corpus import load_contexts
 from itda.activations.hookpoints import Hookpoint, StopForward, capture
 from itda.activations.models import load_model
 from itda.activations.stream import FP16_MAX, iterate_batches
-from itda.build import BuildConfig
-from itda.build.from_model import build_from_model
+from itda.builder import BuildConfig
+from itda.builder.from_model import build_from_model
 
 pytestmark = pytest.mark.slow
 

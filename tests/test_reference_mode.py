@@ -10,7 +10,7 @@ append every row over the threshold; renormalise all atoms after each addition.
 import pytest
 import torch
 
-from itda.build import build_dictionary
+from itda.builder import build_dictionary
 from itda.synthetic import synthetic_activations
 
 

@@ -198,8 +198,8 @@ def test_dictionaries_from_one_activation_file_compare(tmp_path, acts):
 def test_extreme_finite_activations_build_the_same_dictionary(tmp_path):
     """Rows near the float32 limit: the same atoms as the unscaled rows (not one zero atom), finite FVU."""
     from itda.activations.files import load_activations
-    from itda.build import build_dictionary
-    from itda.evaluate import evaluate
+    from itda.builder import build_dictionary
+    from itda.evaluation import evaluate
 
     x = load_activations(synthetic_acts_file(tmp_path / "a.safetensors", 2000, 24, n_features=64, seed=5)).acts
     plain = build_dictionary([x[:1000], x[1000:]], k=6, min_cosine=0.9)
@@ -261,7 +261,7 @@ def _model_files(w: Path) -> None:
 
 def _checkpoint_files(w: Path, acts: Path) -> None:
     from itda.activations.files import load_activations
-    from itda.build import build_dictionary
+    from itda.builder import build_dictionary
 
     narrow = load_activations(w / "narrow.npy")
     build_dictionary(narrow.batches(100), k=4, min_cosine=0.85, checkpoint=w / "ck_other.safetensors",

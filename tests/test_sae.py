@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from itda.build import build_dictionary
+from itda.builder import build_dictionary
 from itda.errors import ItdaInputError
 from itda.sae import SaeConfig, SaeMeta, SaeTrainer, TopKSAE, TrainConfig, evaluate_sae, load_sae, new_sae, save_sae, shuffled_batches
 from itda.sae.init import geometric_median, parse_init

@@ -10,8 +10,8 @@ import torch
 from typer.testing import CliRunner
 
 from itda.cli.main import app
-from itda.select.coverage import coverage_curve, greedy_max_coverage, simscale
-from itda.select.supports import document_supports
+from itda.selection.coverage import coverage_curve, greedy_max_coverage, simscale
+from itda.selection.supports import document_supports
 from tiny_models import saved_model_and_corpus
 
 runner = CliRunner()
@@ -163,7 +163,7 @@ def test_select_bad_inputs(setup, tmp_path):
 
 def test_strongest_atoms_by_total_coefficient():
     from itda.pursuit.codes import SparseCodes
-    from itda.select.supports import strongest_atoms
+    from itda.selection.supports import strongest_atoms
 
     idx = torch.tensor([[3, 1, 3, 2, 0], [4, 4, 1, 2, -1]])
     val = torch.tensor([[0.5, -0.9, 0.6, 0.1, 0.0], [1.0, -1.0, 0.2, -0.3, 0.0]])

@@ -29,9 +29,9 @@ def explore(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """A static page (open OUT/index.html from disk) with one card per atom; two dictionaries side by side."""
-    from itda.explore.data import shared_atoms
-    from itda.explore.page import explorer_data, write_explorer
-    from itda.explore.run import view_on_model
+    from itda.explorer.data import shared_atoms
+    from itda.explorer.page import explorer_data, write_explorer
+    from itda.explorer.run import view_on_model
 
     check_device(device)
     if tokens < 1 or contexts < 0:

@@ -121,8 +121,8 @@ def _build_from_file(acts, out, common, batch_size, checkpoint, checkpoint_every
     import torch
 
     from itda.activations.files import load_activations
-    from itda.build import build_dictionary
-    from itda.build.distributed import init_distributed, rank_batches
+    from itda.builder import build_dictionary
+    from itda.builder.distributed import init_distributed, rank_batches
 
     check_output(out, [acts] + ([checkpoint] if checkpoint else []), "dictionary", overwrite)
     exchange = init_distributed(check_device(device))
@@ -166,9 +166,9 @@ def _build_from_model(source, out, common, layers, hook, extra, corpus, field, t
     from itda.activations.hookpoints import parse_hookpoint
     from itda.activations.models import load_model
     from itda.activations.stream import STREAM_DTYPES
-    from itda.build import BuildConfig
-    from itda.build.distributed import init_distributed
-    from itda.build.from_model import build_from_model
+    from itda.builder import BuildConfig
+    from itda.builder.distributed import init_distributed
+    from itda.builder.from_model import build_from_model
 
     if stream_dtype not in STREAM_DTYPES:
         raise ItdaInputError(f"--stream-dtype must be one of {', '.join(STREAM_DTYPES)}")
@@ -233,7 +233,7 @@ def _save_model_build(result, out, one_file, dtype, checkpoint, exchange) -> Non
     """Rank 0 writes the dictionaries, then removes the checkpoint and reports; other ranks leave the group."""
     import torch
 
-    from itda.build.from_model import save_dictionaries
+    from itda.builder.from_model import save_dictionaries
     from itda.dictionary import Dictionary
 
     if exchange is not None:
@@ -354,14 +354,14 @@ def eval_cmd(
     k = checked_k(k, d)
     if acts is not None:
         from itda.activations.files import load_activations
-        from itda.evaluate import evaluate
+        from itda.evaluation import evaluate
 
         data = load_activations(acts)
         if data.d != d.d:
             raise ItdaInputError(f"dimension mismatch: {acts} has d={data.d}, {dictionary} has d={d.d}")
         summary = evaluate(d, (x for x, _ in data.batches(batch_size)), k=k, method=method.value).summary()
     else:
-        from itda.evaluate.on_model import evaluate_on_model
+        from itda.evaluation.on_model import evaluate_on_model
 
         model = model or d.meta.model
         if not model:
@@ -401,7 +401,7 @@ def compare(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Compare models layer by layer, two dictionaries (or folders of them), or two activation files."""
-    from itda.compare.cli_support import compare_command
+    from itda.comparison.cli_support import compare_command
 
     check_device(device)
     if batch_tokens < 1:

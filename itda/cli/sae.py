@@ -235,7 +235,7 @@ def eval_cmd(
             raise ItdaInputError(f"dimension mismatch: {acts} has d={data.d}, {sae_path} has d_in={loaded.sae.cfg.d_in}")
         summary = evaluate_sae(loaded.sae, (x for x, _ in data.batches(8192))).summary()
     else:
-        from itda.evaluate.on_model import evaluate_on_model
+        from itda.evaluation.on_model import evaluate_on_model
 
         model = model or loaded.meta.model
         if not model:

@@ -33,8 +33,8 @@ def select(
 ) -> None:
     """Choose BUDGET documents of CORPUS that cover the most atoms of DICT; report coverage vs random and longest."""
     from itda.atomic import write_text_atomic
-    from itda.select.coverage import BASELINES, STRATEGIES
-    from itda.select.run import choose, corpus_supports, plot_curves
+    from itda.selection.coverage import BASELINES, STRATEGIES
+    from itda.selection.run import choose, corpus_supports, plot_curves
 
     check_device(device)
     if strategy not in STRATEGIES + BASELINES:

@@ -14,7 +14,7 @@ from typing import Iterable
 import torch
 
 from itda.errors import ItdaInputError
-from itda.evaluate.metrics import ReconSums
+from itda.evaluation.metrics import ReconSums
 from itda.sae.model import TopKSAE, activation_units
 
 EVAL_CHUNK_BYTES = 2**30
@@ -44,7 +44,7 @@ def _pow2_rows(x_BD: torch.Tensor) -> torch.Tensor:
 
 
 class SaeEvaluator:
-    """Same interface as itda.evaluate.Evaluator: update(x_BD) per batch, then report()."""
+    """Same interface as itda.evaluation.Evaluator: update(x_BD) per batch, then report()."""
 
     def __init__(self, sae: TopKSAE):
         self.sae = sae

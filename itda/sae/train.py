@@ -144,7 +144,7 @@ class SaeTrainer:
     @torch.no_grad()
     def resample_dead(self, x_BD: Tensor) -> int:
         """ITDA rule: the worst-reconstructed rows (lowest cosine, pairwise dissimilar) replace dead latents."""
-        from itda.build.candidates import greedy_dissimilar
+        from itda.builder.candidates import greedy_dissimilar
 
         dead = torch.nonzero(self.dead_mask()).squeeze(1)
         if len(dead) == 0:

@@ -22,9 +22,9 @@ from itda.dictionary import (
     threshold_to_cosine,
 )
 from itda.errors import ItdaInputError
-from itda.evaluate.metrics import normalised_loss, recon_terms, unit_rows
+from itda.evaluation.metrics import normalised_loss, recon_terms, unit_rows
 from itda.pursuit import GrowingGram, matching_pursuit
-from itda.build.candidates import first_unique_rows, greedy_dissimilar
+from itda.builder.candidates import first_unique_rows, greedy_dissimilar
 
 MODES = ("improved", "reference")
 _CKPT_KEY = "itda_checkpoint"
@@ -95,12 +95,12 @@ def _check_batch(acts: torch.Tensor, refs: torch.Tensor | None, d: int) -> torch
 class DictionaryBuilder:
     """Incremental ITDA builder (improved mode): call update(batch) per batch, then dictionary().
 
-    `--mode reference` is itda.build.reference.ReferenceBuilder (the reference trainer's
+    `--mode reference` is itda.builder.reference.ReferenceBuilder (the reference trainer's
     procedure); `builder_class(mode)` picks the class.
       improved (default): no seeding; candidates are deduplicated exactly and added in rounds
         of round_size, each round re-scored by MP against the dictionary as it stands; within
         a round a candidate is dropped when an atom accepted earlier in the round is within
-        the threshold cosine of it (itda.build.candidates.greedy_dissimilar).
+        the threshold cosine of it (itda.builder.candidates.greedy_dissimilar).
     """
 
     def __init__(
@@ -161,7 +161,7 @@ class DictionaryBuilder:
 
         score_chunk: score rows in chunks of this many, or of these sizes in order (so a batch
         made of W rank batches is scored exactly as the W ranks score theirs). exchange: the distributed hook
-        (itda.build.distributed.Exchange) that gathers every rank's candidates in rank order,
+        (itda.builder.distributed.Exchange) that gathers every rank's candidates in rank order,
         so that all ranks add the same atoms.
         """
         refs = _check_batch(acts, refs, self.d)
@@ -289,7 +289,7 @@ class DictionaryBuilder:
 def builder_class(mode: str) -> type[DictionaryBuilder]:
     """DictionaryBuilder for the improved mode, ReferenceBuilder for the reference mode."""
     if mode == "reference":
-        from itda.build.reference import ReferenceBuilder
+        from itda.builder.reference import ReferenceBuilder
 
         return ReferenceBuilder
     return DictionaryBuilder

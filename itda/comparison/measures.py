@@ -16,8 +16,8 @@ from typing import Any, Callable, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from itda.compare.result import Similarity
-from itda.compare.streaming import StreamingCKA, _as64
+from itda.comparison.result import Similarity
+from itda.comparison.streaming import StreamingCKA, _as64
 from itda.errors import ItdaInputError
 
 
@@ -186,7 +186,7 @@ MEASURES = STREAMED + IN_MEMORY
 
 
 def check_measures(measures: Sequence[str]) -> None:
-    from itda.compare.itda_measures import ITDA_MEASURES
+    from itda.comparison.itda_measures import ITDA_MEASURES
 
     unknown = set(measures) - set(MEASURES) - set(ITDA_MEASURES) - {"jaccard"}
     if unknown:

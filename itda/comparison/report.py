@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from itda.atomic import atomic_path, write_text_atomic
-from itda.compare.layers import argmax_accuracy, monotone_correspondence
+from itda.comparison.layers import argmax_accuracy, monotone_correspondence
 
 
 def matrix_summary(m: np.ndarray) -> dict:

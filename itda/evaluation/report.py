@@ -8,7 +8,7 @@ from typing import Iterable
 import torch
 
 from itda.dictionary import Dictionary
-from itda.evaluate.metrics import ReconSums, normalised_loss, recon_terms
+from itda.evaluation.metrics import ReconSums, normalised_loss, recon_terms
 from itda.pursuit.codes import distinct_used
 
 

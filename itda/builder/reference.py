@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from itda.build.builder import BatchStats, BuildConfig, DictionaryBuilder, _check_batch
+from itda.builder.builder import BatchStats, BuildConfig, DictionaryBuilder, _check_batch
 from itda.dictionary import Dictionary, DictionaryMeta
 from itda.errors import ItdaInputError
 

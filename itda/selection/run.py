@@ -8,10 +8,10 @@ import numpy as np
 
 from itda.activations.corpus import read_documents
 from itda.dictionary import Dictionary
-from itda.evaluate.on_model import model_at_hookpoint
+from itda.evaluation.on_model import model_at_hookpoint
 from itda.errors import ItdaInputError
-from itda.select.coverage import coverage_curve, longest_order, random_order, select_documents
-from itda.select.supports import DocSupports, document_supports
+from itda.selection.coverage import coverage_curve, longest_order, random_order, select_documents
+from itda.selection.supports import DocSupports, document_supports
 
 RANDOM_DRAWS = 5
 
@@ -64,7 +64,7 @@ def choose(sup: DocSupports, n_atoms: int, budget: int, strategy: str = "greedy"
 
 def plot_curves(curves: dict[str, np.ndarray], used: int, path, title: str) -> bool:
     """Coverage curves as a PNG (False when matplotlib is missing)."""
-    from itda.compare.report import has_matplotlib
+    from itda.comparison.report import has_matplotlib
 
     if not has_matplotlib():
         return False

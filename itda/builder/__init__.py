@@ -1,6 +1,6 @@
 """Dictionary building: the greedy builder (builder), its candidate helpers, builds from a model."""
 
-from itda.build.builder import (  # noqa: F401
+from itda.builder.builder import (  # noqa: F401
     MODES,
     Batch,
     BatchStats,

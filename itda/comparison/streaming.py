@@ -18,7 +18,7 @@ import math
 import numpy as np
 import torch
 
-from itda.compare.result import Similarity
+from itda.comparison.result import Similarity
 from itda.errors import ItdaInputError
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import typer
 
 from itda.atomic import write_text_atomic
-from itda.compare.report import has_matplotlib, matrix_summary, write_matrix
+from itda.comparison.report import has_matplotlib, matrix_summary, write_matrix
 from itda.errors import ItdaInputError
 
 
@@ -38,7 +38,7 @@ def _kind(spec: str) -> str:
 
 
 def _measure_list(text: str) -> list[str]:
-    from itda.compare.measures import check_measures
+    from itda.comparison.measures import check_measures
 
     names = [m.strip() for m in text.split(",") if m.strip()]
     if not names:
@@ -83,7 +83,7 @@ def _dispatch(kind: str, a: str, b: str, names: list[str], out: Path | None, **o
 
 
 def _compare_dicts(a: Path, b: Path, out: Path | None) -> None:
-    from itda.compare.jaccard import SIZE_CONTROLS, jaccard
+    from itda.comparison.jaccard import SIZE_CONTROLS, jaccard
     from itda.dictionary import Dictionary
 
     da, db = Dictionary.load(a), Dictionary.load(b)
@@ -111,8 +111,8 @@ def _load_folder(p: Path):
 
 
 def _compare_dict_folders(a: Path, b: Path, out: Path | None) -> None:
-    from itda.compare.jaccard import jaccard_union
-    from itda.compare.pipeline import jaccard_matrices
+    from itda.comparison.jaccard import jaccard_union
+    from itda.comparison.pipeline import jaccard_matrices
 
     da, db = _load_folder(a), _load_folder(b)
     mats = jaccard_matrices(da, db)
@@ -121,18 +121,18 @@ def _compare_dict_folders(a: Path, b: Path, out: Path | None) -> None:
 
 def _compare_acts(a: Path, b: Path, names: list[str], out: Path | None) -> None:
     from itda.activations.files import load_activations
-    from itda.compare.measures import compare_activations
+    from itda.comparison.measures import compare_activations
 
     xa, xb = load_activations(a), load_activations(b)
     if len(xa) != len(xb):
         raise ItdaInputError(f"activation files must hold the same inputs: {len(xa)} vs {len(xb)} rows")
-    from itda.compare.itda_measures import ITDA_MEASURES, itda_grids
+    from itda.comparison.itda_measures import ITDA_MEASURES, itda_grids
 
     wanted = [n for n in names if n != "jaccard"]
     res = compare_activations(xa.acts, xb.acts, [n for n in wanted if n not in ITDA_MEASURES])
     itda_wanted = [n for n in wanted if n in ITDA_MEASURES]
     if itda_wanted:
-        from itda.compare.result import Similarity
+        from itda.comparison.result import Similarity
 
         grids = itda_grids([xa.acts.float()], [xb.acts.float()], itda_wanted)
         res.update({n: Similarity(n, float(g[0, 0]), {}) for n, g in grids.items()})
@@ -148,12 +148,12 @@ def _compare_models(a: str, b: str, names: list[str], *, corpus, field, tokens, 
                     batch_tokens=4096) -> None:
     from itda.activations.corpus import read_documents, split_documents
     from itda.activations.models import load_model
-    from itda.compare.pipeline import compare_models
+    from itda.comparison.pipeline import compare_models
 
     expanded = []
     for n in names:
         expanded.extend(["cka", "cka_debiased"] if n == "cka" else [n])
-    from itda.build.distributed import init_distributed
+    from itda.builder.distributed import init_distributed
     from itda.cli.common import check_device
 
     exchange = init_distributed(check_device(device))

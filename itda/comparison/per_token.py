@@ -21,7 +21,7 @@ token is scored by an atom made from it. Per token and layer this gives the MP l
 - itda_fused: itda_scaled_cka, itda_scaled_procrustes and the norm profile (Spearman correlation
   across tokens of the activation norms ||x_t||), each [L_A, L_B] matrix standardised over its
   entries, summed, and the sum hubness-corrected by CSLS with k = 2 (`fused_grid`,
-  `itda.compare.hubness`): a pair scores by how far it stands above both layers' two best
+  `itda.comparison.hubness`): a pair scores by how far it stands above both layers' two best
   partners. A third of it needs no dictionary.
 `token_parts` is the per-layer step, shared with the in-memory measures (`itda_measures`).
 """
@@ -33,10 +33,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from itda.compare.hubness import CSLS_K, csls
-from itda.compare.jaccard import ref_keys
-from itda.compare.minibatch import MinibatchCKAGrid, exact_grid_bytes
-from itda.compare.streaming import StreamingCKAGrid
+from itda.comparison.hubness import CSLS_K, csls
+from itda.comparison.jaccard import ref_keys
+from itda.comparison.minibatch import MinibatchCKAGrid, exact_grid_bytes
+from itda.comparison.streaming import StreamingCKAGrid
 from itda.dictionary import Dictionary
 from itda.pursuit import decode
 from itda.pursuit.leave_one_out import matching_pursuit_leave_one_out
@@ -86,7 +86,7 @@ SCALED = ("itda_scaled_cka", "itda_scaled_procrustes")
 
 def fused_grid(parts: dict[str, np.ndarray], names=FUSED_PARTS, hubness_k: int = CSLS_K) -> np.ndarray:
     """itda_fused [L_A, L_B]: the `names` matrices (FUSED_PARTS), each standardised over its entries
-    (mean 0, std 1), summed, then hubness-corrected (`itda.compare.hubness.csls`, k = hubness_k; 0:
+    (mean 0, std 1), summed, then hubness-corrected (`itda.comparison.hubness.csls`, k = hubness_k; 0:
     the plain sum). Relative to the layers compared: a pair's value depends on the other pairs."""
     zsum = sum((s - s.mean()) / max(float(s.std()), 1e-12) for s in (np.asarray(parts[m]) for m in names))
     return csls(zsum, hubness_k)
@@ -124,7 +124,7 @@ class PerTokenGrid:
 
     The CKA-type parts (itda_recon_cka, itda_scaled_*) are exact float64 sums while one such grid's
     accumulators fit `memory` bytes (None: always). Past it they run as minibatch CKA (unbiased
-    HSIC over minibatches of `minibatch` tokens, `itda.compare.minibatch`, memory independent of
+    HSIC over minibatches of `minibatch` tokens, `itda.comparison.minibatch`, memory independent of
     the width), itda_scaled_procrustes is not computed (it needs the exact cross-covariances) and
     itda_fused is formed from itda_scaled_cka and the norm profile (`FUSED_PARTS_MINIBATCH`);
     `note` says which.

@@ -1,8 +1,8 @@
 """Comparing layers and models: Jaccard over ITDA atoms and the usual representation measures."""
 
-from itda.compare.jaccard import jaccard, jaccard_union
-from itda.compare.layers import argmax_accuracy, monotone_correspondence, pooled_accuracy
-from itda.compare.measures import (
+from itda.comparison.jaccard import jaccard, jaccard_union
+from itda.comparison.layers import argmax_accuracy, monotone_correspondence, pooled_accuracy
+from itda.comparison.measures import (
     MEASURES,
     compare_activations,
     compare_stream,
@@ -14,8 +14,8 @@ from itda.compare.measures import (
     similarity_grid,
     svcca,
 )
-from itda.compare.result import Similarity
-from itda.compare.streaming import StreamingCKA, StreamingCKAGrid
+from itda.comparison.result import Similarity
+from itda.comparison.streaming import StreamingCKA, StreamingCKAGrid
 
 __all__ = [
     "MEASURES",

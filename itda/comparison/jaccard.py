@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from itda.compare.result import Similarity
+from itda.comparison.result import Similarity
 from itda.dictionary import Dictionary
 from itda.errors import ItdaInputError
 

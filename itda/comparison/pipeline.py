@@ -8,7 +8,7 @@ pairs), a bounded sample of paired rows for the in-memory measures, and one ITDA
 per layer for the Jaccard measures (and, for the per-token ITDA measures: itda_fused,
 itda_scaled_*, itda_loss_profile, itda_recon_cka, one per layer over rows centred by the first
 document chunk's mean). Those take a second pass that encodes every paired token over the
-centred dictionaries (itda.compare.per_token).
+centred dictionaries (itda.comparison.per_token).
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ from itda.activations.corpus import Contexts, tokenize_contexts
 from itda.activations.hookpoints import Hookpoint, n_layers
 from itda.activations.models import LoadedModel, same_tokenizer
 from itda.activations.stream import iterate_batches
-from itda.build import BuildConfig, DictionaryBuilder
-from itda.compare.itda_measures import ITDA_MEASURES, PER_TOKEN, itda_grids
-from itda.compare.jaccard import SIZE_CONTROLS, jaccard, jaccard_union, ref_keys
-from itda.compare.measures import IN_MEMORY, STREAMED, check_measures, similarity_grid
-from itda.compare.minibatch import MinibatchCKAGrid, exact_grid_bytes
-from itda.compare.per_token import CentredDictionaries, PerTokenGrid
-from itda.compare.streaming import StreamingCKAGrid
+from itda.builder import BuildConfig, DictionaryBuilder
+from itda.comparison.itda_measures import ITDA_MEASURES, PER_TOKEN, itda_grids
+from itda.comparison.jaccard import SIZE_CONTROLS, jaccard, jaccard_union, ref_keys
+from itda.comparison.measures import IN_MEMORY, STREAMED, check_measures, similarity_grid
+from itda.comparison.minibatch import MinibatchCKAGrid, exact_grid_bytes
+from itda.comparison.per_token import CentredDictionaries, PerTokenGrid
+from itda.comparison.streaming import StreamingCKAGrid
 from itda.dictionary import Dictionary, DictionaryMeta
 from itda.errors import ItdaInputError
 
@@ -99,9 +99,9 @@ def compare_models(
     accumulators fit `cka_memory` bytes, else as minibatch CKA (unbiased HSIC averaged over
     minibatches of `cka_minibatch` paired tokens, O((L_A + L_B) m^2) memory): `notes` says which.
     The per-token ITDA measures' CKA grids follow the same rule, each grid on its own
-    (`itda.compare.per_token.PerTokenGrid`).
+    (`itda.comparison.per_token.PerTokenGrid`).
 
-    exchange (itda.build.distributed.Exchange, under torchrun): rank r forwards the document chunks
+    exchange (itda.builder.distributed.Exchange, under torchrun): rank r forwards the document chunks
     r, r + W, ...; the CKA sums are added up over ranks, the kept rows gathered in chunk order, the
     Jaccard dictionaries built with the ranks' candidates gathered per step; rank 0 gets the full
     result, the other ranks an empty one. One process with interleave=W gives the same result

@@ -13,7 +13,7 @@ import torch
 
 from itda.dictionary import Dictionary
 from itda.errors import ItdaInputError
-from itda.explore.usage import AtomUsage, co_occurrence, histogram
+from itda.explorer.usage import AtomUsage, co_occurrence, histogram
 
 SOURCE_CHARS = 160  # characters shown on each side of an atom's source token
 
@@ -103,8 +103,8 @@ def shared_atoms(a: Dictionary, b: Dictionary) -> list[list[int]]:
 
 def encode_stream(dictionary: Dictionary, batches, k: int) -> tuple[AtomUsage, np.ndarray]:
     """Encode a stream of ActBatch (itda.activations.stream) by MP: the usage and every token's refs."""
-    from itda.evaluate.metrics import recon_terms
-    from itda.explore.usage import AtomUsageAccumulator
+    from itda.evaluation.metrics import recon_terms
+    from itda.explorer.usage import AtomUsageAccumulator
 
     acc = AtomUsageAccumulator(len(dictionary))
     refs = []

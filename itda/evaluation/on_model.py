@@ -10,10 +10,10 @@ from itda.activations.corpus import Contexts, load_contexts
 from itda.activations.hookpoints import Hookpoint, parse_hookpoint
 from itda.activations.models import LoadedModel, load_model, same_tokenizer
 from itda.activations.stream import iterate_batches
-from itda.evaluate.ce_score import CEScore, ce_loss_score
+from itda.evaluation.ce_score import CEScore, ce_loss_score
 from itda.dictionary import Dictionary
 from itda.errors import ItdaInputError
-from itda.evaluate import EvalReport, Evaluator
+from itda.evaluation import EvalReport, Evaluator
 
 
 @dataclass

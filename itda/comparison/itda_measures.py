@@ -8,7 +8,7 @@ measures use the remaining rows only. The per-token measures (loss profile, reco
 see every row of the sample, as the baselines do: the rows are centred (minus their mean over the
 sample), a second dictionary is built over all centred rows and every centred row is encoded by it
 leave-one-out (a row that is an atom is encoded without its own atom), the definition
-`itda.compare.per_token` streams over a whole corpus. For a pair:
+`itda.comparison.per_token` streams over a whole corpus. For a pair:
 
 - `itda_loss_profile`: Spearman correlation across tokens of each (centred) token's MP loss
   (2 - 2 cos)/d under the layer's own dictionary: do the two layers find the same tokens hard?
@@ -33,8 +33,8 @@ leave-one-out (a row that is an atom is encoded without its own atom), the defin
   over the two Frobenius norms).
 - `itda_fused` (grids only): csls(z(itda_scaled_cka) + z(itda_scaled_procrustes) + z(norm
   profile)), each [L_A, L_B] matrix standardised over its entries, the sum hubness-corrected
-  (CSLS, k = 2: `itda.compare.hubness`); the norm profile is the Spearman correlation across
-  tokens of the activation norms (`itda.compare.per_token.fused_grid`).
+  (CSLS, k = 2: `itda.comparison.hubness`); the norm profile is the Spearman correlation across
+  tokens of the activation norms (`itda.comparison.per_token.fused_grid`).
 All but itda_fused are symmetric and lie in [-1, 1] (mostly [0, 1]); 1 for a layer against
 itself. itda_fused is a score relative to the grid, for ranking layers: above 0 where a pair
 stands above both layers' usual partners.
@@ -47,10 +47,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from itda.build import build_dictionary
-from itda.compare.measures import linear_cka
-from itda.compare.per_token import FUSED_PARTS, fused_grid, scaled_recon, spearman_grid, token_parts, unit_rows
-from itda.evaluate.metrics import recon_terms
+from itda.builder import build_dictionary
+from itda.comparison.measures import linear_cka
+from itda.comparison.per_token import FUSED_PARTS, fused_grid, scaled_recon, spearman_grid, token_parts, unit_rows
+from itda.evaluation.metrics import recon_terms
 from itda.pursuit import matching_pursuit
 from itda.pursuit.codes import atom_totals
 

@@ -24,7 +24,7 @@ from itda.activations.corpus import Contexts
 from itda.activations.hookpoints import Hookpoint
 from itda.activations.models import LoadedModel
 from itda.activations.stream import FP16_MAX, ActBatch, check_contexts_fit, iterate_batches
-from itda.build import BuildConfig, DictionaryBuilder, builder_class
+from itda.builder import BuildConfig, DictionaryBuilder, builder_class
 from itda.dictionary import REF_FIELDS, Dictionary, DictionaryMeta
 from itda.errors import ItdaInputError
 from itda.tensorfile import json_entry, read_tensor_file, write_tensor_file
@@ -230,7 +230,7 @@ def build_from_model(
 
     checkpoint: resumed when it exists (refused when made with another build; `fingerprint`
     adds fields it must match, e.g. the CLI's --tokens), saved every `checkpoint_every` steps
-    and on Ctrl-C, by rank 0. exchange: torchrun's (itda.build.distributed.init_distributed).
+    and on Ctrl-C, by rank 0. exchange: torchrun's (itda.builder.distributed.init_distributed).
     """
     t0 = time.perf_counter()
     check_contexts_fit(lm.model, contexts)  # refused before any work, not at the batch that does not fit
