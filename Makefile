@@ -4,8 +4,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.itda-installed
 INTEROP := $(VENV)/.itda-interop
 BROWSER := $(VENV)/.itda-browser
+LINT := $(VENV)/.itda-lint
 
-.PHONY: demo test test-fast reliability bench bench-sae clean
+.PHONY: demo test test-fast lint format reliability bench bench-sae clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -34,6 +35,20 @@ $(BROWSER): $(STAMP)
 	$(PY) -m pip install -q -e '.[browser]' || echo "playwright could not be installed: the browser tests will be skipped"
 	touch $(BROWSER)
 
+$(LINT): $(STAMP)
+	$(PY) -m pip install -q -e '.[lint]'
+	touch $(LINT)
+
+# ruff (lint + format check) and pyright (basic), configured in pyproject.toml
+lint: $(LINT)
+	$(VENV)/bin/ruff check itda tests benchmarks
+	$(VENV)/bin/ruff format --check itda tests benchmarks
+	$(VENV)/bin/pyright
+
+format: $(LINT)
+	$(VENV)/bin/ruff check --fix itda tests benchmarks
+	$(VENV)/bin/ruff format itda tests benchmarks
+
 test: $(STAMP) $(INTEROP) $(BROWSER)
 	$(PY) -m pytest -q
 
@@ -46,23 +61,23 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 bench: $(STAMP)
-	cd benchmarks && ../$(PY) pursuit.py
-	cd benchmarks && ../$(PY) build_modes.py
-	cd benchmarks && ../$(PY) build_pipeline.py
+	$(PY) benchmarks/perf/pursuit.py
+	$(PY) benchmarks/perf/build_modes.py
+	$(PY) benchmarks/perf/build_pipeline.py
 
 # the slower issue-8/9/11 benchmarks (tens of minutes on 2 cores)
 bench-sae: $(STAMP)
-	cd benchmarks && ../$(PY) sae_init.py --steps 300 --eval-every 20
-	cd benchmarks && ../$(PY) layer_matching_suite.py --full --keep-grids
-	cd benchmarks && ../$(PY) layer_matching_suite.py --benchmarks gemma3 smollm2 --draws 3 --keep-grids --name layer_matching_suite_draws
-	cd benchmarks && ../$(PY) layer_matching_suite.py --benchmarks smollm2 --levels 0.2 0.3 0.4 --first-draw 3 --keep-grids --no-self --name layer_matching_suite_fresh
-	cd benchmarks && ../$(PY) layer_matching_suite.py --benchmarks gemma3 --first-draw 3 --keep-grids --no-self --name layer_matching_suite_fresh
-	cd benchmarks && ../$(PY) layer_matching_suite.py --benchmarks gemma3 smollm2 --first-draw 4 --keep-grids --name layer_matching_suite_heldout_self
-	cd benchmarks && ../$(PY) layer_matching_suite.py --benchmarks seeds checkpoints --seeds 7 --first-seed 4 --keep-grids --name layer_matching_suite_seeds_heldout
-	cd benchmarks && ../$(PY) fusion_probe.py
-	cd benchmarks && ../$(PY) norm_profile_probe.py
-	cd benchmarks && ../$(PY) jaccard_scale.py && ../$(PY) jaccard_scale.py --model seeds --tokens 131072 --k 7 --min-cosine 0.95
-	cd benchmarks && ../$(PY) compare_memory.py
+	$(PY) benchmarks/quality/sae_init.py --steps 300 --eval-every 20
+	$(PY) benchmarks/quality/layer_matching_suite.py --full --keep-grids
+	$(PY) benchmarks/quality/layer_matching_suite.py --benchmarks gemma3 smollm2 --draws 3 --keep-grids --name layer_matching_suite_draws
+	$(PY) benchmarks/quality/layer_matching_suite.py --benchmarks smollm2 --levels 0.2 0.3 0.4 --first-draw 3 --keep-grids --no-self --name layer_matching_suite_fresh
+	$(PY) benchmarks/quality/layer_matching_suite.py --benchmarks gemma3 --first-draw 3 --keep-grids --no-self --name layer_matching_suite_fresh
+	$(PY) benchmarks/quality/layer_matching_suite.py --benchmarks gemma3 smollm2 --first-draw 4 --keep-grids --name layer_matching_suite_heldout_self
+	$(PY) benchmarks/quality/layer_matching_suite.py --benchmarks seeds checkpoints --seeds 7 --first-seed 4 --keep-grids --name layer_matching_suite_seeds_heldout
+	$(PY) benchmarks/research/fusion_probe.py
+	$(PY) benchmarks/research/norm_profile_probe.py
+	$(PY) benchmarks/quality/jaccard_scale.py && $(PY) benchmarks/quality/jaccard_scale.py --model seeds --tokens 131072 --k 7 --min-cosine 0.95
+	$(PY) benchmarks/perf/compare_memory.py
 
 clean:
 	rm -rf $(VENV) out

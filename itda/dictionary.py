@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from itda import __version__
+from itda.version import __version__
 from itda.errors import ItdaInputError
 from itda.pursuit import SparseCodes, compute_gram, decode, matching_pursuit, orthogonal_matching_pursuit
+from itda.pursuit.api import Backend
 from itda.pursuit.gram import gram_fits
 from itda.tensorfile import read_tensor_file, write_tensor_file
 
@@ -159,7 +160,7 @@ class Dictionary:
             raise ItdaInputError(f"k must be between 1 and the dictionary's {len(self)} atoms, got {k}")
         return k
 
-    def encode(self, x: torch.Tensor, k: int | None = None, *, method: str = "mp", backend: str = "auto") -> SparseCodes:
+    def encode(self, x: torch.Tensor, k: int | None = None, *, method: str = "mp", backend: Backend = "auto") -> SparseCodes:
         """Sparse codes of x [B, d] with k atoms (default: the k the dictionary was built with)."""
         k = self.meta.k if k is None else k
         x = x.to(self.atoms.device)

@@ -96,7 +96,7 @@ def co_occurrence(usage: AtomUsage, top: int = 5, block: int = 1024) -> tuple[np
     """Each atom's `top` partners by Jaccard index of their token sets, [N, top] (partner -1 and
     score 0 where fewer partners exist). Computed block by block of atoms: memory O(block N)."""
     s_TN = usage.support_matrix().tocsc()
-    n = s_TN.shape[1]
+    n = int(s_TN.shape[1])  # type: ignore[index]  # scipy's stubs: shape may be None
     partners = np.full((n, top), -1, dtype=np.int64)
     scores = np.zeros((n, top), dtype=np.float64)
     s_NT = s_TN.T.tocsr()

@@ -36,6 +36,7 @@ def mp_chunk_torch(
         if gram_NN is not None:
             corr_BN.addcmul_(gram_NN.index_select(0, j_B), alpha_B[:, None], value=-1.0)
             continue
+        assert resid_BD is not None  # the Gram-free path keeps the residual
         resid_BD.addcmul_(atoms_ND.index_select(0, j_B), alpha_B[:, None], value=-1.0)
         uniq_U, inverse_B = torch.unique(j_B, return_inverse=True)
         if 2 * uniq_U.shape[0] < b:

@@ -226,6 +226,7 @@ def initialise(
     if spec.name == "transfer":
         from itda.sae.io import load_sae_or_none
 
+        assert spec.path is not None  # parse_init requires one for transfer and itda
         other = load_sae_or_none(spec.path)
         if other is not None:
             return _copy_sae(sae, other.sae, info)
@@ -237,6 +238,7 @@ def initialise(
     if spec.name in ("itda", "transfer"):
         from itda.dictionary import Dictionary
 
+        assert spec.path is not None
         atoms = Dictionary.load(spec.path).atoms
         rows = atom_rows(atoms, cfg.n_latents, sample, gen, bias, fill=fill, crop=crop)
         info.update(atoms=int(atoms.shape[0]), fill=fill if cfg.n_latents > atoms.shape[0] else None)

@@ -16,12 +16,18 @@ Baselines: `random` (seeded) and `longest` (most tokens).
 from __future__ import annotations
 
 import heapq
+from typing import cast
 
 import numpy as np
 import scipy.sparse as sp
 
 STRATEGIES = ("greedy", "simscale", "complexity")
 BASELINES = ("random", "longest")
+
+
+def _dims(s) -> tuple[int, int]:
+    """(rows, columns) of a sparse matrix (scipy's stubs type `.shape` as possibly None)."""
+    return cast(tuple[int, int], s.shape)
 
 
 def _binary(sets: sp.spmatrix) -> sp.csr_matrix:
@@ -35,7 +41,7 @@ def _binary(sets: sp.spmatrix) -> sp.csr_matrix:
 def greedy_max_coverage(sets: sp.spmatrix, budget: int) -> tuple[np.ndarray, np.ndarray]:
     """(chosen documents in order, atoms each newly covered)."""
     s = _binary(sets)
-    covered = np.zeros(s.shape[1], dtype=bool)
+    covered = np.zeros(_dims(s)[1], dtype=bool)
     heap = [(-int(n), d) for d, n in enumerate(np.diff(s.indptr))]
     heapq.heapify(heap)
     chosen, gains = [], []
@@ -62,13 +68,13 @@ def simscale(sets: sp.spmatrix, budget: int, tau0: float = 0.3, step: float = 0.
     inverted index atom -> accepted documents, so a candidate costs its overlaps, not the budget."""
     s = _binary(sets)
     sizes = np.diff(s.indptr)
-    order = complexity_order(s, s.shape[0])
+    order = complexity_order(s, _dims(s)[0])
     order = order[sizes[order] > 0]
     budget = min(budget, len(order))
-    holders: list[list[int]] = [[] for _ in range(s.shape[1])]  # atom -> positions in `chosen`
+    holders: list[list[int]] = [[] for _ in range(_dims(s)[1])]  # atom -> positions in `chosen`
     chosen: list[int] = []
     taus: list[float] = []
-    taken = np.zeros(s.shape[0], dtype=bool)
+    taken = np.zeros(_dims(s)[0], dtype=bool)
     tau = tau0
     while len(chosen) < budget:
         for d in order:
@@ -103,7 +109,7 @@ def longest_order(doc_tokens: np.ndarray, budget: int) -> np.ndarray:
 def coverage_curve(sets: sp.spmatrix, order: np.ndarray) -> np.ndarray:
     """Atoms covered after each document of `order` (cumulative union)."""
     s = _binary(sets)
-    covered = np.zeros(s.shape[1], dtype=bool)
+    covered = np.zeros(_dims(s)[1], dtype=bool)
     out = np.zeros(len(order), dtype=np.int64)
     total = 0
     for i, d in enumerate(order):
@@ -124,7 +130,7 @@ def select_documents(sets: sp.spmatrix, budget: int, strategy: str = "greedy", *
     if strategy == "complexity":
         return complexity_order(sets, budget)
     if strategy == "random":
-        return random_order(sets.shape[0], budget, seed)
+        return random_order(_dims(sets)[0], budget, seed)
     if strategy == "longest":
         if doc_tokens is None:
             raise ValueError("longest needs doc_tokens")

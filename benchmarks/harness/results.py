@@ -1,4 +1,6 @@
-"""Shared helpers for the benchmark scripts: timing, machine description, result files."""
+"""Timing, the machine description and result files, for every benchmark script.
+
+Results land in benchmarks/out/ (OUT), wherever a script is run from."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-OUT = Path(__file__).parent / "out"
+OUT = Path(__file__).resolve().parents[1] / "out"  # benchmarks/out
 
 
 def best_of(fn, repeats: int = 2) -> float:

@@ -9,25 +9,29 @@ n tokens is the set of atoms whose source row is < n, and one build gives Jaccar
 token) at every n. Linear CKA and Procrustes (exact streaming sums) at the same n, on the same
 rows. Argmax accuracy without self-pairs, both directions.
 Writes out/jaccard_scale.json (one entry per model, level, tokens).
-Usage: python jaccard_scale.py [--model smollm2-135m] [--tokens 32768] [--level 0.2]
+Usage: python benchmarks/quality/jaccard_scale.py [--model smollm2-135m] [--tokens 32768] [--level 0.2]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from common import OUT, write_result
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for the harness package
+from harness.results import OUT, write_result
+from harness.suite import SEED_LAYERS, SEEDS, copy_loss, held_contexts, hits, noisy_copy, samples
+
 from itda.activations.hookpoints import n_layers
 from itda.activations.models import load_model
 from itda.comparison.itda_measures import dictionary_rows
 from itda.comparison.per_token import unit_rows
 from itda.comparison.streaming import StreamingCKAGrid
-from layer_matching_suite import copy_loss, held_contexts, hits, noisy_copy, samples
 
 
 def atom_rows(x_ND: torch.Tensor, min_cosine: float, k: int = 40) -> torch.Tensor:
@@ -42,12 +46,11 @@ def jaccard_at(rows_a: list[torch.Tensor], rows_b: list[torch.Tensor], n: int) -
 
 def seed_models(tokens: int):
     """The suite's four small GPT-2 seeds (trained and cached by it): every layer, all six pairs."""
+    from harness.seed_models import model_dir, train_tokenizer
     from transformers import GPT2LMHeadModel
 
     from itda.activations.corpus import read_documents, split_documents
     from itda.activations.models import LoadedModel
-    from layer_matching import model_dir, train_tokenizer
-    from layer_matching_suite import SEED_LAYERS, SEEDS
 
     docs = read_documents("default")
     tok = train_tokenizer([docs[i] for i in split_documents(docs, "train")])
@@ -55,7 +58,7 @@ def seed_models(tokens: int):
     for s in range(SEEDS):
         path = model_dir(s, 1000, SEED_LAYERS, 128)
         if not (path / "config.json").exists():
-            raise SystemExit(f"{path} missing: run layer_matching_suite.py --benchmarks seeds first (it trains the seeds)")
+            raise SystemExit(f"{path} missing: run quality/layer_matching_suite.py --benchmarks seeds first (it trains the seeds)")
         lm = LoadedModel(f"seed{s}", GPT2LMHeadModel.from_pretrained(path).eval(), tok, path)
         ctx = ctx if ctx is not None else held_contexts(lm, tokens)
         acts[lm.name], losses[lm.name] = samples(lm, list(range(SEED_LAYERS)), ctx, tokens), copy_loss(lm, ctx)

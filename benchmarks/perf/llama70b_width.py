@@ -6,7 +6,7 @@ the real one (~5 GB per shard), then runs `itda build DIR --layer L --layerwise 
 --model-dtype bfloat16` on it in a subprocess and reports: peak anonymous memory (RssAnon),
 VmHWM, bytes read per forward pass, tokens/s, and the per-block read and compute times that
 the projection in RESULTS.md uses. Writes out/llama70b_width.json.
-Usage: python benchmarks/llama70b_width.py [--blocks 4] [--layer 2] [--tokens 1024] [--max-memory 6GB]
+Usage: python benchmarks/perf/llama70b_width.py [--blocks 4] [--layer 2] [--tokens 1024] [--max-memory 6GB]
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from pathlib import Path
 
 import torch
 
-from common import run_measured, write_result
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for the harness package
+from harness.results import OUT, run_measured, write_result
+
 from itda.activations.models import cache_root
 
 SHAPES = dict(hidden_size=8192, num_attention_heads=64, num_key_value_heads=8, intermediate_size=28_672,
@@ -89,7 +91,7 @@ def main() -> None:
     block_bytes = 0
     with safe_open(str(next(iter(sorted(folder.glob("model-00001.safetensors"))))), framework="pt") as fh:
         block_bytes = sum(math.prod(fh.get_slice(k).get_shape()) * 2 for k in fh.keys())
-    out = Path(__file__).parent / "out" / "llama70b_width"
+    out = OUT / "llama70b_width"
     cmd = [sys.executable, "-m", "itda", "build", str(folder), "--layer", str(args.layer), "--layerwise",
            "--max-memory", args.max_memory, "--model-dtype", "bfloat16", "--tokens", str(args.tokens),
            "--batch-tokens", str(args.batch_tokens), "--k", "40", "--out", str(out), "-q"]

@@ -5,7 +5,7 @@ ones (a 320-character source context, 5 held-out contexts of 25 tokens with coef
 co-occurring atoms): the page's cost depends on that shape, not on where the numbers came from.
 Optionally (--page DIR) an existing explorer output is timed too.
 
-    python explorer_load.py [--atoms 1000 10000 50000] [--page out/explorer_smollm2]
+    python benchmarks/perf/explorer_load.py [--atoms 1000 10000 50000] [--page out/explorer_smollm2]
 
 Load = from navigation start until the first page of cards is on screen (body[data-ready]);
 search = typing a word until the filtered cards are shown. Needs playwright and Chromium.
@@ -16,11 +16,13 @@ from __future__ import annotations
 import argparse
 import random
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import write_result
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for the harness package
+from harness.results import write_result
 
 from itda.explorer.page import explorer_data, write_explorer
 

@@ -7,7 +7,7 @@
 3. Layer-wise streaming with prefetch on CUDA: a synthetic 24-block Llama (d = 2048) in bf16,
    in-memory forward vs `--layerwise` (pinned double buffers, copy stream) tokens/s and peak
    GPU memory.
-Writes out/gpu.json. Usage: python benchmarks/gpu.py [--quick]
+Writes out/gpu.json. Usage: python benchmarks/perf/gpu.py [--quick]
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ import argparse
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from common import write_result
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for the harness package
+from harness.results import write_result
 
 
 def sync() -> None:

@@ -1,7 +1,8 @@
 """Atom coverage of data selection on the default corpus: greedy max-coverage and its variants
 against random and longest-first choices, as coverage curves (PNG) and a table.
 
-    python select_coverage.py [--build-tokens 50000] [--layer 15] [--budget 300] [--max-doc-tokens 256]
+    python benchmarks/quality/select_coverage.py [--build-tokens 50000] [--layer 15] [--budget 300]
+        [--max-doc-tokens 256]
 
 A smollm2-135m dictionary is built on the train split of the default corpus (once, cached in
 out/); the candidates are the held-out documents (each read up to --max-doc-tokens tokens);
@@ -14,9 +15,12 @@ import argparse
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
-from common import OUT, write_result
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for the harness package
+from harness.results import OUT, write_result
 
 from itda.activations.corpus import default_corpus, split_documents
 from itda.activations.hookpoints import parse_hookpoint

@@ -11,18 +11,22 @@ case for caches, every Gram row is touched):
 The Gram budget is raised to 18 GiB (ITDA_GRAM_BUDGET) so that N = 65536 (16 GiB) uses the
 Gram path on this 24 GiB machine; itda's default budget (a quarter of free memory) would pick
 the lazy path there. Slow methods are timed on their first few steps and extrapolated linearly to k = 40
-(setup + k x per-step), marked 'extrapolated'. Usage: python benchmarks/pursuit.py [--quick]
+(setup + k x per-step), marked 'extrapolated'. Usage: python benchmarks/perf/pursuit.py [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from common import best_of, write_result
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for the harness package
+from harness.results import best_of, write_result
+
 from itda.pursuit import compute_gram, matching_pursuit, orthogonal_matching_pursuit
 from itda.pursuit.gram import gram_fits
 

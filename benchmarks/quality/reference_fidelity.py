@@ -6,7 +6,7 @@ needed for `ITDATrainer.update` (wandb, socketio, transformer_lens) are stubbed 
 Both get the same float32 activations in the same order, as batches of B sequences x S
 tokens (the reference's [B, S, D] input); atoms are compared by source row
 (reference: global sequence * S + token position). Writes out/reference_fidelity.json.
-Usage: python benchmarks/reference_fidelity.py --reference-repo PATH [--acts FILE] [--tokens 32768]
+Usage: python benchmarks/quality/reference_fidelity.py --reference-repo PATH [--acts FILE] [--tokens 32768]
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 
-from common import write_result
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for the harness package
+from harness.results import OUT, write_result
+
 from itda.activations.files import load_activations
 from itda.builder import build_dictionary
 
@@ -51,7 +53,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reference-repo", type=Path, required=True, help="checkout (or bare git dir) of the reference code")
     ap.add_argument("--commit", default=None, help="reference commit to run (default: the checkout's HEAD)")
-    ap.add_argument("--acts", type=Path, default=Path(__file__).parent / "out" / "sae_acts" / "smollm2_L15_train_131072.safetensors")
+    ap.add_argument("--acts", type=Path, default=OUT / "sae_acts" / "smollm2_L15_train_131072.safetensors")
     ap.add_argument("--tokens", type=int, default=32_768)
     ap.add_argument("--seqs", type=int, default=16, help="sequences per batch (B)")
     ap.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (S)")

@@ -8,7 +8,7 @@ for the same token batch in float32.
   layerwise     itda LayerwiseModel, --pass-tokens tokens per pass
   offload_disk  transformers + accelerate device_map with every block on "disk"
 The I/O floor is the bytes itda read divided by the read bandwidth measured on the shards.
-Usage: python benchmarks/layerwise.py [--tokens 16384] [--pass-tokens 8192]
+Usage: python benchmarks/perf/layerwise.py [--tokens 16384] [--pass-tokens 8192]
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-from common import write_result
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for the harness package
+from harness.results import write_result
+
 from itda.activations.models import cache_root
 
 CHILD = r"""

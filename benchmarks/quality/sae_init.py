@@ -13,18 +13,21 @@ build for `itda`, the k-means for `centroid-subtracted`; the source SAE of `tran
 trained once on the previous layer and, as in layer-wise transfer, not counted), and the
 final FVU. Also: ITDA alone (MP, k = 32) vs the trained SAEs on the same held-out tokens:
 FVU, CE-loss score, wall time. Writes out/sae_init.json and out/sae_init_L*.png.
-Usage: python benchmarks/sae_init.py [--layers 8 15] [--seeds 3] [--steps 400] [--tokens 131072]
+Usage: python benchmarks/quality/sae_init.py [--layers 8 15] [--seeds 3] [--steps 400] [--tokens 131072]
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from common import OUT, write_result
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for the harness package
+from harness.results import OUT, write_result
+
 from itda.activations.corpus import load_contexts
 from itda.activations.files import load_activations, save_activations
 from itda.activations.hookpoints import Hookpoint

@@ -4,17 +4,20 @@ Builds both modes over a sweep of thresholds on the same stream, evaluates FVU o
 activations, and reads off each mode's size at the other's FVU by log-linear interpolation.
 Default data: the synthetic set of the demo (d=256). --model NAME --layer L streams real
 activations (default corpus, train split) instead; --acts FILE reads an activation file.
-Usage: python benchmarks/build_modes.py [--model smollm2-135m --layer 15 | --acts FILE] [--tokens 100000]
+Usage: python benchmarks/perf/build_modes.py [--model smollm2-135m --layer 15 | --acts FILE] [--tokens 100000]
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import numpy as np
-
-from common import write_result
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for the harness package
+from harness.results import write_result
 
 from itda.activations.corpus import load_contexts
 from itda.activations.files import ActivationSet, load_activations

@@ -1,6 +1,6 @@
 """Probe: candidate layer measures beyond itda.comparison's, on the suite's benchmarks (issue 9 research).
 
-Samples are the suite's as it was then (layer_matching_suite.py: same models, noise copies with
+Samples are the suite's as it was then (quality/layer_matching_suite.py: same models, noise copies with
 norm gains perturbed too, noisy_copy(norms=True); 3 seeds x 600 steps; held-out tokens, BOS
 dropped; itda_loss_profile was not yet cross-fitted), cached in out/probe_samples_*.pt. Each layer's ITDA dictionary is built on the
 first half of the rows (k = 40, min cosine 0.85) and every measure below is taken on the other
@@ -19,7 +19,8 @@ half (n rows). For tokens' unit vectors U (n x d), their MP codes C over the lay
                   with the union of both layers' ITDA atoms as anchors
   rel_rand_mean   the same with 300 random anchors from the first half (the anchors' effect alone)
 plus the suite's baselines and ITDA measures on the same rows. Pooled argmax accuracy without
-self-pairs. Usage: python layer_matching_probe.py [--rows 4096] [--benchmarks seeds checkpoints smollm2 gemma3]
+self-pairs.
+Usage: python benchmarks/research/layer_matching_probe.py [--rows 4096] [--benchmarks seeds checkpoints smollm2 gemma3]
 
 --all-layers: every layer of smollm2 (30) and gemma3 (18) at --levels, with the measures that stay
 cheap at 30 x 30 pairs (CKA, Procrustes, relative, itda_relative, rel_itda_mean, and k_cos_cka /
@@ -30,13 +31,17 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from common import OUT, write_result
-from layer_matching_suite import CHECKPOINTS, NOISE_GEMMA3, NOISE_SMOLLM2, baseline_grids, held_contexts, noisy_copy, samples
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for the harness package
+from harness.results import OUT, write_result
+from harness.suite import CHECKPOINTS, NOISE_GEMMA3, NOISE_SMOLLM2, baseline_grids, held_contexts, noisy_copy, samples
+
 from itda.activations.hookpoints import n_layers
 from itda.activations.models import LoadedModel, load_model
 from itda.comparison.itda_measures import _mp_cosine, layer_sample, pair_similarities
@@ -181,10 +186,10 @@ def cached(name: str, make):
 
 
 def seed_samples(rows: int) -> dict:
+    from harness.seed_models import model_dir, train_model, train_tokenizer
     from transformers import GPT2LMHeadModel
 
     from itda.activations.corpus import read_documents, split_documents
-    from layer_matching import model_dir, train_model, train_tokenizer
 
     docs = read_documents("default")
     train_docs = [docs[i] for i in split_documents(docs, "train")]

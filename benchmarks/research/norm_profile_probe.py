@@ -1,7 +1,7 @@
 """Probe: what unit-normalisation throws away, and whether putting it back makes ITDA win (issue 9 research).
 
 ITDA works on unit directions. On the suite's cached samples (out/suite_samples_*.pt, written by
-layer_matching_suite.py; every second layer of smollm2 / gemma3, all 8 layers of the GPT-2 seeds)
+quality/layer_matching_suite.py; every second layer of smollm2 / gemma3, all 8 layers of the GPT-2 seeds)
 this scores, per benchmark row and noise draw, the argmax accuracy without self-pairs of:
   cka, procrustes        the raw activations (the suite's best baselines)
   unit_cka, unit_proc    the same on unit rows: the directions alone, no dictionary
@@ -14,7 +14,7 @@ this scores, per benchmark row and noise draw, the argmax accuracy without self-
                          after fusion_probe.py): chosen after looking at draw 0, so draws 1 and 2
                          are its held-out test
 Writes out/norm_profile_probe.json (merged: rows of benchmarks not run are kept).
-Usage: python norm_profile_probe.py [--draws 3] [--benchmarks seeds checkpoints smollm2 gemma3]
+Usage: python benchmarks/research/norm_profile_probe.py [--draws 3] [--benchmarks seeds checkpoints smollm2 gemma3]
 """
 
 from __future__ import annotations
@@ -22,14 +22,18 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from common import OUT, write_result
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for the harness package
+from harness.results import OUT, write_result
+from harness.suite import CHECKPOINTS, NOISE_GEMMA3, NOISE_SMOLLM2, SEEDS, STRIDE, cka_grid, hits
+
 from itda.comparison.itda_measures import layer_sample
 from itda.comparison.per_token import fused_grid, spearman_grid, unit_rows
-from layer_matching_suite import CHECKPOINTS, NOISE_GEMMA3, NOISE_SMOLLM2, SEEDS, STRIDE, cka_grid, hits
 
 MEASURES = ("cka", "procrustes", "unit_cka", "unit_proc", "itda_recon_cka", "itda_loss_profile", "norm_profile", "fused")
 

@@ -3,16 +3,19 @@
 Same settings for both runs: layer 15 resid_post, k = 40, min cosine 0.85 (the CLI default),
 contexts of 128 tokens from the default corpus, 4096 tokens per forward pass, fp16 stream.
 Quality snapshots every 100k tokens: dictionary size, FVU and CE-loss score on held-out text.
-Usage: python benchmarks/build_pipeline.py [--tokens 210000] [--compare-tokens 100000]
+Usage: python benchmarks/perf/build_pipeline.py [--tokens 210000] [--compare-tokens 100000]
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for the harness package
+from harness.results import write_result
 
-from common import write_result
 from itda.activations.corpus import load_contexts
 from itda.activations.hookpoints import Hookpoint
 from itda.activations.models import load_model

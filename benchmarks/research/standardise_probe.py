@@ -1,6 +1,6 @@
 """Probe: centring or per-dimension standardisation before every measure (issue 9 research).
 
-On the suite's cached samples (out/suite_samples_*.pt, written by layer_matching_suite.py),
+On the suite's cached samples (out/suite_samples_*.pt, written by quality/layer_matching_suite.py),
 every second layer: each dimension centred (and, standardised, scaled by its std) over the
 dictionary half, then
 the suite's measures (layer_matching_suite.grids: ITDA measures and baselines alike) on the
@@ -9,18 +9,21 @@ centred vs standardised (CKA and Procrustes centre anyway: centring changes only
 Since the per-token measures (itda_recon_cka, itda_loss_profile) centre by themselves, their plain
 and centred columns coincide; the RESULTS.md tables of this probe were measured before, at
 commit c866b8f.
-Usage: python standardise_probe.py [--rows 4096] [--models smollm2 gemma3]
+Usage: python benchmarks/research/standardise_probe.py [--rows 4096] [--models smollm2 gemma3]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import torch
 
-from common import OUT, write_result
-from layer_matching_suite import NOISE_GEMMA3, NOISE_SMOLLM2, STRIDE, Prepared, grids, hits
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for the harness package
+from harness.results import OUT, write_result
+from harness.suite import NOISE_GEMMA3, NOISE_SMOLLM2, STRIDE, Prepared, grids, hits
 
 MEASURES = ("itda_recon_cka", "itda_loss_profile", "jaccard", "cka", "procrustes")
 

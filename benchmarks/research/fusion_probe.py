@@ -1,6 +1,6 @@
 """Probe: which ITDA-based parts, alone or combined, match layers best on every row (issue 9).
 
-Reads the matrices `layer_matching_suite.py --keep-grids` kept (out/suite_grids/<row> <a> <b>
+Reads the matrices `quality/layer_matching_suite.py --keep-grids` kept (out/suite_grids/<row> <a> <b>
 .safetensors: every measure's [L_A, L_B] matrix for one model pair) and scores candidate
 combinations without recomputing anything: each combination is a sum of matrices, each
 standardised over its entries (mean 0, std 1); as '<name> +csls' that sum hubness-corrected by
@@ -15,23 +15,28 @@ library's combination with CSLS's k = 1, 3, 4 instead of 2. Parts:
   itda_loss_profile, norm_profile         Spearman across tokens of MP losses / activation norms
   jaccard                                 Jaccard of the two layers' atom sets (by token)
 Accuracy without self-pairs per row over draws 0-2 (and the seeds / checkpoints), over draws 1-2
-alone, over the fresh draws 3 (`layer_matching_suite.py --first-draw 3`, taken after the z-sum
+alone, over the fresh draws 3 (`quality/layer_matching_suite.py --first-draw 3`, taken after the z-sum
 was chosen, before CSLS was), and over the held-out draws >= 4 and seeds >= 4, taken after
 CSLS was chosen (`--first-draw 4`, `--seeds 7 --first-seed 4`): its held-out test. Prints
 RESULTS.md's tables (markdown; the held-out one with and without self-pairs from the suite's
 result files HELD_OUT_RUNS) and writes out/fusion_probe.json and out/fusion_probe_<subset>.png.
-Usage: python fusion_probe.py
+Usage: python benchmarks/research/fusion_probe.py
 """
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 from safetensors.numpy import load_file
 
-from common import OUT, write_result
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for the harness package
+from harness.results import OUT, write_result
+from harness.suite import BASELINES_GOAL, GRIDS, hits, mcnemar_counts, plot_table
+
 from itda.comparison.hubness import csls
 from itda.comparison.per_token import FUSED_PARTS, fused_grid
-from layer_matching_suite import BASELINES_GOAL, GRIDS, hits, mcnemar_counts, plot_table
 
 COMBOS = {
     "loss+recon_cka+norm (first itda_fused)": ("itda_recon_cka", "itda_loss_profile", "norm_profile"),

@@ -7,7 +7,7 @@
 2. smollm2-135m against itself, all 30 x 30 layer pairs, `itda compare ... --measures cka
    --tokens 16000` in a child process (minibatch CKA: the exact accumulators exceed the
    default --cka-memory of 1 GiB); peak RssAnon and VmHWM.
-Writes out/compare_memory.json. Usage: python benchmarks/compare_memory.py [--m 512] [--minibatches 2]
+Writes out/compare_memory.json. Usage: python benchmarks/perf/compare_memory.py [--m 512] [--minibatches 2]
 """
 
 from __future__ import annotations
@@ -15,10 +15,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from common import run_measured, write_result
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for the harness package
+from harness.results import run_measured, write_result
+
 from itda.comparison.minibatch import MinibatchCKAGrid, exact_grid_bytes
 
 
