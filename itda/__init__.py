@@ -1,14 +1,26 @@
 """itda: Inference-Time Decomposition of Activations."""
 
-__version__ = "0.1.0"
+from itda.version import __version__  # noqa: E402,F401
 
 from itda.builder import BatchStats, BuildConfig, DictionaryBuilder, build_dictionary  # noqa: E402
 from itda.dictionary import Dictionary, DictionaryMeta  # noqa: E402
-from itda.evaluation import EvalReport, evaluate  # noqa: E402
+from itda.evaluation import EvalReport  # noqa: E402
 from itda.pursuit import SparseCodes, matching_pursuit, orthogonal_matching_pursuit  # noqa: E402
+from itda.comparison import CompareConfig, ModelComparison  # noqa: E402
+from itda.api import build, compare, evaluate, explore, export, load_model, select, train_sae  # noqa: E402,F811
 
 __all__ = [
+    "build",
+    "compare",
+    "evaluate",
+    "explore",
+    "export",
+    "load_model",
+    "select",
+    "train_sae",
     "BatchStats",
+    "CompareConfig",
+    "ModelComparison",
     "BuildConfig",
     "Dictionary",
     "DictionaryBuilder",
@@ -16,7 +28,6 @@ __all__ = [
     "EvalReport",
     "SparseCodes",
     "build_dictionary",
-    "evaluate",
     "matching_pursuit",
     "orthogonal_matching_pursuit",
 ]

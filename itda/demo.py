@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
-
-import typer
 
 from itda.activations.corpus import load_contexts
 from itda.activations.hookpoints import Hookpoint, n_layers
@@ -18,8 +17,19 @@ from itda.builder.from_model import build_from_model
 from itda.evaluation.on_model import evaluate_contexts
 
 DEMO_MODEL = "smollm2-135m"
-DEMO_K = 40
-DEMO_MIN_COSINE = 0.85
+DEMO_CONFIG = BuildConfig.choose()  # the defaults: k = 40, min cosine 0.85
+
+
+@dataclass
+class DemoResult:
+    """What the demo made: its summary (also in report.json), the dictionary, the documents, the files written."""
+
+    summary: dict
+    dictionary: Dictionary
+    docs: list[str]
+    dictionary_path: Path
+    report_path: Path
+    explorer_page: Path
 
 
 def atom_snippet(docs: list[str], refs_row: list[int], width: int = 40) -> str:
@@ -33,13 +43,13 @@ def atom_snippet(docs: list[str], refs_row: list[int], width: int = 40) -> str:
     return f"...{left}[[{text[cs:ce]}]]{right}..."
 
 
-def run_demo(out: Path, tokens: int, eval_tokens: int = 8192, model: str = DEMO_MODEL, layer: int | None = None) -> dict:
+def run_demo(out: Path, tokens: int, eval_tokens: int = 8192, model: str = DEMO_MODEL, layer: int | None = None) -> DemoResult:
+    """Build at `layer` (default: the middle block) from `tokens` tokens, evaluate held-out, write the report and explorer."""
     lm = load_model(model)
     layer = n_layers(lm.model) // 2 if layer is None else layer
     hp = Hookpoint("resid_post", layer)
     docs, contexts = load_contexts("default", lm.tokenizer, tokenizer_name=lm.tokenizer_name, split="train", tokens=tokens)
-    config = BuildConfig(k=DEMO_K, min_cosine=DEMO_MIN_COSINE)
-    result = build_from_model(lm, [hp], contexts, config, corpus_name="default")
+    result = build_from_model(lm, [hp], contexts, DEMO_CONFIG, corpus_name="default")
     dictionary = result.dictionaries[hp]
     out.mkdir(parents=True, exist_ok=True)
     dictionary.save(out / f"{hp.file_stem}.safetensors")
@@ -57,30 +67,16 @@ def run_demo(out: Path, tokens: int, eval_tokens: int = 8192, model: str = DEMO_
         "eval_seconds": time.perf_counter() - t0,
     }
     write_text_atomic(out / "report.json", json.dumps(summary, indent=2))
-    _print_report(summary, dictionary, docs)
     from itda.explorer.page import explorer_data, write_explorer
     from itda.explorer.run import view_on_model
 
     view = view_on_model(dictionary, label=hp.file_stem, lm=lm, model=model, tokens=eval_tokens, progress=False)
     page = write_explorer(out / "explorer", explorer_data([view]))
-    typer.echo(f"wrote {out / (hp.file_stem + '.safetensors')}, {out / 'report.json'} and the atom explorer {page}")
-    return summary
+    return DemoResult(summary, dictionary, docs, out / f"{hp.file_stem}.safetensors", out / "report.json", page)
 
 
-def _print_report(s: dict, dictionary: Dictionary, docs: list[str]) -> None:
-    typer.echo("")
-    typer.echo(f"model {s['model']}, {s['hookpoint']}: {s['dictionary_size']} atoms (k={DEMO_K}, min cosine {DEMO_MIN_COSINE})")
-    typer.echo(f"built from {s['build_tokens']:,} tokens in {s['build_seconds']:.0f}s ({s['build_tokens_per_s']:,.0f} tokens/s, forward {s['forward_seconds']:.0f}s)")
-    typer.echo(
-        f"held-out {s['tokens']:,} tokens: FVU {s['fvu']:.3f}, mean cosine {s['mean_cosine']:.3f}, L0 {s['l0']:.1f}, "
-        f"dead atoms {s['dead_atoms']}"
-    )
-    typer.echo(
-        f"CE-loss score {s['ce_loss_score']:.3f} (CE clean {s['ce_clean']:.3f}, spliced {s['ce_spliced']:.3f}, "
-        f"zero-ablated {s['ce_zero']:.3f})"
-    )
-    n = len(dictionary)
+def demo_atoms(result: DemoResult) -> list[tuple[int, str]]:
+    """(index, text snippet) of five atoms spread over the dictionary (all of them when it has fewer)."""
+    n = len(result.dictionary)
     picks = [0, n // 4, n // 2, 3 * n // 4, n - 1] if n >= 5 else list(range(n))
-    typer.echo("some atoms and the text they came from:")
-    for i in picks:
-        typer.echo(f"  atom {i:6d}: {atom_snippet(docs, dictionary.refs[i].tolist())}")
+    return [(i, atom_snippet(result.docs, result.dictionary.refs[i].tolist())) for i in picks]

@@ -7,7 +7,7 @@ from itda.activations.hookpoints import Hookpoint
 from itda.activations.stream import iterate_batches
 from itda.activations.corpus import tokenize_contexts
 from itda.comparison.measures import linear_cka
-from itda.comparison.pipeline import compare_models
+from itda.comparison import CompareConfig, compare_models
 from itda.comparison.report import write_matrix
 from reference_impls import csls_loops
 from tiny_models import loaded, reversed_word_tokenizer, sample_docs, word_tokenizer
@@ -25,6 +25,21 @@ def test_self_comparison_is_perfect_on_the_diagonal():
     for name, m in res.matrices.items():
         assert m.shape == (4, 4)
         np.testing.assert_allclose(np.diag(m), 1.0, atol=1e-6, err_msg=name)
+
+
+def test_a_config_and_keyword_options_give_the_same_comparison():
+    tok = word_tokenizer()
+    lm_a, lm_b = loaded("tiny-a", "llama", tok, seed=0), loaded("tiny-b", "llama", tok, seed=1)
+    docs = sample_docs(10, seed=3)
+    config = CompareConfig(tokens=400, measures=("cka", "svcca"), context=32, max_rows=200)
+    res = compare_models(lm_a, lm_b, docs, list(range(10)), config, progress=False)
+    again = compare_models(lm_a, lm_b, docs, list(range(10)), tokens=400, measures=["cka", "svcca"], context=32,
+                           max_rows=200, progress=False)
+    assert list(res.matrices) == ["cka", "svcca"] == list(again.matrices)
+    for name in res.matrices:
+        np.testing.assert_array_equal(res.matrices[name], again.matrices[name])
+    assert [e.name for e in res.plan.estimators] == ["cka_grid", "kept_rows"] and res.plan.raw_grid.exact
+    assert res.notes == res.plan.notes()
 
 
 def test_grid_cka_equals_pairwise_formula_across_tokenizers():

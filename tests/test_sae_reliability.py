@@ -364,7 +364,7 @@ def test_model_input_training_resumes_byte_identically(tmp_path):
 
     model, corpus, _ = saved_model_and_corpus(tmp_path, 60, seed=0)
     common = [str(model), "--layer", "1", "--corpus", str(corpus), "--context", "32", "--latents", "64", "--k", "4",
-              "--steps", "60", "--batch-size", "64", "--init-sample", "256", "--init", "data", "-q"]
+              "--steps", "120", "--batch-size", "64", "--init-sample", "256", "--init", "data", "-q"]
     ref, out, ck = tmp_path / "ref.safetensors", tmp_path / "o.safetensors", tmp_path / "ck.safetensors"
     cmd = ITDA + ["sae", "train", *common, "--out", str(out), "--checkpoint", str(ck), "--checkpoint-every", "2"]
     reference = subprocess.Popen(ITDA + ["sae", "train", *common, "--out", str(ref)], env=ENV, stdout=subprocess.DEVNULL,
@@ -373,7 +373,7 @@ def test_model_input_training_resumes_byte_identically(tmp_path):
     deadline = time.time() + 180
     while proc.poll() is None and time.time() < deadline and not ck.exists():
         time.sleep(0.01)
-    time.sleep(0.1)
+    time.sleep(0.02)
     assert proc.poll() is None, "the run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()

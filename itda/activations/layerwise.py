@@ -26,6 +26,7 @@ import torch
 from safetensors import safe_open
 
 from itda.activations.hookpoints import find_blocks
+from itda.activations.lm_classes import is_causal_lm_class
 from itda.errors import ItdaInputError
 
 SKIP_PREFIXES = ("lm_head.", "model.norm.", "transformer.ln_f.", "model.final_layernorm.", "norm.", "ln_f.")
@@ -228,8 +229,6 @@ class LayerwiseModel:
         self.micro_batch = max(1, micro_batch)
         config = AutoConfig.from_pretrained(self.folder, local_files_only=True)
         archs = getattr(config, "architectures", None) or []
-        from itda.activations.models import is_causal_lm_class
-
         cls = AutoModelForCausalLM if any(is_causal_lm_class(a) for a in archs) else AutoModel
         with init_empty_weights(include_buffers=False):
             self.model = cls.from_config(config, dtype=dtype)

@@ -22,7 +22,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from itda.configfields import FieldError  # noqa: E402
 from itda.errors import ItdaInputError  # noqa: E402
+from itda.activations.hookpoints import Hookpoint, parse_hookpoint  # noqa: E402
+from itda.activations.lm_classes import is_causal_lm_class  # noqa: E402,F401 (re-exported)
 
 
 def cache_root() -> Path:
@@ -108,13 +111,6 @@ class LoadedModel:
     def tokenizer_name(self) -> str:
         """'<model>|<vocab size>|<vocabulary hash>': the hash identifies the tokenizer."""
         return tokenizer_identity(self.name, self.tokenizer)
-
-
-def is_causal_lm_class(name: str) -> bool:
-    """Whether a transformers class name is a causal LM with an LM head (LlamaForCausalLM, GPT2LMHeadModel, ...)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    return name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
 def tokenizer_identity(name: str, tokenizer) -> str:
@@ -253,3 +249,25 @@ def load_model(
     model.to(device).eval()
     model.requires_grad_(False)
     return LoadedModel(spec, model, tokenizer, source)
+
+
+def model_at_hookpoint(coder, model: str | None = None, *, needs: str = "this", device: str | torch.device = "cpu",
+                       layerwise: bool | None = False, max_memory: int | None = None,
+                       lm: LoadedModel | None = None) -> tuple[LoadedModel, Hookpoint]:
+    """The model a coder (a Dictionary or an itda.sae.LoadedSae: anything whose `meta` records hookpoint,
+    tokenizer and model) was built on and its hookpoint; `model` overrides the recorded model and `lm` is
+    used when already loaded. Refused in one line when the coder records no hookpoint or model, or the
+    model's tokenizer differs from the coder's."""
+    what = getattr(coder, "what", None) or ("SAE" if hasattr(coder, "sae") else "dictionary")
+    meta = coder.meta
+    if not meta.hookpoint:
+        raise ItdaInputError(f"the {what} records no hookpoint (built from an activation file); {needs} needs the "
+                             "model and hookpoint it was built at")
+    model = model or meta.model
+    if lm is None:
+        if not model:
+            raise FieldError("model", f"the {what} records no model; give {{field}}")
+        lm = load_model(model, device=device, layerwise=layerwise, max_memory=max_memory)
+    if meta.tokenizer and not same_tokenizer(meta.tokenizer, lm.tokenizer_name):
+        raise ItdaInputError(f"tokenizer mismatch: {what} built with {meta.tokenizer}, model has {lm.tokenizer_name}")
+    return lm, parse_hookpoint(meta.hookpoint)

@@ -15,6 +15,7 @@ import torch
 
 from itda.activations.corpus import Contexts
 from itda.activations.hookpoints import Hookpoint, StopForward, capture
+from itda.configfields import FieldError
 from itda.errors import ItdaInputError
 
 FP16_MAX = 65504.0
@@ -49,7 +50,8 @@ def check_contexts_fit(model: torch.nn.Module, contexts: Contexts) -> None:
                       if isinstance(getattr(config, a, None), int)), None)
     length = contexts.input_ids.shape[1] if contexts.input_ids.ndim == 2 else 0
     if positions is not None and length > positions:
-        raise ItdaInputError(f"contexts of {length} tokens exceed the model's {positions} positions; use --context {positions} or less")
+        raise FieldError("context", f"contexts of {length} tokens exceed the model's {positions} positions; "
+                         f"use {{field}} {positions} or less")
     vocab = getattr(config, "vocab_size", None)
     if isinstance(vocab, int) and contexts.input_ids.numel():
         top, low = int(contexts.input_ids.max()), int(contexts.input_ids.min())

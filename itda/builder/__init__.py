@@ -9,3 +9,4 @@ from itda.builder.builder import (  # noqa: F401
     build_dictionary,
     builder_class,
 )
+from itda.builder import reference  # noqa: F401,E402  (registers the reference mode)

@@ -7,7 +7,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple, Sequence
+from typing import ClassVar, Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -21,6 +21,7 @@ from itda.dictionary import (
     empty_refs,
     threshold_to_cosine,
 )
+from itda.configfields import FieldError, choice
 from itda.errors import ItdaInputError
 from itda.evaluation.metrics import normalised_loss, recon_terms, unit_rows
 from itda.pursuit import GrowingGram, matching_pursuit
@@ -32,33 +33,44 @@ _CKPT_KEY = "itda_checkpoint"
 
 @dataclass(frozen=True)
 class BuildConfig:
-    """How to build. Give exactly one of threshold (normalised loss) and min_cosine."""
+    """How to build. Give exactly one of threshold (normalised loss) and min_cosine; `BuildConfig.choose`
+    fills in min_cosine = DEFAULT_MIN_COSINE when neither is given."""
 
-    k: int = 40
-    threshold: float | None = None
-    min_cosine: float | None = None
-    mode: str = "improved"
-    max_atoms: int | None = None
-    backend: str = "auto"
-    round_size: int = 256  # improved mode: candidates accepted per round before re-scoring the rest
+    DEFAULT_MIN_COSINE: ClassVar[float] = 0.85
+
+    k: int = choice(40, "Matching-pursuit steps per activation.")
+    threshold: float | None = choice(None, "Add rows whose normalised loss (2-2cos)/d exceeds this.")
+    min_cosine: float | None = choice(None, f"Add rows reconstructed with cosine below this (default {DEFAULT_MIN_COSINE}).")
+    mode: str = choice("improved", "improved (default) or reference (the paper's code).")
+    max_atoms: int | None = choice(None, "Stop adding atoms at this size.")
+    backend: str = choice("auto", "Pursuit backend.")
+    round_size: int = choice(256, "Improved mode: candidates accepted per round before re-scoring the rest.")
+
+    @classmethod
+    def choose(cls, threshold: float | None = None, min_cosine: float | None = None, **rest) -> "BuildConfig":
+        """A config from a user's choice: at most one of threshold and min_cosine (neither: the default cosine)."""
+        if threshold is not None and min_cosine is not None:
+            raise FieldError("threshold", "give {field} or min_cosine, not both")
+        if threshold is None and min_cosine is None:
+            min_cosine = cls.DEFAULT_MIN_COSINE
+        return cls(threshold=threshold, min_cosine=min_cosine, **rest)
 
     def validate(self, d: int) -> None:
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-            raise ItdaInputError(f"k must be an integer >= 1, got {self.k!r}")
+            raise FieldError("k", f"must be an integer >= 1, got {self.k!r}")
         if (self.threshold is None) == (self.min_cosine is None):
             raise ItdaInputError("give exactly one of threshold and min_cosine")
         if self.threshold is not None and not (0.0 <= self.threshold < 4.0 / d):
-            raise ItdaInputError(
-                f"threshold {self.threshold} out of range: the normalised loss (2 - 2cos)/d lies in [0, {4.0 / d:.4g}) for d={d}"
-            )
+            raise FieldError("threshold", f"{self.threshold} out of range: the normalised loss (2 - 2cos)/d lies in "
+                             f"[0, {4.0 / d:.4g}) for d={d}")
         if self.min_cosine is not None and not (-1.0 < self.min_cosine <= 1.0):
-            raise ItdaInputError(f"min_cosine {self.min_cosine} out of range (-1, 1]")
+            raise FieldError("min_cosine", f"{self.min_cosine} out of range (-1, 1]")
         if self.mode not in MODES:
-            raise ItdaInputError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+            raise FieldError("mode", f"unknown {{field}} {self.mode!r}; choose one of {', '.join(MODES)}")
         if self.round_size < 1:
-            raise ItdaInputError(f"round_size must be >= 1, got {self.round_size}")
+            raise FieldError("round_size", f"must be >= 1, got {self.round_size}")
         if self.max_atoms is not None and self.max_atoms < 1:
-            raise ItdaInputError(f"max_atoms must be >= 1, got {self.max_atoms}")
+            raise FieldError("max_atoms", f"must be >= 1, got {self.max_atoms}")
 
     def loss_threshold(self, d: int) -> float:
         return self.threshold if self.threshold is not None else cosine_to_threshold(self.min_cosine, d)
@@ -286,13 +298,20 @@ class DictionaryBuilder:
         return cls.from_state(tensors, json_entry(header, _CKPT_KEY, path, "itda checkpoint"), path, device)
 
 
+_BUILDER_CLASSES: dict[str, type[DictionaryBuilder]] = {"improved": DictionaryBuilder}  # mode -> class
+
+
+def register_mode(mode: str, cls: type[DictionaryBuilder]) -> None:
+    """Make `cls` the builder of `mode` (itda.builder.reference registers the reference mode on import,
+    which importing any itda.builder module does: the package imports it)."""
+    _BUILDER_CLASSES[mode] = cls
+
+
 def builder_class(mode: str) -> type[DictionaryBuilder]:
     """DictionaryBuilder for the improved mode, ReferenceBuilder for the reference mode."""
-    if mode == "reference":
-        from itda.builder.reference import ReferenceBuilder
-
-        return ReferenceBuilder
-    return DictionaryBuilder
+    if mode == "reference" and mode not in _BUILDER_CLASSES:
+        raise ItdaInputError("the reference mode is not registered: import itda.builder")
+    return _BUILDER_CLASSES.get(mode, DictionaryBuilder)
 
 
 Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]
@@ -307,13 +326,13 @@ def _split(batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
 def build_dictionary(
     batches: Iterable[Batch],
     *,
-    k: int = 40,
+    k: int = BuildConfig.k,
     threshold: float | None = None,
     min_cosine: float | None = None,
-    mode: str = "improved",
+    mode: str = BuildConfig.mode,
     init: Dictionary | None = None,
     max_atoms: int | None = None,
-    backend: str = "auto",
+    backend: str = BuildConfig.backend,
     meta: DictionaryMeta | None = None,
     device: torch.device | str = "cpu",
     checkpoint: str | os.PathLike | None = None,

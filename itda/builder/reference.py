@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from itda.builder.builder import BatchStats, BuildConfig, DictionaryBuilder, _check_batch
+from itda.builder.builder import BatchStats, BuildConfig, DictionaryBuilder, _check_batch, register_mode
 from itda.dictionary import Dictionary, DictionaryMeta
-from itda.errors import ItdaInputError
+from itda.configfields import FieldError
 
 _EPS = 1e-9
 
@@ -99,12 +99,12 @@ class ReferenceBuilder(DictionaryBuilder):
                exchange=None) -> BatchStats:
         """The reference's step on one batch (scored whole: score_chunk is ignored; one process only)."""
         if exchange is not None:
-            raise ItdaInputError("--mode reference runs in one process (the reference adds a batch's rows all at once)")
+            raise FieldError("mode", "{field} reference runs in one process (the reference adds a batch's rows all at once)")
         refs = _check_batch(acts, refs, self.d)
         x_BD = acts.to(device=self.device, dtype=torch.float32)
         if not bool(torch.isfinite(x_BD.norm(dim=1)).all()):
-            raise ItdaInputError("activation norms overflow float32, as the reference's norms do at this scale; "
-                                 "use --mode improved (it scales rows exactly) or rescale the activations")
+            raise FieldError("mode", "activation norms overflow float32, as the reference's norms do at this scale; "
+                             "use {field} improved (it scales rows exactly) or rescale the activations")
         if self.config.max_atoms is not None and self.size >= self.config.max_atoms:
             return self._finish(x_BD.shape[0], 0, 0, 0.0)  # the reference stops updating when full
         seeded = 0
@@ -123,3 +123,6 @@ class ReferenceBuilder(DictionaryBuilder):
             self.store.crop(self.config.max_atoms)
             self._refs = [self.refs()[: self.config.max_atoms]]
         return self._finish(x_BD.shape[0], seeded + len(over), seeded + len(over), float(loss_B.mean()))
+
+
+register_mode("reference", ReferenceBuilder)

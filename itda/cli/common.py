@@ -11,6 +11,8 @@ from typing import Callable, Optional
 import typer
 from typer.core import TyperGroup
 
+from itda.cli.options import flag
+from itda.configfields import FieldError
 from itda.errors import ItdaInputError
 
 _UNITS = {"": 2**30, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -67,6 +69,8 @@ def user_errors(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except FieldError as exc:  # a config field's value: named by its flag
+            fail(exc.named(flag(exc.field)))
         except ItdaInputError as exc:
             fail(str(exc))
         except (FileNotFoundError, FileExistsError, IsADirectoryError, PermissionError, NotADirectoryError) as exc:

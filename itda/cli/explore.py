@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from itda.activations.config import CorpusConfig, ModelSource
+from itda.cli.options import option
 from itda.cli.common import check_device, load_dictionary_file, user_errors
 from itda.cli.outputs import Output, check_outputs, record_outputs
 from itda.errors import ItdaInputError
@@ -21,10 +23,10 @@ def explore(
     model_b: Optional[str] = typer.Option(None, help="Model of the second dictionary (default: the one it records)."),
     corpus: Optional[str] = typer.Option(None, help="Corpus the dictionaries were built on (default: the one they record); its held-out split gives the usage."),
     tokens: int = typer.Option(20_000, help="Held-out tokens to encode."),
-    context: int = typer.Option(128),
+    context: int = option(CorpusConfig, "context"),
     k: Optional[int] = typer.Option(None, help="MP steps (default: the dictionary's k)."),
     contexts: int = typer.Option(5, help="Held-out contexts per atom."),
-    device: str = typer.Option("cpu"),
+    device: str = option(ModelSource, "device"),
     overwrite: bool = typer.Option(False, help="Replace an earlier explorer folder that was changed since itda wrote it."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -12,10 +13,14 @@ from typing import Optional
 import typer
 
 from itda.cli.common import OneLineErrors, check_device, checked_k, check_output, is_activation_file, on_interrupt, parse_memory, user_errors
+from itda.activations.config import CorpusConfig, ModelSource
+from itda.builder.builder import BuildConfig
 from itda.cli.explore import explore
+from itda.cli.options import option
 from itda.cli.outputs import Output, check_outputs, record_outputs
 from itda.cli.select import select
 from itda.cli.sae import export, sae_app
+from itda.comparison.registry import DEFAULT_MEASURES, measures_help
 from itda.errors import ItdaInputError
 
 app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True,
@@ -56,15 +61,16 @@ def check_codes_fit(k: int, rows: int, device: str) -> None:
         check_fits(2 * codes_bytes(rows, k), f"--k {k} (sparse codes of a {rows}-row batch)", device)
 
 
-def _threshold_args(threshold: Optional[float], min_cosine: Optional[float]) -> dict:
-    if threshold is not None and min_cosine is not None:
-        raise ItdaInputError("give --threshold or --min-cosine, not both")
-    if threshold is None and min_cosine is None:
-        min_cosine = DEFAULT_MIN_COSINE
-    return {"threshold": threshold, "min_cosine": min_cosine}
+@dataclass(frozen=True)
+class BuildOutput:
+    """Where and how `itda build` writes: the dictionary path, its storage dtype, the checkpoint."""
 
-
-DEFAULT_MIN_COSINE = 0.85
+    out: Path
+    dtype: DType = DType.float32
+    overwrite: bool = False
+    quiet: bool = False
+    checkpoint: Optional[Path] = None
+    checkpoint_every: int = 10
 
 
 @app.command()
@@ -75,56 +81,60 @@ def build(
     layer: list[int] = typer.Option([], "--layer", "-l", help="Model input: block index; repeat for several (one pass)."),
     hook: str = typer.Option("resid_post", help="Model input: resid_post, resid_pre, attn_out or mlp_out for --layer."),
     hookpoint: list[str] = typer.Option([], help="Model input: extra hookpoints, e.g. blocks.3.hook_mlp_out or model.layers.3.mlp."),
-    corpus: str = typer.Option("default", help="Model input: .txt, folder of .txt, .jsonl, .parquet, saved dataset, or 'default'."),
-    field: str = typer.Option("text", help="Model input: JSONL/Parquet/dataset text field."),
-    tokens: int = typer.Option(100_000, help="Model input: tokens to build from."),
-    context: int = typer.Option(128, help="Model input: tokens per context."),
-    batch_tokens: int = typer.Option(4096, help="Model input: tokens per forward pass."),
-    stream_dtype: str = typer.Option("float16", help="Model input: float16, bfloat16 or float32."),
-    model_dtype: str = typer.Option("float32", help="Model input: dtype the model computes in (bfloat16 for large models on GPU)."),
-    include_special: bool = typer.Option(False, help="Model input: let BOS/special tokens become atoms."),
-    layerwise: Optional[bool] = typer.Option(None, "--layerwise/--in-memory", help="Model input: stream blocks from the safetensors shards (default: when the model exceeds --max-memory)."),
-    max_memory: Optional[str] = typer.Option(None, help="Model input: memory budget for choosing layer-wise execution, e.g. 8GB, 70GiB, 0.5 (GiB) (default: half the free memory)."),
-    k: int = typer.Option(40, help="Matching-pursuit steps per activation."),
-    threshold: Optional[float] = typer.Option(None, help="Add rows whose normalised loss (2-2cos)/d exceeds this."),
-    min_cosine: Optional[float] = typer.Option(None, help=f"Add rows reconstructed with cosine below this (default {DEFAULT_MIN_COSINE})."),
-    mode: Mode = typer.Option(Mode.improved, help="improved (default) or reference (the paper's code)."),
+    corpus: str = option(CorpusConfig, "corpus"),
+    field: str = option(CorpusConfig, "field"),
+    tokens: int = option(CorpusConfig, "tokens"),
+    context: int = option(CorpusConfig, "context"),
+    batch_tokens: int = option(CorpusConfig, "batch_tokens"),
+    stream_dtype: str = option(CorpusConfig, "stream_dtype"),
+    model_dtype: str = option(ModelSource, "model_dtype"),
+    include_special: bool = option(CorpusConfig, "include_special"),
+    layerwise: Optional[bool] = option(ModelSource, "layerwise", "--layerwise/--in-memory"),
+    max_memory: Optional[str] = option(ModelSource, "max_memory"),
+    k: int = option(BuildConfig, "k"),
+    threshold: Optional[float] = option(BuildConfig, "threshold"),
+    min_cosine: Optional[float] = option(BuildConfig, "min_cosine"),
+    mode: Mode = option(BuildConfig, "mode", choices=Mode),
     batch_size: int = typer.Option(4096, help="Activation file input: activations scored per step."),
-    max_atoms: Optional[int] = typer.Option(None, help="Stop adding atoms at this size."),
+    max_atoms: Optional[int] = option(BuildConfig, "max_atoms"),
     checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint file (activation file or model input): saved every --checkpoint-every batches and on Ctrl-C, resumed when it exists, removed on success."),
     checkpoint_every: int = typer.Option(10, help="Batches between checkpoints (activation file: scoring steps; model: forward batches, per rank under torchrun)."),
     overwrite: bool = typer.Option(False, help="Replace an existing --out that is not an itda dictionary."),
     dtype: DType = typer.Option(DType.float32, help="Storage dtype of the atoms."),
-    backend: Backend = typer.Option(Backend.auto, help="Pursuit backend."),
-    device: str = typer.Option("cpu", help="torch device (cpu, cuda, cuda:1)."),
+    backend: Backend = option(BuildConfig, "backend", choices=Backend),
+    device: str = option(ModelSource, "device"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Build dictionaries from an activation file, or from a model over a corpus."""
-    if batch_size < 1 or batch_tokens < 1:
-        raise ItdaInputError("--batch-size and --batch-tokens must be >= 1")
+    if batch_size < 1:
+        raise ItdaInputError(f"--batch-size must be >= 1, got {batch_size}")
     if checkpoint is not None and checkpoint_every < 1:
         raise ItdaInputError("--checkpoint-every must be >= 1 with --checkpoint")
     check_device(device)
+    model = ModelSource(source, device, model_dtype, layerwise, parse_memory(max_memory))
+    corpus_config = CorpusConfig(corpus, field, tokens, context, batch_tokens, include_special, stream_dtype)
+    corpus_config.validate()
     if is_activation_file(source) and (layer or hookpoint):
         raise ItdaInputError(f"--layer and --hookpoint choose a model's hookpoints; {source} is an activation file")
     check_codes_fit(k, batch_size if is_activation_file(source) else batch_tokens, device)
-    common = dict(k=k, mode=mode.value, max_atoms=max_atoms, backend=backend.value, **_threshold_args(threshold, min_cosine))
+    config = BuildConfig.choose(threshold, min_cosine, k=k, mode=mode.value, max_atoms=max_atoms, backend=backend.value)
+    output = BuildOutput(out, dtype, overwrite, quiet, checkpoint, checkpoint_every)
     if is_activation_file(source):
-        _build_from_file(Path(source), out, common, batch_size, checkpoint, checkpoint_every, dtype, device, quiet, overwrite)
+        _build_from_file(Path(source), config, batch_size, device, output)
     else:
-        _build_from_model(source, out, common, layer, hook, hookpoint, corpus, field, tokens, context, batch_tokens,
-                          stream_dtype, include_special, dtype, device, quiet, layerwise, parse_memory(max_memory), model_dtype,
-                          overwrite, checkpoint=checkpoint, checkpoint_every=checkpoint_every)
+        hookpoints = _chosen_hookpoints(layer, hook, hookpoint)
+        _build_from_model(model, corpus_config, config, hookpoints, output)
 
 
-def _build_from_file(acts, out, common, batch_size, checkpoint, checkpoint_every, dtype, device, quiet, overwrite=False) -> None:
+def _build_from_file(acts: Path, config: BuildConfig, batch_size: int, device: str, output: BuildOutput) -> None:
     import torch
 
     from itda.activations.files import load_activations
     from itda.builder import build_dictionary
     from itda.builder.distributed import init_distributed, rank_batches
 
-    check_output(out, [acts] + ([checkpoint] if checkpoint else []), "dictionary", overwrite)
+    out, checkpoint = output.out, output.checkpoint
+    check_output(out, [acts] + ([checkpoint] if checkpoint else []), "dictionary", output.overwrite)
     exchange = init_distributed(check_device(device))
     data = load_activations(acts)
     if checkpoint is not None:
@@ -138,8 +148,9 @@ def _build_from_file(acts, out, common, batch_size, checkpoint, checkpoint_every
         batches = rank_batches(batches, exchange.rank, exchange.world, empty)
     dictionary = build_dictionary(
         batches, device=device, checkpoint=checkpoint,
-        checkpoint_every=checkpoint_every if checkpoint else 0, progress=not quiet, total_tokens=len(data),
-        fingerprint=fingerprint, exchange=exchange, **common,
+        checkpoint_every=output.checkpoint_every if checkpoint else 0, progress=not output.quiet, total_tokens=len(data),
+        fingerprint=fingerprint, exchange=exchange, k=config.k, threshold=config.threshold, min_cosine=config.min_cosine,
+        mode=config.mode, max_atoms=config.max_atoms, backend=config.backend,
     )
     dictionary.meta.build["source"] = Path(data.source).name
     dictionary.meta.dataset_fingerprint = f"acts:{data.fingerprint()}"
@@ -149,7 +160,7 @@ def _build_from_file(acts, out, common, batch_size, checkpoint, checkpoint_every
         if exchange.rank != 0:
             torch.distributed.destroy_process_group()
             return
-    if dtype is DType.float16:
+    if output.dtype is DType.float16:
         dictionary = type(dictionary)(dictionary.atoms.half(), dictionary.refs, dictionary.meta)
     dictionary.save(out)
     if checkpoint is not None and checkpoint.exists():
@@ -159,26 +170,21 @@ def _build_from_file(acts, out, common, batch_size, checkpoint, checkpoint_every
     typer.echo(f"{out}: {len(dictionary)} atoms, d={dictionary.d}, from {len(data)} tokens in {time.perf_counter() - t0:.1f}s")
 
 
-def _build_from_model(source, out, common, layers, hook, extra, corpus, field, tokens, context, batch_tokens,
-                      stream_dtype, include_special, dtype, device, quiet, layerwise=False, max_memory=None,
-                      model_dtype="float32", overwrite=False, checkpoint=None, checkpoint_every=10) -> None:
-    from itda.activations.corpus import load_contexts
+def _chosen_hookpoints(layers: list[int], hook: str, extra: list[str]) -> list:
+    """The hookpoints of --layer (of kind --hook) and --hookpoint, refused when there are none."""
     from itda.activations.hookpoints import parse_hookpoint
-    from itda.activations.models import load_model
-    from itda.activations.stream import STREAM_DTYPES
-    from itda.builder import BuildConfig
-    from itda.builder.distributed import init_distributed
-    from itda.builder.from_model import build_from_model
 
-    if stream_dtype not in STREAM_DTYPES:
-        raise ItdaInputError(f"--stream-dtype must be one of {', '.join(STREAM_DTYPES)}")
-    if model_dtype not in STREAM_DTYPES:
-        raise ItdaInputError(f"--model-dtype must be one of {', '.join(STREAM_DTYPES)}")
     if hook not in ("resid_post", "resid_pre", "attn_out", "mlp_out"):
         raise ItdaInputError(f"--hook must be resid_post, resid_pre, attn_out or mlp_out, got {hook!r}")
     hps = [parse_hookpoint(str(L), default_kind=hook) for L in layers] + [parse_hookpoint(h) for h in extra]
     if not hps:
         raise ItdaInputError("give at least one --layer or --hookpoint")
+    return hps
+
+
+def _model_build_files(hps: list, output: BuildOutput, model: ModelSource, corpus: CorpusConfig) -> tuple[bool, list[Path]]:
+    """(one file?, the dictionary paths) of a model build, refused when --out or --checkpoint do not fit."""
+    out = output.out
     one_file = len(hps) == 1 and out.suffix == ".safetensors" and not out.is_dir()
     if len(hps) > 1 and out.suffix == ".safetensors" and not out.is_dir():
         raise ItdaInputError(f"{out}: {len(hps)} hookpoints write one file each into a folder; give a folder for --out")
@@ -186,35 +192,45 @@ def _build_from_model(source, out, common, layers, hook, extra, corpus, field, t
         raise ItdaInputError(f"{out}: exists and is not a folder (model builds write one file per hookpoint; "
                              "one hookpoint and --out NAME.safetensors write that file)")
     files = [out] if one_file else [out / f"{hp.file_stem}.safetensors" for hp in hps]
-    check_outputs([Output(p, "dictionary") for p in files], [source, corpus, checkpoint], overwrite)
-    if tokens < 1:
-        raise ItdaInputError(f"--tokens must be >= 1, got {tokens}")
-    _check_model_checkpoint(checkpoint, files, [Path(source)] + ([Path(corpus)] if corpus != "default" else []))
-    config = BuildConfig(**common)
-    exchange = init_distributed(check_device(device))
-    from itda.activations.hookpoints import depth, resolve_module
+    check_outputs([Output(p, "dictionary") for p in files], [model.model, corpus.corpus, output.checkpoint], output.overwrite)
+    inputs = [Path(model.model)] + ([Path(corpus.corpus)] if corpus.corpus != "default" else [])
+    _check_model_checkpoint(output.checkpoint, files, inputs)
+    return one_file, files
 
+
+def _build_from_model(model: ModelSource, corpus: CorpusConfig, config: BuildConfig, hps: list, output: BuildOutput) -> None:
+    """Build one dictionary per hookpoint in one pass of the model over the corpus, and write them."""
+    from itda.activations.corpus import load_contexts
+    from itda.activations.hookpoints import depth, resolve_module
+    from itda.activations.models import load_model
+    from itda.activations.stream import STREAM_DTYPES
+    from itda.builder.distributed import init_distributed
+    from itda.builder.from_model import build_from_model
+
+    model.validate()
+    one_file, _files = _model_build_files(hps, output, model, corpus)
+    exchange = init_distributed(check_device(model.device))
     deepest = max(hp.layer for hp in hps)
-    lm = load_model(source, device=device, layerwise=layerwise, max_memory=max_memory, max_layer=deepest,
-                    dtype=STREAM_DTYPES[model_dtype])
-    if lm.layerwise is not None and not quiet:
+    lm = load_model(model.model, device=model.device, layerwise=model.layerwise, max_memory=model.max_memory,
+                    max_layer=deepest, dtype=STREAM_DTYPES[model.model_dtype])
+    if lm.layerwise is not None and not output.quiet:
         typer.echo(f"layer-wise execution: blocks stream from {lm.source}, up to block {lm.layerwise.max_layer}")
     if lm.layerwise is not None and any(depth(lm.model, hp) > deepest for hp in hps):
         raise ItdaInputError("module-path hookpoints outside the blocks need --in-memory")
-
     for hp in hps:
         resolve_module(lm.model, hp)  # fail before the corpus work
-    _docs, contexts = load_contexts(corpus, lm.tokenizer, tokenizer_name=lm.tokenizer_name, split="train",
-                                    tokens=tokens, context=context, field=field)
+    _docs, contexts = load_contexts(corpus.corpus, lm.tokenizer, tokenizer_name=lm.tokenizer_name, split="train",
+                                    tokens=corpus.tokens, context=corpus.context, field=corpus.field)
+    checkpoint = output.checkpoint
     if checkpoint is not None:
         on_interrupt(f"checkpoint saved at {checkpoint}; run the same command to resume")
     result = build_from_model(
-        lm, hps, contexts, config, corpus_name=str(corpus), batch_contexts=max(1, batch_tokens // context),
-        dtype=STREAM_DTYPES[stream_dtype], include_special=include_special, device=device, progress=not quiet,
-        checkpoint=checkpoint, checkpoint_every=checkpoint_every if checkpoint else 0,
-        fingerprint={"tokens": tokens, "model_dtype": model_dtype}, exchange=exchange,
+        lm, hps, contexts, config, corpus_name=str(corpus.corpus), batch_contexts=corpus.batch_contexts,
+        dtype=STREAM_DTYPES[corpus.stream_dtype], include_special=corpus.include_special, device=model.device,
+        progress=not output.quiet, checkpoint=checkpoint, checkpoint_every=output.checkpoint_every if checkpoint else 0,
+        fingerprint={"tokens": corpus.tokens, "model_dtype": model.model_dtype}, exchange=exchange,
     )
-    _save_model_build(result, out, one_file, dtype, checkpoint, exchange)
+    _save_model_build(result, output.out, one_file, output.dtype, checkpoint, exchange)
 
 
 def _check_model_checkpoint(checkpoint, outputs, inputs) -> None:
@@ -328,18 +344,18 @@ def eval_cmd(
     dictionary: Path = typer.Argument(..., help="Dictionary file."),
     acts: Optional[Path] = typer.Argument(None, help="Activation file to evaluate on (or use --model)."),
     model: Optional[str] = typer.Option(None, help="Evaluate on a model's activations (default: the dictionary's model)."),
-    corpus: str = typer.Option("default", help="With a model: corpus (its held-out split is used)."),
-    field: str = typer.Option("text"),
+    corpus: str = option(CorpusConfig, "corpus", help="With a model: corpus (its held-out split is used)."),
+    field: str = option(CorpusConfig, "field"),
     tokens: int = typer.Option(16_384, help="With a model: held-out tokens."),
-    context: int = typer.Option(128),
+    context: int = option(CorpusConfig, "context"),
     ce: bool = typer.Option(True, help="With a causal LM: compute the CE-loss score."),
     k: Optional[int] = typer.Option(None, help="Atoms per activation (default: the dictionary's k)."),
     method: Method = typer.Option(Method.mp),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the report as JSON."),
     batch_size: int = typer.Option(8192),
-    device: str = typer.Option("cpu"),
-    layerwise: Optional[bool] = typer.Option(None, "--layerwise/--in-memory", help="Stream blocks from the shards (default: when the model exceeds --max-memory)."),
-    max_memory: Optional[str] = typer.Option(None, help="Memory budget for choosing layer-wise execution, e.g. 8GB, 70GiB."),
+    device: str = option(ModelSource, "device"),
+    layerwise: Optional[bool] = option(ModelSource, "layerwise", "--layerwise/--in-memory"),
+    max_memory: Optional[str] = option(ModelSource, "max_memory"),
     overwrite: bool = typer.Option(False, help="Replace an existing --out that itda did not write."),
 ) -> None:
     """FVU, cosine, normalised loss, L0, atom usage (and the CE-loss score on a model)."""
@@ -386,7 +402,7 @@ def compare(
     tokens: int = typer.Option(20_000, help="Models: tokens of A to read."),
     context: int = typer.Option(128),
     batch_tokens: int = typer.Option(4096, help="Models: tokens per forward pass (the unit torchrun ranks share out; the first one's mean centres the per-token ITDA measures)."),
-    measures: str = typer.Option("jaccard,itda_fused,itda_recon_cka,cka,procrustes,svcca,relative", help="Comma list: jaccard, itda_fused, itda_scaled_procrustes, itda_scaled_cka, itda_loss_profile, itda_recon_cka, itda_relative, itda_code_overlap, itda_code_cosine, itda_cross_recon, cka, cka_debiased, procrustes, cka_rbf, svcca, pwcca, relative, mutual_knn."),
+    measures: str = typer.Option(",".join(DEFAULT_MEASURES), help=measures_help()),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for JSON, CSV and PNG heatmaps."),
     k: int = typer.Option(40, help="Models: MP steps for the dictionaries (Jaccard, ITDA measures)."),
     min_cosine: float = typer.Option(0.85, help="Models: dictionary threshold (Jaccard, ITDA measures)."),
@@ -401,7 +417,7 @@ def compare(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Compare models layer by layer, two dictionaries (or folders of them), or two activation files."""
-    from itda.comparison.cli_support import compare_command
+    from itda.cli.compare import compare_command
 
     check_device(device)
     if batch_tokens < 1:
@@ -424,12 +440,14 @@ def demo(
     overwrite: bool = typer.Option(False, help="Replace a report or explorer in --out that itda did not write."),
 ) -> None:
     """smollm2-135m on the default corpus: build at a middle layer, evaluate held-out, report."""
+    from itda.cli.demo import print_demo
     from itda.demo import run_demo
 
     outputs = [Output(out / "report.json", "demo-report"), Output(out / "explorer", "explorer", folder=True)]
     check_outputs(outputs, [model], overwrite)
-    run_demo(out, tokens, eval_tokens, model, layer)
+    result = run_demo(out, tokens, eval_tokens, model, layer)
     record_outputs(outputs)
+    print_demo(result)
 
 
 def main() -> None:  # pragma: no cover

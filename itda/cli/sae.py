@@ -11,7 +11,10 @@ from typing import Optional
 import typer
 
 from itda.cli.common import check_device, check_output, is_activation_file, on_interrupt, parse_memory, user_errors
+from itda.activations.config import CorpusConfig, ModelSource
+from itda.cli.options import option
 from itda.errors import ItdaInputError
+from itda.sae.train import SaeSpec, TrainConfig
 
 sae_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Sparse autoencoders seeded from ITDA dictionaries.")
 
@@ -31,34 +34,34 @@ def _print_summary(summary: dict) -> None:
 def train(
     source: str = typer.Argument(..., help="An activation file (.safetensors / .npy) or a model (with --layer)."),
     out: Path = typer.Option(..., "--out", "-o", help="SAE file to write (.safetensors)."),
-    latents: int = typer.Option(..., "--latents", help="Number of latents F."),
-    k: int = typer.Option(32, help="Active latents per token."),
-    init: str = typer.Option("kaiming", help="kaiming, orthogonal, data, mean-subtracted, centroid-subtracted, outliers, itda:DICT, transfer:SAE_OR_DICT."),
-    steps: int = typer.Option(1000, help="Optimizer steps."),
-    batch_size: int = typer.Option(4096, help="Tokens per step."),
-    lr: Optional[float] = typer.Option(None, help="Adam learning rate (default 2e-4 / sqrt(F / 2^14))."),
-    b_dec: str = typer.Option("median", help="Decoder bias from the init sample: median (geometric), mean or zero."),
-    fill: Optional[str] = typer.Option("data", help="itda/transfer init with more latents than atoms: fill the rest with 'data' or 'kaiming' rows."),
-    crop: bool = typer.Option(False, help="itda/transfer init with fewer latents than atoms: keep the first atoms."),
-    batch_topk: bool = typer.Option(False, help="Train with BatchTopK (B*k activations per batch); inference stays TopK."),
-    auxk_alpha: float = typer.Option(1 / 32, help="Weight of the AuxK loss."),
-    dead_after_tokens: int = typer.Option(1_000_000, help="A latent is dead after this many tokens without firing."),
-    resample: Optional[str] = typer.Option(None, help="'itda': replace dead latents by the worst-reconstructed activations."),
-    resample_every: int = typer.Option(200, help="Steps between resamplings."),
-    seed: int = typer.Option(0),
-    init_sample: int = typer.Option(16_384, help="Activations the init and b_dec are computed from."),
-    holdout: float = typer.Option(0.05, help="Activation file: fraction of rows (the last ones) held out for the final evaluation."),
+    latents: int = option(SaeSpec, "latents", "--latents"),
+    k: int = option(SaeSpec, "k"),
+    init: str = option(SaeSpec, "init"),
+    steps: int = option(TrainConfig, "steps"),
+    batch_size: int = option(SaeSpec, "batch_size"),
+    lr: Optional[float] = option(TrainConfig, "lr"),
+    b_dec: str = option(SaeSpec, "b_dec"),
+    fill: Optional[str] = option(SaeSpec, "fill"),
+    crop: bool = option(SaeSpec, "crop"),
+    batch_topk: bool = option(SaeSpec, "batch_topk"),
+    auxk_alpha: float = option(TrainConfig, "auxk_alpha"),
+    dead_after_tokens: int = option(TrainConfig, "dead_after_tokens"),
+    resample: Optional[str] = option(TrainConfig, "resample"),
+    resample_every: int = option(TrainConfig, "resample_every"),
+    seed: int = option(TrainConfig, "seed"),
+    init_sample: int = option(SaeSpec, "init_sample"),
+    holdout: float = option(SaeSpec, "holdout"),
     checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint file; an existing one is resumed."),
     checkpoint_every: int = typer.Option(100, help="Steps between checkpoints."),
     layer: Optional[int] = typer.Option(None, "--layer", "-l", help="Model input: block index (resid_post)."),
     hookpoint: Optional[str] = typer.Option(None, help="Model input: hookpoint name instead of --layer."),
-    corpus: str = typer.Option("default", help="Model input: corpus (its training split)."),
-    field: str = typer.Option("text"),
-    context: int = typer.Option(128),
-    batch_tokens: int = typer.Option(4096, help="Model input: tokens per forward pass."),
-    layerwise: Optional[bool] = typer.Option(None, "--layerwise/--in-memory"),
-    max_memory: Optional[str] = typer.Option(None, help="Model input: memory budget (e.g. 8GB) for layer-wise execution."),
-    device: str = typer.Option("cpu"),
+    corpus: str = option(CorpusConfig, "corpus", help="Model input: corpus (its training split)."),
+    field: str = option(CorpusConfig, "field"),
+    context: int = option(CorpusConfig, "context"),
+    batch_tokens: int = option(CorpusConfig, "batch_tokens"),
+    layerwise: Optional[bool] = option(ModelSource, "layerwise", "--layerwise/--in-memory"),
+    max_memory: Optional[str] = option(ModelSource, "max_memory"),
+    device: str = option(ModelSource, "device"),
     overwrite: bool = typer.Option(False, help="Replace an existing --out that is not an itda SAE."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
@@ -67,35 +70,32 @@ def train(
     from itda.sae.init import parse_init
     from itda.sae.io import save_sae
     from itda.sae.model import SaeConfig, activation_units
-    from itda.sae.train import ScaledBatches, TrainConfig, training_bytes
+    from itda.sae.train import ScaledBatches, training_bytes
 
-    if latents < 1 or not (1 <= k <= latents):
-        raise ItdaInputError(f"need --latents >= 1 and 1 <= --k <= --latents, got latents={latents}, k={k}")
-    if batch_size < 1 or init_sample < 1 or batch_tokens < 1:
-        raise ItdaInputError("--batch-size, --init-sample and --batch-tokens must be >= 1")
-    if batch_size < 2:
-        raise ItdaInputError(f"--batch-size must be >= 2 (the FVU loss needs a batch's variance), got {batch_size}")
+    spec = SaeSpec(latents, k, init, batch_size, b_dec, fill, crop, batch_topk, init_sample, holdout)
+    spec.validate()
     if checkpoint is not None and checkpoint_every < 1:
         raise ItdaInputError("--checkpoint-every must be >= 1 with --checkpoint")
     inputs = ([Path(source)] if is_activation_file(source) else []) + ([checkpoint] if checkpoint else [])
     check_output(out, inputs, "sae", overwrite)
     check_device(device)
-    spec = parse_init(init)
+    init_spec = parse_init(init)
     config = TrainConfig(steps=steps, lr=lr, auxk_alpha=auxk_alpha, dead_after_tokens=dead_after_tokens,
                          resample=resample, resample_every=resample_every, seed=seed)
     config.validate()
     if is_activation_file(source):
-        stream, sample, d, meta, evaluate = _file_source(Path(source), batch_size, seed, init_sample, holdout)
+        stream, sample, d, meta, evaluate = _file_source(Path(source), spec, seed)
     else:
-        stream, sample, d, meta, evaluate = _model_source(source, layer, hookpoint, corpus, field, context, steps * batch_size,
-                                                          batch_size, batch_tokens, init_sample, layerwise,
-                                                          parse_memory(max_memory), device)
+        model = ModelSource(source, device, layerwise=layerwise, max_memory=parse_memory(max_memory))
+        corpus_config = CorpusConfig(corpus, field, tokens=steps * batch_size, context=context, batch_tokens=batch_tokens)
+        corpus_config.validate()
+        stream, sample, d, meta, evaluate = _model_source(model, corpus_config, spec, layer, hookpoint)
     cfg = SaeConfig(d, latents, k, batch_topk)
     check_fits(training_bytes(cfg, batch_size), f"training an SAE of {latents} latents x d={d} (batch {batch_size})", device)
     units = activation_units(sample)  # 1.0 for ordinary activations; extreme ones train in power-of-two units
     fingerprint = {"source": str(source), "d": d, "batch_size": batch_size, "sample_sum": float(sample.double().sum()),
                    "units": units}
-    trainer, info = _trainer(cfg, config, spec, sample, units, checkpoint, fingerprint, device,
+    trainer, info = _trainer(cfg, config, init_spec, sample, units, checkpoint, fingerprint, device,
                              dict(seed=seed, b_dec=b_dec, fill=fill, crop=crop))
     if not quiet:
         typer.echo(f"SAE d={d}, {latents} latents, k={k}, init {info['init']}, lr {trainer.lr:.3g}, {steps} steps of {batch_size} tokens")
@@ -143,7 +143,8 @@ def _trainer(cfg, config, spec, sample, units: float, checkpoint: Optional[Path]
     return SaeTrainer(sae, config), info
 
 
-def _file_source(path: Path, batch_size: int, seed: int, init_sample: int, holdout: float):
+def _file_source(path: Path, spec: SaeSpec, seed: int):
+    """(batches, init sample, d, meta, held-out evaluation) of an activation file; the last rows are held out."""
     import torch
 
     from itda.activations.files import load_activations
@@ -151,8 +152,7 @@ def _file_source(path: Path, batch_size: int, seed: int, init_sample: int, holdo
     from itda.sae.io import SaeMeta
     from itda.sae.train import shuffled_batches
 
-    if not (0.0 <= holdout < 1.0):
-        raise ItdaInputError(f"--holdout must be in [0, 1), got {holdout}")
+    holdout, batch_size, init_sample = spec.holdout, spec.batch_size, spec.init_sample
     data = load_activations(path)
     n_train = len(data) - int(round(holdout * len(data)))
     train_rows = data.acts[:n_train].to(torch.float32)
@@ -166,8 +166,8 @@ def _file_source(path: Path, batch_size: int, seed: int, init_sample: int, holdo
     return shuffled_batches(train_rows, batch_size, seed), sample, data.d, SaeMeta(), evaluate
 
 
-def _model_source(source, layer, hookpoint, corpus, field, context, tokens, batch_size, batch_tokens, init_sample,
-                  layerwise, max_memory, device):
+def _model_source(model: ModelSource, corpus: CorpusConfig, spec: SaeSpec, layer: Optional[int], hookpoint: Optional[str]):
+    """(re-iterable batches, init sample, d, meta, None) of a model's activations at one hookpoint."""
     import itertools
 
     import torch
@@ -179,16 +179,18 @@ def _model_source(source, layer, hookpoint, corpus, field, context, tokens, batc
     from itda.sae.io import SaeMeta
     from itda.sae.train import rebatch
 
+    source, device, init_sample, context = model.model, model.device, spec.init_sample, corpus.context
     if (layer is None) == (hookpoint is None):
         raise ItdaInputError("a model source needs exactly one of --layer and --hookpoint")
     hp = parse_hookpoint(str(layer)) if layer is not None else parse_hookpoint(hookpoint)
-    lm = load_model(source, device=device, layerwise=layerwise, max_memory=max_memory, max_layer=hp.layer if hp.layer >= 0 else None)
-    _docs, contexts = load_contexts(corpus, lm.tokenizer, tokenizer_name=lm.tokenizer_name, split="train",
-                                    tokens=tokens + init_sample, context=context, field=field)
-    per = max(1, batch_tokens // context)
+    lm = load_model(source, device=device, layerwise=model.layerwise, max_memory=model.max_memory,
+                    max_layer=hp.layer if hp.layer >= 0 else None)
+    _docs, contexts = load_contexts(corpus.corpus, lm.tokenizer, tokenizer_name=lm.tokenizer_name, split="train",
+                                    tokens=corpus.tokens + init_sample, context=context, field=corpus.field)
+    per = corpus.batch_contexts
 
     def stream():
-        return rebatch(iterate_dense(lm.model, hp, contexts, batch_contexts=per, device=device), batch_size)
+        return rebatch(iterate_dense(lm.model, hp, contexts, batch_contexts=per, device=device), spec.batch_size)
 
     sample = torch.cat(list(itertools.islice(iterate_dense(lm.model, hp, contexts, batch_contexts=per, device=device),
                                              max(1, init_sample // (per * context)) + 1)))[:init_sample]
@@ -207,15 +209,15 @@ def eval_cmd(
     sae_path: Path = typer.Argument(..., metavar="SAE", help="itda SAE file, SAELens folder or sparsify folder."),
     acts: Optional[Path] = typer.Argument(None, help="Activation file (or use --model)."),
     model: Optional[str] = typer.Option(None, help="Evaluate on a model's held-out activations (default: the SAE's model)."),
-    corpus: str = typer.Option("default"),
-    field: str = typer.Option("text"),
+    corpus: str = option(CorpusConfig, "corpus", help="With a model: corpus (its held-out split is used)."),
+    field: str = option(CorpusConfig, "field"),
     tokens: int = typer.Option(16_384, help="With a model: held-out tokens."),
-    context: int = typer.Option(128),
+    context: int = option(CorpusConfig, "context"),
     ce: bool = typer.Option(True, help="With a causal LM: the CE-loss score with the SAE spliced in."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the report as JSON."),
-    device: str = typer.Option("cpu"),
-    layerwise: Optional[bool] = typer.Option(None, "--layerwise/--in-memory"),
-    max_memory: Optional[str] = typer.Option(None),
+    device: str = option(ModelSource, "device"),
+    layerwise: Optional[bool] = option(ModelSource, "layerwise", "--layerwise/--in-memory"),
+    max_memory: Optional[str] = option(ModelSource, "max_memory"),
     overwrite: bool = typer.Option(False, help="Replace an existing --out that itda did not write."),
 ) -> None:
     """FVU, mean cosine, L0, dead latents (and the CE-loss score on a model, as `itda eval`)."""

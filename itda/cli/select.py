@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from itda.activations.config import CorpusConfig, ModelSource
+from itda.cli.options import option
 from itda.cli.common import check_device, load_dictionary_file, user_errors
 from itda.cli.outputs import Output, check_outputs, record_outputs
 from itda.errors import ItdaInputError
@@ -21,14 +23,14 @@ def select(
     out: Path = typer.Option(..., "--out", "-o", help="subset.jsonl: the chosen documents in order of choice."),
     strategy: str = typer.Option("greedy", help="greedy (max coverage), simscale (similarity threshold scaled up), complexity (most atoms), random, longest."),
     model: Optional[str] = typer.Option(None, help="Model (default: the one the dictionary records)."),
-    field: str = typer.Option("text"),
+    field: str = option(CorpusConfig, "field"),
     k: Optional[int] = typer.Option(None, help="MP steps (default: the dictionary's k)."),
     support_atoms: int = typer.Option(4, help="A token counts the atoms with its largest |coefficients|, this many."),
-    context: int = typer.Option(128),
+    context: int = option(CorpusConfig, "context"),
     max_doc_tokens: Optional[int] = typer.Option(None, help="Read at most this many tokens of each document."),
     seed: int = typer.Option(0, help="Seed of the random baseline (and of --strategy random)."),
     overwrite: bool = typer.Option(False, help="Replace an existing --out that is not an earlier itda selection."),
-    device: str = typer.Option("cpu"),
+    device: str = option(ModelSource, "device"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Choose BUDGET documents of CORPUS that cover the most atoms of DICT; report coverage vs random and longest."""

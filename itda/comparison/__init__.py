@@ -1,12 +1,12 @@
 """Comparing layers and models: Jaccard over ITDA atoms and the usual representation measures."""
 
+from itda.comparison.cka import linear_cka
 from itda.comparison.jaccard import jaccard, jaccard_union
 from itda.comparison.layers import argmax_accuracy, monotone_correspondence, pooled_accuracy
 from itda.comparison.measures import (
     MEASURES,
     compare_activations,
     compare_stream,
-    linear_cka,
     mutual_knn,
     pwcca,
     rbf_cka,
@@ -14,16 +14,27 @@ from itda.comparison.measures import (
     similarity_grid,
     svcca,
 )
+from itda.comparison.model_comparison import ModelComparison
+from itda.comparison.pipeline import compare_models
+from itda.comparison.plan import CompareConfig, ComparePlan
+from itda.comparison.registry import REGISTRY, MeasureSpec, check_measures
 from itda.comparison.result import Similarity
 from itda.comparison.streaming import StreamingCKA, StreamingCKAGrid
 
 __all__ = [
     "MEASURES",
+    "REGISTRY",
+    "CompareConfig",
+    "ComparePlan",
+    "MeasureSpec",
+    "ModelComparison",
     "Similarity",
     "StreamingCKA",
     "StreamingCKAGrid",
     "argmax_accuracy",
+    "check_measures",
     "compare_activations",
+    "compare_models",
     "compare_stream",
     "jaccard",
     "jaccard_union",

@@ -47,17 +47,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import itda.comparison.registry as registry
 from itda.builder import build_dictionary
-from itda.comparison.measures import linear_cka
+from itda.comparison.cka import gram_cka, linear_cka
 from itda.comparison.per_token import FUSED_PARTS, fused_grid, scaled_recon, spearman_grid, token_parts, unit_rows
 from itda.evaluation.metrics import recon_terms
 from itda.pursuit import matching_pursuit
 from itda.pursuit.codes import atom_totals
 
-ITDA_MEASURES = ("itda_recon_cka", "itda_loss_profile", "itda_scaled_cka", "itda_scaled_procrustes", "itda_code_overlap",
-                 "itda_cross_recon", "itda_relative", "itda_code_cosine", "itda_fused")
+ITDA_MEASURES = registry.names_of(registry.PER_TOKEN, registry.ITDA_KEPT_ROWS)
 # every row, leave-one-out (layer_sample(per_token=True))
-PER_TOKEN = ("itda_recon_cka", "itda_loss_profile", "itda_scaled_cka", "itda_scaled_procrustes", "itda_fused")
+PER_TOKEN = registry.names_of(registry.PER_TOKEN)
 
 
 @dataclass
@@ -114,14 +114,6 @@ def layer_sample(x_ND: torch.Tensor, k: int = 40, min_cosine: float = 0.85, fit:
                        centred_ND.norm(dim=1).float(), every)
 
 
-def _linear_cka(a: torch.Tensor, b: torch.Tensor) -> float:
-    a = a.double() - a.double().mean(0)
-    b = b.double() - b.double().mean(0)
-    num = float((a.T @ b).pow(2).sum())
-    den = float((a.T @ a).norm() * (b.T @ b).norm())
-    return num / den if den > 0 else 0.0
-
-
 def _code_agreement(ca, cb) -> tuple[torch.Tensor, torch.Tensor]:
     """Per token: Jaccard of the two support sets and cosine of the two coefficient vectors over
     the shared atoms, from the k (index, value) pairs (never a dense [tokens, atoms] matrix)."""
@@ -140,7 +132,7 @@ def pair_similarities(a: LayerSample, b: LayerSample, k: int = 40, measures=ITDA
     """Every requested ITDA measure for one pair of layers (see the module docstring)."""
     out: dict[str, float] = {}
     if "itda_recon_cka" in measures:
-        out["itda_recon_cka"] = _linear_cka(a.recon, b.recon)
+        out["itda_recon_cka"] = gram_cka(a.recon, b.recon)
     if "itda_loss_profile" in measures:
         out["itda_loss_profile"] = float(spearman_grid(a.loss[None], b.loss[None])[0, 0])
     if {"itda_scaled_cka", "itda_scaled_procrustes"} & set(measures):
@@ -169,7 +161,7 @@ def pair_similarities(a: LayerSample, b: LayerSample, k: int = 40, measures=ITDA
         rb = b.held @ b.unit[shared].T
         ra = ra - ra.mean(1, keepdim=True)
         rb = rb - rb.mean(1, keepdim=True)
-        out["itda_relative"] = _linear_cka(ra, rb)
+        out["itda_relative"] = gram_cka(ra, rb)
     return out
 
 

@@ -11,11 +11,15 @@ that layer-by-layer matrices prepare each layer once.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
+import itda.comparison.registry as registry
+from itda.comparison.cka import linear_cka
+from itda.comparison.registry import check_measures, names_of
 from itda.comparison.result import Similarity
 from itda.comparison.streaming import StreamingCKA, _as64
 from itda.errors import ItdaInputError
@@ -104,27 +108,44 @@ def _knn_pair(nx_: np.ndarray, ny_: np.ndarray) -> float:
     return float(np.mean([np.intersect1d(a, b, assume_unique=True).size / k for a, b in zip(nx_, ny_)]))
 
 
+def _rbf_measure(n_rows, max_rows, anchors, knn, keep, seed):
+    idx = _subsample(n_rows, min(max_rows, 2048), seed)
+    return Measure(_rbf_prepare, _rbf_pair, {"rows": min(n_rows, 2048, max_rows)}), idx
+
+
+def _svcca_measure(n_rows, max_rows, anchors, knn, keep, seed):
+    return Measure(lambda z: _svcca_prepare(z, keep), _svcca_pair, {"keep": keep}), _subsample(n_rows, max_rows, seed)
+
+
+def _pwcca_measure(n_rows, max_rows, anchors, knn, keep, seed):
+    return Measure(_pwcca_prepare, _pwcca_pair, {}), _subsample(n_rows, max_rows, seed)
+
+
+def _relative_measure(n_rows, max_rows, anchors, knn, keep, seed):
+    idx = _subsample(n_rows, max_rows, seed)
+    m = n_rows if idx is None else len(idx)
+    anchor_idx = torch.randperm(m, generator=torch.Generator().manual_seed(seed))[: min(anchors, m)]
+    return Measure(lambda z: _relative_prepare(z, anchor_idx), _relative_pair, {"anchors": len(anchor_idx)}), idx
+
+
+def _knn_measure(n_rows, max_rows, anchors, knn, keep, seed):
+    idx = _subsample(n_rows, max_rows, seed)
+    if (n_rows if idx is None else len(idx)) <= knn:
+        raise ItdaInputError(f"mutual k-NN needs more than k={knn} rows")
+    return Measure(lambda z: _knn_prepare(z, knn), _knn_pair, {"k": knn}), idx
+
+
+# the kept-rows measures of the registry (kind KEPT_ROWS): name -> (prepare, pair) factory
+_FACTORIES = {"cka_rbf": _rbf_measure, "svcca": _svcca_measure, "pwcca": _pwcca_measure,
+              "relative": _relative_measure, "mutual_knn": _knn_measure}
+
+
 def make_measure(name: str, n_rows: int, *, max_rows: int = 4096, anchors: int = 300, knn: int = 10, keep: float = 0.99,
                  seed: int = 0) -> tuple[Measure, torch.Tensor | None]:
     """The measure's (prepare, pair) and the row subsample it uses (None = all rows)."""
-    if name == "cka_rbf":
-        idx = _subsample(n_rows, min(max_rows, 2048), seed)
-        return Measure(_rbf_prepare, _rbf_pair, {"rows": min(n_rows, 2048, max_rows)}), idx
-    if name == "svcca":
-        return Measure(lambda z: _svcca_prepare(z, keep), _svcca_pair, {"keep": keep}), _subsample(n_rows, max_rows, seed)
-    if name == "pwcca":
-        return Measure(_pwcca_prepare, _pwcca_pair, {}), _subsample(n_rows, max_rows, seed)
-    if name == "relative":
-        idx = _subsample(n_rows, max_rows, seed)
-        m = n_rows if idx is None else len(idx)
-        anchor_idx = torch.randperm(m, generator=torch.Generator().manual_seed(seed))[: min(anchors, m)]
-        return Measure(lambda z: _relative_prepare(z, anchor_idx), _relative_pair, {"anchors": len(anchor_idx)}), idx
-    if name == "mutual_knn":
-        idx = _subsample(n_rows, max_rows, seed)
-        if (n_rows if idx is None else len(idx)) <= knn:
-            raise ItdaInputError(f"mutual k-NN needs more than k={knn} rows")
-        return Measure(lambda z: _knn_prepare(z, knn), _knn_pair, {"k": knn}), idx
-    raise ItdaInputError(f"unknown in-memory measure {name!r}")
+    if name not in _FACTORIES:
+        raise ItdaInputError(f"unknown in-memory measure {name!r}")
+    return _FACTORIES[name](n_rows, max_rows, anchors, knn, keep, seed)
 
 
 def _pair(x, y) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,13 +167,6 @@ def _one(name: str, x, y, **kw) -> Similarity:
     if name == "svcca":
         details.update(components_x=px.shape[1], components_y=py.shape[1])
     return Similarity(name, measure.pair(px, py), details)
-
-
-def linear_cka(x, y) -> dict[str, Similarity]:
-    """Biased and debiased linear CKA and Procrustes similarity (exact, via StreamingCKA)."""
-    acc = StreamingCKA()
-    acc.update(x, y)
-    return acc.result()
 
 
 def rbf_cka(x, y, *, max_rows: int = 2048, seed: int = 0) -> Similarity:
@@ -180,17 +194,9 @@ def mutual_knn(x, y, *, k: int = 10, max_rows: int = 4096, seed: int = 0) -> Sim
     return _one("mutual_knn", x, y, knn=k, max_rows=max_rows, seed=seed)
 
 
-STREAMED = ("cka", "cka_debiased", "procrustes")
-IN_MEMORY = ("cka_rbf", "svcca", "pwcca", "relative", "mutual_knn")
+STREAMED = names_of(registry.STREAMED)  # cka, cka_debiased, procrustes
+IN_MEMORY = names_of(registry.KEPT_ROWS)  # cka_rbf, svcca, pwcca, relative, mutual_knn
 MEASURES = STREAMED + IN_MEMORY
-
-
-def check_measures(measures: Sequence[str]) -> None:
-    from itda.comparison.itda_measures import ITDA_MEASURES
-
-    unknown = set(measures) - set(MEASURES) - set(ITDA_MEASURES) - {"jaccard"}
-    if unknown:
-        raise ItdaInputError(f"unknown measures: {', '.join(sorted(unknown))} (known: jaccard, {', '.join(ITDA_MEASURES + MEASURES)})")
 
 
 def compare_activations(x, y, measures: Sequence[str] = MEASURES) -> dict[str, Similarity]:

@@ -42,10 +42,14 @@ def _unbiased(kl_tr: torch.Tensor, k_sum: torch.Tensor, l_sum: torch.Tensor, kl_
 class MinibatchCKAGrid:
     """Accumulate unbiased HSIC over minibatches for every (layer of A, layer of B)."""
 
-    def __init__(self, minibatch: int = 1024):
+    needs_pilots = False  # StreamingCKAGrid's interface: no pilot means to share
+
+    def __init__(self, minibatch: int = 1024, layers: tuple[int, int] | None = None):
+        """layers: (L_A, L_B), so that a rank that saw no full minibatch still sums (see sum_over)."""
         if minibatch < 4:
             raise ItdaInputError(f"minibatch must be >= 4 rows, got {minibatch}")
         self.m = minibatch
+        self.layers = layers
         self.batches = 0
         self.hsic_ab: torch.Tensor | None = None
         self.hsic_aa: torch.Tensor | None = None
@@ -89,9 +93,11 @@ class MinibatchCKAGrid:
             self.hsic_bb += bb
         self.batches += 1
 
-    def sum_over(self, exchange, layers_a: int, layers_b: int) -> None:
+    def sum_over(self, exchange, layers_a: int | None = None, layers_b: int | None = None) -> None:
         """Add up the minibatch sums of all ranks (each rank's own minibatches; a remainder
-        shorter than a minibatch stays unused on each rank)."""
+        shorter than a minibatch stays unused on each rank); layer counts default to `layers`."""
+        if layers_a is None:
+            layers_a, layers_b = self.layers
         count = torch.tensor([float(self.batches)], dtype=torch.float64)
         exchange.sum_(count)
         if self.hsic_ab is None:
@@ -109,6 +115,10 @@ class MinibatchCKAGrid:
         den = torch.sqrt(torch.outer(self.hsic_aa.clamp(min=0), self.hsic_bb.clamp(min=0)))
         out = torch.where(den > 0, self.hsic_ab / den.clamp(min=1e-300), torch.full_like(den, math.nan))
         return out.numpy()
+
+    def matrices(self, procrustes: bool = False) -> dict[str, np.ndarray]:
+        """{'cka'} -> [L_A, L_B]: StreamingCKAGrid's interface (no debiased CKA, no Procrustes)."""
+        return {"cka": self.matrix()}
 
     @staticmethod
     def memory_bytes(layers_a: int, layers_b: int, minibatch: int) -> int:

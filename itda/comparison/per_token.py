@@ -33,10 +33,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from itda.comparison.cka_grids import CKAGrid, GridChoice, choose_grid, make_grid
 from itda.comparison.hubness import CSLS_K, csls
 from itda.comparison.jaccard import ref_keys
-from itda.comparison.minibatch import MinibatchCKAGrid, exact_grid_bytes
-from itda.comparison.streaming import StreamingCKAGrid
 from itda.dictionary import Dictionary
 from itda.pursuit import decode
 from itda.pursuit.leave_one_out import matching_pursuit_leave_one_out
@@ -122,17 +121,16 @@ class _LayerIndex:
 class PerTokenGrid:
     """Accumulates the per-token ITDA measures for every layer pair over batches of paired tokens.
 
-    The CKA-type parts (itda_recon_cka, itda_scaled_*) are exact float64 sums while one such grid's
-    accumulators fit `memory` bytes (None: always). Past it they run as minibatch CKA (unbiased
-    HSIC over minibatches of `minibatch` tokens, `itda.comparison.minibatch`, memory independent of
-    the width), itda_scaled_procrustes is not computed (it needs the exact cross-covariances) and
-    itda_fused is formed from itda_scaled_cka and the norm profile (`FUSED_PARTS_MINIBATCH`);
-    `note` says which.
+    The CKA-type parts (itda_recon_cka, itda_scaled_*) run on the CKA grid `grid` chooses
+    (`itda.comparison.cka_grids`; None: exact). On the minibatch grid itda_scaled_procrustes is not
+    computed (it needs the exact cross-covariances) and itda_fused is formed from itda_scaled_cka
+    and the norm profile (`FUSED_PARTS_MINIBATCH`).
     """
 
     def __init__(self, basis_a: CentredDictionaries, basis_b: CentredDictionaries | None, k: int, measures,
-                 memory: int | None = None, minibatch: int = 1024):
+                 grid: GridChoice | None = None):
         self.k, self.measures = k, tuple(measures)
+        self.basis_a, self.basis_b = basis_a, basis_b or basis_a  # what the tokens are encoded over
         self.needed = set(self.measures) | (set(FUSED_PARTS) if "itda_fused" in self.measures else set())
         self.a = [_LayerIndex(d, c) for d, c in zip(basis_a.dictionaries, basis_a.centres_LD)]
         self.b = None if basis_b is None else [_LayerIndex(d, c) for d, c in zip(basis_b.dictionaries, basis_b.centres_LD)]
@@ -140,21 +138,10 @@ class PerTokenGrid:
         self.profiles = {side: {"loss": [], "norm": []} for side in ("a", "b")}
         da = basis_a.centres_LD.shape[1]
         db = da if basis_b is None else basis_b.centres_LD.shape[1]
-        need = exact_grid_bytes(len(self.a), da, len(self.b or self.a), db)
-        self.exact = memory is None or need <= memory
-        self.note = None if self.exact else (
-            f"itda per-token CKA measures: minibatch estimator, {minibatch} tokens per minibatch (exact accumulators "
-            f"would need {need / 2**30:.1f} GiB each > {memory / 2**30:.1f} GiB); itda_scaled_procrustes needs the "
-            "exact path (not computed); itda_fused from itda_scaled_cka and the norm profile")
+        self.choice = grid or choose_grid(len(self.a), da, len(self.b or self.a), db, None, 1024)
 
-        def grid_if(wanted: bool) -> StreamingCKAGrid | MinibatchCKAGrid | None:
-            if not wanted:
-                return None
-            if not self.exact:
-                return MinibatchCKAGrid(minibatch)
-            grid = StreamingCKAGrid("float64")
-            grid.set_pilots(torch.zeros(len(self.a), da), torch.zeros(len(self.b or self.a), db))
-            return grid
+        def grid_if(wanted: bool) -> CKAGrid | None:  # unit rows: zero pilot means
+            return make_grid(self.choice, "float64", (da, db)) if wanted else None
 
         self.unit_grid = grid_if("itda_recon_cka" in self.needed)  # unit reconstructions
         self.scaled_grid = grid_if(bool(set(SCALED) & self.needed))  # reconstructions x ||x_t||
@@ -197,10 +184,8 @@ class PerTokenGrid:
         for (side, name), part in zip(keys, torch.split(both, [len(c) for c in cols])):
             self.profiles[side][name] = [part]
         for grid in (self.unit_grid, self.scaled_grid):
-            if grid is not None and self.exact:
+            if grid is not None:
                 grid.sum_over(exchange)
-            elif grid is not None:
-                grid.sum_over(exchange, len(self.a), len(self.b or self.a))
 
     def profile(self, side: str, name: str) -> torch.Tensor:
         """[L, n]: the per-token column of `name` (loss or norm) for side a or b (B is A: side a)."""
@@ -214,17 +199,13 @@ class PerTokenGrid:
             out["itda_loss_profile"] = spearman_grid(self.profile("a", "loss"), self.profile("b", "loss"))
         if "norm_profile" in self.needed:
             out["norm_profile"] = spearman_grid(self.profile("a", "norm"), self.profile("b", "norm"))
-        if not self.exact:
-            if self.unit_grid is not None:
-                out["itda_recon_cka"] = self.unit_grid.matrix()
-            if self.scaled_grid is not None:
-                out["itda_scaled_cka"] = self.scaled_grid.matrix()
-        else:
-            if self.unit_grid is not None:
-                out["itda_recon_cka"] = self.unit_grid.matrices(procrustes=False)["cka"]
-            if self.scaled_grid is not None:
-                m = self.scaled_grid.matrices(procrustes="itda_scaled_procrustes" in self.needed)
-                out["itda_scaled_cka"], out["itda_scaled_procrustes"] = m["cka"], m["procrustes"]
+        if self.unit_grid is not None:
+            out["itda_recon_cka"] = self.unit_grid.matrices(procrustes=False)["cka"]
+        if self.scaled_grid is not None:
+            m = self.scaled_grid.matrices(procrustes="itda_scaled_procrustes" in self.needed)
+            out["itda_scaled_cka"] = m["cka"]
+            if "procrustes" in m:  # the exact grid only
+                out["itda_scaled_procrustes"] = m["procrustes"]
         if "itda_fused" in self.needed:
-            out["itda_fused"] = fused_grid(out, FUSED_PARTS if self.exact else FUSED_PARTS_MINIBATCH)
+            out["itda_fused"] = fused_grid(out, FUSED_PARTS if self.choice.exact else FUSED_PARTS_MINIBATCH)
         return {m: out[m] for m in self.measures if m in out}

@@ -39,16 +39,15 @@ def write_matrix(out_dir: Path, name: str, m: np.ndarray, label_a: str, label_b:
     return paths + ([png] if png else [])
 
 
-def heatmap(path: Path, m: np.ndarray, title: str, label_a: str, label_b: str, corr: list[int]) -> Path | None:
-    """PNG heatmap of m with the correspondence corr (a B layer per A layer) drawn over it."""
-    try:
-        import matplotlib
+def heatmap_figure(m: np.ndarray, title: str, label_a: str, label_b: str, corr: list[int]):
+    """A matplotlib Figure of m with the correspondence corr (a B layer per A layer) drawn over it.
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, ax = plt.subplots(figsize=(1.2 + 0.28 * m.shape[1], 1.0 + 0.28 * m.shape[0]), dpi=110)
+    Built without pyplot, so it neither changes a notebook's backend nor needs a display.
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(1.2 + 0.28 * m.shape[1], 1.0 + 0.28 * m.shape[0]), dpi=110)
+    ax = fig.subplots()
     im = ax.imshow(m, cmap="viridis", origin="upper", aspect="auto")
     ax.plot(corr, range(len(corr)), color="white", lw=1, ls="--", marker="o", ms=2)
     ax.set_xlabel(f"{label_b} layer")
@@ -56,10 +55,28 @@ def heatmap(path: Path, m: np.ndarray, title: str, label_a: str, label_b: str, c
     ax.set_title(title)
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
+    return fig
+
+
+def heatmap(path: Path, m: np.ndarray, title: str, label_a: str, label_b: str, corr: list[int]) -> Path | None:
+    """PNG heatmap (heatmap_figure) at path; None when matplotlib is missing."""
+    if not has_matplotlib():
+        return None
+    fig = heatmap_figure(m, title, label_a, label_b, corr)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-    plt.close(fig)
     return path
+
+
+def save_comparison(out_dir: Path, mats: dict[str, np.ndarray], label_a: str, label_b: str,
+                    model_level: dict[str, float]) -> dict:
+    """Every matrix (write_matrix) and out_dir/summary.json; returns the summary written."""
+    summary = {"model_level": model_level, "measures": {name: matrix_summary(m) for name, m in mats.items()}}
+    for name, m in mats.items():
+        write_matrix(out_dir, name, m, label_a, label_b, summary["measures"][name])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
+    return summary
 
 
 def has_matplotlib() -> bool:

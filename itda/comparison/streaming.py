@@ -116,6 +116,11 @@ class StreamingCKAGrid:
         self.sqsq += sqa @ sqb.T
         self.n += n
 
+    @property
+    def needs_pilots(self) -> bool:
+        """True until the pilot means are set (ranks share them before the first batch: `set_pilots`)."""
+        return self.a is None
+
     def set_pilots(self, pilot_a_LD: torch.Tensor, pilot_b_LD: torch.Tensor) -> None:
         """Start the sums around these per-layer means (by default the first batch's): ranks that
         share pilots have sums that add up (see `sum_over`)."""

@@ -6,7 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-from itda import __version__
+from itda.version import __version__
 from itda.atomic import atomic_dir
 
 ASSET = Path(__file__).with_name("assets") / "index.html"

@@ -8,7 +8,7 @@ from tqdm.auto import tqdm
 from itda.activations.corpus import read_documents, split_documents, tokenize_contexts
 from itda.activations.stream import iterate_batches
 from itda.dictionary import Dictionary
-from itda.evaluation.on_model import model_at_hookpoint
+from itda.activations.models import model_at_hookpoint
 from itda.explorer.data import check_refs, encode_stream, explorer_view
 
 

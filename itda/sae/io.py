@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import torch
 from safetensors.torch import save_file
 
-from itda import __version__
+from itda.version import __version__
 from itda.atomic import atomic_dir
 from itda.errors import ItdaInputError
 from itda.sae.model import SaeConfig, TopKSAE

@@ -24,6 +24,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from itda.tensorfile import json_entry, read_tensor_file, write_tensor_file
+from itda.builder.builder import BuildConfig
+from itda.configfields import FieldError, choice
 from itda.errors import ItdaInputError
 from itda.sae.io import Fields, check_weights, checked_config
 from itda.sae.model import SaeConfig, TopKSAE
@@ -36,32 +38,63 @@ _PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 1000
-    lr: float | None = None  # default 2e-4 / sqrt(F / 2^14), sparsify's scaling
-    auxk_alpha: float = 1 / 32
-    k_aux: int | None = None  # default d_in / 2
-    dead_after_tokens: int = 1_000_000
-    resample: str | None = None  # None (AuxK alone) or "itda"
-    resample_every: int = 200
-    resample_min_cosine: float = 0.85  # ITDA rule: kept rows pairwise below this |cos|
-    seed: int = 0
+    """How the SAE is optimised (stored in checkpoints and in the SAE file's train record)."""
+
+    steps: int = choice(1000, "Optimizer steps.")
+    lr: float | None = choice(None, "Adam learning rate (default 2e-4 / sqrt(F / 2^14)).")
+    auxk_alpha: float = choice(1 / 32, "Weight of the AuxK loss.")
+    k_aux: int | None = choice(None, "AuxK: dead latents used per token (default d_in / 2).")
+    dead_after_tokens: int = choice(1_000_000, "A latent is dead after this many tokens without firing.")
+    resample: str | None = choice(None, "'itda': replace dead latents by the worst-reconstructed activations.")
+    resample_every: int = choice(200, "Steps between resamplings.")
+    resample_min_cosine: float = choice(BuildConfig.DEFAULT_MIN_COSINE, "ITDA resampling: kept rows pairwise below this |cos|.")
+    seed: int = choice(0, "Seed of the initialisation, the batch order and resampling.")
 
     def validate(self) -> None:
         if self.steps < 1:
-            raise ItdaInputError(f"--steps must be >= 1, got {self.steps}")
+            raise FieldError("steps", f"must be >= 1, got {self.steps}")
         if self.lr is not None and not 0 < self.lr <= MAX_LR:
-            raise ItdaInputError(f"--lr must be > 0 and at most {MAX_LR:g}, got {self.lr}")
+            raise FieldError("lr", f"must be > 0 and at most {MAX_LR:g}, got {self.lr}")
         if not 0 <= self.auxk_alpha < math.inf:
-            raise ItdaInputError(f"--auxk-alpha must be a finite number >= 0, got {self.auxk_alpha}")
+            raise FieldError("auxk_alpha", f"must be a finite number >= 0, got {self.auxk_alpha}")
         if not 0 <= self.seed < 2**32:
-            raise ItdaInputError(f"--seed must be an integer from 0 to 2^32 - 1, got {self.seed}")
+            raise FieldError("seed", f"must be an integer from 0 to 2^32 - 1, got {self.seed}")
         if self.resample not in RESAMPLE_RULES:
-            raise ItdaInputError(f"unknown --resample {self.resample!r}; choose itda or leave it out")
-        if self.resample_every < 1 or self.dead_after_tokens < 1:
-            raise ItdaInputError("--resample-every and --dead-after-tokens must be >= 1")
+            raise FieldError("resample", f"unknown {{field}} {self.resample!r}; choose itda or leave it out")
+        for name in ("resample_every", "dead_after_tokens"):
+            if getattr(self, name) < 1:
+                raise FieldError(name, f"must be >= 1, got {getattr(self, name)}")
 
     def learning_rate(self, n_latents: int) -> float:
         return self.lr if self.lr is not None else 2e-4 / (n_latents / 2**14) ** 0.5
+
+
+@dataclass(frozen=True)
+class SaeSpec:
+    """The SAE to train (its shape and initialisation) and the batches it sees."""
+
+    latents: int = choice(help="Number of latents F.")
+    k: int = choice(32, "Active latents per token.")
+    init: str = choice("kaiming", "kaiming, orthogonal, data, mean-subtracted, centroid-subtracted, outliers, itda:DICT, transfer:SAE_OR_DICT.")
+    batch_size: int = choice(4096, "Tokens per step.")
+    b_dec: str = choice("median", "Decoder bias from the init sample: median (geometric), mean or zero.")
+    fill: str | None = choice("data", "itda/transfer init with more latents than atoms: fill the rest with 'data' or 'kaiming' rows.")
+    crop: bool = choice(False, "itda/transfer init with fewer latents than atoms: keep the first atoms.")
+    batch_topk: bool = choice(False, "Train with BatchTopK (B*k activations per batch); inference stays TopK.")
+    init_sample: int = choice(16_384, "Activations the init and b_dec are computed from.")
+    holdout: float = choice(0.05, "Activation file: fraction of rows (the last ones) held out for the final evaluation.")
+
+    def validate(self) -> None:
+        if self.latents < 1:
+            raise FieldError("latents", f"must be >= 1, got {self.latents}")
+        if not 1 <= self.k <= self.latents:
+            raise FieldError("k", f"must be between 1 and latents ({self.latents}), got {self.k}")
+        if self.batch_size < 2:
+            raise FieldError("batch_size", f"must be >= 2 (the FVU loss needs a batch's variance), got {self.batch_size}")
+        if self.init_sample < 1:
+            raise FieldError("init_sample", f"must be >= 1, got {self.init_sample}")
+        if not 0.0 <= self.holdout < 1.0:
+            raise FieldError("holdout", f"must be in [0, 1), got {self.holdout}")
 
 
 def training_bytes(cfg: SaeConfig, batch_size: int) -> int:
@@ -121,8 +154,8 @@ class SaeTrainer:
         loss = out.fvu + self.config.auxk_alpha * out.auxk_loss
         fvu, aux = float(out.fvu.detach()), float(out.auxk_loss.detach())
         if not (math.isfinite(fvu) and math.isfinite(aux)):
-            raise ItdaInputError(f"training diverged at step {self.step_count}: the loss is not finite (FVU {fvu}, AuxK {aux}); "
-                                 "lower --lr")
+            raise FieldError("lr", f"training diverged at step {self.step_count}: the loss is not finite (FVU {fvu}, "
+                             f"AuxK {aux}); lower {{field}}")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.sae.remove_parallel_grads()
@@ -281,7 +314,7 @@ def shuffled_batches(acts_TD: Tensor, batch_size: int, seed: int = 0) -> Iterato
     """Endless batches of rows, a fresh seeded permutation per epoch; the partial tail is dropped."""
     n = acts_TD.shape[0]
     if batch_size < 1 or batch_size > n:
-        raise ItdaInputError(f"--batch-size must be between 1 and the {n} training rows, got {batch_size}")
+        raise FieldError("batch_size", f"must be between 1 and the {n} training rows, got {batch_size}")
     for epoch in itertools.count():
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         for s in range(0, n - batch_size + 1, batch_size):

@@ -8,7 +8,7 @@ import numpy as np
 
 from itda.activations.corpus import read_documents
 from itda.dictionary import Dictionary
-from itda.evaluation.on_model import model_at_hookpoint
+from itda.activations.models import model_at_hookpoint
 from itda.errors import ItdaInputError
 from itda.selection.coverage import coverage_curve, longest_order, random_order, select_documents
 from itda.selection.supports import DocSupports, document_supports

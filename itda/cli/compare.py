@@ -9,7 +9,7 @@ import numpy as np
 import typer
 
 from itda.atomic import write_text_atomic
-from itda.comparison.report import has_matplotlib, matrix_summary, write_matrix
+from itda.comparison.report import has_matplotlib, matrix_summary, save_comparison
 from itda.errors import ItdaInputError
 
 
@@ -38,7 +38,7 @@ def _kind(spec: str) -> str:
 
 
 def _measure_list(text: str) -> list[str]:
-    from itda.comparison.measures import check_measures
+    from itda.comparison.registry import check_measures
 
     names = [m.strip() for m in text.split(",") if m.strip()]
     if not names:
@@ -67,8 +67,10 @@ def compare_command(a: str, b: str, *, corpus, field, tokens, context, measures,
 
 
 def _dispatch(kind: str, a: str, b: str, names: list[str], out: Path | None, **options) -> None:
+    from itda.comparison.registry import ACTIVATIONS, REGISTRY
+
     if kind in ("dict", "dict_folder"):
-        need_acts = [n for n in names if n != "jaccard"]
+        need_acts = [n for n in names if ACTIVATIONS in REGISTRY[n].needs]
         if need_acts:
             typer.echo(f"dictionaries alone give the Jaccard family; {', '.join(need_acts)} need activations "
                        "(compare the models, or two activation files)")
@@ -127,8 +129,9 @@ def _compare_acts(a: Path, b: Path, names: list[str], out: Path | None) -> None:
     if len(xa) != len(xb):
         raise ItdaInputError(f"activation files must hold the same inputs: {len(xa)} vs {len(xb)} rows")
     from itda.comparison.itda_measures import ITDA_MEASURES, itda_grids
+    from itda.comparison.registry import ACTIVATIONS, REGISTRY
 
-    wanted = [n for n in names if n != "jaccard"]
+    wanted = [n for n in names if ACTIVATIONS in REGISTRY[n].needs]
     res = compare_activations(xa.acts, xb.acts, [n for n in wanted if n not in ITDA_MEASURES])
     itda_wanted = [n for n in wanted if n in ITDA_MEASURES]
     if itda_wanted:
@@ -143,28 +146,22 @@ def _compare_acts(a: Path, b: Path, names: list[str], out: Path | None) -> None:
         write_text_atomic(out / "similarity.json", json.dumps({s.name: {"value": s.value, **s.details} for s in res.values()}, indent=2))
 
 
-def _compare_models(a: str, b: str, names: list[str], *, corpus, field, tokens, context, out, k, min_cosine, max_rows,
-                    precision, include_special, device, quiet, layerwise=False, max_memory=None, cka_memory=1 << 30,
-                    batch_tokens=4096) -> None:
+def _compare_models(a: str, b: str, names: list[str], *, corpus, field, out, device, quiet, layerwise=False,
+                    max_memory=None, **options) -> None:
     from itda.activations.corpus import read_documents, split_documents
     from itda.activations.models import load_model
-    from itda.comparison.pipeline import compare_models
-
-    expanded = []
-    for n in names:
-        expanded.extend(["cka", "cka_debiased"] if n == "cka" else [n])
     from itda.builder.distributed import init_distributed
     from itda.cli.common import check_device
+    from itda.comparison import CompareConfig, compare_models
+    from itda.comparison.registry import expand_measures
 
+    config = CompareConfig(measures=expand_measures(names), **options)
     exchange = init_distributed(check_device(device))
     lm_a = load_model(a, device=device, layerwise=layerwise, max_memory=max_memory)
     lm_b = None if b == a else load_model(b, device=device, layerwise=layerwise, max_memory=max_memory)
     docs = read_documents(corpus, field)
     ids = split_documents(docs, "heldout" if corpus == "default" else "all")
-    res = compare_models(lm_a, lm_b, docs, ids, tokens=tokens, measures=list(dict.fromkeys(expanded)), context=context,
-                         k=k, min_cosine=min_cosine, max_rows=max_rows, precision=precision,
-                         include_special=include_special, progress=not quiet, cka_memory=cka_memory, exchange=exchange,
-                         batch_tokens=batch_tokens)
+    res = compare_models(lm_a, lm_b, docs, ids, config, progress=not quiet, exchange=exchange)
     if exchange is not None:
         import torch.distributed
 
@@ -175,23 +172,20 @@ def _compare_models(a: str, b: str, names: list[str], *, corpus, field, tokens, 
     typer.echo(f"{res.paired_tokens} paired tokens ({res.identity} identities), {res.seconds:.0f}s")
     for note in res.notes:
         typer.echo(note)
-    if not include_special:
+    if not config.include_special:
         typer.echo("BOS/special tokens dropped (--include-special to keep them)")
     _report(res.matrices, res.name_a, res.name_b, out, res.model_level)
 
 
 def _report(mats: dict[str, np.ndarray], label_a: str, label_b: str, out: Path | None, model_level: dict) -> None:
-    summary = {"model_level": model_level, "measures": {}}
-    for name, m in mats.items():
-        entry = summary["measures"][name] = matrix_summary(m)
+    summaries = {name: matrix_summary(m) for name, m in mats.items()}
+    for name, entry in summaries.items():
         acc = f", argmax accuracy {entry['argmax_accuracy']:.2f}" if "argmax_accuracy" in entry else ""
         typer.echo(f"{name:14s} {label_a} -> {label_b} layers: {entry['correspondence']}{acc}")
-        if out is not None:
-            write_matrix(out, name, m, label_a, label_b, entry)
     for key, value in model_level.items():
         typer.echo(f"{key:14s} {value:.4f}")
     if out is not None:
-        write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
+        save_comparison(out, mats, label_a, label_b, model_level)
         if not has_matplotlib():
             typer.echo("matplotlib is not installed: wrote JSON and CSV only (pip install 'itda[plot]' for heatmaps)")
         typer.echo(f"wrote {out}")

@@ -1,0 +1,209 @@
+"""The two passes of a model comparison over the paired corpus, feeding the plan's accumulators.
+
+Pass 1 forwards every chunk once (every layer of both models) and feeds the CKA grid (all layer
+pairs), the first max_rows paired rows (kept-rows measures), one ITDA dictionary per layer
+(Jaccard) and, for the per-token ITDA measures, one dictionary per layer over rows centred by the
+first chunk's mean. Pass 2 (per-token measures only) forwards again and encodes every paired
+token over those centred dictionaries (`itda.comparison.per_token.PerTokenGrid`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from itda.builder import BuildConfig, DictionaryBuilder
+from itda.comparison.cka_grids import CKAGrid, make_grid
+from itda.comparison.pairing import PairedCorpus, forward_chunk, pair_rows
+from itda.comparison.per_token import CentredDictionaries, PerTokenGrid
+from itda.comparison.plan import ComparePlan
+from itda.comparison.ranks import Ranks
+from itda.dictionary import DictionaryMeta
+
+
+class KeptRows:
+    """The first max_rows paired rows of every layer of both models, with each row's chunk index."""
+
+    def __init__(self, layers_a: int, layers_b: int, max_rows: int):
+        self.a: list[list[torch.Tensor]] = [[] for _ in range(layers_a)]
+        self.b: list[list[torch.Tensor]] = [[] for _ in range(layers_b)]
+        self.chunk: list[torch.Tensor] = []  # chunk index of every kept row (ranks gather them in chunk order)
+        self.n, self.max_rows = 0, max_rows
+
+    @property
+    def full(self) -> bool:
+        return self.n >= self.max_rows
+
+    def add(self, chunk_index: int, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> None:
+        take = min(self.max_rows - self.n, len(xs[0]))
+        for store, x in zip(self.a, xs, strict=True):
+            store.append(x[:take])
+        for store, y in zip(self.b, ys, strict=True):
+            store.append(y[:take])
+        self.chunk.append(torch.full((take,), chunk_index, dtype=torch.int64))
+        self.n += take
+
+    def gather(self, ranks: Ranks, d_a: int, d_b: int) -> None:
+        """Under torchrun: every rank's rows, the first max_rows in chunk order, on every rank."""
+        if ranks.distributed:
+            self.a, order = ranks.gather_kept(self.a, self.chunk, self.max_rows, d_a)
+            self.b, _ = ranks.gather_kept(self.b, self.chunk, self.max_rows, d_b, order)
+
+    def tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per layer [n, d] rows of A and of B."""
+        return [torch.cat(s) for s in self.a], [torch.cat(s) for s in self.b]
+
+
+class CentredBuilders:
+    """Per layer, the first chunk's mean (the centre) and a dictionary over rows minus it."""
+
+    def __init__(self, corpus: PairedCorpus, config: BuildConfig):
+        self.a = layer_builders(corpus.lm_a, corpus.hps_a, corpus.ctx_a, config, centred=True)
+        self.b = self.a if corpus.self_compare else layer_builders(corpus.lm_b, corpus.hps_b, corpus.ctx_b, config,
+                                                                   centred=True)
+        self.self_compare, self.shapes = corpus.self_compare, corpus.shapes
+        self.centres_a = self.centres_b = None
+
+    def update(self, fwd: list, ranks: Ranks) -> None:
+        """One step; the centres: the first chunk with rows (no earlier chunk had any to add)."""
+        la, da, lb, db = self.shapes
+        if self.centres_a is None:
+            self.centres_a = _first_chunk_means([f[1] for f in fwd], ranks, la, da)
+        if self.centres_b is None:
+            self.centres_b = (self.centres_a if self.self_compare
+                              else _first_chunk_means([f[2] for f in fwd], ranks, lb, db))
+        if self.centres_a is not None:
+            ranks.update_builders(self.a, [f[1] for f in fwd], self.centres_a)
+        if self.centres_b is not None and not self.self_compare:
+            ranks.update_builders(self.b, [f[2] for f in fwd], self.centres_b)
+
+    def bases(self) -> tuple[CentredDictionaries, CentredDictionaries]:
+        basis_a = CentredDictionaries(self.centres_a, [b.dictionary() for b in self.a])
+        if self.self_compare:
+            return basis_a, basis_a
+        return basis_a, CentredDictionaries(self.centres_b, [b.dictionary() for b in self.b])
+
+
+@dataclass
+class FirstPass:
+    """The accumulators pass 1 feeds (None: not in the plan)."""
+
+    grid: CKAGrid | None
+    kept: KeptRows | None
+    jaccard_a: list[DictionaryBuilder] | None
+    jaccard_b: list[DictionaryBuilder] | None
+    centred: CentredBuilders | None
+    paired: int = 0
+
+
+def layer_builders(lm, hps, ctx, config: BuildConfig, centred: bool = False) -> list[DictionaryBuilder]:
+    """One dictionary builder per hookpoint, its metadata naming the model, layer and corpus."""
+    d = lm.config.hidden_size
+    return [DictionaryBuilder(d, config, meta=DictionaryMeta(
+        d=d, model=lm.name, hookpoint=hp.name, layer=hp.layer, tokenizer=lm.tokenizer_name,
+        dataset_fingerprint=ctx.fingerprint, build={"documents_fingerprint": ctx.documents_fingerprint,
+                                                    "centred": centred})) for hp in hps]
+
+
+def _accumulators(corpus: PairedCorpus, plan: ComparePlan) -> FirstPass:
+    cfg = plan.config
+    build = BuildConfig(k=cfg.k, min_cosine=cfg.min_cosine)
+    la, _, lb, _ = corpus.shapes
+    grid = None if plan.raw_grid is None else make_grid(plan.raw_grid, cfg.precision)
+    kept = KeptRows(la, lb, cfg.max_rows) if plan.keeps_rows else None
+    jaccard_a = jaccard_b = None
+    if plan.jaccard:
+        jaccard_a = layer_builders(corpus.lm_a, corpus.hps_a, corpus.ctx_a, build)
+        jaccard_b = jaccard_a if corpus.self_compare else layer_builders(corpus.lm_b, corpus.hps_b, corpus.ctx_b, build)
+    centred = CentredBuilders(corpus, build) if plan.second_pass else None
+    return FirstPass(grid, kept, jaccard_a, jaccard_b, centred)
+
+
+def _forward_step(corpus: PairedCorpus, mine: list, bar, ranks: Ranks, include_special: bool) -> list:
+    """[(chunk index, batch of A, batch of B)] for this process's chunks of one step."""
+    fwd = []
+    for ci, chunk in mine:
+        batch_a, batch_b = forward_chunk(corpus, chunk, include_special)
+        fwd.append((ci, batch_a, batch_b))
+        bar.update(ranks.tokens_forwarded(batch_a[0].unit.shape[0]))
+    return fwd
+
+
+def _bar(corpus: PairedCorpus, ranks: Ranks, progress: bool, desc: str):
+    return tqdm(total=corpus.text_tokens, unit="tok", unit_scale=True, disable=not progress or not ranks.is_root,
+                desc=desc)
+
+
+def first_pass(corpus: PairedCorpus, plan: ComparePlan, ranks: Ranks, progress: bool) -> FirstPass:
+    """Forward every chunk once and feed the plan's pass-1 accumulators; sums and rows combined over ranks."""
+    acc = _accumulators(corpus, plan)
+    bar = _bar(corpus, ranks, progress, "compare")
+    for mine in ranks.steps(corpus.chunks):
+        fwd = _forward_step(corpus, mine, bar, ranks, plan.config.include_special)
+        if acc.jaccard_a is not None:
+            ranks.update_builders(acc.jaccard_a, [f[1] for f in fwd])
+            if not corpus.self_compare:
+                ranks.update_builders(acc.jaccard_b, [f[2] for f in fwd])
+        if acc.centred is not None:
+            acc.centred.update(fwd, ranks)
+        _feed_rows(acc, corpus, fwd, ranks)
+    bar.close()
+    acc.paired = ranks.sum_count(acc.paired)
+    ranks.sum_grids(acc.grid)
+    if acc.kept is not None:
+        acc.kept.gather(ranks, corpus.shapes[1], corpus.shapes[3])
+    return acc
+
+
+def _feed_rows(acc: FirstPass, corpus: PairedCorpus, fwd: list, ranks: Ranks) -> None:
+    """Pair the step's rows; feed the CKA grid and the kept rows."""
+    pairs = []
+    for ci, batch_a, batch_b in fwd:
+        ia, ib = pair_rows(batch_a, batch_b, corpus.identity)
+        acc.paired += len(ia)
+        if acc.grid is None and (acc.kept is None or acc.kept.full):
+            continue  # Jaccard only: the dense paired rows are not needed
+        pairs.append((ci, [acts.dense()[ia] for acts in batch_a], [acts.dense()[ib] for acts in batch_b]))
+    if ranks.distributed and acc.grid is not None and acc.grid.needs_pilots:
+        _share_pilots(acc.grid, pairs, ranks, corpus.shapes)
+    for ci, xs, ys in pairs:
+        if not len(xs[0]):
+            continue
+        if acc.grid is not None:
+            acc.grid.update(torch.stack(xs), torch.stack(ys))
+        if acc.kept is not None and not acc.kept.full:
+            acc.kept.add(ci, xs, ys)
+
+
+def _first_chunk_means(batches: list[list], ranks: Ranks, n_layers: int, d: int) -> torch.Tensor | None:
+    """float32 [L, d]: each layer's mean over all rows of the earliest chunk with rows (the centres)."""
+    means = ranks.earliest_means([[acts.dense() for acts in b] for b in batches], n_layers * d)
+    return None if means is None else means.to(torch.float32).view(n_layers, d)
+
+
+def _share_pilots(grid: CKAGrid, pairs: list, ranks: Ranks, shapes: tuple[int, int, int, int]) -> None:
+    """Give every rank the same CKA pilot means: those of the paired rows of the earliest chunk of
+    this step with rows."""
+    la, da, lb, db = shapes
+    means = ranks.earliest_means([xs + ys for _, xs, ys in pairs], la * da + lb * db)
+    if means is not None:
+        grid.set_pilots(means[: la * da].view(la, da), means[la * da :].view(lb, db))
+
+
+def second_pass(corpus: PairedCorpus, plan: ComparePlan, ranks: Ranks, first: FirstPass,
+                progress: bool) -> PerTokenGrid:
+    """Forward every chunk again; encode every paired token over the centred dictionaries."""
+    basis_a, basis_b = first.centred.bases()
+    grid = PerTokenGrid(basis_a, None if corpus.self_compare else basis_b, plan.config.k, plan.per_token,
+                        plan.per_token_grid)
+    bar = _bar(corpus, ranks, progress, "compare: per-token ITDA")
+    for mine in ranks.steps(corpus.chunks):
+        for _, batch_a, batch_b in _forward_step(corpus, mine, bar, ranks, plan.config.include_special):
+            ia, ib = pair_rows(batch_a, batch_b, corpus.identity)
+            ys = None if corpus.self_compare else [acts.dense()[ib] for acts in batch_b]
+            grid.update([acts.dense()[ia] for acts in batch_a], batch_a[0].refs[ia], ys, batch_b[0].refs[ib])
+    bar.close()
+    ranks.sum_grids(grid)
+    return grid

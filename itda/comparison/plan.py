@@ -1,0 +1,140 @@
+"""What a model comparison will run, decided before the first forward pass.
+
+`CompareConfig` holds every option of `itda compare` for two models; `make_plan` reads the
+measure registry and the models' shapes and decides which estimators run, which CKA grids are
+exact and which fall back to minibatch past `cka_memory`, which need the second pass, and the
+accumulator bytes of each. The run reports the plan's notes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import itda.comparison.registry as registry
+from itda.comparison.cka_grids import GridChoice, choose_grid, grid_bytes
+from itda.configfields import FieldError, choice
+
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """Every option `itda compare` takes when it compares two models (each field's help: its metadata)."""
+
+    tokens: int = choice(20_000, "tokens of A to read")
+    measures: tuple[str, ...] = choice(registry.DEFAULT_MEASURES, "measure names (itda.comparison.registry)")
+    context: int = choice(128, "tokens per context")
+    batch_tokens: int = choice(4096, "tokens per forward pass (a document chunk; the first centres the per-token "
+                                     "ITDA measures; the unit torchrun ranks share out)")
+    k: int = choice(40, "MP steps of the ITDA dictionaries (Jaccard, ITDA measures)")
+    min_cosine: float = choice(0.85, "dictionary threshold (Jaccard, ITDA measures)")
+    max_rows: int = choice(4096, "paired rows kept for the kept-rows measures (not the per-token ones)")
+    precision: str = choice("float64", "streaming CKA cross products: float64 (exact) or float32 (faster)")
+    include_special: bool = choice(False, "keep BOS/special tokens (they can dominate CKA)")
+    cka_memory: int = choice(1 << 30, "largest exact CKA accumulators in bytes, each grid; past it minibatch CKA")
+    cka_minibatch: int = choice(1024, "paired tokens per minibatch of the minibatch CKA estimator")
+
+    def __post_init__(self):
+        object.__setattr__(self, "measures", tuple(self.measures))
+        registry.check_measures(self.measures)
+        if self.precision not in ("float64", "float32"):
+            raise FieldError("precision", f"must be float64 or float32, got {self.precision!r}")
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """One accumulator a comparison runs: its measures, the pass that feeds it, its bytes (None: grows)."""
+
+    name: str
+    measures: tuple[str, ...]
+    passes: tuple[int, ...]
+    exact: bool
+    bytes: int | None
+
+
+@dataclass
+class ComparePlan:
+    """The estimators of one comparison and why they were chosen (`notes`)."""
+
+    config: CompareConfig
+    streamed: tuple[str, ...]  # raw CKA grid measures asked for (registry.STREAMED)
+    kept_rows: tuple[str, ...]  # similarity_grid measures, in the order asked
+    itda_kept_rows: tuple[str, ...]  # itda_grids measures on the kept rows, in the order asked
+    per_token: tuple[str, ...]  # PerTokenGrid measures (second pass), in the order asked
+    jaccard: bool
+    raw_grid: GridChoice | None
+    per_token_grid: GridChoice | None
+    estimators: list[Estimator] = field(default_factory=list)
+
+    @property
+    def keeps_rows(self) -> bool:
+        """Whether the first pass keeps max_rows paired rows (kept-rows measures, baseline or ITDA)."""
+        return bool(self.kept_rows or self.itda_kept_rows)
+
+    @property
+    def second_pass(self) -> bool:
+        return bool(self.per_token)
+
+    def notes(self) -> list[str]:
+        """What the run reports about its estimators, in order."""
+        out = []
+        if self.raw_grid is not None:
+            out.append(_raw_grid_note(self.raw_grid))
+        if self.per_token:
+            out.append("itda per-token measures: every paired token, second pass over the corpus, leave-one-out MP "
+                       "over dictionaries of the layer's rows centred by the first document chunk's mean")
+            if not self.per_token_grid.exact:
+                out.append(_per_token_grid_note(self.per_token_grid))
+        return out
+
+
+def _raw_grid_note(choice: GridChoice) -> str:
+    if choice.exact:
+        return f"linear CKA: exact streaming ({choice.exact_bytes / GiB:.2f} GiB of accumulators)"
+    return (f"linear CKA: minibatch estimator, {choice.minibatch} tokens per minibatch (the exact accumulators "
+            f"would need {choice.exact_bytes / GiB:.1f} GiB > {choice.memory / GiB:.1f} GiB); reported as "
+            "cka_minibatch; procrustes needs the exact path")
+
+
+def _per_token_grid_note(choice: GridChoice) -> str:
+    return (f"itda per-token CKA measures: minibatch estimator, {choice.minibatch} tokens per minibatch (exact "
+            f"accumulators would need {choice.exact_bytes / GiB:.1f} GiB each > {choice.memory / GiB:.1f} GiB); "
+            "itda_scaled_procrustes needs the exact path (not computed); itda_fused from itda_scaled_cka and the "
+            "norm profile")
+
+
+def _asked(config: CompareConfig, *kinds: str) -> tuple[str, ...]:
+    return tuple(m for m in config.measures if registry.REGISTRY[m].kind in kinds)
+
+
+def make_plan(config: CompareConfig, layers_a: int, d_a: int, layers_b: int, d_b: int) -> ComparePlan:
+    """The estimators for these measures and models: (L_A layers of width d_A) against (L_B, d_B)."""
+    streamed = tuple(m for m in registry.names_of(registry.STREAMED) if m in config.measures)
+    per_token = _asked(config, registry.PER_TOKEN)
+
+    def grid_if(wanted) -> GridChoice | None:
+        return choose_grid(layers_a, d_a, layers_b, d_b, config.cka_memory, config.cka_minibatch) if wanted else None
+
+    plan = ComparePlan(config, streamed, _asked(config, registry.KEPT_ROWS), _asked(config, registry.ITDA_KEPT_ROWS),
+                       per_token, "jaccard" in config.measures, grid_if(streamed), grid_if(per_token))
+    plan.estimators = _estimators(plan, layers_a * d_a + layers_b * d_b)
+    return plan
+
+
+def _estimators(plan: ComparePlan, row_width: int) -> list[Estimator]:
+    """The plan's accumulators; row_width: floats per paired row over all layers of both models."""
+    out = []
+    if plan.raw_grid is not None:
+        names = plan.streamed if plan.raw_grid.exact else ("cka_minibatch",)
+        out.append(Estimator("cka_grid", names, (1,), plan.raw_grid.exact, grid_bytes(plan.raw_grid)))
+    if plan.keeps_rows:
+        out.append(Estimator("kept_rows", plan.kept_rows + plan.itda_kept_rows, (1,), True,
+                             4 * plan.config.max_rows * row_width))
+    if plan.jaccard:
+        out.append(Estimator("jaccard_dictionaries", ("jaccard",), (1,), True, None))
+    if plan.per_token:
+        grids = sum(1 for wanted in (("itda_recon_cka",), ("itda_scaled_cka", "itda_scaled_procrustes", "itda_fused"))
+                    if set(wanted) & set(plan.per_token))
+        out.append(Estimator("per_token_grid", plan.per_token, (1, 2), plan.per_token_grid.exact,
+                             grids * grid_bytes(plan.per_token_grid)))
+    return out
