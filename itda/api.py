@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
@@ -40,9 +40,18 @@ def _split(options: dict, *configs: type) -> list[dict]:
     return parts
 
 
-def build(model: str | LoadedModel, *, layers: Iterable[int] = (), hookpoints: Iterable[str] = (),
-          hook: str = "resid_post", device: str | torch.device = "cpu", progress: bool = True,
-          checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 10, **options) -> dict[str, Dictionary]:
+def build(
+    model: str | LoadedModel,
+    *,
+    layers: Iterable[int] = (),
+    hookpoints: Iterable[str] = (),
+    hook: str = "resid_post",
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 10,
+    **options,
+) -> dict[str, Dictionary]:
     """Dictionaries keyed by hookpoint name, built in one pass over the corpus (`itda build MODEL`).
 
     options: any field of CorpusConfig (corpus, tokens, context, ...) or BuildConfig (k,
@@ -56,18 +65,37 @@ def build(model: str | LoadedModel, *, layers: Iterable[int] = (), hookpoints: I
     corpus = CorpusConfig(**corpus_opts)
     corpus.validate()
     config = BuildConfig.choose(build_opts.pop("threshold", None), build_opts.pop("min_cosine", None), **build_opts)
-    hps = [parse_hookpoint(str(layer), default_kind=hook) for layer in layers] + [parse_hookpoint(h) for h in hookpoints]
+    hps = [parse_hookpoint(str(layer), default_kind=hook) for layer in layers] + [
+        parse_hookpoint(h) for h in hookpoints
+    ]
     if not hps:
         raise ItdaInputError("give at least one layer or hookpoint")
     lm = _model(model, device)
-    _docs, contexts = load_contexts(corpus.corpus, lm.tokenizer, tokenizer_name=lm.tokenizer_name, split="train",
-                                    tokens=corpus.tokens, context=corpus.context, field=corpus.field)
+    _docs, contexts = load_contexts(
+        corpus.corpus,
+        lm.tokenizer,
+        tokenizer_name=lm.tokenizer_name,
+        split="train",
+        tokens=corpus.tokens,
+        context=corpus.context,
+        field=corpus.field,
+    )
     from itda.activations.stream import STREAM_DTYPES
 
-    result = build_from_model(lm, hps, contexts, config, corpus_name=str(corpus.corpus),
-                              batch_contexts=corpus.batch_contexts, dtype=STREAM_DTYPES[corpus.stream_dtype],
-                              include_special=corpus.include_special, device=device, progress=progress,
-                              checkpoint=checkpoint, checkpoint_every=checkpoint_every if checkpoint else 0)
+    result = build_from_model(
+        lm,
+        hps,
+        contexts,
+        config,
+        corpus_name=str(corpus.corpus),
+        batch_contexts=corpus.batch_contexts,
+        dtype=STREAM_DTYPES[corpus.stream_dtype],
+        include_special=corpus.include_special,
+        device=device,
+        progress=progress,
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every if checkpoint else 0,
+    )
     return {hp.name: d for hp, d in result.dictionaries.items()}
 
 
@@ -107,9 +135,17 @@ def _batches(data, batch_size: int = 8192) -> Iterable[torch.Tensor]:
     return data
 
 
-def compare(model_a: str | LoadedModel, model_b: str | LoadedModel | None = None, *, corpus: str = "default",
-            field: str = "text", device: str | torch.device = "cpu", progress: bool = True,
-            config: CompareConfig | None = None, **options) -> ModelComparison:
+def compare(
+    model_a: str | LoadedModel,
+    model_b: str | LoadedModel | None = None,
+    *,
+    corpus: str = "default",
+    field: str = "text",
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    config: CompareConfig | None = None,
+    **options,
+) -> ModelComparison:
     """Two models layer by layer (`itda compare A B`): per-measure [L_A, L_B] matrices with
     .summary(measure) (correspondence, argmax accuracy), .save(dir) and .plot(measure).
 
@@ -132,8 +168,19 @@ def compare(model_a: str | LoadedModel, model_b: str | LoadedModel | None = None
     return compare_models(lm_a, lm_b, docs, ids, config, progress=progress)
 
 
-def train_sae(data, *, latents: int, k: int = 32, init: str = "kaiming", steps: int = 1000, batch_size: int = 4096,
-              device: str | torch.device = "cpu", progress: bool = True, seed: int = 0, **options):
+def train_sae(
+    data,
+    *,
+    latents: int,
+    k: int = 32,
+    init: str = "kaiming",
+    steps: int = 1000,
+    batch_size: int = 4096,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    seed: int = 0,
+    **options,
+):
     """A TopK SAE trained on activations (a [T, d] tensor or an activation file), from any
     initialisation (`kaiming`, `data`, `itda:DICT`, ...); returns LoadedSae(sae, meta).
 
@@ -150,12 +197,21 @@ def train_sae(data, *, latents: int, k: int = 32, init: str = "kaiming", steps: 
     config = TrainConfig(steps=steps, seed=seed, **options)
     config.validate()
     sample = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:16_384]]
-    sae, info = new_sae(SaeConfig(rows.shape[1], latents, k, batch_topk), init, sample, device=device, seed=seed,
-                        **init_opts)
+    sae, info = new_sae(
+        SaeConfig(rows.shape[1], latents, k, batch_topk), init, sample, device=device, seed=seed, **init_opts
+    )
     trainer = SaeTrainer(sae, config)
     trainer.fit(shuffled_batches(rows, batch_size, seed), progress=progress)
-    meta = SaeMeta(init=info, train={**dataclasses.asdict(config), "lr": trainer.lr, "batch_size": batch_size,
-                                     "tokens": trainer.tokens_seen, "final_train_fvu": trainer.last_fvu})
+    meta = SaeMeta(
+        init=info,
+        train={
+            **dataclasses.asdict(config),
+            "lr": trainer.lr,
+            "batch_size": batch_size,
+            "tokens": trainer.tokens_seen,
+            "final_train_fvu": trainer.last_fvu,
+        },
+    )
     return LoadedSae(trainer.sae, meta)
 
 
@@ -173,8 +229,15 @@ def export(source, format: str, out: str | os.PathLike, *, k: int | None = None)
     return writers[format](*loaded, out)
 
 
-def explore(dictionary: Dictionary, out: str | os.PathLike, *, other: Dictionary | None = None,
-            model: str | LoadedModel | None = None, progress: bool = True, **options) -> Path:
+def explore(
+    dictionary: Dictionary,
+    out: str | os.PathLike,
+    *,
+    other: Dictionary | None = None,
+    model: str | LoadedModel | None = None,
+    progress: bool = True,
+    **options,
+) -> Path:
     """The static atom explorer of one dictionary (or two side by side) in folder out; returns its index.html.
 
     options: corpus, tokens, context, k, contexts (per atom), device.
@@ -189,14 +252,24 @@ def explore(dictionary: Dictionary, out: str | os.PathLike, *, other: Dictionary
     labels = [d.meta.hookpoint or "dictionary" for d in dicts]
     if len(dicts) == 2:
         labels = [f"A: {labels[0]}", f"B: {labels[1]}"]
-    views = [view_on_model(d, label=label, model=name, lm=lm, progress=progress, **options)
-             for d, label in zip(dicts, labels)]
+    views = [
+        view_on_model(d, label=label, model=name, lm=lm, progress=progress, **options)
+        for d, label in zip(dicts, labels)
+    ]
     shared = shared_atoms(dictionary, other) if other is not None else None
     return write_explorer(out, explorer_data(views, shared))
 
 
-def select(corpus: str, dictionary: Dictionary, budget: int, *, strategy: str = "greedy", seed: int = 0,
-           progress: bool = True, **options):
+def select(
+    corpus: str,
+    dictionary: Dictionary,
+    budget: int,
+    *,
+    strategy: str = "greedy",
+    seed: int = 0,
+    progress: bool = True,
+    **options,
+):
     """The `budget` documents of corpus that cover the most atoms (`itda select`): a Selection of
     chosen document indices, atoms each newly covered, the coverage report and curves.
 

@@ -12,8 +12,8 @@ from itda.activations.hookpoints import Hookpoint, n_layers
 from itda.activations.models import load_model
 from itda.atomic import write_text_atomic
 from itda.builder import BuildConfig
-from itda.dictionary import Dictionary
 from itda.builder.from_model import build_from_model
+from itda.dictionary import Dictionary
 from itda.evaluation.on_model import evaluate_contexts
 
 DEMO_MODEL = "smollm2-135m"
@@ -43,19 +43,25 @@ def atom_snippet(docs: list[str], refs_row: list[int], width: int = 40) -> str:
     return f"...{left}[[{text[cs:ce]}]]{right}..."
 
 
-def run_demo(out: Path, tokens: int, eval_tokens: int = 8192, model: str = DEMO_MODEL, layer: int | None = None) -> DemoResult:
+def run_demo(
+    out: Path, tokens: int, eval_tokens: int = 8192, model: str = DEMO_MODEL, layer: int | None = None
+) -> DemoResult:
     """Build at `layer` (default: the middle block) from `tokens` tokens, evaluate held-out, write the report and explorer."""
     lm = load_model(model)
     layer = n_layers(lm.model) // 2 if layer is None else layer
     hp = Hookpoint("resid_post", layer)
-    docs, contexts = load_contexts("default", lm.tokenizer, tokenizer_name=lm.tokenizer_name, split="train", tokens=tokens)
+    docs, contexts = load_contexts(
+        "default", lm.tokenizer, tokenizer_name=lm.tokenizer_name, split="train", tokens=tokens
+    )
     result = build_from_model(lm, [hp], contexts, DEMO_CONFIG, corpus_name="default")
     dictionary = result.dictionaries[hp]
     out.mkdir(parents=True, exist_ok=True)
     dictionary.save(out / f"{hp.file_stem}.safetensors")
 
     t0 = time.perf_counter()
-    _, held = load_contexts("default", lm.tokenizer, tokenizer_name=lm.tokenizer_name, split="heldout", tokens=eval_tokens)
+    _, held = load_contexts(
+        "default", lm.tokenizer, tokenizer_name=lm.tokenizer_name, split="heldout", tokens=eval_tokens
+    )
     report = evaluate_contexts(lm, dictionary, hp, held)
     summary = {
         **report.summary(),

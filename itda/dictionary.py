@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from itda.version import __version__
+
 from itda.errors import ItdaInputError
 from itda.pursuit import SparseCodes, compute_gram, decode, matching_pursuit, orthogonal_matching_pursuit
 from itda.pursuit.api import Backend
 from itda.pursuit.gram import gram_fits
 from itda.tensorfile import read_tensor_file, write_tensor_file
+from itda.version import __version__
 
 FORMAT_VERSION = 1
 REF_FIELDS = ("doc", "pos", "char_start", "char_end", "token_id")
@@ -42,7 +43,7 @@ class DictionaryMeta:
     format_version: int = FORMAT_VERSION
 
     @classmethod
-    def from_json(cls, text: str, source: str) -> "DictionaryMeta":
+    def from_json(cls, text: str, source: str) -> DictionaryMeta:
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -63,6 +64,7 @@ class DictionaryMeta:
 
     def validate(self, source: str) -> None:
         """Raise ItdaInputError naming the first field of the wrong type or out of range."""
+
         def bad(name: str, want: str) -> ItdaInputError:
             return ItdaInputError(f"{source}: metadata field '{name}' must be {want}, got {getattr(self, name)!r}")
 
@@ -141,7 +143,7 @@ class Dictionary:
     def d(self) -> int:
         return self.atoms.shape[1]
 
-    def to(self, device: torch.device | str) -> "Dictionary":
+    def to(self, device: torch.device | str) -> Dictionary:
         out = Dictionary(self.atoms.to(device), self.refs, self.meta)
         return out
 
@@ -160,7 +162,9 @@ class Dictionary:
             raise ItdaInputError(f"k must be between 1 and the dictionary's {len(self)} atoms, got {k}")
         return k
 
-    def encode(self, x: torch.Tensor, k: int | None = None, *, method: str = "mp", backend: Backend = "auto") -> SparseCodes:
+    def encode(
+        self, x: torch.Tensor, k: int | None = None, *, method: str = "mp", backend: Backend = "auto"
+    ) -> SparseCodes:
         """Sparse codes of x [B, d] with k atoms (default: the k the dictionary was built with)."""
         k = self.meta.k if k is None else k
         x = x.to(self.atoms.device)
@@ -182,7 +186,7 @@ class Dictionary:
         write_tensor_file(path, {"atoms": self.atoms, "refs": self.refs}, _META_KEY, self.meta.to_json())
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> "Dictionary":
+    def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> Dictionary:
         """Read and validate a dictionary file; errors name the file and the problem."""
         path = Path(path)
         if not path.is_file():
@@ -200,11 +204,15 @@ class Dictionary:
         if atoms.shape[1] != meta.d:
             raise ItdaInputError(f"{path}: atoms have d={atoms.shape[1]} but metadata says d={meta.d}")
         if refs.dtype != torch.int64 or refs.shape != (atoms.shape[0], len(REF_FIELDS)):
-            raise ItdaInputError(f"{path}: refs must be int64 [{atoms.shape[0]}, {len(REF_FIELDS)}], got {refs.dtype} {tuple(refs.shape)}")
+            raise ItdaInputError(
+                f"{path}: refs must be int64 [{atoms.shape[0]}, {len(REF_FIELDS)}], got {refs.dtype} {tuple(refs.shape)}"
+            )
         if not bool(torch.isfinite(atoms).all()):
             raise ItdaInputError(f"{path}: atoms contain NaN or inf")
         norms = atoms.to(torch.float32).norm(dim=1)
         tol = 1e-2 if atoms.dtype != torch.float32 else 1e-4
         if atoms.shape[0] and float((norms - 1).abs().max()) > tol:
-            raise ItdaInputError(f"{path}: atoms are not unit-norm (max |norm - 1| = {float((norms - 1).abs().max()):.3g})")
+            raise ItdaInputError(
+                f"{path}: atoms are not unit-norm (max |norm - 1| = {float((norms - 1).abs().max()):.3g})"
+            )
         return cls(atoms.to(device), refs, meta)

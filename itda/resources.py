@@ -48,4 +48,6 @@ def check_fits(nbytes: float, what: str, device: torch.device | str = "cpu") -> 
     """Raise ItdaInputError when `what` (needing nbytes) exceeds the memory free on `device`."""
     free = available_bytes(device)
     if free is not None and nbytes > free:
-        raise ItdaInputError(f"{what} needs about {format_bytes(nbytes)}, more than the {format_bytes(free)} free on {torch.device(device)}")
+        raise ItdaInputError(
+            f"{what} needs about {format_bytes(nbytes)}, more than the {format_bytes(free)} free on {torch.device(device)}"
+        )

@@ -27,7 +27,9 @@ def synthetic_with_features(
     feats_FD = torch.randn(n_features, d, generator=gen)
     feats_FD /= feats_FD.norm(dim=1, keepdim=True)
     probs_F = 1.0 / torch.arange(1, n_features + 1, dtype=torch.float64) ** zipf
-    idx_TA = torch.multinomial(probs_F.float(), n_tokens * active, replacement=True, generator=gen).view(n_tokens, active)
+    idx_TA = torch.multinomial(probs_F.float(), n_tokens * active, replacement=True, generator=gen).view(
+        n_tokens, active
+    )
     mag_TA = torch.exp(0.5 * torch.randn(n_tokens, active, generator=gen))
     acts_TD = torch.einsum("ta,tad->td", mag_TA, feats_FD[idx_TA])
     acts_TD += noise * torch.randn(n_tokens, d, generator=gen) * acts_TD.norm(dim=1, keepdim=True) / d**0.5

@@ -22,14 +22,24 @@ from itda.errors import ItdaInputError
 
 CHECKSUM_KEY = "itda_sha256"
 # the header entry that marks each kind of itda file
-ARTIFACT_KINDS = {"dictionary": "itda", "codes": "itda_codes", "sae": "itda_sae",
-                  "checkpoint": "itda_checkpoint", "model-checkpoint": "itda_model_checkpoint",
-                  "sae-checkpoint": "itda_sae_checkpoint"}
+ARTIFACT_KINDS = {
+    "dictionary": "itda",
+    "codes": "itda_codes",
+    "sae": "itda_sae",
+    "checkpoint": "itda_checkpoint",
+    "model-checkpoint": "itda_model_checkpoint",
+    "sae-checkpoint": "itda_sae_checkpoint",
+}
 
 
-KIND_NAMES = {"sae": "SAE", "sae-checkpoint": "SAE checkpoint", "sae-eval-report": "SAE eval report",
-              "checkpoint": "build checkpoint", "model-checkpoint": "model-build checkpoint",
-              "saelens-export": "SAELens export"}
+KIND_NAMES = {
+    "sae": "SAE",
+    "sae-checkpoint": "SAE checkpoint",
+    "sae-eval-report": "SAE eval report",
+    "checkpoint": "build checkpoint",
+    "model-checkpoint": "model-build checkpoint",
+    "saelens-export": "SAELens export",
+}
 
 
 def kind_name(kind: str) -> str:
@@ -86,7 +96,9 @@ def verify_checksum(path: str | os.PathLike, header: dict[str, str], tensors: di
     return True
 
 
-def read_tensor_file(path: str | os.PathLike, what: str = "safetensors file") -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+def read_tensor_file(
+    path: str | os.PathLike, what: str = "safetensors file"
+) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     """(header metadata, tensors), checksum verified; an unreadable file raises ItdaInputError naming it and `what` it should be."""
     path = Path(path)
     if not path.is_file():

@@ -17,4 +17,6 @@ def smollm2():
 def smollm2_contexts(smollm2):
     from itda.activations.corpus import load_contexts
 
-    return load_contexts("default", smollm2.tokenizer, tokenizer_name=smollm2.tokenizer_name, split="train", tokens=2048)
+    return load_contexts(
+        "default", smollm2.tokenizer, tokenizer_name=smollm2.tokenizer_name, split="train", tokens=2048
+    )

@@ -3,12 +3,12 @@ import json
 
 import pytest
 import torch
+from tiny_models import sample_docs, tiny_model, word_tokenizer
 
 from itda.activations.corpus import load_contexts, read_documents, split_documents, tokenize_contexts
 from itda.activations.hookpoints import Hookpoint, StopForward, capture, parse_hookpoint, resolve_module
 from itda.activations.stream import iterate_batches, to_act_batch
 from itda.errors import ItdaInputError
-from tiny_models import sample_docs, tiny_model, word_tokenizer
 
 ARCHS = ["llama", "qwen2", "gemma3", "gpt2", "bert"]
 
@@ -70,7 +70,11 @@ def test_forward_stops_after_deepest_layer():
     model = tiny_model("llama")
     calls = []
     model.model.layers[3].register_forward_hook(lambda *a: calls.append(3))
-    with torch.inference_mode(), capture(model, [Hookpoint("resid_post", 1)]) as store, contextlib.suppress(StopForward):
+    with (
+        torch.inference_mode(),
+        capture(model, [Hookpoint("resid_post", 1)]) as store,
+        contextlib.suppress(StopForward),
+    ):
         model(input_ids=_ids())
     assert Hookpoint("resid_post", 1) in store and calls == []
 
@@ -145,7 +149,9 @@ def test_stream_matches_forward_and_drops_special():
     hp = Hookpoint("resid_post", 2)
     batches = list(iterate_batches(model, [hp], ctx, batch_contexts=3, dtype=torch.float16))
     with torch.inference_mode():
-        hs = model(input_ids=ctx.input_ids, attention_mask=ctx.attention_mask, output_hidden_states=True).hidden_states[3]
+        hs = model(input_ids=ctx.input_ids, attention_mask=ctx.attention_mask, output_hidden_states=True).hidden_states[
+            3
+        ]
     want = hs[~ctx.special]
     got = torch.cat([b[hp].dense() for b in batches])
     assert got.shape == want.shape

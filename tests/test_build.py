@@ -27,7 +27,9 @@ def _hand_batches():
 def test_reference_mode_hand_checked():
     d = build_dictionary(_hand_batches(), k=1, min_cosine=0.9, mode="reference")
     s = 0.5**0.5
-    expected = torch.tensor([[1.0, 0.0], [0.0, 1.0], [s, s], [s, -s], [1.0 / np.hypot(1, 1.01), -1.01 / np.hypot(1, 1.01)], [s, -s]])
+    expected = torch.tensor(
+        [[1.0, 0.0], [0.0, 1.0], [s, s], [s, -s], [1.0 / np.hypot(1, 1.01), -1.01 / np.hypot(1, 1.01)], [s, -s]]
+    )
     # batch 1 seeds the most frequent row first ([1,0], first seen at row 1), then [0,2];
     # batch 2 adds only [1,1] (cos 0.707); [3,0.1] and [-1,0] are within cos 0.9 of an atom;
     # batch 3: all three rows have cos 0.707 with the dictionary and all enter, duplicates too.

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import run_bad
+from tiny_models import sample_docs, tiny_model, word_tokenizer
 from typer.testing import CliRunner
 
 import itda.builder.from_model as fm
-from cli_helpers import run_bad
 from itda.activations.corpus import load_contexts
 from itda.activations.hookpoints import Hookpoint
 from itda.activations.models import load_model
@@ -23,7 +24,6 @@ from itda.builder import BuildConfig, builder_class
 from itda.cli.main import app
 from itda.dictionary import Dictionary
 from itda.tensorfile import read_tensor_file
-from tiny_models import sample_docs, tiny_model, word_tokenizer
 
 ITDA = [sys.executable, "-m", "itda.cli.main"]
 HPS = [Hookpoint("resid_post", 1), Hookpoint("resid_post", 3)]
@@ -77,8 +77,15 @@ def _steps_in(ck: Path) -> int:
     return json.loads(header["itda_model_checkpoint"])["steps"]
 
 
-@pytest.mark.parametrize("layerwise,mode,where", [(False, "improved", "update"), (False, "reference", "forward"),
-                                                  (True, "improved", "forward"), (True, "reference", "update")])
+@pytest.mark.parametrize(
+    "layerwise,mode,where",
+    [
+        (False, "improved", "update"),
+        (False, "reference", "forward"),
+        (True, "improved", "forward"),
+        (True, "reference", "update"),
+    ],
+)
 def test_interrupted_library_build_resumes_byte_identical(tiny, tmp_path, monkeypatch, layerwise, mode, where):
     folder, corpus = tiny
     lm = load_model(str(folder), layerwise=layerwise, max_layer=3)
@@ -123,8 +130,24 @@ def test_restored_builder_has_the_same_gram_bits():
 
 
 def _cli_args(folder, corpus, out, ck=None, layers=(1, 3), tokens=6000, k=8):
-    args = ["build", str(folder), *sum((["--layer", str(L)] for L in layers), []), "--corpus", str(corpus),
-            "--tokens", str(tokens), "--context", "32", "--batch-tokens", "192", "--k", str(k), "--out", str(out), "-q"]
+    args = [
+        "build",
+        str(folder),
+        *sum((["--layer", str(L)] for L in layers), []),
+        "--corpus",
+        str(corpus),
+        "--tokens",
+        str(tokens),
+        "--context",
+        "32",
+        "--batch-tokens",
+        "192",
+        "--k",
+        str(k),
+        "--out",
+        str(out),
+        "-q",
+    ]
     return args + (["--checkpoint", str(ck), "--checkpoint-every", "1"] if ck else [])
 
 
@@ -206,15 +229,22 @@ def test_sigint_saves_a_model_checkpoint_and_says_so(tiny, cli_reference, tmp_pa
     folder, corpus = tiny
     out, ck = tmp_path / "out", tmp_path / "ck.safetensors"
     cmd = ITDA + _cli_args(folder, corpus, out, ck)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    assert _wait_for_new_checkpoint(lambda: proc.poll() is None, ck, None), "the build ended before it could be interrupted"
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    assert _wait_for_new_checkpoint(lambda: proc.poll() is None, ck, None), (
+        "the build ended before it could be interrupted"
+    )
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, (proc.returncode, err)
     assert "interrupted" in err and f"checkpoint saved at {ck}" in err and len(err.strip().splitlines()) == 1
     assert ck.exists() and not out.exists() and _steps_in(ck) >= 1
-    r = CliRunner().invoke(app, cmd[len(ITDA):])  # the same command resumes (here in-process)
+    r = CliRunner().invoke(app, cmd[len(ITDA) :])  # the same command resumes (here in-process)
     assert r.exit_code == 0, r.output
     assert digests(out) == cli_reference and not ck.exists()
 
@@ -240,8 +270,10 @@ def test_foreign_checkpoints_are_refused_and_nothing_is_touched(tiny, tmp_path, 
         assert digest(ck) == before and out.read_bytes() == b""
     run_bad(args + ["--checkpoint", str(out), "--overwrite"], "--out is also an input")
     folder_out = tmp_path / "f"
-    run_bad(_cli_args(folder, corpus, folder_out, folder_out / "resid_post.3.safetensors", tokens=2000),
-            "--checkpoint is also an output")
+    run_bad(
+        _cli_args(folder, corpus, folder_out, folder_out / "resid_post.3.safetensors", tokens=2000),
+        "--checkpoint is also an output",
+    )
     assert not folder_out.exists() and out.read_bytes() == b""
     r = runner.invoke(app, args + ["--checkpoint", str(ck), "--overwrite"])
     assert r.exit_code == 0, r.output
@@ -273,8 +305,9 @@ def test_torchrun_build_killed_and_resumed_equals_one_process_interleaved(tiny, 
     contexts = load_contexts(corpus, lm.tokenizer, tokenizer_name=lm.tokenizer_name, tokens=3000, context=32)[1]
     config = BuildConfig(k=8, min_cosine=0.85)
     for interleave, name in [(2, "two"), (1, "one")]:
-        res = fm.build_from_model(lm, HPS, contexts, config, corpus_name=str(corpus), batch_contexts=6,
-                                  progress=False, interleave=interleave)
+        res = fm.build_from_model(
+            lm, HPS, contexts, config, corpus_name=str(corpus), batch_contexts=6, progress=False, interleave=interleave
+        )
         (tmp_path / name).mkdir()
         fm.save_dictionaries(res, tmp_path / name)
     assert digests(out) == digests(tmp_path / "two") and len(digests(out)) == 2

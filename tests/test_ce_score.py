@@ -1,11 +1,11 @@
 import torch
 import torch.nn.functional as F
+from tiny_models import sample_docs, tiny_model, word_tokenizer
 
 from itda.activations.corpus import tokenize_contexts
 from itda.activations.hookpoints import Hookpoint
-from itda.evaluation.ce_score import ce_loss_score
 from itda.dictionary import Dictionary, DictionaryMeta
-from tiny_models import sample_docs, tiny_model, word_tokenizer
+from itda.evaluation.ce_score import ce_loss_score
 
 
 def _direct_ce(model, ctx, zero_layer=None):

@@ -2,10 +2,10 @@ import json
 
 import numpy as np
 import pytest
+from cli_helpers import synthetic_acts_file
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from cli_helpers import synthetic_acts_file
 from itda.cli.main import app
 from itda.dictionary import Dictionary
 
@@ -64,7 +64,9 @@ def test_bad_inputs_exit_2_and_write_nothing(tmp_path, acts_file):
     _bad(tmp_path, ["build", str(wrong), "--out", str(out)], "2-D")
     _bad(tmp_path, ["build", str(acts_file), "--out", str(out), "--k", "0"], "k must be")
     _bad(tmp_path, ["build", str(acts_file), "--out", str(out), "--threshold", "3"], "out of range")
-    _bad(tmp_path, ["build", str(acts_file), "--out", str(out), "--threshold", "0.01", "--min-cosine", "0.5"], "not both")
+    _bad(
+        tmp_path, ["build", str(acts_file), "--out", str(out), "--threshold", "0.01", "--min-cosine", "0.5"], "not both"
+    )
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 

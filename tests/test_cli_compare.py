@@ -2,12 +2,12 @@ import json
 
 import numpy as np
 import pytest
+from tiny_models import sample_docs, tiny_model, word_tokenizer
 from typer.testing import CliRunner
 
 from itda.activations.files import save_activations
 from itda.cli.main import app
 from itda.synthetic import synthetic_activations
-from tiny_models import sample_docs, tiny_model, word_tokenizer
 
 runner = CliRunner()
 
@@ -31,8 +31,27 @@ def corpus(tmp_path):
 
 def test_compare_model_with_itself(tmp_path, model_dir, corpus):
     out = tmp_path / "cmp"
-    r = runner.invoke(app, ["compare", str(model_dir), str(model_dir), "--corpus", str(corpus), "--tokens", "1500",
-                            "--context", "32", "--measures", "jaccard,cka,svcca", "--k", "8", "--out", str(out), "-q"])
+    r = runner.invoke(
+        app,
+        [
+            "compare",
+            str(model_dir),
+            str(model_dir),
+            "--corpus",
+            str(corpus),
+            "--tokens",
+            "1500",
+            "--context",
+            "32",
+            "--measures",
+            "jaccard,cka,svcca",
+            "--k",
+            "8",
+            "--out",
+            str(out),
+            "-q",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "argmax accuracy 1.00" in r.output and "BOS/special tokens dropped" in r.output
     for name in ("cka", "cka_debiased", "svcca", "jaccard_raw", "jaccard_crop", "jaccard_chance"):
@@ -44,8 +63,28 @@ def test_compare_model_with_itself(tmp_path, model_dir, corpus):
 
 def test_compare_dictionaries_and_folders(tmp_path, model_dir, corpus):
     out = tmp_path / "d"
-    r = runner.invoke(app, ["build", str(model_dir), "--layer", "1", "--layer", "2", "--corpus", str(corpus),
-                            "--tokens", "800", "--context", "32", "--k", "8", "--out", str(out), "-q"])
+    r = runner.invoke(
+        app,
+        [
+            "build",
+            str(model_dir),
+            "--layer",
+            "1",
+            "--layer",
+            "2",
+            "--corpus",
+            str(corpus),
+            "--tokens",
+            "800",
+            "--context",
+            "32",
+            "--k",
+            "8",
+            "--out",
+            str(out),
+            "-q",
+        ],
+    )
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["compare", str(out / "resid_post.1.safetensors"), str(out / "resid_post.1.safetensors")])
     assert r.exit_code == 0 and "jaccard_raw      1.0000" in r.output, r.output

@@ -9,18 +9,17 @@ import time
 import numpy as np
 import pytest
 import torch
+from cli_helpers import run_bad as _bad
+from cli_helpers import run_ok as _ok
+from cli_helpers import synthetic_acts_file
 from typer.testing import CliRunner
 
 from itda.activations.files import save_activations
-from cli_helpers import run_bad as _bad
-from cli_helpers import synthetic_acts_file
-from cli_helpers import run_ok as _ok
 from itda.cli.main import app
 from itda.sae import load_sae
 from itda.synthetic import synthetic_activations
 
 runner = CliRunner()
-
 
 
 @pytest.fixture()
@@ -34,8 +33,26 @@ def files(tmp_path):
 def test_train_eval_export_from_itda_init(tmp_path, files):
     acts, d = files
     out = tmp_path / "sae.safetensors"
-    r = _ok(["sae", "train", str(acts), "--out", str(out), "--latents", "512", "--k", "8", "--init", f"itda:{d}",
-             "--steps", "30", "--batch-size", "256", "-q"])
+    r = _ok(
+        [
+            "sae",
+            "train",
+            str(acts),
+            "--out",
+            str(out),
+            "--latents",
+            "512",
+            "--k",
+            "8",
+            "--init",
+            f"itda:{d}",
+            "--steps",
+            "30",
+            "--batch-size",
+            "256",
+            "-q",
+        ]
+    )
     assert "fvu" in r.output
     loaded = load_sae(out)
     assert loaded.sae.cfg.n_latents == 512 and loaded.meta.init["init"] == f"itda:{d}"
@@ -78,7 +95,10 @@ def test_sae_bad_inputs_exit_2(tmp_path, files):
     _bad(["sae", "eval", str(d), str(acts)], "not an SAE")
     _bad(["sae", "eval", str(tmp_path / "nope.safetensors"), str(acts)], "no such")
     (tmp_path / "mine").mkdir()
-    _bad(["export", str(d), "--format", "saelens", "--out", str(tmp_path / "mine")], "exists and is not an SAELens export")
+    _bad(
+        ["export", str(d), "--format", "saelens", "--out", str(tmp_path / "mine")],
+        "exists and is not an SAELens export",
+    )
     assert not out.exists() and ck.read_bytes() == b"not a checkpoint at all"
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
@@ -86,12 +106,42 @@ def test_sae_bad_inputs_exit_2(tmp_path, files):
 @pytest.mark.slow
 def test_killed_training_resumes_to_the_same_sae(tmp_path, files):
     acts, _ = files
-    common = [str(acts), "--latents", "256", "--k", "8", "--init", "data", "--steps", "400", "--batch-size", "256",
-              "--dead-after-tokens", "4096", "--resample", "itda", "--resample-every", "50", "-q"]
+    common = [
+        str(acts),
+        "--latents",
+        "256",
+        "--k",
+        "8",
+        "--init",
+        "data",
+        "--steps",
+        "400",
+        "--batch-size",
+        "256",
+        "--dead-after-tokens",
+        "4096",
+        "--resample",
+        "itda",
+        "--resample-every",
+        "50",
+        "-q",
+    ]
     _ok(["sae", "train", *common, "--out", str(tmp_path / "whole.safetensors")])
     ck = tmp_path / "ck.safetensors"
-    cmd = [sys.executable, "-m", "itda.cli.main", "sae", "train", *common, "--out", str(tmp_path / "resumed.safetensors"),
-           "--checkpoint", str(ck), "--checkpoint-every", "20"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "itda.cli.main",
+        "sae",
+        "train",
+        *common,
+        "--out",
+        str(tmp_path / "resumed.safetensors"),
+        "--checkpoint",
+        str(ck),
+        "--checkpoint-every",
+        "20",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not ck.exists() and time.time() < deadline and proc.poll() is None:
@@ -110,10 +160,34 @@ def test_killed_training_resumes_to_the_same_sae(tmp_path, files):
 @pytest.mark.slow
 def test_train_on_smollm2_layer_and_eval_with_ce_score(tmp_path):
     out = tmp_path / "sae.safetensors"
-    _ok(["sae", "train", "smollm2-135m", "--layer", "3", "--latents", "1152", "--k", "16", "--init", "data",
-         "--steps", "4", "--batch-size", "512", "--init-sample", "2048", "--out", str(out), "-q"])
+    _ok(
+        [
+            "sae",
+            "train",
+            "smollm2-135m",
+            "--layer",
+            "3",
+            "--latents",
+            "1152",
+            "--k",
+            "16",
+            "--init",
+            "data",
+            "--steps",
+            "4",
+            "--batch-size",
+            "512",
+            "--init-sample",
+            "2048",
+            "--out",
+            str(out),
+            "-q",
+        ]
+    )
     loaded = load_sae(out)
-    assert loaded.meta.model == "smollm2-135m" and loaded.meta.hookpoint == "resid_post.3" and loaded.sae.cfg.d_in == 576
+    assert (
+        loaded.meta.model == "smollm2-135m" and loaded.meta.hookpoint == "resid_post.3" and loaded.sae.cfg.d_in == 576
+    )
     rep = tmp_path / "rep.json"
     _ok(["sae", "eval", str(out), "--tokens", "512", "--out", str(rep)])
     s = json.loads(rep.read_text())

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
+from reference_impls import csls_loops
 
 from itda.comparison.hubness import csls
-from reference_impls import csls_loops
 
 
 @pytest.mark.parametrize("shape", [(5, 7), (7, 5), (1, 4), (4, 1), (3, 3)])

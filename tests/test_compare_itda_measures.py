@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 import torch
+from reference_impls import csls_loops, mp_float64
 from scipy.stats import spearmanr
 
 from itda.comparison.itda_measures import ITDA_MEASURES, PER_TOKEN, itda_grids, layer_sample, pair_similarities
 from itda.synthetic import synthetic_activations
-from reference_impls import csls_loops, mp_float64
 
 
 def _mp(x, atoms, k):
@@ -139,7 +139,11 @@ def test_per_token_measures_ignore_a_shared_offset(two_layers):
     changes nothing for the per-token measures; uncentred, it swamps the directions (the plain
     unit rows of the shifted layer all point along it)."""
     x, y = two_layers
-    offset = 20 * x.norm(dim=1).mean() * torch.nn.functional.normalize(torch.randn(16, generator=torch.Generator().manual_seed(5)), dim=0)
+    offset = (
+        20
+        * x.norm(dim=1).mean()
+        * torch.nn.functional.normalize(torch.randn(16, generator=torch.Generator().manual_seed(5)), dim=0)
+    )
     plain = itda_grids([x], [y], PER_TOKEN, k=5, min_cosine=0.9)
     shifted = itda_grids([x + offset], [y], PER_TOKEN, k=5, min_cosine=0.9)
     for m in PER_TOKEN:
@@ -156,6 +160,8 @@ def test_fused_is_the_hubness_corrected_standardised_sum_of_its_three_parts(two_
     got = itda_grids(xs, ys, ("itda_fused",), k=5, min_cosine=0.9)
     assert list(got) == ["itda_fused"] and got["itda_fused"].shape == (3, 2)
     parts = itda_grids(xs, ys, ("itda_scaled_cka", "itda_scaled_procrustes"), k=5, min_cosine=0.9)
-    parts["norm"] = np.array([[spearmanr(a.norm(dim=1).numpy(), b.norm(dim=1).numpy()).statistic for b in ys] for a in xs])
+    parts["norm"] = np.array(
+        [[spearmanr(a.norm(dim=1).numpy(), b.norm(dim=1).numpy()).statistic for b in ys] for a in xs]
+    )
     want = csls_loops(sum((s - s.mean()) / s.std() for s in parts.values()), 2)
     np.testing.assert_allclose(got["itda_fused"], want, atol=1e-6)

@@ -5,7 +5,16 @@ import pytest
 import scipy.linalg
 import scipy.stats
 
-from itda.comparison.measures import compare_activations, compare_stream, linear_cka, mutual_knn, pwcca, rbf_cka, relative_similarity, svcca
+from itda.comparison.measures import (
+    compare_activations,
+    compare_stream,
+    linear_cka,
+    mutual_knn,
+    pwcca,
+    rbf_cka,
+    relative_similarity,
+    svcca,
+)
 from itda.comparison.streaming import StreamingCKA
 from itda.errors import ItdaInputError
 
@@ -27,8 +36,11 @@ def ref_unbiased_hsic(k, l):
     n = k.shape[0]
     kt, lt = k - np.diag(np.diag(k)), l - np.diag(np.diag(l))
     one = np.ones(n)
-    return (np.trace(kt @ lt) + (one @ kt @ one) * (one @ lt @ one) / ((n - 1) * (n - 2))
-            - 2 / (n - 2) * (one @ kt @ lt @ one)) / (n * (n - 3))
+    return (
+        np.trace(kt @ lt)
+        + (one @ kt @ one) * (one @ lt @ one) / ((n - 1) * (n - 2))
+        - 2 / (n - 2) * (one @ kt @ lt @ one)
+    ) / (n * (n - 3))
 
 
 def ref_debiased_cka(x, y):
@@ -41,7 +53,7 @@ def ref_cca(x, y):
 
     def inv_sqrt(c):
         w, v = np.linalg.eigh(c)
-        return v @ np.diag(w ** -0.5) @ v.T
+        return v @ np.diag(w**-0.5) @ v.T
 
     sxx, syy, sxy = xc.T @ xc, yc.T @ yc, xc.T @ yc
     a, b = inv_sqrt(sxx), inv_sqrt(syy)

@@ -12,8 +12,11 @@ def hsic1(k: np.ndarray, l: np.ndarray) -> float:
     np.fill_diagonal(kt, 0)
     np.fill_diagonal(lt, 0)
     one = np.ones(n)
-    return (np.trace(kt @ lt) + (one @ kt @ one) * (one @ lt @ one) / ((n - 1) * (n - 2))
-            - 2 / (n - 2) * one @ kt @ lt @ one) / (n * (n - 3))
+    return (
+        np.trace(kt @ lt)
+        + (one @ kt @ one) * (one @ lt @ one) / ((n - 1) * (n - 2))
+        - 2 / (n - 2) * one @ kt @ lt @ one
+    ) / (n * (n - 3))
 
 
 def test_matches_formula_and_streams_in_any_chunks():

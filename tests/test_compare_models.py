@@ -2,15 +2,15 @@ import json
 
 import numpy as np
 import torch
-
-from itda.activations.hookpoints import Hookpoint
-from itda.activations.stream import iterate_batches
-from itda.activations.corpus import tokenize_contexts
-from itda.comparison.measures import linear_cka
-from itda.comparison import CompareConfig, compare_models
-from itda.comparison.report import write_matrix
 from reference_impls import csls_loops
 from tiny_models import loaded, reversed_word_tokenizer, sample_docs, word_tokenizer
+
+from itda.activations.corpus import tokenize_contexts
+from itda.activations.hookpoints import Hookpoint
+from itda.activations.stream import iterate_batches
+from itda.comparison import CompareConfig, compare_models
+from itda.comparison.measures import linear_cka
+from itda.comparison.report import write_matrix
 
 MEASURES = ["jaccard", "cka", "cka_debiased", "procrustes", "svcca", "relative", "mutual_knn"]
 
@@ -19,8 +19,9 @@ def test_self_comparison_is_perfect_on_the_diagonal():
     tok = word_tokenizer()
     lm = loaded("tiny-a", "llama", tok)
     docs = sample_docs(30, seed=1)
-    res = compare_models(lm, None, docs, list(range(30)), tokens=2000, measures=MEASURES, context=32, k=8,
-                         max_rows=512, progress=False)
+    res = compare_models(
+        lm, None, docs, list(range(30)), tokens=2000, measures=MEASURES, context=32, k=8, max_rows=512, progress=False
+    )
     assert res.identity == "token"
     for name, m in res.matrices.items():
         assert m.shape == (4, 4)
@@ -33,8 +34,17 @@ def test_a_config_and_keyword_options_give_the_same_comparison():
     docs = sample_docs(10, seed=3)
     config = CompareConfig(tokens=400, measures=("cka", "svcca"), context=32, max_rows=200)
     res = compare_models(lm_a, lm_b, docs, list(range(10)), config, progress=False)
-    again = compare_models(lm_a, lm_b, docs, list(range(10)), tokens=400, measures=["cka", "svcca"], context=32,
-                           max_rows=200, progress=False)
+    again = compare_models(
+        lm_a,
+        lm_b,
+        docs,
+        list(range(10)),
+        tokens=400,
+        measures=["cka", "svcca"],
+        context=32,
+        max_rows=200,
+        progress=False,
+    )
     assert list(res.matrices) == ["cka", "svcca"] == list(again.matrices)
     for name in res.matrices:
         np.testing.assert_array_equal(res.matrices[name], again.matrices[name])
@@ -46,8 +56,18 @@ def test_grid_cka_equals_pairwise_formula_across_tokenizers():
     tok_a, tok_b = word_tokenizer(), reversed_word_tokenizer()
     lm_a, lm_b = loaded("tiny-a", "llama", tok_a, seed=0), loaded("tiny-b", "gpt2", tok_b, seed=1)
     docs = sample_docs(20, seed=2)
-    res = compare_models(lm_a, lm_b, docs, list(range(20)), tokens=1500, measures=["cka", "jaccard"], context=32,
-                         k=8, batch_tokens=256, progress=False)
+    res = compare_models(
+        lm_a,
+        lm_b,
+        docs,
+        list(range(20)),
+        tokens=1500,
+        measures=["cka", "jaccard"],
+        context=32,
+        k=8,
+        batch_tokens=256,
+        progress=False,
+    )
     assert res.identity == "char"
     # the same tokens were read by both (same word boundaries): pair every text token
     ctx_a = tokenize_contexts(docs, range(20), tok_a, context=32, max_tokens=1500)
@@ -55,7 +75,9 @@ def test_grid_cka_equals_pairwise_formula_across_tokenizers():
     # recompute layer (1, 2) directly from paired activations
     ha, hb = Hookpoint("resid_post", 1), Hookpoint("resid_post", 2)
     xa = torch.cat([b[ha].dense() for b in iterate_batches(lm_a.model, [ha], ctx_a, dtype=torch.float32)])
-    ctx_b = tokenize_contexts(docs, sorted(set(ctx_a.refs[..., 0][ctx_a.refs[..., 0] >= 0].tolist())), tok_b, context=32)
+    ctx_b = tokenize_contexts(
+        docs, sorted(set(ctx_a.refs[..., 0][ctx_a.refs[..., 0] >= 0].tolist())), tok_b, context=32
+    )
     batches_b = list(iterate_batches(lm_b.model, [hb], ctx_b, dtype=torch.float32))
     yb = torch.cat([b[hb].dense() for b in batches_b])
     rb = torch.cat([b[hb].refs for b in batches_b])
@@ -84,15 +106,33 @@ def test_minibatch_cka_runs_when_the_exact_accumulators_do_not_fit():
     tok = word_tokenizer()
     lm_a, lm_b = loaded("tiny-a", "llama", tok, seed=0), loaded("tiny-b", "llama", tok, seed=1)
     docs = sample_docs(30, seed=4)
-    res = compare_models(lm_a, lm_b, docs, list(range(30)), tokens=2000, measures=["cka", *ITDA_MEASURES], context=32,
-                         k=8, progress=False, cka_memory=1, cka_minibatch=256, max_rows=1024)
+    res = compare_models(
+        lm_a,
+        lm_b,
+        docs,
+        list(range(30)),
+        tokens=2000,
+        measures=["cka", *ITDA_MEASURES],
+        context=32,
+        k=8,
+        progress=False,
+        cka_memory=1,
+        cka_minibatch=256,
+        max_rows=1024,
+    )
     assert "cka_minibatch" in res.matrices and "cka" not in res.matrices
     assert any("minibatch" in n for n in res.notes)
     # the same estimator by hand on the paired activations (same tokenizer: tokens pair by position)
     ctx = tokenize_contexts(docs, range(30), tok, context=32, max_tokens=2000)
     hps = [Hookpoint("resid_post", i) for i in range(4)]
-    xa = [torch.cat(t) for t in zip(*[[b[h].dense() for h in hps] for b in iterate_batches(lm_a.model, hps, ctx, dtype=torch.float32)])]
-    xb = [torch.cat(t) for t in zip(*[[b[h].dense() for h in hps] for b in iterate_batches(lm_b.model, hps, ctx, dtype=torch.float32)])]
+    xa = [
+        torch.cat(t)
+        for t in zip(*[[b[h].dense() for h in hps] for b in iterate_batches(lm_a.model, hps, ctx, dtype=torch.float32)])
+    ]
+    xb = [
+        torch.cat(t)
+        for t in zip(*[[b[h].dense() for h in hps] for b in iterate_batches(lm_b.model, hps, ctx, dtype=torch.float32)])
+    ]
     grid = MinibatchCKAGrid(256)
     grid.update(xa, xb)
     np.testing.assert_allclose(res.matrices["cka_minibatch"], grid.matrix(), atol=1e-8)
@@ -117,8 +157,19 @@ def test_per_token_grids_past_the_budget_are_minibatch_cka_of_the_same_rows():
     lm_a, lm_b = loaded("tiny-a", "llama", tok, seed=0), loaded("tiny-b", "llama", tok, seed=1)
     docs = sample_docs(30, seed=4)
     measures = ["itda_recon_cka", "itda_scaled_cka", "itda_scaled_procrustes", "itda_fused"]
-    res = compare_models(lm_a, lm_b, docs, list(range(30)), tokens=1200, measures=measures, context=32, k=8,
-                         progress=False, cka_memory=1, cka_minibatch=128)
+    res = compare_models(
+        lm_a,
+        lm_b,
+        docs,
+        list(range(30)),
+        tokens=1200,
+        measures=measures,
+        context=32,
+        k=8,
+        progress=False,
+        cka_memory=1,
+        cka_minibatch=128,
+    )
     assert sorted(res.matrices) == sorted(m for m in measures if m != "itda_scaled_procrustes")
     ctx = tokenize_contexts(docs, range(30), tok, context=32, max_tokens=1200)
     hps = [Hookpoint("resid_post", i) for i in range(4)]
@@ -145,25 +196,35 @@ def test_per_token_grids_past_the_budget_are_minibatch_cka_of_the_same_rows():
         np.testing.assert_allclose(res.matrices[name], grid.matrix(), atol=1e-6)
     norm = np.array([[spearmanr(p, q).statistic for q in nb] for p in na])
     parts = [res.matrices["itda_scaled_cka"], norm]
-    np.testing.assert_allclose(res.matrices["itda_fused"], csls_loops(sum((s - s.mean()) / s.std() for s in parts), 2),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        res.matrices["itda_fused"], csls_loops(sum((s - s.mean()) / s.std() for s in parts), 2), atol=1e-5
+    )
 
 
 def test_per_token_itda_measures_stream_every_token_leave_one_out():
     """itda_loss_profile / itda_recon_cka over the whole stream: every paired token of each layer,
     centred by the layer's mean over the first document chunk, encoded by MP over that layer's
     dictionary of centred rows without its own atom, checked in float64 here."""
-    from scipy.stats import spearmanr
-
     from reference_impls import mp_float64
+    from scipy.stats import spearmanr
 
     tok = word_tokenizer()
     lm_a, lm_b = loaded("tiny-a", "llama", tok, seed=0), loaded("tiny-b", "llama", tok, seed=1)
     docs = sample_docs(12, seed=4)
     k, context, batch_tokens = 6, 32, 128
-    res = compare_models(lm_a, lm_b, docs, list(range(12)), tokens=600, context=context, k=k, batch_tokens=batch_tokens,
-                         measures=["itda_loss_profile", "itda_recon_cka", "itda_scaled_cka", "itda_scaled_procrustes",
-                                   "itda_fused"], max_rows=16, progress=False)
+    res = compare_models(
+        lm_a,
+        lm_b,
+        docs,
+        list(range(12)),
+        tokens=600,
+        context=context,
+        k=k,
+        batch_tokens=batch_tokens,
+        measures=["itda_loss_profile", "itda_recon_cka", "itda_scaled_cka", "itda_scaled_procrustes", "itda_fused"],
+        max_rows=16,
+        progress=False,
+    )
     assert "jaccard_raw" not in res.matrices and not res.dictionaries_a  # no Jaccard dictionaries were asked for
     ctx = tokenize_contexts(docs, range(12), tok, context=context, max_tokens=600)
     n_tokens = int((~ctx.special).sum())
@@ -222,5 +283,6 @@ def test_per_token_itda_measures_stream_every_token_leave_one_out():
 
     norm = np.array([[spearmanr(p, q).statistic for q in norms(lm_b)] for p in norms(lm_a)])
     parts = [res.matrices["itda_scaled_cka"], res.matrices["itda_scaled_procrustes"], norm]
-    np.testing.assert_allclose(res.matrices["itda_fused"], csls_loops(sum((s - s.mean()) / s.std() for s in parts), 2),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        res.matrices["itda_fused"], csls_loops(sum((s - s.mean()) / s.std() for s in parts), 2), atol=1e-5
+    )

@@ -17,8 +17,15 @@ def test_every_name_has_one_entry_and_the_lists_come_from_it():
     assert set(IN_MEMORY) == set(_FACTORIES)  # every kept-rows measure has its (prepare, pair)
     assert set(ITDA_MEASURES) == set(registry.names_of(registry.PER_TOKEN, registry.ITDA_KEPT_ROWS))
     assert all(registry.SECOND_PASS in registry.REGISTRY[m].needs for m in PER_TOKEN)
-    assert registry.DEFAULT_MEASURES == ("jaccard", "itda_fused", "itda_recon_cka", "cka", "procrustes", "svcca",
-                                         "relative")
+    assert registry.DEFAULT_MEASURES == (
+        "jaccard",
+        "itda_fused",
+        "itda_recon_cka",
+        "cka",
+        "procrustes",
+        "svcca",
+        "relative",
+    )
     help_text = registry.measures_help()
     assert all(name in help_text for name in registry.REGISTRY)
 

@@ -10,9 +10,10 @@ import pytest
 
 from itda.activations.config import CorpusConfig, ModelSource
 from itda.builder import BuildConfig
-from itda.cli.main import build, eval_cmd
-from itda.cli.sae import eval_cmd as sae_eval, train
 from itda.cli.explore import explore
+from itda.cli.main import build, eval_cmd
+from itda.cli.sae import eval_cmd as sae_eval
+from itda.cli.sae import train
 from itda.cli.select import select
 from itda.configfields import FieldError
 from itda.sae.train import SaeSpec, TrainConfig
@@ -22,20 +23,49 @@ CONFIGS = (ModelSource, CorpusConfig, BuildConfig, TrainConfig, SaeSpec)
 # Per command: its config classes, the fields it offers no option for (why), its options that are no config's
 # choice (outputs, hookpoints, checkpoints: how one run writes), and its argument that holds ModelSource.model.
 COMMANDS = {
-    "build": (build, (ModelSource, CorpusConfig, BuildConfig), {"model": "the SOURCE argument", "round_size": "library only"},
-              {"source", "out", "layer", "hook", "hookpoint", "batch_size", "checkpoint", "checkpoint_every",
-               "overwrite", "dtype", "quiet"}),
-    "sae train": (train, (ModelSource, CorpusConfig, TrainConfig, SaeSpec),
-                  {"model": "the SOURCE argument", "model_dtype": "float32 only", "tokens": "steps x batch size",
-                   "include_special": "not offered", "stream_dtype": "dense float32", "k_aux": "library only",
-                   "resample_min_cosine": "library only"},
-                  {"source", "out", "checkpoint", "checkpoint_every", "layer", "hookpoint", "overwrite", "quiet"}),
+    "build": (
+        build,
+        (ModelSource, CorpusConfig, BuildConfig),
+        {"model": "the SOURCE argument", "round_size": "library only"},
+        {
+            "source",
+            "out",
+            "layer",
+            "hook",
+            "hookpoint",
+            "batch_size",
+            "checkpoint",
+            "checkpoint_every",
+            "overwrite",
+            "dtype",
+            "quiet",
+        },
+    ),
+    "sae train": (
+        train,
+        (ModelSource, CorpusConfig, TrainConfig, SaeSpec),
+        {
+            "model": "the SOURCE argument",
+            "model_dtype": "float32 only",
+            "tokens": "steps x batch size",
+            "include_special": "not offered",
+            "stream_dtype": "dense float32",
+            "k_aux": "library only",
+            "resample_min_cosine": "library only",
+        },
+        {"source", "out", "checkpoint", "checkpoint_every", "layer", "hookpoint", "overwrite", "quiet"},
+    ),
 }
 # eval, explore and select share some options with the configs: those named like a field map to it
-SHARED = {"eval": (eval_cmd, {"tokens": "held-out tokens, 16384", "k": "default: the dictionary's k"}),
-          "sae eval": (sae_eval, {"tokens": "held-out tokens, 16384"}), "explore": (explore, {"tokens": "held-out tokens",
-          "corpus": "default: the recorded one", "k": "default: the dictionary's k"}),
-          "select": (select, {"k": "default: the dictionary's k", "seed": "the random baseline's", "corpus": "an argument"})}
+SHARED = {
+    "eval": (eval_cmd, {"tokens": "held-out tokens, 16384", "k": "default: the dictionary's k"}),
+    "sae eval": (sae_eval, {"tokens": "held-out tokens, 16384"}),
+    "explore": (
+        explore,
+        {"tokens": "held-out tokens", "corpus": "default: the recorded one", "k": "default: the dictionary's k"},
+    ),
+    "select": (select, {"k": "default: the dictionary's k", "seed": "the random baseline's", "corpus": "an argument"}),
+}
 
 
 def _options(command) -> dict[str, inspect.Parameter]:
@@ -72,7 +102,9 @@ def test_options_and_fields_map_one_to_one(name):
         config, fname = where
         assert fname == pname, f"{name} --{pname} maps to {config.__name__}.{fname}"
         default = {f.name: f for f in dataclasses.fields(config)}[fname].default
-        assert _same_default(param.default.default, default), f"{name} --{pname}: {param.default.default!r} != {default!r}"
+        assert _same_default(param.default.default, default), (
+            f"{name} --{pname}: {param.default.default!r} != {default!r}"
+        )
         mapped[fname] = config
     for config in configs:
         for f in dataclasses.fields(config):
@@ -86,7 +118,9 @@ def test_shared_options_map_to_their_field(name):
     for pname, param in _options(command).items():
         if pname not in fields or pname in different or pname == "model":
             continue
-        assert _field(param) == (fields[pname][0], pname), f"{name} --{pname} should be option({fields[pname][0].__name__}, {pname!r})"
+        assert _field(param) == (fields[pname][0], pname), (
+            f"{name} --{pname} should be option({fields[pname][0].__name__}, {pname!r})"
+        )
 
 
 def test_validation_names_the_field_and_the_cli_its_flag(tmp_path: Path):
@@ -103,7 +137,9 @@ def test_validation_names_the_field_and_the_cli_its_flag(tmp_path: Path):
         ModelSource(model_dtype="int8").validate()
     with pytest.raises(FieldError, match="holdout"):
         SaeSpec(latents=8, k=4, holdout=1.0).validate()
-    r = CliRunner().invoke(app, ["build", "smollm2-135m", "--layer", "1", "--out", str(tmp_path / "o"), "--tokens", "0"])
+    r = CliRunner().invoke(
+        app, ["build", "smollm2-135m", "--layer", "1", "--out", str(tmp_path / "o"), "--tokens", "0"]
+    )
     assert r.exit_code == 2 and "--tokens must be >= 1" in r.output
 
 

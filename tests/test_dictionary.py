@@ -4,11 +4,11 @@ import struct
 import numpy as np
 import pytest
 import torch
+from reference_impls import random_unit
 from safetensors.torch import save_file
 
 from itda.dictionary import Dictionary, DictionaryMeta, cosine_to_threshold, threshold_to_cosine
 from itda.errors import ItdaInputError
-from reference_impls import random_unit
 
 
 def _dict(n=20, d=8, dtype=torch.float32) -> Dictionary:

@@ -8,8 +8,8 @@ import time
 
 import pytest
 import torch
-
 from cli_helpers import synthetic_acts_file
+
 from itda.activations.files import load_activations
 from itda.builder import build_dictionary
 from itda.builder.distributed import interleaved_batches
@@ -26,7 +26,9 @@ def _torchrun(args, port_env=None, **kw):
 
 def _single_process(acts, batch, world=2, **kw):
     data = load_activations(acts)
-    return build_dictionary(interleaved_batches(data.batches(batch), world), k=8, min_cosine=0.85, score_chunk=batch, **kw)
+    return build_dictionary(
+        interleaved_batches(data.batches(batch), world), k=8, min_cosine=0.85, score_chunk=batch, **kw
+    )
 
 
 @pytest.fixture()
@@ -51,8 +53,21 @@ def test_two_ranks_equal_one_process_over_the_interleaved_stream(acts, tmp_path)
 def test_killed_rank_stops_the_others_and_the_rerun_completes(acts, tmp_path):
     psutil = pytest.importorskip("psutil")
     out, ck = tmp_path / "d.safetensors", tmp_path / "ck.safetensors"
-    args = ["build", str(acts), "--out", str(out), "--k", "8", "--batch-size", "300", "--checkpoint", str(ck),
-            "--checkpoint-every", "1", "-q"]
+    args = [
+        "build",
+        str(acts),
+        "--out",
+        str(out),
+        "--k",
+        "8",
+        "--batch-size",
+        "300",
+        "--checkpoint",
+        str(ck),
+        "--checkpoint-every",
+        "1",
+        "-q",
+    ]
     cmd, env = _torchrun(args)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -95,31 +110,90 @@ def test_compare_over_two_ranks_equals_one_process_over_the_interleaved_chunks(t
     import json
 
     import numpy as np
+    from tiny_models import sample_docs
 
     from itda.activations.models import load_model
     from itda.comparison.pipeline import compare_models
-    from tiny_models import sample_docs
 
     (ma, mb), docs = _model_dirs(tmp_path), sample_docs(40, seed=4)
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     measures = "cka,procrustes,relative,itda_relative,itda_loss_profile,itda_recon_cka,itda_scaled_procrustes,itda_fused,jaccard"
     out = tmp_path / "cmp"
-    cmd, env = _torchrun(["compare", str(ma), str(mb), "--corpus", str(corpus), "--tokens", "3000", "--context", "32",
-                          "--batch-tokens", "512", "--measures", measures, "--k", "8", "--max-rows", "700", "--out", str(out), "-q"])
+    cmd, env = _torchrun(
+        [
+            "compare",
+            str(ma),
+            str(mb),
+            "--corpus",
+            str(corpus),
+            "--tokens",
+            "3000",
+            "--context",
+            "32",
+            "--batch-tokens",
+            "512",
+            "--measures",
+            measures,
+            "--k",
+            "8",
+            "--max-rows",
+            "700",
+            "--out",
+            str(out),
+            "-q",
+        ]
+    )
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "split over 2 ranks" in r.stdout and r.stdout.count("paired tokens") == 1  # rank 0 alone reports
-    got = {m: np.array(json.loads((out / f"{m}.json").read_text())["matrix"])
-           for m in ("cka", "cka_debiased", "procrustes", "relative", "itda_relative", "jaccard_raw", "jaccard_crop",
-                     "itda_loss_profile", "itda_recon_cka", "itda_scaled_procrustes", "itda_fused")}
-    kw = dict(tokens=3000, measures=["cka", "cka_debiased", "procrustes", "relative", "itda_relative", "itda_loss_profile",
-                                     "itda_recon_cka", "itda_scaled_procrustes", "itda_fused", "jaccard"],
-              context=32, batch_tokens=512, k=8, max_rows=700, progress=False)
+    got = {
+        m: np.array(json.loads((out / f"{m}.json").read_text())["matrix"])
+        for m in (
+            "cka",
+            "cka_debiased",
+            "procrustes",
+            "relative",
+            "itda_relative",
+            "jaccard_raw",
+            "jaccard_crop",
+            "itda_loss_profile",
+            "itda_recon_cka",
+            "itda_scaled_procrustes",
+            "itda_fused",
+        )
+    }
+    kw = dict(
+        tokens=3000,
+        measures=[
+            "cka",
+            "cka_debiased",
+            "procrustes",
+            "relative",
+            "itda_relative",
+            "itda_loss_profile",
+            "itda_recon_cka",
+            "itda_scaled_procrustes",
+            "itda_fused",
+            "jaccard",
+        ],
+        context=32,
+        batch_tokens=512,
+        k=8,
+        max_rows=700,
+        progress=False,
+    )
     lm_a, lm_b = load_model(str(ma)), load_model(str(mb))
     ref = compare_models(lm_a, lm_b, docs, list(range(len(docs))), interleave=2, **kw)
-    for m in ("cka", "cka_debiased", "procrustes", "itda_loss_profile", "itda_recon_cka", "itda_scaled_procrustes",
-              "itda_fused"):  # up to summation order
+    for m in (
+        "cka",
+        "cka_debiased",
+        "procrustes",
+        "itda_loss_profile",
+        "itda_recon_cka",
+        "itda_scaled_procrustes",
+        "itda_fused",
+    ):  # up to summation order
         np.testing.assert_allclose(got[m], ref.matrices[m], rtol=1e-9, atol=1e-12)
     for m in ("relative", "itda_relative", "jaccard_raw", "jaccard_crop"):  # same rows, same dictionaries
         np.testing.assert_array_equal(got[m], ref.matrices[m])

@@ -1,10 +1,10 @@
 import numpy as np
 import torch
+from reference_impls import mp_float64, random_unit
 
 from itda.dictionary import Dictionary, DictionaryMeta
 from itda.evaluation import evaluate
 from itda.pursuit.codes import distinct_used
-from reference_impls import mp_float64, random_unit
 
 
 def test_report_matches_direct_computation():

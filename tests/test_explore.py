@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_models import sample_docs, saved_model_and_corpus
 from typer.testing import CliRunner
 
 from itda.cli.main import app
 from itda.dictionary import Dictionary
 from itda.explorer.usage import AtomUsageAccumulator, co_occurrence
 from itda.pursuit.codes import SparseCodes
-from tiny_models import sample_docs, saved_model_and_corpus
 
 runner = CliRunner()
 
@@ -65,16 +65,57 @@ def built(tmp_path_factory):
     """A tiny model, a corpus, and dictionaries at two layers built from it with the CLI."""
     root = tmp_path_factory.mktemp("explore")
     model, corpus, docs = saved_model_and_corpus(root, 80, seed=4)
-    r = runner.invoke(app, ["build", str(model), "--layer", "1", "--layer", "2", "--corpus", str(corpus), "--tokens", "3000",
-                            "--context", "32", "--k", "8", "--out", str(root / "d"), "-q"])
+    r = runner.invoke(
+        app,
+        [
+            "build",
+            str(model),
+            "--layer",
+            "1",
+            "--layer",
+            "2",
+            "--corpus",
+            str(corpus),
+            "--tokens",
+            "3000",
+            "--context",
+            "32",
+            "--k",
+            "8",
+            "--out",
+            str(root / "d"),
+            "-q",
+        ],
+    )
     assert r.exit_code == 0, r.output
-    return {"root": root, "model": model, "corpus": corpus, "docs": docs,
-            "a": root / "d" / "resid_post.1.safetensors", "b": root / "d" / "resid_post.2.safetensors"}
+    return {
+        "root": root,
+        "model": model,
+        "corpus": corpus,
+        "docs": docs,
+        "a": root / "d" / "resid_post.1.safetensors",
+        "b": root / "d" / "resid_post.2.safetensors",
+    }
 
 
 def _explore(built, out, *extra):
-    return runner.invoke(app, ["explore", str(built["a"]), *extra, "--corpus", str(built["corpus"]), "--tokens", "1500",
-                               "--context", "32", "--out", str(out), "-q"])
+    return runner.invoke(
+        app,
+        [
+            "explore",
+            str(built["a"]),
+            *extra,
+            "--corpus",
+            str(built["corpus"]),
+            "--tokens",
+            "1500",
+            "--context",
+            "32",
+            "--out",
+            str(out),
+            "-q",
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +137,9 @@ def compare_page(built):
 
 def test_page_data_agrees_with_the_dictionary_and_corpus(built, page):
     data = json.loads((page / "data.json").read_text())
-    assert (page / "data.js").read_text() == "window.ITDA_EXPLORER = " + (page / "data.json").read_text().strip() + ";\n"
+    assert (page / "data.js").read_text() == "window.ITDA_EXPLORER = " + (
+        page / "data.json"
+    ).read_text().strip() + ";\n"
     d = Dictionary.load(built["a"])
     (view,) = data["views"]
     assert len(view["atoms"]) == len(d)
@@ -132,8 +175,21 @@ def test_compare_page_pairs_atoms_of_the_same_token(built, compare_page):
 def test_bad_inputs_give_one_line(built, tmp_path):
     other = tmp_path / "other.jsonl"
     other.write_text("".join(json.dumps({"text": d}) + "\n" for d in sample_docs(80, seed=9)))
-    r = runner.invoke(app, ["explore", str(built["a"]), "--corpus", str(other), "--tokens", "500", "--context", "32",
-                            "--out", str(tmp_path / "p")])
+    r = runner.invoke(
+        app,
+        [
+            "explore",
+            str(built["a"]),
+            "--corpus",
+            str(other),
+            "--tokens",
+            "500",
+            "--context",
+            "32",
+            "--out",
+            str(tmp_path / "p"),
+        ],
+    )
     assert r.exit_code == 2 and "not the corpus" in r.output and len(r.output.strip().splitlines()) == 1, r.output
     assert not (tmp_path / "p").exists()
     keep = tmp_path / "mine"
@@ -203,8 +259,12 @@ def test_page_in_a_browser(browser, built, page):
     assert uses == sorted(uses, reverse=True)
     # search by text narrows the cards to those whose contexts contain it
     word = data["views"][0]["atoms"][0]["token"].strip()
-    want = sum(1 for c in data["views"][0]["atoms"]
-               if word.lower() in ((c["source"] or {}).get("text", "") + "\x01" + "\x01".join(x["text"] for x in c["contexts"])).lower())
+    want = sum(
+        1
+        for c in data["views"][0]["atoms"]
+        if word.lower()
+        in ((c["source"] or {}).get("text", "") + "\x01" + "\x01".join(x["text"] for x in c["contexts"])).lower()
+    )
     tab.fill("#search", word)
     _shows(tab, search=word)
     assert tab.inner_text("#count").startswith(f"{want} of")
@@ -214,8 +274,10 @@ def test_page_in_a_browser(browser, built, page):
     want_tok = sum(1 for c in data["views"][0]["atoms"] if c["token"].strip().lower() == word.lower())
     _shows(tab, token=word)
     assert tab.inner_text("#count").startswith(f"{want_tok} of")
-    assert all(c.locator(".token-name").inner_text().strip("\u201c\u201d").strip().lower() == word.lower()
-               for c in tab.locator(".card").all())
+    assert all(
+        c.locator(".token-name").inner_text().strip("\u201c\u201d").strip().lower() == word.lower()
+        for c in tab.locator(".card").all()
+    )
     # an atom id, and the second page
     tab.fill("#token", "")
     tab.fill("#search", "#3")
@@ -263,8 +325,9 @@ def test_explorer_on_smollm2_highlights_the_bpe_tokens(smollm2, smollm2_contexts
 
     docs, ctx = smollm2_contexts
     hp = Hookpoint("resid_post", 6)
-    d = build_from_model(smollm2, [hp], ctx, BuildConfig(k=40, min_cosine=0.85), corpus_name="default",
-                         progress=False).dictionaries[hp]
+    d = build_from_model(
+        smollm2, [hp], ctx, BuildConfig(k=40, min_cosine=0.85), corpus_name="default", progress=False
+    ).dictionaries[hp]
     view = view_on_model(d, label="smollm2", lm=smollm2, tokens=1024, contexts=3, progress=False)
     tok = smollm2.tokenizer
     assert len(view["atoms"]) == len(d) and view["summary"]["tokens"] >= 900

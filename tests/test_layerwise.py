@@ -2,10 +2,10 @@ import contextlib
 
 import pytest
 import torch
+from tiny_models import tiny_model
 
 from itda.activations.hookpoints import Hookpoint, StopForward, capture
 from itda.activations.layerwise import LayerwiseModel, WeightIndex
-from tiny_models import tiny_model
 
 ARCHS = ["llama", "qwen2", "gemma3", "gpt2"]
 
@@ -120,8 +120,14 @@ def test_peak_memory_stays_near_two_blocks(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
-                      num_attention_heads=8, num_key_value_heads=8)
+    cfg = LlamaConfig(
+        vocab_size=128,
+        hidden_size=512,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+    )
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(tmp_path, max_shard_size="30MB")
     block = sum(p.numel() * 4 for p in model.model.layers[0].parameters())
@@ -129,8 +135,12 @@ def test_peak_memory_stays_near_two_blocks(tmp_path):
     del model
     script = tmp_path / "child.py"
     script.write_text(MEMORY_CHILD)
-    runs = {m: subprocess.run([sys.executable, str(script), str(tmp_path), m], capture_output=True, text=True,
-                              check=True).stdout.split()[-2:] for m in ("layerwise", "in_memory")}
+    runs = {
+        m: subprocess.run(
+            [sys.executable, str(script), str(tmp_path), m], capture_output=True, text=True, check=True
+        ).stdout.split()[-2:]
+        for m in ("layerwise", "in_memory")
+    }
     peak = {m: int(v[0]) for m, v in runs.items()}  # VmHWM growth
     anon = {m: int(v[1]) for m, v in runs.items()}  # peak RssAnon growth
     assert total > 10 * block
@@ -145,12 +155,12 @@ def test_peak_memory_stays_near_two_blocks(tmp_path):
 def test_cli_layerwise_build_matches_in_memory(tmp_path):
     import json
 
+    from tiny_models import sample_docs, word_tokenizer
     from typer.testing import CliRunner
 
     from itda.activations.models import load_model
     from itda.cli.main import app
     from itda.dictionary import Dictionary
-    from tiny_models import sample_docs, word_tokenizer
 
     tok = word_tokenizer()
     model = tiny_model("llama", vocab=len(tok))
@@ -163,8 +173,26 @@ def test_cli_layerwise_build_matches_in_memory(tmp_path):
     outs = {}
     for flag in ("--layerwise", "--in-memory"):
         out = tmp_path / flag.strip("-")
-        r = runner.invoke(app, ["build", str(folder), "--layer", "2", "--corpus", str(corpus), "--tokens", "1500",
-                                "--context", "32", "--k", "8", "--out", str(out), flag])
+        r = runner.invoke(
+            app,
+            [
+                "build",
+                str(folder),
+                "--layer",
+                "2",
+                "--corpus",
+                str(corpus),
+                "--tokens",
+                "1500",
+                "--context",
+                "32",
+                "--k",
+                "8",
+                "--out",
+                str(out),
+                flag,
+            ],
+        )
         assert r.exit_code == 0, r.output
         outs[flag] = Dictionary.load(out / "resid_post.2.safetensors")
     a, b = outs["--layerwise"], outs["--in-memory"]
@@ -177,8 +205,9 @@ def test_cli_layerwise_build_matches_in_memory(tmp_path):
 
 def test_gpt2_lm_head_folder_is_a_causal_lm(tmp_path):
     """GPT2LMHeadModel is a causal LM (its class name has no 'ForCausalLM'): both loaders keep the head."""
-    from itda.activations.models import load_model
     from tiny_models import word_tokenizer
+
+    from itda.activations.models import load_model
 
     tok = word_tokenizer()
     tiny_model("gpt2", vocab=len(tok)).save_pretrained(tmp_path)

@@ -32,7 +32,9 @@ def _imported(node: ast.AST, module: str) -> list[str]:
         return []
     if node.level:  # relative: from the module's package
         package = module if MODULES[module].name == "__init__.py" else module.rsplit(".", 1)[0]
-        base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([node.module] if node.module else []))
+        base = ".".join(
+            package.split(".")[: len(package.split(".")) - node.level + 1] + ([node.module] if node.module else [])
+        )
     else:
         base = node.module or ""
     if base.split(".")[0] != "itda":
@@ -136,20 +138,27 @@ def _output_calls(tree: ast.AST) -> list[tuple[int, str]]:
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            found += [(node.lineno, f"import {a.name}") for a in node.names if a.name.split(".")[0] in ("typer", "click")]
+            found += [
+                (node.lineno, f"import {a.name}") for a in node.names if a.name.split(".")[0] in ("typer", "click")
+            ]
         elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("typer", "click"):
             found.append((node.lineno, f"from {node.module} import"))
         elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
             found.append((node.lineno, "print()"))
-        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("echo", "secho"):
+        elif (
+            isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("echo", "secho")
+        ):
             found.append((node.lineno, f"{ast.unparse(node.func)}()"))
     return found
 
 
 def test_only_the_cli_prints_or_imports_typer():
-    offending = [f"{MODULES[name].relative_to(ROOT.parent)}:{line}: {what}"
-                 for name in MODULES if not name.startswith(CLI_ONLY)
-                 for line, what in _output_calls(ast.parse(MODULES[name].read_text()))]
+    offending = [
+        f"{MODULES[name].relative_to(ROOT.parent)}:{line}: {what}"
+        for name in MODULES
+        if not name.startswith(CLI_ONLY)
+        for line, what in _output_calls(ast.parse(MODULES[name].read_text()))
+    ]
     assert not offending, "output or typer outside itda/cli/:\n" + "\n".join(offending)
 
 

@@ -3,6 +3,7 @@
 import json
 
 from cli_helpers import run_bad, run_ok, synthetic_acts_file
+
 from itda.cli.outputs import MANIFEST, Output, check_outputs, digest, is_own, record_outputs
 
 
@@ -41,7 +42,9 @@ def test_kinds_do_not_stand_in_for_each_other(tmp_path):
     assert is_own(Output(d, "dictionary")) and not is_own(Output(d, "sae")) and not is_own(Output(d, "eval-report"))
     rep = tmp_path / "r.json"
     run_ok(["eval", str(d), str(acts), "--out", str(rep)])
-    run_bad(["sae", "eval", str(d), str(acts), "--out", str(rep)], "exists and is not an SAE eval report")  # refused before reading
+    run_bad(
+        ["sae", "eval", str(d), str(acts), "--out", str(rep)], "exists and is not an SAE eval report"
+    )  # refused before reading
     assert not is_own(Output(rep, "sae-eval-report"))
 
 

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 import torch
+from reference_impls import mp_float64, random_unit
 
 from itda.errors import ItdaInputError
 from itda.pursuit import compute_gram, decode, matching_pursuit, orthogonal_matching_pursuit
-from reference_impls import mp_float64, random_unit
 
 CASES = [(64, 16, 32, 5), (200, 64, 512, 40), (33, 128, 300, 12), (16, 8, 1024, 20)]
 

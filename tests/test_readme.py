@@ -5,7 +5,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from cli_helpers import synthetic_acts_file
 
 README = Path(__file__).parents[1] / "README.md"
@@ -36,12 +35,23 @@ def test_python_api_examples_run(tmp_path, monkeypatch):
     tiny_model("gpt2", vocab=len(word_tokenizer()), seed=1).save_pretrained(model_b)
     word_tokenizer().save_pretrained(model_b)
     synthetic_acts_file(tmp_path / "acts.safetensors", 3000, 32, n_features=64, seed=0)  # the tiny models' width
-    script = small(api_examples(), {
-        '"smollm2-135m"': repr(str(model_a)), '"gemma3-270m"': repr(str(model_b)), '"default"': repr(str(corpus)),
-        "layers=[8, 15]": "layers=[1, 3]", "resid_post.15": "resid_post.3", "tokens=100_000": "tokens=1_500",
-        "tokens=8_192": "tokens=600", "tokens=20_000": "tokens=800", "latents=4_608": "latents=256",
-        "steps=1_000": "steps=10", "batch_size=1_024": "batch_size=64", "budget=50": "budget=3",
-    })
+    script = small(
+        api_examples(),
+        {
+            '"smollm2-135m"': repr(str(model_a)),
+            '"gemma3-270m"': repr(str(model_b)),
+            '"default"': repr(str(corpus)),
+            "layers=[8, 15]": "layers=[1, 3]",
+            "resid_post.15": "resid_post.3",
+            "tokens=100_000": "tokens=1_500",
+            "tokens=8_192": "tokens=600",
+            "tokens=20_000": "tokens=800",
+            "latents=4_608": "latents=256",
+            "steps=1_000": "steps=10",
+            "batch_size=1_024": "batch_size=64",
+            "budget=50": "budget=3",
+        },
+    )
     monkeypatch.chdir(tmp_path)
     exec(compile(script, str(README), "exec"), {})  # noqa: S102 - our own README
     assert (tmp_path / "resid_post.3.safetensors").is_file() and (tmp_path / "cmp" / "summary.json").is_file()

@@ -94,7 +94,9 @@ def test_reference_mode_on_smollm2_activations(smollm2):
     from itda.activations.hookpoints import Hookpoint
     from itda.activations.stream import iterate_batches
 
-    _, ctx = load_contexts("default", smollm2.tokenizer, tokenizer_name=smollm2.tokenizer_name, split="train", tokens=6400)
+    _, ctx = load_contexts(
+        "default", smollm2.tokenizer, tokenizer_name=smollm2.tokenizer_name, split="train", tokens=6400
+    )
     hp = Hookpoint("resid_post", 15)
     xs = [b[hp].dense() for b in iterate_batches(smollm2.model, [hp], ctx, batch_contexts=16)]
     x = torch.cat(xs)[:6144]

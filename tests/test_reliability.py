@@ -22,10 +22,10 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 import torch
+from cli_helpers import kill_after_checkpoints, synthetic_acts_file
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from cli_helpers import kill_after_checkpoints, synthetic_acts_file
 from itda.cli.main import app
 from itda.dictionary import Dictionary
 from itda.pursuit.api import gram_is_cheaper
@@ -48,22 +48,43 @@ def acts(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference_build(acts, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "whole.safetensors"
-    r = subprocess.run(ITDA + ["build", str(acts), "--out", str(out), "--k", "8", "--batch-size", str(BATCH), "-q"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ITDA + ["build", str(acts), "--out", str(out), "--k", "8", "--batch-size", str(BATCH), "-q"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     return out
 
 
 def _build_cmd(acts, out, ck):
-    return ITDA + ["build", str(acts), "--out", str(out), "--k", "8", "--batch-size", str(BATCH), "--checkpoint", str(ck),
-                   "--checkpoint-every", "2", "-q"]
+    return ITDA + [
+        "build",
+        str(acts),
+        "--out",
+        str(out),
+        "--k",
+        "8",
+        "--batch-size",
+        str(BATCH),
+        "--checkpoint",
+        str(ck),
+        "--checkpoint-every",
+        "2",
+        "-q",
+    ]
 
 
 @pytest.mark.slow
 def test_repeated_sigkill_then_resume_is_byte_identical(acts, reference_build, tmp_path):
     out, ck = tmp_path / "d.safetensors", tmp_path / "ck.safetensors"
-    kills = kill_after_checkpoints(lambda: subprocess.Popen(_build_cmd(acts, out, ck), stdout=subprocess.DEVNULL,
-                                                            stderr=subprocess.DEVNULL), ck, out, KILLS, wait_s=60)
+    kills = kill_after_checkpoints(
+        lambda: subprocess.Popen(_build_cmd(acts, out, ck), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        ck,
+        out,
+        KILLS,
+        wait_s=60,
+    )
     assert kills == KILLS
     r = subprocess.run(_build_cmd(acts, out, ck), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -77,8 +98,13 @@ def test_sigint_saves_a_checkpoint_and_says_so(acts, reference_build, tmp_path):
     out, ck = tmp_path / "d.safetensors", tmp_path / "ck.safetensors"
     # a shell's background jobs (CI runners, `cmd &`) start with SIGINT ignored, and Python keeps it
     # ignored: give the child the default disposition, as a terminal's Ctrl-C would find it
-    proc = subprocess.Popen(_build_cmd(acts, out, ck), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        _build_cmd(acts, out, ck),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.time() + 60
     while not ck.exists() and time.time() < deadline:
         time.sleep(0.05)
@@ -249,8 +275,24 @@ def _model_files(w: Path) -> None:
     from tiny_models import saved_model_and_corpus, tiny_model, word_tokenizer
 
     model, corpus, _docs = saved_model_and_corpus(w, 30, seed=2)
-    r = runner.invoke(app, ["build", str(model), "--layer", "1", "--corpus", str(corpus), "--tokens", "1500", "--k", "8",
-                            "--out", str(w / "mdict"), "-q"])
+    r = runner.invoke(
+        app,
+        [
+            "build",
+            str(model),
+            "--layer",
+            "1",
+            "--corpus",
+            str(corpus),
+            "--tokens",
+            "1500",
+            "--k",
+            "8",
+            "--out",
+            str(w / "mdict"),
+            "-q",
+        ],
+    )
     assert r.exit_code == 0, r.output
     tok = word_tokenizer()
     small = w / "smallvocab"
@@ -264,11 +306,23 @@ def _checkpoint_files(w: Path, acts: Path) -> None:
     from itda.builder import build_dictionary
 
     narrow = load_activations(w / "narrow.npy")
-    build_dictionary(narrow.batches(100), k=4, min_cosine=0.85, checkpoint=w / "ck_other.safetensors",
-                     checkpoint_every=1, fingerprint={"source": narrow.fingerprint(), "d": 16, "batch_size": 100})
+    build_dictionary(
+        narrow.batches(100),
+        k=4,
+        min_cosine=0.85,
+        checkpoint=w / "ck_other.safetensors",
+        checkpoint_every=1,
+        fingerprint={"source": narrow.fingerprint(), "d": 16, "batch_size": 100},
+    )
     data = load_activations(acts)
-    build_dictionary(data.batches(1000, stop=2000), k=8, min_cosine=0.85, checkpoint=w / "ck_kept.safetensors",
-                     checkpoint_every=1, fingerprint={"source": data.fingerprint(), "d": 48, "batch_size": 1000})
+    build_dictionary(
+        data.batches(1000, stop=2000),
+        k=8,
+        min_cosine=0.85,
+        checkpoint=w / "ck_kept.safetensors",
+        checkpoint_every=1,
+        fingerprint={"source": data.fingerprint(), "d": 48, "batch_size": 1000},
+    )
 
 
 def _array_files(w: Path) -> None:
@@ -300,9 +354,17 @@ def _damaged_dictionaries(w: Path) -> None:
     d = Dictionary.load(w / "dict.safetensors")
     atoms = d.atoms.clone()
     atoms[0, 0] = float("nan")  # written without a checksum, as an older itda did
-    save_file({"atoms": atoms, "refs": d.refs}, str(w / "nan_unchecked.safetensors"), metadata={"itda": d.meta.to_json()})
-    for name, change in (("k_eight", {"k": "eight"}), ("k_zero", {"k": 0}), ("k_negative", {"k": -3}),
-                         ("d_string", {"d": "48"}), ("cosine_2", {"min_cosine": 2.0}), ("layer_float", {"layer": 1.5})):
+    save_file(
+        {"atoms": atoms, "refs": d.refs}, str(w / "nan_unchecked.safetensors"), metadata={"itda": d.meta.to_json()}
+    )
+    for name, change in (
+        ("k_eight", {"k": "eight"}),
+        ("k_zero", {"k": 0}),
+        ("k_negative", {"k": -3}),
+        ("d_string", {"d": "48"}),
+        ("cosine_2", {"min_cosine": 2.0}),
+        ("layer_float", {"layer": 1.5}),
+    ):
         _meta_variant(w / "dict.safetensors", w / f"meta_{name}.safetensors", **change)
 
 
@@ -332,10 +394,12 @@ def world(tmp_path_factory):
     _checkpoint_files(w, acts)
     _model_files(w)
     _user_files(w)
-    for argv in (["encode", f"{w}/dict.safetensors", str(acts), "--out", f"{w}/codes.safetensors"],
-                 ["eval", f"{w}/dict.safetensors", str(acts), "--out", f"{w}/report.json"],
-                 ["export", f"{w}/sae.safetensors", "--format", "saelens", "--out", f"{w}/saelens"],
-                 ["export", f"{w}/sae.safetensors", "--format", "sparsify", "--out", f"{w}/sparsify"]):
+    for argv in (
+        ["encode", f"{w}/dict.safetensors", str(acts), "--out", f"{w}/codes.safetensors"],
+        ["eval", f"{w}/dict.safetensors", str(acts), "--out", f"{w}/report.json"],
+        ["export", f"{w}/sae.safetensors", "--format", "saelens", "--out", f"{w}/saelens"],
+        ["export", f"{w}/sae.safetensors", "--format", "sparsify", "--out", f"{w}/sparsify"],
+    ):
         r = runner.invoke(app, argv)
         assert r.exit_code == 0, r.output
     shutil.copy(w / "ck_kept.safetensors", w / "ck_kept_copy.safetensors")
@@ -353,20 +417,36 @@ MD, MODEL, CORPUS = "{w}/mdict/resid_post.1.safetensors", "{w}/tiny", "{w}/c.jso
 SELECT = ["select", CORPUS, "--dict", MD, "--budget", "3", "-q"]
 CASES = [
     # -- reading: files that are missing, damaged or of another kind
-    Case("missing activation file", ["build", "{w}/missing.npy", "--out", "{n}/o.safetensors"], "no such activation file"),
+    Case(
+        "missing activation file", ["build", "{w}/missing.npy", "--out", "{n}/o.safetensors"], "no such activation file"
+    ),
     Case("truncated dictionary", ["info", "{w}/truncated.safetensors"], "not a readable safetensors file"),
     Case("garbage dictionary", ["info", "{w}/garbage.safetensors"], "not a readable safetensors file"),
     Case("NaN bytes in atoms: checksum", ["info", "{w}/tampered.safetensors"], "checksum mismatch"),
     Case("one flipped mantissa bit: checksum", ["info", "{w}/bitflip.safetensors", "--verify"], "checksum mismatch"),
-    Case("flipped bit refused by encode too", ["encode", "{w}/bitflip.safetensors", A, "--out", "{n}/c.safetensors"], "checksum mismatch"),
+    Case(
+        "flipped bit refused by encode too",
+        ["encode", "{w}/bitflip.safetensors", A, "--out", "{n}/c.safetensors"],
+        "checksum mismatch",
+    ),
     Case("NaN atoms in a file without checksum", ["info", "{w}/nan_unchecked.safetensors"], "NaN or inf"),
     Case("info --verify of a good dictionary", ["info", D, "--verify"], None),
-    Case("metadata k = 'eight' (encode)", ["encode", "{w}/meta_k_eight.safetensors", A, "--out", "{n}/c.safetensors"], "field 'k'"),
+    Case(
+        "metadata k = 'eight' (encode)",
+        ["encode", "{w}/meta_k_eight.safetensors", A, "--out", "{n}/c.safetensors"],
+        "field 'k'",
+    ),
     Case("metadata k = 'eight' (eval)", ["eval", "{w}/meta_k_eight.safetensors", A], "field 'k'"),
-    Case("metadata k = 'eight' (export)", ["export", "{w}/meta_k_eight.safetensors", "--format", "saelens", "--out", "{n}/x"], "field 'k'"),
+    Case(
+        "metadata k = 'eight' (export)",
+        ["export", "{w}/meta_k_eight.safetensors", "--format", "saelens", "--out", "{n}/x"],
+        "field 'k'",
+    ),
     Case("metadata k = 'eight' (info)", ["info", "{w}/meta_k_eight.safetensors"], "field 'k'"),
     Case("metadata k = 0", ["encode", "{w}/meta_k_zero.safetensors", A, "--out", "{n}/c.safetensors"], "field 'k'"),
-    Case("metadata k = -3", ["encode", "{w}/meta_k_negative.safetensors", A, "--out", "{n}/c.safetensors"], "field 'k'"),
+    Case(
+        "metadata k = -3", ["encode", "{w}/meta_k_negative.safetensors", A, "--out", "{n}/c.safetensors"], "field 'k'"
+    ),
     Case("metadata d = '48'", ["info", "{w}/meta_d_string.safetensors"], "field 'd'"),
     Case("metadata min_cosine = 2", ["info", "{w}/meta_cosine_2.safetensors"], "field 'min_cosine'"),
     Case("metadata layer = 1.5", ["info", "{w}/meta_layer_float.safetensors"], "field 'layer'"),
@@ -375,63 +455,163 @@ CASES = [
     Case("0 columns", ["build", "{w}/zero_cols.npy", "--out", "{n}/o.safetensors"], "0 columns"),
     Case("integer activations", ["build", "{w}/ints.npy", "--out", "{n}/o.safetensors"], "floating point"),
     Case("empty activations", ["build", "{w}/empty.safetensors", "--out", "{n}/o.safetensors"], "0 rows"),
-    Case("lone tensor not named activations", ["build", "{w}/lone.safetensors", "--out", "{n}/o.safetensors"], "named 'activations'"),
+    Case(
+        "lone tensor not named activations",
+        ["build", "{w}/lone.safetensors", "--out", "{n}/o.safetensors"],
+        "named 'activations'",
+    ),
     Case("a dictionary as activations", ["build", D, "--out", "{n}/o.safetensors"], "is a dictionary file of itda"),
-    Case("an SAE checkpoint as build checkpoint", ["build", A, "--out", "{n}/o.safetensors", "--checkpoint", "{w}/ck_sae.safetensors"],
-         "it is an SAE checkpoint file"),
+    Case(
+        "an SAE checkpoint as build checkpoint",
+        ["build", A, "--out", "{n}/o.safetensors", "--checkpoint", "{w}/ck_sae.safetensors"],
+        "it is an SAE checkpoint file",
+    ),
     Case("SAE from a dictionary", ["sae", "eval", D, A], "not an SAE"),
     Case("SAE metadata k=1000 > 128 latents (eval)", ["sae", "eval", "{w}/sae_k1000.safetensors", A], "k"),
-    Case("SAE metadata k=1000 > 128 latents (export)", ["export", "{w}/sae_k1000.safetensors", "--format", "saelens",
-                                                         "--out", "{n}/sl"], "k"),
+    Case(
+        "SAE metadata k=1000 > 128 latents (export)",
+        ["export", "{w}/sae_k1000.safetensors", "--format", "saelens", "--out", "{n}/sl"],
+        "k",
+    ),
     Case("width mismatch", ["eval", D, "{w}/narrow.npy"], "dimension mismatch"),
     Case("compare missing file", ["compare", D, "{w}/missing.safetensors"], "no such file"),
     Case("compare truncated file", ["compare", D, "{w}/truncated.safetensors"], "not a readable safetensors file"),
     # -- options out of range, refused before any work or allocation
-    Case("build --k 100000000 (191 GiB)", ["build", A, "--out", "{n}/o.safetensors", "--k", "100000000"], "--k 100000000"),
+    Case(
+        "build --k 100000000 (191 GiB)", ["build", A, "--out", "{n}/o.safetensors", "--k", "100000000"], "--k 100000000"
+    ),
     Case("build --k 10000000", ["build", A, "--out", "{n}/o.safetensors", "--k", "10000000"], "free on cpu"),
-    Case("sae train --latents 100000000", ["sae", "train", A, "--out", "{n}/s.safetensors", "--latents", "100000000",
-                                            "--k", "8"], "free"),
-    Case("encode k too large", ["encode", D, A, "--out", "{n}/c.safetensors", "--k", "1000000000"], "--k must be between"),
+    Case(
+        "sae train --latents 100000000",
+        ["sae", "train", A, "--out", "{n}/s.safetensors", "--latents", "100000000", "--k", "8"],
+        "free",
+    ),
+    Case(
+        "encode k too large", ["encode", D, A, "--out", "{n}/c.safetensors", "--k", "1000000000"], "--k must be between"
+    ),
     Case("encode batch size 0", ["encode", D, A, "--out", "{n}/c.safetensors", "--batch-size", "0"], "--batch-size"),
     Case("eval k too large", ["eval", D, A, "--k", "1000000000"], "--k must be between"),
     Case("explore --k 0", ["explore", MD, "--out", "{n}/page", "--tokens", "200", "--k", "0"], "k must be between"),
     Case("select --k 0", SELECT + ["--out", "{n}/s.jsonl", "--k", "0"], "k must be between"),
-    Case("context beyond the model's positions", ["build", MODEL, "--layer", "1", "--corpus", CORPUS, "--context", "300",
-                                                  "--tokens", "600", "-q", "--out", "{n}/m"], "256 positions"),
-    Case("tokenizer ids beyond the vocabulary (build)", ["build", "{w}/smallvocab", "--layer", "1", "--corpus", CORPUS,
-                                                         "--tokens", "300", "-q", "--out", "{n}/m"], "vocabulary"),
-    Case("tokenizer ids beyond the vocabulary (explore)", ["explore", MD, "--model", "{w}/smallvocab", "--corpus", CORPUS,
-                                                           "--tokens", "200", "-q", "--out", "{n}/page"], "vocabulary"),
-    Case("select: documents without tokens", ["select", "{w}/empty.jsonl", "--dict", MD, "--budget", "1", "-q", "--out", "{n}/e.jsonl"],
-         "no tokens"),
+    Case(
+        "context beyond the model's positions",
+        [
+            "build",
+            MODEL,
+            "--layer",
+            "1",
+            "--corpus",
+            CORPUS,
+            "--context",
+            "300",
+            "--tokens",
+            "600",
+            "-q",
+            "--out",
+            "{n}/m",
+        ],
+        "256 positions",
+    ),
+    Case(
+        "tokenizer ids beyond the vocabulary (build)",
+        ["build", "{w}/smallvocab", "--layer", "1", "--corpus", CORPUS, "--tokens", "300", "-q", "--out", "{n}/m"],
+        "vocabulary",
+    ),
+    Case(
+        "tokenizer ids beyond the vocabulary (explore)",
+        ["explore", MD, "--model", "{w}/smallvocab", "--corpus", CORPUS, "--tokens", "200", "-q", "--out", "{n}/page"],
+        "vocabulary",
+    ),
+    Case(
+        "select: documents without tokens",
+        ["select", "{w}/empty.jsonl", "--dict", MD, "--budget", "1", "-q", "--out", "{n}/e.jsonl"],
+        "no tokens",
+    ),
     Case("compare --measures ''", ["compare", A, A, "--measures", ""], "--measures is empty"),
     Case("compare --precision float16", ["compare", A, A, "--precision", "float16"], "--precision"),
     Case("unknown measure", ["compare", D, D, "--measures", "cosmic"], "unknown measures"),
     Case("bogus device", ["build", A, "--out", "{n}/o.safetensors", "--device", "bogus"], "not a torch device"),
     Case("cuda without CUDA", ["build", A, "--out", "{n}/o.safetensors", "--device", "cuda"], "CUDA is not available"),
     Case("bad memory size", ["build", MODEL, "--layer", "1", "--out", "{n}/m", "--max-memory", "lots"], "--max-memory"),
-    Case("--layer with an activation file", ["build", A, "--layer", "3", "--out", "{n}/o.safetensors"], "is an activation file"),
-    Case("checkpoint every 0", ["build", A, "--out", "{n}/o.safetensors", "--checkpoint", "{n}/c.ck", "--checkpoint-every", "0"],
-         "--checkpoint-every"),
-    Case("checkpoint of another width", ["build", A, "--out", "{n}/o.safetensors", "--k", "4", "--batch-size", "100",
-                                         "--checkpoint", "{w}/ck_other.safetensors"], "d=16"),
-    Case("checkpoint at another batch size", ["build", A, "--out", "{n}/o.safetensors", "--k", "8", "--batch-size", "2000",
-                                              "--checkpoint", "{w}/ck_kept_copy.safetensors"], "another stream"),
-    Case("checkpoint of another file", ["build", "{w}/narrow_copy.npy", "--out", "{n}/o.safetensors", "--k", "8",
-                                        "--batch-size", "1000", "--checkpoint", "{w}/ck_kept_copy.safetensors"], "checkpoint"),
+    Case(
+        "--layer with an activation file",
+        ["build", A, "--layer", "3", "--out", "{n}/o.safetensors"],
+        "is an activation file",
+    ),
+    Case(
+        "checkpoint every 0",
+        ["build", A, "--out", "{n}/o.safetensors", "--checkpoint", "{n}/c.ck", "--checkpoint-every", "0"],
+        "--checkpoint-every",
+    ),
+    Case(
+        "checkpoint of another width",
+        [
+            "build",
+            A,
+            "--out",
+            "{n}/o.safetensors",
+            "--k",
+            "4",
+            "--batch-size",
+            "100",
+            "--checkpoint",
+            "{w}/ck_other.safetensors",
+        ],
+        "d=16",
+    ),
+    Case(
+        "checkpoint at another batch size",
+        [
+            "build",
+            A,
+            "--out",
+            "{n}/o.safetensors",
+            "--k",
+            "8",
+            "--batch-size",
+            "2000",
+            "--checkpoint",
+            "{w}/ck_kept_copy.safetensors",
+        ],
+        "another stream",
+    ),
+    Case(
+        "checkpoint of another file",
+        [
+            "build",
+            "{w}/narrow_copy.npy",
+            "--out",
+            "{n}/o.safetensors",
+            "--k",
+            "8",
+            "--batch-size",
+            "1000",
+            "--checkpoint",
+            "{w}/ck_kept_copy.safetensors",
+        ],
+        "checkpoint",
+    ),
     # -- command-line usage, one line like every other error
     Case("unknown option", ["build", A, "--out", "{n}/o.safetensors", "--bogus"], "No such option"),
     Case("bad choice", ["build", A, "--out", "{n}/o.safetensors", "--mode", "fastest"], "--mode"),
     Case("not a number", ["build", A, "--out", "{n}/o.safetensors", "--k", "many"], "--k"),
     Case("missing required option", ["build", A], "--out"),
     Case("unknown command", ["bulid", A], "No such command"),
-    Case("unknown sae option", ["sae", "train", A, "--out", "{n}/s.safetensors", "--latents", "64", "--bogus"], "No such option"),
+    Case(
+        "unknown sae option",
+        ["sae", "train", A, "--out", "{n}/s.safetensors", "--latents", "64", "--bogus"],
+        "No such option",
+    ),
     # -- outputs: never an input, never someone else's file, never a temporary left
     Case("output is the input", ["build", A, "--out", A], "also an input"),
     Case("output is a user's file", ["build", A, "--out", "{w}/notes.txt"], "exists and is not"),
     Case("output is a folder", ["build", A, "--out", "{w}/folder"], "is a folder"),
     Case("output under a file", ["build", A, "--out", "{w}/a_file/o.safetensors"], "Not a directory"),
-    Case("model build into a file", ["build", MODEL, "--layer", "1", "--layer", "2", "--out", "{w}/notes.txt"], "is not a folder"),
+    Case(
+        "model build into a file",
+        ["build", MODEL, "--layer", "1", "--layer", "2", "--out", "{w}/notes.txt"],
+        "is not a folder",
+    ),
     Case("encode over its dictionary", ["encode", D, A, "--out", D], "also an input"),
     Case("encode over its activations", ["encode", D, A, "--out", A], "also an input"),
     Case("encode over a user's file", ["encode", D, A, "--out", "{w}/notes.txt"], "exists and is not"),
@@ -446,16 +626,36 @@ CASES = [
     Case("sae eval --out its SAE", ["sae", "eval", SAE, A, "--out", SAE], "also an input"),
     Case("sae eval --out a dictionary", ["sae", "eval", SAE, A, "--out", D], "exists and is not"),
     Case("sae eval --out an eval report", ["sae", "eval", SAE, A, "--out", "{w}/report.json"], "exists and is not"),
-    Case("sae train --out a dictionary", ["sae", "train", A, "--out", D, "--latents", "64", "--k", "4", "--steps", "2"],
-         "exists and is not"),
-    Case("sae train --out its activations", ["sae", "train", A, "--out", A, "--latents", "64", "--k", "4"], "also an input"),
-    Case("export over a user's folder", ["export", SAE, "--format", "saelens", "--out", "{w}/user_dir"], "exists and is not"),
-    Case("export over the other format's export", ["export", SAE, "--format", "sparsify", "--out", "{w}/saelens"],
-         "exists and is not"),
+    Case(
+        "sae train --out a dictionary",
+        ["sae", "train", A, "--out", D, "--latents", "64", "--k", "4", "--steps", "2"],
+        "exists and is not",
+    ),
+    Case(
+        "sae train --out its activations",
+        ["sae", "train", A, "--out", A, "--latents", "64", "--k", "4"],
+        "also an input",
+    ),
+    Case(
+        "export over a user's folder",
+        ["export", SAE, "--format", "saelens", "--out", "{w}/user_dir"],
+        "exists and is not",
+    ),
+    Case(
+        "export over the other format's export",
+        ["export", SAE, "--format", "sparsify", "--out", "{w}/saelens"],
+        "exists and is not",
+    ),
     Case("export over a file", ["export", SAE, "--format", "saelens", "--out", "{w}/notes.txt"], "is a file"),
     Case("export over its earlier export", ["export", SAE, "--format", "saelens", "--out", "{w}/saelens"], None),
-    Case("explore over a user's folder", ["explore", MD, "--out", "{w}/user_dir", "--tokens", "200"], "exists and is not"),
-    Case("explore into the dictionary's folder", ["explore", MD, "--out", "{w}/mdict", "--tokens", "200"], "holds the input"),
+    Case(
+        "explore over a user's folder", ["explore", MD, "--out", "{w}/user_dir", "--tokens", "200"], "exists and is not"
+    ),
+    Case(
+        "explore into the dictionary's folder",
+        ["explore", MD, "--out", "{w}/mdict", "--tokens", "200"],
+        "holds the input",
+    ),
     Case("select beside a user's report", SELECT + ["--out", "{w}/imp.jsonl"], "imp.report.json: exists and is not"),
     Case("select beside a user's plot", SELECT + ["--out", "{w}/imp2.jsonl"], "imp2.coverage.png: exists and is not"),
     Case("select over its corpus", SELECT + ["--out", CORPUS], "also an input"),
@@ -481,16 +681,25 @@ def test_bad_inputs_table(world, tmp_path):
         if case.fragment is None:
             ok = r.exit_code == 0
         else:
-            ok = (r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and case.fragment in lines[0]
-                  and not any(scratch.iterdir()))
+            ok = (
+                r.exit_code == 2
+                and len(lines) == 1
+                and lines[0].startswith("error: ")
+                and case.fragment in lines[0]
+                and not any(scratch.iterdir())
+            )
         changed = [str(p) for p, h in _snapshot(world).items() if before.get(p, h) != h]
         temps = [str(p) for p in list(world.rglob(".*.tmp")) + list(scratch.rglob(".*.tmp"))]
         if not ok or changed or temps:
-            failures.append(f"{case.name}: exit {r.exit_code}, output {r.output[-300:]!r}, changed {changed}, temporaries {temps}")
+            failures.append(
+                f"{case.name}: exit {r.exit_code}, output {r.output[-300:]!r}, changed {changed}, temporaries {temps}"
+            )
     assert not failures, "\n".join(failures)
     refused = sum(c.fragment is not None for c in CASES)
-    print(f"\n{len(CASES)} cases ({refused} refused in one line with exit 2, {len(CASES) - refused} allowed): "
-          f"{len(before)} protected files unchanged, no temporaries")
+    print(
+        f"\n{len(CASES)} cases ({refused} refused in one line with exit 2, {len(CASES) - refused} allowed): "
+        f"{len(before)} protected files unchanged, no temporaries"
+    )
 
 
 def _python_for(user: str) -> str | None:
@@ -502,8 +711,10 @@ def _python_for(user: str) -> str | None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0 or shutil.which("runuser") is None,
-                    reason="needs root to run the CLI as another user")
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0 or shutil.which("runuser") is None,
+    reason="needs root to run the CLI as another user",
+)
 def test_cli_runs_for_a_user_whose_home_is_not_writable(tmp_path):
     """As `nobody`, HOME read-only, itda installed read-only: every command works (numba compiles in memory)."""
     python = _python_for("nobody")
@@ -517,13 +728,22 @@ def test_cli_runs_for_a_user_whose_home_is_not_writable(tmp_path):
         data = root / "acts.npy"
         np.save(data, np.random.default_rng(0).standard_normal((400, 16)).astype(np.float32))
         site = [p for p in sys.path if p.endswith("site-packages")]
-        env = {"HOME": str(home), "PATH": "/usr/bin:/bin", "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1])] + site),
-               "NUMBA_CACHE_DIR": ""}
+        env = {
+            "HOME": str(home),
+            "PATH": "/usr/bin:/bin",
+            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1])] + site),
+            "NUMBA_CACHE_DIR": "",
+        }
         env.pop("NUMBA_CACHE_DIR")
 
         def run(*args):
-            return subprocess.run(["runuser", "-u", "nobody", "--", "env", *[f"{k}={v}" for k, v in env.items()], python,
-                                   *args], capture_output=True, text=True, cwd=root, timeout=300)
+            return subprocess.run(
+                ["runuser", "-u", "nobody", "--", "env", *[f"{k}={v}" for k, v in env.items()], python, *args],
+                capture_output=True,
+                text=True,
+                cwd=root,
+                timeout=300,
+            )
 
         # the trap itself: numba's disk cache has nowhere to go for this user
         probe = root / "probe.py"
@@ -542,12 +762,29 @@ def test_cli_runs_for_a_user_whose_home_is_not_writable(tmp_path):
         model, corpus, _docs = saved_model_and_corpus(root, 20, seed=1)  # transformers' loading, HOME unwritable
         for p in [model, corpus, *model.iterdir()]:
             p.chmod(0o755 if p.is_dir() else 0o644)
-        r = run("-m", "itda", "build", str(model), "--layer", "1", "--corpus", str(corpus), "--tokens", "400",
-                "--out", str(root / "m"), "-q")
+        r = run(
+            "-m",
+            "itda",
+            "build",
+            str(model),
+            "--layer",
+            "1",
+            "--corpus",
+            str(corpus),
+            "--tokens",
+            "400",
+            "--out",
+            str(root / "m"),
+            "-q",
+        )
         assert r.returncode == 0 and (root / "m" / "resid_post.1.safetensors").is_file(), r.stderr
         readonly = root / "ro"
         readonly.mkdir(mode=0o555)
         r = run("-m", "itda", "build", str(data), "--out", str(readonly / "d.safetensors"))
-        assert r.returncode == 2 and r.stderr.strip() == f"error: {readonly / 'd.safetensors'}: cannot write in {readonly} (Permission denied)"
+        assert (
+            r.returncode == 2
+            and r.stderr.strip()
+            == f"error: {readonly / 'd.safetensors'}: cannot write in {readonly} (Permission denied)"
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)

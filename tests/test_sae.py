@@ -8,7 +8,18 @@ import torch
 
 from itda.builder import build_dictionary
 from itda.errors import ItdaInputError
-from itda.sae import SaeConfig, SaeMeta, SaeTrainer, TopKSAE, TrainConfig, evaluate_sae, load_sae, new_sae, save_sae, shuffled_batches
+from itda.sae import (
+    SaeConfig,
+    SaeMeta,
+    SaeTrainer,
+    TopKSAE,
+    TrainConfig,
+    evaluate_sae,
+    load_sae,
+    new_sae,
+    save_sae,
+    shuffled_batches,
+)
 from itda.sae.init import geometric_median, parse_init
 from itda.sae.io import dictionary_as_sae, export_saelens, export_sparsify
 from itda.sae.model import batch_topk
@@ -215,7 +226,9 @@ def test_resume_from_checkpoint_is_identical(tmp_path, synthetic):
 
     ck = tmp_path / "ck.safetensors"
     with pytest.raises(Crash):
-        fresh().fit(shuffled_batches(x, 256, seed=5), checkpoint=ck, checkpoint_every=5, progress=False, callback=crash_at_17)
+        fresh().fit(
+            shuffled_batches(x, 256, seed=5), checkpoint=ck, checkpoint_every=5, progress=False, callback=crash_at_17
+        )
     resumed, _ = SaeTrainer.load_checkpoint(ck)
     assert resumed.step_count == 15
     resumed.fit(shuffled_batches(x, 256, seed=5), progress=False)

@@ -1,10 +1,9 @@
 """Exports loaded by the real SAELens and sparsify packages (optional: `pip install -e '.[interop]'`)."""
 
-
 import pytest
 import torch
 
-from itda.sae import SaeMeta, SaeConfig, TopKSAE, export_saelens, export_sparsify, load_sae
+from itda.sae import SaeConfig, SaeMeta, TopKSAE, export_saelens, export_sparsify, load_sae
 
 pytestmark = pytest.mark.interop
 
@@ -53,7 +52,6 @@ def test_sparsify_finetunes_from_an_itda_export(tmp_path, monkeypatch):
     sparsify = pytest.importorskip("sparsify", reason="eai-sparsify not installed (pip install -e '.[interop]')")
     datasets = pytest.importorskip("datasets")
     from safetensors.torch import load_model
-
     from tiny_models import tiny_model
 
     model = tiny_model("llama", vocab=128)
@@ -61,13 +59,24 @@ def test_sparsify_finetunes_from_an_itda_export(tmp_path, monkeypatch):
     sae = trained_like_sae(d=d, f=4 * d, k=4, seed=2)
     export_sparsify(sae, SaeMeta(hookpoint="resid_post.1"), tmp_path / "export")
     g = torch.Generator().manual_seed(0)
-    data = datasets.Dataset.from_dict({"input_ids": torch.randint(4, 128, (16, 32), generator=g).tolist()}).with_format("torch")
-    cfg = sparsify.TrainConfig(sparsify.SaeConfig(num_latents=4 * d, k=4), batch_size=4, layers=[1], log_to_wandb=False,
-                               finetune=str(tmp_path / "export"), save_dir=str(tmp_path / "ck"), optimizer="adam", lr=1e-3,
-                               lr_warmup_steps=1, save_every=10_000)
+    data = datasets.Dataset.from_dict({"input_ids": torch.randint(4, 128, (16, 32), generator=g).tolist()}).with_format(
+        "torch"
+    )
+    cfg = sparsify.TrainConfig(
+        sparsify.SaeConfig(num_latents=4 * d, k=4),
+        batch_size=4,
+        layers=[1],
+        log_to_wandb=False,
+        finetune=str(tmp_path / "export"),
+        save_dir=str(tmp_path / "ck"),
+        optimizer="adam",
+        lr=1e-3,
+        lr_warmup_steps=1,
+        save_every=10_000,
+    )
     monkeypatch.chdir(tmp_path)
     trainer = sparsify.Trainer(cfg, data, model)
-    (name, theirs), = trainer.saes.items()
+    ((name, theirs),) = trainer.saes.items()
     assert name == "layers.1"
     load_model(theirs, str(tmp_path / "export" / name / "sae.safetensors"))
     assert torch.equal(theirs.W_dec.detach(), sae.W_dec.detach())

@@ -17,13 +17,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import kill_after_checkpoints, run_bad, run_ok, synthetic_acts_file
 from safetensors.torch import save_file
 
 import itda.resources
-from cli_helpers import kill_after_checkpoints, run_bad, run_ok, synthetic_acts_file
 from itda.activations.files import load_activations, save_activations
 from itda.errors import ItdaInputError
-from itda.sae import SaeConfig, SaeMeta, SaeTrainer, TopKSAE, TrainConfig, evaluate_sae, export_saelens, export_sparsify, load_sae, new_sae, save_sae
+from itda.sae import (
+    SaeConfig,
+    SaeMeta,
+    SaeTrainer,
+    TopKSAE,
+    TrainConfig,
+    evaluate_sae,
+    export_saelens,
+    export_sparsify,
+    load_sae,
+    new_sae,
+    save_sae,
+)
 from itda.sae.model import activation_units, auxk_loss
 from itda.sae.train import training_bytes
 from itda.tensorfile import read_tensor_file, write_tensor_file
@@ -71,8 +83,25 @@ def scaled_copy(acts: Path, factor: float, path: Path) -> Path:
 
 
 def train_args(src, out, *extra):
-    return ["sae", "train", str(src), "--out", str(out), "--latents", "64", "--k", "4", "--init", "data", "--steps", "30",
-            "--batch-size", "128", "-q", *extra]
+    return [
+        "sae",
+        "train",
+        str(src),
+        "--out",
+        str(out),
+        "--latents",
+        "64",
+        "--k",
+        "4",
+        "--init",
+        "data",
+        "--steps",
+        "30",
+        "--batch-size",
+        "128",
+        "-q",
+        *extra,
+    ]
 
 
 # -- extreme finite inputs ---------------------------------------------------------------------------
@@ -116,14 +145,19 @@ def test_activation_units_are_powers_of_two_that_leave_ordinary_data_alone():
     rms = float((x * 2.0**100 / up).double().pow(2).sum(1).mean().sqrt())
     assert 2**-0.5 <= rms <= 2**0.5
     near_max = x / x.abs().max() * 3e38
-    assert math.isfinite(activation_units(near_max)) and bool(torch.isfinite(near_max * (1 / activation_units(near_max))).all())
+    assert math.isfinite(activation_units(near_max)) and bool(
+        torch.isfinite(near_max * (1 / activation_units(near_max))).all()
+    )
 
 
 def test_extreme_activation_files_train_as_exact_scaled_copies(acts, tmp_path):
-    files = {"x": acts, "up": scaled_copy(acts, 2.0**60, tmp_path / "up.safetensors"),
-             "down": scaled_copy(acts, 2.0**-60, tmp_path / "down.safetensors"),
-             "1e30": scaled_copy(acts, 1e30, tmp_path / "big.safetensors"),
-             "1e-30": scaled_copy(acts, 1e-30, tmp_path / "small.safetensors")}
+    files = {
+        "x": acts,
+        "up": scaled_copy(acts, 2.0**60, tmp_path / "up.safetensors"),
+        "down": scaled_copy(acts, 2.0**-60, tmp_path / "down.safetensors"),
+        "1e30": scaled_copy(acts, 1e30, tmp_path / "big.safetensors"),
+        "1e-30": scaled_copy(acts, 1e-30, tmp_path / "small.safetensors"),
+    }
     saes = {}
     for name, src in files.items():
         run_ok(train_args(src, tmp_path / f"{name}.sae.safetensors"))
@@ -143,7 +177,12 @@ def test_extreme_activation_files_train_as_exact_scaled_copies(acts, tmp_path):
         r = run_ok(["sae", "eval", str(tmp_path / f"{name}.sae.safetensors"), str(files[name])])
         got = {ln.split()[0]: float(ln.split()[1]) for ln in r.output.strip().splitlines()}
         fvu, cos = reference_fvu(saes[name].sae, load_activations(files[name]).acts)
-        assert abs(got["fvu"] - fvu) < 1e-4 * max(1, fvu) and abs(got["mean_cosine"] - cos) < 1e-4, (name, got, fvu, cos)
+        assert abs(got["fvu"] - fvu) < 1e-4 * max(1, fvu) and abs(got["mean_cosine"] - cos) < 1e-4, (
+            name,
+            got,
+            fvu,
+            cos,
+        )
 
 
 def test_eval_is_exact_at_float32_limits_and_refuses_what_has_no_fvu(tmp_path):
@@ -187,8 +226,22 @@ def test_training_refuses_batches_without_variance_and_divergence(acts, tmp_path
     out = tmp_path / "o.safetensors"
     run_bad(train_args(acts, out, "--batch-size", "1"), "--batch-size")
     np.save(tmp_path / "21.npy", np.random.default_rng(0).standard_normal((21, 16)).astype(np.float32))
-    run_bad(["sae", "train", str(tmp_path / "21.npy"), "--out", str(out), "--latents", "8", "--k", "2", "--batch-size", "4"],
-            "held-out")  # 5% of 21 rows: one held-out row has no variance
+    run_bad(
+        [
+            "sae",
+            "train",
+            str(tmp_path / "21.npy"),
+            "--out",
+            str(out),
+            "--latents",
+            "8",
+            "--k",
+            "2",
+            "--batch-size",
+            "4",
+        ],
+        "held-out",
+    )  # 5% of 21 rows: one held-out row has no variance
     run_bad(train_args(acts, out, "--lr", "1e10"), "--lr")
     run_bad(train_args(acts, out, "--seed", str(2**40)), "--seed")
     assert not out.exists() and not list(tmp_path.glob(".*.tmp"))
@@ -205,9 +258,22 @@ def test_resume_from_a_final_step_checkpoint_writes_the_same_bytes(acts, tmp_pat
         raise KeyboardInterrupt
 
     monkeypatch.setattr(itda.sae.io, "save_sae", interrupted)
-    args = train_args(acts, out, "--resample", "itda", "--resample-every", "10", "--dead-after-tokens", "512",
-                      "--checkpoint", str(ck), "--checkpoint-every", "10")
+    args = train_args(
+        acts,
+        out,
+        "--resample",
+        "itda",
+        "--resample-every",
+        "10",
+        "--dead-after-tokens",
+        "512",
+        "--checkpoint",
+        str(ck),
+        "--checkpoint-every",
+        "10",
+    )
     from cli_helpers import runner
+
     from itda.cli.main import app
 
     assert runner.invoke(app, args).exit_code == 130  # killed after its last step and checkpoint
@@ -227,14 +293,28 @@ def _itda_cases():
         return lambda h: h.__setitem__(key, value)
 
     return [
-        (cfg(k=1000), "cfg.k"), (cfg(k=0), "cfg.k"), (cfg(k="4"), "cfg.k"), (cfg(k=4.0), "cfg.k"),
-        (cfg(d_in=True), "cfg.d_in"), (cfg(d_in=0), "cfg.d_in"), (cfg(n_latents=-1), "cfg.n_latents"),
-        (cfg(batch_topk="yes"), "cfg.batch_topk"), (cfg(extra=1), "cfg.extra"), (cfg(d_in=17), "W_enc"),
-        (cfg(n_latents=65), "W_enc"), (lambda h: h.pop("cfg"), "'cfg' is missing"), (top("cfg", [16, 64, 4]), "'cfg'"),
-        (top("format_version", 2), "format version 2"), (top("format_version", True), "format_version"),
-        (lambda h: h.pop("format_version"), "format_version"), (top("model", 5), "'model'"),
-        (top("hookpoint", "!!"), "'hookpoint'"), (top("tokenizer", ["t"]), "'tokenizer'"), (top("init", []), "'init'"),
-        (top("train", "fast"), "'train'"), (top("include_special", "no"), "'include_special'"),
+        (cfg(k=1000), "cfg.k"),
+        (cfg(k=0), "cfg.k"),
+        (cfg(k="4"), "cfg.k"),
+        (cfg(k=4.0), "cfg.k"),
+        (cfg(d_in=True), "cfg.d_in"),
+        (cfg(d_in=0), "cfg.d_in"),
+        (cfg(n_latents=-1), "cfg.n_latents"),
+        (cfg(batch_topk="yes"), "cfg.batch_topk"),
+        (cfg(extra=1), "cfg.extra"),
+        (cfg(d_in=17), "W_enc"),
+        (cfg(n_latents=65), "W_enc"),
+        (lambda h: h.pop("cfg"), "'cfg' is missing"),
+        (top("cfg", [16, 64, 4]), "'cfg'"),
+        (top("format_version", 2), "format version 2"),
+        (top("format_version", True), "format_version"),
+        (lambda h: h.pop("format_version"), "format_version"),
+        (top("model", 5), "'model'"),
+        (top("hookpoint", "!!"), "'hookpoint'"),
+        (top("tokenizer", ["t"]), "'tokenizer'"),
+        (top("init", []), "'init'"),
+        (top("train", "fast"), "'train'"),
+        (top("include_special", "no"), "'include_special'"),
         (top("itda_version", 1), "'itda_version'"),
     ]
 
@@ -266,13 +346,29 @@ def test_every_itda_sae_header_field_is_checked_at_load(acts, tmp_path):
 
 def test_saelens_and_sparsify_cfg_fields_are_checked_at_load(acts, tmp_path):
     sae, meta = random_sae(d=16, f=64, k=4), SaeMeta(hookpoint="resid_post.2")
-    saelens = [({"d_sae": "64"}, "'d_sae'"), ({"k": 1000}, "'k'"), ({"k": None}, "'k'"), ({"d_in": True}, "'d_in'"),
-               ({"d_in": 17}, "W_enc"), ({"metadata": []}, "'metadata'"), ({"metadata": {"hook_name": 3}}, "metadata.hook_name"),
-               ({"apply_b_dec_to_input": "true"}, "apply_b_dec_to_input"), ({"normalize_activations": "layer_norm"}, "normalize"),
-               ({"architecture": 5}, "'architecture'"), (None, "must be a JSON object")]
-    sparsify = [({"num_latents": "64"}, "'num_latents'"), ({"k": 1000}, "'k'"), ({"d_in": 0}, "'d_in'"),
-                ({"num_latents": 0, "expansion_factor": 0}, "'expansion_factor'"), ({"skip_connection": "false"}, "skip_connection"),
-                ({"activation": "groupmax"}, "'activation'"), ({"transcode": True}, "transcode"), (None, "must be a JSON object")]
+    saelens = [
+        ({"d_sae": "64"}, "'d_sae'"),
+        ({"k": 1000}, "'k'"),
+        ({"k": None}, "'k'"),
+        ({"d_in": True}, "'d_in'"),
+        ({"d_in": 17}, "W_enc"),
+        ({"metadata": []}, "'metadata'"),
+        ({"metadata": {"hook_name": 3}}, "metadata.hook_name"),
+        ({"apply_b_dec_to_input": "true"}, "apply_b_dec_to_input"),
+        ({"normalize_activations": "layer_norm"}, "normalize"),
+        ({"architecture": 5}, "'architecture'"),
+        (None, "must be a JSON object"),
+    ]
+    sparsify = [
+        ({"num_latents": "64"}, "'num_latents'"),
+        ({"k": 1000}, "'k'"),
+        ({"d_in": 0}, "'d_in'"),
+        ({"num_latents": 0, "expansion_factor": 0}, "'expansion_factor'"),
+        ({"skip_connection": "false"}, "skip_connection"),
+        ({"activation": "groupmax"}, "'activation'"),
+        ({"transcode": True}, "transcode"),
+        (None, "must be a JSON object"),
+    ]
     for kind, cases in (("saelens", saelens), ("sparsify", sparsify)):
         for i, (change, fragment) in enumerate(cases):
             root = tmp_path / f"{kind}{i}"
@@ -291,9 +387,13 @@ def test_a_tampered_checkpoint_is_refused_before_anything_is_allocated(acts, tmp
     ck = tmp_path / "ck.safetensors"
     trainer.fit(x.split(128), checkpoint=ck, checkpoint_every=2, progress=False)
     header, tensors = read_tensor_file(ck)
-    cases = [({"sae": {"d_in": 16, "n_latents": 10**9, "k": 4, "batch_topk": False}}, "W_enc"),
-             ({"sae": {"d_in": 16, "n_latents": 64, "k": 1000, "batch_topk": False}}, "sae.k"),
-             ({"step_count": -1}, "step_count"), ({"tokens_seen": "many"}, "tokens_seen"), ({"extra": []}, "extra")]
+    cases = [
+        ({"sae": {"d_in": 16, "n_latents": 10**9, "k": 4, "batch_topk": False}}, "W_enc"),
+        ({"sae": {"d_in": 16, "n_latents": 64, "k": 1000, "batch_topk": False}}, "sae.k"),
+        ({"step_count": -1}, "step_count"),
+        ({"tokens_seen": "many"}, "tokens_seen"),
+        ({"extra": []}, "extra"),
+    ]
     for i, (change, fragment) in enumerate(cases):
         bad = tmp_path / f"ck{i}.safetensors"
         write_tensor_file(bad, tensors, "itda_sae_checkpoint", {**json.loads(header["itda_sae_checkpoint"]), **change})
@@ -341,15 +441,39 @@ KILLS = 10
 @pytest.mark.slow
 def test_repeated_sigkill_then_resume_is_byte_identical(tmp_path):
     acts = synthetic_acts_file(tmp_path / "acts.safetensors", 20_000, 48, n_features=256, seed=3)
-    common = [str(acts), "--latents", "256", "--k", "8", "--init", "data", "--steps", "400", "--batch-size", "200",
-              "--dead-after-tokens", "2000", "--resample", "itda", "--resample-every", "25", "-q"]
+    common = [
+        str(acts),
+        "--latents",
+        "256",
+        "--k",
+        "8",
+        "--init",
+        "data",
+        "--steps",
+        "400",
+        "--batch-size",
+        "200",
+        "--dead-after-tokens",
+        "2000",
+        "--resample",
+        "itda",
+        "--resample-every",
+        "25",
+        "-q",
+    ]
     ref = tmp_path / "ref" / "whole.safetensors"
-    reference = subprocess.Popen(ITDA + ["sae", "train", *common, "--out", str(ref)], env=ENV, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE, text=True)
+    reference = subprocess.Popen(
+        ITDA + ["sae", "train", *common, "--out", str(ref)],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     out, ck = tmp_path / "o.safetensors", tmp_path / "ck.safetensors"
     cmd = ITDA + ["sae", "train", *common, "--out", str(out), "--checkpoint", str(ck), "--checkpoint-every", "2"]
-    kills = kill_after_checkpoints(lambda: subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-                                   ck, out, KILLS)
+    kills = kill_after_checkpoints(
+        lambda: subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), ck, out, KILLS
+    )
     assert kills == KILLS
     assert reference.wait() == 0, reference.stderr.read()
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
@@ -363,12 +487,37 @@ def test_model_input_training_resumes_byte_identically(tmp_path):
     from tiny_models import saved_model_and_corpus
 
     model, corpus, _ = saved_model_and_corpus(tmp_path, 60, seed=0)
-    common = [str(model), "--layer", "1", "--corpus", str(corpus), "--context", "32", "--latents", "64", "--k", "4",
-              "--steps", "120", "--batch-size", "64", "--init-sample", "256", "--init", "data", "-q"]
+    common = [
+        str(model),
+        "--layer",
+        "1",
+        "--corpus",
+        str(corpus),
+        "--context",
+        "32",
+        "--latents",
+        "64",
+        "--k",
+        "4",
+        "--steps",
+        "120",
+        "--batch-size",
+        "64",
+        "--init-sample",
+        "256",
+        "--init",
+        "data",
+        "-q",
+    ]
     ref, out, ck = tmp_path / "ref.safetensors", tmp_path / "o.safetensors", tmp_path / "ck.safetensors"
     cmd = ITDA + ["sae", "train", *common, "--out", str(out), "--checkpoint", str(ck), "--checkpoint-every", "2"]
-    reference = subprocess.Popen(ITDA + ["sae", "train", *common, "--out", str(ref)], env=ENV, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE, text=True)
+    reference = subprocess.Popen(
+        ITDA + ["sae", "train", *common, "--out", str(ref)],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
     while proc.poll() is None and time.time() < deadline and not ck.exists():

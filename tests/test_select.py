@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from tiny_models import saved_model_and_corpus
 from typer.testing import CliRunner
 
 from itda.cli.main import app
 from itda.selection.coverage import coverage_curve, greedy_max_coverage, simscale
 from itda.selection.supports import document_supports
-from tiny_models import saved_model_and_corpus
 
 runner = CliRunner()
 
@@ -76,15 +76,48 @@ def test_simscale_accepts_by_the_published_rule():
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("select")
     model, corpus, _docs = saved_model_and_corpus(root, 60, seed=11)
-    r = runner.invoke(app, ["build", str(model), "--layer", "2", "--corpus", str(corpus), "--tokens", "3000",
-                            "--context", "32", "--k", "8", "--out", str(root / "d"), "-q"])
+    r = runner.invoke(
+        app,
+        [
+            "build",
+            str(model),
+            "--layer",
+            "2",
+            "--corpus",
+            str(corpus),
+            "--tokens",
+            "3000",
+            "--context",
+            "32",
+            "--k",
+            "8",
+            "--out",
+            str(root / "d"),
+            "-q",
+        ],
+    )
     assert r.exit_code == 0, r.output
     return {"root": root, "model": model, "corpus": corpus, "dict": root / "d" / "resid_post.2.safetensors"}
 
 
 def _select(setup, out, *extra):
-    return runner.invoke(app, ["select", str(setup["corpus"]), "--dict", str(setup["dict"]), "--budget", "8", "--context", "32",
-                               "--out", str(out), "-q", *extra])
+    return runner.invoke(
+        app,
+        [
+            "select",
+            str(setup["corpus"]),
+            "--dict",
+            str(setup["dict"]),
+            "--budget",
+            "8",
+            "--context",
+            "32",
+            "--out",
+            str(out),
+            "-q",
+            *extra,
+        ],
+    )
 
 
 def test_select_end_to_end(setup):
@@ -146,17 +179,36 @@ def test_select_strategies_run(setup, strategy):
 
 def test_select_bad_inputs(setup, tmp_path):
     corpus_bytes = setup["corpus"].read_bytes()
-    r = runner.invoke(app, ["select", str(setup["corpus"]), "--dict", str(setup["dict"]), "--budget", "3",
-                            "--out", str(setup["corpus"])])
+    r = runner.invoke(
+        app,
+        ["select", str(setup["corpus"]), "--dict", str(setup["dict"]), "--budget", "3", "--out", str(setup["corpus"])],
+    )
     assert r.exit_code == 2 and "also an input" in r.output and setup["corpus"].read_bytes() == corpus_bytes
     foreign = tmp_path / "keep.jsonl"
     foreign.write_text("mine\n")
     r = _select(setup, foreign)
     assert r.exit_code == 2 and "exists and is not a select subset" in r.output and foreign.read_text() == "mine\n"
-    for args, msg in ((["--budget", "0"], "--budget"), (["--strategy", "best"], "--strategy"),
-                      (["--budget", "100000"], "exceeds")):
-        r = runner.invoke(app, ["select", str(setup["corpus"]), "--dict", str(setup["dict"]), "--context", "32",
-                                "--out", str(tmp_path / "x.jsonl"), "-q", *args] + ([] if "--budget" in args else ["--budget", "3"]))
+    for args, msg in (
+        (["--budget", "0"], "--budget"),
+        (["--strategy", "best"], "--strategy"),
+        (["--budget", "100000"], "exceeds"),
+    ):
+        r = runner.invoke(
+            app,
+            [
+                "select",
+                str(setup["corpus"]),
+                "--dict",
+                str(setup["dict"]),
+                "--context",
+                "32",
+                "--out",
+                str(tmp_path / "x.jsonl"),
+                "-q",
+                *args,
+            ]
+            + ([] if "--budget" in args else ["--budget", "3"]),
+        )
         assert r.exit_code == 2 and msg in r.output and len(r.output.strip().splitlines()) == 1, r.output
     assert not (tmp_path / "x.jsonl").exists()
 

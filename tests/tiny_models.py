@@ -22,7 +22,9 @@ def word_tokenizer():
         vocab.setdefault(w, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 def sample_docs(n: int = 12, seed: int = 0) -> list[str]:
@@ -48,8 +50,14 @@ def tiny_model(arch: str, vocab: int = 128, seed: int = 0) -> torch.nn.Module:
         cfg = tf.Qwen2Config(**common, num_key_value_heads=2, max_position_embeddings=256)
         model = tf.Qwen2ForCausalLM(cfg)
     elif arch == "gemma3":
-        cfg = tf.Gemma3TextConfig(**common, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
-                                  sliding_window=16, layer_types=["sliding_attention", "full_attention"] * 2)
+        cfg = tf.Gemma3TextConfig(
+            **common,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=256,
+            sliding_window=16,
+            layer_types=["sliding_attention", "full_attention"] * 2,
+        )
         model = tf.Gemma3ForCausalLM(cfg)
     elif arch == "gpt2":
         cfg = tf.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=4, n_head=4, n_positions=256)
@@ -72,7 +80,9 @@ def reversed_word_tokenizer():
     vocab = {w: i for i, w in enumerate(words)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 def loaded(name: str, arch: str, tokenizer, seed: int = 0):

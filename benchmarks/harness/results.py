@@ -36,7 +36,9 @@ def machine() -> str:
     except OSError:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    )
 
 
 def write_result(name: str, payload: dict) -> Path:
@@ -65,5 +67,11 @@ def run_measured(cmd: list[str], env: dict | None = None, poll_s: float = 0.02) 
             pass
         time.sleep(poll_s)
     out, err = proc.communicate()
-    return {"returncode": proc.returncode, "seconds": time.perf_counter() - t0, "peak_rss_anon": peak_anon,
-            "vmhwm": vmhwm, "stdout": out, "stderr": err[-2000:]}
+    return {
+        "returncode": proc.returncode,
+        "seconds": time.perf_counter() - t0,
+        "peak_rss_anon": peak_anon,
+        "vmhwm": vmhwm,
+        "stdout": out,
+        "stderr": err[-2000:],
+    }

@@ -30,8 +30,12 @@ def train_tokenizer(docs: list[str]):
         tok = Tokenizer(models.BPE(unk_token=None))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=4096, special_tokens=["<|bos|>", "<|pad|>"],
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=4096,
+            special_tokens=["<|bos|>", "<|pad|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
         tok.train_from_iterator(docs, trainer)
         tok.save(str(path))
     return PreTrainedTokenizerFast(tokenizer_file=str(path), bos_token="<|bos|>", pad_token="<|pad|>")
@@ -42,8 +46,16 @@ def model_dir(seed: int, steps: int, layers: int = 6, d: int = 128, at: int | No
     return bench_dir() / (name if at is None or at == steps else f"{name}-at{at}")
 
 
-def train_model(seed: int, tokenizer, docs: list[str], steps: int, batch: int = 16, layers: int = 6, d: int = 128,
-                checkpoints: tuple[int, ...] = ()) -> Path:
+def train_model(
+    seed: int,
+    tokenizer,
+    docs: list[str],
+    steps: int,
+    batch: int = 16,
+    layers: int = 6,
+    d: int = 128,
+    checkpoints: tuple[int, ...] = (),
+) -> Path:
     """Train (or reuse) one seed; also saves the model after each step count in `checkpoints`."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -51,8 +63,15 @@ def train_model(seed: int, tokenizer, docs: list[str], steps: int, batch: int = 
     if (out / "config.json").exists():
         return out
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=len(tokenizer), n_positions=CONTEXT, n_embd=d, n_layer=layers, n_head=4,
-                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.bos_token_id)
+    cfg = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=CONTEXT,
+        n_embd=d,
+        n_layer=layers,
+        n_head=4,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.bos_token_id,
+    )
     model = GPT2LMHeadModel(cfg)
     # the token stream: documents joined with BOS, cut into CONTEXT windows (same for every seed)
     ids: list[int] = []
@@ -63,7 +82,9 @@ def train_model(seed: int, tokenizer, docs: list[str], steps: int, batch: int = 
     data = torch.tensor(ids[: (len(ids) // CONTEXT) * CONTEXT]).view(-1, CONTEXT)
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(1234))  # same data order for all seeds
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / steps))
+    )
     model.train()
     t0 = time.perf_counter()
     for step in range(steps):

@@ -131,8 +131,10 @@ def grids(a: Prepared, b: Prepared, full_layers: list[int] | None, itda_k: int) 
     out["itda_fused"] = fused_grid(out)
     # what `itda compare` computes past --cka-memory: minibatch CKA (itda_fused from scaled CKA + norm profile)
     out["cka_minibatch"] = minibatch_cka(torch.stack(a.xs), torch.stack(b.xs))
-    out["itda_fused_minibatch"] = fused_grid({"itda_scaled_cka": minibatch_cka(a.scaled, b.scaled),
-                                              "norm_profile": out["norm_profile"]}, FUSED_PARTS_MINIBATCH)
+    out["itda_fused_minibatch"] = fused_grid(
+        {"itda_scaled_cka": minibatch_cka(a.scaled, b.scaled), "norm_profile": out["norm_profile"]},
+        FUSED_PARTS_MINIBATCH,
+    )
     inter = a.atoms @ b.atoms.T
     out["jaccard"] = (inter / (a.atoms.sum(1)[:, None] + b.atoms.sum(1)[None, :] - inter)).numpy()
     if full_layers:
@@ -163,8 +165,11 @@ def mcnemar_counts(h_ours: np.ndarray, h_base: np.ndarray) -> dict:
     from scipy.stats import binomtest
 
     only_o, only_b = int((h_ours & ~h_base).sum()), int((h_base & ~h_ours).sum())
-    return {"only_ours": only_o, "only_baseline": only_b,
-            "p_value": float(binomtest(only_o, only_o + only_b).pvalue) if only_o + only_b else 1.0}
+    return {
+        "only_ours": only_o,
+        "only_baseline": only_b,
+        "p_value": float(binomtest(only_o, only_o + only_b).pvalue) if only_o + only_b else 1.0,
+    }
 
 
 GRIDS = OUT / "suite_grids"
@@ -175,11 +180,15 @@ def keep_grids(name: str, mats: dict[str, np.ndarray]) -> None:
     from safetensors.numpy import save_file
 
     GRIDS.mkdir(parents=True, exist_ok=True)
-    save_file({m: np.ascontiguousarray(g, dtype=np.float64) for m, g in mats.items()}, str(GRIDS / f"{name}.safetensors"))
+    save_file(
+        {m: np.ascontiguousarray(g, dtype=np.float64) for m, g in mats.items()}, str(GRIDS / f"{name}.safetensors")
+    )
 
 
 def held_contexts(lm: LoadedModel, rows: int):
-    return load_contexts("default", lm.tokenizer, tokenizer_name=lm.tokenizer_name, split="heldout", tokens=rows + 512)[1]
+    return load_contexts("default", lm.tokenizer, tokenizer_name=lm.tokenizer_name, split="heldout", tokens=rows + 512)[
+        1
+    ]
 
 
 def plot_table(table: dict[str, dict[str, float]], measures: list[str], path) -> None:
@@ -193,8 +202,15 @@ def plot_table(table: dict[str, dict[str, float]], measures: list[str], path) ->
     fig, ax = plt.subplots(figsize=(1.0 + 0.85 * len(measures), 0.9 + 0.38 * len(table)))
     ax.imshow(vals, cmap="viridis", vmin=0, vmax=1, aspect="auto")
     for (i, j), v in np.ndenumerate(vals):
-        ax.text(j, i, "" if np.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=8,
-                color="white" if v < 0.6 else "black")
+        ax.text(
+            j,
+            i,
+            "" if np.isnan(v) else f"{v:.2f}",
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="white" if v < 0.6 else "black",
+        )
     ax.set_xticks(range(len(measures)), measures, rotation=35, ha="right", fontsize=8)
     ax.set_yticks(range(len(table)), list(table), fontsize=8)
     ax.set_title("layer matching: argmax accuracy without self-pairs", fontsize=9)

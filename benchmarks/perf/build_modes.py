@@ -78,19 +78,32 @@ def main() -> None:
             d = build_dictionary(data.batches(args.batch_size, stop=train_stop), k=args.k, min_cosine=cos, mode=mode)
             rep = evaluate(d, (x for x, _ in data.batches(8192, start=train_stop)))
             rows.append({"mode": mode, "min_cosine": cos, "size": len(d), "fvu": rep.fvu, "dead_atoms": rep.dead_atoms})
-            print(f"{mode:9s} cos {cos:.2f}: {len(d):6d} atoms, held-out FVU {rep.fvu:.4f}, dead {rep.dead_atoms}", flush=True)
+            print(
+                f"{mode:9s} cos {cos:.2f}: {len(d):6d} atoms, held-out FVU {rep.fvu:.4f}, dead {rep.dead_atoms}",
+                flush=True,
+            )
     ref_pts = [(r["fvu"], r["size"]) for r in rows if r["mode"] == "reference"]
     comparison = []
     for r in rows:
         if r["mode"] != "improved":
             continue
         ref_size = size_at_fvu(ref_pts, r["fvu"])
-        comparison.append({"fvu": r["fvu"], "improved_size": r["size"], "reference_size_at_same_fvu": ref_size,
-                           "ratio": r["size"] / ref_size if ref_size == ref_size else None})
+        comparison.append(
+            {
+                "fvu": r["fvu"],
+                "improved_size": r["size"],
+                "reference_size_at_same_fvu": ref_size,
+                "ratio": r["size"] / ref_size if ref_size == ref_size else None,
+            }
+        )
         print(f"FVU {r['fvu']:.4f}: improved {r['size']} atoms, reference {ref_size:.0f}", flush=True)
     name = "build_modes" if not args.model else f"build_modes-{args.model}-L{args.layer}"
-    print("wrote", write_result(name, {"source": source, "train_tokens": train_stop, "k": args.k,
-                                                "runs": rows, "equal_fvu": comparison}))
+    print(
+        "wrote",
+        write_result(
+            name, {"source": source, "train_tokens": train_stop, "k": args.k, "runs": rows, "equal_fvu": comparison}
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -29,8 +29,16 @@ STEP = 100_000
 def evaluate_snapshot(lm, dictionary, hp, held) -> dict:
     report = evaluate_contexts(lm, dictionary, hp, held)
     rep, ce = report.recon, report.ce
-    return {"size": len(dictionary), "fvu": rep.fvu, "mean_cosine": rep.mean_cosine, "l0": rep.l0, "ce_loss_score": ce.score,
-            "ce_clean": ce.ce_clean, "ce_spliced": ce.ce_spliced, "ce_zero": ce.ce_zero}
+    return {
+        "size": len(dictionary),
+        "fvu": rep.fvu,
+        "mean_cosine": rep.mean_cosine,
+        "l0": rep.l0,
+        "ce_loss_score": ce.score,
+        "ce_clean": ce.ce_clean,
+        "ce_spliced": ce.ce_spliced,
+        "ce_zero": ce.ce_zero,
+    }
 
 
 def main() -> None:
@@ -44,12 +52,16 @@ def main() -> None:
     lm = load_model(args.model)
     hp = Hookpoint("resid_post", args.layer)
     _, ctx = load_contexts("default", lm.tokenizer, tokenizer_name=lm.tokenizer_name, split="train", tokens=args.tokens)
-    _, held = load_contexts("default", lm.tokenizer, tokenizer_name=lm.tokenizer_name, split="heldout", tokens=args.eval_tokens)
+    _, held = load_contexts(
+        "default", lm.tokenizer, tokenizer_name=lm.tokenizer_name, split="heldout", tokens=args.eval_tokens
+    )
     n_cmp = args.compare_tokens // 127 + 1  # contexts holding about compare_tokens text tokens
     batch_contexts = 4096 // 128
 
     t0 = time.perf_counter()
-    fwd_tokens = sum(b[hp].unit.shape[0] for b in iterate_batches(lm.model, [hp], ctx.rows(0, n_cmp), batch_contexts=batch_contexts))
+    fwd_tokens = sum(
+        b[hp].unit.shape[0] for b in iterate_batches(lm.model, [hp], ctx.rows(0, n_cmp), batch_contexts=batch_contexts)
+    )
     fwd_s = time.perf_counter() - t0
     print(f"forward only: {fwd_tokens} tokens in {fwd_s:.1f}s = {fwd_tokens / fwd_s:,.0f} tokens/s", flush=True)
 
@@ -64,7 +76,9 @@ def main() -> None:
         build_s += now - t_last
         if cmp_s is None and (i + 1) * batch_contexts >= n_cmp:
             cmp_s, cmp_tokens = build_s, tokens
-            print(f"forward + build: {cmp_tokens} tokens in {cmp_s:.1f}s = {cmp_tokens / cmp_s:,.0f} tokens/s", flush=True)
+            print(
+                f"forward + build: {cmp_tokens} tokens in {cmp_s:.1f}s = {cmp_tokens / cmp_s:,.0f} tokens/s", flush=True
+            )
         if tokens >= next_snap:
             snap = {"tokens": tokens, **evaluate_snapshot(lm, builder.dictionary(), hp, held)}
             snapshots.append(snap)
@@ -74,11 +88,24 @@ def main() -> None:
     fwd_rate, build_rate = fwd_tokens / fwd_s, cmp_tokens / cmp_s
     overhead = fwd_rate / build_rate - 1
     print(f"build adds {100 * overhead:.1f}% on top of the forward pass", flush=True)
-    print("wrote", write_result("build_pipeline", {
-        "model": args.model, "hookpoint": hp.name, "k": 40, "min_cosine": 0.85,
-        "forward_tokens_per_s": fwd_rate, "build_tokens_per_s": build_rate, "build_overhead": overhead,
-        "compare_tokens": cmp_tokens, "eval_tokens": int((~held.special).sum()), "snapshots": snapshots,
-    }))
+    print(
+        "wrote",
+        write_result(
+            "build_pipeline",
+            {
+                "model": args.model,
+                "hookpoint": hp.name,
+                "k": 40,
+                "min_cosine": 0.85,
+                "forward_tokens_per_s": fwd_rate,
+                "build_tokens_per_s": build_rate,
+                "build_overhead": overhead,
+                "compare_tokens": cmp_tokens,
+                "eval_tokens": int((~held.special).sum()),
+                "snapshots": snapshots,
+            },
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -52,21 +52,61 @@ def main() -> None:
     if args.child:
         child(args.layers, args.d, args.m, args.minibatches)
         return
-    res = run_measured([sys.executable, __file__, "--child", "--layers", str(args.layers), "--d", str(args.d),
-                        "--m", str(args.m), "--minibatches", str(args.minibatches)])
+    res = run_measured(
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            "--layers",
+            str(args.layers),
+            "--d",
+            str(args.d),
+            "--m",
+            str(args.m),
+            "--minibatches",
+            str(args.minibatches),
+        ]
+    )
     secs, diag, off = res["stdout"].split()[-3:]
-    out = {"synthetic": {"layers": args.layers, "d": args.d, "minibatch": args.m, "minibatches": args.minibatches,
-                         "seconds": float(secs), "mean_diagonal_cka": float(diag), "mean_off_diagonal_cka": float(off),
-                         "peak_rss_anon_GiB": res["peak_rss_anon"] / 2**30, "vmhwm_GiB": res["vmhwm"] / 2**30,
-                         "exact_accumulators_GiB": exact_grid_bytes(args.layers, args.d, args.layers, args.d) / 2**30}}
+    out = {
+        "synthetic": {
+            "layers": args.layers,
+            "d": args.d,
+            "minibatch": args.m,
+            "minibatches": args.minibatches,
+            "seconds": float(secs),
+            "mean_diagonal_cka": float(diag),
+            "mean_off_diagonal_cka": float(off),
+            "peak_rss_anon_GiB": res["peak_rss_anon"] / 2**30,
+            "vmhwm_GiB": res["vmhwm"] / 2**30,
+            "exact_accumulators_GiB": exact_grid_bytes(args.layers, args.d, args.layers, args.d) / 2**30,
+        }
+    }
     print(out, flush=True)
     if not args.skip_smollm2:
-        res = run_measured([sys.executable, "-m", "itda", "compare", "smollm2-135m", "smollm2-135m", "--measures", "cka",
-                            "--tokens", "16000", "-q"])
-        out["smollm2_30x30"] = {"peak_rss_anon_GiB": res["peak_rss_anon"] / 2**30, "vmhwm_GiB": res["vmhwm"] / 2**30,
-                                "seconds": res["seconds"], "returncode": res["returncode"],
-                                "output": res["stdout"].strip().splitlines()[:3],
-                                "exact_accumulators_GiB": exact_grid_bytes(30, 576, 30, 576) / 2**30}
+        res = run_measured(
+            [
+                sys.executable,
+                "-m",
+                "itda",
+                "compare",
+                "smollm2-135m",
+                "smollm2-135m",
+                "--measures",
+                "cka",
+                "--tokens",
+                "16000",
+                "-q",
+            ]
+        )
+        out["smollm2_30x30"] = {
+            "peak_rss_anon_GiB": res["peak_rss_anon"] / 2**30,
+            "vmhwm_GiB": res["vmhwm"] / 2**30,
+            "seconds": res["seconds"],
+            "returncode": res["returncode"],
+            "output": res["stdout"].strip().splitlines()[:3],
+            "exact_accumulators_GiB": exact_grid_bytes(30, 576, 30, 576) / 2**30,
+        }
         print(out["smollm2_30x30"], flush=True)
     print("wrote", write_result("compare_memory", out))
 

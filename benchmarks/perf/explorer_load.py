@@ -26,8 +26,10 @@ from harness.results import write_result
 
 from itda.explorer.page import explorer_data, write_explorer
 
-WORDS = ("the of and to in is that for it as with was on be by this are from at or an which not but have model layer "
-         "token value function return list string number error file path class method object type name default").split()
+WORDS = (
+    "the of and to in is that for it as with was on be by this are from at or an which not but have model layer "
+    "token value function return list string number error file path class method object type name default"
+).split()
 
 
 def synthetic_view(n_atoms: int, seed: int = 0) -> dict:
@@ -53,15 +55,41 @@ def synthetic_view(n_atoms: int, seed: int = 0) -> dict:
             spans[at][2] = 1.0
             ctxs.append({"text": " ".join(words), "spans": [v for t in spans for v in t], "at": at})
         uses = int(rng.paretovariate(1.2))
-        atoms.append({"id": a, "doc": rng.randrange(10_000), "pos": rng.randrange(500), "token_id": rng.randrange(50_000),
-                      "uses": uses, "freq": uses / 1e5, "mean_coef": round(rng.random() * 5, 4), "token": src[s:e],
-                      "source": {"text": src, "hl": [s, e], "cut": [True, True]}, "contexts": ctxs,
-                      "cooc": [[rng.randrange(n_atoms), round(rng.random(), 4)] for _ in range(5)]})
+        atoms.append(
+            {
+                "id": a,
+                "doc": rng.randrange(10_000),
+                "pos": rng.randrange(500),
+                "token_id": rng.randrange(50_000),
+                "uses": uses,
+                "freq": uses / 1e5,
+                "mean_coef": round(rng.random() * 5, 4),
+                "token": src[s:e],
+                "source": {"text": src, "hl": [s, e], "cut": [True, True]},
+                "contexts": ctxs,
+                "cooc": [[rng.randrange(n_atoms), round(rng.random(), 4)] for _ in range(5)],
+            }
+        )
     hist = {"edges": [0.0, 1.0, 2.0], "counts": [1, 1]}
-    summary = {"tokens": 100_000, "atoms": n_atoms, "dead": 0, "mean_l0": 30.0, "mean_cosine": 0.9,
-               "usage_hist": {**hist, "zeros": 0}, "l0_hist": hist, "cos_hist": hist}
-    return {"label": f"synthetic-{n_atoms}", "model": "synthetic", "hookpoint": "resid_post.0", "k": 40, "d": 576,
-            "summary": summary, "atoms": atoms}
+    summary = {
+        "tokens": 100_000,
+        "atoms": n_atoms,
+        "dead": 0,
+        "mean_l0": 30.0,
+        "mean_cosine": 0.9,
+        "usage_hist": {**hist, "zeros": 0},
+        "l0_hist": hist,
+        "cos_hist": hist,
+    }
+    return {
+        "label": f"synthetic-{n_atoms}",
+        "model": "synthetic",
+        "hookpoint": "resid_post.0",
+        "k": 40,
+        "d": 576,
+        "summary": summary,
+        "atoms": atoms,
+    }
 
 
 def time_page(browser, folder: Path, repeats: int = 3) -> dict:
@@ -80,14 +108,20 @@ def time_page(browser, folder: Path, repeats: int = 3) -> dict:
         assert not errors, errors
         tab.close()
     size = sum(p.stat().st_size for p in folder.iterdir() if p.name in ("data.js", "index.html"))
-    return {"load_s_best": min(loads), "load_s_median": sorted(loads)[len(loads) // 2], "search_s_best": min(searches),
-            "page_bytes": size}
+    return {
+        "load_s_best": min(loads),
+        "load_s_median": sorted(loads)[len(loads) // 2],
+        "search_s_best": min(searches),
+        "page_bytes": size,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--atoms", type=int, nargs="+", default=[1000, 10_000, 50_000])
-    ap.add_argument("--page", type=Path, action="append", default=[], help="an existing explorer output to time as well")
+    ap.add_argument(
+        "--page", type=Path, action="append", default=[], help="an existing explorer output to time as well"
+    )
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -101,10 +135,18 @@ def main() -> None:
                 folder = Path(tmp) / "page"
                 t0 = time.perf_counter()
                 write_explorer(folder, explorer_data([synthetic_view(n)]))
-                res = {"atoms": n, "source": "synthetic", "write_s": time.perf_counter() - t0, **time_page(browser, folder)}
+                res = {
+                    "atoms": n,
+                    "source": "synthetic",
+                    "write_s": time.perf_counter() - t0,
+                    **time_page(browser, folder),
+                }
             rows.append(res)
-            print(f"{n:>6} atoms: {res['page_bytes'] / 2**20:.1f} MiB, load {res['load_s_best']:.2f} s "
-                  f"(median {res['load_s_median']:.2f}), search {res['search_s_best']:.3f} s", flush=True)
+            print(
+                f"{n:>6} atoms: {res['page_bytes'] / 2**20:.1f} MiB, load {res['load_s_best']:.2f} s "
+                f"(median {res['load_s_median']:.2f}), search {res['search_s_best']:.3f} s",
+                flush=True,
+            )
         for folder in args.page:
             import json
 

@@ -53,8 +53,17 @@ def mp_vs_gemm(sizes) -> list[dict]:
         gemm = timed(lambda: x @ atoms.T)
         with_gram = timed(lambda: matching_pursuit(x, atoms, 40, gram=gram, backend="torch"))
         auto = timed(lambda: matching_pursuit(x, atoms, 40, backend="auto"))
-        rows.append({"d": d, "n_atoms": n, "gemm_s": gemm, "mp_gram_s": with_gram, "mp_auto_s": auto,
-                     "mp_gram_over_gemm": with_gram / gemm, "mp_auto_over_gemm": auto / gemm})
+        rows.append(
+            {
+                "d": d,
+                "n_atoms": n,
+                "gemm_s": gemm,
+                "mp_gram_s": with_gram,
+                "mp_auto_s": auto,
+                "mp_gram_over_gemm": with_gram / gemm,
+                "mp_auto_over_gemm": auto / gemm,
+            }
+        )
         print(rows[-1], flush=True)
     return rows
 
@@ -80,8 +89,13 @@ def build_overhead(tokens: int) -> dict:
         builder.update(b[hp].unit, b[hp].refs)
     sync()
     both = time.perf_counter() - t0
-    return {"tokens": n, "forward_tok_s": n / fwd, "forward_build_tok_s": n / both, "overhead": both / fwd - 1,
-            "atoms": builder.size}
+    return {
+        "tokens": n,
+        "forward_tok_s": n / fwd,
+        "forward_build_tok_s": n / both,
+        "overhead": both / fwd - 1,
+        "atoms": builder.size,
+    }
 
 
 def layerwise(tokens: int) -> dict:
@@ -91,8 +105,14 @@ def layerwise(tokens: int) -> dict:
     from itda.activations.models import load_model
 
     folder = tempfile.mkdtemp()
-    cfg = LlamaConfig(vocab_size=32_000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
-                      num_attention_heads=16, num_key_value_heads=16)
+    cfg = LlamaConfig(
+        vocab_size=32_000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+    )
     LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(folder, max_shard_size="500MB")
     ids = torch.randint(4, 32_000, (tokens // 512, 512), device="cuda")
     hp = Hookpoint("resid_post", 23)
@@ -123,7 +143,11 @@ def main() -> None:
     if not torch.cuda.is_available():
         print("no CUDA device: gpu.py measures CUDA paths only")
         sys.exit(0)
-    sizes = [(2048, 4096), (4096, 16_384)] if args.quick else [(576, 4096), (2048, 4096), (2048, 16_384), (4096, 16_384), (8192, 50_000)]
+    sizes = (
+        [(2048, 4096), (4096, 16_384)]
+        if args.quick
+        else [(576, 4096), (2048, 4096), (2048, 16_384), (4096, 16_384), (8192, 50_000)]
+    )
     res = {"device": torch.cuda.get_device_name(), "mp_vs_gemm": mp_vs_gemm(sizes)}
     res["build_overhead"] = build_overhead(20_000 if args.quick else 100_000)
     res["layerwise"] = layerwise(4096 if args.quick else 32_768)

@@ -77,8 +77,15 @@ def make_checkpoint() -> Path:
     if (folder / "model.safetensors.index.json").exists():
         return folder
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
-                      num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=512)
+    cfg = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        max_position_embeddings=512,
+    )
     model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     model.save_pretrained(folder, max_shard_size="100MB")
     return folder
@@ -110,29 +117,47 @@ def main() -> None:
     plan += [("offload_disk", p) for p in args.offload_pass_tokens]
     try:
         for mode, pt in plan:
-            out = subprocess.run([sys.executable, str(script), str(folder), mode, str(args.tokens), str(pt), str(offload_dir)],
-                                 capture_output=True, text=True)
+            out = subprocess.run(
+                [sys.executable, str(script), str(folder), mode, str(args.tokens), str(pt), str(offload_dir)],
+                capture_output=True,
+                text=True,
+            )
             if out.returncode != 0:
                 print(f"{mode}: failed\n{out.stderr[-2000:]}", flush=True)
                 runs.append({"mode": mode, "pass_tokens": pt, "error": out.stderr.strip().splitlines()[-1]})
                 continue
             r = json.loads(out.stdout.strip().splitlines()[-1])
             runs.append(r)
-            print(f"{mode:12s} pass {pt:5d} tokens: {r['tokens_per_s']:8.0f} tokens/s, load {r['load_s']:.1f}s, "
-                  f"peak {r['peak_GiB']:.2f} GiB", flush=True)
+            print(
+                f"{mode:12s} pass {pt:5d} tokens: {r['tokens_per_s']:8.0f} tokens/s, load {r['load_s']:.1f}s, "
+                f"peak {r['peak_GiB']:.2f} GiB",
+                flush=True,
+            )
     finally:
         script.unlink(missing_ok=True)
     mem = next(r for r in runs if r["mode"] == "in_memory")
     lw = next(r for r in runs if r["mode"] == "layerwise" and r["pass_tokens"] == args.pass_tokens)
-    summary = {"layerwise_over_in_memory": lw["tokens_per_s"] / mem["tokens_per_s"],
-               "checksums_equal": abs(lw["checksum"] - mem["checksum"]) <= 1e-6 * abs(mem["checksum"]) + 1e-3,
-               "io_floor_s": lw["bytes_read"] / bw, "read_bandwidth_GBps": bw / 1e9}
+    summary = {
+        "layerwise_over_in_memory": lw["tokens_per_s"] / mem["tokens_per_s"],
+        "checksums_equal": abs(lw["checksum"] - mem["checksum"]) <= 1e-6 * abs(mem["checksum"]) + 1e-3,
+        "io_floor_s": lw["bytes_read"] / bw,
+        "read_bandwidth_GBps": bw / 1e9,
+    }
     for r in runs:
         if r["mode"] == "offload_disk" and "tokens_per_s" in r:
             summary[f"layerwise_over_offload_pass{r['pass_tokens']}"] = lw["tokens_per_s"] / r["tokens_per_s"]
     print(summary, flush=True)
-    print("wrote", write_result("layerwise", {"checkpoint": "synthetic Llama, 16 blocks, d=1024, MLP 2816, bf16 shards",
-                                              "runs": runs, "summary": summary}))
+    print(
+        "wrote",
+        write_result(
+            "layerwise",
+            {
+                "checkpoint": "synthetic Llama, 16 blocks, d=1024, MLP 2816, bf16 shards",
+                "runs": runs,
+                "summary": summary,
+            },
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -25,8 +25,16 @@ from harness.results import OUT, run_measured, write_result
 
 from itda.activations.models import cache_root
 
-SHAPES = dict(hidden_size=8192, num_attention_heads=64, num_key_value_heads=8, intermediate_size=28_672,
-              vocab_size=128_256, rope_theta=500_000.0, rms_norm_eps=1e-5, max_position_embeddings=8192)
+SHAPES = dict(
+    hidden_size=8192,
+    num_attention_heads=64,
+    num_key_value_heads=8,
+    intermediate_size=28_672,
+    vocab_size=128_256,
+    rope_theta=500_000.0,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=8192,
+)
 
 
 def make_checkpoint(blocks: int) -> Path:
@@ -37,8 +45,13 @@ def make_checkpoint(blocks: int) -> Path:
     if (folder / "model.safetensors.index.json").exists():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = LlamaConfig(num_hidden_layers=blocks, tie_word_embeddings=True, torch_dtype="bfloat16",
-                      architectures=["LlamaForCausalLM"], **SHAPES)
+    cfg = LlamaConfig(
+        num_hidden_layers=blocks,
+        tie_word_embeddings=True,
+        torch_dtype="bfloat16",
+        architectures=["LlamaForCausalLM"],
+        **SHAPES,
+    )
     cfg.save_pretrained(folder)
     d, kv, mlp = SHAPES["hidden_size"], SHAPES["num_key_value_heads"] * 128, SHAPES["intermediate_size"]
     gen = torch.Generator().manual_seed(0)
@@ -56,13 +69,24 @@ def make_checkpoint(blocks: int) -> Path:
         weight_map.update({k: name for k in tensors})
         shard += 1
 
-    write({"model.embed_tokens.weight": rnd(SHAPES["vocab_size"], d), "model.norm.weight": torch.ones(d, dtype=torch.bfloat16)})
+    write(
+        {
+            "model.embed_tokens.weight": rnd(SHAPES["vocab_size"], d),
+            "model.norm.weight": torch.ones(d, dtype=torch.bfloat16),
+        }
+    )
     # one block's random tensors, written for every block (memory and I/O are what is measured)
-    block = {"self_attn.q_proj.weight": rnd(d, d), "self_attn.k_proj.weight": rnd(kv, d),
-             "self_attn.v_proj.weight": rnd(kv, d), "self_attn.o_proj.weight": rnd(d, d),
-             "mlp.gate_proj.weight": rnd(mlp, d), "mlp.up_proj.weight": rnd(mlp, d), "mlp.down_proj.weight": rnd(d, mlp),
-             "input_layernorm.weight": torch.ones(d, dtype=torch.bfloat16),
-             "post_attention_layernorm.weight": torch.ones(d, dtype=torch.bfloat16)}
+    block = {
+        "self_attn.q_proj.weight": rnd(d, d),
+        "self_attn.k_proj.weight": rnd(kv, d),
+        "self_attn.v_proj.weight": rnd(kv, d),
+        "self_attn.o_proj.weight": rnd(d, d),
+        "mlp.gate_proj.weight": rnd(mlp, d),
+        "mlp.up_proj.weight": rnd(mlp, d),
+        "mlp.down_proj.weight": rnd(d, mlp),
+        "input_layernorm.weight": torch.ones(d, dtype=torch.bfloat16),
+        "post_attention_layernorm.weight": torch.ones(d, dtype=torch.bfloat16),
+    }
     for i in range(blocks):
         write({f"model.layers.{i}.{k}": v for k, v in block.items()})
         print(f"wrote block {i}", flush=True)
@@ -92,18 +116,48 @@ def main() -> None:
     with safe_open(str(next(iter(sorted(folder.glob("model-00001.safetensors"))))), framework="pt") as fh:
         block_bytes = sum(math.prod(fh.get_slice(k).get_shape()) * 2 for k in fh.keys())
     out = OUT / "llama70b_width"
-    cmd = [sys.executable, "-m", "itda", "build", str(folder), "--layer", str(args.layer), "--layerwise",
-           "--max-memory", args.max_memory, "--model-dtype", "bfloat16", "--tokens", str(args.tokens),
-           "--batch-tokens", str(args.batch_tokens), "--k", "40", "--out", str(out), "-q"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "itda",
+        "build",
+        str(folder),
+        "--layer",
+        str(args.layer),
+        "--layerwise",
+        "--max-memory",
+        args.max_memory,
+        "--model-dtype",
+        "bfloat16",
+        "--tokens",
+        str(args.tokens),
+        "--batch-tokens",
+        str(args.batch_tokens),
+        "--k",
+        "40",
+        "--out",
+        str(out),
+        "-q",
+    ]
     res = run_measured(cmd)
     print(res["stdout"], res["stderr"][-500:])
     passes = math.ceil(args.tokens / args.batch_tokens)
     result = {
-        "checkpoint_bytes": size, "block_bytes_bf16": block_bytes, "blocks": args.blocks, "layer": args.layer,
-        "max_memory": args.max_memory, "tokens": args.tokens, "batch_tokens": args.batch_tokens,
-        "bytes_read_per_pass": block_bytes * (args.layer + 1), "passes": passes, "make_checkpoint_s": make_s,
-        "peak_rss_anon_GiB": res["peak_rss_anon"] / 2**30, "vmhwm_GiB": res["vmhwm"] / 2**30,
-        "wall_s": res["seconds"], "returncode": res["returncode"], "cli_output": res["stdout"].strip().splitlines(),
+        "checkpoint_bytes": size,
+        "block_bytes_bf16": block_bytes,
+        "blocks": args.blocks,
+        "layer": args.layer,
+        "max_memory": args.max_memory,
+        "tokens": args.tokens,
+        "batch_tokens": args.batch_tokens,
+        "bytes_read_per_pass": block_bytes * (args.layer + 1),
+        "passes": passes,
+        "make_checkpoint_s": make_s,
+        "peak_rss_anon_GiB": res["peak_rss_anon"] / 2**30,
+        "vmhwm_GiB": res["vmhwm"] / 2**30,
+        "wall_s": res["seconds"],
+        "returncode": res["returncode"],
+        "cli_output": res["stdout"].strip().splitlines(),
     }
     print(json.dumps(result, indent=2))
     write_result("llama70b_width", result)

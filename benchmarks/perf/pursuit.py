@@ -79,7 +79,9 @@ def bench_config(d: int, n: int) -> dict:
     row["reference_s"] = extrapolate(lambda s: reference_mp(x, atoms, s), K)
     row["reference_extrapolated"] = True
     # what `auto` runs: the Gram paths when the Gram fits, the lazy path otherwise
-    best = min(row.get("numba_s", float("inf")), row.get("torch_s", float("inf"))) if "numba_s" in row else row["lazy_s"]
+    best = (
+        min(row.get("numba_s", float("inf")), row.get("torch_s", float("inf"))) if "numba_s" in row else row["lazy_s"]
+    )
     row["best_over_floor"] = best / row["floor_s"]
     row["reference_over_best"] = row["reference_s"] / best
     return row

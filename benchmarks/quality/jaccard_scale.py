@@ -58,7 +58,9 @@ def seed_models(tokens: int):
     for s in range(SEEDS):
         path = model_dir(s, 1000, SEED_LAYERS, 128)
         if not (path / "config.json").exists():
-            raise SystemExit(f"{path} missing: run quality/layer_matching_suite.py --benchmarks seeds first (it trains the seeds)")
+            raise SystemExit(
+                f"{path} missing: run quality/layer_matching_suite.py --benchmarks seeds first (it trains the seeds)"
+            )
         lm = LoadedModel(f"seed{s}", GPT2LMHeadModel.from_pretrained(path).eval(), tok, path)
         ctx = ctx if ctx is not None else held_contexts(lm, tokens)
         acts[lm.name], losses[lm.name] = samples(lm, list(range(SEED_LAYERS)), ctx, tokens), copy_loss(lm, ctx)
@@ -74,7 +76,9 @@ def main() -> None:
     ap.add_argument("--min-cosine", type=float, default=0.85)
     ap.add_argument("--k", type=int, default=40, help="MP atoms per token")
     ap.add_argument("--noise-seed", type=int, default=0)
-    ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m, gemma3-270m or seeds (the suite's GPT-2 seeds)")
+    ap.add_argument(
+        "--model", default="smollm2-135m", help="smollm2-135m, gemma3-270m or seeds (the suite's GPT-2 seeds)"
+    )
     args = ap.parse_args()
     if args.model == "seeds":
         layers, acts, pairs, losses = seed_models(args.tokens)
@@ -95,8 +99,18 @@ def main() -> None:
         t0 = time.perf_counter()
         rows[name] = [atom_rows(x, args.min_cosine, args.k) for x in xs]
         print(f"{name}: {[len(r) for r in rows[name]]} atoms per layer, {time.perf_counter() - t0:.0f}s", flush=True)
-    out = {"model": args.model, "level": args.level, "tokens": args.tokens, "min_cosine": args.min_cosine, "k": args.k,
-           "noise_seed": args.noise_seed, "layers": layers, "copy_loss": losses, "pairs": pairs, "rows": {}}
+    out = {
+        "model": args.model,
+        "level": args.level,
+        "tokens": args.tokens,
+        "min_cosine": args.min_cosine,
+        "k": args.k,
+        "noise_seed": args.noise_seed,
+        "layers": layers,
+        "copy_loss": losses,
+        "pairs": pairs,
+        "rows": {},
+    }
     grids = {p: StreamingCKAGrid("float64") for p in pairs}
     seen = 0
     for n in [m for m in (2048 << i for i in range(20)) if m < args.tokens] + [args.tokens]:
@@ -113,8 +127,11 @@ def main() -> None:
         print(n, out["rows"][n], flush=True)
     path = OUT / "jaccard_scale.json"
     runs = json.loads(path.read_text()).get("runs", {}) if path.exists() else {}
-    key = (f"seeds {args.tokens} {args.min_cosine}" if args.model == "seeds"
-           else f"{args.model} {args.level} {args.tokens} {args.min_cosine} seed{args.noise_seed}")
+    key = (
+        f"seeds {args.tokens} {args.min_cosine}"
+        if args.model == "seeds"
+        else f"{args.model} {args.level} {args.tokens} {args.min_cosine} seed{args.noise_seed}"
+    )
     runs[key + ("" if args.k == 40 else f" k{args.k}")] = out
     write_result("jaccard_scale", {"runs": runs})
 

@@ -51,10 +51,19 @@ def cka_throughput(layers: int = 12, d: int = 768, tokens: int = 16384, batch: i
         grid.matrices(procrustes=False)
         fin = time.perf_counter() - t1
         acc_bytes = grid.xty.numel() * 8 + grid.a.gram.numel() * 8 * 2
-        out[precision] = {"layers": layers, "d": d, "tokens": tokens, "tokens_per_s": tokens / upd,
-                          "finalise_s": fin, "accumulator_GiB": acc_bytes / 2**30}
-        print(f"streaming CKA {layers}x{layers} pairs, d={d}, {precision}: {tokens / upd:,.0f} tokens/s, "
-              f"accumulators {acc_bytes / 2**30:.2f} GiB", flush=True)
+        out[precision] = {
+            "layers": layers,
+            "d": d,
+            "tokens": tokens,
+            "tokens_per_s": tokens / upd,
+            "finalise_s": fin,
+            "accumulator_GiB": acc_bytes / 2**30,
+        }
+        print(
+            f"streaming CKA {layers}x{layers} pairs, d={d}, {precision}: {tokens / upd:,.0f} tokens/s, "
+            f"accumulators {acc_bytes / 2**30:.2f} GiB",
+            flush=True,
+        )
     out["peak_rss_GiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return out
 
@@ -71,8 +80,14 @@ def atom_positions(lm, docs, held, tokens: int) -> None:
     rows = []
     for layer, d in enumerate(res.dictionaries_a):
         pos = np.array([order[(a, b)] for a, b in d.refs[:, :2].tolist()])
-        rows.append({"layer": layer, "atoms": len(d), "median_position": float(np.median(pos)),
-                     "fraction_in_first_4096": float((pos < 4096).mean())})
+        rows.append(
+            {
+                "layer": layer,
+                "atoms": len(d),
+                "median_position": float(np.median(pos)),
+                "fraction_in_first_4096": float((pos < 4096).mean()),
+            }
+        )
         print(rows[-1], flush=True)
     print("wrote", write_result("layer_matching_atom_positions", {"model": lm.name, "tokens": tokens, "rows": rows}))
 
@@ -87,16 +102,30 @@ def jaccard_sweep(lms, docs, held, tokens: int) -> None:
         pairs: dict[str, dict] = {}
         sizes = []
         for i, j in itertools.combinations_with_replacement(range(len(lms)), 2):
-            res = compare_models(lms[i], None if i == j else lms[j], docs, held, tokens=tokens, measures=["jaccard"],
-                                 context=CONTEXT, k=k, min_cosine=cos, progress=False)
+            res = compare_models(
+                lms[i],
+                None if i == j else lms[j],
+                docs,
+                held,
+                tokens=tokens,
+                measures=["jaccard"],
+                context=CONTEXT,
+                k=k,
+                min_cosine=cos,
+                progress=False,
+            )
             for name, m in res.matrices.items():
                 pairs.setdefault(name, {})[(lms[i].name, lms[j].name)] = m
                 if i != j:
                     pairs[name][(lms[j].name, lms[i].name)] = m.T
             sizes += [len(d) for d in res.dictionaries_a]
-        row = {"k": k, "min_cosine": cos, "mean_atoms_per_layer": float(np.mean(sizes)),
-               **{f"{name}_without_self": pooled_accuracy(p, self_pairs=False) for name, p in pairs.items()},
-               **{f"{name}_with_self": pooled_accuracy(p, self_pairs=True) for name, p in pairs.items()}}
+        row = {
+            "k": k,
+            "min_cosine": cos,
+            "mean_atoms_per_layer": float(np.mean(sizes)),
+            **{f"{name}_without_self": pooled_accuracy(p, self_pairs=False) for name, p in pairs.items()},
+            **{f"{name}_with_self": pooled_accuracy(p, self_pairs=True) for name, p in pairs.items()},
+        }
         rows.append(row)
         print(row, flush=True)
     print("wrote", write_result("layer_matching_jaccard_sweep", {"tokens_per_pair": tokens, "rows": rows}))
@@ -108,10 +137,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--tokens", type=int, default=20_000)
     parser.add_argument("--max-rows", type=int, default=4096)
-    parser.add_argument("--jaccard-sweep", action="store_true",
-                        help="only Jaccard, over (k, min cosine) settings, on the cached models")
-    parser.add_argument("--atom-positions", action="store_true",
-                        help="only: where in the token stream seed 0's atoms come from (k=40, cosine 0.85)")
+    parser.add_argument(
+        "--jaccard-sweep", action="store_true", help="only Jaccard, over (k, min cosine) settings, on the cached models"
+    )
+    parser.add_argument(
+        "--atom-positions",
+        action="store_true",
+        help="only: where in the token stream seed 0's atoms come from (k=40, cosine 0.85)",
+    )
     args = parser.parse_args()
     docs = read_documents("default")
     train_docs = [docs[i] for i in split_documents(docs, "train")]
@@ -131,8 +164,17 @@ def main() -> None:
     sizes = {}
     t0 = time.perf_counter()
     for i, j in itertools.combinations_with_replacement(range(len(lms)), 2):
-        res = compare_models(lms[i], None if i == j else lms[j], docs, held, tokens=args.tokens, measures=MEASURES,
-                             context=CONTEXT, max_rows=args.max_rows, progress=False)
+        res = compare_models(
+            lms[i],
+            None if i == j else lms[j],
+            docs,
+            held,
+            tokens=args.tokens,
+            measures=MEASURES,
+            context=CONTEXT,
+            max_rows=args.max_rows,
+            progress=False,
+        )
         for name, m in res.matrices.items():
             pairs.setdefault(name, {})[(lms[i].name, lms[j].name)] = m
             if i != j:
@@ -141,18 +183,37 @@ def main() -> None:
         sizes[lms[j].name] = [len(d) for d in res.dictionaries_b]
         print(f"pair {lms[i].name}-{lms[j].name}: {res.paired_tokens} tokens, {res.seconds:.0f}s", flush=True)
     compare_s = time.perf_counter() - t0
-    accuracy = {name: {"with_self_pairs": pooled_accuracy(p, self_pairs=True),
-                       "without_self_pairs": pooled_accuracy(p, self_pairs=False)} for name, p in pairs.items()}
+    accuracy = {
+        name: {
+            "with_self_pairs": pooled_accuracy(p, self_pairs=True),
+            "without_self_pairs": pooled_accuracy(p, self_pairs=False),
+        }
+        for name, p in pairs.items()
+    }
     for name, acc in sorted(accuracy.items(), key=lambda kv: -kv[1]["without_self_pairs"]):
-        print(f"{name:14s} accuracy without self-pairs {acc['without_self_pairs']:.3f}, with {acc['with_self_pairs']:.3f}")
+        print(
+            f"{name:14s} accuracy without self-pairs {acc['without_self_pairs']:.3f}, with {acc['with_self_pairs']:.3f}"
+        )
     print("dictionary sizes per layer:", sizes)
     example = {name: p[("seed0", "seed1")].round(4).tolist() for name, p in pairs.items() if ("seed0", "seed1") in p}
     throughput = cka_throughput()
-    print("wrote", write_result("layer_matching", {
-        "models": args.models, "steps": args.steps, "arch": "GPT-2, 6 layers, d=128, 4 heads, BPE 4096, context 128",
-        "tokens_per_pair": args.tokens, "accuracy": accuracy, "dictionary_sizes": sizes, "compare_seconds": compare_s,
-        "seed0_vs_seed1": example, "streaming_cka": throughput,
-    }))
+    print(
+        "wrote",
+        write_result(
+            "layer_matching",
+            {
+                "models": args.models,
+                "steps": args.steps,
+                "arch": "GPT-2, 6 layers, d=128, 4 heads, BPE 4096, context 128",
+                "tokens_per_pair": args.tokens,
+                "accuracy": accuracy,
+                "dictionary_sizes": sizes,
+                "compare_seconds": compare_s,
+                "seed0_vs_seed1": example,
+                "streaming_cka": throughput,
+            },
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -80,17 +80,35 @@ from itda.activations.hookpoints import n_layers
 from itda.activations.models import LoadedModel, load_model
 from itda.comparison.itda_measures import ITDA_MEASURES, PER_TOKEN
 
-PLOTTED = ("itda_fused", "itda_scaled_procrustes", "itda_recon_cka", "jaccard", "itda_loss_profile", "cka", "cka_debiased", "procrustes", "svcca", "relative")
-SUBSET = {"seeds": list(range(0, 8, 2)), "checkpoints": list(range(0, 8, 2)), "smollm2": list(range(0, 15, 3)),
-          "gemma3": list(range(0, 9, 2))}  # positions (after STRIDE) that --full's costly ITDA measures are taken on
+PLOTTED = (
+    "itda_fused",
+    "itda_scaled_procrustes",
+    "itda_recon_cka",
+    "jaccard",
+    "itda_loss_profile",
+    "cka",
+    "cka_debiased",
+    "procrustes",
+    "svcca",
+    "relative",
+)
+SUBSET = {
+    "seeds": list(range(0, 8, 2)),
+    "checkpoints": list(range(0, 8, 2)),
+    "smollm2": list(range(0, 15, 3)),
+    "gemma3": list(range(0, 9, 2)),
+}  # positions (after STRIDE) that --full's costly ITDA measures are taken on
 
 
 def score(per_pair: dict[tuple[str, str], np.ndarray]) -> dict:
     cross = {k: s for k, s in per_pair.items() if k[0] != k[1]}
-    return {"without_self": float(np.mean(np.concatenate([hits(s) for s in cross.values()]))),
-            "with_self": (float(np.mean(np.concatenate([hits(s) for s in per_pair.values()])))
-                          if len(cross) < len(per_pair) else None),
-            "margin": float(np.mean([margin(s) for s in cross.values()] + [margin(s.T) for s in cross.values()]))}
+    return {
+        "without_self": float(np.mean(np.concatenate([hits(s) for s in cross.values()]))),
+        "with_self": (
+            float(np.mean(np.concatenate([hits(s) for s in per_pair.values()]))) if len(cross) < len(per_pair) else None
+        ),
+        "margin": float(np.mean([margin(s) for s in cross.values()] + [margin(s.T) for s in cross.values()])),
+    }
 
 
 def mcnemar(per_measure: dict, ours: str, baseline: str) -> dict:
@@ -151,8 +169,12 @@ def seed_samples(args) -> dict:
     docs = read_documents("default")
     train_docs = [docs[i] for i in split_documents(docs, "train")]
     tok = train_tokenizer(train_docs)
-    paths = {f"seed{s}": train_model(s, tok, train_docs, args.seed_steps, layers=SEED_LAYERS, d=128,
-                                     checkpoints=CHECKPOINTS if s == 0 else ()) for s in range(args.seeds)}
+    paths = {
+        f"seed{s}": train_model(
+            s, tok, train_docs, args.seed_steps, layers=SEED_LAYERS, d=128, checkpoints=CHECKPOINTS if s == 0 else ()
+        )
+        for s in range(args.seeds)
+    }
     paths.update({f"seed0@{at}": model_dir(0, args.seed_steps, SEED_LAYERS, 128, at=at) for at in CHECKPOINTS})
     lms = {n: LoadedModel(n, GPT2LMHeadModel.from_pretrained(p).eval(), tok, p) for n, p in paths.items()}
     ctx = held_contexts(next(iter(lms.values())), args.rows)
@@ -188,12 +210,16 @@ def main() -> None:
     ap.add_argument("--itda-k", type=int, default=40)
     ap.add_argument("--itda-cos", type=float, default=0.85)
     ap.add_argument("--draws", type=int, default=1, help="noise draws per level (seeds 0..N-1), each copy vs the base")
-    ap.add_argument("--first-draw", type=int, default=0, help="noise seeds first-draw..first-draw+draws-1 (the base from draw 0)")
+    ap.add_argument(
+        "--first-draw", type=int, default=0, help="noise seeds first-draw..first-draw+draws-1 (the base from draw 0)"
+    )
     ap.add_argument("--levels", type=float, nargs="+", default=None, help="only these noise levels")
     ap.add_argument("--full", action="store_true", help="also the costly ITDA measures, on SUBSET's layers")
     ap.add_argument("--no-self", action="store_true", help="skip the self-pairs (no accuracy with self-pairs; faster)")
     ap.add_argument("--keep-grids", action="store_true", help="write every pair's matrices to out/suite_grids/")
-    ap.add_argument("--name", default="layer_matching_suite", help="result file out/NAME.json (merged into if it exists)")
+    ap.add_argument(
+        "--name", default="layer_matching_suite", help="result file out/NAME.json (merged into if it exists)"
+    )
     args = ap.parse_args()
     prior = OUT / f"{args.name}.json"
     old = json.loads(prior.read_text()) if prior.exists() else {}
@@ -204,20 +230,34 @@ def main() -> None:
     for b in args.benchmarks:
         t0, args.current, prepared = time.perf_counter(), b, {}
         if b in ("seeds", "checkpoints"):
-            acts = cached(f"seeds_{args.seed_steps}_{args.rows}" + (f"_n{args.seeds}" if args.seeds != 4 else ""),
-                          lambda: seed_samples(args))
-            pairs = ([(x, y) for x, y in itertools.combinations(finals, 2) if y in new]
-                     if b == "seeds" else [(f"seed0@{at}", f) for at in CHECKPOINTS for f in new])
+            acts = cached(
+                f"seeds_{args.seed_steps}_{args.rows}" + (f"_n{args.seeds}" if args.seeds != 4 else ""),
+                lambda: seed_samples(args),
+            )
+            pairs = (
+                [(x, y) for x, y in itertools.combinations(finals, 2) if y in new]
+                if b == "seeds"
+                else [(f"seed0@{at}", f) for at in CHECKPOINTS for f in new]
+            )
             args.row = b
             results[b] = run_pairs(acts, pairs, args, prepared)
             losses["seeds"] = acts["loss"]
         else:
             model, levels = {"smollm2": ("smollm2-135m", NOISE_SMOLLM2), "gemma3": ("gemma3-270m", NOISE_GEMMA3)}[b]
             ids = list(range(args.first_draw, args.first_draw + args.draws))
-            draws = {d: cached(f"{b}_{args.rows}" + (f"_draw{d}" if d else ""),
-                               lambda m=model, lv=levels, d=d: noise_samples(args, m, lv, draw=d)) for d in sorted({0, *ids})}
-            losses[b] = {f"{key}@draw{d}" if d else key: v
-                         for d, acts in draws.items() if d in ids for key, v in acts["loss"].items()}
+            draws = {
+                d: cached(
+                    f"{b}_{args.rows}" + (f"_draw{d}" if d else ""),
+                    lambda m=model, lv=levels, d=d: noise_samples(args, m, lv, draw=d),
+                )
+                for d in sorted({0, *ids})
+            }
+            losses[b] = {
+                f"{key}@draw{d}" if d else key: v
+                for d, acts in draws.items()
+                if d in ids
+                for key, v in acts["loss"].items()
+            }
             pick = slice(None, None, STRIDE[b])
             for level in [lv for lv in levels if args.levels is None or lv in args.levels]:
                 models = {"base": draws[0]["base"][pick]}
@@ -227,11 +267,22 @@ def main() -> None:
                 results[f"{b} {level}"] = run_pairs(models, pairs, args, prepared)
                 for key in [k for k in prepared if "noisy" in str(k)]:
                     del prepared[key]
-                print(f"{b} {level}: " + ", ".join(f"{m} {r['without_self']:.2f}" for m, r in results[f"{b} {level}"].items()
-                                                   if m != "subset"), flush=True)
+                print(
+                    f"{b} {level}: "
+                    + ", ".join(
+                        f"{m} {r['without_self']:.2f}" for m, r in results[f"{b} {level}"].items() if m != "subset"
+                    ),
+                    flush=True,
+                )
         print(f"{b}: {time.perf_counter() - t0:.0f}s", flush=True)
-        write_result(args.name, {"settings": {k: v for k, v in vars(args).items() if k not in ("current", "row")}, "copy_loss": losses,
-                                 "results": results})
+        write_result(
+            args.name,
+            {
+                "settings": {k: v for k, v in vars(args).items() if k not in ("current", "row")},
+                "copy_loss": losses,
+                "results": results,
+            },
+        )
     table = {name: {m: r["without_self"] for m, r in per.items() if m != "subset"} for name, per in results.items()}
     measures = sorted({m for row in table.values() for m in row})
     print(f"{'benchmark':16s} " + " ".join(f"{m[:12]:>12s}" for m in measures))
@@ -239,8 +290,16 @@ def main() -> None:
         print(f"{name:16s} " + " ".join(f"{row.get(m, float('nan')):12.2f}" for m in measures))
     means = {m: float(np.mean([row[m] for row in table.values() if m in row])) for m in measures}
     print(f"{'mean':16s} " + " ".join(f"{means[m]:12.2f}" for m in measures))
-    write_result(args.name, {"settings": {k: v for k, v in vars(args).items() if k not in ("current", "row")}, "copy_loss": losses,
-                             "results": results, "table": table, "means": means})
+    write_result(
+        args.name,
+        {
+            "settings": {k: v for k, v in vars(args).items() if k not in ("current", "row")},
+            "copy_loss": losses,
+            "results": results,
+            "table": table,
+            "means": means,
+        },
+    )
     plot_table(table, [m for m in PLOTTED if m in measures], OUT / f"{args.name}.png")
 
 

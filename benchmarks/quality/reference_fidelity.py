@@ -32,8 +32,12 @@ from itda.builder import build_dictionary
 def import_reference_trainer(repo: Path, commit: str | None):
     src = repo / "train.py"
     if commit or not src.exists():
-        text = subprocess.run(["git", "--git-dir", str(repo), "show", f"{commit or 'HEAD'}:train.py"],
-                              check=True, capture_output=True, text=True).stdout
+        text = subprocess.run(
+            ["git", "--git-dir", str(repo), "show", f"{commit or 'HEAD'}:train.py"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         src = Path(tempfile.mkdtemp()) / "reference_train.py"
         src.write_text(text)
     for name in ("wandb", "socketio", "socketio.exceptions"):
@@ -51,7 +55,9 @@ def import_reference_trainer(repo: Path, commit: str | None):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--reference-repo", type=Path, required=True, help="checkout (or bare git dir) of the reference code")
+    ap.add_argument(
+        "--reference-repo", type=Path, required=True, help="checkout (or bare git dir) of the reference code"
+    )
     ap.add_argument("--commit", default=None, help="reference commit to run (default: the checkout's HEAD)")
     ap.add_argument("--acts", type=Path, default=OUT / "sae_acts" / "smollm2_L15_train_131072.safetensors")
     ap.add_argument("--tokens", type=int, default=32_768)
@@ -66,8 +72,18 @@ def main() -> None:
     n_batches = x.shape[0] // per
     x = x[: n_batches * per]
     Trainer = import_reference_trainer(args.reference_repo, args.commit)
-    trainer = Trainer(layer=0, steps=n_batches, activation_dim=d, k=args.k, loss_threshold=args.threshold, lm_name="-",
-                      dataset="-", seq_len=args.seq_len, batch_size=args.seqs, device="cpu")
+    trainer = Trainer(
+        layer=0,
+        steps=n_batches,
+        activation_dim=d,
+        k=args.k,
+        loss_threshold=args.threshold,
+        lm_name="-",
+        dataset="-",
+        seq_len=args.seq_len,
+        batch_size=args.seqs,
+        device="cpu",
+    )
     t0 = time.perf_counter()
     for step in range(n_batches):
         trainer.update(step, x[step * per : (step + 1) * per].view(args.seqs, args.seq_len, d))
@@ -78,24 +94,42 @@ def main() -> None:
     refs = torch.full((x.shape[0], 5), -1, dtype=torch.int64)
     refs[:, 0] = torch.arange(x.shape[0])
     t0 = time.perf_counter()
-    ours = build_dictionary(((x[s : s + per], refs[s : s + per]) for s in range(0, x.shape[0], per)),
-                            k=args.k, threshold=args.threshold, mode="reference")
+    ours = build_dictionary(
+        ((x[s : s + per], refs[s : s + per]) for s in range(0, x.shape[0], per)),
+        k=args.k,
+        threshold=args.threshold,
+        mode="reference",
+    )
     ours_s = time.perf_counter() - t0
     improved_s0 = time.perf_counter()
-    improved = build_dictionary(((x[s : s + per], refs[s : s + per]) for s in range(0, x.shape[0], per)),
-                                k=args.k, threshold=args.threshold, mode="improved")
+    improved = build_dictionary(
+        ((x[s : s + per], refs[s : s + per]) for s in range(0, x.shape[0], per)),
+        k=args.k,
+        threshold=args.threshold,
+        mode="improved",
+    )
     improved_s = time.perf_counter() - improved_s0
     our_rows = ours.refs[:, 0].tolist()
     a, b = set(ref_rows), set(our_rows)
     seeds_ref, seeds_ours = set(ref_rows[:d]), set(our_rows[:d])
     atoms_equal = bool(torch.equal(trainer.itda.atoms.float(), ours.atoms))
     result = {
-        "acts": str(args.acts), "tokens": x.shape[0], "batch": f"{args.seqs} x {args.seq_len}", "k": args.k,
-        "threshold": args.threshold, "reference_commit": args.commit or "HEAD",
-        "reference_atoms": len(ref_rows), "itda_reference_atoms": len(our_rows),
-        "jaccard_sources": len(a & b) / len(a | b), "jaccard_seed_atoms": len(seeds_ref & seeds_ours) / len(seeds_ref | seeds_ours),
-        "same_order": ref_rows == our_rows, "atoms_bit_identical": atoms_equal,
-        "reference_s": ref_s, "itda_reference_s": ours_s, "itda_improved_s": improved_s, "itda_improved_atoms": len(improved),
+        "acts": str(args.acts),
+        "tokens": x.shape[0],
+        "batch": f"{args.seqs} x {args.seq_len}",
+        "k": args.k,
+        "threshold": args.threshold,
+        "reference_commit": args.commit or "HEAD",
+        "reference_atoms": len(ref_rows),
+        "itda_reference_atoms": len(our_rows),
+        "jaccard_sources": len(a & b) / len(a | b),
+        "jaccard_seed_atoms": len(seeds_ref & seeds_ours) / len(seeds_ref | seeds_ours),
+        "same_order": ref_rows == our_rows,
+        "atoms_bit_identical": atoms_equal,
+        "reference_s": ref_s,
+        "itda_reference_s": ours_s,
+        "itda_improved_s": improved_s,
+        "itda_improved_atoms": len(improved),
     }
     print(result)
     write_result("reference_fidelity", result)

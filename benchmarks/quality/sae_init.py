@@ -59,7 +59,10 @@ def cache_activations(lm, layers: list[int], tokens: int, eval_tokens: int) -> d
                 parts[hp].append(batch[hp].dense().half())
         for hp in hps:
             save_activations(files[hp.layer], torch.cat(parts[hp]))
-        print(f"cached {split}: {sum(x.shape[0] for x in parts[hps[0]])} tokens x {len(hps)} layers in {time.perf_counter() - t0:.0f}s", flush=True)
+        print(
+            f"cached {split}: {sum(x.shape[0] for x in parts[hps[0]])} tokens x {len(hps)} layers in {time.perf_counter() - t0:.0f}s",
+            flush=True,
+        )
     return paths
 
 
@@ -79,11 +82,22 @@ def steps_to(curve: list[tuple[int, float]], target: float) -> float | None:
 def train_one(spec: str, x_train, x_held, args, seed: int, resample: str | None = None):
     cfg = SaeConfig(x_train.shape[1], args.expansion * x_train.shape[1], args.k)
     t0 = time.perf_counter()
-    sample = x_train[torch.randperm(x_train.shape[0], generator=torch.Generator().manual_seed(seed))[: args.init_sample]]
+    sample = x_train[
+        torch.randperm(x_train.shape[0], generator=torch.Generator().manual_seed(seed))[: args.init_sample]
+    ]
     sae, info = new_sae(cfg, spec, sample, seed=seed, b_dec="median", fill="data", crop=True)
     init_s = time.perf_counter() - t0
-    trainer = SaeTrainer(sae, TrainConfig(steps=args.steps, lr=args.lr, dead_after_tokens=args.dead_after, resample=resample,
-                                          resample_every=args.resample_every, seed=seed))
+    trainer = SaeTrainer(
+        sae,
+        TrainConfig(
+            steps=args.steps,
+            lr=args.lr,
+            dead_after_tokens=args.dead_after,
+            resample=resample,
+            resample_every=args.resample_every,
+            seed=seed,
+        ),
+    )
     held = x_held.split(8192)
     curve = [(0, evaluate_sae(sae, held).fvu)]
     step_s = []
@@ -103,9 +117,16 @@ def train_one(spec: str, x_train, x_held, args, seed: int, resample: str | None 
     trainer.fit(shuffled_batches(x_train, args.batch_size, seed), progress=False, callback=timed)
     train_s = time.perf_counter() - t1 - eval_s[0]
     step_s = train_s / args.steps
-    return sae, {"init_s": init_s, "s_per_step": step_s, "curve": curve, "final_fvu": curve[-1][1],
-                 "dead_final": int(trainer.dead_mask().sum()), "resampled": trainer.resampled_total,
-                 "encoder_scale": info.get("encoder_scale"), "atoms": info.get("atoms")}
+    return sae, {
+        "init_s": init_s,
+        "s_per_step": step_s,
+        "curve": curve,
+        "final_fvu": curve[-1][1],
+        "dead_final": int(trainer.dead_mask().sum()),
+        "resampled": trainer.resampled_total,
+        "encoder_scale": info.get("encoder_scale"),
+        "atoms": info.get("atoms"),
+    }
 
 
 def mean_curve(runs: list[dict]) -> list[tuple[int, float]]:
@@ -142,7 +163,9 @@ def summarise(runs: dict[str, list[dict]], itda_s: float) -> tuple[dict, float]:
         }
     base_wall = table["kaiming"]["wall_s_to_target"]
     for row in table.values():
-        row["wall_ratio_vs_kaiming"] = row["wall_s_to_target"] / base_wall if row["wall_s_to_target"] and base_wall else None
+        row["wall_ratio_vs_kaiming"] = (
+            row["wall_s_to_target"] / base_wall if row["wall_s_to_target"] and base_wall else None
+        )
     return table, target
 
 
@@ -182,7 +205,9 @@ def main() -> None:
     ap.add_argument("--ce-tokens", type=int, default=4096)
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--init-sample", type=int, default=16_384)
-    ap.add_argument("--dead-after", type=int, default=204_800, help="tokens without firing before a latent counts as dead")
+    ap.add_argument(
+        "--dead-after", type=int, default=204_800, help="tokens without firing before a latent counts as dead"
+    )
     ap.add_argument("--resample-every", type=int, default=100)
     ap.add_argument("--itda-min-cosine", type=float, default=0.9)
     ap.add_argument("--inits", nargs="+", default=list(INITS))
@@ -199,14 +224,18 @@ def main() -> None:
             rep["table"], rep["target_fvu"] = summarise(rep["runs"], rep["itda_build_s"])
             plot(int(layer), rep["runs"], rep["target_fvu"], OUT / f"{args.name}_L{layer}.png")
             for name, row in rep["table"].items():
-                print(f"L{layer} {name:22s} steps {row['steps_to_target']} ratio {row['steps_ratio_vs_kaiming']} "
-                      f"wall {row['wall_s_to_target']} ({row['wall_ratio_vs_kaiming']}) final {row['final_fvu_mean']:.4f}")
+                print(
+                    f"L{layer} {name:22s} steps {row['steps_to_target']} ratio {row['steps_ratio_vs_kaiming']} "
+                    f"wall {row['wall_s_to_target']} ({row['wall_ratio_vs_kaiming']}) final {row['final_fvu_mean']:.4f}"
+                )
         (OUT / f"{args.name}.json").write_text(json.dumps(report, indent=2))
         return
     lm = load_model("smollm2-135m")
     all_layers = sorted({L for L in args.layers} | {L - 1 for L in args.layers})
     paths = cache_activations(lm, all_layers, args.tokens, args.eval_tokens)
-    _, ce_ctx = load_contexts("default", lm.tokenizer, tokenizer_name=lm.tokenizer_name, split="heldout", tokens=args.ce_tokens)
+    _, ce_ctx = load_contexts(
+        "default", lm.tokenizer, tokenizer_name=lm.tokenizer_name, split="heldout", tokens=args.ce_tokens
+    )
     report = {"settings": vars(args), "layers": {}}
     for layer in args.layers:
         x_train = load_activations(paths[(layer, "train")]).acts.float()
@@ -215,8 +244,9 @@ def main() -> None:
         hp = Hookpoint("resid_post", layer)
         # ITDA dictionary on the same training tokens (timed: counted in the itda rows)
         t0 = time.perf_counter()
-        dictionary = build_dictionary(x_train.split(4096), k=args.k, min_cosine=args.itda_min_cosine,
-                                      max_atoms=args.expansion * x_train.shape[1])
+        dictionary = build_dictionary(
+            x_train.split(4096), k=args.k, min_cosine=args.itda_min_cosine, max_atoms=args.expansion * x_train.shape[1]
+        )
         itda_s = time.perf_counter() - t0
         dictionary.meta.hookpoint, dictionary.meta.model = hp.name, "smollm2-135m"
         dict_path = OUT / "sae_acts" / f"itda_L{layer}.safetensors"
@@ -230,9 +260,16 @@ def main() -> None:
             prev_sae, _ = train_one("kaiming", x_prev, prev_held, args, 0)
             save_sae(prev_sae, prev_path)
         prev_s = time.perf_counter() - t0
-        specs = {"kaiming": "kaiming", "orthogonal": "orthogonal", "data": "data", "mean-subtracted": "mean-subtracted",
-                 "centroid-subtracted": "centroid-subtracted", "outliers": "outliers", "itda": f"itda:{dict_path}",
-                 "transfer": f"transfer:{prev_path}"}
+        specs = {
+            "kaiming": "kaiming",
+            "orthogonal": "orthogonal",
+            "data": "data",
+            "mean-subtracted": "mean-subtracted",
+            "centroid-subtracted": "centroid-subtracted",
+            "outliers": "outliers",
+            "itda": f"itda:{dict_path}",
+            "transfer": f"transfer:{prev_path}",
+        }
         runs: dict[str, list[dict]] = {}
         best: dict[str, object] = {}
         for name in args.inits + [f"{i}+resample-itda" for i in args.resample_inits]:
@@ -243,33 +280,60 @@ def main() -> None:
                 runs.setdefault(name, []).append(r)
                 if seed == 0:
                     best[name] = sae
-                print(f"L{layer} {name:22s} seed {seed}: final FVU {r['final_fvu']:.4f} ({r['s_per_step']:.3f}s/step, init {r['init_s']:.1f}s, dead {r['dead_final']})", flush=True)
+                print(
+                    f"L{layer} {name:22s} seed {seed}: final FVU {r['final_fvu']:.4f} ({r['s_per_step']:.3f}s/step, init {r['init_s']:.1f}s, dead {r['dead_final']})",
+                    flush=True,
+                )
         if "kaiming" not in runs:  # a partial run (e.g. resampling only): compare with its first init
             runs = {"kaiming": runs[args.inits[0]], **runs}
         table, target = summarise(runs, itda_s)
         # ITDA alone vs trained SAEs on the same held-out tokens (FVU at k, CE-loss score)
         if args.no_versus:
-            report["layers"][str(layer)] = {"target_fvu": target, "itda_atoms": len(dictionary), "itda_build_s": itda_s,
-                                            "table": table, "runs": runs}
+            report["layers"][str(layer)] = {
+                "target_fvu": target,
+                "itda_atoms": len(dictionary),
+                "itda_build_s": itda_s,
+                "table": table,
+                "runs": runs,
+            }
             write_result(args.name, report)
             continue
         t0 = time.perf_counter()
         itda_eval = evaluate(dictionary, x_held.split(4096), k=args.k)
         itda_eval_s = time.perf_counter() - t0
-        versus = {"itda_alone": {"fvu": itda_eval.fvu, "l0": itda_eval.l0, "atoms": len(dictionary), "build_s": itda_s,
-                                 "ce_loss_score": evaluate_contexts(lm, dictionary, hp, ce_ctx, k=args.k).ce.score,
-                                 "encode_s_heldout": itda_eval_s}}
+        versus = {
+            "itda_alone": {
+                "fvu": itda_eval.fvu,
+                "l0": itda_eval.l0,
+                "atoms": len(dictionary),
+                "build_s": itda_s,
+                "ce_loss_score": evaluate_contexts(lm, dictionary, hp, ce_ctx, k=args.k).ce.score,
+                "encode_s_heldout": itda_eval_s,
+            }
+        }
         for name in ("kaiming", "itda"):
             rep = evaluate_contexts(lm, LoadedSae(best[name], SaeMeta(hookpoint=hp.name)), hp, ce_ctx)
-            versus[f"sae_{name}_seed0"] = {"fvu": table[name]["final_fvu_seeds"][0], "ce_loss_score": rep.ce.score,
-                                          "train_s": args.steps * runs[name][0]["s_per_step"] + table[name]["init_s"]}
-        report["layers"][str(layer)] = {"target_fvu": target, "itda_atoms": len(dictionary), "itda_build_s": itda_s,
-                                        "transfer_source_s": prev_s, "table": table, "itda_vs_sae": versus,
-                                        "runs": runs}
+            versus[f"sae_{name}_seed0"] = {
+                "fvu": table[name]["final_fvu_seeds"][0],
+                "ce_loss_score": rep.ce.score,
+                "train_s": args.steps * runs[name][0]["s_per_step"] + table[name]["init_s"],
+            }
+        report["layers"][str(layer)] = {
+            "target_fvu": target,
+            "itda_atoms": len(dictionary),
+            "itda_build_s": itda_s,
+            "transfer_source_s": prev_s,
+            "table": table,
+            "itda_vs_sae": versus,
+            "runs": runs,
+        }
         plot(layer, runs, target, OUT / f"{args.name}_L{layer}.png")
         print(f"layer {layer}: target FVU {target:.4f}", flush=True)
         for name, row in table.items():
-            print(f"  {name:22s} steps {row['steps_to_target']}  ratio {row['steps_ratio_vs_kaiming']}  final {row['final_fvu_mean']:.4f}", flush=True)
+            print(
+                f"  {name:22s} steps {row['steps_to_target']}  ratio {row['steps_ratio_vs_kaiming']}  final {row['final_fvu_mean']:.4f}",
+                flush=True,
+            )
         print(f"  versus: {versus}", flush=True)
         write_result(args.name, report)
 

@@ -43,15 +43,40 @@ def main() -> None:
     folder = OUT / f"select_dict_l{args.layer}_{args.build_tokens}_c{args.min_cosine}"
     path = folder / f"resid_post.{args.layer}.safetensors"
     if not path.exists():
-        subprocess.run([sys.executable, "-m", "itda", "build", "smollm2-135m", "--layer", str(args.layer), "--tokens",
-                        str(args.build_tokens), "--min-cosine", str(args.min_cosine), "--out", str(folder), "-q"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "itda",
+                "build",
+                "smollm2-135m",
+                "--layer",
+                str(args.layer),
+                "--tokens",
+                str(args.build_tokens),
+                "--min-cosine",
+                str(args.min_cosine),
+                "--out",
+                str(folder),
+                "-q",
+            ],
+            check=True,
+        )
     d = Dictionary.load(path)
     lm = load_model("smollm2-135m")
     docs = default_corpus()
     ids = split_documents(docs, "heldout")
     t0 = time.perf_counter()
-    sup = document_supports(lm, d, parse_hookpoint(d.meta.hookpoint), docs, ids, k=d.meta.k, support_atoms=args.support_atoms,
-                             max_doc_tokens=args.max_doc_tokens)
+    sup = document_supports(
+        lm,
+        d,
+        parse_hookpoint(d.meta.hookpoint),
+        docs,
+        ids,
+        k=d.meta.k,
+        support_atoms=args.support_atoms,
+        max_doc_tokens=args.max_doc_tokens,
+    )
     supports_s = time.perf_counter() - t0
     budget = min(args.budget, len(ids))
     curves, times = {}, {}
@@ -60,7 +85,9 @@ def main() -> None:
         order = select_documents(sup.sets, budget, name, doc_tokens=sup.tokens)
         times[name] = time.perf_counter() - t0
         curves[name] = coverage_curve(sup.sets, order)
-    curves["random"] = np.stack([coverage_curve(sup.sets, random_order(len(ids), budget, s)) for s in range(RANDOM_DRAWS)]).mean(0)
+    curves["random"] = np.stack(
+        [coverage_curve(sup.sets, random_order(len(ids), budget, s)) for s in range(RANDOM_DRAWS)]
+    ).mean(0)
     used = int((np.asarray(sup.sets.sum(0)).ravel() > 0).sum())
     png = OUT / "select_coverage.png"
     plot_curves(curves, used, png, f"smollm2-135m layer {args.layer}, {len(d)} atoms; {len(ids)} held-out documents")
@@ -68,15 +95,32 @@ def main() -> None:
     table = {name: {str(b): float(c[b - 1]) / used for b in marks} for name, c in curves.items()}
     for name, row in table.items():
         print(f"{name:10s} " + "  ".join(f"{b}: {100 * v:5.1f}%" for b, v in row.items()))
-    tokens_at = {name: int(sup.tokens[select_documents(sup.sets, budget, name, doc_tokens=sup.tokens)].sum())
-                 for name in ("greedy", "simscale", "complexity", "longest")}
-    out = write_result("select_coverage", {
-        "layer": args.layer, "atoms": len(d), "documents": len(ids), "corpus_tokens": int(sup.tokens.sum()),
-        "atoms_used_by_corpus": used, "max_doc_tokens": args.max_doc_tokens, "min_cosine": args.min_cosine,
-        "support_atoms": args.support_atoms, "budget": budget,
-        "supports_s": supports_s, "select_s": times, "coverage_share": table, "tokens_chosen": tokens_at,
-        "png": str(png.relative_to(OUT.parent))})
-    print(f"supports {supports_s:.0f}s over {int(sup.tokens.sum())} tokens; corpus uses {used} of {len(d)} atoms; wrote {out}, {png}")
+    tokens_at = {
+        name: int(sup.tokens[select_documents(sup.sets, budget, name, doc_tokens=sup.tokens)].sum())
+        for name in ("greedy", "simscale", "complexity", "longest")
+    }
+    out = write_result(
+        "select_coverage",
+        {
+            "layer": args.layer,
+            "atoms": len(d),
+            "documents": len(ids),
+            "corpus_tokens": int(sup.tokens.sum()),
+            "atoms_used_by_corpus": used,
+            "max_doc_tokens": args.max_doc_tokens,
+            "min_cosine": args.min_cosine,
+            "support_atoms": args.support_atoms,
+            "budget": budget,
+            "supports_s": supports_s,
+            "select_s": times,
+            "coverage_share": table,
+            "tokens_chosen": tokens_at,
+            "png": str(png.relative_to(OUT.parent)),
+        },
+    )
+    print(
+        f"supports {supports_s:.0f}s over {int(sup.tokens.sum())} tokens; corpus uses {used} of {len(d)} atoms; wrote {out}, {png}"
+    )
 
 
 if __name__ == "__main__":

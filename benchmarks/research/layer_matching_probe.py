@@ -68,8 +68,11 @@ def kernel_dcka(ka, kb) -> float:
         k.fill_diagonal_(0)
         l.fill_diagonal_(0)
         ks, ls = k.sum(1), l.sum(1)
-        return (float((k * l).sum()) + float(ks.sum()) * float(ls.sum()) / ((n - 1) * (n - 2))
-                - 2 / (n - 2) * float(ks @ ls)) / (n * (n - 3))
+        return (
+            float((k * l).sum())
+            + float(ks.sum()) * float(ls.sum()) / ((n - 1) * (n - 2))
+            - 2 / (n - 2) * float(ks @ ls)
+        ) / (n * (n - 3))
 
     den = (hsic(ka, ka) * hsic(kb, kb)) ** 0.5
     return hsic(ka, kb) / den if den > 0 else 0.0
@@ -110,14 +113,21 @@ def _rel_mean(ra: torch.Tensor, rb: torch.Tensor) -> float:
 
 
 def pair(a: Layer, b: Layer) -> dict[str, float]:
-    out = {"k_cos_cka": kernel_cka(a.k_cos, b.k_cos), "k_recon_cka": kernel_cka(a.k_recon, b.k_recon),
-           "k_codes_dcka": kernel_dcka(a.k_codes, b.k_codes), "k_support_dcka": kernel_dcka(a.k_support, b.k_support),
-           "k_relown_cka": kernel_cka(a.k_relown, b.k_relown), "transplant": 0.5 * (transplant(a, b) + transplant(b, a))}
+    out = {
+        "k_cos_cka": kernel_cka(a.k_cos, b.k_cos),
+        "k_recon_cka": kernel_cka(a.k_recon, b.k_recon),
+        "k_codes_dcka": kernel_dcka(a.k_codes, b.k_codes),
+        "k_support_dcka": kernel_dcka(a.k_support, b.k_support),
+        "k_relown_cka": kernel_cka(a.k_relown, b.k_relown),
+        "transplant": 0.5 * (transplant(a, b) + transplant(b, a)),
+    }
     shared = torch.unique(torch.cat([a.s.anchors, b.s.anchors]))
     rnd = torch.randperm(a.s.n_fit, generator=torch.Generator().manual_seed(0))[:300]
     out["rel_itda_mean"] = _rel_mean(a.s.held @ a.s.unit[shared].T, b.s.held @ b.s.unit[shared].T)
     out["rel_rand_mean"] = _rel_mean(a.s.held @ a.s.unit[rnd].T, b.s.held @ b.s.unit[rnd].T)
-    out.update(pair_similarities(a.s, b.s, 40, ("itda_relative", "itda_code_overlap", "itda_cross_recon", "itda_loss_profile")))
+    out.update(
+        pair_similarities(a.s, b.s, 40, ("itda_relative", "itda_code_overlap", "itda_cross_recon", "itda_loss_profile"))
+    )
     return out
 
 
@@ -148,8 +158,11 @@ def cheap_grids(xs, ys) -> dict[str, np.ndarray]:
         return _unit(decode(codes, s.unit[s.anchors]))
 
     out = {}
-    for name, fa, fb in (("cka", lambda x, s: x[half:], None), ("k_cos_cka", lambda x, s: s.held, None),
-                         ("k_recon_cka", lambda x, s: recon(s), None)):
+    for name, fa, fb in (
+        ("cka", lambda x, s: x[half:], None),
+        ("k_cos_cka", lambda x, s: s.held, None),
+        ("k_recon_cka", lambda x, s: recon(s), None),
+    ):
         g = StreamingCKAGrid("float64")
         g.update(torch.stack([fa(x, s) for x, s in zip(xs, sa)]), torch.stack([fa(y, s) for y, s in zip(ys, sb)]))
         mats = g.matrices(procrustes=name == "cka")
@@ -194,8 +207,10 @@ def seed_samples(rows: int) -> dict:
     docs = read_documents("default")
     train_docs = [docs[i] for i in split_documents(docs, "train")]
     tok = train_tokenizer(train_docs)
-    paths = {f"seed{s}": train_model(s, tok, train_docs, 600, layers=8, d=128, checkpoints=CHECKPOINTS if s == 0 else ())
-             for s in range(3)}
+    paths = {
+        f"seed{s}": train_model(s, tok, train_docs, 600, layers=8, d=128, checkpoints=CHECKPOINTS if s == 0 else ())
+        for s in range(3)
+    }
     paths.update({f"seed0@{at}": model_dir(0, 600, 8, 128, at=at) for at in CHECKPOINTS})
     lms = {n: LoadedModel(n, GPT2LMHeadModel.from_pretrained(p).eval(), tok, p) for n, p in paths.items()}
     ctx = held_contexts(next(iter(lms.values())), rows)
@@ -223,10 +238,14 @@ def main() -> None:
     if args.all_layers:
         for key, model in (("smollm2", "smollm2-135m"), ("gemma3", "gemma3-270m")):
             if key in args.benchmarks:
-                res = cached(f"{key}_all_{args.rows}_" + "-".join(map(str, args.levels)), lambda: noise_samples(model, args.levels, 1, args.rows))
+                res = cached(
+                    f"{key}_all_{args.rows}_" + "-".join(map(str, args.levels)),
+                    lambda: noise_samples(model, args.levels, 1, args.rows),
+                )
                 for level in args.levels:
-                    table[f"{key} {level} all layers"] = run({"base": res["base"], "noisy": res[str(level)]},
-                                                             [("base", "noisy")], cheap_grids)
+                    table[f"{key} {level} all layers"] = run(
+                        {"base": res["base"], "noisy": res[str(level)]}, [("base", "noisy")], cheap_grids
+                    )
                     print(table[f"{key} {level} all layers"], flush=True)
         write_result("layer_matching_probe_all_layers", {"rows": args.rows, "levels": args.levels, "table": table})
         return
@@ -236,7 +255,10 @@ def main() -> None:
             table["seeds"] = run(seeds, list(itertools.combinations(["seed0", "seed1", "seed2"], 2)))
         if "checkpoints" in args.benchmarks:
             table["checkpoints"] = run(seeds, [(f"seed0@{at}", f"seed{s}") for at in CHECKPOINTS for s in (1, 2)])
-    for key, model, levels, every in (("smollm2", "smollm2-135m", NOISE_SMOLLM2, 5), ("gemma3", "gemma3-270m", NOISE_GEMMA3, 3)):
+    for key, model, levels, every in (
+        ("smollm2", "smollm2-135m", NOISE_SMOLLM2, 5),
+        ("gemma3", "gemma3-270m", NOISE_GEMMA3, 3),
+    ):
         if key in args.benchmarks:
             res = cached(f"{key}_{args.rows}", lambda: noise_samples(model, levels, every, args.rows))
             for level in levels:

@@ -35,28 +35,50 @@ from harness.suite import CHECKPOINTS, NOISE_GEMMA3, NOISE_SMOLLM2, SEEDS, STRID
 from itda.comparison.itda_measures import layer_sample
 from itda.comparison.per_token import fused_grid, spearman_grid, unit_rows
 
-MEASURES = ("cka", "procrustes", "unit_cka", "unit_proc", "itda_recon_cka", "itda_loss_profile", "norm_profile", "fused")
+MEASURES = (
+    "cka",
+    "procrustes",
+    "unit_cka",
+    "unit_proc",
+    "itda_recon_cka",
+    "itda_loss_profile",
+    "norm_profile",
+    "fused",
+)
 
 
 def prepare(xs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """One model's layers: raw rows, unit rows, norms and the ITDA per-token parts, stacked [L, ...]."""
     samples = [layer_sample(x, 40, 0.85, 0.5) for x in xs]
-    return {"x": torch.stack([x.float() for x in xs]), "unit": torch.stack([unit_rows(x) for x in xs]),
-            "norm": torch.stack([x.float().norm(dim=1) for x in xs]),
-            "recon": torch.stack([s.recon for s in samples]), "loss": torch.stack([s.loss for s in samples])}
+    return {
+        "x": torch.stack([x.float() for x in xs]),
+        "unit": torch.stack([unit_rows(x) for x in xs]),
+        "norm": torch.stack([x.float().norm(dim=1) for x in xs]),
+        "recon": torch.stack([s.recon for s in samples]),
+        "loss": torch.stack([s.loss for s in samples]),
+    }
 
 
 def measure_grids(a: dict, b: dict) -> dict[str, np.ndarray]:
     raw, unit = cka_grid(a["x"], b["x"], procrustes=True), cka_grid(a["unit"], b["unit"], procrustes=True)
-    out = {"cka": raw["cka"], "procrustes": raw["procrustes"], "unit_cka": unit["cka"], "unit_proc": unit["procrustes"],
-           "itda_recon_cka": cka_grid(a["recon"], b["recon"])["cka"],
-           "itda_loss_profile": spearman_grid(a["loss"], b["loss"]), "norm_profile": spearman_grid(a["norm"], b["norm"])}
-    out["fused"] = fused_grid(out, ("itda_recon_cka", "itda_loss_profile", "norm_profile"), hubness_k=0)  # the first itda_fused
+    out = {
+        "cka": raw["cka"],
+        "procrustes": raw["procrustes"],
+        "unit_cka": unit["cka"],
+        "unit_proc": unit["procrustes"],
+        "itda_recon_cka": cka_grid(a["recon"], b["recon"])["cka"],
+        "itda_loss_profile": spearman_grid(a["loss"], b["loss"]),
+        "norm_profile": spearman_grid(a["norm"], b["norm"]),
+    }
+    out["fused"] = fused_grid(
+        out, ("itda_recon_cka", "itda_loss_profile", "norm_profile"), hubness_k=0
+    )  # the first itda_fused
     return out
 
 
-def accuracy(models: dict[str, list[torch.Tensor]], pairs: list[tuple[str, str]], kept: dict | None = None
-             ) -> dict[str, float]:
+def accuracy(
+    models: dict[str, list[torch.Tensor]], pairs: list[tuple[str, str]], kept: dict | None = None
+) -> dict[str, float]:
     """Accuracy per measure over the pairs; models named in `kept` are prepared once and kept there."""
     prepared = {}
     for n in sorted({n for p in pairs for n in p}):
@@ -82,8 +104,11 @@ def main() -> None:
         if bench in ("seeds", "checkpoints"):
             acts = torch.load(OUT / f"suite_samples_seeds_1000_{args.rows}.pt")
             finals = [f"seed{s}" for s in range(SEEDS)]
-            pairs = (list(itertools.combinations(finals, 2)) if bench == "seeds"
-                     else [(f"seed0@{at}", f) for at in CHECKPOINTS for f in finals[1:]])
+            pairs = (
+                list(itertools.combinations(finals, 2))
+                if bench == "seeds"
+                else [(f"seed0@{at}", f) for at in CHECKPOINTS for f in finals[1:]]
+            )
             out[bench] = {"draw0": accuracy(acts, pairs)}
             print(bench, out[bench], flush=True)
             continue
@@ -93,7 +118,9 @@ def main() -> None:
             base = acts["base"][:: STRIDE[bench]] if d == 0 else base
             for level in NOISE_SMOLLM2 if bench == "smollm2" else NOISE_GEMMA3:
                 row = out.setdefault(f"{bench} {level}", {})
-                row[f"draw{d}"] = accuracy({"base": base, "noisy": acts[str(level)][:: STRIDE[bench]]}, [("base", "noisy")], kept)
+                row[f"draw{d}"] = accuracy(
+                    {"base": base, "noisy": acts[str(level)][:: STRIDE[bench]]}, [("base", "noisy")], kept
+                )
                 print(bench, level, d, {m: round(v, 2) for m, v in row[f"draw{d}"].items()}, flush=True)
             del acts
         write_result("norm_profile_probe", {"draws": args.draws, "rows": out})

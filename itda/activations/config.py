@@ -20,8 +20,13 @@ class ModelSource:
     model: str | None = choice(None, "Model: packaged name, .gguf file or folder.")
     device: str = choice("cpu", "torch device (cpu, cuda, cuda:1).")
     model_dtype: str = choice("float32", "Model input: dtype the model computes in (bfloat16 for large models on GPU).")
-    layerwise: bool | None = choice(None, "Model input: stream blocks from the safetensors shards (default: when the model exceeds --max-memory).")
-    max_memory: int | None = choice(None, "Model input: memory budget for choosing layer-wise execution, e.g. 8GB, 70GiB, 0.5 (GiB) (default: half the free memory).")
+    layerwise: bool | None = choice(
+        None, "Model input: stream blocks from the safetensors shards (default: when the model exceeds --max-memory)."
+    )
+    max_memory: int | None = choice(
+        None,
+        "Model input: memory budget for choosing layer-wise execution, e.g. 8GB, 70GiB, 0.5 (GiB) (default: half the free memory).",
+    )
 
     def validate(self) -> None:
         if self.model_dtype not in STREAM_DTYPES:

@@ -13,9 +13,9 @@ import hashlib
 import json
 import sys
 import sysconfig
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 
@@ -65,7 +65,9 @@ def read_documents(source: str | Path, field: str = "text") -> list[str]:
             raise ItdaInputError("reading Parquet needs pyarrow (pip install pyarrow)") from None
         table = pq.read_table(path, columns=[field])
         return [str(t) for t in table.column(field).to_pylist()]
-    raise ItdaInputError(f"{path}: unsupported corpus type (use .txt, a folder of .txt, .jsonl, .parquet or a datasets folder)")
+    raise ItdaInputError(
+        f"{path}: unsupported corpus type (use .txt, a folder of .txt, .jsonl, .parquet or a datasets folder)"
+    )
 
 
 def _read_datasets(path: Path, field: str) -> list[str]:
@@ -91,7 +93,9 @@ def _docstring_documents(root: Path, min_chars: int = 300) -> Iterator[str]:
             tree = ast.parse(file.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
             continue
-        nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+        nodes = [tree] + [
+            n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        ]
         for node in nodes:
             doc = ast.get_docstring(node)
             if doc and len(doc) >= min_chars:
@@ -155,10 +159,16 @@ class Contexts:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def rows(self, start: int, stop: int) -> "Contexts":
+    def rows(self, start: int, stop: int) -> Contexts:
         """Contexts start..stop (same fingerprint: a view of the same packing)."""
-        return Contexts(self.input_ids[start:stop], self.attention_mask[start:stop], self.refs[start:stop],
-                        self.special[start:stop], self.fingerprint, self.documents_fingerprint)
+        return Contexts(
+            self.input_ids[start:stop],
+            self.attention_mask[start:stop],
+            self.refs[start:stop],
+            self.special[start:stop],
+            self.fingerprint,
+            self.documents_fingerprint,
+        )
 
 
 def tokenize_contexts(
@@ -242,4 +252,6 @@ def load_contexts(
     ids = split_documents(docs, split)
     if not ids:
         raise ItdaInputError(f"corpus {corpus}: the '{split}' split is empty ({len(docs)} documents)")
-    return docs, tokenize_contexts(docs, ids, tokenizer, context=context, max_tokens=tokens, tokenizer_name=tokenizer_name)
+    return docs, tokenize_contexts(
+        docs, ids, tokenizer, context=context, max_tokens=tokens, tokenizer_name=tokenizer_name
+    )

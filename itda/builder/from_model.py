@@ -65,8 +65,17 @@ class _Stream:
     def forward(self, start: int, stop: int) -> dict[Hookpoint, ActBatch]:
         """{hookpoint: ActBatch} of contexts start..stop (one forward pass)."""
         rows = self.contexts.rows(start, stop)
-        return next(iterate_batches(self.lm.model, self.hookpoints, rows, batch_contexts=max(1, stop - start),
-                                    dtype=self.dtype, include_special=self.include_special, device=self.device))
+        return next(
+            iterate_batches(
+                self.lm.model,
+                self.hookpoints,
+                rows,
+                batch_contexts=max(1, stop - start),
+                dtype=self.dtype,
+                include_special=self.include_special,
+                device=self.device,
+            )
+        )
 
     def batch(self, b: int) -> dict[Hookpoint, ActBatch]:
         return self.forward(b * self.batch_contexts, (b + 1) * self.batch_contexts)
@@ -76,21 +85,39 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def stream_fingerprint(lm: LoadedModel, hookpoints: list[Hookpoint], contexts: Contexts, config: BuildConfig, *,
-                       corpus_name: str, batch_contexts: int, dtype: torch.dtype, include_special: bool,
-                       world: int) -> dict:
+def stream_fingerprint(
+    lm: LoadedModel,
+    hookpoints: list[Hookpoint],
+    contexts: Contexts,
+    config: BuildConfig,
+    *,
+    corpus_name: str,
+    batch_contexts: int,
+    dtype: torch.dtype,
+    include_special: bool,
+    world: int,
+) -> dict:
     """What a model build's checkpoint records and a resume must match (model, hookpoints, corpus, options).
 
     `layerwise` is there because layer-wise and in-memory forwards differ in the last bits (and
     the automatic choice depends on the free memory).
     """
-    return {"model": lm.name, "tokenizer": lm.tokenizer_name, "layerwise": lm.layerwise is not None,
-            "hookpoints": [hp.name for hp in hookpoints],
-            "corpus": corpus_name, "corpus_fingerprint": contexts.fingerprint,
-            "documents_fingerprint": contexts.documents_fingerprint, "contexts": len(contexts),
-            "context": int(contexts.input_ids.shape[1]), "batch_contexts": batch_contexts,
-            "stream_dtype": _dtype_name(dtype), "include_special": include_special, "world_size": world,
-            **asdict(config)}
+    return {
+        "model": lm.name,
+        "tokenizer": lm.tokenizer_name,
+        "layerwise": lm.layerwise is not None,
+        "hookpoints": [hp.name for hp in hookpoints],
+        "corpus": corpus_name,
+        "corpus_fingerprint": contexts.fingerprint,
+        "documents_fingerprint": contexts.documents_fingerprint,
+        "contexts": len(contexts),
+        "context": int(contexts.input_ids.shape[1]),
+        "batch_contexts": batch_contexts,
+        "stream_dtype": _dtype_name(dtype),
+        "include_special": include_special,
+        "world_size": world,
+        **asdict(config),
+    }
 
 
 # -- checkpoints -------------------------------------------------------------------------------
@@ -104,8 +131,12 @@ def _snapshot(builders: dict, hookpoints: list[Hookpoint], steps: int, max_abs: 
         t, entry = builders[hp].state()
         tensors.update({f"{i}.{name}": v for name, v in t.items()})
         states.append(entry)
-    entry = {"fingerprint": fingerprint, "steps": steps, "max_abs": [max_abs[hp] for hp in hookpoints],
-             "builders": states}
+    entry = {
+        "fingerprint": fingerprint,
+        "steps": steps,
+        "max_abs": [max_abs[hp] for hp in hookpoints],
+        "builders": states,
+    }
     return tensors, entry
 
 
@@ -119,17 +150,22 @@ def _differences(recorded: dict, fingerprint: dict) -> list[str]:
     return sorted(k for k in set(recorded) | set(fingerprint) if recorded.get(k) != fingerprint.get(k))
 
 
-def load_model_checkpoint(path: str | os.PathLike, fingerprint: dict, hookpoints: list[Hookpoint],
-                          device: str | torch.device = "cpu") -> tuple[int, dict, dict]:
+def load_model_checkpoint(
+    path: str | os.PathLike, fingerprint: dict, hookpoints: list[Hookpoint], device: str | torch.device = "cpu"
+) -> tuple[int, dict, dict]:
     """(steps done, builders, largest |x| per hookpoint); a checkpoint of another build is refused, naming what differs."""
     header, tensors = read_tensor_file(path, _WHAT)
     if _CKPT_KEY not in header:
-        raise ItdaInputError(f"{path}: not an {_WHAT} (another command's file?); remove it or choose another --checkpoint")
+        raise ItdaInputError(
+            f"{path}: not an {_WHAT} (another command's file?); remove it or choose another --checkpoint"
+        )
     entry = json_entry(header, _CKPT_KEY, path, _WHAT)
     diff = _differences(entry.get("fingerprint") or {}, fingerprint)
     if diff:
-        raise ItdaInputError(f"{path}: checkpoint was made with another build (differs in {', '.join(diff)}); "
-                             "remove it or use the original model, corpus and options")
+        raise ItdaInputError(
+            f"{path}: checkpoint was made with another build (differs in {', '.join(diff)}); "
+            "remove it or use the original model, corpus and options"
+        )
     try:
         builders = {}
         for i, (hp, state) in enumerate(zip(hookpoints, entry["builders"], strict=True)):
@@ -150,8 +186,10 @@ def _resume(checkpoint, fingerprint: dict, hookpoints: list[Hookpoint], device, 
     if exchange is not None:
         found = exchange.gather_rows(torch.tensor([[steps]], dtype=torch.int64)).view(-1).tolist()
         if len(set(found)) > 1:
-            raise ItdaInputError(f"{checkpoint}: the ranks resume from different steps {found}; "
-                                 "every rank must see the same checkpoint file")
+            raise ItdaInputError(
+                f"{checkpoint}: the ranks resume from different steps {found}; "
+                "every rank must see the same checkpoint file"
+            )
     return steps, builders, max_abs
 
 
@@ -159,8 +197,15 @@ def _resume(checkpoint, fingerprint: dict, hookpoints: list[Hookpoint], device, 
 def _empty_batch(stream: _Stream, builders: dict) -> dict[Hookpoint, ActBatch]:
     """A zero-row batch per hookpoint (a rank whose share of the last step is empty)."""
     if len(builders) == len(stream.hookpoints):
-        return {hp: ActBatch(torch.zeros(0, builders[hp].d, dtype=stream.dtype), torch.zeros(0),
-                             torch.zeros(0, len(REF_FIELDS), dtype=torch.int64), 0.0) for hp in stream.hookpoints}
+        return {
+            hp: ActBatch(
+                torch.zeros(0, builders[hp].d, dtype=stream.dtype),
+                torch.zeros(0),
+                torch.zeros(0, len(REF_FIELDS), dtype=torch.int64),
+                0.0,
+            )
+            for hp in stream.hookpoints
+        }
     return {hp: ActBatch(a.unit[:0], a.norm[:0], a.refs[:0], 0.0) for hp, a in stream.forward(0, 1).items()}
 
 
@@ -197,12 +242,23 @@ def _track_max(max_abs: dict, batches: list[dict], hookpoints: list[Hookpoint], 
 
 def _meta_maker(lm: LoadedModel, contexts: Contexts, corpus_name: str, dtype, include_special: bool, world: int):
     def new_meta(hp: Hookpoint, d: int) -> DictionaryMeta:
-        build = {"corpus": corpus_name, "documents_fingerprint": contexts.documents_fingerprint,
-                 "stream_dtype": _dtype_name(dtype), "include_special": include_special}
+        build = {
+            "corpus": corpus_name,
+            "documents_fingerprint": contexts.documents_fingerprint,
+            "stream_dtype": _dtype_name(dtype),
+            "include_special": include_special,
+        }
         if world > 1:
             build["world_size"] = world
-        return DictionaryMeta(d=d, model=lm.name, hookpoint=hp.name, layer=hp.layer, tokenizer=lm.tokenizer_name,
-                              dataset_fingerprint=contexts.fingerprint, build=build)
+        return DictionaryMeta(
+            d=d,
+            model=lm.name,
+            hookpoint=hp.name,
+            layer=hp.layer,
+            tokenizer=lm.tokenizer_name,
+            dataset_fingerprint=contexts.fingerprint,
+            build=build,
+        )
 
     return new_meta
 
@@ -237,16 +293,34 @@ def build_from_model(
     hps = list(hookpoints)
     world, rank = (exchange.world, exchange.rank) if exchange is not None else (max(1, interleave), None)
     stream = _Stream(lm, hps, contexts, batch_contexts, dtype, include_special, device)
-    fp = {**stream_fingerprint(lm, hps, contexts, config, corpus_name=corpus_name, batch_contexts=batch_contexts,
-                               dtype=dtype, include_special=include_special, world=world), **(fingerprint or {})}
+    fp = {
+        **stream_fingerprint(
+            lm,
+            hps,
+            contexts,
+            config,
+            corpus_name=corpus_name,
+            batch_contexts=batch_contexts,
+            dtype=dtype,
+            include_special=include_special,
+            world=world,
+        ),
+        **(fingerprint or {}),
+    }
     done, builders, max_abs = _resume(checkpoint, fp, hps, device, exchange)
     new_meta = _meta_maker(lm, contexts, corpus_name, dtype, include_special, world)
     keep = checkpoint is not None and (exchange is None or exchange.rank == 0)
     snapshot = _snapshot(builders, hps, done, max_abs, fp) if keep else None
     real = int(contexts.attention_mask.sum()) if include_special else int((~contexts.special).sum())
     seen = next(iter(builders.values())).tokens_seen if builders else 0
-    bar = tqdm(total=real, initial=seen, unit="tok", unit_scale=True, disable=not progress or rank not in (None, 0),
-               desc=f"build {lm.name}")
+    bar = tqdm(
+        total=real,
+        initial=seen,
+        unit="tok",
+        unit_scale=True,
+        disable=not progress or rank not in (None, 0),
+        desc=f"build {lm.name}",
+    )
     tokens, forward_s = 0, 0.0
     try:
         for step in range(done, -(-stream.n_batches // world)):
@@ -277,7 +351,9 @@ def build_from_model(
 def _fp16_notes(max_abs: dict, dtype: torch.dtype, show: bool) -> None:
     for hp, m in max_abs.items():
         if m > FP16_MAX and dtype == torch.float16 and show:
-            tqdm.write(f"note: {hp.name} reaches |x| = {m:,.0f}, beyond fp16; streamed as fp16 unit directions + fp32 norms, nothing lost")
+            tqdm.write(
+                f"note: {hp.name} reaches |x| = {m:,.0f}, beyond fp16; streamed as fp16 unit directions + fp32 norms, nothing lost"
+            )
 
 
 def save_dictionaries(result: ModelBuildResult, out_dir: Path) -> list[Path]:

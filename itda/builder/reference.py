@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 
 from itda.builder.builder import BatchStats, BuildConfig, DictionaryBuilder, _check_batch, register_mode
-from itda.dictionary import Dictionary, DictionaryMeta
 from itda.configfields import FieldError
+from itda.dictionary import Dictionary, DictionaryMeta
 
 _EPS = 1e-9
 
@@ -82,8 +82,15 @@ def seeding_order(x_BD: torch.Tensor, limit: int) -> torch.Tensor:
 class ReferenceBuilder(DictionaryBuilder):
     """DictionaryBuilder whose update() is the reference trainer's (module docstring)."""
 
-    def __init__(self, d: int, config: BuildConfig, *, init: Dictionary | None = None,
-                 meta: DictionaryMeta | None = None, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        d: int,
+        config: BuildConfig,
+        *,
+        init: Dictionary | None = None,
+        meta: DictionaryMeta | None = None,
+        device: torch.device | str = "cpu",
+    ):
         super().__init__(d, config, init=None, meta=meta, device=device)
         self.store = RenormalisingStore(d, self.device)
         if init is not None:
@@ -95,16 +102,22 @@ class ReferenceBuilder(DictionaryBuilder):
         self._refs = [refs_N5.cpu()]
         self._appends = list(appends or [])
 
-    def update(self, acts: torch.Tensor, refs: torch.Tensor | None = None, *, score_chunk: int | None = None,
-               exchange=None) -> BatchStats:
+    def update(
+        self, acts: torch.Tensor, refs: torch.Tensor | None = None, *, score_chunk: int | None = None, exchange=None
+    ) -> BatchStats:
         """The reference's step on one batch (scored whole: score_chunk is ignored; one process only)."""
         if exchange is not None:
-            raise FieldError("mode", "{field} reference runs in one process (the reference adds a batch's rows all at once)")
+            raise FieldError(
+                "mode", "{field} reference runs in one process (the reference adds a batch's rows all at once)"
+            )
         refs = _check_batch(acts, refs, self.d)
         x_BD = acts.to(device=self.device, dtype=torch.float32)
         if not bool(torch.isfinite(x_BD.norm(dim=1)).all()):
-            raise FieldError("mode", "activation norms overflow float32, as the reference's norms do at this scale; "
-                             "use {field} improved (it scales rows exactly) or rescale the activations")
+            raise FieldError(
+                "mode",
+                "activation norms overflow float32, as the reference's norms do at this scale; "
+                "use {field} improved (it scales rows exactly) or rescale the activations",
+            )
         if self.config.max_atoms is not None and self.size >= self.config.max_atoms:
             return self._finish(x_BD.shape[0], 0, 0, 0.0)  # the reference stops updating when full
         seeded = 0

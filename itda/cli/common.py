@@ -5,8 +5,8 @@ from __future__ import annotations
 import functools
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import typer
 from typer.core import TyperGroup
@@ -15,8 +15,18 @@ from itda.cli.options import flag
 from itda.configfields import FieldError
 from itda.errors import ItdaInputError
 
-_UNITS = {"": 2**30, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 2**30,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 _INTERRUPT_NOTE: list[str] = []  # what an interrupted command leaves behind (set by the command)
@@ -86,7 +96,7 @@ def is_activation_file(source: str) -> bool:
     return Path(source).suffix in (".safetensors", ".npy")
 
 
-def parse_memory(text: Optional[str], option: str = "--max-memory") -> Optional[int]:
+def parse_memory(text: str | None, option: str = "--max-memory") -> int | None:
     """Bytes from '400MB', '70GiB', '1.5 GB' (as accelerate's max_memory) or a bare number of GiB."""
     if text is None:
         return None
@@ -107,7 +117,7 @@ def check_output(out: Path, inputs: list[Path], kind: str, overwrite: bool) -> N
     check_outputs([Output(out, kind)], inputs, overwrite)
 
 
-def checked_k(k: Optional[int], d) -> int:
+def checked_k(k: int | None, d) -> int:
     """k for encoding with dictionary d (Dictionary.encoding_k), the error naming --k."""
     try:
         return d.encoding_k(k)
@@ -135,9 +145,8 @@ def check_device(device: str):
 
 def load_dictionary_file(path: Path):
     """A dictionary file, refused in one line when missing or another itda artifact."""
-    from itda.dictionary import Dictionary
-
     from itda.cli.outputs import header_kind
+    from itda.dictionary import Dictionary
 
     if not path.is_file():
         raise ItdaInputError(f"{path}: no such file")

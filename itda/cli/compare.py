@@ -30,7 +30,9 @@ def _kind(spec: str) -> str:
                 for key in fh.keys():
                     fh.get_slice(key)  # a truncated file fails here, not later as the wrong kind
         except Exception as exc:  # noqa: BLE001 - any failure means the file cannot be read
-            raise ItdaInputError(f"{p}: not a readable safetensors file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+            raise ItdaInputError(
+                f"{p}: not a readable safetensors file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+            ) from None
         if p.stat().st_size < 8:
             raise ItdaInputError(f"{p}: not a readable safetensors file")
         return "dict" if "itda" in meta else "acts"
@@ -47,23 +49,63 @@ def _measure_list(text: str) -> list[str]:
     return names
 
 
-def compare_command(a: str, b: str, *, corpus, field, tokens, context, measures, out, k, min_cosine, max_rows,
-                    precision, batch_tokens=4096, include_special, device, quiet, layerwise=False, max_memory=None,
-                    cka_memory=1 << 30, overwrite=False) -> None:
+def compare_command(
+    a: str,
+    b: str,
+    *,
+    corpus,
+    field,
+    tokens,
+    context,
+    measures,
+    out,
+    k,
+    min_cosine,
+    max_rows,
+    precision,
+    batch_tokens=4096,
+    include_special,
+    device,
+    quiet,
+    layerwise=False,
+    max_memory=None,
+    cka_memory=1 << 30,
+    overwrite=False,
+) -> None:
     from itda.cli.outputs import Output, guarded
 
     kinds = (_kind(a), _kind(b))
     if kinds[0] != kinds[1]:
-        raise ItdaInputError(f"compare needs two of a kind; got a {kinds[0].replace('_', ' ')} and a {kinds[1].replace('_', ' ')}")
+        raise ItdaInputError(
+            f"compare needs two of a kind; got a {kinds[0].replace('_', ' ')} and a {kinds[1].replace('_', ' ')}"
+        )
     names = _measure_list(measures)
     if precision not in ("float64", "float32"):
         raise ItdaInputError(f"--precision must be float64 or float32, got {precision!r}")
     outputs = [Output(out, "compare-report", folder=True)] if out is not None else []
     with guarded(outputs, [a, b], overwrite):
-        _dispatch(kinds[0], a, b, names, out, corpus=corpus, field=field, tokens=tokens, context=context, k=k,
-                  min_cosine=min_cosine, max_rows=max_rows, precision=precision, include_special=include_special,
-                  device=device, quiet=quiet, layerwise=layerwise, max_memory=max_memory, cka_memory=cka_memory,
-                  batch_tokens=batch_tokens)
+        _dispatch(
+            kinds[0],
+            a,
+            b,
+            names,
+            out,
+            corpus=corpus,
+            field=field,
+            tokens=tokens,
+            context=context,
+            k=k,
+            min_cosine=min_cosine,
+            max_rows=max_rows,
+            precision=precision,
+            include_special=include_special,
+            device=device,
+            quiet=quiet,
+            layerwise=layerwise,
+            max_memory=max_memory,
+            cka_memory=cka_memory,
+            batch_tokens=batch_tokens,
+        )
 
 
 def _dispatch(kind: str, a: str, b: str, names: list[str], out: Path | None, **options) -> None:
@@ -72,8 +114,10 @@ def _dispatch(kind: str, a: str, b: str, names: list[str], out: Path | None, **o
     if kind in ("dict", "dict_folder"):
         need_acts = [n for n in names if ACTIVATIONS in REGISTRY[n].needs]
         if need_acts:
-            typer.echo(f"dictionaries alone give the Jaccard family; {', '.join(need_acts)} need activations "
-                       "(compare the models, or two activation files)")
+            typer.echo(
+                f"dictionaries alone give the Jaccard family; {', '.join(need_acts)} need activations "
+                "(compare the models, or two activation files)"
+            )
     if kind == "dict":
         _compare_dicts(Path(a), Path(b), out)
     elif kind == "dict_folder":
@@ -98,7 +142,9 @@ def _compare_dicts(a: Path, b: Path, out: Path | None) -> None:
                 continue  # tokens seen not recorded
             raise exc
         res[sim.name] = {"value": sim.value, **sim.details}
-        typer.echo(f"{sim.name:16s} {sim.value:.4f}  ({sim.details['identity']} identities, {sim.details['n_a']} vs {sim.details['n_b']} atoms)")
+        typer.echo(
+            f"{sim.name:16s} {sim.value:.4f}  ({sim.details['identity']} identities, {sim.details['n_a']} vs {sim.details['n_b']} atoms)"
+        )
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "jaccard.json", json.dumps(res, indent=2))
@@ -143,11 +189,15 @@ def _compare_acts(a: Path, b: Path, names: list[str], out: Path | None) -> None:
         typer.echo(f"{sim.name:16s} {sim.value:.4f}")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "similarity.json", json.dumps({s.name: {"value": s.value, **s.details} for s in res.values()}, indent=2))
+        write_text_atomic(
+            out / "similarity.json",
+            json.dumps({s.name: {"value": s.value, **s.details} for s in res.values()}, indent=2),
+        )
 
 
-def _compare_models(a: str, b: str, names: list[str], *, corpus, field, out, device, quiet, layerwise=False,
-                    max_memory=None, **options) -> None:
+def _compare_models(
+    a: str, b: str, names: list[str], *, corpus, field, out, device, quiet, layerwise=False, max_memory=None, **options
+) -> None:
     from itda.activations.corpus import read_documents, split_documents
     from itda.activations.models import load_model
     from itda.builder.distributed import init_distributed

@@ -11,9 +11,13 @@ def print_demo(result: DemoResult) -> None:
     """The demo's summary, some atoms with their text, and the files it wrote."""
     s = result.summary
     typer.echo("")
-    typer.echo(f"model {s['model']}, {s['hookpoint']}: {s['dictionary_size']} atoms "
-               f"(k={DEMO_CONFIG.k}, min cosine {DEMO_CONFIG.min_cosine})")
-    typer.echo(f"built from {s['build_tokens']:,} tokens in {s['build_seconds']:.0f}s ({s['build_tokens_per_s']:,.0f} tokens/s, forward {s['forward_seconds']:.0f}s)")
+    typer.echo(
+        f"model {s['model']}, {s['hookpoint']}: {s['dictionary_size']} atoms "
+        f"(k={DEMO_CONFIG.k}, min cosine {DEMO_CONFIG.min_cosine})"
+    )
+    typer.echo(
+        f"built from {s['build_tokens']:,} tokens in {s['build_seconds']:.0f}s ({s['build_tokens_per_s']:,.0f} tokens/s, forward {s['forward_seconds']:.0f}s)"
+    )
     typer.echo(
         f"held-out {s['tokens']:,} tokens: FVU {s['fvu']:.3f}, mean cosine {s['mean_cosine']:.3f}, L0 {s['l0']:.1f}, "
         f"dead atoms {s['dead_atoms']}"

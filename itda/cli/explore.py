@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from itda.activations.config import CorpusConfig, ModelSource
-from itda.cli.options import option
 from itda.cli.common import check_device, load_dictionary_file, user_errors
+from itda.cli.options import option
 from itda.cli.outputs import Output, check_outputs, record_outputs
 from itda.errors import ItdaInputError
 
@@ -17,17 +16,26 @@ from itda.errors import ItdaInputError
 @user_errors
 def explore(
     dictionary: Path = typer.Argument(..., help="Dictionary to show."),
-    other: Optional[Path] = typer.Argument(None, help="A second dictionary: show shared and exclusive atoms side by side."),
-    out: Path = typer.Option(..., "--out", "-o", help="Folder for index.html and its data (replaces only an earlier explorer)."),
-    model: Optional[str] = typer.Option(None, help="Model of DICTIONARY (default: the one it records)."),
-    model_b: Optional[str] = typer.Option(None, help="Model of the second dictionary (default: the one it records)."),
-    corpus: Optional[str] = typer.Option(None, help="Corpus the dictionaries were built on (default: the one they record); its held-out split gives the usage."),
+    other: Path | None = typer.Argument(
+        None, help="A second dictionary: show shared and exclusive atoms side by side."
+    ),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Folder for index.html and its data (replaces only an earlier explorer)."
+    ),
+    model: str | None = typer.Option(None, help="Model of DICTIONARY (default: the one it records)."),
+    model_b: str | None = typer.Option(None, help="Model of the second dictionary (default: the one it records)."),
+    corpus: str | None = typer.Option(
+        None,
+        help="Corpus the dictionaries were built on (default: the one they record); its held-out split gives the usage.",
+    ),
     tokens: int = typer.Option(20_000, help="Held-out tokens to encode."),
     context: int = option(CorpusConfig, "context"),
-    k: Optional[int] = typer.Option(None, help="MP steps (default: the dictionary's k)."),
+    k: int | None = typer.Option(None, help="MP steps (default: the dictionary's k)."),
     contexts: int = typer.Option(5, help="Held-out contexts per atom."),
     device: str = option(ModelSource, "device"),
-    overwrite: bool = typer.Option(False, help="Replace an earlier explorer folder that was changed since itda wrote it."),
+    overwrite: bool = typer.Option(
+        False, help="Replace an earlier explorer folder that was changed since itda wrote it."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """A static page (open OUT/index.html from disk) with one card per atom; two dictionaries side by side."""
@@ -45,15 +53,30 @@ def explore(
     if len(labels) == 2 and labels[0] == labels[1]:
         labels = [f"A: {labels[0]}", f"B: {labels[1]}"]
     models = [model] + ([model_b or dicts[1].meta.model or model] if other is not None else [])
-    views = [view_on_model(d, label=label, model=m, corpus=corpus, tokens=tokens, context=context, k=k,
-                           contexts=contexts, device=device, progress=not quiet) for d, label, m in zip(dicts, labels, models)]
+    views = [
+        view_on_model(
+            d,
+            label=label,
+            model=m,
+            corpus=corpus,
+            tokens=tokens,
+            context=context,
+            k=k,
+            contexts=contexts,
+            device=device,
+            progress=not quiet,
+        )
+        for d, label, m in zip(dicts, labels, models)
+    ]
     shared = shared_atoms(dicts[0], dicts[1]) if len(dicts) == 2 else None
     page = write_explorer(out, explorer_data(views, shared))
     record_outputs(outputs)
     for v in views:
         s = v["summary"]
-        typer.echo(f"{v['label']}: {s['atoms']} atoms, {s['tokens']} held-out tokens, {s['dead']} unused, "
-                   f"mean L0 {s['mean_l0']:.1f}, mean cosine {s['mean_cosine']:.3f}")
+        typer.echo(
+            f"{v['label']}: {s['atoms']} atoms, {s['tokens']} held-out tokens, {s['dead']} unused, "
+            f"mean L0 {s['mean_l0']:.1f}, mean cosine {s['mean_cosine']:.3f}"
+        )
     if shared is not None:
         typer.echo(f"shared atoms: {len(shared)} (of {len(dicts[0])} and {len(dicts[1])})")
     typer.echo(f"wrote {page}")

@@ -8,23 +8,32 @@ import time
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-from itda.cli.common import OneLineErrors, check_device, checked_k, check_output, is_activation_file, on_interrupt, parse_memory, user_errors
 from itda.activations.config import CorpusConfig, ModelSource
 from itda.builder.builder import BuildConfig
+from itda.cli.common import (
+    OneLineErrors,
+    check_device,
+    check_output,
+    checked_k,
+    is_activation_file,
+    on_interrupt,
+    parse_memory,
+    user_errors,
+)
 from itda.cli.explore import explore
 from itda.cli.options import option
 from itda.cli.outputs import Output, check_outputs, record_outputs
-from itda.cli.select import select
 from itda.cli.sae import export, sae_app
+from itda.cli.select import select
 from itda.comparison.registry import DEFAULT_MEASURES, measures_help
 from itda.errors import ItdaInputError
 
-app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True,
-                  help="Inference-Time Decomposition of Activations.")
+app = typer.Typer(
+    cls=OneLineErrors, add_completion=False, no_args_is_help=True, help="Inference-Time Decomposition of Activations."
+)
 app.add_typer(sae_app, name="sae")
 app.command("explore")(explore)
 app.command("select")(select)
@@ -69,18 +78,29 @@ class BuildOutput:
     dtype: DType = DType.float32
     overwrite: bool = False
     quiet: bool = False
-    checkpoint: Optional[Path] = None
+    checkpoint: Path | None = None
     checkpoint_every: int = 10
 
 
 @app.command()
 @user_errors
 def build(
-    source: str = typer.Argument(..., help="An activation file (.safetensors / .npy) or a model: packaged name, .gguf file or folder."),
-    out: Path = typer.Option(..., "--out", "-o", help="Dictionary file (activation file input; model input with one hookpoint) or folder (model input)."),
-    layer: list[int] = typer.Option([], "--layer", "-l", help="Model input: block index; repeat for several (one pass)."),
+    source: str = typer.Argument(
+        ..., help="An activation file (.safetensors / .npy) or a model: packaged name, .gguf file or folder."
+    ),
+    out: Path = typer.Option(
+        ...,
+        "--out",
+        "-o",
+        help="Dictionary file (activation file input; model input with one hookpoint) or folder (model input).",
+    ),
+    layer: list[int] = typer.Option(
+        [], "--layer", "-l", help="Model input: block index; repeat for several (one pass)."
+    ),
     hook: str = typer.Option("resid_post", help="Model input: resid_post, resid_pre, attn_out or mlp_out for --layer."),
-    hookpoint: list[str] = typer.Option([], help="Model input: extra hookpoints, e.g. blocks.3.hook_mlp_out or model.layers.3.mlp."),
+    hookpoint: list[str] = typer.Option(
+        [], help="Model input: extra hookpoints, e.g. blocks.3.hook_mlp_out or model.layers.3.mlp."
+    ),
     corpus: str = option(CorpusConfig, "corpus"),
     field: str = option(CorpusConfig, "field"),
     tokens: int = option(CorpusConfig, "tokens"),
@@ -89,16 +109,22 @@ def build(
     stream_dtype: str = option(CorpusConfig, "stream_dtype"),
     model_dtype: str = option(ModelSource, "model_dtype"),
     include_special: bool = option(CorpusConfig, "include_special"),
-    layerwise: Optional[bool] = option(ModelSource, "layerwise", "--layerwise/--in-memory"),
-    max_memory: Optional[str] = option(ModelSource, "max_memory"),
+    layerwise: bool | None = option(ModelSource, "layerwise", "--layerwise/--in-memory"),
+    max_memory: str | None = option(ModelSource, "max_memory"),
     k: int = option(BuildConfig, "k"),
-    threshold: Optional[float] = option(BuildConfig, "threshold"),
-    min_cosine: Optional[float] = option(BuildConfig, "min_cosine"),
+    threshold: float | None = option(BuildConfig, "threshold"),
+    min_cosine: float | None = option(BuildConfig, "min_cosine"),
     mode: Mode = option(BuildConfig, "mode", choices=Mode),
     batch_size: int = typer.Option(4096, help="Activation file input: activations scored per step."),
-    max_atoms: Optional[int] = option(BuildConfig, "max_atoms"),
-    checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint file (activation file or model input): saved every --checkpoint-every batches and on Ctrl-C, resumed when it exists, removed on success."),
-    checkpoint_every: int = typer.Option(10, help="Batches between checkpoints (activation file: scoring steps; model: forward batches, per rank under torchrun)."),
+    max_atoms: int | None = option(BuildConfig, "max_atoms"),
+    checkpoint: Path | None = typer.Option(
+        None,
+        help="Checkpoint file (activation file or model input): saved every --checkpoint-every batches and on Ctrl-C, resumed when it exists, removed on success.",
+    ),
+    checkpoint_every: int = typer.Option(
+        10,
+        help="Batches between checkpoints (activation file: scoring steps; model: forward batches, per rank under torchrun).",
+    ),
     overwrite: bool = typer.Option(False, help="Replace an existing --out that is not an itda dictionary."),
     dtype: DType = typer.Option(DType.float32, help="Storage dtype of the atoms."),
     backend: Backend = option(BuildConfig, "backend", choices=Backend),
@@ -147,10 +173,20 @@ def _build_from_file(acts: Path, config: BuildConfig, batch_size: int, device: s
         empty = (data.acts[:0], data.refs[:0])
         batches = rank_batches(batches, exchange.rank, exchange.world, empty)
     dictionary = build_dictionary(
-        batches, device=device, checkpoint=checkpoint,
-        checkpoint_every=output.checkpoint_every if checkpoint else 0, progress=not output.quiet, total_tokens=len(data),
-        fingerprint=fingerprint, exchange=exchange, k=config.k, threshold=config.threshold, min_cosine=config.min_cosine,
-        mode=config.mode, max_atoms=config.max_atoms, backend=config.backend,
+        batches,
+        device=device,
+        checkpoint=checkpoint,
+        checkpoint_every=output.checkpoint_every if checkpoint else 0,
+        progress=not output.quiet,
+        total_tokens=len(data),
+        fingerprint=fingerprint,
+        exchange=exchange,
+        k=config.k,
+        threshold=config.threshold,
+        min_cosine=config.min_cosine,
+        mode=config.mode,
+        max_atoms=config.max_atoms,
+        backend=config.backend,
     )
     dictionary.meta.build["source"] = Path(data.source).name
     dictionary.meta.dataset_fingerprint = f"acts:{data.fingerprint()}"
@@ -167,7 +203,9 @@ def _build_from_file(acts: Path, config: BuildConfig, batch_size: int, device: s
         checkpoint.unlink()
     if exchange is not None:
         torch.distributed.destroy_process_group()
-    typer.echo(f"{out}: {len(dictionary)} atoms, d={dictionary.d}, from {len(data)} tokens in {time.perf_counter() - t0:.1f}s")
+    typer.echo(
+        f"{out}: {len(dictionary)} atoms, d={dictionary.d}, from {len(data)} tokens in {time.perf_counter() - t0:.1f}s"
+    )
 
 
 def _chosen_hookpoints(layers: list[int], hook: str, extra: list[str]) -> list:
@@ -182,23 +220,31 @@ def _chosen_hookpoints(layers: list[int], hook: str, extra: list[str]) -> list:
     return hps
 
 
-def _model_build_files(hps: list, output: BuildOutput, model: ModelSource, corpus: CorpusConfig) -> tuple[bool, list[Path]]:
+def _model_build_files(
+    hps: list, output: BuildOutput, model: ModelSource, corpus: CorpusConfig
+) -> tuple[bool, list[Path]]:
     """(one file?, the dictionary paths) of a model build, refused when --out or --checkpoint do not fit."""
     out = output.out
     one_file = len(hps) == 1 and out.suffix == ".safetensors" and not out.is_dir()
     if len(hps) > 1 and out.suffix == ".safetensors" and not out.is_dir():
         raise ItdaInputError(f"{out}: {len(hps)} hookpoints write one file each into a folder; give a folder for --out")
     if not one_file and out.exists() and not out.is_dir():
-        raise ItdaInputError(f"{out}: exists and is not a folder (model builds write one file per hookpoint; "
-                             "one hookpoint and --out NAME.safetensors write that file)")
+        raise ItdaInputError(
+            f"{out}: exists and is not a folder (model builds write one file per hookpoint; "
+            "one hookpoint and --out NAME.safetensors write that file)"
+        )
     files = [out] if one_file else [out / f"{hp.file_stem}.safetensors" for hp in hps]
-    check_outputs([Output(p, "dictionary") for p in files], [model.model, corpus.corpus, output.checkpoint], output.overwrite)
+    check_outputs(
+        [Output(p, "dictionary") for p in files], [model.model, corpus.corpus, output.checkpoint], output.overwrite
+    )
     inputs = [Path(model.model)] + ([Path(corpus.corpus)] if corpus.corpus != "default" else [])
     _check_model_checkpoint(output.checkpoint, files, inputs)
     return one_file, files
 
 
-def _build_from_model(model: ModelSource, corpus: CorpusConfig, config: BuildConfig, hps: list, output: BuildOutput) -> None:
+def _build_from_model(
+    model: ModelSource, corpus: CorpusConfig, config: BuildConfig, hps: list, output: BuildOutput
+) -> None:
     """Build one dictionary per hookpoint in one pass of the model over the corpus, and write them."""
     from itda.activations.corpus import load_contexts
     from itda.activations.hookpoints import depth, resolve_module
@@ -211,24 +257,47 @@ def _build_from_model(model: ModelSource, corpus: CorpusConfig, config: BuildCon
     one_file, _files = _model_build_files(hps, output, model, corpus)
     exchange = init_distributed(check_device(model.device))
     deepest = max(hp.layer for hp in hps)
-    lm = load_model(model.model, device=model.device, layerwise=model.layerwise, max_memory=model.max_memory,
-                    max_layer=deepest, dtype=STREAM_DTYPES[model.model_dtype])
+    lm = load_model(
+        model.model,
+        device=model.device,
+        layerwise=model.layerwise,
+        max_memory=model.max_memory,
+        max_layer=deepest,
+        dtype=STREAM_DTYPES[model.model_dtype],
+    )
     if lm.layerwise is not None and not output.quiet:
         typer.echo(f"layer-wise execution: blocks stream from {lm.source}, up to block {lm.layerwise.max_layer}")
     if lm.layerwise is not None and any(depth(lm.model, hp) > deepest for hp in hps):
         raise ItdaInputError("module-path hookpoints outside the blocks need --in-memory")
     for hp in hps:
         resolve_module(lm.model, hp)  # fail before the corpus work
-    _docs, contexts = load_contexts(corpus.corpus, lm.tokenizer, tokenizer_name=lm.tokenizer_name, split="train",
-                                    tokens=corpus.tokens, context=corpus.context, field=corpus.field)
+    _docs, contexts = load_contexts(
+        corpus.corpus,
+        lm.tokenizer,
+        tokenizer_name=lm.tokenizer_name,
+        split="train",
+        tokens=corpus.tokens,
+        context=corpus.context,
+        field=corpus.field,
+    )
     checkpoint = output.checkpoint
     if checkpoint is not None:
         on_interrupt(f"checkpoint saved at {checkpoint}; run the same command to resume")
     result = build_from_model(
-        lm, hps, contexts, config, corpus_name=str(corpus.corpus), batch_contexts=corpus.batch_contexts,
-        dtype=STREAM_DTYPES[corpus.stream_dtype], include_special=corpus.include_special, device=model.device,
-        progress=not output.quiet, checkpoint=checkpoint, checkpoint_every=output.checkpoint_every if checkpoint else 0,
-        fingerprint={"tokens": corpus.tokens, "model_dtype": model.model_dtype}, exchange=exchange,
+        lm,
+        hps,
+        contexts,
+        config,
+        corpus_name=str(corpus.corpus),
+        batch_contexts=corpus.batch_contexts,
+        dtype=STREAM_DTYPES[corpus.stream_dtype],
+        include_special=corpus.include_special,
+        device=model.device,
+        progress=not output.quiet,
+        checkpoint=checkpoint,
+        checkpoint_every=output.checkpoint_every if checkpoint else 0,
+        fingerprint={"tokens": corpus.tokens, "model_dtype": model.model_dtype},
+        exchange=exchange,
     )
     _save_model_build(result, output.out, one_file, output.dtype, checkpoint, exchange)
 
@@ -269,7 +338,9 @@ def _save_model_build(result, out, one_file, dtype, checkpoint, exchange) -> Non
         checkpoint.unlink()
     if exchange is not None:
         torch.distributed.destroy_process_group()
-    typer.echo(f"{result.tokens} tokens in {result.seconds:.1f}s ({result.tokens_per_s:,.0f} tokens/s; forward {result.forward_seconds:.1f}s)")
+    typer.echo(
+        f"{result.tokens} tokens in {result.seconds:.1f}s ({result.tokens_per_s:,.0f} tokens/s; forward {result.forward_seconds:.1f}s)"
+    )
     for p, (hp, d) in zip(paths, result.dictionaries.items()):
         typer.echo(f"{p}: {len(d)} atoms at {hp.name}")
 
@@ -279,28 +350,40 @@ def _save_model_build(result, out, one_file, dtype, checkpoint, exchange) -> Non
 def info(
     dictionary: Path = typer.Argument(..., help="Dictionary file."),
     as_json: bool = typer.Option(False, "--json"),
-    verify: bool = typer.Option(False, "--verify", help="Report the content checksum (every load checks it; this says so)."),
+    verify: bool = typer.Option(
+        False, "--verify", help="Report the content checksum (every load checks it; this says so)."
+    ),
 ) -> None:
     """Summarise a dictionary (its metadata, atoms and references, all validated)."""
     from itda.dictionary import REF_FIELDS, Dictionary
     from itda.tensorfile import read_header, recorded_digest
 
     d = Dictionary.load(dictionary)  # a checksum mismatch or invalid metadata stops here
-    summary = {"file": str(dictionary), "n_atoms": len(d), "dtype": str(d.atoms.dtype).replace("torch.", ""), **json.loads(d.meta.to_json())}
+    summary = {
+        "file": str(dictionary),
+        "n_atoms": len(d),
+        "dtype": str(d.atoms.dtype).replace("torch.", ""),
+        **json.loads(d.meta.to_json()),
+    }
     known = (d.refs[:, 0] >= 0).sum().item()
     summary["atoms_with_refs"] = int(known)
     if verify:
         recorded = recorded_digest(read_header(dictionary))
-        summary["checksum"] = f"ok (sha256 {recorded[:16]}...)" if recorded else "none recorded (written by an itda without checksums)"
+        summary["checksum"] = (
+            f"ok (sha256 {recorded[:16]}...)" if recorded else "none recorded (written by an itda without checksums)"
+        )
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
     for key, value in summary.items():
         typer.echo(f"{key:20s} {value}")
     if len(d):
-        typer.echo("first atoms: " + ", ".join(
-            "(" + ", ".join(f"{f}={int(v)}" for f, v in zip(REF_FIELDS, row)) + ")" for row in d.refs[:3].tolist()
-        ))
+        typer.echo(
+            "first atoms: "
+            + ", ".join(
+                "(" + ", ".join(f"{f}={int(v)}" for f, v in zip(REF_FIELDS, row)) + ")" for row in d.refs[:3].tolist()
+            )
+        )
 
 
 @app.command()
@@ -308,8 +391,10 @@ def info(
 def encode(
     dictionary: Path = typer.Argument(..., help="Dictionary file."),
     acts: Path = typer.Argument(..., help="Activation file."),
-    out: Path = typer.Option(..., "--out", "-o", help="Codes file to write (.safetensors: indices, values, residual_sq)."),
-    k: Optional[int] = typer.Option(None, help="Atoms per activation (default: the dictionary's k)."),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Codes file to write (.safetensors: indices, values, residual_sq)."
+    ),
+    k: int | None = typer.Option(None, help="Atoms per activation (default: the dictionary's k)."),
     method: Method = typer.Option(Method.mp),
     backend: Backend = typer.Option(Backend.auto),
     batch_size: int = typer.Option(8192),
@@ -332,8 +417,12 @@ def encode(
         raise ItdaInputError(f"dimension mismatch: {acts} has d={data.d}, {dictionary} has d={d.d}")
     parts = [d.encode(x, k, method=method.value, backend=backend.value) for x, _ in data.batches(batch_size)]
     codes = cat_codes(parts)
-    write_tensor_file(out, {f: getattr(codes, f) for f in codes._fields}, "itda_codes",
-                      {"dictionary": str(dictionary), "method": method.value, "k": k})
+    write_tensor_file(
+        out,
+        {f: getattr(codes, f) for f in codes._fields},
+        "itda_codes",
+        {"dictionary": str(dictionary), "method": method.value, "k": k},
+    )
     record_outputs(outputs)
     typer.echo(f"{out}: codes for {len(data)} tokens, k={codes.indices.shape[1]}")
 
@@ -342,20 +431,22 @@ def encode(
 @user_errors
 def eval_cmd(
     dictionary: Path = typer.Argument(..., help="Dictionary file."),
-    acts: Optional[Path] = typer.Argument(None, help="Activation file to evaluate on (or use --model)."),
-    model: Optional[str] = typer.Option(None, help="Evaluate on a model's activations (default: the dictionary's model)."),
+    acts: Path | None = typer.Argument(None, help="Activation file to evaluate on (or use --model)."),
+    model: str | None = typer.Option(
+        None, help="Evaluate on a model's activations (default: the dictionary's model)."
+    ),
     corpus: str = option(CorpusConfig, "corpus", help="With a model: corpus (its held-out split is used)."),
     field: str = option(CorpusConfig, "field"),
     tokens: int = typer.Option(16_384, help="With a model: held-out tokens."),
     context: int = option(CorpusConfig, "context"),
     ce: bool = typer.Option(True, help="With a causal LM: compute the CE-loss score."),
-    k: Optional[int] = typer.Option(None, help="Atoms per activation (default: the dictionary's k)."),
+    k: int | None = typer.Option(None, help="Atoms per activation (default: the dictionary's k)."),
     method: Method = typer.Option(Method.mp),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the report as JSON."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Write the report as JSON."),
     batch_size: int = typer.Option(8192),
     device: str = option(ModelSource, "device"),
-    layerwise: Optional[bool] = option(ModelSource, "layerwise", "--layerwise/--in-memory"),
-    max_memory: Optional[str] = option(ModelSource, "max_memory"),
+    layerwise: bool | None = option(ModelSource, "layerwise", "--layerwise/--in-memory"),
+    max_memory: str | None = option(ModelSource, "max_memory"),
     overwrite: bool = typer.Option(False, help="Replace an existing --out that itda did not write."),
 ) -> None:
     """FVU, cosine, normalised loss, L0, atom usage (and the CE-loss score on a model)."""
@@ -382,9 +473,20 @@ def eval_cmd(
         model = model or d.meta.model
         if not model:
             raise ItdaInputError(f"{dictionary}: no model recorded; give an activation file or --model")
-        summary = evaluate_on_model(d, model, corpus=corpus, field=field, tokens=tokens, context=context, ce=ce,
-                                    k=k, method=method.value, device=device, layerwise=layerwise,
-                                    max_memory=parse_memory(max_memory)).summary()
+        summary = evaluate_on_model(
+            d,
+            model,
+            corpus=corpus,
+            field=field,
+            tokens=tokens,
+            context=context,
+            ce=ce,
+            k=k,
+            method=method.value,
+            device=device,
+            layerwise=layerwise,
+            max_memory=parse_memory(max_memory),
+        ).summary()
     if out is not None:
         write_text_atomic(out, json.dumps(summary, indent=2))
         record_outputs(outputs)
@@ -401,18 +503,33 @@ def compare(
     field: str = typer.Option("text"),
     tokens: int = typer.Option(20_000, help="Models: tokens of A to read."),
     context: int = typer.Option(128),
-    batch_tokens: int = typer.Option(4096, help="Models: tokens per forward pass (the unit torchrun ranks share out; the first one's mean centres the per-token ITDA measures)."),
+    batch_tokens: int = typer.Option(
+        4096,
+        help="Models: tokens per forward pass (the unit torchrun ranks share out; the first one's mean centres the per-token ITDA measures).",
+    ),
     measures: str = typer.Option(",".join(DEFAULT_MEASURES), help=measures_help()),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for JSON, CSV and PNG heatmaps."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Folder for JSON, CSV and PNG heatmaps."),
     k: int = typer.Option(40, help="Models: MP steps for the dictionaries (Jaccard, ITDA measures)."),
     min_cosine: float = typer.Option(0.85, help="Models: dictionary threshold (Jaccard, ITDA measures)."),
-    max_rows: int = typer.Option(4096, help="Rows kept for the in-memory measures (not the per-token itda_fused / itda_scaled_* / itda_loss_profile / itda_recon_cka: they see every token)."),
+    max_rows: int = typer.Option(
+        4096,
+        help="Rows kept for the in-memory measures (not the per-token itda_fused / itda_scaled_* / itda_loss_profile / itda_recon_cka: they see every token).",
+    ),
     precision: str = typer.Option("float64", help="Streaming CKA cross products: float64 (exact) or float32 (faster)."),
     include_special: bool = typer.Option(False, help="Keep BOS/special tokens (they can dominate CKA)."),
     device: str = typer.Option("cpu"),
-    layerwise: Optional[bool] = typer.Option(None, "--layerwise/--in-memory", help="Models: stream blocks from the shards (default: when a model exceeds --max-memory)."),
-    max_memory: Optional[str] = typer.Option(None, help="Models: memory budget for choosing layer-wise execution, e.g. 8GB, 70GiB."),
-    cka_memory: str = typer.Option("1GiB", help="Models: largest exact CKA accumulators (each grid: raw CKA/Procrustes, the per-token ITDA grids); beyond it minibatch CKA runs, without Procrustes."),
+    layerwise: bool | None = typer.Option(
+        None,
+        "--layerwise/--in-memory",
+        help="Models: stream blocks from the shards (default: when a model exceeds --max-memory).",
+    ),
+    max_memory: str | None = typer.Option(
+        None, help="Models: memory budget for choosing layer-wise execution, e.g. 8GB, 70GiB."
+    ),
+    cka_memory: str = typer.Option(
+        "1GiB",
+        help="Models: largest exact CKA accumulators (each grid: raw CKA/Procrustes, the per-token ITDA grids); beyond it minibatch CKA runs, without Procrustes.",
+    ),
     overwrite: bool = typer.Option(False, help="Write into an existing --out folder that itda did not write."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
@@ -422,11 +539,28 @@ def compare(
     check_device(device)
     if batch_tokens < 1:
         raise ItdaInputError(f"--batch-tokens must be >= 1, got {batch_tokens}")
-    compare_command(a, b, corpus=corpus, field=field, tokens=tokens, context=context, measures=measures, out=out, k=k,
-                    batch_tokens=batch_tokens,
-                    min_cosine=min_cosine, max_rows=max_rows, precision=precision, include_special=include_special,
-                    device=device, quiet=quiet, layerwise=layerwise, max_memory=parse_memory(max_memory),
-                    cka_memory=parse_memory(cka_memory, "--cka-memory"), overwrite=overwrite)
+    compare_command(
+        a,
+        b,
+        corpus=corpus,
+        field=field,
+        tokens=tokens,
+        context=context,
+        measures=measures,
+        out=out,
+        k=k,
+        batch_tokens=batch_tokens,
+        min_cosine=min_cosine,
+        max_rows=max_rows,
+        precision=precision,
+        include_special=include_special,
+        device=device,
+        quiet=quiet,
+        layerwise=layerwise,
+        max_memory=parse_memory(max_memory),
+        cka_memory=parse_memory(cka_memory, "--cka-memory"),
+        overwrite=overwrite,
+    )
 
 
 @app.command()
@@ -436,7 +570,7 @@ def demo(
     tokens: int = typer.Option(100_000, help="Tokens to build from."),
     eval_tokens: int = typer.Option(8192, help="Held-out tokens to evaluate on."),
     model: str = typer.Option("smollm2-135m", help="Model to decompose."),
-    layer: Optional[int] = typer.Option(None, help="Block index (default: the middle one)."),
+    layer: int | None = typer.Option(None, help="Block index (default: the middle one)."),
     overwrite: bool = typer.Option(False, help="Replace a report or explorer in --out that itda did not write."),
 ) -> None:
     """smollm2-135m on the default corpus: build at a middle layer, evaluate held-out, report."""

@@ -15,7 +15,9 @@ import typer
 from itda.configfields import field_default, field_help
 
 
-def option(config: type, name: str, *param_decls: str, help: str | None = None, choices: type[Enum] | None = None) -> Any:
+def option(
+    config: type, name: str, *param_decls: str, help: str | None = None, choices: type[Enum] | None = None
+) -> Any:
     """typer.Option for field `name` of dataclass `config` (required when the field has no default);
     `choices`: the Enum the CLI offers for a str field; `help` overrides the field's."""
     default = field_default(config, name)

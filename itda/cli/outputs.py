@@ -14,8 +14,9 @@ import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, NamedTuple, Sequence
+from typing import NamedTuple
 
 from itda.atomic import write_text_atomic
 from itda.errors import ItdaInputError
@@ -109,8 +110,10 @@ def check_outputs(outputs: Sequence[Output], inputs: Iterable[str | Path], overw
                 raise ItdaInputError(f"{out.path}: --out holds the input {inp}; choose another --out")
         if out.path.exists() and not overwrite and not is_own(out):
             what = "folder" if out.folder else "file"
-            raise ItdaInputError(f"{out.path}: exists and is not {kind_name(out.kind)} {what} itda wrote; "
-                                 "choose another --out or pass --overwrite")
+            raise ItdaInputError(
+                f"{out.path}: exists and is not {kind_name(out.kind)} {what} itda wrote; "
+                "choose another --out or pass --overwrite"
+            )
 
 
 def record_outputs(outputs: Sequence[Output]) -> None:

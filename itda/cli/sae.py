@@ -6,17 +6,18 @@ import json
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-from itda.cli.common import check_device, check_output, is_activation_file, on_interrupt, parse_memory, user_errors
 from itda.activations.config import CorpusConfig, ModelSource
+from itda.cli.common import check_device, check_output, is_activation_file, on_interrupt, parse_memory, user_errors
 from itda.cli.options import option
 from itda.errors import ItdaInputError
 from itda.sae.train import SaeSpec, TrainConfig
 
-sae_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Sparse autoencoders seeded from ITDA dictionaries.")
+sae_app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Sparse autoencoders seeded from ITDA dictionaries."
+)
 
 
 class ExportFormat(str, Enum):
@@ -39,28 +40,28 @@ def train(
     init: str = option(SaeSpec, "init"),
     steps: int = option(TrainConfig, "steps"),
     batch_size: int = option(SaeSpec, "batch_size"),
-    lr: Optional[float] = option(TrainConfig, "lr"),
+    lr: float | None = option(TrainConfig, "lr"),
     b_dec: str = option(SaeSpec, "b_dec"),
-    fill: Optional[str] = option(SaeSpec, "fill"),
+    fill: str | None = option(SaeSpec, "fill"),
     crop: bool = option(SaeSpec, "crop"),
     batch_topk: bool = option(SaeSpec, "batch_topk"),
     auxk_alpha: float = option(TrainConfig, "auxk_alpha"),
     dead_after_tokens: int = option(TrainConfig, "dead_after_tokens"),
-    resample: Optional[str] = option(TrainConfig, "resample"),
+    resample: str | None = option(TrainConfig, "resample"),
     resample_every: int = option(TrainConfig, "resample_every"),
     seed: int = option(TrainConfig, "seed"),
     init_sample: int = option(SaeSpec, "init_sample"),
     holdout: float = option(SaeSpec, "holdout"),
-    checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint file; an existing one is resumed."),
+    checkpoint: Path | None = typer.Option(None, help="Checkpoint file; an existing one is resumed."),
     checkpoint_every: int = typer.Option(100, help="Steps between checkpoints."),
-    layer: Optional[int] = typer.Option(None, "--layer", "-l", help="Model input: block index (resid_post)."),
-    hookpoint: Optional[str] = typer.Option(None, help="Model input: hookpoint name instead of --layer."),
+    layer: int | None = typer.Option(None, "--layer", "-l", help="Model input: block index (resid_post)."),
+    hookpoint: str | None = typer.Option(None, help="Model input: hookpoint name instead of --layer."),
     corpus: str = option(CorpusConfig, "corpus", help="Model input: corpus (its training split)."),
     field: str = option(CorpusConfig, "field"),
     context: int = option(CorpusConfig, "context"),
     batch_tokens: int = option(CorpusConfig, "batch_tokens"),
-    layerwise: Optional[bool] = option(ModelSource, "layerwise", "--layerwise/--in-memory"),
-    max_memory: Optional[str] = option(ModelSource, "max_memory"),
+    layerwise: bool | None = option(ModelSource, "layerwise", "--layerwise/--in-memory"),
+    max_memory: str | None = option(ModelSource, "max_memory"),
     device: str = option(ModelSource, "device"),
     overwrite: bool = typer.Option(False, help="Replace an existing --out that is not an itda SAE."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
@@ -80,38 +81,76 @@ def train(
     check_output(out, inputs, "sae", overwrite)
     check_device(device)
     init_spec = parse_init(init)
-    config = TrainConfig(steps=steps, lr=lr, auxk_alpha=auxk_alpha, dead_after_tokens=dead_after_tokens,
-                         resample=resample, resample_every=resample_every, seed=seed)
+    config = TrainConfig(
+        steps=steps,
+        lr=lr,
+        auxk_alpha=auxk_alpha,
+        dead_after_tokens=dead_after_tokens,
+        resample=resample,
+        resample_every=resample_every,
+        seed=seed,
+    )
     config.validate()
     if is_activation_file(source):
         stream, sample, d, meta, evaluate = _file_source(Path(source), spec, seed)
     else:
         model = ModelSource(source, device, layerwise=layerwise, max_memory=parse_memory(max_memory))
-        corpus_config = CorpusConfig(corpus, field, tokens=steps * batch_size, context=context, batch_tokens=batch_tokens)
+        corpus_config = CorpusConfig(
+            corpus, field, tokens=steps * batch_size, context=context, batch_tokens=batch_tokens
+        )
         corpus_config.validate()
         stream, sample, d, meta, evaluate = _model_source(model, corpus_config, spec, layer, hookpoint)
     cfg = SaeConfig(d, latents, k, batch_topk)
-    check_fits(training_bytes(cfg, batch_size), f"training an SAE of {latents} latents x d={d} (batch {batch_size})", device)
+    check_fits(
+        training_bytes(cfg, batch_size), f"training an SAE of {latents} latents x d={d} (batch {batch_size})", device
+    )
     units = activation_units(sample)  # 1.0 for ordinary activations; extreme ones train in power-of-two units
-    fingerprint = {"source": str(source), "d": d, "batch_size": batch_size, "sample_sum": float(sample.double().sum()),
-                   "units": units}
-    trainer, info = _trainer(cfg, config, init_spec, sample, units, checkpoint, fingerprint, device,
-                             dict(seed=seed, b_dec=b_dec, fill=fill, crop=crop))
+    fingerprint = {
+        "source": str(source),
+        "d": d,
+        "batch_size": batch_size,
+        "sample_sum": float(sample.double().sum()),
+        "units": units,
+    }
+    trainer, info = _trainer(
+        cfg,
+        config,
+        init_spec,
+        sample,
+        units,
+        checkpoint,
+        fingerprint,
+        device,
+        dict(seed=seed, b_dec=b_dec, fill=fill, crop=crop),
+    )
     if not quiet:
-        typer.echo(f"SAE d={d}, {latents} latents, k={k}, init {info['init']}, lr {trainer.lr:.3g}, {steps} steps of {batch_size} tokens")
+        typer.echo(
+            f"SAE d={d}, {latents} latents, k={k}, init {info['init']}, lr {trainer.lr:.3g}, {steps} steps of {batch_size} tokens"
+        )
     if checkpoint is not None:
         on_interrupt(f"checkpoint saved at {checkpoint}; run the same command to resume")
     t0 = time.perf_counter()
     # checkpoints carry the run's identity so that a resume with other data is refused
-    trainer.fit(stream if units == 1.0 else ScaledBatches(stream, 1.0 / units), checkpoint=checkpoint,
-                checkpoint_every=checkpoint_every if checkpoint else 0,
-                checkpoint_extra={"fingerprint": fingerprint, "init": info}, progress=not quiet)
+    trainer.fit(
+        stream if units == 1.0 else ScaledBatches(stream, 1.0 / units),
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every if checkpoint else 0,
+        checkpoint_extra={"fingerprint": fingerprint, "init": info},
+        progress=not quiet,
+    )
     seconds = time.perf_counter() - t0  # printed, never stored: a resumed run must write the same bytes
     trainer.sae.scale_biases_(units)  # from training units back to the activations' own (exact)
     meta.init = info
-    meta.train = {**config.__dict__, "lr": trainer.lr, "batch_size": batch_size, "batch_topk": batch_topk,
-                  "tokens": trainer.tokens_seen, "units": units, "final_train_fvu": trainer.last_fvu,
-                  "resampled": trainer.resampled_total}
+    meta.train = {
+        **config.__dict__,
+        "lr": trainer.lr,
+        "batch_size": batch_size,
+        "batch_topk": batch_topk,
+        "tokens": trainer.tokens_seen,
+        "units": units,
+        "final_train_fvu": trainer.last_fvu,
+        "resampled": trainer.resampled_total,
+    }
     summary = evaluate(trainer.sae) if evaluate else None
     if summary:
         meta.train["heldout"] = summary
@@ -126,17 +165,32 @@ def train(
         _print_summary(summary)
 
 
-def _trainer(cfg, config, spec, sample, units: float, checkpoint: Optional[Path], fingerprint: dict, device: str,
-             init_kwargs: dict):
+def _trainer(
+    cfg,
+    config,
+    spec,
+    sample,
+    units: float,
+    checkpoint: Path | None,
+    fingerprint: dict,
+    device: str,
+    init_kwargs: dict,
+):
     """(trainer, init record): resumed from a checkpoint made by this same run, or new with its SAE in `units`."""
     from itda.sae.init import new_sae
     from itda.sae.train import SaeTrainer
 
     if checkpoint is not None and checkpoint.exists():
         trainer, extra = SaeTrainer.load_checkpoint(checkpoint, device=device)
-        if (trainer.sae.cfg != cfg or trainer.config != config or extra.get("fingerprint") != fingerprint
-                or not isinstance(extra.get("init"), dict)):
-            raise ItdaInputError(f"{checkpoint}: checkpoint was made with other settings or data; remove it or change --checkpoint")
+        if (
+            trainer.sae.cfg != cfg
+            or trainer.config != config
+            or extra.get("fingerprint") != fingerprint
+            or not isinstance(extra.get("init"), dict)
+        ):
+            raise ItdaInputError(
+                f"{checkpoint}: checkpoint was made with other settings or data; remove it or change --checkpoint"
+            )
         return trainer, extra["init"]
     sae, info = new_sae(cfg, spec, sample, device=device, **init_kwargs)
     sae.scale_biases_(1.0 / units)
@@ -158,15 +212,19 @@ def _file_source(path: Path, spec: SaeSpec, seed: int):
     train_rows = data.acts[:n_train].to(torch.float32)
     held = data.acts[n_train:].to(torch.float32)
     if len(held) and bool((held == held[:1]).all()):
-        raise ItdaInputError(f"{path}: the {len(held)} held-out row(s) of --holdout {holdout} have no variance, so FVU is "
-                             "undefined; change --holdout (0: none)")
+        raise ItdaInputError(
+            f"{path}: the {len(held)} held-out row(s) of --holdout {holdout} have no variance, so FVU is "
+            "undefined; change --holdout (0: none)"
+        )
     gen = torch.Generator().manual_seed(seed)
     sample = train_rows[torch.randperm(n_train, generator=gen)[: min(init_sample, n_train)]]
     evaluate = (lambda sae: evaluate_sae(sae, held.split(8192)).summary()) if len(held) else None
     return shuffled_batches(train_rows, batch_size, seed), sample, data.d, SaeMeta(), evaluate
 
 
-def _model_source(model: ModelSource, corpus: CorpusConfig, spec: SaeSpec, layer: Optional[int], hookpoint: Optional[str]):
+def _model_source(
+    model: ModelSource, corpus: CorpusConfig, spec: SaeSpec, layer: int | None, hookpoint: str | None
+):
     """(re-iterable batches, init sample, d, meta, None) of a model's activations at one hookpoint."""
     import itertools
 
@@ -183,17 +241,35 @@ def _model_source(model: ModelSource, corpus: CorpusConfig, spec: SaeSpec, layer
     if (layer is None) == (hookpoint is None):
         raise ItdaInputError("a model source needs exactly one of --layer and --hookpoint")
     hp = parse_hookpoint(str(layer)) if layer is not None else parse_hookpoint(hookpoint)
-    lm = load_model(source, device=device, layerwise=model.layerwise, max_memory=model.max_memory,
-                    max_layer=hp.layer if hp.layer >= 0 else None)
-    _docs, contexts = load_contexts(corpus.corpus, lm.tokenizer, tokenizer_name=lm.tokenizer_name, split="train",
-                                    tokens=corpus.tokens + init_sample, context=context, field=corpus.field)
+    lm = load_model(
+        source,
+        device=device,
+        layerwise=model.layerwise,
+        max_memory=model.max_memory,
+        max_layer=hp.layer if hp.layer >= 0 else None,
+    )
+    _docs, contexts = load_contexts(
+        corpus.corpus,
+        lm.tokenizer,
+        tokenizer_name=lm.tokenizer_name,
+        split="train",
+        tokens=corpus.tokens + init_sample,
+        context=context,
+        field=corpus.field,
+    )
     per = corpus.batch_contexts
 
     def stream():
         return rebatch(iterate_dense(lm.model, hp, contexts, batch_contexts=per, device=device), spec.batch_size)
 
-    sample = torch.cat(list(itertools.islice(iterate_dense(lm.model, hp, contexts, batch_contexts=per, device=device),
-                                             max(1, init_sample // (per * context)) + 1)))[:init_sample]
+    sample = torch.cat(
+        list(
+            itertools.islice(
+                iterate_dense(lm.model, hp, contexts, batch_contexts=per, device=device),
+                max(1, init_sample // (per * context)) + 1,
+            )
+        )
+    )[:init_sample]
     meta = SaeMeta(model=source, hookpoint=hp.name, tokenizer=lm.tokenizer_name)
 
     class _Stream:  # re-iterable: a resumed run restarts the stream and skips the steps done
@@ -207,17 +283,19 @@ def _model_source(model: ModelSource, corpus: CorpusConfig, spec: SaeSpec, layer
 @user_errors
 def eval_cmd(
     sae_path: Path = typer.Argument(..., metavar="SAE", help="itda SAE file, SAELens folder or sparsify folder."),
-    acts: Optional[Path] = typer.Argument(None, help="Activation file (or use --model)."),
-    model: Optional[str] = typer.Option(None, help="Evaluate on a model's held-out activations (default: the SAE's model)."),
+    acts: Path | None = typer.Argument(None, help="Activation file (or use --model)."),
+    model: str | None = typer.Option(
+        None, help="Evaluate on a model's held-out activations (default: the SAE's model)."
+    ),
     corpus: str = option(CorpusConfig, "corpus", help="With a model: corpus (its held-out split is used)."),
     field: str = option(CorpusConfig, "field"),
     tokens: int = typer.Option(16_384, help="With a model: held-out tokens."),
     context: int = option(CorpusConfig, "context"),
     ce: bool = typer.Option(True, help="With a causal LM: the CE-loss score with the SAE spliced in."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the report as JSON."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Write the report as JSON."),
     device: str = option(ModelSource, "device"),
-    layerwise: Optional[bool] = option(ModelSource, "layerwise", "--layerwise/--in-memory"),
-    max_memory: Optional[str] = option(ModelSource, "max_memory"),
+    layerwise: bool | None = option(ModelSource, "layerwise", "--layerwise/--in-memory"),
+    max_memory: str | None = option(ModelSource, "max_memory"),
     overwrite: bool = typer.Option(False, help="Replace an existing --out that itda did not write."),
 ) -> None:
     """FVU, mean cosine, L0, dead latents (and the CE-loss score on a model, as `itda eval`)."""
@@ -234,7 +312,9 @@ def eval_cmd(
 
         data = load_activations(acts)
         if data.d != loaded.sae.cfg.d_in:
-            raise ItdaInputError(f"dimension mismatch: {acts} has d={data.d}, {sae_path} has d_in={loaded.sae.cfg.d_in}")
+            raise ItdaInputError(
+                f"dimension mismatch: {acts} has d={data.d}, {sae_path} has d_in={loaded.sae.cfg.d_in}"
+            )
         summary = evaluate_sae(loaded.sae, (x for x, _ in data.batches(8192))).summary()
     else:
         from itda.evaluation.on_model import evaluate_on_model
@@ -242,8 +322,18 @@ def eval_cmd(
         model = model or loaded.meta.model
         if not model:
             raise ItdaInputError(f"{sae_path}: no model recorded; give an activation file or --model")
-        summary = evaluate_on_model(loaded, model, corpus=corpus, field=field, tokens=tokens, context=context, ce=ce,
-                                    device=device, layerwise=layerwise, max_memory=parse_memory(max_memory)).summary()
+        summary = evaluate_on_model(
+            loaded,
+            model,
+            corpus=corpus,
+            field=field,
+            tokens=tokens,
+            context=context,
+            ce=ce,
+            device=device,
+            layerwise=layerwise,
+            max_memory=parse_memory(max_memory),
+        ).summary()
     if out is not None:
         write_text_atomic(out, json.dumps(summary, indent=2))
         record_outputs(outputs)
@@ -255,8 +345,10 @@ def export(
     source: Path = typer.Argument(..., help="An itda dictionary or SAE file (or a SAELens/sparsify folder)."),
     format: ExportFormat = typer.Option(..., "--format", help="saelens or sparsify."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write (replaced only if it is an earlier export)."),
-    k: Optional[int] = typer.Option(None, help="Dictionary input: TopK k (default: the dictionary's k)."),
-    overwrite: bool = typer.Option(False, help="Replace an earlier export folder that was changed since itda wrote it."),
+    k: int | None = typer.Option(None, help="Dictionary input: TopK k (default: the dictionary's k)."),
+    overwrite: bool = typer.Option(
+        False, help="Replace an earlier export folder that was changed since itda wrote it."
+    ),
 ) -> None:
     """Write an SAE (or a dictionary as a TopK SAE) in a format SAELens or sparsify loads natively."""
     from itda.cli.outputs import Output, check_outputs, record_outputs

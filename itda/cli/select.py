@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from itda.activations.config import CorpusConfig, ModelSource
-from itda.cli.options import option
 from itda.cli.common import check_device, load_dictionary_file, user_errors
+from itda.cli.options import option
 from itda.cli.outputs import Output, check_outputs, record_outputs
 from itda.errors import ItdaInputError
 
@@ -21,13 +20,16 @@ def select(
     dictionary: Path = typer.Option(..., "--dict", help="Dictionary whose atoms the subset should cover."),
     budget: int = typer.Option(..., help="Documents to choose."),
     out: Path = typer.Option(..., "--out", "-o", help="subset.jsonl: the chosen documents in order of choice."),
-    strategy: str = typer.Option("greedy", help="greedy (max coverage), simscale (similarity threshold scaled up), complexity (most atoms), random, longest."),
-    model: Optional[str] = typer.Option(None, help="Model (default: the one the dictionary records)."),
+    strategy: str = typer.Option(
+        "greedy",
+        help="greedy (max coverage), simscale (similarity threshold scaled up), complexity (most atoms), random, longest.",
+    ),
+    model: str | None = typer.Option(None, help="Model (default: the one the dictionary records)."),
     field: str = option(CorpusConfig, "field"),
-    k: Optional[int] = typer.Option(None, help="MP steps (default: the dictionary's k)."),
+    k: int | None = typer.Option(None, help="MP steps (default: the dictionary's k)."),
     support_atoms: int = typer.Option(4, help="A token counts the atoms with its largest |coefficients|, this many."),
     context: int = option(CorpusConfig, "context"),
-    max_doc_tokens: Optional[int] = typer.Option(None, help="Read at most this many tokens of each document."),
+    max_doc_tokens: int | None = typer.Option(None, help="Read at most this many tokens of each document."),
     seed: int = typer.Option(0, help="Seed of the random baseline (and of --strategy random)."),
     overwrite: bool = typer.Option(False, help="Replace an existing --out that is not an earlier itda selection."),
     device: str = option(ModelSource, "device"),
@@ -51,21 +53,37 @@ def select(
     outputs = [Output(out, "select-subset"), Output(report_path, "select-report"), Output(png_path, "select-plot")]
     check_outputs(outputs, [corpus, dictionary], overwrite)
     d = load_dictionary_file(dictionary)
-    docs, sup = corpus_supports(corpus, d, model=model, field=field, k=k, support_atoms=support_atoms, context=context,
-                                max_doc_tokens=max_doc_tokens,
-                                device=device, progress=not quiet)
+    docs, sup = corpus_supports(
+        corpus,
+        d,
+        model=model,
+        field=field,
+        k=k,
+        support_atoms=support_atoms,
+        context=context,
+        max_doc_tokens=max_doc_tokens,
+        device=device,
+        progress=not quiet,
+    )
     sel = choose(sup, len(d), budget, strategy, seed=seed)
-    lines = [json.dumps({"doc": int(i), "new_atoms": int(g), "tokens": int(sup.tokens[int(i)]), "text": docs[int(i)]})
-             for i, g in zip(sel.chosen, sel.new_atoms)]
+    lines = [
+        json.dumps({"doc": int(i), "new_atoms": int(g), "tokens": int(sup.tokens[int(i)]), "text": docs[int(i)]})
+        for i, g in zip(sel.chosen, sel.new_atoms)
+    ]
     sel.report.update(corpus=str(corpus), dictionary=str(dictionary), subset=str(out), support_atoms=support_atoms)
     write_text_atomic(out, "\n".join(lines) + "\n")
     write_text_atomic(report_path, json.dumps(sel.report, indent=2))
-    drew = plot_curves(sel.curves, sel.report["atoms_used_by_corpus"], png_path, f"{dictionary.name} on {Path(corpus).name}")
+    drew = plot_curves(
+        sel.curves, sel.report["atoms_used_by_corpus"], png_path, f"{dictionary.name} on {Path(corpus).name}"
+    )
     record_outputs(outputs)
     cov = sel.report["coverage"]
-    typer.echo(f"{sel.report['documents']} documents, {sel.report['corpus_tokens']} tokens; the corpus uses "
-               f"{sel.report['atoms_used_by_corpus']} of {sel.report['atoms_in_dictionary']} atoms")
+    typer.echo(
+        f"{sel.report['documents']} documents, {sel.report['corpus_tokens']} tokens; the corpus uses "
+        f"{sel.report['atoms_used_by_corpus']} of {sel.report['atoms_in_dictionary']} atoms"
+    )
     for name in dict.fromkeys((strategy, "random", "longest")):
-        typer.echo(f"{name:10s} {budget} documents cover {cov[name]['atoms']:.0f} atoms ({100 * cov[name]['of_corpus']:.1f}% of the corpus's)")
+        typer.echo(
+            f"{name:10s} {budget} documents cover {cov[name]['atoms']:.0f} atoms ({100 * cov[name]['of_corpus']:.1f}% of the corpus's)"
+        )
     typer.echo(f"wrote {out}, {report_path}" + (f", {png_path}" if drew else ""))
-

@@ -88,13 +88,20 @@ def dictionary_rows(unit_ND: torch.Tensor, k: int, min_cosine: float, batch: int
     n = unit_ND.shape[0]
     refs = torch.full((n, 5), -1, dtype=torch.int64)
     refs[:, 0] = torch.arange(n)
-    d = build_dictionary(((unit_ND[s : min(s + batch, n)], refs[s : s + batch]) for s in range(0, n, batch)),
-                         k=k, min_cosine=min_cosine)
+    d = build_dictionary(
+        ((unit_ND[s : min(s + batch, n)], refs[s : s + batch]) for s in range(0, n, batch)), k=k, min_cosine=min_cosine
+    )
     return d.refs[:, 0].clone()
 
 
-def layer_sample(x_ND: torch.Tensor, k: int = 40, min_cosine: float = 0.85, fit: float = 0.5, batch: int = 1024,
-                 per_token: bool = True) -> LayerSample:
+def layer_sample(
+    x_ND: torch.Tensor,
+    k: int = 40,
+    min_cosine: float = 0.85,
+    fit: float = 0.5,
+    batch: int = 1024,
+    per_token: bool = True,
+) -> LayerSample:
     """The layer's ITDA dictionary over the first `fit` of the rows and, with per_token, every
     centred row's loss and reconstruction under a dictionary of all centred rows, leave-one-out
     (rows centred by their mean over the sample)."""
@@ -110,8 +117,17 @@ def layer_sample(x_ND: torch.Tensor, k: int = 40, min_cosine: float = 0.85, fit:
     own = torch.full((unit.shape[0],), -1, dtype=torch.int64)
     own[every] = torch.arange(len(every))
     recon, loss = token_parts(centred, centred[every], own, k)
-    return LayerSample(unit, anchors, n_fit, cos, loss, recon, x_ND.to(torch.float32).norm(dim=1),
-                       centred_ND.norm(dim=1).float(), every)
+    return LayerSample(
+        unit,
+        anchors,
+        n_fit,
+        cos,
+        loss,
+        recon,
+        x_ND.to(torch.float32).norm(dim=1),
+        centred_ND.norm(dim=1).float(),
+        every,
+    )
 
 
 def _code_agreement(ca, cb) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,7 +140,7 @@ def _code_agreement(ca, cb) -> tuple[torch.Tensor, torch.Tensor]:
     union = used_a.sum(1).double() + used_b.sum(1).double() - inter
     jaccard = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
     dot = (match_NKK * tot_a[:, :, None] * tot_b[:, None, :]).sum((1, 2))
-    norms = ((tot_a ** 2) * used_a).sum(1).sqrt() * ((tot_b ** 2) * used_b).sum(1).sqrt()
+    norms = ((tot_a**2) * used_a).sum(1).sqrt() * ((tot_b**2) * used_b).sum(1).sqrt()
     return jaccard, dot / norms.clamp(min=1e-30)
 
 
@@ -154,8 +170,10 @@ def pair_similarities(a: LayerSample, b: LayerSample, k: int = 40, measures=ITDA
         _, b_over_a = _mp_cosine(b.held, b.unit[a.anchors], k)
         _, a_over_b = _mp_cosine(a.held, a.unit[b.anchors], k)
         a_own, b_own = a.own_cos, b.own_cos
-        out["itda_cross_recon"] = 0.5 * (float(b_over_a.mean() / b_own.mean().clamp(min=1e-12))
-                                         + float(a_over_b.mean() / a_own.mean().clamp(min=1e-12)))
+        out["itda_cross_recon"] = 0.5 * (
+            float(b_over_a.mean() / b_own.mean().clamp(min=1e-12))
+            + float(a_over_b.mean() / a_own.mean().clamp(min=1e-12))
+        )
     if "itda_relative" in measures:
         ra = a.held @ a.unit[shared].T
         rb = b.held @ b.unit[shared].T
@@ -165,13 +183,21 @@ def pair_similarities(a: LayerSample, b: LayerSample, k: int = 40, measures=ITDA
     return out
 
 
-def itda_grids(xs: list[torch.Tensor], ys: list[torch.Tensor] | None, measures=ITDA_MEASURES, *, k: int = 40,
-               min_cosine: float = 0.85, fit: float = 0.5) -> dict[str, np.ndarray]:
+def itda_grids(
+    xs: list[torch.Tensor],
+    ys: list[torch.Tensor] | None,
+    measures=ITDA_MEASURES,
+    *,
+    k: int = 40,
+    min_cosine: float = 0.85,
+    fit: float = 0.5,
+) -> dict[str, np.ndarray]:
     """[L_A, L_B] matrices of the requested ITDA measures; ys=None compares xs with itself."""
     wanted = tuple(measures)
     if "itda_fused" in wanted:  # from its parts, computed here whether asked for or not
-        measures = tuple(dict.fromkeys([m for m in wanted if m != "itda_fused"]
-                                       + [m for m in FUSED_PARTS if m in ITDA_MEASURES]))
+        measures = tuple(
+            dict.fromkeys([m for m in wanted if m != "itda_fused"] + [m for m in FUSED_PARTS if m in ITDA_MEASURES])
+        )
     per_token = bool(set(PER_TOKEN) & set(measures))
     sa = [layer_sample(x, k, min_cosine, fit, per_token=per_token) for x in xs]
     sb = sa if ys is None else [layer_sample(y, k, min_cosine, fit, per_token=per_token) for y in ys]

@@ -14,7 +14,7 @@ Size control (dictionaries of different sizes bias the raw index toward the larg
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -33,7 +33,9 @@ def atom_keys(d: Dictionary, identity: str, limit: int | None = None) -> np.ndar
     col = 1 if identity == "token" else 3
     known = (refs[:, 0] >= 0) & (refs[:, col] >= 0)
     if not known.all():
-        raise ItdaInputError(f"{int((~known).sum())} atoms have no {'token position' if col == 1 else 'character'} reference")
+        raise ItdaInputError(
+            f"{int((~known).sum())} atoms have no {'token position' if col == 1 else 'character'} reference"
+        )
     return ref_keys(d.refs[:limit], identity)
 
 
@@ -58,7 +60,9 @@ def resolve_identity(a: Dictionary, b: Dictionary, identity: str) -> str:
     if identity == "char":
         da, db = a.meta.build.get("documents_fingerprint"), b.meta.build.get("documents_fingerprint")
         if not da or not db or da != db:
-            raise ItdaInputError(f"character identities need dictionaries built on the same documents (fingerprints {da} vs {db})")
+            raise ItdaInputError(
+                f"character identities need dictionaries built on the same documents (fingerprints {da} vs {db})"
+            )
     return identity
 
 
@@ -98,7 +102,9 @@ def jaccard(
     return Similarity(f"jaccard_{size}", float(value), details)
 
 
-def jaccard_union(dicts_a: Sequence[Dictionary], dicts_b: Sequence[Dictionary], *, identity: str = "auto") -> Similarity:
+def jaccard_union(
+    dicts_a: Sequence[Dictionary], dicts_b: Sequence[Dictionary], *, identity: str = "auto"
+) -> Similarity:
     """Model-level similarity: Jaccard of the unions of each model's per-layer atom identities."""
     if not dicts_a or not dicts_b:
         raise ItdaInputError("model-level Jaccard needs at least one dictionary per model")
@@ -106,5 +112,14 @@ def jaccard_union(dicts_a: Sequence[Dictionary], dicts_b: Sequence[Dictionary], 
     ka = np.concatenate([atom_keys(d, identity) for d in dicts_a])
     kb = np.concatenate([atom_keys(d, identity) for d in dicts_b])
     value, inter, union = jaccard_keys(ka, kb)
-    return Similarity("jaccard_model", value, {"identity": identity, "layers_a": len(dicts_a), "layers_b": len(dicts_b),
-                                               "intersection": inter, "union": union})
+    return Similarity(
+        "jaccard_model",
+        value,
+        {
+            "identity": identity,
+            "layers_a": len(dicts_a),
+            "layers_b": len(dicts_b),
+            "intersection": inter,
+            "union": union,
+        },
+    )

@@ -136,12 +136,25 @@ def _knn_measure(n_rows, max_rows, anchors, knn, keep, seed):
 
 
 # the kept-rows measures of the registry (kind KEPT_ROWS): name -> (prepare, pair) factory
-_FACTORIES = {"cka_rbf": _rbf_measure, "svcca": _svcca_measure, "pwcca": _pwcca_measure,
-              "relative": _relative_measure, "mutual_knn": _knn_measure}
+_FACTORIES = {
+    "cka_rbf": _rbf_measure,
+    "svcca": _svcca_measure,
+    "pwcca": _pwcca_measure,
+    "relative": _relative_measure,
+    "mutual_knn": _knn_measure,
+}
 
 
-def make_measure(name: str, n_rows: int, *, max_rows: int = 4096, anchors: int = 300, knn: int = 10, keep: float = 0.99,
-                 seed: int = 0) -> tuple[Measure, torch.Tensor | None]:
+def make_measure(
+    name: str,
+    n_rows: int,
+    *,
+    max_rows: int = 4096,
+    anchors: int = 300,
+    knn: int = 10,
+    keep: float = 0.99,
+    seed: int = 0,
+) -> tuple[Measure, torch.Tensor | None]:
     """The measure's (prepare, pair) and the row subsample it uses (None = all rows)."""
     if name not in _FACTORIES:
         raise ItdaInputError(f"unknown in-memory measure {name!r}")

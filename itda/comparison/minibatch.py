@@ -35,7 +35,9 @@ def _kernels(xs, m: int) -> torch.Tensor:
     return out
 
 
-def _unbiased(kl_tr: torch.Tensor, k_sum: torch.Tensor, l_sum: torch.Tensor, kl_one: torch.Tensor, m: int) -> torch.Tensor:
+def _unbiased(
+    kl_tr: torch.Tensor, k_sum: torch.Tensor, l_sum: torch.Tensor, kl_one: torch.Tensor, m: int
+) -> torch.Tensor:
     return (kl_tr + torch.outer(k_sum, l_sum) / ((m - 1) * (m - 2)) - 2.0 / (m - 2) * kl_one) / (m * (m - 3))
 
 
@@ -127,5 +129,9 @@ class MinibatchCKAGrid:
 
 def exact_grid_bytes(layers_a: int, d_a: int, layers_b: int, d_b: int) -> int:
     """Accumulator memory of the exact StreamingCKAGrid (float64): cross products and per-side Grams."""
-    return 8 * (layers_a * d_a * layers_b * d_b + layers_a * d_a * d_a + layers_b * d_b * d_b
-                + layers_a * layers_b * (d_a + d_b))
+    return 8 * (
+        layers_a * d_a * layers_b * d_b
+        + layers_a * d_a * d_a
+        + layers_b * d_b * d_b
+        + layers_a * layers_b * (d_a + d_b)
+    )

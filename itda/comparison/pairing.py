@@ -47,17 +47,29 @@ class PairedCorpus:
         return len(self.hps_a), self.lm_a.config.hidden_size, len(self.hps_b), self.lm_b.config.hidden_size
 
 
-def pair_corpus(lm_a: LoadedModel, lm_b: LoadedModel | None, docs: list[str], doc_ids: list[int], *, tokens: int,
-                context: int, batch_tokens: int) -> PairedCorpus:
+def pair_corpus(
+    lm_a: LoadedModel,
+    lm_b: LoadedModel | None,
+    docs: list[str],
+    doc_ids: list[int],
+    *,
+    tokens: int,
+    context: int,
+    batch_tokens: int,
+) -> PairedCorpus:
     """Tokenize the documents for both models (B: the documents A covers) and cut them into chunks."""
     self_compare = lm_b is None
     lm_b = lm_a if lm_b is None else lm_b
-    ctx_a = tokenize_contexts(docs, doc_ids, lm_a.tokenizer, context=context, max_tokens=tokens,
-                              tokenizer_name=lm_a.tokenizer_name)
+    ctx_a = tokenize_contexts(
+        docs, doc_ids, lm_a.tokenizer, context=context, max_tokens=tokens, tokenizer_name=lm_a.tokenizer_name
+    )
     covered = list(dict.fromkeys(int(d) for d in _row_docs(ctx_a) if d >= 0))
     same_tok = self_compare or same_tokenizer(lm_a.tokenizer_name, lm_b.tokenizer_name)
-    ctx_b = ctx_a if same_tok else tokenize_contexts(docs, covered, lm_b.tokenizer, context=context,
-                                                     tokenizer_name=lm_b.tokenizer_name)
+    ctx_b = (
+        ctx_a
+        if same_tok
+        else tokenize_contexts(docs, covered, lm_b.tokenizer, context=context, tokenizer_name=lm_b.tokenizer_name)
+    )
     hps_a = [Hookpoint("resid_post", i) for i in range(n_layers(lm_a.model))]
     hps_b = [Hookpoint("resid_post", i) for i in range(n_layers(lm_b.model))]
     chunks = list(_doc_chunks(_row_docs(ctx_a), _row_docs(ctx_b), max(1, batch_tokens // context)))
@@ -100,6 +112,9 @@ def pair_rows(batch_a, batch_b, identity: str) -> tuple[torch.Tensor, torch.Tens
 
 
 def _forward_all(lm: LoadedModel, hps: list[Hookpoint], ctx: Contexts, include_special: bool) -> list:
-    parts = list(iterate_batches(lm.model, hps, ctx, batch_contexts=len(ctx), dtype=torch.float32,
-                                 include_special=include_special))
+    parts = list(
+        iterate_batches(
+            lm.model, hps, ctx, batch_contexts=len(ctx), dtype=torch.float32, include_special=include_special
+        )
+    )
     return [parts[0][hp] for hp in hps]

@@ -61,8 +61,11 @@ class CentredBuilders:
 
     def __init__(self, corpus: PairedCorpus, config: BuildConfig):
         self.a = layer_builders(corpus.lm_a, corpus.hps_a, corpus.ctx_a, config, centred=True)
-        self.b = self.a if corpus.self_compare else layer_builders(corpus.lm_b, corpus.hps_b, corpus.ctx_b, config,
-                                                                   centred=True)
+        self.b = (
+            self.a
+            if corpus.self_compare
+            else layer_builders(corpus.lm_b, corpus.hps_b, corpus.ctx_b, config, centred=True)
+        )
         self.self_compare, self.shapes = corpus.self_compare, corpus.shapes
         self.centres_a = self.centres_b = None
 
@@ -72,8 +75,9 @@ class CentredBuilders:
         if self.centres_a is None:
             self.centres_a = _first_chunk_means([f[1] for f in fwd], ranks, la, da)
         if self.centres_b is None:
-            self.centres_b = (self.centres_a if self.self_compare
-                              else _first_chunk_means([f[2] for f in fwd], ranks, lb, db))
+            self.centres_b = (
+                self.centres_a if self.self_compare else _first_chunk_means([f[2] for f in fwd], ranks, lb, db)
+            )
         if self.centres_a is not None:
             ranks.update_builders(self.a, [f[1] for f in fwd], self.centres_a)
         if self.centres_b is not None and not self.self_compare:
@@ -101,10 +105,22 @@ class FirstPass:
 def layer_builders(lm, hps, ctx, config: BuildConfig, centred: bool = False) -> list[DictionaryBuilder]:
     """One dictionary builder per hookpoint, its metadata naming the model, layer and corpus."""
     d = lm.config.hidden_size
-    return [DictionaryBuilder(d, config, meta=DictionaryMeta(
-        d=d, model=lm.name, hookpoint=hp.name, layer=hp.layer, tokenizer=lm.tokenizer_name,
-        dataset_fingerprint=ctx.fingerprint, build={"documents_fingerprint": ctx.documents_fingerprint,
-                                                    "centred": centred})) for hp in hps]
+    return [
+        DictionaryBuilder(
+            d,
+            config,
+            meta=DictionaryMeta(
+                d=d,
+                model=lm.name,
+                hookpoint=hp.name,
+                layer=hp.layer,
+                tokenizer=lm.tokenizer_name,
+                dataset_fingerprint=ctx.fingerprint,
+                build={"documents_fingerprint": ctx.documents_fingerprint, "centred": centred},
+            ),
+        )
+        for hp in hps
+    ]
 
 
 def _accumulators(corpus: PairedCorpus, plan: ComparePlan) -> FirstPass:
@@ -132,8 +148,9 @@ def _forward_step(corpus: PairedCorpus, mine: list, bar, ranks: Ranks, include_s
 
 
 def _bar(corpus: PairedCorpus, ranks: Ranks, progress: bool, desc: str):
-    return tqdm(total=corpus.text_tokens, unit="tok", unit_scale=True, disable=not progress or not ranks.is_root,
-                desc=desc)
+    return tqdm(
+        total=corpus.text_tokens, unit="tok", unit_scale=True, disable=not progress or not ranks.is_root, desc=desc
+    )
 
 
 def first_pass(corpus: PairedCorpus, plan: ComparePlan, ranks: Ranks, progress: bool) -> FirstPass:
@@ -192,12 +209,14 @@ def _share_pilots(grid: CKAGrid, pairs: list, ranks: Ranks, shapes: tuple[int, i
         grid.set_pilots(means[: la * da].view(la, da), means[la * da :].view(lb, db))
 
 
-def second_pass(corpus: PairedCorpus, plan: ComparePlan, ranks: Ranks, first: FirstPass,
-                progress: bool) -> PerTokenGrid:
+def second_pass(
+    corpus: PairedCorpus, plan: ComparePlan, ranks: Ranks, first: FirstPass, progress: bool
+) -> PerTokenGrid:
     """Forward every chunk again; encode every paired token over the centred dictionaries."""
     basis_a, basis_b = first.centred.bases()
-    grid = PerTokenGrid(basis_a, None if corpus.self_compare else basis_b, plan.config.k, plan.per_token,
-                        plan.per_token_grid)
+    grid = PerTokenGrid(
+        basis_a, None if corpus.self_compare else basis_b, plan.config.k, plan.per_token, plan.per_token_grid
+    )
     bar = _bar(corpus, ranks, progress, "compare: per-token ITDA")
     for mine in ranks.steps(corpus.chunks):
         for _, batch_a, batch_b in _forward_step(corpus, mine, bar, ranks, plan.config.include_special):

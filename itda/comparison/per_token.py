@@ -47,8 +47,9 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True).clamp(min=1e-12)
 
 
-def token_parts(unit_ND: torch.Tensor, atoms_MD: torch.Tensor, own_N: torch.Tensor, k: int
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def token_parts(
+    unit_ND: torch.Tensor, atoms_MD: torch.Tensor, own_N: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(unit reconstructions [N, d], MP losses [N]) of unit rows over unit atoms, row n without
     atom own_N[n] (-1: none)."""
     atoms = atoms_MD.to(torch.float32)
@@ -127,13 +128,21 @@ class PerTokenGrid:
     and the norm profile (`FUSED_PARTS_MINIBATCH`).
     """
 
-    def __init__(self, basis_a: CentredDictionaries, basis_b: CentredDictionaries | None, k: int, measures,
-                 grid: GridChoice | None = None):
+    def __init__(
+        self,
+        basis_a: CentredDictionaries,
+        basis_b: CentredDictionaries | None,
+        k: int,
+        measures,
+        grid: GridChoice | None = None,
+    ):
         self.k, self.measures = k, tuple(measures)
         self.basis_a, self.basis_b = basis_a, basis_b or basis_a  # what the tokens are encoded over
         self.needed = set(self.measures) | (set(FUSED_PARTS) if "itda_fused" in self.measures else set())
         self.a = [_LayerIndex(d, c) for d, c in zip(basis_a.dictionaries, basis_a.centres_LD)]
-        self.b = None if basis_b is None else [_LayerIndex(d, c) for d, c in zip(basis_b.dictionaries, basis_b.centres_LD)]
+        self.b = (
+            None if basis_b is None else [_LayerIndex(d, c) for d, c in zip(basis_b.dictionaries, basis_b.centres_LD)]
+        )
         # per side, per-token columns [L, n] of each profile: MP loss and activation norm
         self.profiles = {side: {"loss": [], "norm": []} for side in ("a", "b")}
         da = basis_a.centres_LD.shape[1]
@@ -146,8 +155,9 @@ class PerTokenGrid:
         self.unit_grid = grid_if("itda_recon_cka" in self.needed)  # unit reconstructions
         self.scaled_grid = grid_if(bool(set(SCALED) & self.needed))  # reconstructions x ||x_t||
 
-    def _side(self, side: str, index: list[_LayerIndex], xs: list[torch.Tensor], refs: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _side(
+        self, side: str, index: list[_LayerIndex], xs: list[torch.Tensor], refs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """This side's (unit reconstructions [L, n, d], centred norms ||x_t - mu|| [L, n]); its
         losses and (uncentred) norms appended to its profiles."""
         recon, loss, centred_norm = [], [], []
@@ -162,8 +172,9 @@ class PerTokenGrid:
         self.profiles[side]["norm"].append(torch.stack([x.to(torch.float32).norm(dim=1) for x in xs]))
         return torch.stack(recon), torch.stack(centred_norm)
 
-    def update(self, xs: list[torch.Tensor], refs_a: torch.Tensor, ys: list[torch.Tensor] | None,
-               refs_b: torch.Tensor | None) -> None:
+    def update(
+        self, xs: list[torch.Tensor], refs_a: torch.Tensor, ys: list[torch.Tensor] | None, refs_b: torch.Tensor | None
+    ) -> None:
         """One batch of paired rows: xs[l] [n, d_A] with refs_a [n, 5] (document, position, ...),
         and the same tokens in B (ys=None when B is A)."""
         if not len(xs[0]):

@@ -29,9 +29,18 @@ from itda.dictionary import Dictionary
 from itda.errors import ItdaInputError
 
 
-def compare_models(lm_a: LoadedModel, lm_b: LoadedModel | None, docs: list[str], doc_ids: list[int],
-                   config: CompareConfig | None = None, *, progress: bool = True, exchange=None, interleave: int = 1,
-                   **options) -> ModelComparison:
+def compare_models(
+    lm_a: LoadedModel,
+    lm_b: LoadedModel | None,
+    docs: list[str],
+    doc_ids: list[int],
+    config: CompareConfig | None = None,
+    *,
+    progress: bool = True,
+    exchange=None,
+    interleave: int = 1,
+    **options,
+) -> ModelComparison:
     """Similarity matrices [L_A, L_B] for each measure of `config`; lm_b=None compares lm_a with itself.
 
     options: CompareConfig fields overriding `config` (compare_models(..., tokens=2000, measures=[...])).
@@ -46,8 +55,9 @@ def compare_models(lm_a: LoadedModel, lm_b: LoadedModel | None, docs: list[str],
     """
     config = dataclasses.replace(config or CompareConfig(), **options)
     t0 = time.perf_counter()
-    corpus = pair_corpus(lm_a, lm_b, docs, doc_ids, tokens=config.tokens, context=config.context,
-                         batch_tokens=config.batch_tokens)
+    corpus = pair_corpus(
+        lm_a, lm_b, docs, doc_ids, tokens=config.tokens, context=config.context, batch_tokens=config.batch_tokens
+    )
     plan = make_plan(config, *corpus.shapes)
     ranks = Ranks(exchange, interleave)
     first = first_pass(corpus, plan, ranks, progress)
@@ -58,8 +68,18 @@ def compare_models(lm_a: LoadedModel, lm_b: LoadedModel | None, docs: list[str],
         dicts_a = [b.dictionary() for b in first.jaccard_a]
         dicts_b = dicts_a if corpus.self_compare else [b.dictionary() for b in first.jaccard_b]
     per_token = second_pass(corpus, plan, ranks, first, progress) if plan.second_pass else None
-    result = ModelComparison(corpus.lm_a.name, corpus.lm_b.name, len(corpus.hps_a), len(corpus.hps_b), {},
-                             first.paired, corpus.identity, 0.0, notes=plan.notes(), plan=plan)
+    result = ModelComparison(
+        corpus.lm_a.name,
+        corpus.lm_b.name,
+        len(corpus.hps_a),
+        len(corpus.hps_b),
+        {},
+        first.paired,
+        corpus.identity,
+        0.0,
+        notes=plan.notes(),
+        plan=plan,
+    )
     if ranks.is_root:  # the other ranks' part is done; rank 0 reports
         result.matrices = assemble_matrices(corpus, plan, first, per_token)
         _add_dictionaries(result, dicts_a, dicts_b, per_token)
@@ -67,8 +87,9 @@ def compare_models(lm_a: LoadedModel, lm_b: LoadedModel | None, docs: list[str],
     return result
 
 
-def assemble_matrices(corpus: PairedCorpus, plan: ComparePlan, first: FirstPass,
-                      per_token: PerTokenGrid | None) -> dict[str, np.ndarray]:
+def assemble_matrices(
+    corpus: PairedCorpus, plan: ComparePlan, first: FirstPass, per_token: PerTokenGrid | None
+) -> dict[str, np.ndarray]:
     """Every planned measure's [L_A, L_B] matrix from the passes' accumulators (Jaccard aside)."""
     cfg, matrices = plan.config, {}
     if first.grid is not None:
@@ -83,8 +104,9 @@ def assemble_matrices(corpus: PairedCorpus, plan: ComparePlan, first: FirstPass,
     if per_token is not None:
         matrices.update(per_token.matrices())
     if plan.itda_kept_rows:
-        matrices.update(itda_grids(xs, None if corpus.self_compare else ys, plan.itda_kept_rows, k=cfg.k,
-                                   min_cosine=cfg.min_cosine))
+        matrices.update(
+            itda_grids(xs, None if corpus.self_compare else ys, plan.itda_kept_rows, k=cfg.k, min_cosine=cfg.min_cosine)
+        )
     return matrices
 
 

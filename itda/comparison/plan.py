@@ -24,8 +24,11 @@ class CompareConfig:
     tokens: int = choice(20_000, "tokens of A to read")
     measures: tuple[str, ...] = choice(registry.DEFAULT_MEASURES, "measure names (itda.comparison.registry)")
     context: int = choice(128, "tokens per context")
-    batch_tokens: int = choice(4096, "tokens per forward pass (a document chunk; the first centres the per-token "
-                                     "ITDA measures; the unit torchrun ranks share out)")
+    batch_tokens: int = choice(
+        4096,
+        "tokens per forward pass (a document chunk; the first centres the per-token "
+        "ITDA measures; the unit torchrun ranks share out)",
+    )
     k: int = choice(40, "MP steps of the ITDA dictionaries (Jaccard, ITDA measures)")
     min_cosine: float = choice(0.85, "dictionary threshold (Jaccard, ITDA measures)")
     max_rows: int = choice(4096, "paired rows kept for the kept-rows measures (not the per-token ones)")
@@ -81,8 +84,10 @@ class ComparePlan:
         if self.raw_grid is not None:
             out.append(_raw_grid_note(self.raw_grid))
         if self.per_token:
-            out.append("itda per-token measures: every paired token, second pass over the corpus, leave-one-out MP "
-                       "over dictionaries of the layer's rows centred by the first document chunk's mean")
+            out.append(
+                "itda per-token measures: every paired token, second pass over the corpus, leave-one-out MP "
+                "over dictionaries of the layer's rows centred by the first document chunk's mean"
+            )
             if not self.per_token_grid.exact:
                 out.append(_per_token_grid_note(self.per_token_grid))
         return out
@@ -91,16 +96,20 @@ class ComparePlan:
 def _raw_grid_note(choice: GridChoice) -> str:
     if choice.exact:
         return f"linear CKA: exact streaming ({choice.exact_bytes / GiB:.2f} GiB of accumulators)"
-    return (f"linear CKA: minibatch estimator, {choice.minibatch} tokens per minibatch (the exact accumulators "
-            f"would need {choice.exact_bytes / GiB:.1f} GiB > {choice.memory / GiB:.1f} GiB); reported as "
-            "cka_minibatch; procrustes needs the exact path")
+    return (
+        f"linear CKA: minibatch estimator, {choice.minibatch} tokens per minibatch (the exact accumulators "
+        f"would need {choice.exact_bytes / GiB:.1f} GiB > {choice.memory / GiB:.1f} GiB); reported as "
+        "cka_minibatch; procrustes needs the exact path"
+    )
 
 
 def _per_token_grid_note(choice: GridChoice) -> str:
-    return (f"itda per-token CKA measures: minibatch estimator, {choice.minibatch} tokens per minibatch (exact "
-            f"accumulators would need {choice.exact_bytes / GiB:.1f} GiB each > {choice.memory / GiB:.1f} GiB); "
-            "itda_scaled_procrustes needs the exact path (not computed); itda_fused from itda_scaled_cka and the "
-            "norm profile")
+    return (
+        f"itda per-token CKA measures: minibatch estimator, {choice.minibatch} tokens per minibatch (exact "
+        f"accumulators would need {choice.exact_bytes / GiB:.1f} GiB each > {choice.memory / GiB:.1f} GiB); "
+        "itda_scaled_procrustes needs the exact path (not computed); itda_fused from itda_scaled_cka and the "
+        "norm profile"
+    )
 
 
 def _asked(config: CompareConfig, *kinds: str) -> tuple[str, ...]:
@@ -115,8 +124,16 @@ def make_plan(config: CompareConfig, layers_a: int, d_a: int, layers_b: int, d_b
     def grid_if(wanted) -> GridChoice | None:
         return choose_grid(layers_a, d_a, layers_b, d_b, config.cka_memory, config.cka_minibatch) if wanted else None
 
-    plan = ComparePlan(config, streamed, _asked(config, registry.KEPT_ROWS), _asked(config, registry.ITDA_KEPT_ROWS),
-                       per_token, "jaccard" in config.measures, grid_if(streamed), grid_if(per_token))
+    plan = ComparePlan(
+        config,
+        streamed,
+        _asked(config, registry.KEPT_ROWS),
+        _asked(config, registry.ITDA_KEPT_ROWS),
+        per_token,
+        "jaccard" in config.measures,
+        grid_if(streamed),
+        grid_if(per_token),
+    )
     plan.estimators = _estimators(plan, layers_a * d_a + layers_b * d_b)
     return plan
 
@@ -128,13 +145,26 @@ def _estimators(plan: ComparePlan, row_width: int) -> list[Estimator]:
         names = plan.streamed if plan.raw_grid.exact else ("cka_minibatch",)
         out.append(Estimator("cka_grid", names, (1,), plan.raw_grid.exact, grid_bytes(plan.raw_grid)))
     if plan.keeps_rows:
-        out.append(Estimator("kept_rows", plan.kept_rows + plan.itda_kept_rows, (1,), True,
-                             4 * plan.config.max_rows * row_width))
+        out.append(
+            Estimator(
+                "kept_rows", plan.kept_rows + plan.itda_kept_rows, (1,), True, 4 * plan.config.max_rows * row_width
+            )
+        )
     if plan.jaccard:
         out.append(Estimator("jaccard_dictionaries", ("jaccard",), (1,), True, None))
     if plan.per_token:
-        grids = sum(1 for wanted in (("itda_recon_cka",), ("itda_scaled_cka", "itda_scaled_procrustes", "itda_fused"))
-                    if set(wanted) & set(plan.per_token))
-        out.append(Estimator("per_token_grid", plan.per_token, (1, 2), plan.per_token_grid.exact,
-                             grids * grid_bytes(plan.per_token_grid)))
+        grids = sum(
+            1
+            for wanted in (("itda_recon_cka",), ("itda_scaled_cka", "itda_scaled_procrustes", "itda_fused"))
+            if set(wanted) & set(plan.per_token)
+        )
+        out.append(
+            Estimator(
+                "per_token_grid",
+                plan.per_token,
+                (1, 2),
+                plan.per_token_grid.exact,
+                grids * grid_bytes(plan.per_token_grid),
+            )
+        )
     return out

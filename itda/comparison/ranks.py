@@ -51,8 +51,9 @@ class Ranks:
                 if grid is not None:
                     grid.sum_over(self.exchange)
 
-    def update_builders(self, builders: list[DictionaryBuilder], batches: list[list],
-                        centres_LD: torch.Tensor | None = None) -> None:
+    def update_builders(
+        self, builders: list[DictionaryBuilder], batches: list[list], centres_LD: torch.Tensor | None = None
+    ) -> None:
         """One build step per layer: this rank's batch with the ranks' candidates gathered (torchrun),
         or the step's batches concatenated and scored batch by batch (one process, interleave); with
         centres_LD, over the rows minus their layer's centre."""
@@ -74,8 +75,14 @@ class Ranks:
             rows = self.exchange.gather_rows(rows)
         return rows[0] if len(rows) else None
 
-    def gather_kept(self, kept: list[list[torch.Tensor]], kept_chunk: list[torch.Tensor], max_rows: int,
-                    d: int, order: torch.Tensor | None = None) -> tuple[list[list[torch.Tensor]], torch.Tensor]:
+    def gather_kept(
+        self,
+        kept: list[list[torch.Tensor]],
+        kept_chunk: list[torch.Tensor],
+        max_rows: int,
+        d: int,
+        order: torch.Tensor | None = None,
+    ) -> tuple[list[list[torch.Tensor]], torch.Tensor]:
         """The first max_rows of every rank's kept rows in chunk order (the same on all ranks), and
         that order (pass it back for the other model's rows)."""
         if order is None:

@@ -47,40 +47,87 @@ _ITDA = frozenset({ACTIVATIONS, DICTIONARIES})
 _ITDA_2 = frozenset({ACTIVATIONS, DICTIONARIES, SECOND_PASS})
 
 
-REGISTRY: dict[str, MeasureSpec] = {s.name: s for s in (
-    MeasureSpec("jaccard", DICTIONARY, "Jaccard index of the layers' ITDA atoms (raw, crop, chance; model union)",
-                frozenset({DICTIONARIES}), "one ITDA dictionary per layer built over every token", default=True),
-    MeasureSpec("itda_fused", PER_TOKEN, "CSLS of z(itda_scaled_cka) + z(itda_scaled_procrustes) + z(norm profile)",
-                _ITDA_2, _SECOND, default=True),
-    MeasureSpec("itda_scaled_procrustes", PER_TOKEN, "Procrustes between reconstructions scaled by ||x_t - mu||",
-                _ITDA_2, _SECOND, exact_only=True),
-    MeasureSpec("itda_scaled_cka", PER_TOKEN, "linear CKA between reconstructions scaled by ||x_t - mu||",
-                _ITDA_2, _SECOND),
-    MeasureSpec("itda_loss_profile", PER_TOKEN, "Spearman correlation across tokens of the MP losses",
-                _ITDA_2, _SECOND),
-    MeasureSpec("itda_recon_cka", PER_TOKEN, "linear CKA between unit ITDA reconstructions",
-                _ITDA_2, _SECOND, default=True),
-    MeasureSpec("itda_relative", ITDA_KEPT_ROWS, "relative representations over the shared ITDA anchors",
-                _ITDA, _KEPT),
-    MeasureSpec("itda_code_overlap", ITDA_KEPT_ROWS, "Jaccard of the atoms used over the shared anchors",
-                _ITDA, _KEPT),
-    MeasureSpec("itda_code_cosine", ITDA_KEPT_ROWS, "cosine of the MP codes over the shared anchors",
-                _ITDA, _KEPT),
-    MeasureSpec("itda_cross_recon", ITDA_KEPT_ROWS, "reconstruction over the other layer's atom positions",
-                _ITDA, _KEPT),
-    MeasureSpec("cka", STREAMED, "linear CKA, biased (Kornblith et al. 2019)",
-                _ACTS, _ALL_TOKENS, also_yields=("cka_debiased",), default=True),
-    MeasureSpec("cka_debiased", STREAMED, "linear CKA with the unbiased HSIC (Song et al. 2012)",
-                _ACTS, _ALL_TOKENS),
-    MeasureSpec("procrustes", STREAMED, "orthogonal Procrustes similarity (Williams et al. 2021)",
-                _ACTS, _ALL_TOKENS, exact_only=True, default=True),
-    MeasureSpec("cka_rbf", KEPT_ROWS, "CKA with Gaussian kernels (median bandwidth)", _ACTS, _KEPT),
-    MeasureSpec("svcca", KEPT_ROWS, "SVCCA (Raghu et al. 2017)", _ACTS, _KEPT, default=True),
-    MeasureSpec("pwcca", KEPT_ROWS, "PWCCA (Morcos et al. 2018)", _ACTS, _KEPT),
-    MeasureSpec("relative", KEPT_ROWS, "relative representations over random anchors (Moschella et al. 2023)",
-                _ACTS, _KEPT, default=True),
-    MeasureSpec("mutual_knn", KEPT_ROWS, "mutual k-NN alignment (Huh et al. 2024)", _ACTS, _KEPT),
-)}
+REGISTRY: dict[str, MeasureSpec] = {
+    s.name: s
+    for s in (
+        MeasureSpec(
+            "jaccard",
+            DICTIONARY,
+            "Jaccard index of the layers' ITDA atoms (raw, crop, chance; model union)",
+            frozenset({DICTIONARIES}),
+            "one ITDA dictionary per layer built over every token",
+            default=True,
+        ),
+        MeasureSpec(
+            "itda_fused",
+            PER_TOKEN,
+            "CSLS of z(itda_scaled_cka) + z(itda_scaled_procrustes) + z(norm profile)",
+            _ITDA_2,
+            _SECOND,
+            default=True,
+        ),
+        MeasureSpec(
+            "itda_scaled_procrustes",
+            PER_TOKEN,
+            "Procrustes between reconstructions scaled by ||x_t - mu||",
+            _ITDA_2,
+            _SECOND,
+            exact_only=True,
+        ),
+        MeasureSpec(
+            "itda_scaled_cka", PER_TOKEN, "linear CKA between reconstructions scaled by ||x_t - mu||", _ITDA_2, _SECOND
+        ),
+        MeasureSpec(
+            "itda_loss_profile", PER_TOKEN, "Spearman correlation across tokens of the MP losses", _ITDA_2, _SECOND
+        ),
+        MeasureSpec(
+            "itda_recon_cka", PER_TOKEN, "linear CKA between unit ITDA reconstructions", _ITDA_2, _SECOND, default=True
+        ),
+        MeasureSpec(
+            "itda_relative", ITDA_KEPT_ROWS, "relative representations over the shared ITDA anchors", _ITDA, _KEPT
+        ),
+        MeasureSpec(
+            "itda_code_overlap", ITDA_KEPT_ROWS, "Jaccard of the atoms used over the shared anchors", _ITDA, _KEPT
+        ),
+        MeasureSpec("itda_code_cosine", ITDA_KEPT_ROWS, "cosine of the MP codes over the shared anchors", _ITDA, _KEPT),
+        MeasureSpec(
+            "itda_cross_recon", ITDA_KEPT_ROWS, "reconstruction over the other layer's atom positions", _ITDA, _KEPT
+        ),
+        MeasureSpec(
+            "cka",
+            STREAMED,
+            "linear CKA, biased (Kornblith et al. 2019)",
+            _ACTS,
+            _ALL_TOKENS,
+            also_yields=("cka_debiased",),
+            default=True,
+        ),
+        MeasureSpec(
+            "cka_debiased", STREAMED, "linear CKA with the unbiased HSIC (Song et al. 2012)", _ACTS, _ALL_TOKENS
+        ),
+        MeasureSpec(
+            "procrustes",
+            STREAMED,
+            "orthogonal Procrustes similarity (Williams et al. 2021)",
+            _ACTS,
+            _ALL_TOKENS,
+            exact_only=True,
+            default=True,
+        ),
+        MeasureSpec("cka_rbf", KEPT_ROWS, "CKA with Gaussian kernels (median bandwidth)", _ACTS, _KEPT),
+        MeasureSpec("svcca", KEPT_ROWS, "SVCCA (Raghu et al. 2017)", _ACTS, _KEPT, default=True),
+        MeasureSpec("pwcca", KEPT_ROWS, "PWCCA (Morcos et al. 2018)", _ACTS, _KEPT),
+        MeasureSpec(
+            "relative",
+            KEPT_ROWS,
+            "relative representations over random anchors (Moschella et al. 2023)",
+            _ACTS,
+            _KEPT,
+            default=True,
+        ),
+        MeasureSpec("mutual_knn", KEPT_ROWS, "mutual k-NN alignment (Huh et al. 2024)", _ACTS, _KEPT),
+    )
+}
 
 
 def names_of(*kinds: str) -> tuple[str, ...]:

@@ -20,13 +20,20 @@ def matrix_summary(m: np.ndarray) -> dict:
     return out
 
 
-def write_matrix(out_dir: Path, name: str, m: np.ndarray, label_a: str, label_b: str,
-                 summary: dict | None = None) -> list[Path]:
+def write_matrix(
+    out_dir: Path, name: str, m: np.ndarray, label_a: str, label_b: str, summary: dict | None = None
+) -> list[Path]:
     """out_dir/<name>.json (+ .csv, + .png if matplotlib is available); summary = matrix_summary(m)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = matrix_summary(m) if summary is None else summary
-    payload = {"measure": name, "rows": label_a, "columns": label_b, "convention": "similarity",
-               "matrix": [[None if np.isnan(v) else float(v) for v in row] for row in m], **summary}
+    payload = {
+        "measure": name,
+        "rows": label_a,
+        "columns": label_b,
+        "convention": "similarity",
+        "matrix": [[None if np.isnan(v) else float(v) for v in row] for row in m],
+        **summary,
+    }
     paths = [out_dir / f"{name}.json", out_dir / f"{name}.csv"]
     write_text_atomic(paths[0], json.dumps(payload, indent=2))
     buf = io.StringIO()
@@ -68,8 +75,9 @@ def heatmap(path: Path, m: np.ndarray, title: str, label_a: str, label_b: str, c
     return path
 
 
-def save_comparison(out_dir: Path, mats: dict[str, np.ndarray], label_a: str, label_b: str,
-                    model_level: dict[str, float]) -> dict:
+def save_comparison(
+    out_dir: Path, mats: dict[str, np.ndarray], label_a: str, label_b: str, model_level: dict[str, float]
+) -> dict:
     """Every matrix (write_matrix) and out_dir/summary.json; returns the summary written."""
     summary = {"model_level": model_level, "measures": {name: matrix_summary(m) for name, m in mats.items()}}
     for name, m in mats.items():

@@ -55,7 +55,9 @@ class _Sides:
         return x, sq_LN
 
 
-def _hsic(n: int, xty: torch.Tensor, sqsq: float, sx, sy, sq_sum_x: float, sq_sum_y: float, sqx_y, sqy_x) -> tuple[float, float]:
+def _hsic(
+    n: int, xty: torch.Tensor, sqsq: float, sx, sy, sq_sum_x: float, sq_sum_y: float, sqx_y, sqy_x
+) -> tuple[float, float]:
     """(biased, unbiased) linear-kernel HSIC from the sums, up to a common scale."""
     centred = xty - torch.outer(sx, sy) / n
     biased = float((centred * centred).sum()) / (n - 1) ** 2
@@ -155,8 +157,17 @@ class StreamingCKAGrid:
 
         def self_terms(side: _Sides, i: int) -> tuple[float, float]:
             g = side.gram[i]
-            return _hsic(n, g, float(side.sq4_sum[i]), side.s[i], side.s[i], float(side.sq_sum[i]),
-                         float(side.sq_sum[i]), side.sq_x[i], side.sq_x[i])
+            return _hsic(
+                n,
+                g,
+                float(side.sq4_sum[i]),
+                side.s[i],
+                side.s[i],
+                float(side.sq_sum[i]),
+                float(side.sq_sum[i]),
+                side.sq_x[i],
+                side.sq_x[i],
+            )
 
         self_a = [self_terms(a, i) for i in range(la)]
         self_b = [self_terms(b, j) for j in range(lb)]
@@ -164,8 +175,17 @@ class StreamingCKAGrid:
         for i in range(la):
             for j in range(lb):
                 block = self.xty[i * da : (i + 1) * da, j * db : (j + 1) * db]
-                hb, hu = _hsic(n, block, float(self.sqsq[i, j]), a.s[i], b.s[j], float(a.sq_sum[i]), float(b.sq_sum[j]),
-                               self.sqx_y[i, j * db : (j + 1) * db], self.sqy_x[j, i * da : (i + 1) * da])
+                hb, hu = _hsic(
+                    n,
+                    block,
+                    float(self.sqsq[i, j]),
+                    a.s[i],
+                    b.s[j],
+                    float(a.sq_sum[i]),
+                    float(b.sq_sum[j]),
+                    self.sqx_y[i, j * db : (j + 1) * db],
+                    self.sqy_x[j, i * da : (i + 1) * da],
+                )
                 xa, xb = self_a[i], self_b[j]
                 if xa[0] > 0 and xb[0] > 0:
                     out["cka"][i, j] = hb / math.sqrt(xa[0] * xb[0])
@@ -199,7 +219,12 @@ class StreamingCKA:
         proc = float(m["procrustes"][0, 0])
         return {
             "cka": Similarity("cka", float(m["cka"][0, 0]), {"kernel": "linear", "estimator": "biased", "n": n}),
-            "cka_debiased": Similarity("cka_debiased", float(m["cka_debiased"][0, 0]),
-                                       {"kernel": "linear", "estimator": "unbiased HSIC", "n": n}),
-            "procrustes": Similarity("procrustes", proc, {"angular_distance": math.acos(max(-1.0, min(1.0, proc))), "n": n}),
+            "cka_debiased": Similarity(
+                "cka_debiased",
+                float(m["cka_debiased"][0, 0]),
+                {"kernel": "linear", "estimator": "unbiased HSIC", "n": n},
+            ),
+            "procrustes": Similarity(
+                "procrustes", proc, {"angular_distance": math.acos(max(-1.0, min(1.0, proc))), "n": n}
+            ),
         }

@@ -9,8 +9,9 @@ replaced. The loss is next-token cross entropy over positions whose target is a 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,7 @@ def patch(model: torch.nn.Module, hp: Hookpoint, replace: Callable[[torch.Tensor
     """Replace the hookpoint's tensor [batch, seq, d] by replace(tensor) during forward passes."""
     mod, want_input = resolve_module(model, hp)
     if want_input:
+
         def pre(m, args, kwargs):
             if args:
                 return (replace(args[0]),) + tuple(args[1:]), kwargs
@@ -51,6 +53,7 @@ def patch(model: torch.nn.Module, hp: Hookpoint, replace: Callable[[torch.Tensor
 
         handle = mod.register_forward_pre_hook(pre, with_kwargs=True)
     else:
+
         def post(m, i, o):
             first = o[0] if isinstance(o, tuple) else o
             return _replace_first(o, replace(first))

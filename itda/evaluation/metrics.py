@@ -81,8 +81,14 @@ class ReconSums:
         self.sum_l0 = 0
         self.usage = torch.zeros(n_units, dtype=torch.int64)
 
-    def add(self, x_BD: torch.Tensor, x_sq_B: torch.Tensor, err_sq_B: torch.Tensor, cos_B: torch.Tensor,
-            used_units: torch.Tensor) -> None:
+    def add(
+        self,
+        x_BD: torch.Tensor,
+        x_sq_B: torch.Tensor,
+        err_sq_B: torch.Tensor,
+        cos_B: torch.Tensor,
+        used_units: torch.Tensor,
+    ) -> None:
         """One batch: its rows, per-row |x|^2, |x - x_hat|^2 and cosine, and the unit index of every
         (row, active unit) pair (each unit once per row)."""
         self.n += x_BD.shape[0]

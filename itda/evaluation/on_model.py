@@ -53,12 +53,27 @@ def evaluate_on_model(
     """Held-out metrics of a Dictionary, an itda.sae.LoadedSae or any ModelCoder on a model (a name or
     path, a LoadedModel, or None: the one the coder records)."""
     loaded = model if isinstance(model, LoadedModel) else None
-    lm, hp = model_at_hookpoint(dictionary, None if loaded else model, needs="evaluation on a model",
-                                device=device, layerwise=layerwise, max_memory=max_memory, lm=loaded)
-    _docs, contexts = load_contexts(corpus, lm.tokenizer, tokenizer_name=lm.tokenizer_name, split="heldout",
-                                    tokens=tokens, context=context, field=field)
-    return evaluate_contexts(lm, dictionary, hp, contexts, ce=ce, k=k, method=method, batch_contexts=batch_contexts,
-                             device=device)
+    lm, hp = model_at_hookpoint(
+        dictionary,
+        None if loaded else model,
+        needs="evaluation on a model",
+        device=device,
+        layerwise=layerwise,
+        max_memory=max_memory,
+        lm=loaded,
+    )
+    _docs, contexts = load_contexts(
+        corpus,
+        lm.tokenizer,
+        tokenizer_name=lm.tokenizer_name,
+        split="heldout",
+        tokens=tokens,
+        context=context,
+        field=field,
+    )
+    return evaluate_contexts(
+        lm, dictionary, hp, contexts, ce=ce, k=k, method=method, batch_contexts=batch_contexts, device=device
+    )
 
 
 def evaluate_contexts(
@@ -77,12 +92,20 @@ def evaluate_contexts(
     `dictionary`: a Dictionary (encoded with k atoms by `method`), an itda.sae.LoadedSae or any ModelCoder."""
     coder = as_coder(dictionary, k, method)
     ev = coder.evaluator()
-    for batch in iterate_batches(lm.model, [hp], contexts, batch_contexts=batch_contexts, dtype=torch.float32,
-                                 include_special=coder.include_special, device=device):
+    for batch in iterate_batches(
+        lm.model,
+        [hp],
+        contexts,
+        batch_contexts=batch_contexts,
+        dtype=torch.float32,
+        include_special=coder.include_special,
+        device=device,
+    ):
         acts = batch[hp]
         if acts.unit.shape[1] != coder.d:
-            raise ItdaInputError(f"dimension mismatch: {hp.name} of {lm.name} has d={acts.unit.shape[1]}, "
-                                 f"the {coder.what} d={coder.d}")
+            raise ItdaInputError(
+                f"dimension mismatch: {hp.name} of {lm.name} has d={acts.unit.shape[1]}, the {coder.what} d={coder.d}"
+            )
         ev.update(acts.dense())
     ce_result = None
     if ce and lm.is_causal:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Iterable
 
 import torch
 
@@ -62,7 +62,9 @@ class Evaluator:
         )
 
 
-def evaluate(dictionary: Dictionary, batches: Iterable[torch.Tensor], k: int | None = None, method: str = "mp") -> EvalReport:
+def evaluate(
+    dictionary: Dictionary, batches: Iterable[torch.Tensor], k: int | None = None, method: str = "mp"
+) -> EvalReport:
     ev = Evaluator(dictionary, k, method)
     for x in batches:
         ev.update(x[0] if isinstance(x, tuple) else x)

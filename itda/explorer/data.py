@@ -25,16 +25,20 @@ def check_refs(dictionary: Dictionary, docs: list[str], tokenizer) -> None:
         return
     docs_needed = sorted({int(d) for d in refs[:, 0].tolist() if d >= 0})
     if docs_needed and docs_needed[-1] >= len(docs):
-        raise ItdaInputError(f"the dictionary's atoms come from document {docs_needed[-1]}, the corpus has {len(docs)} "
-                             "documents: not the corpus it was built on (--corpus)")
+        raise ItdaInputError(
+            f"the dictionary's atoms come from document {docs_needed[-1]}, the corpus has {len(docs)} "
+            "documents: not the corpus it was built on (--corpus)"
+        )
     ids = {d: tokenizer(docs[d], add_special_tokens=False)["input_ids"] for d in docs_needed}
     for i, (doc, pos, _cs, _ce, tok) in enumerate(refs.tolist()):
         if doc < 0 or pos < 0:
             continue
         have = ids[doc][pos] if pos < len(ids[doc]) else None
         if have != tok:
-            raise ItdaInputError(f"atom {i}: document {doc} token {pos} is {have} in this corpus, the dictionary "
-                                 f"recorded {tok}: not the corpus (or tokenizer) it was built on")
+            raise ItdaInputError(
+                f"atom {i}: document {doc} token {pos} is {have} in this corpus, the dictionary "
+                f"recorded {tok}: not the corpus (or tokenizer) it was built on"
+            )
 
 
 def source_context(text: str, char_start: int, char_end: int, chars: int = SOURCE_CHARS) -> dict:
@@ -43,7 +47,9 @@ def source_context(text: str, char_start: int, char_end: int, chars: int = SOURC
     return {"text": text[s:e], "hl": [char_start - s, char_end - s], "cut": [s > 0, e < len(text)]}
 
 
-def held_out_context(atom: int, row: int, usage: AtomUsage, stream_refs: np.ndarray, docs: list[str], window: int) -> dict:
+def held_out_context(
+    atom: int, row: int, usage: AtomUsage, stream_refs: np.ndarray, docs: list[str], window: int
+) -> dict:
     """Tokens row-window..row+window of the same document: the text, every token's character span
     and this atom's coefficient on it (`spans` = [start, end, coefficient] * tokens, flat), and
     which token (`at`) is the one the context was chosen for."""
@@ -60,18 +66,37 @@ def held_out_context(atom: int, row: int, usage: AtomUsage, stream_refs: np.ndar
     return {"text": docs[doc][base:end], "spans": spans, "at": int(np.nonzero(rows == row)[0][0])}
 
 
-def explorer_view(dictionary: Dictionary, usage: AtomUsage, docs: list[str], stream_refs: np.ndarray, *, label: str, contexts: int = 5, window: int = 12, partners: int = 5) -> dict:
+def explorer_view(
+    dictionary: Dictionary,
+    usage: AtomUsage,
+    docs: list[str],
+    stream_refs: np.ndarray,
+    *,
+    label: str,
+    contexts: int = 5,
+    window: int = 12,
+    partners: int = 5,
+) -> dict:
     """The JSON-ready view of one dictionary (see the module docstring); `docs` is the whole corpus
     (atoms' and stream tokens' document indices point into it)."""
     n = len(dictionary)
-    co_atoms, co_scores = co_occurrence(usage, top=partners) if usage.tokens else (np.full((n, partners), -1), np.zeros((n, partners)))
+    co_atoms, co_scores = (
+        co_occurrence(usage, top=partners) if usage.tokens else (np.full((n, partners), -1), np.zeros((n, partners)))
+    )
     mean_coef = usage.mean_coef_N
     refs = dictionary.refs.tolist()
     cards = []
     for a in range(n):
         doc, pos, cs, ce, tok = refs[a]
-        card = {"id": a, "doc": doc, "pos": pos, "token_id": tok, "uses": int(usage.count_N[a]),
-                "freq": float(usage.count_N[a]) / max(usage.tokens, 1), "mean_coef": round(float(mean_coef[a]), 4)}
+        card = {
+            "id": a,
+            "doc": doc,
+            "pos": pos,
+            "token_id": tok,
+            "uses": int(usage.count_N[a]),
+            "freq": float(usage.count_N[a]) / max(usage.tokens, 1),
+            "mean_coef": round(float(mean_coef[a]), 4),
+        }
         if 0 <= doc < len(docs) and cs >= 0:
             card["source"] = source_context(docs[doc], cs, ce)
             card["token"] = docs[doc][cs:ce]
@@ -83,20 +108,33 @@ def explorer_view(dictionary: Dictionary, usage: AtomUsage, docs: list[str], str
         cards.append(card)
     meta = dictionary.meta
     summary = {
-        "tokens": usage.tokens, "atoms": n, "dead": int((usage.count_N == 0).sum()),
+        "tokens": usage.tokens,
+        "atoms": n,
+        "dead": int((usage.count_N == 0).sum()),
         "mean_l0": float(usage.l0_T.mean()) if usage.tokens else 0.0,
         "mean_cosine": float(usage.cosine_T.mean()) if usage.tokens else 0.0,
         "usage_hist": histogram(usage.count_N, 20, log=True),
         "l0_hist": histogram(usage.l0_T, np.arange(0, max(int(usage.l0_T.max()) if usage.tokens else 1, 1) + 2) - 0.5),
-        "cos_hist": histogram(usage.cosine_T, np.linspace(min(0.0, float(usage.cosine_T.min()) if usage.tokens else 0.0), 1.0, 41)),
+        "cos_hist": histogram(
+            usage.cosine_T, np.linspace(min(0.0, float(usage.cosine_T.min()) if usage.tokens else 0.0), 1.0, 41)
+        ),
     }
-    return {"label": label, "model": meta.model, "hookpoint": meta.hookpoint, "k": meta.k, "d": meta.d,
-            "summary": summary, "atoms": cards}
+    return {
+        "label": label,
+        "model": meta.model,
+        "hookpoint": meta.hookpoint,
+        "k": meta.k,
+        "d": meta.d,
+        "summary": summary,
+        "atoms": cards,
+    }
 
 
 def shared_atoms(a: Dictionary, b: Dictionary) -> list[list[int]]:
     """Pairs [i, j] of atoms of a and b taken from the same token (document, character span)."""
-    key = lambda refs: {(int(r[0]), int(r[2]), int(r[3])): i for i, r in enumerate(refs.tolist()) if r[0] >= 0 and r[2] >= 0}  # noqa: E731
+    key = lambda refs: {
+        (int(r[0]), int(r[2]), int(r[3])): i for i, r in enumerate(refs.tolist()) if r[0] >= 0 and r[2] >= 0
+    }  # noqa: E731
     ka, kb = key(a.refs), key(b.refs)
     return sorted([[ka[k], kb[k]] for k in ka.keys() & kb.keys()])
 

@@ -6,8 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
-from itda.version import __version__
 from itda.atomic import atomic_dir
+from itda.version import __version__
 
 ASSET = Path(__file__).with_name("assets") / "index.html"
 MARKER = "data.json"  # an earlier explorer output, which --out may replace

@@ -6,9 +6,9 @@ import torch
 from tqdm.auto import tqdm
 
 from itda.activations.corpus import read_documents, split_documents, tokenize_contexts
+from itda.activations.models import model_at_hookpoint
 from itda.activations.stream import iterate_batches
 from itda.dictionary import Dictionary
-from itda.activations.models import model_at_hookpoint
 from itda.explorer.data import check_refs, encode_stream, explorer_view
 
 
@@ -17,18 +17,34 @@ def dictionary_corpus(dictionary: Dictionary) -> str:
     return str(dictionary.meta.build.get("corpus") or "default")
 
 
-def view_on_model(dictionary: Dictionary, *, label: str, model: str | None = None, corpus: str | None = None,
-                  field: str = "text", tokens: int = 20_000, context: int = 128, k: int | None = None,
-                  contexts: int = 5, device: str = "cpu", progress: bool = True, lm=None) -> dict:
+def view_on_model(
+    dictionary: Dictionary,
+    *,
+    label: str,
+    model: str | None = None,
+    corpus: str | None = None,
+    field: str = "text",
+    tokens: int = 20_000,
+    context: int = 128,
+    k: int | None = None,
+    contexts: int = 5,
+    device: str = "cpu",
+    progress: bool = True,
+    lm=None,
+) -> dict:
     """One explorer view: the dictionary's source contexts and its usage on held-out tokens."""
     lm, hp = model_at_hookpoint(dictionary, model, needs=f"the explorer ({label})", device=device, lm=lm)
     corpus = corpus or dictionary_corpus(dictionary)
     docs = read_documents(corpus, field)
     check_refs(dictionary, docs, lm.tokenizer)
     ids = split_documents(docs, "heldout") or split_documents(docs, "all")
-    ctx = tokenize_contexts(docs, ids, lm.tokenizer, context=context, max_tokens=tokens, tokenizer_name=lm.tokenizer_name)
+    ctx = tokenize_contexts(
+        docs, ids, lm.tokenizer, context=context, max_tokens=tokens, tokenizer_name=lm.tokenizer_name
+    )
     k = dictionary.encoding_k(k)
-    bar = tqdm(total=int((~ctx.special).sum()), unit="tok", unit_scale=True, disable=not progress, desc=f"encode {label}")
+    bar = tqdm(
+        total=int((~ctx.special).sum()), unit="tok", unit_scale=True, disable=not progress, desc=f"encode {label}"
+    )
 
     def batches():
         for b in iterate_batches(lm.model, [hp], ctx, dtype=torch.float32, device=device):

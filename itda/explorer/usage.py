@@ -88,8 +88,16 @@ class AtomUsageAccumulator:
         tok, atom, val = tok[order], atom[order], val[order]
         count = np.bincount(atom, minlength=self.n_atoms)
         start = np.concatenate([[0], np.cumsum(count)])
-        return AtomUsage(self.tokens, count, np.bincount(atom, weights=val, minlength=self.n_atoms), tok, val, start,
-                         cat(self._l0, np.int64), cat(self._cos, np.float64))
+        return AtomUsage(
+            self.tokens,
+            count,
+            np.bincount(atom, weights=val, minlength=self.n_atoms),
+            tok,
+            val,
+            start,
+            cat(self._l0, np.int64),
+            cat(self._cos, np.float64),
+        )
 
 
 def co_occurrence(usage: AtomUsage, top: int = 5, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:

@@ -47,7 +47,11 @@ def gram_is_cheaper(b: int, n: int, d: int, k: int) -> bool:
 
 
 def _resolve(
-    x: torch.Tensor, atoms: torch.Tensor, gram: torch.Tensor | None, backend: str, need_gram_for_numba: bool = True,
+    x: torch.Tensor,
+    atoms: torch.Tensor,
+    gram: torch.Tensor | None,
+    backend: str,
+    need_gram_for_numba: bool = True,
     k: int = 40,
 ) -> tuple[str, torch.Tensor | None]:
     if backend not in BACKENDS:
@@ -59,7 +63,9 @@ def _resolve(
     if backend == "numba" and on_cuda:
         raise ItdaInputError("the numba backend runs on the CPU; the atoms are on CUDA")
     if gram is None:
-        wants_gram = backend == "numba" or (gram_fits(n, atoms.device) and gram_is_cheaper(x.shape[0], n, atoms.shape[1], k))
+        wants_gram = backend == "numba" or (
+            gram_fits(n, atoms.device) and gram_is_cheaper(x.shape[0], n, atoms.shape[1], k)
+        )
         if wants_gram:
             if not gram_fits(n, atoms.device):
                 raise ItdaInputError(
@@ -83,12 +89,15 @@ def _chunk_rows(b: int, n: int, chunk_size: int | None) -> int:
     return max(1, min(b, CHUNK_BYTES // (4 * max(n, 1))))
 
 
-def _run(x, atoms, k, gram, backend, chunk_size, numba_chunk, torch_chunk, rows_divisor: int = 1,
-         check_finite: bool = True) -> SparseCodes:
+def _run(
+    x, atoms, k, gram, backend, chunk_size, numba_chunk, torch_chunk, rows_divisor: int = 1, check_finite: bool = True
+) -> SparseCodes:
     """Validate, choose the backend, and run a chunk kernel over row chunks."""
     _check_inputs(x, atoms, k, check_finite)
     if codes_bytes(x.shape[0], k) > 1 << 26:  # small requests are not worth a look at free memory
-        check_fits(2 * codes_bytes(x.shape[0], k), f"matching-pursuit codes of {x.shape[0]} rows with k={k}", atoms.device)
+        check_fits(
+            2 * codes_bytes(x.shape[0], k), f"matching-pursuit codes of {x.shape[0]} rows with k={k}", atoms.device
+        )
     backend, gram = _resolve(x, atoms, gram, backend, k=k)
     atoms32 = atoms.to(torch.float32).contiguous()
     x32 = x.to(device=atoms.device, dtype=torch.float32)
@@ -142,7 +151,12 @@ def orthogonal_matching_pursuit(
     from itda.pursuit.mp_torch import omp_chunk_torch
 
     return _run(
-        x, atoms, k, gram, backend, chunk_size,
+        x,
+        atoms,
+        k,
+        gram,
+        backend,
+        chunk_size,
         lambda xb, a, kk, g: _omp_chunk_numba(xb, a, kk, g, eps),
         lambda xb, a, kk, g: omp_chunk_torch(xb, a, kk, g, eps),
         rows_divisor=2,

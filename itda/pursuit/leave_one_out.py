@@ -27,8 +27,9 @@ def _mp_excluding(x_BD: torch.Tensor, atoms_ND: torch.Tensor, k: int, own_B: tor
     return SparseCodes(idx_BK, val_BK, energy_B.clamp_(min=0.0))
 
 
-def matching_pursuit_leave_one_out(x_BD: torch.Tensor, atoms_ND: torch.Tensor, k: int, own_B: torch.Tensor,
-                                   *, chunk: int = 256) -> SparseCodes:
+def matching_pursuit_leave_one_out(
+    x_BD: torch.Tensor, atoms_ND: torch.Tensor, k: int, own_B: torch.Tensor, *, chunk: int = 256
+) -> SparseCodes:
     """MP of rows x [B, d] over unit atoms [N, d] with k steps, where row b may not use atom
     own_B[b] (int64 [B]; -1: no restriction, the row goes through `matching_pursuit`).
 

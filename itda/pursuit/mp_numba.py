@@ -14,7 +14,6 @@ import numpy as np
 
 from itda.pursuit.jit import njit_cached
 
-
 _FASTMATH = {"nnan", "ninf", "nsz", "contract"}
 _ABS_MASK = np.int32(0x7FFFFFFF)
 _BLOCK = 64

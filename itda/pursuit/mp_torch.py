@@ -14,9 +14,7 @@ import torch
 from itda.pursuit.codes import SparseCodes
 
 
-def mp_chunk_torch(
-    x_BD: torch.Tensor, atoms_ND: torch.Tensor, k: int, gram_NN: torch.Tensor | None
-) -> SparseCodes:
+def mp_chunk_torch(x_BD: torch.Tensor, atoms_ND: torch.Tensor, k: int, gram_NN: torch.Tensor | None) -> SparseCodes:
     """Textbook MP of float32 rows x over float32 unit atoms; see module docstring."""
     b = x_BD.shape[0]
     corr_BN = x_BD @ atoms_ND.T
@@ -73,9 +71,7 @@ def omp_chunk_torch(
         else:
             prev_BT = idx_BK[:, :t].clamp(min=0)
             cross_BT = (atoms_ND[prev_BT] @ atoms_ND[j_B].unsqueeze(-1)).squeeze(-1)
-            w_BT = torch.linalg.solve_triangular(
-                chol_BKK[:, :t, :t], cross_BT.unsqueeze(-1), upper=False
-            ).squeeze(-1)
+            w_BT = torch.linalg.solve_triangular(chol_BKK[:, :t, :t], cross_BT.unsqueeze(-1), upper=False).squeeze(-1)
             diag_B = 1.0 - (w_BT * w_BT).sum(1)
             alive_B &= diag_B > eps
             chol_BKK[:, t, :t] = torch.where(alive_B[:, None], w_BT, 0.0)

@@ -8,8 +8,8 @@ whose RMS norm is outside float32's comfortable range is encoded in power-of-two
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Iterable
 
 import torch
 
@@ -68,9 +68,13 @@ class SaeEvaluator:
         enc = self.sae.encode(x, batch=False, units=units)
         x_hat = self.sae.decode(enc.top_acts, enc.top_indices, units=units)
         if not bool(torch.isfinite(x_hat).all()):
-            raise ItdaInputError("the SAE's reconstruction of these activations is not finite (NaN weights, or float32 overflow)")
+            raise ItdaInputError(
+                "the SAE's reconstruction of these activations is not finite (NaN weights, or float32 overflow)"
+            )
         x64, xh64 = x.double(), x_hat.double() * units
-        cos = torch.nn.functional.cosine_similarity(_pow2_rows(x64), _pow2_rows(xh64), dim=1)  # no eps clamp on small rows
+        cos = torch.nn.functional.cosine_similarity(
+            _pow2_rows(x64), _pow2_rows(xh64), dim=1
+        )  # no eps clamp on small rows
         self.sums.add(x64, (x64 * x64).sum(1), ((x64 - xh64) ** 2).sum(1), cos, enc.top_indices[enc.top_acts > 0])
 
     def report(self) -> SaeEvalReport:
@@ -81,7 +85,9 @@ class SaeEvaluator:
         if not self._varies:
             raise ItdaInputError(f"the {s.n} activations have no variance (all rows are equal): FVU is undefined")
         if not math.isfinite(s.fvu):
-            raise ItdaInputError(f"FVU is undefined on these {s.n} activations: their variance is below float64 precision about their mean")
+            raise ItdaInputError(
+                f"FVU is undefined on these {s.n} activations: their variance is below float64 precision about their mean"
+            )
         return SaeEvalReport(
             tokens=s.n,
             k=self.sae.cfg.k,

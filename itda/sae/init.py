@@ -13,7 +13,8 @@ new_sae refuses, before allocating, an SAE whose initialisation cannot fit in fr
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -153,8 +154,16 @@ ROW_INITS: dict[str, RowInit] = {
 INIT_NAMES = (*ROW_INITS, "itda:DICT", "transfer:SAE_OR_DICT")
 
 
-def atom_rows(atoms_ND: Tensor, n: int, sample_SD: Tensor, gen: torch.Generator, b_dec: Tensor, *,
-              fill: str | None = "data", crop: bool = False) -> Tensor:
+def atom_rows(
+    atoms_ND: Tensor,
+    n: int,
+    sample_SD: Tensor,
+    gen: torch.Generator,
+    b_dec: Tensor,
+    *,
+    fill: str | None = "data",
+    crop: bool = False,
+) -> Tensor:
     """Dictionary atoms as decoder rows, in order of addition.
 
     More latents than atoms: the rest by `fill` (random activations minus b_dec, or kaiming).
@@ -165,17 +174,23 @@ def atom_rows(atoms_ND: Tensor, n: int, sample_SD: Tensor, gen: torch.Generator,
         raise ItdaInputError(f"the dictionary has d={atoms.shape[1]}, the activations d={sample_SD.shape[1]}")
     if n < atoms.shape[0]:
         if not crop:
-            raise ItdaInputError(f"{n} latents < {atoms.shape[0]} atoms: raise --latents or pass --crop to keep the first {n} atoms")
+            raise ItdaInputError(
+                f"{n} latents < {atoms.shape[0]} atoms: raise --latents or pass --crop to keep the first {n} atoms"
+            )
         return atoms[:n].clone()
     if n == atoms.shape[0]:
         return atoms.clone()
     if fill not in FILL_RULES:
-        raise ItdaInputError(f"{n} latents > {atoms.shape[0]} atoms: give a fill rule (--fill {' or '.join(FILL_RULES)})")
+        raise ItdaInputError(
+            f"{n} latents > {atoms.shape[0]} atoms: give a fill rule (--fill {' or '.join(FILL_RULES)})"
+        )
     rest = ROW_INITS[fill](n - atoms.shape[0], sample_SD, gen, b_dec)
     return torch.cat([atoms, unit_rows(rest)])
 
 
-def fit_encoder_scale(w_dec_FD: Tensor, b_dec: Tensor, sample_SD: Tensor, k: int, max_rows: int = ENCODER_FIT_ROWS) -> float:
+def fit_encoder_scale(
+    w_dec_FD: Tensor, b_dec: Tensor, sample_SD: Tensor, k: int, max_rows: int = ENCODER_FIT_ROWS
+) -> float:
     """Scalar s minimising ||(x - b) - s * D^T topk(relu(D (x - b)))||^2 over the sample.
 
     Rows go in chunks of at most ENCODER_FIT_BYTES of temporaries (one chunk for F * k * D of
@@ -272,12 +287,18 @@ def _copy_sae(sae: TopKSAE, other: TopKSAE, info: dict) -> dict:
     return info
 
 
-def new_sae(cfg: SaeConfig, spec: InitSpec | str, sample_SD: Tensor, device: torch.device | str = "cpu", **kwargs) -> tuple[TopKSAE, dict]:
+def new_sae(
+    cfg: SaeConfig, spec: InitSpec | str, sample_SD: Tensor, device: torch.device | str = "cpu", **kwargs
+) -> tuple[TopKSAE, dict]:
     """A TopKSAE initialised by spec on the sample (kwargs: seed, b_dec, fill, crop); refused if it cannot fit in memory."""
     from itda.resources import check_fits
 
     spec = parse_init(spec) if isinstance(spec, str) else spec
-    check_fits(init_bytes(cfg, spec, sample_SD.shape[0]), f"initialising an SAE of {cfg.n_latents} latents x d={cfg.d_in}", "cpu")
+    check_fits(
+        init_bytes(cfg, spec, sample_SD.shape[0]),
+        f"initialising an SAE of {cfg.n_latents} latents x d={cfg.d_in}",
+        "cpu",
+    )
     sae = TopKSAE(cfg)
     info = initialise(sae, spec, sample_SD, **kwargs)
     return sae.to(device), info

@@ -19,11 +19,11 @@ from typing import Any, NamedTuple
 import torch
 from safetensors.torch import save_file
 
-from itda.version import __version__
 from itda.atomic import atomic_dir
 from itda.errors import ItdaInputError
 from itda.sae.model import SaeConfig, TopKSAE
 from itda.tensorfile import read_tensor_file, write_tensor_file
+from itda.version import __version__
 
 SAE_KEY = "itda_sae"
 SAE_FORMAT_VERSION = 1
@@ -52,7 +52,12 @@ class LoadedSae(NamedTuple):
 def save_sae(sae: TopKSAE, path: str | os.PathLike, meta: SaeMeta | None = None) -> None:
     """Write sae and meta as an itda SAE file (atomically); weights with NaN or inf are refused."""
     meta = meta or SaeMeta()
-    header = {"format_version": SAE_FORMAT_VERSION, "itda_version": __version__, "cfg": sae.cfg.to_dict(), **meta.__dict__}
+    header = {
+        "format_version": SAE_FORMAT_VERSION,
+        "itda_version": __version__,
+        "cfg": sae.cfg.to_dict(),
+        **meta.__dict__,
+    }
     tensors = {n: getattr(sae, n).detach().cpu().contiguous() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
     for name, t in tensors.items():
         if not bool(torch.isfinite(t).all()):
@@ -82,21 +87,29 @@ class Fields:
     def fail(self, key: str, want: str) -> ItdaInputError:
         return ItdaInputError(f"{self.where}: field '{self.prefix}{key}' must be {want}, got {self.obj.get(key)!r}")
 
-    def integer(self, key: str, low: int = 1, high: int | None = None, high_name: str = "", default: Any = _MISSING) -> int:
+    def integer(
+        self, key: str, low: int = 1, high: int | None = None, high_name: str = "", default: Any = _MISSING
+    ) -> int:
         v = self.get(key, default)
         if not isinstance(v, int) or isinstance(v, bool):
             raise self.fail(key, "an integer")
         if v < low or (high is not None and v > high):
-            raise self.fail(key, f"an integer >= {low}" if high is None else f"an integer from {low} to {high_name} = {high}")
+            raise self.fail(
+                key, f"an integer >= {low}" if high is None else f"an integer from {low} to {high_name} = {high}"
+            )
         return v
 
     def boolean(self, key: str, default: Any = _MISSING, must: bool | None = None) -> bool:
         v = self.get(key, default)
         if not isinstance(v, bool) or (must is not None and v != must):
-            raise self.fail(key, "true or false" if must is None else f"{'true' if must else 'false'} (all itda supports)")
+            raise self.fail(
+                key, "true or false" if must is None else f"{'true' if must else 'false'} (all itda supports)"
+            )
         return v
 
-    def string(self, key: str, default: Any = _MISSING, choices: tuple[str, ...] | None = None, none: bool = False) -> str | None:
+    def string(
+        self, key: str, default: Any = _MISSING, choices: tuple[str, ...] | None = None, none: bool = False
+    ) -> str | None:
         v = self.get(key, default)
         if v is None and none:
             return None
@@ -112,8 +125,13 @@ class Fields:
         return v
 
 
-def checked_config(where: str | os.PathLike, raw: Any, names: tuple[str, str, str] = ("d_in", "n_latents", "k"),
-                   prefix: str = "cfg.", batch_topk: bool = True) -> SaeConfig:
+def checked_config(
+    where: str | os.PathLike,
+    raw: Any,
+    names: tuple[str, str, str] = ("d_in", "n_latents", "k"),
+    prefix: str = "cfg.",
+    batch_topk: bool = True,
+) -> SaeConfig:
     """A SaeConfig from a metadata object: d_in >= 1, n_latents >= 1, 1 <= k <= n_latents (ints), batch_topk a bool.
 
     `names` are the file's keys for d_in, n_latents and k; with `batch_topk` the object may hold
@@ -171,12 +189,19 @@ def _checked_header(path: Path, raw: Any) -> tuple[SaeConfig, SaeMeta]:
     f = Fields(path, raw)
     version = f.integer("format_version", 0)
     if version != SAE_FORMAT_VERSION:
-        raise ItdaInputError(f"{path}: SAE format version {version} is not supported (this itda reads version {SAE_FORMAT_VERSION})")
+        raise ItdaInputError(
+            f"{path}: SAE format version {version} is not supported (this itda reads version {SAE_FORMAT_VERSION})"
+        )
     f.string("itda_version", None, none=True)
     cfg = checked_config(path, f.get("cfg"))
-    meta = SaeMeta(model=f.string("model", None, none=True), hookpoint=_hookpoint_field(f, "hookpoint"),
-                   tokenizer=f.string("tokenizer", None, none=True), init=f.mapping("init", {}), train=f.mapping("train", {}),
-                   include_special=f.boolean("include_special", False))
+    meta = SaeMeta(
+        model=f.string("model", None, none=True),
+        hookpoint=_hookpoint_field(f, "hookpoint"),
+        tokenizer=f.string("tokenizer", None, none=True),
+        init=f.mapping("init", {}),
+        train=f.mapping("train", {}),
+        include_special=f.boolean("include_special", False),
+    )
     return cfg, meta
 
 
@@ -238,7 +263,12 @@ def load_sparsify(folder: Path, device="cpu") -> LoadedSae:
     """A sparsify hookpoint folder (cfg.json + sae.safetensors); cfg.json is checked before the weights are read."""
     sc = _sparsify_config(folder / "cfg.json", _read_json(folder / "cfg.json"))
     _, raw = read_tensor_file(folder / SPARSIFY_WEIGHTS)
-    tensors = {"W_enc": raw.get("encoder.weight"), "b_enc": raw.get("encoder.bias"), "W_dec": raw.get("W_dec"), "b_dec": raw.get("b_dec")}
+    tensors = {
+        "W_enc": raw.get("encoder.weight"),
+        "b_enc": raw.get("encoder.bias"),
+        "W_dec": raw.get("W_dec"),
+        "b_dec": raw.get("b_dec"),
+    }
     tensors = {k: v for k, v in tensors.items() if v is not None}
     check_weights(folder, tensors, sc.d_in, sc.n_latents)
     return LoadedSae(_build(sc, tensors, device), SaeMeta(hookpoint=_hookpoint_from_sparsify(folder.name)))
@@ -268,7 +298,9 @@ def load_sae_or_none(path: str | os.PathLike, device="cpu") -> LoadedSae | None:
     if len(subs) == 1:
         return load_sparsify(subs[0], device)
     if len(subs) > 1:
-        raise ItdaInputError(f"{path}: holds {len(subs)} sparsify hookpoints ({', '.join(p.name for p in subs)}); name one")
+        raise ItdaInputError(
+            f"{path}: holds {len(subs)} sparsify hookpoints ({', '.join(p.name for p in subs)}); name one"
+        )
     return None
 
 
@@ -290,8 +322,13 @@ def dictionary_as_sae(dictionary, k: int | None = None) -> LoadedSae:
         sae.W_dec.copy_(atoms)
         sae.W_enc.copy_(atoms)
     m = dictionary.meta
-    meta = SaeMeta(model=m.model, hookpoint=m.hookpoint, tokenizer=m.tokenizer, init={"init": "dictionary", "atoms": n},
-                   include_special=bool(m.build.get("include_special", False)))
+    meta = SaeMeta(
+        model=m.model,
+        hookpoint=m.hookpoint,
+        tokenizer=m.tokenizer,
+        init={"init": "dictionary", "atoms": n},
+        include_special=bool(m.build.get("include_special", False)),
+    )
     return LoadedSae(sae, meta)
 
 
@@ -323,7 +360,12 @@ def saelens_hook_name(hookpoint: str | None) -> str | None:
     from itda.activations.hookpoints import parse_hookpoint
 
     hp = parse_hookpoint(hookpoint)
-    names = {"resid_post": "hook_resid_post", "resid_pre": "hook_resid_pre", "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out"}
+    names = {
+        "resid_post": "hook_resid_post",
+        "resid_pre": "hook_resid_pre",
+        "attn_out": "hook_attn_out",
+        "mlp_out": "hook_mlp_out",
+    }
     return f"blocks.{hp.layer}.{names[hp.kind]}" if hp.kind in names else hookpoint
 
 
@@ -384,5 +426,7 @@ def export_sparsify(sae: TopKSAE, meta: SaeMeta, out: str | os.PathLike) -> Path
         (tmp / name).mkdir(parents=True)
         save_file(tensors, str(tmp / name / SPARSIFY_WEIGHTS))
         (tmp / name / "cfg.json").write_text(json.dumps(cfg, indent=2))
-        (tmp / "itda_export.json").write_text(json.dumps({"format": "sparsify", "hookpoints": [name], "model": meta.model}, indent=2))
+        (tmp / "itda_export.json").write_text(
+            json.dumps({"format": "sparsify", "hookpoints": [name], "model": meta.model}, indent=2)
+        )
     return out / name

@@ -168,7 +168,12 @@ class TopKSAE(nn.Module):
 
 
 def auxk_loss(
-    sae: TopKSAE, pre_BF: Tensor, err_BD: Tensor, total_var: Tensor, dead_mask_F: Tensor | None, k_aux: int | None,
+    sae: TopKSAE,
+    pre_BF: Tensor,
+    err_BD: Tensor,
+    total_var: Tensor,
+    dead_mask_F: Tensor | None,
+    k_aux: int | None,
     unit: float = 1.0,
 ) -> Tensor:
     """AuxK (Gao et al. 2024, App. B.1): reconstruct the residual from the top k_aux dead latents.

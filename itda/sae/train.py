@@ -16,19 +16,20 @@ import itertools
 import math
 import os
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable, Iterator, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from itda.tensorfile import json_entry, read_tensor_file, write_tensor_file
 from itda.builder.builder import BuildConfig
 from itda.configfields import FieldError, choice
 from itda.errors import ItdaInputError
 from itda.sae.io import Fields, check_weights, checked_config
 from itda.sae.model import SaeConfig, TopKSAE
+from itda.tensorfile import json_entry, read_tensor_file, write_tensor_file
 
 RESAMPLE_RULES = (None, "itda")
 MAX_LR = 1e3  # Adam moves each weight by about lr a step: far past any use for unit-norm decoder rows
@@ -47,7 +48,9 @@ class TrainConfig:
     dead_after_tokens: int = choice(1_000_000, "A latent is dead after this many tokens without firing.")
     resample: str | None = choice(None, "'itda': replace dead latents by the worst-reconstructed activations.")
     resample_every: int = choice(200, "Steps between resamplings.")
-    resample_min_cosine: float = choice(BuildConfig.DEFAULT_MIN_COSINE, "ITDA resampling: kept rows pairwise below this |cos|.")
+    resample_min_cosine: float = choice(
+        BuildConfig.DEFAULT_MIN_COSINE, "ITDA resampling: kept rows pairwise below this |cos|."
+    )
     seed: int = choice(0, "Seed of the initialisation, the batch order and resampling.")
 
     def validate(self) -> None:
@@ -75,14 +78,21 @@ class SaeSpec:
 
     latents: int = choice(help="Number of latents F.")
     k: int = choice(32, "Active latents per token.")
-    init: str = choice("kaiming", "kaiming, orthogonal, data, mean-subtracted, centroid-subtracted, outliers, itda:DICT, transfer:SAE_OR_DICT.")
+    init: str = choice(
+        "kaiming",
+        "kaiming, orthogonal, data, mean-subtracted, centroid-subtracted, outliers, itda:DICT, transfer:SAE_OR_DICT.",
+    )
     batch_size: int = choice(4096, "Tokens per step.")
     b_dec: str = choice("median", "Decoder bias from the init sample: median (geometric), mean or zero.")
-    fill: str | None = choice("data", "itda/transfer init with more latents than atoms: fill the rest with 'data' or 'kaiming' rows.")
+    fill: str | None = choice(
+        "data", "itda/transfer init with more latents than atoms: fill the rest with 'data' or 'kaiming' rows."
+    )
     crop: bool = choice(False, "itda/transfer init with fewer latents than atoms: keep the first atoms.")
     batch_topk: bool = choice(False, "Train with BatchTopK (B*k activations per batch); inference stays TopK.")
     init_sample: int = choice(16_384, "Activations the init and b_dec are computed from.")
-    holdout: float = choice(0.05, "Activation file: fraction of rows (the last ones) held out for the final evaluation.")
+    holdout: float = choice(
+        0.05, "Activation file: fraction of rows (the last ones) held out for the final evaluation."
+    )
 
     def validate(self) -> None:
         if self.latents < 1:
@@ -90,7 +100,9 @@ class SaeSpec:
         if not 1 <= self.k <= self.latents:
             raise FieldError("k", f"must be between 1 and latents ({self.latents}), got {self.k}")
         if self.batch_size < 2:
-            raise FieldError("batch_size", f"must be >= 2 (the FVU loss needs a batch's variance), got {self.batch_size}")
+            raise FieldError(
+                "batch_size", f"must be >= 2 (the FVU loss needs a batch's variance), got {self.batch_size}"
+            )
         if self.init_sample < 1:
             raise FieldError("init_sample", f"must be >= 1, got {self.init_sample}")
         if not 0.0 <= self.holdout < 1.0:
@@ -138,12 +150,16 @@ class SaeTrainer:
         if x_BD.ndim != 2 or x_BD.shape[1] != self.sae.cfg.d_in:
             raise ItdaInputError(f"activation batch has shape {tuple(x_BD.shape)}, the SAE d_in={self.sae.cfg.d_in}")
         if x_BD.shape[0] < 2:
-            raise ItdaInputError(f"activation batch at step {n} has {x_BD.shape[0]} row(s); the FVU loss needs at least 2")
+            raise ItdaInputError(
+                f"activation batch at step {n} has {x_BD.shape[0]} row(s); the FVU loss needs at least 2"
+            )
         x = x_BD.to(device=self.sae.device, dtype=torch.float32)
         if not bool(torch.isfinite(x).all()):
             raise ItdaInputError(f"activation batch at step {n} contains NaN or inf")
         if bool((x == x[:1]).all()):
-            raise ItdaInputError(f"activation batch at step {n} has no variance (all {x.shape[0]} rows are equal): FVU is undefined")
+            raise ItdaInputError(
+                f"activation batch at step {n} has no variance (all {x.shape[0]} rows are equal): FVU is undefined"
+            )
         return x
 
     def step(self, x_BD: Tensor) -> StepStats:
@@ -154,8 +170,11 @@ class SaeTrainer:
         loss = out.fvu + self.config.auxk_alpha * out.auxk_loss
         fvu, aux = float(out.fvu.detach()), float(out.auxk_loss.detach())
         if not (math.isfinite(fvu) and math.isfinite(aux)):
-            raise FieldError("lr", f"training diverged at step {self.step_count}: the loss is not finite (FVU {fvu}, "
-                             f"AuxK {aux}); lower {{field}}")
+            raise FieldError(
+                "lr",
+                f"training diverged at step {self.step_count}: the loss is not finite (FVU {fvu}, "
+                f"AuxK {aux}); lower {{field}}",
+            )
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.sae.remove_parallel_grads()
@@ -172,7 +191,9 @@ class SaeTrainer:
         if self.config.resample == "itda" and self.step_count % self.config.resample_every == 0:
             resampled = self.resample_dead(x)
         self.last_fvu = fvu
-        return StepStats(self.step_count, fvu, aux, int(self.dead_mask().sum()), float(active.sum()) / x.shape[0], resampled)
+        return StepStats(
+            self.step_count, fvu, aux, int(self.dead_mask().sum()), float(active.sum()) / x.shape[0], resampled
+        )
 
     @torch.no_grad()
     def resample_dead(self, x_BD: Tensor) -> int:
@@ -188,8 +209,9 @@ class SaeTrainer:
         cos = torch.nn.functional.cosine_similarity(centred, x_hat - self.sae.b_dec, dim=1)
         order = torch.argsort(cos, stable=True)[: 4 * len(dead)]
         unit = centred[order] / centred[order].norm(dim=1, keepdim=True).clamp(min=1e-12)
-        keep = greedy_dissimilar(unit, torch.ones(len(order), dtype=torch.bool, device=unit.device),
-                                 self.config.resample_min_cosine)
+        keep = greedy_dissimilar(
+            unit, torch.ones(len(order), dtype=torch.bool, device=unit.device), self.config.resample_min_cosine
+        )
         rows = unit[keep][: len(dead)]
         targets = dead[: len(rows)]
         alive = ~self.dead_mask()
@@ -215,7 +237,7 @@ class SaeTrainer:
         checkpoint_every: int = 0,
         checkpoint_extra: dict | None = None,
         progress: bool = True,
-        callback: Callable[["SaeTrainer", StepStats], None] | None = None,
+        callback: Callable[[SaeTrainer, StepStats], None] | None = None,
     ) -> list[StepStats]:
         """Train until config.steps; `batches` yields the stream from its start (already-done steps are skipped)."""
         history: list[StepStats] = []
@@ -228,7 +250,12 @@ class SaeTrainer:
                 stats = self.step(x)
                 history.append(stats)
                 bar.update(1)
-                bar.set_postfix(fvu=f"{stats.fvu:.4f}", dead=stats.dead, tok_s=f"{self.tokens_seen / max(time.perf_counter() - t0, 1e-9):,.0f}", refresh=False)
+                bar.set_postfix(
+                    fvu=f"{stats.fvu:.4f}",
+                    dead=stats.dead,
+                    tok_s=f"{self.tokens_seen / max(time.perf_counter() - t0, 1e-9):,.0f}",
+                    refresh=False,
+                )
                 if callback is not None:
                     callback(self, stats)
                 if checkpoint is not None and checkpoint_every and self.step_count % checkpoint_every == 0:
@@ -250,15 +277,23 @@ class SaeTrainer:
             st = self.opt.state.get(getattr(self.sae, n), {})
             for key in ("exp_avg", "exp_avg_sq", "step"):
                 if key in st:
-                    tensors[f"adam.{n}.{key}"] = st[key].detach().cpu().reshape(-1) if key == "step" else st[key].detach().cpu().contiguous()
+                    tensors[f"adam.{n}.{key}"] = (
+                        st[key].detach().cpu().reshape(-1) if key == "step" else st[key].detach().cpu().contiguous()
+                    )
         tensors["since_fired"] = self.since_fired_F.cpu().contiguous()
-        state = {"sae": self.sae.cfg.to_dict(), "config": asdict(self.config), "step_count": self.step_count,
-                 "tokens_seen": self.tokens_seen, "resampled_total": self.resampled_total, "last_fvu": self.last_fvu,
-                 "extra": extra or {}}
+        state = {
+            "sae": self.sae.cfg.to_dict(),
+            "config": asdict(self.config),
+            "step_count": self.step_count,
+            "tokens_seen": self.tokens_seen,
+            "resampled_total": self.resampled_total,
+            "last_fvu": self.last_fvu,
+            "extra": extra or {},
+        }
         write_tensor_file(path, tensors, _CKPT_KEY, state)
 
     @classmethod
-    def load_checkpoint(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple["SaeTrainer", dict]:
+    def load_checkpoint(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[SaeTrainer, dict]:
         """(trainer, extra) from a checkpoint; its config and tensor shapes are checked before anything is allocated."""
         header, tensors = read_tensor_file(path, "itda SAE checkpoint")
         state = json_entry(header, _CKPT_KEY, path, "itda SAE checkpoint")
@@ -284,7 +319,9 @@ class SaeTrainer:
             trainer.resampled_total = state.get("resampled_total", 0)
             trainer.last_fvu = None if state.get("last_fvu") is None else float(state["last_fvu"])
         except (ValueError, KeyError, RuntimeError, TypeError) as exc:
-            raise ItdaInputError(f"{path}: not a readable itda SAE checkpoint ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+            raise ItdaInputError(
+                f"{path}: not a readable itda SAE checkpoint ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+            ) from None
         return trainer, state.get("extra", {})
 
 
@@ -298,13 +335,20 @@ def _check_state(path, state: dict, tensors: dict[str, Tensor], cfg: SaeConfig) 
     f.mapping("config")
     if not isinstance(state.get("last_fvu"), (int, float, type(None))) or isinstance(state.get("last_fvu"), bool):
         raise f.fail("last_fvu", "a number or null")
-    shapes = {"W_enc": (cfg.n_latents, cfg.d_in), "b_enc": (cfg.n_latents,), "W_dec": (cfg.n_latents, cfg.d_in), "b_dec": (cfg.d_in,)}
+    shapes = {
+        "W_enc": (cfg.n_latents, cfg.d_in),
+        "b_enc": (cfg.n_latents,),
+        "W_dec": (cfg.n_latents, cfg.d_in),
+        "b_dec": (cfg.d_in,),
+    }
     check_weights(path, {n: tensors[f"sae.{n}"] for n in shapes if f"sae.{n}" in tensors}, cfg.d_in, cfg.n_latents)
     want = {f"adam.{n}.{key}": shape for n, shape in shapes.items() for key in ("exp_avg", "exp_avg_sq")}
     want.update({f"adam.{n}.step": (1,) for n in shapes}, since_fired=(cfg.n_latents,))
     for name, t in tensors.items():
         if name in want and tuple(t.shape) != want[name]:
-            raise ItdaInputError(f"{path}: checkpoint tensor {name} has shape {list(t.shape)}, expected {list(want[name])}")
+            raise ItdaInputError(
+                f"{path}: checkpoint tensor {name} has shape {list(t.shape)}, expected {list(want[name])}"
+            )
     if "since_fired" not in tensors or tensors["since_fired"].dtype != torch.int64:
         raise ItdaInputError(f"{path}: checkpoint tensor since_fired is missing or not int64")
 

@@ -120,8 +120,16 @@ def coverage_curve(sets: sp.spmatrix, order: np.ndarray) -> np.ndarray:
     return out
 
 
-def select_documents(sets: sp.spmatrix, budget: int, strategy: str = "greedy", *, doc_tokens: np.ndarray | None = None,
-                     seed: int = 0, tau0: float = 0.3, step: float = 0.1) -> np.ndarray:
+def select_documents(
+    sets: sp.spmatrix,
+    budget: int,
+    strategy: str = "greedy",
+    *,
+    doc_tokens: np.ndarray | None = None,
+    seed: int = 0,
+    tau0: float = 0.3,
+    step: float = 0.1,
+) -> np.ndarray:
     """The chosen documents (row indices of `sets`) in order of choice."""
     if strategy == "greedy":
         return greedy_max_coverage(sets, budget)[0]

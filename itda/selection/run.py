@@ -7,8 +7,8 @@ from typing import NamedTuple
 import numpy as np
 
 from itda.activations.corpus import read_documents
-from itda.dictionary import Dictionary
 from itda.activations.models import model_at_hookpoint
+from itda.dictionary import Dictionary
 from itda.errors import ItdaInputError
 from itda.selection.coverage import coverage_curve, longest_order, random_order, select_documents
 from itda.selection.supports import DocSupports, document_supports
@@ -23,13 +23,34 @@ class Selection(NamedTuple):
     curves: dict[str, np.ndarray]  # strategy -> atoms covered after 1..budget documents
 
 
-def corpus_supports(corpus: str, dictionary: Dictionary, *, model: str | None = None, field: str = "text",
-                    k: int | None = None, support_atoms: int = 4, context: int = 128,
-                    max_doc_tokens: int | None = None, device: str = "cpu", progress: bool = True) -> tuple[list[str], DocSupports]:
+def corpus_supports(
+    corpus: str,
+    dictionary: Dictionary,
+    *,
+    model: str | None = None,
+    field: str = "text",
+    k: int | None = None,
+    support_atoms: int = 4,
+    context: int = 128,
+    max_doc_tokens: int | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> tuple[list[str], DocSupports]:
     lm, hp = model_at_hookpoint(dictionary, model, needs="select", device=device)
     docs = read_documents(corpus, field)
-    sup = document_supports(lm, dictionary, hp, docs, list(range(len(docs))), k=dictionary.encoding_k(k), support_atoms=support_atoms, context=context, max_doc_tokens=max_doc_tokens,
-                            device=device, progress=progress)
+    sup = document_supports(
+        lm,
+        dictionary,
+        hp,
+        docs,
+        list(range(len(docs))),
+        k=dictionary.encoding_k(k),
+        support_atoms=support_atoms,
+        context=context,
+        max_doc_tokens=max_doc_tokens,
+        device=device,
+        progress=progress,
+    )
     if int(np.asarray(sup.tokens).sum()) == 0:
         raise ItdaInputError(f"{corpus}: its documents hold no tokens to select from")
     return docs, sup
@@ -43,20 +64,31 @@ def choose(sup: DocSupports, n_atoms: int, budget: int, strategy: str = "greedy"
         raise ItdaInputError(f"--budget {budget} exceeds the corpus's {len(sup.doc_ids)} documents")
     rows = select_documents(sup.sets, budget, strategy, doc_tokens=sup.tokens, seed=seed)
     longest = longest_order(sup.tokens, budget)
-    draws = np.stack([coverage_curve(sup.sets, random_order(len(sup.doc_ids), budget, seed + i)) for i in range(RANDOM_DRAWS)])
+    draws = np.stack(
+        [coverage_curve(sup.sets, random_order(len(sup.doc_ids), budget, seed + i)) for i in range(RANDOM_DRAWS)]
+    )
     chosen = coverage_curve(sup.sets, rows)
     # the baselines, then the choice (under its own name when it is one of them: its own curve)
     curves = {"random": draws.mean(0), "longest": coverage_curve(sup.sets, longest), strategy: chosen}
     used = int((np.asarray(sup.sets.sum(0)).ravel() > 0).sum())
     final = {name: float(c[len(rows) - 1]) if len(c) else 0.0 for name, c in curves.items()}
     report = {
-        "itda_select": 1, "strategy": strategy, "budget": budget, "chosen": int(len(rows)),
-        "documents": int(len(sup.doc_ids)), "corpus_tokens": int(sup.tokens.sum()),
-        "atoms_in_dictionary": int(n_atoms), "atoms_used_by_corpus": used,
-        "coverage": {name: {"atoms": v, "of_corpus": v / used if used else 0.0, "of_dictionary": v / n_atoms}
-                     for name, v in final.items()},
+        "itda_select": 1,
+        "strategy": strategy,
+        "budget": budget,
+        "chosen": int(len(rows)),
+        "documents": int(len(sup.doc_ids)),
+        "corpus_tokens": int(sup.tokens.sum()),
+        "atoms_in_dictionary": int(n_atoms),
+        "atoms_used_by_corpus": used,
+        "coverage": {
+            name: {"atoms": v, "of_corpus": v / used if used else 0.0, "of_dictionary": v / n_atoms}
+            for name, v in final.items()
+        },
         "tokens": {"longest": int(sup.tokens[longest].sum()), strategy: int(sup.tokens[rows].sum())},
-        "random_draws": RANDOM_DRAWS, "random_std_atoms": float(draws[:, -1].std()), "seed": seed,
+        "random_draws": RANDOM_DRAWS,
+        "random_std_atoms": float(draws[:, -1].std()),
+        "seed": seed,
     }
     new = np.diff(np.concatenate([[0], chosen]))
     return Selection(sup.doc_ids[rows], new, report, curves)
@@ -77,7 +109,12 @@ def plot_curves(curves: dict[str, np.ndarray], used: int, path, title: str) -> b
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, c in curves.items():
-        ax.plot(np.arange(1, len(c) + 1), np.asarray(c) / max(used, 1), label=name, lw=2 if name not in ("random", "longest") else 1.2)
+        ax.plot(
+            np.arange(1, len(c) + 1),
+            np.asarray(c) / max(used, 1),
+            label=name,
+            lw=2 if name not in ("random", "longest") else 1.2,
+        )
     ax.set_xlabel("documents chosen")
     ax.set_ylabel("share of the corpus's atoms covered")
     ax.set_title(title, fontsize=10)

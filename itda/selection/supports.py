@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -24,10 +25,22 @@ class DocSupports(NamedTuple):
     tokens: np.ndarray  # [D] tokens read per document
 
 
-def document_supports(lm: LoadedModel, dictionary: Dictionary, hp: Hookpoint, docs: Sequence[str], doc_ids: Sequence[int],
-                      *, k: int, support_atoms: int = 4, context: int = 128, max_doc_tokens: int | None = None,
-                      docs_per_step: int = 64, batch_contexts: int = 32, device: str = "cpu",
-                      progress: bool = True) -> DocSupports:
+def document_supports(
+    lm: LoadedModel,
+    dictionary: Dictionary,
+    hp: Hookpoint,
+    docs: Sequence[str],
+    doc_ids: Sequence[int],
+    *,
+    k: int,
+    support_atoms: int = 4,
+    context: int = 128,
+    max_doc_tokens: int | None = None,
+    docs_per_step: int = 64,
+    batch_contexts: int = 32,
+    device: str = "cpu",
+    progress: bool = True,
+) -> DocSupports:
     """A document's support: the atoms that are among the `support_atoms` strongest (largest
     |total coefficient|) of at least one of its tokens. Documents are tokenized, run and encoded
     `docs_per_step` at a time (memory: one step's activations plus the sparse supports); each
@@ -40,13 +53,21 @@ def document_supports(lm: LoadedModel, dictionary: Dictionary, hp: Hookpoint, do
     for s in range(0, len(doc_ids), docs_per_step):
         step_ids = list(doc_ids[s : s + docs_per_step])
         try:
-            ctx = tokenize_contexts(docs, step_ids, lm.tokenizer, context=context, tokenizer_name=lm.tokenizer_name,
-                                    max_doc_tokens=max_doc_tokens)
+            ctx = tokenize_contexts(
+                docs,
+                step_ids,
+                lm.tokenizer,
+                context=context,
+                tokenizer_name=lm.tokenizer_name,
+                max_doc_tokens=max_doc_tokens,
+            )
         except ItdaInputError:  # only empty documents in this step
             bar.update(len(step_ids))
             continue
         step_pairs = []
-        for batch in iterate_batches(lm.model, [hp], ctx, batch_contexts=batch_contexts, dtype=torch.float32, device=device):
+        for batch in iterate_batches(
+            lm.model, [hp], ctx, batch_contexts=batch_contexts, dtype=torch.float32, device=device
+        ):
             acts = batch[hp]
             codes = dictionary.encode(acts.dense(), k)
             tok_rows, slots = strongest_atoms(codes, support_atoms)
@@ -72,4 +93,3 @@ def strongest_atoms(codes, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     keep = top_vals > 0
     rows = torch.arange(strength.shape[0])[:, None].expand(-1, m)
     return rows[keep], top_slots[keep]
-
