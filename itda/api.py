@@ -254,10 +254,10 @@ def explore(
         labels = [f"A: {labels[0]}", f"B: {labels[1]}"]
     views = [
         view_on_model(d, label=label, model=name, lm=lm, progress=progress, **options)
-        for d, label in zip(dicts, labels)
+        for d, label in zip(dicts, labels, strict=True)
     ]
     shared = shared_atoms(dictionary, other) if other is not None else None
-    return write_explorer(out, explorer_data(views, shared))
+    return write_explorer(Path(out), explorer_data(views, shared))
 
 
 def select(

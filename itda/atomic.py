@@ -95,11 +95,13 @@ def atomic_dir(target: str | os.PathLike, *, replace_if: str | None = None) -> I
     """
     import shutil
 
-    from itda.errors import ItdaInputError
+    from itda.configfields import FieldError
 
     target = Path(target)
     if target.exists() and not (replace_if and (target / replace_if).is_file()):
-        raise ItdaInputError(f"{target}: exists and is not an earlier output of this command; choose another --out")
+        raise FieldError(
+            "out", f"{target}: exists and is not an earlier output of this command; choose another {{field}}"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent))

@@ -7,6 +7,7 @@ choice, its default and its help live; the CLI builds its options from them (itd
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 from itda.errors import ItdaInputError
@@ -28,14 +29,19 @@ def field_default(cls: type, name: str) -> Any:
 
 
 class FieldError(ItdaInputError):
-    """A refused value of a config field. `message` names the field as {field} (or is put after it);
-    str() names it as the config does, `named(flag)` as the CLI does."""
+    """A refused value of a config field. `message` names the field as {field} (or is put after it), and
+    each field in `others` (a remedy may name more than one) as {that_field}; str() names them as the
+    config does, `named(flag, flag)` as the CLI does."""
 
-    def __init__(self, field: str, message: str):
+    def __init__(self, field: str, message: str, *, others: tuple[str, ...] = ()):
         self.field = field
+        self.others = others
         self.message = message if "{field}" in message else "{field} " + message
         super().__init__(self.named(field))
 
-    def named(self, name: str) -> str:
-        """The message with the field called `name` (e.g. its CLI flag)."""
-        return self.message.replace("{field}", name)
+    def named(self, name: str, rename: Callable[[str], str] | None = None) -> str:
+        """The message with the field called `name` (e.g. its CLI flag) and each of `others` rename(it)."""
+        text = self.message
+        for other in self.others:
+            text = text.replace("{" + other + "}", rename(other) if rename is not None else other)
+        return text.replace("{field}", name)

@@ -46,7 +46,8 @@ def atom_snippet(docs: list[str], refs_row: list[int], width: int = 40) -> str:
 def run_demo(
     out: Path, tokens: int, eval_tokens: int = 8192, model: str = DEMO_MODEL, layer: int | None = None
 ) -> DemoResult:
-    """Build at `layer` (default: the middle block) from `tokens` tokens, evaluate held-out, write the report and explorer."""
+    """Build at `layer` (default: the middle block) from `tokens` tokens, evaluate held-out, write the
+    report and explorer."""
     lm = load_model(model)
     layer = n_layers(lm.model) // 2 if layer is None else layer
     hp = Hookpoint("resid_post", layer)

@@ -205,7 +205,8 @@ class Dictionary:
             raise ItdaInputError(f"{path}: atoms have d={atoms.shape[1]} but metadata says d={meta.d}")
         if refs.dtype != torch.int64 or refs.shape != (atoms.shape[0], len(REF_FIELDS)):
             raise ItdaInputError(
-                f"{path}: refs must be int64 [{atoms.shape[0]}, {len(REF_FIELDS)}], got {refs.dtype} {tuple(refs.shape)}"
+                f"{path}: refs must be int64 [{atoms.shape[0]}, {len(REF_FIELDS)}], "
+                f"got {refs.dtype} {tuple(refs.shape)}"
             )
         if not bool(torch.isfinite(atoms).all()):
             raise ItdaInputError(f"{path}: atoms contain NaN or inf")

@@ -49,5 +49,6 @@ def check_fits(nbytes: float, what: str, device: torch.device | str = "cpu") -> 
     free = available_bytes(device)
     if free is not None and nbytes > free:
         raise ItdaInputError(
-            f"{what} needs about {format_bytes(nbytes)}, more than the {format_bytes(free)} free on {torch.device(device)}"
+            f"{what} needs about {format_bytes(nbytes)}, more than the {format_bytes(free)} free "
+            f"on {torch.device(device)}"
         )

@@ -99,7 +99,8 @@ def verify_checksum(path: str | os.PathLike, header: dict[str, str], tensors: di
 def read_tensor_file(
     path: str | os.PathLike, what: str = "safetensors file"
 ) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """(header metadata, tensors), checksum verified; an unreadable file raises ItdaInputError naming it and `what` it should be."""
+    """(header metadata, tensors), checksum verified; an unreadable file raises ItdaInputError naming it
+    and `what` it should be."""
     path = Path(path)
     if not path.is_file():
         raise ItdaInputError(f"{path}: no such {what}")

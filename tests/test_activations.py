@@ -90,7 +90,7 @@ def test_contexts_refs_point_at_the_token_text():
     ctx = tokenize_contexts(docs, range(len(docs)), tok, context=32, tokenizer_name="w")
     assert ctx.input_ids.shape[1] == 32
     real = ctx.refs[..., 0] >= 0
-    for (doc, pos, cs, ce, tid), is_real in zip(ctx.refs.view(-1, 5).tolist(), real.view(-1).tolist()):
+    for (doc, pos, cs, ce, tid), is_real in zip(ctx.refs.view(-1, 5).tolist(), real.view(-1).tolist(), strict=True):
         if not is_real or pos < 0:
             continue
         assert docs[doc][cs:ce] == tok.convert_ids_to_tokens(tid)

@@ -16,7 +16,7 @@ def _mp(x, atoms, k):
     n, m = x.shape[0], atoms.shape[0]
     coef = np.zeros((n, m))
     for r in range(n):
-        for j, v in zip(idx[r], val[r]):
+        for j, v in zip(idx[r], val[r], strict=True):
             coef[r, j] += v
     recon = coef @ atoms
     cos = (recon * x).sum(1) / (np.linalg.norm(recon, axis=1) * np.linalg.norm(x, axis=1) + 1e-300)

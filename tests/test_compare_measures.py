@@ -32,20 +32,20 @@ def ref_linear_cka(x, y):
     return np.linalg.norm(yc.T @ xc) ** 2 / (np.linalg.norm(xc.T @ xc) * np.linalg.norm(yc.T @ yc))
 
 
-def ref_unbiased_hsic(k, l):
-    n = k.shape[0]
-    kt, lt = k - np.diag(np.diag(k)), l - np.diag(np.diag(l))
+def ref_unbiased_hsic(ka, kb):
+    n = ka.shape[0]
+    at, bt = ka - np.diag(np.diag(ka)), kb - np.diag(np.diag(kb))
     one = np.ones(n)
     return (
-        np.trace(kt @ lt)
-        + (one @ kt @ one) * (one @ lt @ one) / ((n - 1) * (n - 2))
-        - 2 / (n - 2) * (one @ kt @ lt @ one)
+        np.trace(at @ bt)
+        + (one @ at @ one) * (one @ bt @ one) / ((n - 1) * (n - 2))
+        - 2 / (n - 2) * (one @ at @ bt @ one)
     ) / (n * (n - 3))
 
 
 def ref_debiased_cka(x, y):
-    k, l = x @ x.T, y @ y.T
-    return ref_unbiased_hsic(k, l) / np.sqrt(ref_unbiased_hsic(k, k) * ref_unbiased_hsic(l, l))
+    ka, kb = x @ x.T, y @ y.T
+    return ref_unbiased_hsic(ka, kb) / np.sqrt(ref_unbiased_hsic(ka, ka) * ref_unbiased_hsic(kb, kb))
 
 
 def ref_cca(x, y):
@@ -173,7 +173,7 @@ def test_relative_and_mutual_knn():
         np.fill_diagonal(s, -np.inf)
         return [set(np.argsort(-row, kind="stable")[:k]) for row in s]
 
-    want = np.mean([len(a & b) / 5 for a, b in zip(knn(x), knn(y))])
+    want = np.mean([len(a & b) / 5 for a, b in zip(knn(x), knn(y), strict=True)])
     assert abs(mutual_knn(x, y, k=5).value - want) < 1e-6
     same = mutual_knn(x, x @ scipy.stats.ortho_group.rvs(20, random_state=rng), k=5)
     assert same.value == pytest.approx(1.0)

@@ -6,16 +6,16 @@ import torch
 from itda.comparison.minibatch import MinibatchCKAGrid, exact_grid_bytes
 
 
-def hsic1(k: np.ndarray, l: np.ndarray) -> float:
-    n = k.shape[0]
-    kt, lt = k.copy(), l.copy()
-    np.fill_diagonal(kt, 0)
-    np.fill_diagonal(lt, 0)
+def hsic1(ka: np.ndarray, kb: np.ndarray) -> float:
+    n = ka.shape[0]
+    at, bt = ka.copy(), kb.copy()
+    np.fill_diagonal(at, 0)
+    np.fill_diagonal(bt, 0)
     one = np.ones(n)
     return (
-        np.trace(kt @ lt)
-        + (one @ kt @ one) * (one @ lt @ one) / ((n - 1) * (n - 2))
-        - 2 / (n - 2) * one @ kt @ lt @ one
+        np.trace(at @ bt)
+        + (one @ at @ one) * (one @ bt @ one) / ((n - 1) * (n - 2))
+        - 2 / (n - 2) * one @ at @ bt @ one
     ) / (n * (n - 3))
 
 
@@ -33,10 +33,10 @@ def test_matches_formula_and_streams_in_any_chunks():
             num = den_a = den_b = 0.0
             for b in range(n // m):
                 xb, yb = x[b * m : (b + 1) * m], y[b * m : (b + 1) * m]
-                k, l = xb @ xb.T, yb @ yb.T
-                num += hsic1(k, l)
-                den_a += hsic1(k, k)
-                den_b += hsic1(l, l)
+                ka, kb = xb @ xb.T, yb @ yb.T
+                num += hsic1(ka, kb)
+                den_a += hsic1(ka, ka)
+                den_b += hsic1(kb, kb)
             assert abs(got[i, j] - num / np.sqrt(den_a * den_b)) < 1e-10
     assert got[0, 0] > 0.5 and abs(got[1, 1]) < 0.3  # a projection of x0 vs unrelated data
 

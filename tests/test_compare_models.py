@@ -127,11 +127,17 @@ def test_minibatch_cka_runs_when_the_exact_accumulators_do_not_fit():
     hps = [Hookpoint("resid_post", i) for i in range(4)]
     xa = [
         torch.cat(t)
-        for t in zip(*[[b[h].dense() for h in hps] for b in iterate_batches(lm_a.model, hps, ctx, dtype=torch.float32)])
+        for t in zip(
+            *[[b[h].dense() for h in hps] for b in iterate_batches(lm_a.model, hps, ctx, dtype=torch.float32)],
+            strict=True,
+        )
     ]
     xb = [
         torch.cat(t)
-        for t in zip(*[[b[h].dense() for h in hps] for b in iterate_batches(lm_b.model, hps, ctx, dtype=torch.float32)])
+        for t in zip(
+            *[[b[h].dense() for h in hps] for b in iterate_batches(lm_b.model, hps, ctx, dtype=torch.float32)],
+            strict=True,
+        )
     ]
     grid = MinibatchCKAGrid(256)
     grid.update(xa, xb)

@@ -118,7 +118,10 @@ def test_compare_over_two_ranks_equals_one_process_over_the_interleaved_chunks(t
     (ma, mb), docs = _model_dirs(tmp_path), sample_docs(40, seed=4)
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    measures = "cka,procrustes,relative,itda_relative,itda_loss_profile,itda_recon_cka,itda_scaled_procrustes,itda_fused,jaccard"
+    measures = (
+        "cka,procrustes,relative,itda_relative,itda_loss_profile,itda_recon_cka,itda_scaled_procrustes,itda_fused,"
+        "jaccard"
+    )
     out = tmp_path / "cmp"
     cmd, env = _torchrun(
         [

@@ -144,7 +144,7 @@ def test_page_data_agrees_with_the_dictionary_and_corpus(built, page):
     (view,) = data["views"]
     assert len(view["atoms"]) == len(d)
     docs = built["docs"]
-    for card, (doc, pos, cs, ce, tok) in zip(view["atoms"], d.refs.tolist()):
+    for card, (doc, pos, cs, ce, tok) in zip(view["atoms"], d.refs.tolist(), strict=True):
         assert (card["doc"], card["pos"], card["token_id"]) == (doc, pos, tok)
         assert card["token"] == docs[doc][cs:ce]
         src = card["source"]
@@ -331,7 +331,7 @@ def test_explorer_on_smollm2_highlights_the_bpe_tokens(smollm2, smollm2_contexts
     view = view_on_model(d, label="smollm2", lm=smollm2, tokens=1024, contexts=3, progress=False)
     tok = smollm2.tokenizer
     assert len(view["atoms"]) == len(d) and view["summary"]["tokens"] >= 900
-    for card, (doc, pos, cs, ce, tid) in zip(view["atoms"], d.refs.tolist()):
+    for card, (doc, _pos, cs, ce, tid) in zip(view["atoms"], d.refs.tolist(), strict=True):
         if doc < 0:
             continue
         src = card["source"]

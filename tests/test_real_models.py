@@ -57,7 +57,7 @@ def test_gemma3_overflow_is_streamed_without_loss():
     full = list(iterate_batches(lm.model, [hp], ctx, dtype=torch.float32, include_special=True))
     peak = max(b[hp].max_abs for b in half)
     assert peak > FP16_MAX  # gemma's residual stream leaves the fp16 range
-    for h, f in zip(half, full):
+    for h, f in zip(half, full, strict=True):
         assert torch.isfinite(h[hp].unit).all()
         x = f[hp].dense()
         torch.testing.assert_close(h[hp].dense(), x, rtol=2e-3, atol=2e-3 * float(x.abs().max()))

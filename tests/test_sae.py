@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from itda.builder import build_dictionary
+from itda.cli.options import flag
+from itda.configfields import FieldError
 from itda.errors import ItdaInputError
 from itda.sae import (
     SaeConfig,
@@ -176,14 +178,18 @@ def test_itda_init_fill_and_crop_rules(synthetic, synthetic_dict):
     sae, info = new_sae(SaeConfig(64, n + 50, 4), f"itda:{path}", x[:8192], seed=0, fill="data")
     assert torch.allclose(sae.W_dec[:n], d.atoms, atol=1e-6)
     assert info["fill"] == "data" and info["atoms"] == n
-    with pytest.raises(ItdaInputError, match="give a fill rule"):
+    with pytest.raises(FieldError, match="give a fill rule") as err:
         new_sae(SaeConfig(64, n + 50, 4), f"itda:{path}", x[:8192], fill=None)
-    with pytest.raises(ItdaInputError, match="--crop"):
+    assert err.value.field == "fill" and "--" not in str(err.value)
+    with pytest.raises(FieldError, match="raise latents or pass crop") as err:
         new_sae(SaeConfig(64, n - 1, 4), f"itda:{path}", x[:8192])
+    assert err.value.field == "crop"
+    assert "raise --latents or pass --crop" in err.value.named(flag("crop"), flag)  # as the CLI reports it
     with pytest.raises(ItdaInputError, match="d=64"):
         new_sae(SaeConfig(32, n, 4), f"itda:{path}", x[:8192, :32])
-    with pytest.raises(ItdaInputError, match="unknown --init"):
+    with pytest.raises(FieldError, match="unknown init") as err:
         parse_init("he-normal")
+    assert err.value.field == "init"
 
 
 def test_transfer_copies_an_sae_exactly(tmp_path, synthetic):
@@ -233,7 +239,7 @@ def test_resume_from_checkpoint_is_identical(tmp_path, synthetic):
     assert resumed.step_count == 15
     resumed.fit(shuffled_batches(x, 256, seed=5), progress=False)
     assert whole.resampled_total > 0  # the resampling path ran and is part of what must match
-    for a, b in zip(_state(whole), _state(resumed)):
+    for a, b in zip(_state(whole), _state(resumed), strict=True):
         assert torch.equal(a, b)
 
 

@@ -146,9 +146,11 @@ def test_select_end_to_end(setup):
     sets = [set() for _ in docs]
     for batch in iterate_batches(lm.model, [hp], ctx, batch_contexts=len(ctx), dtype=torch.float32):
         codes = matching_pursuit(batch[hp].dense(), d.atoms.float(), d.meta.k)
-        for doc, idx, val in zip(batch[hp].refs[:, 0].tolist(), codes.indices.tolist(), codes.values.tolist()):
+        for doc, idx, val in zip(
+            batch[hp].refs[:, 0].tolist(), codes.indices.tolist(), codes.values.tolist(), strict=True
+        ):
             total = {}
-            for i, v in zip(idx, val):
+            for i, v in zip(idx, val, strict=True):
                 total[i] = total.get(i, 0.0) + v
             sets[doc] |= set(sorted((i for i in total if total[i] != 0), key=lambda i: -abs(total[i]))[:4])
     mine = document_supports(lm, d, hp, docs, list(range(len(docs))), k=d.meta.k, context=32, progress=False)
@@ -220,6 +222,6 @@ def test_strongest_atoms_by_total_coefficient():
     idx = torch.tensor([[3, 1, 3, 2, 0], [4, 4, 1, 2, -1]])
     val = torch.tensor([[0.5, -0.9, 0.6, 0.1, 0.0], [1.0, -1.0, 0.2, -0.3, 0.0]])
     rows, slots = strongest_atoms(SparseCodes(idx, val, torch.zeros(2)), 2)
-    got = sorted((int(r), int(idx[r, s])) for r, s in zip(rows, slots))
+    got = sorted((int(r), int(idx[r, s])) for r, s in zip(rows, slots, strict=True))
     # row 0: atom 3 totals 1.1, atom 1 |-0.9|; row 1: atom 4 cancels to 0 (not used), then |-0.3| (2), 0.2 (1)
     assert got == [(0, 1), (0, 3), (1, 1), (1, 2)]

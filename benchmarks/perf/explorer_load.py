@@ -97,7 +97,7 @@ def time_page(browser, folder: Path, repeats: int = 3) -> dict:
     for _ in range(repeats):
         tab = browser.new_page(viewport={"width": 1300, "height": 1000})
         errors = []
-        tab.on("pageerror", lambda e: errors.append(str(e)))
+        tab.on("pageerror", lambda e, errors=errors: errors.append(str(e)))
         tab.goto((folder.resolve() / "index.html").as_uri(), wait_until="commit")
         tab.wait_for_selector("body[data-ready='1']", timeout=60_000)
         loads.append(tab.evaluate("performance.now()") / 1000)

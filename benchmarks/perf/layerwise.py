@@ -34,7 +34,8 @@ def rss(field):
         if line.startswith(field):
             return int(line.split()[1]) * 1024
 
-folder, mode, tokens, pass_tokens, offload_dir = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+folder, mode, offload_dir = sys.argv[1], sys.argv[2], sys.argv[5]
+tokens, pass_tokens = int(sys.argv[3]), int(sys.argv[4])
 ctx = 128
 ids = torch.randint(0, 32000, (tokens // ctx, ctx), generator=torch.Generator().manual_seed(0))
 base = rss("VmRSS")

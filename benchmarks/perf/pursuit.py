@@ -126,7 +126,8 @@ def main() -> None:
         rows.append(row)
         print(
             f"d={d:5d} N={n:6d}  floor {row['floor_s']:7.2f}s  numba {row.get('numba_s', float('nan')):7.2f}s  "
-            f"torch {row.get('torch_s', float('nan')):7.2f}s  lazy {row['lazy_s']:7.2f}s  ref {row['reference_s']:8.2f}s  "
+            f"torch {row.get('torch_s', float('nan')):7.2f}s  lazy {row['lazy_s']:7.2f}s  "
+            f"ref {row['reference_s']:8.2f}s  "
             f"best/floor {row['best_over_floor']:.2f}x  ref/best {row['reference_over_best']:.1f}x",
             flush=True,
         )

@@ -1,9 +1,9 @@
 """Does Jaccard need paper-scale token counts? Layer matching vs tokens seen (issue 9 research).
 
-smollm2-135m (or --model gemma3-270m) vs its noise copy (noise on weight matrices, layer_matching_suite.noisy_copy), every
-second layer; or --model seeds: the suite's four small GPT-2 seeds, every layer, all six pairs (the
-paper's Jaccard claim is across seeds). Per layer one ITDA dictionary (improved mode, --k 40,
---min-cosine 0.85) is built over
+smollm2-135m (or --model gemma3-270m) vs its noise copy (noise on weight matrices,
+layer_matching_suite.noisy_copy), every second layer; or --model seeds: the suite's four small GPT-2
+seeds, every layer, all six pairs (the paper's Jaccard claim is across seeds). Per layer one ITDA
+dictionary (improved mode, --k 40, --min-cosine 0.85) is built over
 --tokens held-out tokens in stream order; ITDA only adds atoms, so the dictionary after the first
 n tokens is the set of atoms whose source row is < n, and one build gives Jaccard (atom sets by
 token) at every n. Linear CKA and Procrustes (exact streaming sums) at the same n, on the same

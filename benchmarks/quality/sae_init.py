@@ -60,7 +60,8 @@ def cache_activations(lm, layers: list[int], tokens: int, eval_tokens: int) -> d
         for hp in hps:
             save_activations(files[hp.layer], torch.cat(parts[hp]))
         print(
-            f"cached {split}: {sum(x.shape[0] for x in parts[hps[0]])} tokens x {len(hps)} layers in {time.perf_counter() - t0:.0f}s",
+            f"cached {split}: {sum(x.shape[0] for x in parts[hps[0]])} tokens x {len(hps)} layers "
+            f"in {time.perf_counter() - t0:.0f}s",
             flush=True,
         )
     return paths
@@ -281,7 +282,8 @@ def main() -> None:
                 if seed == 0:
                     best[name] = sae
                 print(
-                    f"L{layer} {name:22s} seed {seed}: final FVU {r['final_fvu']:.4f} ({r['s_per_step']:.3f}s/step, init {r['init_s']:.1f}s, dead {r['dead_final']})",
+                    f"L{layer} {name:22s} seed {seed}: final FVU {r['final_fvu']:.4f} "
+                    f"({r['s_per_step']:.3f}s/step, init {r['init_s']:.1f}s, dead {r['dead_final']})",
                     flush=True,
                 )
         if "kaiming" not in runs:  # a partial run (e.g. resampling only): compare with its first init
@@ -331,7 +333,8 @@ def main() -> None:
         print(f"layer {layer}: target FVU {target:.4f}", flush=True)
         for name, row in table.items():
             print(
-                f"  {name:22s} steps {row['steps_to_target']}  ratio {row['steps_ratio_vs_kaiming']}  final {row['final_fvu_mean']:.4f}",
+                f"  {name:22s} steps {row['steps_to_target']}  ratio {row['steps_ratio_vs_kaiming']}  "
+                f"final {row['final_fvu_mean']:.4f}",
                 flush=True,
             )
         print(f"  versus: {versus}", flush=True)

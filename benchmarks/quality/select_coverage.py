@@ -119,7 +119,8 @@ def main() -> None:
         },
     )
     print(
-        f"supports {supports_s:.0f}s over {int(sup.tokens.sum())} tokens; corpus uses {used} of {len(d)} atoms; wrote {out}, {png}"
+        f"supports {supports_s:.0f}s over {int(sup.tokens.sum())} tokens; corpus uses {used} of {len(d)} atoms; "
+        f"wrote {out}, {png}"
     )
 
 

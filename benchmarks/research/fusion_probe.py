@@ -180,7 +180,8 @@ def analyse() -> tuple[dict, dict]:
             )
             for row, m in rows_sig.items():
                 print(
-                    f"  {row:16s} {m['only_ours']:3d} - {m['only_baseline']:3d} vs {m['baseline']:18s} p = {m['p_value']:.2g}"
+                    f"  {row:16s} {m['only_ours']:3d} - {m['only_baseline']:3d} vs {m['baseline']:18s} "
+                    f"p = {m['p_value']:.2g}"
                 )
     return table, significance
 

@@ -2,10 +2,10 @@
 
 Samples are the suite's as it was then (quality/layer_matching_suite.py: same models, noise copies with
 norm gains perturbed too, noisy_copy(norms=True); 3 seeds x 600 steps; held-out tokens, BOS
-dropped; itda_loss_profile was not yet cross-fitted), cached in out/probe_samples_*.pt. Each layer's ITDA dictionary is built on the
-first half of the rows (k = 40, min cosine 0.85) and every measure below is taken on the other
-half (n rows). For tokens' unit vectors U (n x d), their MP codes C over the layer's own atoms
-(n x M, atoms = rows of the first half), the reconstructions R = C A normalised:
+dropped; itda_loss_profile was not yet cross-fitted), cached in out/probe_samples_*.pt. Each layer's
+ITDA dictionary is built on the first half of the rows (k = 40, min cosine 0.85) and every measure
+below is taken on the other half (n rows). For tokens' unit vectors U (n x d), their MP codes C over
+the layer's own atoms (n x M, atoms = rows of the first half), the reconstructions R = C A normalised:
   k_cos_cka       linear CKA of the cosine kernels (U U^T, centred): CKA in ITDA's unit geometry
   k_recon_cka     linear CKA of the ITDA reconstructions' kernels (R R^T): the layer as ITDA sees it
   k_codes_dcka    debiased CKA of the code kernels C C^T (tokens alike when they use the same atoms
@@ -63,15 +63,15 @@ def kernel_cka(ka, kb) -> float:
 def kernel_dcka(ka, kb) -> float:
     n = ka.shape[0]
 
-    def hsic(k, l):
-        k, l = k.clone(), l.clone()
+    def hsic(k, m):
+        k, m = k.clone(), m.clone()
         k.fill_diagonal_(0)
-        l.fill_diagonal_(0)
-        ks, ls = k.sum(1), l.sum(1)
+        m.fill_diagonal_(0)
+        ks, ms = k.sum(1), m.sum(1)
         return (
-            float((k * l).sum())
-            + float(ks.sum()) * float(ls.sum()) / ((n - 1) * (n - 2))
-            - 2 / (n - 2) * float(ks @ ls)
+            float((k * m).sum())
+            + float(ks.sum()) * float(ms.sum()) / ((n - 1) * (n - 2))
+            - 2 / (n - 2) * float(ks @ ms)
         ) / (n * (n - 3))
 
     den = (hsic(ka, ka) * hsic(kb, kb)) ** 0.5
@@ -158,13 +158,16 @@ def cheap_grids(xs, ys) -> dict[str, np.ndarray]:
         return _unit(decode(codes, s.unit[s.anchors]))
 
     out = {}
-    for name, fa, fb in (
+    for name, fa, _fb in (
         ("cka", lambda x, s: x[half:], None),
         ("k_cos_cka", lambda x, s: s.held, None),
         ("k_recon_cka", lambda x, s: recon(s), None),
     ):
         g = StreamingCKAGrid("float64")
-        g.update(torch.stack([fa(x, s) for x, s in zip(xs, sa)]), torch.stack([fa(y, s) for y, s in zip(ys, sb)]))
+        g.update(
+            torch.stack([fa(x, s) for x, s in zip(xs, sa, strict=True)]),
+            torch.stack([fa(y, s) for y, s in zip(ys, sb, strict=True)]),
+        )
         mats = g.matrices(procrustes=name == "cka")
         out[name] = mats["cka"]
         if name == "cka":
@@ -240,7 +243,7 @@ def main() -> None:
             if key in args.benchmarks:
                 res = cached(
                     f"{key}_all_{args.rows}_" + "-".join(map(str, args.levels)),
-                    lambda: noise_samples(model, args.levels, 1, args.rows),
+                    lambda model=model: noise_samples(model, args.levels, 1, args.rows),
                 )
                 for level in args.levels:
                     table[f"{key} {level} all layers"] = run(
@@ -260,7 +263,10 @@ def main() -> None:
         ("gemma3", "gemma3-270m", NOISE_GEMMA3, 3),
     ):
         if key in args.benchmarks:
-            res = cached(f"{key}_{args.rows}", lambda: noise_samples(model, levels, every, args.rows))
+            res = cached(
+                f"{key}_{args.rows}",
+                lambda model=model, levels=levels, every=every: noise_samples(model, levels, every, args.rows),
+            )
             for level in levels:
                 table[f"{key} {level}"] = run({"base": res["base"], "noisy": res[str(level)]}, [("base", "noisy")])
     measures = sorted({m for r in table.values() for m in r})

@@ -5,7 +5,8 @@ every second layer: each dimension centred (and, standardised, scaled by its std
 dictionary half, then
 the suite's measures (layer_matching_suite.grids: ITDA measures and baselines alike) on the
 transformed rows, base vs noise copy. Accuracy without self-pairs, both directions, plain vs
-centred vs standardised (CKA and Procrustes centre anyway: centring changes only ITDA's input). Writes out/standardise_probe.json.
+centred vs standardised (CKA and Procrustes centre anyway: centring changes only ITDA's input).
+Writes out/standardise_probe.json.
 Since the per-token measures (itda_recon_cka, itda_loss_profile) centre by themselves, their plain
 and centred columns coincide; the RESULTS.md tables of this probe were measured before, at
 commit c866b8f.

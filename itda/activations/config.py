@@ -25,7 +25,8 @@ class ModelSource:
     )
     max_memory: int | None = choice(
         None,
-        "Model input: memory budget for choosing layer-wise execution, e.g. 8GB, 70GiB, 0.5 (GiB) (default: half the free memory).",
+        "Model input: memory budget for choosing layer-wise execution, e.g. 8GB, 70GiB, 0.5 (GiB) "
+        "(default: half the free memory).",
     )
 
     def validate(self) -> None:

@@ -72,11 +72,11 @@ def read_documents(source: str | Path, field: str = "text") -> list[str]:
 
 def _read_datasets(path: Path, field: str) -> list[str]:
     try:
-        from datasets import load_from_disk
+        from datasets import DatasetDict, load_from_disk
     except ImportError:
         raise ItdaInputError("reading a saved dataset needs the 'datasets' package") from None
     ds = load_from_disk(str(path))
-    if hasattr(ds, "keys"):  # DatasetDict: take the 'train' split or the first
+    if isinstance(ds, DatasetDict):  # take the 'train' split or the first
         ds = ds["train"] if "train" in ds else ds[sorted(ds.keys())[0]]
     if field not in ds.column_names:
         raise ItdaInputError(f"{path}: dataset has no column '{field}' (columns: {', '.join(ds.column_names)})")
@@ -106,6 +106,7 @@ def _default_roots() -> list[tuple[str, Path]]:
     roots = [("stdlib", Path(sysconfig.get_paths()["stdlib"]))]
     for name in ("torch", "transformers"):
         mod = sys.modules.get(name) or __import__(name)
+        assert mod.__file__ is not None  # regular packages, not namespace ones
         roots.append((name, Path(mod.__file__).parent))
     return roots
 

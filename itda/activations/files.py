@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,7 +60,7 @@ class ActivationSet:
             yield self.acts[s:e], self.refs[s:e]
 
 
-def load_activations(path: str | Path) -> ActivationSet:
+def load_activations(path: str | os.PathLike) -> ActivationSet:
     """Load and validate an activation file; errors name the file and the problem."""
     path = Path(path)
     if not path.is_file():
@@ -73,11 +74,12 @@ def load_activations(path: str | Path) -> ActivationSet:
         acts = torch.from_numpy(np.ascontiguousarray(arr))
     elif path.suffix == ".safetensors":
         header, tensors = read_tensor_file(path, "safetensors file")
-        if artifact_kind(header):
-            raise ItdaInputError(f"{path}: is {kind_name(artifact_kind(header))} file of itda, not an activation file")
+        if kind := artifact_kind(header):
+            raise ItdaInputError(f"{path}: is {kind_name(kind)} file of itda, not an activation file")
         if ACTS_KEY not in tensors:
             raise ItdaInputError(
-                f"{path}: expected a tensor named '{ACTS_KEY}' (found {', '.join(map(repr, sorted(tensors))) or 'none'})"
+                f"{path}: expected a tensor named '{ACTS_KEY}' "
+                f"(found {', '.join(map(repr, sorted(tensors))) or 'none'})"
             )
         acts = tensors[ACTS_KEY]
         refs = tensors.get(REFS_KEY)

@@ -130,7 +130,8 @@ class StopForward(Exception):
     """Raised by a hook once every requested hookpoint is captured."""
 
 
-def _first(t):
+def _first(t) -> torch.Tensor:
+    """The hidden states a hook sees: a module's output (or input), or the first of a tuple of them."""
     return t[0] if isinstance(t, (tuple, list)) else t
 
 

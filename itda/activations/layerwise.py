@@ -21,6 +21,7 @@ import types
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -214,6 +215,11 @@ def _slice_batch(obj, start: int, stop: int, batch: int):
     return obj
 
 
+def _slice_kwargs(kwargs: dict[str, Any], start: int, stop: int, batch: int) -> dict[str, Any]:
+    """_slice_batch of a call's keyword arguments."""
+    return {k: _slice_batch(v, start, stop, batch) for k, v in kwargs.items()}
+
+
 def _to_meta(module: torch.nn.Module) -> None:
     for mod in module.modules():
         for name, p in list(mod._parameters.items()):
@@ -364,7 +370,7 @@ class LayerwiseModel:
                     e = min(s + owner.micro_batch, batch)
                     outs.append(
                         original(
-                            hidden_states[s:e], *_slice_batch(args, s, e, batch), **_slice_batch(kwargs, s, e, batch)
+                            hidden_states[s:e], *_slice_batch(args, s, e, batch), **_slice_kwargs(kwargs, s, e, batch)
                         )
                     )
             finally:

@@ -8,14 +8,15 @@ network: HF_HUB_OFFLINE is set and every load is local_files_only.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import importlib.resources
+import importlib.util
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -107,7 +108,8 @@ class LoadedModel:
     layerwise: object | None = None  # the LayerwiseModel when blocks stream from disk
 
     @property
-    def config(self):
+    def config(self) -> Any:
+        """The transformers config; its fields (hidden_size, num_hidden_layers, ...) depend on the model."""
         return self.model.config
 
     @property
@@ -192,7 +194,8 @@ def resolve_model_source(spec: str) -> Path:
         pkg = PACKAGED[spec]
         if importlib.util.find_spec(pkg.module) is None:
             raise ItdaInputError(
-                f"model '{spec}' needs the package {pkg.pip}; installed models: {', '.join(available_models()) or 'none'}"
+                f"model '{spec}' needs the package {pkg.pip}; "
+                f"installed models: {', '.join(available_models()) or 'none'}"
             )
         path = pkg.locate()
     else:
@@ -256,7 +259,8 @@ def load_model(
             model = AutoModel.from_pretrained(source, local_files_only=True, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise ItdaInputError(f"{source}: cannot load model ({str(exc).splitlines()[0]})") from None
-    model.to(device).eval()
+    # transformers types PreTrainedModel.to, wrapped by a decorator, as if unbound: call it as a Module's
+    cast(torch.nn.Module, model).to(device).eval()
     model.requires_grad_(False)
     return LoadedModel(spec, model, tokenizer, source)
 

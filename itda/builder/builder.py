@@ -26,6 +26,7 @@ from itda.dictionary import (
 from itda.errors import ItdaInputError
 from itda.evaluation.metrics import normalised_loss, recon_terms, unit_rows
 from itda.pursuit import GrowingGram, matching_pursuit
+from itda.pursuit.api import Backend
 from itda.tensorfile import json_entry, read_tensor_file, write_tensor_file
 
 MODES = ("improved", "reference")
@@ -46,7 +47,7 @@ class BuildConfig:
     )
     mode: str = choice("improved", "improved (default) or reference (the paper's code).")
     max_atoms: int | None = choice(None, "Stop adding atoms at this size.")
-    backend: str = choice("auto", "Pursuit backend.")
+    backend: Backend = choice("auto", "Pursuit backend.")
     round_size: int = choice(256, "Improved mode: candidates accepted per round before re-scoring the rest.")
 
     @classmethod
@@ -78,10 +79,18 @@ class BuildConfig:
             raise FieldError("max_atoms", f"must be >= 1, got {self.max_atoms}")
 
     def loss_threshold(self, d: int) -> float:
-        return self.threshold if self.threshold is not None else cosine_to_threshold(self.min_cosine, d)
+        if self.threshold is not None:
+            return self.threshold
+        if self.min_cosine is None:
+            raise ItdaInputError("give exactly one of threshold and min_cosine")
+        return cosine_to_threshold(self.min_cosine, d)
 
     def cosine_threshold(self, d: int) -> float:
-        return self.min_cosine if self.min_cosine is not None else threshold_to_cosine(self.threshold, d)
+        if self.min_cosine is not None:
+            return self.min_cosine
+        if self.threshold is None:
+            raise ItdaInputError("give exactly one of threshold and min_cosine")
+        return threshold_to_cosine(self.threshold, d)
 
 
 class BatchStats(NamedTuple):
@@ -357,7 +366,7 @@ def build_dictionary(
     mode: str = BuildConfig.mode,
     init: Dictionary | None = None,
     max_atoms: int | None = None,
-    backend: str = BuildConfig.backend,
+    backend: Backend = BuildConfig.backend,
     meta: DictionaryMeta | None = None,
     device: torch.device | str = "cpu",
     checkpoint: str | os.PathLike | None = None,
@@ -408,8 +417,9 @@ def build_dictionary(
         builder = builder_class(mode)(d, config, init=init, meta=meta, device=device)
         builder.fingerprint = fingerprint
     writer = exchange is None or exchange.rank == 0  # one rank writes checkpoints and shows progress
-    keep = writer and checkpoint is not None
-    snapshot = builder.state() if keep else None  # the state after the last whole batch (what Ctrl-C saves)
+    save_to = checkpoint if writer else None
+    # the state after the last whole batch (what Ctrl-C saves)
+    snapshot = builder.state() if save_to is not None else None
     bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, disable=not (progress and writer), desc="build")
     try:
         for index, batch in enumerate(itertools.chain([first], iterator)):
@@ -418,14 +428,14 @@ def build_dictionary(
                 bar.update(acts.shape[0])
                 continue
             stats = builder.update(acts, refs, score_chunk=score_chunk, exchange=exchange)
-            snapshot = builder.state() if keep else None
+            snapshot = builder.state() if save_to is not None else None
             bar.update(stats.tokens)
             bar.set_postfix(atoms=stats.size, refresh=False)
-            if keep and checkpoint_every and builder.batches_seen % checkpoint_every == 0:
-                builder.save_checkpoint(checkpoint, snapshot)
+            if save_to is not None and checkpoint_every and builder.batches_seen % checkpoint_every == 0:
+                builder.save_checkpoint(save_to, snapshot)
     except KeyboardInterrupt:
-        if keep:
-            builder.save_checkpoint(checkpoint, snapshot)
+        if save_to is not None:
+            builder.save_checkpoint(save_to, snapshot)
         raise
     finally:
         bar.close()

@@ -50,7 +50,7 @@ class Exchange:
         counts = [int(c) for c in self._all_gather(count)]
         pad = torch.zeros((max(counts + [1]),) + tuple(rows_MX.shape[1:]), dtype=rows_MX.dtype, device=self.device)
         pad[: counts[self.rank]] = rows_MX.to(self.device)
-        return torch.cat([p[:c] for p, c in zip(self._all_gather(pad), counts)]).to(rows_MX.device)
+        return torch.cat([p[:c] for p, c in zip(self._all_gather(pad), counts, strict=True)]).to(rows_MX.device)
 
     def gather(self, unit_MD: torch.Tensor, refs_M5: torch.Tensor, tokens: int, loss_sum: float):
         """All ranks' candidates in rank order, total tokens and loss sum."""

@@ -153,7 +153,8 @@ def _differences(recorded: dict, fingerprint: dict) -> list[str]:
 def load_model_checkpoint(
     path: str | os.PathLike, fingerprint: dict, hookpoints: list[Hookpoint], device: str | torch.device = "cpu"
 ) -> tuple[int, dict, dict]:
-    """(steps done, builders, largest |x| per hookpoint); a checkpoint of another build is refused, naming what differs."""
+    """(steps done, builders, largest |x| per hookpoint); a checkpoint of another build is refused, naming what
+    differs."""
     header, tensors = read_tensor_file(path, _WHAT)
     if _CKPT_KEY not in header:
         raise ItdaInputError(
@@ -309,8 +310,8 @@ def build_from_model(
     }
     done, builders, max_abs = _resume(checkpoint, fp, hps, device, exchange)
     new_meta = _meta_maker(lm, contexts, corpus_name, dtype, include_special, world)
-    keep = checkpoint is not None and (exchange is None or exchange.rank == 0)
-    snapshot = _snapshot(builders, hps, done, max_abs, fp) if keep else None
+    save_to = checkpoint if exchange is None or exchange.rank == 0 else None  # rank 0 writes the checkpoints
+    snapshot = _snapshot(builders, hps, done, max_abs, fp) if save_to is not None else None
     real = int(contexts.attention_mask.sum()) if include_special else int((~contexts.special).sum())
     seen = next(iter(builders.values())).tokens_seen if builders else 0
     bar = tqdm(
@@ -329,17 +330,18 @@ def build_from_model(
             forward_s += time.perf_counter() - tf
             n = _update(builders, batches, stream, config, new_meta, exchange)
             _track_max(max_abs, batches, hps, exchange)
-            if keep:
+            if save_to is not None:
                 snapshot = _snapshot(builders, hps, step + 1, max_abs, fp)
                 if checkpoint_every and (step + 1) % checkpoint_every == 0:
-                    save_model_checkpoint(checkpoint, snapshot)
+                    save_model_checkpoint(save_to, snapshot)
             tokens += n
             bar.update(n)
             sizes = {hp.name: b.size for hp, b in builders.items()}
             bar.set_postfix(sizes if len(sizes) <= 3 else {"atoms": sum(sizes.values())}, refresh=False)
     except KeyboardInterrupt:
-        if keep:
-            save_model_checkpoint(checkpoint, snapshot)
+        if save_to is not None:
+            assert snapshot is not None  # taken whenever there is a checkpoint to write
+            save_model_checkpoint(save_to, snapshot)
         raise
     finally:
         bar.close()
@@ -352,7 +354,8 @@ def _fp16_notes(max_abs: dict, dtype: torch.dtype, show: bool) -> None:
     for hp, m in max_abs.items():
         if m > FP16_MAX and dtype == torch.float16 and show:
             tqdm.write(
-                f"note: {hp.name} reaches |x| = {m:,.0f}, beyond fp16; streamed as fp16 unit directions + fp32 norms, nothing lost"
+                f"note: {hp.name} reaches |x| = {m:,.0f}, beyond fp16; "
+                "streamed as fp16 unit directions + fp32 norms, nothing lost"
             )
 
 

@@ -7,6 +7,7 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import overload
 
 import typer
 from typer.core import TyperGroup
@@ -80,20 +81,28 @@ def user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except FieldError as exc:  # a config field's value: named by its flag
-            fail(exc.named(flag(exc.field)))
+            fail(exc.named(flag(exc.field), flag))
         except ItdaInputError as exc:
             fail(str(exc))
         except (FileNotFoundError, FileExistsError, IsADirectoryError, PermissionError, NotADirectoryError) as exc:
             fail(f"{exc.filename}: {exc.strerror}")
         except KeyboardInterrupt:
             typer.echo("interrupted" + (f"; {_INTERRUPT_NOTE[0]}" if _INTERRUPT_NOTE else ""), err=True)
-            raise typer.Exit(130)
+            raise typer.Exit(130) from None
 
     return wrapper
 
 
 def is_activation_file(source: str) -> bool:
     return Path(source).suffix in (".safetensors", ".npy")
+
+
+@overload
+def parse_memory(text: str, option: str = ...) -> int: ...
+@overload
+def parse_memory(text: None, option: str = ...) -> None: ...
+@overload
+def parse_memory(text: str | None, option: str = ...) -> int | None: ...
 
 
 def parse_memory(text: str | None, option: str = "--max-memory") -> int | None:
@@ -111,7 +120,8 @@ def parse_memory(text: str | None, option: str = "--max-memory") -> int | None:
 
 
 def check_output(out: Path, inputs: list[Path], kind: str, overwrite: bool) -> None:
-    """Refuse an output that is an input, a folder, or an existing file other than an itda `kind` (see itda.cli.outputs)."""
+    """Refuse an output that is an input, a folder, or an existing file other than an itda `kind`
+    (see itda.cli.outputs)."""
     from itda.cli.outputs import Output, check_outputs
 
     check_outputs([Output(out, kind)], inputs, overwrite)

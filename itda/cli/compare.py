@@ -67,9 +67,9 @@ def compare_command(
     include_special,
     device,
     quiet,
-    layerwise=False,
-    max_memory=None,
-    cka_memory=1 << 30,
+    layerwise: bool | None = False,
+    max_memory: int | None = None,
+    cka_memory: int = 1 << 30,
     overwrite=False,
 ) -> None:
     from itda.cli.outputs import Output, guarded
@@ -143,7 +143,8 @@ def _compare_dicts(a: Path, b: Path, out: Path | None) -> None:
             raise exc
         res[sim.name] = {"value": sim.value, **sim.details}
         typer.echo(
-            f"{sim.name:16s} {sim.value:.4f}  ({sim.details['identity']} identities, {sim.details['n_a']} vs {sim.details['n_b']} atoms)"
+            f"{sim.name:16s} {sim.value:.4f}  ({sim.details['identity']} identities, "
+            f"{sim.details['n_a']} vs {sim.details['n_b']} atoms)"
         )
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -205,7 +206,7 @@ def _compare_models(
     from itda.comparison import CompareConfig, compare_models
     from itda.comparison.registry import expand_measures
 
-    config = CompareConfig(measures=expand_measures(names), **options)
+    config = CompareConfig(measures=tuple(expand_measures(names)), **options)
     exchange = init_distributed(check_device(device))
     lm_a = load_model(a, device=device, layerwise=layerwise, max_memory=max_memory)
     lm_b = None if b == a else load_model(b, device=device, layerwise=layerwise, max_memory=max_memory)

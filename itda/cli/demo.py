@@ -16,7 +16,8 @@ def print_demo(result: DemoResult) -> None:
         f"(k={DEMO_CONFIG.k}, min cosine {DEMO_CONFIG.min_cosine})"
     )
     typer.echo(
-        f"built from {s['build_tokens']:,} tokens in {s['build_seconds']:.0f}s ({s['build_tokens_per_s']:,.0f} tokens/s, forward {s['forward_seconds']:.0f}s)"
+        f"built from {s['build_tokens']:,} tokens in {s['build_seconds']:.0f}s "
+        f"({s['build_tokens_per_s']:,.0f} tokens/s, forward {s['forward_seconds']:.0f}s)"
     )
     typer.echo(
         f"held-out {s['tokens']:,} tokens: FVU {s['fvu']:.3f}, mean cosine {s['mean_cosine']:.3f}, L0 {s['l0']:.1f}, "

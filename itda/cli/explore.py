@@ -26,7 +26,8 @@ def explore(
     model_b: str | None = typer.Option(None, help="Model of the second dictionary (default: the one it records)."),
     corpus: str | None = typer.Option(
         None,
-        help="Corpus the dictionaries were built on (default: the one they record); its held-out split gives the usage.",
+        help="Corpus the dictionaries were built on (default: the one they record); "
+        "its held-out split gives the usage.",
     ),
     tokens: int = typer.Option(20_000, help="Held-out tokens to encode."),
     context: int = option(CorpusConfig, "context"),
@@ -66,7 +67,7 @@ def explore(
             device=device,
             progress=not quiet,
         )
-        for d, label, m in zip(dicts, labels, models)
+        for d, label, m in zip(dicts, labels, models, strict=True)
     ]
     shared = shared_atoms(dicts[0], dicts[1]) if len(dicts) == 2 else None
     page = write_explorer(out, explorer_data(views, shared))

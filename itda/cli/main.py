@@ -119,11 +119,13 @@ def build(
     max_atoms: int | None = option(BuildConfig, "max_atoms"),
     checkpoint: Path | None = typer.Option(
         None,
-        help="Checkpoint file (activation file or model input): saved every --checkpoint-every batches and on Ctrl-C, resumed when it exists, removed on success.",
+        help="Checkpoint file (activation file or model input): saved every --checkpoint-every batches and on "
+        "Ctrl-C, resumed when it exists, removed on success.",
     ),
     checkpoint_every: int = typer.Option(
         10,
-        help="Batches between checkpoints (activation file: scoring steps; model: forward batches, per rank under torchrun).",
+        help="Batches between checkpoints (activation file: scoring steps; model: forward batches, "
+        "per rank under torchrun).",
     ),
     overwrite: bool = typer.Option(False, help="Replace an existing --out that is not an itda dictionary."),
     dtype: DType = typer.Option(DType.float32, help="Storage dtype of the atoms."),
@@ -225,6 +227,7 @@ def _model_build_files(
 ) -> tuple[bool, list[Path]]:
     """(one file?, the dictionary paths) of a model build, refused when --out or --checkpoint do not fit."""
     out = output.out
+    assert model.model is not None  # build() makes the ModelSource from its SOURCE argument
     one_file = len(hps) == 1 and out.suffix == ".safetensors" and not out.is_dir()
     if len(hps) > 1 and out.suffix == ".safetensors" and not out.is_dir():
         raise ItdaInputError(f"{out}: {len(hps)} hookpoints write one file each into a folder; give a folder for --out")
@@ -248,12 +251,14 @@ def _build_from_model(
     """Build one dictionary per hookpoint in one pass of the model over the corpus, and write them."""
     from itda.activations.corpus import load_contexts
     from itda.activations.hookpoints import depth, resolve_module
+    from itda.activations.layerwise import LayerwiseModel
     from itda.activations.models import load_model
     from itda.activations.stream import STREAM_DTYPES
     from itda.builder.distributed import init_distributed
     from itda.builder.from_model import build_from_model
 
     model.validate()
+    assert model.model is not None  # build() makes the ModelSource from its SOURCE argument
     one_file, _files = _model_build_files(hps, output, model, corpus)
     exchange = init_distributed(check_device(model.device))
     deepest = max(hp.layer for hp in hps)
@@ -266,6 +271,7 @@ def _build_from_model(
         dtype=STREAM_DTYPES[model.model_dtype],
     )
     if lm.layerwise is not None and not output.quiet:
+        assert isinstance(lm.layerwise, LayerwiseModel)  # LoadedModel.layerwise: the LayerwiseModel or None
         typer.echo(f"layer-wise execution: blocks stream from {lm.source}, up to block {lm.layerwise.max_layer}")
     if lm.layerwise is not None and any(depth(lm.model, hp) > deepest for hp in hps):
         raise ItdaInputError("module-path hookpoints outside the blocks need --in-memory")
@@ -339,9 +345,10 @@ def _save_model_build(result, out, one_file, dtype, checkpoint, exchange) -> Non
     if exchange is not None:
         torch.distributed.destroy_process_group()
     typer.echo(
-        f"{result.tokens} tokens in {result.seconds:.1f}s ({result.tokens_per_s:,.0f} tokens/s; forward {result.forward_seconds:.1f}s)"
+        f"{result.tokens} tokens in {result.seconds:.1f}s ({result.tokens_per_s:,.0f} tokens/s; "
+        f"forward {result.forward_seconds:.1f}s)"
     )
-    for p, (hp, d) in zip(paths, result.dictionaries.items()):
+    for p, (hp, d) in zip(paths, result.dictionaries.items(), strict=True):
         typer.echo(f"{p}: {len(d)} atoms at {hp.name}")
 
 
@@ -381,7 +388,8 @@ def info(
         typer.echo(
             "first atoms: "
             + ", ".join(
-                "(" + ", ".join(f"{f}={int(v)}" for f, v in zip(REF_FIELDS, row)) + ")" for row in d.refs[:3].tolist()
+                "(" + ", ".join(f"{f}={int(v)}" for f, v in zip(REF_FIELDS, row, strict=True)) + ")"
+                for row in d.refs[:3].tolist()
             )
         )
 
@@ -432,9 +440,7 @@ def encode(
 def eval_cmd(
     dictionary: Path = typer.Argument(..., help="Dictionary file."),
     acts: Path | None = typer.Argument(None, help="Activation file to evaluate on (or use --model)."),
-    model: str | None = typer.Option(
-        None, help="Evaluate on a model's activations (default: the dictionary's model)."
-    ),
+    model: str | None = typer.Option(None, help="Evaluate on a model's activations (default: the dictionary's model)."),
     corpus: str = option(CorpusConfig, "corpus", help="With a model: corpus (its held-out split is used)."),
     field: str = option(CorpusConfig, "field"),
     tokens: int = typer.Option(16_384, help="With a model: held-out tokens."),
@@ -505,7 +511,8 @@ def compare(
     context: int = typer.Option(128),
     batch_tokens: int = typer.Option(
         4096,
-        help="Models: tokens per forward pass (the unit torchrun ranks share out; the first one's mean centres the per-token ITDA measures).",
+        help="Models: tokens per forward pass (the unit torchrun ranks share out; the first one's mean "
+        "centres the per-token ITDA measures).",
     ),
     measures: str = typer.Option(",".join(DEFAULT_MEASURES), help=measures_help()),
     out: Path | None = typer.Option(None, "--out", "-o", help="Folder for JSON, CSV and PNG heatmaps."),
@@ -513,7 +520,8 @@ def compare(
     min_cosine: float = typer.Option(0.85, help="Models: dictionary threshold (Jaccard, ITDA measures)."),
     max_rows: int = typer.Option(
         4096,
-        help="Rows kept for the in-memory measures (not the per-token itda_fused / itda_scaled_* / itda_loss_profile / itda_recon_cka: they see every token).",
+        help="Rows kept for the in-memory measures (not the per-token itda_fused / itda_scaled_* / "
+        "itda_loss_profile / itda_recon_cka: they see every token).",
     ),
     precision: str = typer.Option("float64", help="Streaming CKA cross products: float64 (exact) or float32 (faster)."),
     include_special: bool = typer.Option(False, help="Keep BOS/special tokens (they can dominate CKA)."),
@@ -528,7 +536,8 @@ def compare(
     ),
     cka_memory: str = typer.Option(
         "1GiB",
-        help="Models: largest exact CKA accumulators (each grid: raw CKA/Procrustes, the per-token ITDA grids); beyond it minibatch CKA runs, without Procrustes.",
+        help="Models: largest exact CKA accumulators (each grid: raw CKA/Procrustes, the per-token ITDA "
+        "grids); beyond it minibatch CKA runs, without Procrustes.",
     ),
     overwrite: bool = typer.Option(False, help="Write into an existing --out folder that itda did not write."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),

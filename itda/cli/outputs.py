@@ -98,7 +98,7 @@ def _check_place(out: Output) -> None:
             return
 
 
-def check_outputs(outputs: Sequence[Output], inputs: Iterable[str | Path], overwrite: bool = False) -> None:
+def check_outputs(outputs: Sequence[Output], inputs: Iterable[str | Path | None], overwrite: bool = False) -> None:
     """Refuse, before any work, outputs that are inputs, hold inputs, or would replace what itda did not write."""
     paths = [Path(p) for p in inputs if p is not None and Path(p).exists()]
     for out in outputs:

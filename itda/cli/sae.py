@@ -125,7 +125,8 @@ def train(
     )
     if not quiet:
         typer.echo(
-            f"SAE d={d}, {latents} latents, k={k}, init {info['init']}, lr {trainer.lr:.3g}, {steps} steps of {batch_size} tokens"
+            f"SAE d={d}, {latents} latents, k={k}, init {info['init']}, lr {trainer.lr:.3g}, "
+            f"{steps} steps of {batch_size} tokens"
         )
     if checkpoint is not None:
         on_interrupt(f"checkpoint saved at {checkpoint}; run the same command to resume")
@@ -222,9 +223,7 @@ def _file_source(path: Path, spec: SaeSpec, seed: int):
     return shuffled_batches(train_rows, batch_size, seed), sample, data.d, SaeMeta(), evaluate
 
 
-def _model_source(
-    model: ModelSource, corpus: CorpusConfig, spec: SaeSpec, layer: int | None, hookpoint: str | None
-):
+def _model_source(model: ModelSource, corpus: CorpusConfig, spec: SaeSpec, layer: int | None, hookpoint: str | None):
     """(re-iterable batches, init sample, d, meta, None) of a model's activations at one hookpoint."""
     import itertools
 
@@ -238,9 +237,13 @@ def _model_source(
     from itda.sae.train import rebatch
 
     source, device, init_sample, context = model.model, model.device, spec.init_sample, corpus.context
-    if (layer is None) == (hookpoint is None):
+    assert source is not None  # train() makes the ModelSource from its SOURCE argument
+    if layer is not None and hookpoint is None:
+        hp = parse_hookpoint(str(layer))
+    elif hookpoint is not None and layer is None:
+        hp = parse_hookpoint(hookpoint)
+    else:
         raise ItdaInputError("a model source needs exactly one of --layer and --hookpoint")
-    hp = parse_hookpoint(str(layer)) if layer is not None else parse_hookpoint(hookpoint)
     lm = load_model(
         source,
         device=device,

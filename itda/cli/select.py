@@ -22,7 +22,8 @@ def select(
     out: Path = typer.Option(..., "--out", "-o", help="subset.jsonl: the chosen documents in order of choice."),
     strategy: str = typer.Option(
         "greedy",
-        help="greedy (max coverage), simscale (similarity threshold scaled up), complexity (most atoms), random, longest.",
+        help="greedy (max coverage), simscale (similarity threshold scaled up), complexity (most atoms), "
+        "random, longest.",
     ),
     model: str | None = typer.Option(None, help="Model (default: the one the dictionary records)."),
     field: str = option(CorpusConfig, "field"),
@@ -68,7 +69,7 @@ def select(
     sel = choose(sup, len(d), budget, strategy, seed=seed)
     lines = [
         json.dumps({"doc": int(i), "new_atoms": int(g), "tokens": int(sup.tokens[int(i)]), "text": docs[int(i)]})
-        for i, g in zip(sel.chosen, sel.new_atoms)
+        for i, g in zip(sel.chosen, sel.new_atoms, strict=True)
     ]
     sel.report.update(corpus=str(corpus), dictionary=str(dictionary), subset=str(out), support_atoms=support_atoms)
     write_text_atomic(out, "\n".join(lines) + "\n")
@@ -84,6 +85,7 @@ def select(
     )
     for name in dict.fromkeys((strategy, "random", "longest")):
         typer.echo(
-            f"{name:10s} {budget} documents cover {cov[name]['atoms']:.0f} atoms ({100 * cov[name]['of_corpus']:.1f}% of the corpus's)"
+            f"{name:10s} {budget} documents cover {cov[name]['atoms']:.0f} atoms "
+            f"({100 * cov[name]['of_corpus']:.1f}% of the corpus's)"
         )
     typer.echo(f"wrote {out}, {report_path}" + (f", {png_path}" if drew else ""))

@@ -78,6 +78,13 @@ class LayerSample:
         return self.unit[self.n_fit :]
 
 
+def _per_token(part: torch.Tensor | None) -> torch.Tensor:
+    """A LayerSample's per-token part (loss, recon, norm, centred_norm): None when it was skipped."""
+    if part is None:
+        raise ValueError("this measure needs the per-token parts: layer_sample(..., per_token=True)")
+    return part
+
+
 def _mp_cosine(x_ND: torch.Tensor, atoms_MD: torch.Tensor, k: int):
     codes = matching_pursuit(x_ND, atoms_MD, min(k, atoms_MD.shape[0]), check_finite=False)
     return codes, recon_terms(x_ND, codes, atoms_MD).cosine
@@ -148,11 +155,14 @@ def pair_similarities(a: LayerSample, b: LayerSample, k: int = 40, measures=ITDA
     """Every requested ITDA measure for one pair of layers (see the module docstring)."""
     out: dict[str, float] = {}
     if "itda_recon_cka" in measures:
-        out["itda_recon_cka"] = gram_cka(a.recon, b.recon)
+        out["itda_recon_cka"] = gram_cka(_per_token(a.recon), _per_token(b.recon))
     if "itda_loss_profile" in measures:
-        out["itda_loss_profile"] = float(spearman_grid(a.loss[None], b.loss[None])[0, 0])
+        out["itda_loss_profile"] = float(spearman_grid(_per_token(a.loss)[None], _per_token(b.loss)[None])[0, 0])
     if {"itda_scaled_cka", "itda_scaled_procrustes"} & set(measures):
-        exact = linear_cka(scaled_recon(a.recon, a.centred_norm), scaled_recon(b.recon, b.centred_norm))
+        exact = linear_cka(
+            scaled_recon(_per_token(a.recon), _per_token(a.centred_norm)),
+            scaled_recon(_per_token(b.recon), _per_token(b.centred_norm)),
+        )
         for m, name in (("itda_scaled_cka", "cka"), ("itda_scaled_procrustes", "procrustes")):
             if m in measures:
                 out[m] = exact[name].value
@@ -211,6 +221,8 @@ def itda_grids(
             for m, v in pair_similarities(a, b, k, measures).items():
                 grids[m][i, j] = v
     if "itda_fused" in wanted:
-        grids["norm_profile"] = spearman_grid(torch.stack([s.norm for s in sa]), torch.stack([s.norm for s in sb]))
+        grids["norm_profile"] = spearman_grid(
+            torch.stack([_per_token(s.norm) for s in sa]), torch.stack([_per_token(s.norm) for s in sb])
+        )
         grids["itda_fused"] = fused_grid({m: grids[m] for m in FUSED_PARTS})
     return {m: grids[m] for m in wanted}

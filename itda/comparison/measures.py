@@ -105,7 +105,7 @@ def _knn_prepare(z: torch.Tensor, k: int) -> np.ndarray:
 
 def _knn_pair(nx_: np.ndarray, ny_: np.ndarray) -> float:
     k = nx_.shape[1]
-    return float(np.mean([np.intersect1d(a, b, assume_unique=True).size / k for a, b in zip(nx_, ny_)]))
+    return float(np.mean([np.intersect1d(a, b, assume_unique=True).size / k for a, b in zip(nx_, ny_, strict=True)]))
 
 
 def _rbf_measure(n_rows, max_rows, anchors, knn, keep, seed):

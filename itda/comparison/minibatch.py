@@ -87,26 +87,39 @@ class MinibatchCKAGrid:
         ab = _unbiased(ka @ kb.T, sa, sb, ra @ rb.T, m)
         aa = torch.diagonal(_unbiased(ka @ ka.T, sa, sa, ra @ ra.T, m))
         bb = torch.diagonal(_unbiased(kb @ kb.T, sb, sb, rb @ rb.T, m))
-        if self.hsic_ab is None:
+        sums = self._sums()
+        if sums is None:
             self.hsic_ab, self.hsic_aa, self.hsic_bb = ab, aa, bb
         else:
-            self.hsic_ab += ab
-            self.hsic_aa += aa
-            self.hsic_bb += bb
+            sums[0].add_(ab)
+            sums[1].add_(aa)
+            sums[2].add_(bb)
         self.batches += 1
+
+    def _sums(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(hsic_ab, hsic_aa, hsic_bb), or None before the first minibatch (the three are set together)."""
+        if self.hsic_ab is None or self.hsic_aa is None or self.hsic_bb is None:
+            return None
+        return self.hsic_ab, self.hsic_aa, self.hsic_bb
 
     def sum_over(self, exchange, layers_a: int | None = None, layers_b: int | None = None) -> None:
         """Add up the minibatch sums of all ranks (each rank's own minibatches; a remainder
         shorter than a minibatch stays unused on each rank); layer counts default to `layers`."""
-        if layers_a is None:
+        if layers_a is None and self.layers is not None:
             layers_a, layers_b = self.layers
+        sums = self._sums()
+        if sums is None:
+            if layers_a is None or layers_b is None:
+                raise TypeError("a rank without a full minibatch needs the layer counts: layers=(L_A, L_B)")
+            sums = (
+                torch.zeros(layers_a, layers_b, dtype=torch.float64),
+                torch.zeros(layers_a, dtype=torch.float64),
+                torch.zeros(layers_b, dtype=torch.float64),
+            )
+            self.hsic_ab, self.hsic_aa, self.hsic_bb = sums
         count = torch.tensor([float(self.batches)], dtype=torch.float64)
         exchange.sum_(count)
-        if self.hsic_ab is None:
-            self.hsic_ab = torch.zeros(layers_a, layers_b, dtype=torch.float64)
-            self.hsic_aa = torch.zeros(layers_a, dtype=torch.float64)
-            self.hsic_bb = torch.zeros(layers_b, dtype=torch.float64)
-        for t in (self.hsic_ab, self.hsic_aa, self.hsic_bb):
+        for t in sums:
             exchange.sum_(t)
         self.batches = int(count.item())
 
@@ -114,8 +127,11 @@ class MinibatchCKAGrid:
         """[L_A, L_B] minibatch CKA."""
         if self.batches == 0:
             raise ItdaInputError(f"minibatch CKA needs at least {self.m} paired rows")
-        den = torch.sqrt(torch.outer(self.hsic_aa.clamp(min=0), self.hsic_bb.clamp(min=0)))
-        out = torch.where(den > 0, self.hsic_ab / den.clamp(min=1e-300), torch.full_like(den, math.nan))
+        sums = self._sums()
+        assert sums is not None  # batches > 0: a minibatch or sum_over has set the sums
+        hsic_ab, hsic_aa, hsic_bb = sums
+        den = torch.sqrt(torch.outer(hsic_aa.clamp(min=0), hsic_bb.clamp(min=0)))
+        out = torch.where(den > 0, hsic_ab / den.clamp(min=1e-300), torch.full_like(den, math.nan))
         return out.numpy()
 
     def matrices(self, procrustes: bool = False) -> dict[str, np.ndarray]:

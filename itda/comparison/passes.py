@@ -20,6 +20,7 @@ from itda.comparison.pairing import PairedCorpus, forward_chunk, pair_rows
 from itda.comparison.per_token import CentredDictionaries, PerTokenGrid
 from itda.comparison.plan import ComparePlan
 from itda.comparison.ranks import Ranks
+from itda.comparison.streaming import StreamingCKAGrid
 from itda.dictionary import DictionaryMeta
 
 
@@ -84,6 +85,8 @@ class CentredBuilders:
             ranks.update_builders(self.b, [f[2] for f in fwd], self.centres_b)
 
     def bases(self) -> tuple[CentredDictionaries, CentredDictionaries]:
+        # the first pass paired rows (compare needs >= 4), so some chunk had rows and set the centres
+        assert self.centres_a is not None and self.centres_b is not None
         basis_a = CentredDictionaries(self.centres_a, [b.dictionary() for b in self.a])
         if self.self_compare:
             return basis_a, basis_a
@@ -162,6 +165,7 @@ def first_pass(corpus: PairedCorpus, plan: ComparePlan, ranks: Ranks, progress: 
         if acc.jaccard_a is not None:
             ranks.update_builders(acc.jaccard_a, [f[1] for f in fwd])
             if not corpus.self_compare:
+                assert acc.jaccard_b is not None  # made together with jaccard_a
                 ranks.update_builders(acc.jaccard_b, [f[2] for f in fwd])
         if acc.centred is not None:
             acc.centred.update(fwd, ranks)
@@ -183,7 +187,8 @@ def _feed_rows(acc: FirstPass, corpus: PairedCorpus, fwd: list, ranks: Ranks) ->
         if acc.grid is None and (acc.kept is None or acc.kept.full):
             continue  # Jaccard only: the dense paired rows are not needed
         pairs.append((ci, [acts.dense()[ia] for acts in batch_a], [acts.dense()[ib] for acts in batch_b]))
-    if ranks.distributed and acc.grid is not None and acc.grid.needs_pilots:
+    # only the exact grid has pilot means (MinibatchCKAGrid.needs_pilots is False)
+    if ranks.distributed and isinstance(acc.grid, StreamingCKAGrid) and acc.grid.needs_pilots:
         _share_pilots(acc.grid, pairs, ranks, corpus.shapes)
     for ci, xs, ys in pairs:
         if not len(xs[0]):
@@ -200,7 +205,7 @@ def _first_chunk_means(batches: list[list], ranks: Ranks, n_layers: int, d: int)
     return None if means is None else means.to(torch.float32).view(n_layers, d)
 
 
-def _share_pilots(grid: CKAGrid, pairs: list, ranks: Ranks, shapes: tuple[int, int, int, int]) -> None:
+def _share_pilots(grid: StreamingCKAGrid, pairs: list, ranks: Ranks, shapes: tuple[int, int, int, int]) -> None:
     """Give every rank the same CKA pilot means: those of the paired rows of the earliest chunk of
     this step with rows."""
     la, da, lb, db = shapes
@@ -213,6 +218,7 @@ def second_pass(
     corpus: PairedCorpus, plan: ComparePlan, ranks: Ranks, first: FirstPass, progress: bool
 ) -> PerTokenGrid:
     """Forward every chunk again; encode every paired token over the centred dictionaries."""
+    assert first.centred is not None  # the first pass builds it whenever the plan has a second pass
     basis_a, basis_b = first.centred.bases()
     grid = PerTokenGrid(
         basis_a, None if corpus.self_compare else basis_b, plan.config.k, plan.per_token, plan.per_token_grid

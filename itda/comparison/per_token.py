@@ -88,7 +88,7 @@ def fused_grid(parts: dict[str, np.ndarray], names=FUSED_PARTS, hubness_k: int =
     """itda_fused [L_A, L_B]: the `names` matrices (FUSED_PARTS), each standardised over its entries
     (mean 0, std 1), summed, then hubness-corrected (`itda.comparison.hubness.csls`, k = hubness_k; 0:
     the plain sum). Relative to the layers compared: a pair's value depends on the other pairs."""
-    zsum = sum((s - s.mean()) / max(float(s.std()), 1e-12) for s in (np.asarray(parts[m]) for m in names))
+    zsum = np.asarray(sum((s - s.mean()) / max(float(s.std()), 1e-12) for s in (np.asarray(parts[m]) for m in names)))
     return csls(zsum, hubness_k)
 
 
@@ -139,9 +139,11 @@ class PerTokenGrid:
         self.k, self.measures = k, tuple(measures)
         self.basis_a, self.basis_b = basis_a, basis_b or basis_a  # what the tokens are encoded over
         self.needed = set(self.measures) | (set(FUSED_PARTS) if "itda_fused" in self.measures else set())
-        self.a = [_LayerIndex(d, c) for d, c in zip(basis_a.dictionaries, basis_a.centres_LD)]
+        self.a = [_LayerIndex(d, c) for d, c in zip(basis_a.dictionaries, basis_a.centres_LD, strict=True)]
         self.b = (
-            None if basis_b is None else [_LayerIndex(d, c) for d, c in zip(basis_b.dictionaries, basis_b.centres_LD)]
+            None
+            if basis_b is None
+            else [_LayerIndex(d, c) for d, c in zip(basis_b.dictionaries, basis_b.centres_LD, strict=True)]
         )
         # per side, per-token columns [L, n] of each profile: MP loss and activation norm
         self.profiles = {side: {"loss": [], "norm": []} for side in ("a", "b")}
@@ -161,7 +163,7 @@ class PerTokenGrid:
         """This side's (unit reconstructions [L, n, d], centred norms ||x_t - mu|| [L, n]); its
         losses and (uncentred) norms appended to its profiles."""
         recon, loss, centred_norm = [], [], []
-        for layer, x in zip(index, xs):
+        for layer, x in zip(index, xs, strict=True):
             centred = x.to(torch.float32) - layer.centre
             length = centred.norm(dim=1)
             r, s = token_parts(centred / length.clamp(min=1e-12)[:, None], layer.atoms, layer.own(refs), self.k)
@@ -180,7 +182,12 @@ class PerTokenGrid:
         if not len(xs[0]):
             return
         recon_a, norm_a = self._side("a", self.a, xs, refs_a)
-        recon_b, norm_b = (recon_a, norm_a) if self.b is None else self._side("b", self.b, ys, refs_b)
+        if self.b is None:
+            recon_b, norm_b = recon_a, norm_a
+        else:
+            if ys is None or refs_b is None:
+                raise ValueError("B is not A: its rows ys and refs_b are needed")
+            recon_b, norm_b = self._side("b", self.b, ys, refs_b)
         if self.unit_grid is not None:
             self.unit_grid.update(recon_a, recon_b)
         if self.scaled_grid is not None:
@@ -192,7 +199,7 @@ class PerTokenGrid:
         keys = [(side, name) for side in ("a", "b") if side == "a" or self.b is not None for name in ("loss", "norm")]
         cols = [self.profile(side, name) for side, name in keys]
         both = exchange.gather_rows(torch.cat(cols).T.contiguous()).T
-        for (side, name), part in zip(keys, torch.split(both, [len(c) for c in cols])):
+        for (side, name), part in zip(keys, torch.split(both, [len(c) for c in cols]), strict=True):
             self.profiles[side][name] = [part]
         for grid in (self.unit_grid, self.scaled_grid):
             if grid is not None:
@@ -202,7 +209,8 @@ class PerTokenGrid:
         """[L, n]: the per-token column of `name` (loss or norm) for side a or b (B is A: side a)."""
         side = "a" if self.b is None else side
         parts = self.profiles[side][name]
-        return torch.cat(parts, 1) if parts else torch.zeros(len(self.a if side == "a" else self.b), 0)
+        index = self.b if side != "a" and self.b is not None else self.a
+        return torch.cat(parts, 1) if parts else torch.zeros(len(index), 0)
 
     def matrices(self) -> dict[str, np.ndarray]:
         out = {}

@@ -66,6 +66,7 @@ def compare_models(
     dicts_a = dicts_b = None
     if first.jaccard_a is not None and ranks.is_root:
         dicts_a = [b.dictionary() for b in first.jaccard_a]
+        assert first.jaccard_b is not None  # made together with jaccard_a
         dicts_b = dicts_a if corpus.self_compare else [b.dictionary() for b in first.jaccard_b]
     per_token = second_pass(corpus, plan, ranks, first, progress) if plan.second_pass else None
     result = ModelComparison(
@@ -94,6 +95,7 @@ def assemble_matrices(
     cfg, matrices = plan.config, {}
     if first.grid is not None:
         mats = first.grid.matrices(procrustes="procrustes" in cfg.measures)
+        assert plan.raw_grid is not None  # first.grid is made from it
         if plan.raw_grid.exact:
             matrices.update({m: mats[m] for m in plan.streamed})
         else:

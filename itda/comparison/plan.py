@@ -88,6 +88,7 @@ class ComparePlan:
                 "itda per-token measures: every paired token, second pass over the corpus, leave-one-out MP "
                 "over dictionaries of the layer's rows centred by the first document chunk's mean"
             )
+            assert self.per_token_grid is not None  # make_plan chooses it whenever per_token is asked
             if not self.per_token_grid.exact:
                 out.append(_per_token_grid_note(self.per_token_grid))
         return out
@@ -96,6 +97,7 @@ class ComparePlan:
 def _raw_grid_note(choice: GridChoice) -> str:
     if choice.exact:
         return f"linear CKA: exact streaming ({choice.exact_bytes / GiB:.2f} GiB of accumulators)"
+    assert choice.memory is not None  # without a budget the grid is always exact
     return (
         f"linear CKA: minibatch estimator, {choice.minibatch} tokens per minibatch (the exact accumulators "
         f"would need {choice.exact_bytes / GiB:.1f} GiB > {choice.memory / GiB:.1f} GiB); reported as "
@@ -104,6 +106,7 @@ def _raw_grid_note(choice: GridChoice) -> str:
 
 
 def _per_token_grid_note(choice: GridChoice) -> str:
+    assert choice.memory is not None  # only the minibatch grid gets this note: it had a budget
     return (
         f"itda per-token CKA measures: minibatch estimator, {choice.minibatch} tokens per minibatch (exact "
         f"accumulators would need {choice.exact_bytes / GiB:.1f} GiB each > {choice.memory / GiB:.1f} GiB); "
@@ -153,6 +156,7 @@ def _estimators(plan: ComparePlan, row_width: int) -> list[Estimator]:
     if plan.jaccard:
         out.append(Estimator("jaccard_dictionaries", ("jaccard",), (1,), True, None))
     if plan.per_token:
+        assert plan.per_token_grid is not None  # make_plan chooses it whenever per_token is asked
         grids = sum(
             1
             for wanted in (("itda_recon_cka",), ("itda_scaled_cka", "itda_scaled_procrustes", "itda_fused"))

@@ -85,8 +85,10 @@ class Ranks:
     ) -> tuple[list[list[torch.Tensor]], torch.Tensor]:
         """The first max_rows of every rank's kept rows in chunk order (the same on all ranks), and
         that order (pass it back for the other model's rows)."""
+        exchange = self.exchange
+        assert exchange is not None  # only under torchrun (KeptRows.gather)
         if order is None:
             mine = torch.cat(kept_chunk) if kept_chunk else torch.zeros(0, dtype=torch.int64)
-            chunk = self.exchange.gather_rows(mine)
+            chunk = exchange.gather_rows(mine)
             order = torch.sort(chunk, stable=True).indices[:max_rows]
-        return [[self.exchange.gather_rows(torch.cat(s) if s else torch.zeros(0, d))[order]] for s in kept], order
+        return [[exchange.gather_rows(torch.cat(s) if s else torch.zeros(0, d))[order]] for s in kept], order

@@ -14,7 +14,7 @@ from itda.comparison.layers import argmax_accuracy, monotone_correspondence
 
 
 def matrix_summary(m: np.ndarray) -> dict:
-    out = {"correspondence": monotone_correspondence(np.nan_to_num(m, nan=-1.0))}
+    out: dict[str, object] = {"correspondence": monotone_correspondence(np.nan_to_num(m, nan=-1.0))}
     if m.shape[0] == m.shape[1]:
         out["argmax_accuracy"] = argmax_accuracy(m)
     return out

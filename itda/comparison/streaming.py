@@ -105,8 +105,9 @@ class StreamingCKAGrid:
         lb, _, db = y.shape
         if self.a is None:
             self.set_pilots(x.mean(1), y.mean(1))
-        xc, sqa = self.a.add(x)
-        yc, sqb = self.b.add(y)
+        a, b = self._sides()
+        xc, sqa = a.add(x)
+        yc, sqb = b.add(y)
         x_all = xc.permute(1, 0, 2).reshape(n, la * da)
         y_all = yc.permute(1, 0, 2).reshape(n, lb * db)
         if self.precision == "float32":
@@ -122,6 +123,11 @@ class StreamingCKAGrid:
     def needs_pilots(self) -> bool:
         """True until the pilot means are set (ranks share them before the first batch: `set_pilots`)."""
         return self.a is None
+
+    def _sides(self) -> tuple[_Sides, _Sides]:
+        """Both models' sums; set_pilots creates them together, before any batch is summed."""
+        assert self.a is not None and self.b is not None, "the pilot means are not set yet"
+        return self.a, self.b
 
     def set_pilots(self, pilot_a_LD: torch.Tensor, pilot_b_LD: torch.Tensor) -> None:
         """Start the sums around these per-layer means (by default the first batch's): ranks that
@@ -141,7 +147,7 @@ class StreamingCKAGrid:
         n = torch.tensor([float(self.n)], dtype=torch.float64)
         exchange.sum_(n)
         self.n = int(n.item())
-        for side in (self.a, self.b):
+        for side in self._sides():
             for t in (side.s, side.gram, side.sq_sum, side.sq4_sum, side.sq_x):
                 exchange.sum_(t)
         for t in (self.xty, self.sqx_y, self.sqy_x, self.sqsq):
@@ -151,7 +157,8 @@ class StreamingCKAGrid:
         """{'cka', 'cka_debiased', 'procrustes'} -> [L_A, L_B] arrays."""
         if self.n < 4:
             raise ItdaInputError(f"CKA needs at least 4 rows, got {self.n}")
-        n, a, b = self.n, self.a, self.b
+        n = self.n
+        a, b = self._sides()  # n >= 4 rows were summed, so the pilots are set
         la, da = a.s.shape
         lb, db = b.s.shape
 

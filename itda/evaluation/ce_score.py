@@ -99,14 +99,14 @@ def ce_loss_score(
         mask = contexts.attention_mask[s:e].to(device)
         text = ~contexts.special[s:e].to(device)
 
-        def splice(x: torch.Tensor) -> torch.Tensor:
+        def splice(x: torch.Tensor, text: torch.Tensor = text) -> torch.Tensor:
             flat = x.reshape(-1, x.shape[-1])
             sel = text.reshape(-1)
             out = flat.clone()
             out[sel] = dictionary.reconstruct(flat[sel].float(), k).to(x.dtype)
             return out.view_as(x)
 
-        def zero(x: torch.Tensor) -> torch.Tensor:
+        def zero(x: torch.Tensor, text: torch.Tensor = text) -> torch.Tensor:
             return x * (~text)[..., None].to(x.dtype)
 
         with torch.inference_mode():

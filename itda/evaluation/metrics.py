@@ -60,7 +60,7 @@ def recon_terms(x_BD: torch.Tensor, codes: SparseCodes, atoms_ND: torch.Tensor, 
     if not parts:
         z = torch.zeros(0, device=atoms_ND.device, dtype=torch.float64)
         return ReconTerms(z, z, z, z, z.float())
-    return ReconTerms(*(torch.cat(col) for col in zip(*parts)))
+    return ReconTerms(*(torch.cat(col) for col in zip(*parts, strict=True)))
 
 
 def normalised_loss(cosine: torch.Tensor, d: int) -> torch.Tensor:

@@ -52,10 +52,10 @@ def evaluate_on_model(
 ) -> ModelEvalReport:
     """Held-out metrics of a Dictionary, an itda.sae.LoadedSae or any ModelCoder on a model (a name or
     path, a LoadedModel, or None: the one the coder records)."""
-    loaded = model if isinstance(model, LoadedModel) else None
+    loaded, name = (model, None) if isinstance(model, LoadedModel) else (None, model)
     lm, hp = model_at_hookpoint(
         dictionary,
-        None if loaded else model,
+        name,
         needs="evaluation on a model",
         device=device,
         layerwise=layerwise,

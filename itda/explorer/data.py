@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from itda.configfields import FieldError
 from itda.dictionary import Dictionary
 from itda.errors import ItdaInputError
 from itda.explorer.usage import AtomUsage, co_occurrence, histogram
@@ -25,9 +26,10 @@ def check_refs(dictionary: Dictionary, docs: list[str], tokenizer) -> None:
         return
     docs_needed = sorted({int(d) for d in refs[:, 0].tolist() if d >= 0})
     if docs_needed and docs_needed[-1] >= len(docs):
-        raise ItdaInputError(
+        raise FieldError(
+            "corpus",
             f"the dictionary's atoms come from document {docs_needed[-1]}, the corpus has {len(docs)} "
-            "documents: not the corpus it was built on (--corpus)"
+            "documents: not the corpus it was built on ({field})",
         )
     ids = {d: tokenizer(docs[d], add_special_tokens=False)["input_ids"] for d in docs_needed}
     for i, (doc, pos, _cs, _ce, tok) in enumerate(refs.tolist()):
@@ -61,7 +63,7 @@ def held_out_context(
     base, end = int(stream_refs[rows[0], 2]), int(stream_refs[rows[-1], 3])
     coefs = usage.coefficients(atom, rows)
     spans = []  # flat: start, end, coefficient of each token (one array parses faster than many)
-    for r, c in zip(rows, coefs):
+    for r, c in zip(rows, coefs, strict=True):
         spans += [int(stream_refs[r, 2]) - base, int(stream_refs[r, 3]) - base, round(float(c), 4)]
     return {"text": docs[doc][base:end], "spans": spans, "at": int(np.nonzero(rows == row)[0][0])}
 
@@ -104,7 +106,7 @@ def explorer_view(
             card["source"], card["token"] = None, "" if pos >= 0 else "<special>"
         rows, _ = usage.top_tokens(a, contexts)
         card["contexts"] = [held_out_context(a, int(r), usage, stream_refs, docs, window) for r in rows]
-        card["cooc"] = [[int(p), round(float(s), 4)] for p, s in zip(co_atoms[a], co_scores[a]) if p >= 0]
+        card["cooc"] = [[int(p), round(float(s), 4)] for p, s in zip(co_atoms[a], co_scores[a], strict=True) if p >= 0]
         cards.append(card)
     meta = dictionary.meta
     summary = {
@@ -132,9 +134,10 @@ def explorer_view(
 
 def shared_atoms(a: Dictionary, b: Dictionary) -> list[list[int]]:
     """Pairs [i, j] of atoms of a and b taken from the same token (document, character span)."""
-    key = lambda refs: {
-        (int(r[0]), int(r[2]), int(r[3])): i for i, r in enumerate(refs.tolist()) if r[0] >= 0 and r[2] >= 0
-    }  # noqa: E731
+
+    def key(refs) -> dict[tuple[int, int, int], int]:
+        return {(int(r[0]), int(r[2]), int(r[3])): i for i, r in enumerate(refs.tolist()) if r[0] >= 0 and r[2] >= 0}
+
     ka, kb = key(a.refs), key(b.refs)
     return sorted([[ka[k], kb[k]] for k in ka.keys() & kb.keys()])
 

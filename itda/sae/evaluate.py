@@ -86,7 +86,8 @@ class SaeEvaluator:
             raise ItdaInputError(f"the {s.n} activations have no variance (all rows are equal): FVU is undefined")
         if not math.isfinite(s.fvu):
             raise ItdaInputError(
-                f"FVU is undefined on these {s.n} activations: their variance is below float64 precision about their mean"
+                f"FVU is undefined on these {s.n} activations: their variance is below float64 precision "
+                "about their mean"
             )
         return SaeEvalReport(
             tokens=s.n,

@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from itda.configfields import FieldError
 from itda.errors import ItdaInputError
 from itda.sae.model import SaeConfig, TopKSAE, activation_units
 
@@ -38,10 +39,10 @@ def parse_init(spec: str) -> InitSpec:
     name, _, path = spec.partition(":")
     if name in ("itda", "transfer"):
         if not path:
-            raise ItdaInputError(f"--init {name} needs a file: {name}:PATH")
+            raise FieldError("init", f"{name} needs a file: {name}:PATH")
         return InitSpec(name, path)
     if name not in ROW_INITS or path:
-        raise ItdaInputError(f"unknown --init {spec!r}; choose one of {', '.join(INIT_NAMES)}")
+        raise FieldError("init", f"unknown {{field}} {spec!r}; choose one of {', '.join(INIT_NAMES)}")
     return InitSpec(name)
 
 
@@ -70,7 +71,7 @@ def decoder_bias(sample_SD: Tensor, rule: str) -> Tensor:
         return sample_SD.to(torch.float64).mean(0).to(torch.float32)
     if rule == "zero":
         return torch.zeros(sample_SD.shape[1])
-    raise ItdaInputError(f"unknown --b-dec {rule!r}; choose one of {', '.join(B_DEC_RULES)}")
+    raise FieldError("b_dec", f"unknown {{field}} {rule!r}; choose one of {', '.join(B_DEC_RULES)}")
 
 
 # -- decoder rows ------------------------------------------------------------------------------
@@ -174,15 +175,18 @@ def atom_rows(
         raise ItdaInputError(f"the dictionary has d={atoms.shape[1]}, the activations d={sample_SD.shape[1]}")
     if n < atoms.shape[0]:
         if not crop:
-            raise ItdaInputError(
-                f"{n} latents < {atoms.shape[0]} atoms: raise --latents or pass --crop to keep the first {n} atoms"
+            raise FieldError(
+                "crop",
+                f"{n} latents < {atoms.shape[0]} atoms: raise {{latents}} or pass {{field}} "
+                f"to keep the first {n} atoms",
+                others=("latents",),
             )
         return atoms[:n].clone()
     if n == atoms.shape[0]:
         return atoms.clone()
     if fill not in FILL_RULES:
-        raise ItdaInputError(
-            f"{n} latents > {atoms.shape[0]} atoms: give a fill rule (--fill {' or '.join(FILL_RULES)})"
+        raise FieldError(
+            "fill", f"{n} latents > {atoms.shape[0]} atoms: give a fill rule ({{field}} {' or '.join(FILL_RULES)})"
         )
     rest = ROW_INITS[fill](n - atoms.shape[0], sample_SD, gen, b_dec)
     return torch.cat([atoms, unit_rows(rest)])
@@ -278,7 +282,8 @@ def initialise(
 def _copy_sae(sae: TopKSAE, other: TopKSAE, info: dict) -> dict:
     if other.cfg.d_in != sae.cfg.d_in or other.cfg.n_latents != sae.cfg.n_latents:
         raise ItdaInputError(
-            f"transfer: that SAE is d_in={other.cfg.d_in}, {other.cfg.n_latents} latents; this one d_in={sae.cfg.d_in}, {sae.cfg.n_latents} latents"
+            f"transfer: that SAE is d_in={other.cfg.d_in}, {other.cfg.n_latents} latents; "
+            f"this one d_in={sae.cfg.d_in}, {sae.cfg.n_latents} latents"
         )
     with torch.no_grad():
         for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
@@ -290,7 +295,8 @@ def _copy_sae(sae: TopKSAE, other: TopKSAE, info: dict) -> dict:
 def new_sae(
     cfg: SaeConfig, spec: InitSpec | str, sample_SD: Tensor, device: torch.device | str = "cpu", **kwargs
 ) -> tuple[TopKSAE, dict]:
-    """A TopKSAE initialised by spec on the sample (kwargs: seed, b_dec, fill, crop); refused if it cannot fit in memory."""
+    """A TopKSAE initialised by spec on the sample (kwargs: seed, b_dec, fill, crop); refused if it cannot
+    fit in memory."""
     from itda.resources import check_fits
 
     spec = parse_init(spec) if isinstance(spec, str) else spec

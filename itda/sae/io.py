@@ -168,7 +168,7 @@ def _build(cfg: SaeConfig, tensors: dict[str, torch.Tensor], device) -> TopKSAE:
     return sae.to(device)
 
 
-def load_itda_sae(path: str | os.PathLike, device="cpu") -> LoadedSae:
+def load_itda_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedSae:
     path = Path(path)
     if not path.is_file():
         raise ItdaInputError(f"{path}: no such SAE file")
@@ -225,7 +225,7 @@ def _read_json(path: Path) -> Any:
         raise ItdaInputError(f"{path}: not readable JSON ({exc})") from None
 
 
-def load_saelens(folder: Path, device="cpu") -> LoadedSae:
+def load_saelens(folder: Path, device: str | torch.device = "cpu") -> LoadedSae:
     """A SAELens v6 `topk` folder; cfg.json is checked field by field before the weights are read."""
     where = folder / "cfg.json"
     cfg = _read_json(where)
@@ -259,7 +259,7 @@ def _sparsify_config(where: Path, cfg: Any) -> SaeConfig:
     return SaeConfig(d, n, f.integer("k", 1, n, "the number of latents", default=32))
 
 
-def load_sparsify(folder: Path, device="cpu") -> LoadedSae:
+def load_sparsify(folder: Path, device: str | torch.device = "cpu") -> LoadedSae:
     """A sparsify hookpoint folder (cfg.json + sae.safetensors); cfg.json is checked before the weights are read."""
     sc = _sparsify_config(folder / "cfg.json", _read_json(folder / "cfg.json"))
     _, raw = read_tensor_file(folder / SPARSIFY_WEIGHTS)
@@ -274,7 +274,7 @@ def load_sparsify(folder: Path, device="cpu") -> LoadedSae:
     return LoadedSae(_build(sc, tensors, device), SaeMeta(hookpoint=_hookpoint_from_sparsify(folder.name)))
 
 
-def load_sae(path: str | os.PathLike, device="cpu") -> LoadedSae:
+def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedSae:
     """An itda SAE file, a SAELens folder, or a sparsify hookpoint folder (or a run folder with one)."""
     sae = load_sae_or_none(path, device)
     if sae is None:
@@ -282,7 +282,7 @@ def load_sae(path: str | os.PathLike, device="cpu") -> LoadedSae:
     return sae
 
 
-def load_sae_or_none(path: str | os.PathLike, device="cpu") -> LoadedSae | None:
+def load_sae_or_none(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedSae | None:
     """(sae, meta) when path holds an SAE; None when it is something else (e.g. a dictionary)."""
     path = Path(path)
     if path.is_file():

@@ -320,7 +320,8 @@ class SaeTrainer:
             trainer.last_fvu = None if state.get("last_fvu") is None else float(state["last_fvu"])
         except (ValueError, KeyError, RuntimeError, TypeError) as exc:
             raise ItdaInputError(
-                f"{path}: not a readable itda SAE checkpoint ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+                f"{path}: not a readable itda SAE checkpoint "
+                f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
             ) from None
         return trainer, state.get("extra", {})
 

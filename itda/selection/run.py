@@ -8,6 +8,7 @@ import numpy as np
 
 from itda.activations.corpus import read_documents
 from itda.activations.models import model_at_hookpoint
+from itda.configfields import FieldError
 from itda.dictionary import Dictionary
 from itda.errors import ItdaInputError
 from itda.selection.coverage import coverage_curve, longest_order, random_order, select_documents
@@ -59,9 +60,9 @@ def corpus_supports(
 def choose(sup: DocSupports, n_atoms: int, budget: int, strategy: str = "greedy", *, seed: int = 0) -> Selection:
     """The chosen documents and a report of atom coverage against random and longest-first choices."""
     if budget < 1:
-        raise ItdaInputError(f"--budget must be >= 1, got {budget}")
+        raise FieldError("budget", f"must be >= 1, got {budget}")
     if budget > len(sup.doc_ids):
-        raise ItdaInputError(f"--budget {budget} exceeds the corpus's {len(sup.doc_ids)} documents")
+        raise FieldError("budget", f"{budget} exceeds the corpus's {len(sup.doc_ids)} documents")
     rows = select_documents(sup.sets, budget, strategy, doc_tokens=sup.tokens, seed=seed)
     longest = longest_order(sup.tokens, budget)
     draws = np.stack(
