@@ -357,6 +357,25 @@ def _split(batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
     return batch, None
 
 
+def _resumed(
+    checkpoint: str | os.PathLike, config: BuildConfig, d: int, fingerprint: dict | None, device
+) -> DictionaryBuilder:
+    """The builder of an existing checkpoint, refused when made with other settings, width or stream."""
+    builder = DictionaryBuilder.load_checkpoint(checkpoint, device=device)
+    if builder.config != config:
+        raise ItdaInputError(f"{checkpoint}: checkpoint was made with different build settings {builder.config}")
+    if builder.d != d:
+        raise ItdaInputError(f"{checkpoint}: checkpoint has d={builder.d}, the activations d={d}")
+    recorded = builder.fingerprint or {}
+    if fingerprint is not None and recorded != fingerprint:
+        diff = sorted(k for k in set(fingerprint) | set(recorded) if recorded.get(k) != fingerprint.get(k))
+        raise ItdaInputError(
+            f"{checkpoint}: checkpoint was made from another stream (differs in {', '.join(diff)}); "
+            "remove it or use the original input and options"
+        )
+    return builder
+
+
 def build_dictionary(
     batches: Iterable[Batch],
     *,
@@ -398,21 +417,7 @@ def build_dictionary(
     d = acts0.shape[1]
     config.validate(d)
     if checkpoint is not None and Path(checkpoint).exists():
-        builder = DictionaryBuilder.load_checkpoint(checkpoint, device=device)
-        if builder.config != config:
-            raise ItdaInputError(f"{checkpoint}: checkpoint was made with different build settings {builder.config}")
-        if builder.d != d:
-            raise ItdaInputError(f"{checkpoint}: checkpoint has d={builder.d}, the activations d={d}")
-        if fingerprint is not None and builder.fingerprint != fingerprint:
-            diff = sorted(
-                k
-                for k in set(fingerprint) | set(builder.fingerprint or {})
-                if (builder.fingerprint or {}).get(k) != fingerprint.get(k)
-            )
-            raise ItdaInputError(
-                f"{checkpoint}: checkpoint was made from another stream (differs in {', '.join(diff)}); "
-                "remove it or use the original input and options"
-            )
+        builder = _resumed(checkpoint, config, d, fingerprint, device)
     else:
         builder = builder_class(mode)(d, config, init=init, meta=meta, device=device)
         builder.fingerprint = fingerprint

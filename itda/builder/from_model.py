@@ -312,16 +312,7 @@ def build_from_model(
     new_meta = _meta_maker(lm, contexts, corpus_name, dtype, include_special, world)
     save_to = checkpoint if exchange is None or exchange.rank == 0 else None  # rank 0 writes the checkpoints
     snapshot = _snapshot(builders, hps, done, max_abs, fp) if save_to is not None else None
-    real = int(contexts.attention_mask.sum()) if include_special else int((~contexts.special).sum())
-    seen = next(iter(builders.values())).tokens_seen if builders else 0
-    bar = tqdm(
-        total=real,
-        initial=seen,
-        unit="tok",
-        unit_scale=True,
-        disable=not progress or rank not in (None, 0),
-        desc=f"build {lm.name}",
-    )
+    bar = _progress_bar(lm.name, contexts, include_special, builders, progress and rank in (None, 0))
     tokens, forward_s = 0, 0.0
     try:
         for step in range(done, -(-stream.n_batches // world)):
@@ -348,6 +339,13 @@ def build_from_model(
     _fp16_notes(max_abs, dtype, progress and rank in (None, 0))
     dictionaries = {hp: builders[hp].dictionary() for hp in hps if hp in builders}
     return ModelBuildResult(dictionaries, tokens, time.perf_counter() - t0, forward_s, max_abs)
+
+
+def _progress_bar(name: str, contexts: Contexts, include_special: bool, builders: dict, show: bool):
+    """A tokens bar over the corpus, starting where resumed builders left off."""
+    real = int(contexts.attention_mask.sum()) if include_special else int((~contexts.special).sum())
+    seen = next(iter(builders.values())).tokens_seen if builders else 0
+    return tqdm(total=real, initial=seen, unit="tok", unit_scale=True, disable=not show, desc=f"build {name}")
 
 
 def _fp16_notes(max_abs: dict, dtype: torch.dtype, show: bool) -> None:
