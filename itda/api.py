@@ -57,44 +57,26 @@ def build(
     options: any field of CorpusConfig (corpus, tokens, context, ...) or BuildConfig (k,
     min_cosine, threshold, mode, ...); the dictionaries record the corpus they were built on.
     """
-    from itda.activations.corpus import load_contexts
     from itda.activations.hookpoints import parse_hookpoint
-    from itda.builder.from_model import build_from_model
+    from itda.builder.from_model import build_on_corpus
 
     corpus_opts, build_opts = _split(options, CorpusConfig, BuildConfig)
     corpus = CorpusConfig(**corpus_opts)
-    corpus.validate()
     config = BuildConfig.choose(build_opts.pop("threshold", None), build_opts.pop("min_cosine", None), **build_opts)
     hps = [parse_hookpoint(str(layer), default_kind=hook) for layer in layers] + [
         parse_hookpoint(h) for h in hookpoints
     ]
     if not hps:
         raise ItdaInputError("give at least one layer or hookpoint")
-    lm = _model(model, device)
-    _docs, contexts = load_contexts(
-        corpus.corpus,
-        lm.tokenizer,
-        tokenizer_name=lm.tokenizer_name,
-        split="train",
-        tokens=corpus.tokens,
-        context=corpus.context,
-        field=corpus.field,
-    )
-    from itda.activations.stream import STREAM_DTYPES
-
-    result = build_from_model(
-        lm,
+    result = build_on_corpus(
+        _model(model, device),
         hps,
-        contexts,
+        corpus,
         config,
-        corpus_name=str(corpus.corpus),
-        batch_contexts=corpus.batch_contexts,
-        dtype=STREAM_DTYPES[corpus.stream_dtype],
-        include_special=corpus.include_special,
         device=device,
         progress=progress,
         checkpoint=checkpoint,
-        checkpoint_every=checkpoint_every if checkpoint else 0,
+        checkpoint_every=checkpoint_every,
     )
     return {hp.name: d for hp, d in result.dictionaries.items()}
 

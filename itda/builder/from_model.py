@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from itda.activations.config import CorpusConfig
 from itda.activations.corpus import Contexts
 from itda.activations.hookpoints import Hookpoint
 from itda.activations.models import LoadedModel
@@ -339,6 +340,55 @@ def build_from_model(
     _fp16_notes(max_abs, dtype, progress and rank in (None, 0))
     dictionaries = {hp: builders[hp].dictionary() for hp in hps if hp in builders}
     return ModelBuildResult(dictionaries, tokens, time.perf_counter() - t0, forward_s, max_abs)
+
+
+def build_on_corpus(
+    lm: LoadedModel,
+    hookpoints: list[Hookpoint],
+    corpus: CorpusConfig,
+    config: BuildConfig,
+    *,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 0,
+    fingerprint: dict | None = None,
+    exchange=None,
+) -> ModelBuildResult:
+    """build_from_model over the training split of `corpus` (what `itda build MODEL` and itda.build run).
+
+    The dictionaries record the corpus; a checkpoint also records corpus.tokens (a resume with
+    another --tokens is refused).
+    """
+    from itda.activations.corpus import load_contexts
+    from itda.activations.stream import STREAM_DTYPES
+
+    corpus.validate()
+    _docs, contexts = load_contexts(
+        corpus.corpus,
+        lm.tokenizer,
+        tokenizer_name=lm.tokenizer_name,
+        split="train",
+        tokens=corpus.tokens,
+        context=corpus.context,
+        field=corpus.field,
+    )
+    return build_from_model(
+        lm,
+        hookpoints,
+        contexts,
+        config,
+        corpus_name=str(corpus.corpus),
+        batch_contexts=corpus.batch_contexts,
+        dtype=STREAM_DTYPES[corpus.stream_dtype],
+        include_special=corpus.include_special,
+        device=device,
+        progress=progress,
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every if checkpoint else 0,
+        fingerprint={"tokens": corpus.tokens, **(fingerprint or {})},
+        exchange=exchange,
+    )
 
 
 def _progress_bar(name: str, contexts: Contexts, include_special: bool, builders: dict, show: bool):

@@ -249,13 +249,12 @@ def _build_from_model(
     model: ModelSource, corpus: CorpusConfig, config: BuildConfig, hps: list, output: BuildOutput
 ) -> None:
     """Build one dictionary per hookpoint in one pass of the model over the corpus, and write them."""
-    from itda.activations.corpus import load_contexts
     from itda.activations.hookpoints import depth, resolve_module
     from itda.activations.layerwise import LayerwiseModel
     from itda.activations.models import load_model
     from itda.activations.stream import STREAM_DTYPES
     from itda.builder.distributed import init_distributed
-    from itda.builder.from_model import build_from_model
+    from itda.builder.from_model import build_on_corpus
 
     model.validate()
     assert model.model is not None  # build() makes the ModelSource from its SOURCE argument
@@ -277,32 +276,19 @@ def _build_from_model(
         raise ItdaInputError("module-path hookpoints outside the blocks need --in-memory")
     for hp in hps:
         resolve_module(lm.model, hp)  # fail before the corpus work
-    _docs, contexts = load_contexts(
-        corpus.corpus,
-        lm.tokenizer,
-        tokenizer_name=lm.tokenizer_name,
-        split="train",
-        tokens=corpus.tokens,
-        context=corpus.context,
-        field=corpus.field,
-    )
     checkpoint = output.checkpoint
     if checkpoint is not None:
         on_interrupt(f"checkpoint saved at {checkpoint}; run the same command to resume")
-    result = build_from_model(
+    result = build_on_corpus(
         lm,
         hps,
-        contexts,
+        corpus,
         config,
-        corpus_name=str(corpus.corpus),
-        batch_contexts=corpus.batch_contexts,
-        dtype=STREAM_DTYPES[corpus.stream_dtype],
-        include_special=corpus.include_special,
         device=model.device,
         progress=not output.quiet,
         checkpoint=checkpoint,
-        checkpoint_every=output.checkpoint_every if checkpoint else 0,
-        fingerprint={"tokens": corpus.tokens, "model_dtype": model.model_dtype},
+        checkpoint_every=output.checkpoint_every,
+        fingerprint={"model_dtype": model.model_dtype},
         exchange=exchange,
     )
     _save_model_build(result, output.out, one_file, output.dtype, checkpoint, exchange)
