@@ -135,8 +135,7 @@ def compare(
     fields (tokens, measures, k, min_cosine, cka_memory, ...). The default corpus's held-out
     split is read; another corpus is read whole.
     """
-    from itda.activations.corpus import read_documents, split_documents
-    from itda.comparison import compare_models
+    from itda.comparison import compare_on_corpus
     from itda.comparison.registry import expand_measures
 
     if config is None:
@@ -145,9 +144,7 @@ def compare(
         config = CompareConfig(**options)
     lm_a = _model(model_a, device)
     lm_b = None if model_b is None or model_b is model_a or model_b == model_a else _model(model_b, device)
-    docs = read_documents(corpus, field)
-    ids = split_documents(docs, "heldout" if corpus == "default" else "all")
-    return compare_models(lm_a, lm_b, docs, ids, config, progress=progress)
+    return compare_on_corpus(lm_a, lm_b, corpus, field, config, progress=progress)
 
 
 def train_sae(

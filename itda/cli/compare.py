@@ -199,20 +199,17 @@ def _compare_acts(a: Path, b: Path, names: list[str], out: Path | None) -> None:
 def _compare_models(
     a: str, b: str, names: list[str], *, corpus, field, out, device, quiet, layerwise=False, max_memory=None, **options
 ) -> None:
-    from itda.activations.corpus import read_documents, split_documents
     from itda.activations.models import load_model
     from itda.builder.distributed import init_distributed
     from itda.cli.common import check_device
-    from itda.comparison import CompareConfig, compare_models
+    from itda.comparison import CompareConfig, compare_on_corpus
     from itda.comparison.registry import expand_measures
 
     config = CompareConfig(measures=tuple(expand_measures(names)), **options)
     exchange = init_distributed(check_device(device))
     lm_a = load_model(a, device=device, layerwise=layerwise, max_memory=max_memory)
     lm_b = None if b == a else load_model(b, device=device, layerwise=layerwise, max_memory=max_memory)
-    docs = read_documents(corpus, field)
-    ids = split_documents(docs, "heldout" if corpus == "default" else "all")
-    res = compare_models(lm_a, lm_b, docs, ids, config, progress=not quiet, exchange=exchange)
+    res = compare_on_corpus(lm_a, lm_b, corpus, field, config, progress=not quiet, exchange=exchange)
     if exchange is not None:
         import torch.distributed
 

@@ -354,18 +354,13 @@ def export(
     ),
 ) -> None:
     """Write an SAE (or a dictionary as a TopK SAE) in a format SAELens or sparsify loads natively."""
+    from itda.api import export as export_sae
     from itda.cli.outputs import Output, check_outputs, record_outputs
-    from itda.sae.io import export_saelens, export_sparsify, load_sae_or_none
+    from itda.sae.io import load_sae
 
     outputs = [Output(out, f"{format.value}-export", folder=True)]
     check_outputs(outputs, [source], overwrite)
-    loaded = load_sae_or_none(source)
-    if loaded is None:
-        from itda.dictionary import Dictionary
-        from itda.sae.io import dictionary_as_sae
-
-        loaded = dictionary_as_sae(Dictionary.load(source), k)
-    where = export_saelens(*loaded, out) if format is ExportFormat.saelens else export_sparsify(*loaded, out)
+    where = export_sae(source, format.value, out, k=k)
     record_outputs(outputs)
-    cfg = loaded.sae.cfg
+    cfg = load_sae(where).sae.cfg  # read back as the SAE libraries will read it
     typer.echo(f"{where}: {format.value} TopK SAE, d_in={cfg.d_in}, {cfg.n_latents} latents, k={cfg.k}")

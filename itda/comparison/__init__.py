@@ -15,7 +15,7 @@ from itda.comparison.measures import (
     svcca,
 )
 from itda.comparison.model_comparison import ModelComparison
-from itda.comparison.pipeline import compare_models
+from itda.comparison.pipeline import compare_models, compare_on_corpus
 from itda.comparison.plan import CompareConfig, ComparePlan
 from itda.comparison.registry import REGISTRY, MeasureSpec, check_measures
 from itda.comparison.result import Similarity
@@ -35,6 +35,7 @@ __all__ = [
     "check_measures",
     "compare_activations",
     "compare_models",
+    "compare_on_corpus",
     "compare_stream",
     "jaccard",
     "jaccard_union",

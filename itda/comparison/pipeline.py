@@ -29,6 +29,25 @@ from itda.dictionary import Dictionary
 from itda.errors import ItdaInputError
 
 
+def compare_on_corpus(
+    lm_a: LoadedModel,
+    lm_b: LoadedModel | None,
+    corpus: str = "default",
+    field: str = "text",
+    config: CompareConfig | None = None,
+    *,
+    progress: bool = True,
+    exchange=None,
+) -> ModelComparison:
+    """compare_models over a corpus by name (what `itda compare A B` and itda.compare run): the
+    default corpus's held-out split, another corpus whole."""
+    from itda.activations.corpus import read_documents, split_documents
+
+    docs = read_documents(corpus, field)
+    ids = split_documents(docs, "heldout" if corpus == "default" else "all")
+    return compare_models(lm_a, lm_b, docs, ids, config, progress=progress, exchange=exchange)
+
+
 def compare_models(
     lm_a: LoadedModel,
     lm_b: LoadedModel | None,
