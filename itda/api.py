@@ -160,7 +160,7 @@ def train_sae(
     seed: int = 0,
     **options,
 ):
-    """A TopK SAE trained on activations (a [T, d] tensor or an activation file), from any
+    """A TopK SAE trained on activations (a [T, d] tensor, batches of one, or an activation file), from any
     initialisation (`kaiming`, `data`, `itda:DICT`, ...); returns LoadedSae(sae, meta).
 
     options: TrainConfig fields (lr, auxk_alpha, resample, ...) and b_dec, fill, crop, batch_topk.
@@ -172,7 +172,7 @@ def train_sae(
 
     init_opts = {key: options.pop(key) for key in ("b_dec", "fill", "crop") if key in options}
     batch_topk = bool(options.pop("batch_topk", False))
-    rows = next(iter(_batches(data, batch_size=1 << 62))).to(torch.float32)
+    rows = torch.cat([x[0] if isinstance(x, tuple) else x for x in _batches(data)]).to(torch.float32)
     config = TrainConfig(steps=steps, seed=seed, **options)
     config.validate()
     sample = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:16_384]]
