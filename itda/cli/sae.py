@@ -71,7 +71,7 @@ def train(
     from itda.sae.init import parse_init
     from itda.sae.io import save_sae
     from itda.sae.model import SaeConfig, activation_units
-    from itda.sae.train import ScaledBatches, training_bytes
+    from itda.sae.train import training_bytes
 
     spec = SaeSpec(latents, k, init, batch_size, b_dec, fill, crop, batch_topk, init_sample, holdout)
     spec.validate()
@@ -82,9 +82,9 @@ def train(
     check_device(device)
     init_spec = parse_init(init)
     config = TrainConfig(
-        steps=steps,
-        lr=lr,
-        auxk_alpha=auxk_alpha,
+        steps,
+        lr,
+        auxk_alpha,
         dead_after_tokens=dead_after_tokens,
         resample=resample,
         resample_every=resample_every,
@@ -95,75 +95,78 @@ def train(
         stream, sample, d, meta, evaluate = _file_source(Path(source), spec, seed)
     else:
         model = ModelSource(source, device, layerwise=layerwise, max_memory=parse_memory(max_memory))
-        corpus_config = CorpusConfig(
-            corpus, field, tokens=steps * batch_size, context=context, batch_tokens=batch_tokens
-        )
-        corpus_config.validate()
+        corpus_config = CorpusConfig(corpus, field, steps * batch_size, context, batch_tokens)
         stream, sample, d, meta, evaluate = _model_source(model, corpus_config, spec, layer, hookpoint)
     cfg = SaeConfig(d, latents, k, batch_topk)
     check_fits(
         training_bytes(cfg, batch_size), f"training an SAE of {latents} latents x d={d} (batch {batch_size})", device
     )
     units = activation_units(sample)  # 1.0 for ordinary activations; extreme ones train in power-of-two units
-    fingerprint = {
-        "source": str(source),
-        "d": d,
-        "batch_size": batch_size,
-        "sample_sum": float(sample.double().sum()),
-        "units": units,
-    }
-    trainer, info = _trainer(
-        cfg,
-        config,
-        init_spec,
-        sample,
-        units,
-        checkpoint,
-        fingerprint,
-        device,
-        dict(seed=seed, b_dec=b_dec, fill=fill, crop=crop),
+    fingerprint = dict(
+        source=str(source), d=d, batch_size=batch_size, sample_sum=float(sample.double().sum()), units=units
     )
+    init_kwargs = dict(seed=seed, b_dec=b_dec, fill=fill, crop=crop)
+    trainer, info = _trainer(cfg, config, init_spec, sample, units, checkpoint, fingerprint, device, init_kwargs)
     if not quiet:
         typer.echo(
             f"SAE d={d}, {latents} latents, k={k}, init {info['init']}, lr {trainer.lr:.3g}, "
             f"{steps} steps of {batch_size} tokens"
         )
-    if checkpoint is not None:
-        on_interrupt(f"checkpoint saved at {checkpoint}; run the same command to resume")
-    t0 = time.perf_counter()
-    # checkpoints carry the run's identity so that a resume with other data is refused
-    trainer.fit(
-        stream if units == 1.0 else ScaledBatches(stream, 1.0 / units),
-        checkpoint=checkpoint,
-        checkpoint_every=checkpoint_every if checkpoint else 0,
-        checkpoint_extra={"fingerprint": fingerprint, "init": info},
-        progress=not quiet,
+    seconds = _fit(
+        trainer, stream, units, checkpoint, checkpoint_every, {"fingerprint": fingerprint, "init": info}, quiet
     )
-    seconds = time.perf_counter() - t0  # printed, never stored: a resumed run must write the same bytes
-    trainer.sae.scale_biases_(units)  # from training units back to the activations' own (exact)
     meta.init = info
-    meta.train = {
+    meta.train = _train_record(config, trainer, spec, units)
+    summary = evaluate(trainer.sae) if evaluate else None
+    if summary:
+        meta.train["heldout"] = summary
+    save_sae(trainer.sae, out, meta)
+    _remove_checkpoint(checkpoint)
+    typer.echo(f"{out}: {latents} latents, k={k}, {trainer.tokens_seen} tokens in {seconds:.1f}s")
+    if summary:
+        _print_summary(summary)
+
+
+def _train_record(config, trainer, spec: SaeSpec, units: float) -> dict:
+    """What the SAE file records of its training (no wall-clock value: resumed runs write the same bytes)."""
+    return {
         **config.__dict__,
         "lr": trainer.lr,
-        "batch_size": batch_size,
-        "batch_topk": batch_topk,
+        "batch_size": spec.batch_size,
+        "batch_topk": spec.batch_topk,
         "tokens": trainer.tokens_seen,
         "units": units,
         "final_train_fvu": trainer.last_fvu,
         "resampled": trainer.resampled_total,
     }
-    summary = evaluate(trainer.sae) if evaluate else None
-    if summary:
-        meta.train["heldout"] = summary
-    save_sae(trainer.sae, out, meta)
+
+
+def _fit(trainer, stream, units: float, checkpoint: Path | None, every: int, extra: dict, quiet: bool) -> float:
+    """Train to the end (resumable; in power-of-two `units`, biases scaled back after); the wall-clock seconds."""
+    from itda.sae.train import ScaledBatches
+
+    if checkpoint is not None:
+        on_interrupt(f"checkpoint saved at {checkpoint}; run the same command to resume")
+    t0 = time.perf_counter()
+    # checkpoints carry the run's identity (extra) so that a resume with other data is refused
+    trainer.fit(
+        stream if units == 1.0 else ScaledBatches(stream, 1.0 / units),
+        checkpoint=checkpoint,
+        checkpoint_every=every if checkpoint else 0,
+        checkpoint_extra=extra,
+        progress=not quiet,
+    )
+    trainer.sae.scale_biases_(units)  # from training units back to the activations' own (exact)
+    return time.perf_counter() - t0  # printed, never stored: a resumed run must write the same bytes
+
+
+def _remove_checkpoint(checkpoint: Path | None) -> None:
+    """After a finished run: the checkpoint and what writers killed mid-checkpoint left beside it."""
     if checkpoint is not None:
         from itda.atomic import remove_stale_temps
 
         checkpoint.unlink(missing_ok=True)
-        remove_stale_temps(checkpoint)  # what writers killed mid-checkpoint left
-    typer.echo(f"{out}: {latents} latents, k={k}, {trainer.tokens_seen} tokens in {seconds:.1f}s")
-    if summary:
-        _print_summary(summary)
+        remove_stale_temps(checkpoint)
 
 
 def _trainer(
@@ -236,6 +239,7 @@ def _model_source(model: ModelSource, corpus: CorpusConfig, spec: SaeSpec, layer
     from itda.sae.io import SaeMeta
     from itda.sae.train import rebatch
 
+    corpus.validate()
     source, device, init_sample, context = model.model, model.device, spec.init_sample, corpus.context
     assert source is not None  # train() makes the ModelSource from its SOURCE argument
     if layer is not None and hookpoint is None:
