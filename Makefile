@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# the local CPU wheel; an unpinned torch would pull a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,plot,bench,models]'
+	$(PY) -m pip install -q -e '.[test,plot,bench,models,datasets]'
 	touch $(STAMP)
 
 demo: $(STAMP)

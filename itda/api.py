@@ -2,8 +2,9 @@
 
 Each function takes what the matching command takes (the same config dataclasses, or their
 fields as keywords) and returns a typed result; none prints, and progress bars are tqdm.auto
-(notebook widgets in Jupyter). Models are given by name or path, or as an already loaded
-`LoadedModel` (itda.load_model) to reuse it across calls.
+(notebook widgets in Jupyter). Models are given by packaged name, path, .gguf file or Hugging Face
+hub ID, or as an already loaded `LoadedModel` (itda.load_model) to reuse it across calls. device
+'auto' (the default) is CUDA when available, else CPU.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from itda.activations.config import CorpusConfig
 from itda.activations.models import LoadedModel, load_model
 from itda.builder import BuildConfig
 from itda.comparison import CompareConfig, ModelComparison
+from itda.devices import choose_device
 from itda.dictionary import Dictionary
 from itda.errors import ItdaInputError
 
 __all__ = ["build", "compare", "evaluate", "explore", "export", "load_model", "select", "train_sae"]
 
 
-def _model(model: str | LoadedModel, device: str | torch.device = "cpu") -> LoadedModel:
+def _model(model: str | LoadedModel, device: str | torch.device = "auto") -> LoadedModel:
     return model if isinstance(model, LoadedModel) else load_model(model, device=device)
 
 
@@ -46,7 +48,7 @@ def build(
     layers: Iterable[int] = (),
     hookpoints: Iterable[str] = (),
     hook: str = "resid_post",
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     progress: bool = True,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 10,
@@ -68,12 +70,13 @@ def build(
     ]
     if not hps:
         raise ItdaInputError("give at least one layer or hookpoint")
+    lm = _model(model, device)
     result = build_on_corpus(
-        _model(model, device),
+        lm,
         hps,
         corpus,
         config,
-        device=device,
+        device=lm.device,
         progress=progress,
         checkpoint=checkpoint,
         checkpoint_every=checkpoint_every,
@@ -123,7 +126,7 @@ def compare(
     *,
     corpus: str = "default",
     field: str = "text",
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     progress: bool = True,
     config: CompareConfig | None = None,
     **options,
@@ -155,7 +158,7 @@ def train_sae(
     init: str = "kaiming",
     steps: int = 1000,
     batch_size: int = 4096,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     progress: bool = True,
     seed: int = 0,
     **options,
@@ -177,7 +180,12 @@ def train_sae(
     config.validate()
     sample = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:16_384]]
     sae, info = new_sae(
-        SaeConfig(rows.shape[1], latents, k, batch_topk), init, sample, device=device, seed=seed, **init_opts
+        SaeConfig(rows.shape[1], latents, k, batch_topk),
+        init,
+        sample,
+        device=choose_device(device),
+        seed=seed,
+        **init_opts,
     )
     trainer = SaeTrainer(sae, config)
     trainer.fit(shuffled_batches(rows, batch_size, seed), progress=progress)

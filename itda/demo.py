@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,13 +27,13 @@ class DemoResult:
 
     summary: dict
     dictionary: Dictionary
-    docs: list[str]
+    docs: Sequence[str]
     dictionary_path: Path
     report_path: Path
     explorer_page: Path
 
 
-def atom_snippet(docs: list[str], refs_row: list[int], width: int = 40) -> str:
+def atom_snippet(docs: Sequence[str], refs_row: list[int], width: int = 40) -> str:
     """The atom's token in its document, marked with [[ ]], with some context either side."""
     doc, _pos, cs, ce, _tid = refs_row
     if doc < 0 or cs < 0:

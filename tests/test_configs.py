@@ -46,7 +46,6 @@ COMMANDS = {
         (ModelSource, CorpusConfig, TrainConfig, SaeSpec),
         {
             "model": "the SOURCE argument",
-            "model_dtype": "float32 only",
             "tokens": "steps x batch size",
             "include_special": "not offered",
             "stream_dtype": "dense float32",

@@ -57,3 +57,46 @@ def test_python_api_examples_run(tmp_path, monkeypatch):
     assert (tmp_path / "resid_post.3.safetensors").is_file() and (tmp_path / "cmp" / "summary.json").is_file()
     assert (tmp_path / "sae_saelens" / "cfg.json").is_file() and (tmp_path / "explorer" / "index.html").is_file()
     assert os.path.exists(tmp_path / "cmp" / "itda_fused.json")
+
+
+def section_examples(title: str) -> str:
+    """The ```python blocks of the README section `title` (up to the next '## '), in order, as one script."""
+    text = README.read_text()
+    section = text[text.index(f"## {title}\n") :]
+    section = section[: section.index("\n## ", 1)]
+    return "\n".join(re.findall(r"```python\n(.*?)```", section, flags=re.S))
+
+
+@pytest.mark.slow
+def test_use_your_own_model_examples_run(tmp_path, monkeypatch):
+    """The hub-ID example through a hub cache in a temporary HF_HOME, the dataset ID through a local dataset
+    repository read by the same streaming path, the layer-wise example on a sharded folder."""
+    from hub_cache import place_in_hub_cache
+    from test_hub_datasets import parquet_repo
+    from tiny_models import saved_model_and_corpus
+
+    model, _corpus, docs = saved_model_and_corpus(tmp_path, 40, seed=4)
+    place_in_hub_cache(model, tmp_path / "hf" / "hub", "meta-llama/Llama-3.1-8B")
+    repo = parquet_repo(tmp_path / "pile", {"train": docs})
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    script = small(
+        section_examples("Use your own model"),
+        {
+            '"NeelNanda/pile-10k"': repr(str(repo)),
+            "layers=[16]": "layers=[1]",
+            "resid_post.16": "resid_post.1",
+            "tokens=100_000": "tokens=500",
+            '"/models/Llama-3.1-70B"': repr(str(model)),
+            "max_layer=40": "max_layer=2",
+            'device="cuda"': 'device="cpu"',
+        },
+    )
+    (tmp_path / "d").mkdir()
+    monkeypatch.chdir(tmp_path)
+    exec(compile(script, str(README), "exec"), {})  # noqa: S102 - our own README
+    from itda import Dictionary
+
+    d = Dictionary.load(tmp_path / "d" / "resid_post.1.safetensors")
+    assert d.meta.model == "meta-llama/Llama-3.1-8B" and d.meta.build["corpus"] == str(repo)

@@ -92,3 +92,28 @@ def test_smollm2_layerwise_matches_in_memory(smollm2, smollm2_contexts):
     got = next(iterate_batches(lw.model, hp, ctx.rows(0, 8), dtype=torch.float32))[hp[0]].dense()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     lw.layerwise.close()
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m", "minilm-l6"])
+def test_model_folders_load_in_automodel_and_the_lm_class_with_nothing_missing(name):
+    """The folder itda loads (a converted GGUF checkpoint, or the package's own) is complete for the base class
+    other tools load (AutoModel: sparsify, nnsight) and for the causal-LM class, and gives itda's hidden states."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    from itda.activations.models import available_models, resolve_model_source
+
+    if name not in available_models():
+        pytest.skip(f"{name} is not installed")
+    lm = load_model(name, device="cpu")
+    folder = resolve_model_source(name)
+    classes = [AutoModel, AutoModelForCausalLM] if lm.is_causal else [AutoModel]
+    ids = torch.tensor([[lm.tokenizer.bos_token_id or lm.tokenizer.cls_token_id or 0, 400, 1200, 37, 9000, 15]])
+    with torch.no_grad():
+        ours = lm.model(ids, output_hidden_states=True).hidden_states
+    for auto in classes:
+        model, info = auto.from_pretrained(folder, local_files_only=True, output_loading_info=True)
+        assert not info["missing_keys"] and not info["mismatched_keys"], (auto.__name__, info)
+        with torch.no_grad():
+            theirs = model.eval()(ids, output_hidden_states=True).hidden_states
+        middle = len(ours) // 2
+        torch.testing.assert_close(theirs[middle], ours[middle], rtol=0, atol=0)

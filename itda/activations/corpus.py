@@ -1,24 +1,28 @@
-"""Corpora: documents from files, tokenized with character offsets, packed into contexts.
+"""Corpora: documents from files or datasets, tokenized with character offsets, packed into contexts.
 
 Sources: a .txt file (one document), a folder of .txt files (one each, sorted by name),
 JSONL (one document per line, field `text` or --field), Parquet (column `text`, needs pyarrow),
-a `datasets` folder saved with save_to_disk (needs datasets), or "default": docstrings of the
-installed Python standard library, torch and transformers, built once and cached.
+a `datasets` folder saved with save_to_disk, a Hugging Face dataset ID or a local dataset
+repository folder (streamed, read only as far as the tokens asked for: itda.activations.hub_datasets),
+or "default": docstrings of the installed Python standard library, torch and transformers, built
+once and cached.
 """
 
 from __future__ import annotations
 
 import ast
 import hashlib
+import itertools
 import json
 import sys
 import sysconfig
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from itda.activations.hub_datasets import StreamedDocuments, parse_dataset_spec
 from itda.atomic import write_text_atomic
 from itda.errors import ItdaInputError
 
@@ -28,10 +32,13 @@ HELD_OUT_EVERY = 10  # default corpus: documents whose hash % 10 == 0 form the h
 
 
 # -- documents ---------------------------------------------------------------------------
-def read_documents(source: str | Path, field: str = "text") -> list[str]:
-    """Documents of a corpus source, in a deterministic order."""
+def read_documents(source: str | Path, field: str = "text") -> Sequence[str]:
+    """Documents of a corpus source, in a deterministic order (a streamed dataset: read as indexed)."""
     if str(source) == "default":
         return default_corpus()
+    spec = parse_dataset_spec(str(source))
+    if spec is not None:
+        return StreamedDocuments(spec, field)
     path = Path(source)
     if not path.exists():
         raise ItdaInputError(f"{path}: no such corpus file or folder")
@@ -137,12 +144,24 @@ def default_corpus() -> list[str]:
 
 
 def split_documents(docs: Sequence[str], split: str) -> list[int]:
-    """Indices of the 'train' or 'heldout' documents (by a hash of the text; stable across runs)."""
-    if split == "all":
-        return list(range(len(docs)))
-    held = [int(hashlib.sha1(d.encode()).hexdigest(), 16) % HELD_OUT_EVERY == 0 for d in docs]
+    """Indices of the 'train' or 'heldout' documents (by a hash of the text; stable across runs), or 'all'."""
+    return list(iter_split(docs, split))
+
+
+def iter_split(docs: Sequence[str], split: str) -> Iterator[int]:
+    """split_documents one index at a time, reading a streamed corpus only as far as it is consumed."""
+    if split not in ("train", "heldout", "all"):
+        raise ValueError(f"split must be train, heldout or all, got {split!r}")
     want = split == "heldout"
-    return [i for i, h in enumerate(held) if h == want]
+    i = 0
+    while True:
+        try:
+            text = docs[i]
+        except IndexError:
+            return
+        if split == "all" or (int(hashlib.sha1(text.encode()).hexdigest(), 16) % HELD_OUT_EVERY == 0) == want:
+            yield i
+        i += 1
 
 
 # -- tokenization and packing ----------------------------------------------------------------
@@ -174,7 +193,7 @@ class Contexts:
 
 def tokenize_contexts(
     docs: Sequence[str],
-    doc_ids: Sequence[int],
+    doc_ids: Iterable[int],
     tokenizer,
     *,
     context: int = DEFAULT_CONTEXT,
@@ -243,16 +262,23 @@ def load_contexts(
     tokens: int | None = None,
     context: int = DEFAULT_CONTEXT,
     field: str = "text",
-) -> tuple[list[str], Contexts]:
+) -> tuple[Sequence[str], Contexts]:
     """Read a corpus, pick a split ('train', 'heldout' or 'all') and pack up to `tokens` tokens.
 
     The default corpus is split 90/10 by document hash; a user corpus is used whole for 'all',
     and for 'train'/'heldout' split the same way.
     """
     docs = read_documents(corpus, field)
-    ids = split_documents(docs, split)
-    if not ids:
+    ids = iter_split(docs, split)
+    first = next(ids, None)
+    if first is None:
         raise ItdaInputError(f"corpus {corpus}: the '{split}' split is empty ({len(docs)} documents)")
-    return docs, tokenize_contexts(
-        docs, ids, tokenizer, context=context, max_tokens=tokens, tokenizer_name=tokenizer_name
+    contexts = tokenize_contexts(
+        docs,
+        itertools.chain([first], ids),
+        tokenizer,
+        context=context,
+        max_tokens=tokens,
+        tokenizer_name=tokenizer_name,
     )
+    return (docs.read if isinstance(docs, StreamedDocuments) else docs), contexts

@@ -1,8 +1,9 @@
-"""Load transformers models offline: local safetensors folders, GGUF files, packaged models.
+"""Load transformers models: packaged names, local folders, GGUF files and Hugging Face hub IDs.
 
 GGUF files are dequantised once (30-90 s) into a safetensors folder under the cache
-(ITDA_CACHE, default ~/.cache/itda) and loaded from there afterwards. Nothing here touches the
-network: HF_HUB_OFFLINE is set and every load is local_files_only.
+(ITDA_CACHE, default ~/.cache/itda) and loaded from there afterwards. Hub IDs resolve through the
+user's Hugging Face cache (itda.activations.hub), downloading only when allowed; every transformers
+load is then local_files_only. Nothing here changes the process environment.
 """
 
 from __future__ import annotations
@@ -18,15 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import torch
 
-import torch  # noqa: E402
-
-from itda.activations.hookpoints import Hookpoint, parse_hookpoint  # noqa: E402
-from itda.activations.lm_classes import is_causal_lm_class  # noqa: E402,F401 (re-exported)
-from itda.configfields import FieldError  # noqa: E402
-from itda.errors import ItdaInputError  # noqa: E402
+from itda.activations.hookpoints import Hookpoint, parse_hookpoint
+from itda.activations.hub import hub_cache, hub_snapshot, is_hub_id
+from itda.activations.lm_classes import is_causal_lm_class  # noqa: F401 (re-exported)
+from itda.configfields import FieldError
+from itda.devices import choose_device, choose_model_dtype
+from itda.errors import ItdaInputError
 
 
 def cache_root() -> Path:
@@ -104,8 +104,11 @@ class LoadedModel:
     name: str  # short name or path as given
     model: torch.nn.Module
     tokenizer: object
-    source: Path  # the folder transformers loaded from
+    source: Path  # the folder transformers loaded from (a hub snapshot for hub IDs)
     layerwise: object | None = None  # the LayerwiseModel when blocks stream from disk
+    device: torch.device = torch.device("cpu")  # where the model computes
+    dtype: torch.dtype = torch.float32  # what it computes in
+    revision: str | None = None  # the hub commit a hub ID resolved to (None for local models)
 
     @property
     def config(self) -> Any:
@@ -142,7 +145,8 @@ def same_tokenizer(a: str | None, b: str | None) -> bool:
 
 def _gguf_cache_dir(gguf: Path) -> Path:
     st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:16]
+    # v2: tied weights written under every name (folders made before lacked model.embed_tokens.weight)
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}|v2".encode()).hexdigest()[:16]
     return cache_root() / "models" / f"{gguf.stem}-{key}"
 
 
@@ -172,14 +176,15 @@ def convert_gguf(gguf: Path) -> Path:
     try:
         # transformers marks GGUF-loaded models as quantized and refuses save_pretrained;
         # the weights are already dequantised, so write them directly
-        from safetensors.torch import save_model
+        from safetensors.torch import save_file
 
         config = model.config
         config.architectures = [type(model).__name__]
         if hasattr(config, "quantization_config"):
             delattr(config, "quantization_config")
         config.save_pretrained(tmp)
-        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt", "source": gguf.name})
+        metadata = {"format": "pt", "source": gguf.name}
+        save_file(untied_state_dict(model), str(tmp / "model.safetensors"), metadata=metadata)
         tok.save_pretrained(tmp)
         os.replace(tmp, target)
     finally:
@@ -188,8 +193,24 @@ def convert_gguf(gguf: Path) -> Path:
     return target
 
 
-def resolve_model_source(spec: str) -> Path:
-    """Turn a short name, a .gguf file or a folder into a local transformers folder."""
+def untied_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor of the state dict under every name it has, tied ones copied: a folder written from it
+    loads in AutoModel (which expects model.embed_tokens.weight) and AutoModelForCausalLM (lm_head.weight)
+    alike, where safetensors' save_model keeps one name of each tied pair."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in model.state_dict().items():
+        ptr = tensor.untyped_storage().data_ptr()
+        out[name] = tensor.detach().clone().contiguous() if ptr in seen else tensor.detach().contiguous()
+        seen.add(ptr)
+    return out
+
+
+def resolve_model_source(spec: str, revision: str | None = None, offline: bool = False) -> Path:
+    """Turn a packaged short name, a .gguf file, a folder or a hub ID ('org/name' at `revision`, through the
+    Hugging Face cache, downloaded unless `offline`) into a local transformers folder."""
+    if revision is not None and (spec in PACKAGED or Path(spec).exists()):
+        raise FieldError("revision", f"applies to hub IDs; '{spec}' is a packaged model or a local path")
     if spec in PACKAGED:
         pkg = PACKAGED[spec]
         if importlib.util.find_spec(pkg.module) is None:
@@ -200,23 +221,29 @@ def resolve_model_source(spec: str) -> Path:
         path = pkg.locate()
     else:
         path = Path(spec)
-        if not path.exists():
+        if not path.exists() and is_hub_id(spec):
+            path = hub_snapshot(spec, revision, offline)
+        elif not path.exists():
             raise ItdaInputError(
-                f"model '{spec}' is neither a packaged model ({', '.join(PACKAGED)}) nor an existing path; "
-                f"installed packaged models: {', '.join(available_models()) or 'none'}"
+                f"model '{spec}' is neither a packaged model ({', '.join(PACKAGED)}), an existing path nor a hub ID "
+                f"(org/name, looked up in {hub_cache()}); installed packaged models: "
+                f"{', '.join(available_models()) or 'none'}"
             )
     if path.is_file() and path.suffix == ".gguf":
         return convert_gguf(path)
     if path.is_dir() and (path / "config.json").exists():
         return path
-    raise ItdaInputError(f"{path}: not a .gguf file or a folder with config.json")
+    what = f"model '{spec}' (hub snapshot {path})" if is_hub_id(spec) and not Path(spec).exists() else str(path)
+    raise ItdaInputError(f"{what}: not a .gguf file or a folder with config.json")
 
 
 def load_model(
     spec: str,
     *,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str = "auto",
+    device: str | torch.device = "auto",
+    revision: str | None = None,
+    offline: bool = False,
     layerwise: bool | None = False,
     max_layer: int | None = None,
     max_memory: int | None = None,
@@ -224,13 +251,15 @@ def load_model(
 ) -> LoadedModel:
     """Load a model and its tokenizer for inference (eval mode, no grad).
 
+    device 'auto': CUDA when available, else CPU; dtype 'auto': bfloat16 on CUDA, float32 on CPU
+    (itda.devices). revision/offline: for hub IDs (itda.activations.hub).
     layerwise=True streams decoder blocks from the safetensors shards (LayerwiseModel); None
     chooses it when the checkpoint is larger than max_memory (default: half the free memory).
     max_layer: deepest block needed (layer-wise only; None loads everything for full passes).
     """
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
-
-    source = resolve_model_source(spec)
+    dev = choose_device(device)
+    torch_dtype = choose_model_dtype(dtype, dev)
+    source = resolve_model_source(spec, revision, offline)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -238,31 +267,42 @@ def load_model(
     if layerwise is None:
         from itda.activations.layerwise import checkpoint_params, default_memory_budget
 
-        budget = max_memory if max_memory is not None else default_memory_budget(torch.device(device))
-        layerwise = checkpoint_params(source) * torch.finfo(dtype).bits // 8 > budget
+        budget = max_memory if max_memory is not None else default_memory_budget(dev)
+        layerwise = checkpoint_params(source) * torch.finfo(torch_dtype).bits // 8 > budget
+    tokenizer = _load_tokenizer(source)
+    commit = source.name if is_hub_id(spec) and not Path(spec).exists() else None
     if layerwise:
         from itda.activations.layerwise import LayerwiseModel
 
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-        except (OSError, ValueError) as exc:
-            raise ItdaInputError(f"{source}: cannot load tokenizer ({str(exc).splitlines()[0]})") from None
-        lw = LayerwiseModel(source, max_layer=max_layer, dtype=dtype, device=device, micro_batch=micro_batch)
-        return LoadedModel(spec, lw.model, tokenizer, source, layerwise=lw)
+        lw = LayerwiseModel(source, max_layer=max_layer, dtype=torch_dtype, device=dev, micro_batch=micro_batch)
+        return LoadedModel(spec, lw.model, tokenizer, source, lw, dev, torch_dtype, commit)
+    model = _load_in_memory(source, torch_dtype)
+    # transformers types PreTrainedModel.to, wrapped by a decorator, as if unbound: call it as a Module's
+    cast(torch.nn.Module, model).to(dev).eval()
+    model.requires_grad_(False)
+    return LoadedModel(spec, model, tokenizer, source, None, dev, torch_dtype, commit)
+
+
+def _load_tokenizer(source: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ItdaInputError(f"{source}: cannot load tokenizer ({str(exc).splitlines()[0]})") from None
+
+
+def _load_in_memory(source: Path, dtype: torch.dtype):
+    """The whole model from a local folder: its causal-LM class when the config names one, else AutoModel."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
     try:
         config = AutoConfig.from_pretrained(source, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
         archs = getattr(config, "architectures", None) or []
-        if any(is_causal_lm_class(a) for a in archs):
-            model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, dtype=dtype)
-        else:
-            model = AutoModel.from_pretrained(source, local_files_only=True, dtype=dtype)
+        auto = AutoModelForCausalLM if any(is_causal_lm_class(a) for a in archs) else AutoModel
+        return auto.from_pretrained(source, local_files_only=True, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise ItdaInputError(f"{source}: cannot load model ({str(exc).splitlines()[0]})") from None
-    # transformers types PreTrainedModel.to, wrapped by a decorator, as if unbound: call it as a Module's
-    cast(torch.nn.Module, model).to(device).eval()
-    model.requires_grad_(False)
-    return LoadedModel(spec, model, tokenizer, source)
 
 
 def model_at_hookpoint(
@@ -270,7 +310,7 @@ def model_at_hookpoint(
     model: str | None = None,
     *,
     needs: str = "this",
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     layerwise: bool | None = False,
     max_memory: int | None = None,
     lm: LoadedModel | None = None,
@@ -290,7 +330,9 @@ def model_at_hookpoint(
     if lm is None:
         if not model:
             raise FieldError("model", f"the {what} records no model; give {{field}}")
-        lm = load_model(model, device=device, layerwise=layerwise, max_memory=max_memory)
+        build = getattr(meta, "build", None) or {}  # a dictionary records the hub commit it was built from
+        revision = build.get("model_revision") if model == meta.model else None
+        lm = load_model(model, device=device, revision=revision, layerwise=layerwise, max_memory=max_memory)
     if meta.tokenizer and not same_tokenizer(meta.tokenizer, lm.tokenizer_name):
         raise ItdaInputError(f"tokenizer mismatch: {what} built with {meta.tokenizer}, model has {lm.tokenizer_name}")
     return lm, parse_hookpoint(meta.hookpoint)

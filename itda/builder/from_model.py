@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -252,6 +253,8 @@ def _meta_maker(lm: LoadedModel, contexts: Contexts, corpus_name: str, dtype, in
         }
         if world > 1:
             build["world_size"] = world
+        if lm.revision is not None:
+            build["model_revision"] = lm.revision  # the hub commit: eval and explore reload this one
         return DictionaryMeta(
             d=d,
             model=lm.name,
@@ -276,21 +279,25 @@ def build_from_model(
     batch_contexts: int = 32,
     dtype: torch.dtype = torch.float16,
     include_special: bool = False,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     progress: bool = True,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 0,
     fingerprint: dict | None = None,
     exchange=None,
     interleave: int = 1,
+    on_start: Callable[[], None] | None = None,
 ) -> ModelBuildResult:
     """Stream the contexts through the model once, feeding every hookpoint's builder.
 
-    checkpoint: resumed when it exists (refused when made with another build; `fingerprint`
-    adds fields it must match, e.g. the CLI's --tokens), saved every `checkpoint_every` steps
-    and on Ctrl-C, by rank 0. exchange: torchrun's (itda.builder.distributed.init_distributed).
+    device: where the builders run (default: the model's). checkpoint: resumed when it exists
+    (refused when made with another build; `fingerprint` adds fields it must match, e.g. the CLI's
+    --tokens), saved every `checkpoint_every` steps and on Ctrl-C, by rank 0. exchange: torchrun's
+    (itda.builder.distributed.init_distributed). on_start: called once the inputs are checked, before
+    the first forward pass (the CLI prints its run header there).
     """
     t0 = time.perf_counter()
+    device = lm.device if device is None else device
     check_contexts_fit(lm.model, contexts)  # refused before any work, not at the batch that does not fit
     hps = list(hookpoints)
     world, rank = (exchange.world, exchange.rank) if exchange is not None else (max(1, interleave), None)
@@ -313,6 +320,8 @@ def build_from_model(
     new_meta = _meta_maker(lm, contexts, corpus_name, dtype, include_special, world)
     save_to = checkpoint if exchange is None or exchange.rank == 0 else None  # rank 0 writes the checkpoints
     snapshot = _snapshot(builders, hps, done, max_abs, fp) if save_to is not None else None
+    if on_start is not None:
+        on_start()
     bar = _progress_bar(lm.name, contexts, include_special, builders, progress and rank in (None, 0))
     tokens, forward_s = 0, 0.0
     try:
@@ -348,12 +357,13 @@ def build_on_corpus(
     corpus: CorpusConfig,
     config: BuildConfig,
     *,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     progress: bool = True,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 0,
     fingerprint: dict | None = None,
     exchange=None,
+    on_start: Callable[[], None] | None = None,
 ) -> ModelBuildResult:
     """build_from_model over the training split of `corpus` (what `itda build MODEL` and itda.build run).
 
@@ -365,7 +375,7 @@ def build_on_corpus(
 
     corpus.validate()
     _docs, contexts = load_contexts(
-        corpus.corpus,
+        corpus.source,
         lm.tokenizer,
         tokenizer_name=lm.tokenizer_name,
         split="train",
@@ -378,7 +388,7 @@ def build_on_corpus(
         hookpoints,
         contexts,
         config,
-        corpus_name=str(corpus.corpus),
+        corpus_name=corpus.source,
         batch_contexts=corpus.batch_contexts,
         dtype=STREAM_DTYPES[corpus.stream_dtype],
         include_special=corpus.include_special,
@@ -388,6 +398,7 @@ def build_on_corpus(
         checkpoint_every=checkpoint_every if checkpoint else 0,
         fingerprint={"tokens": corpus.tokens, **(fingerprint or {})},
         exchange=exchange,
+        on_start=on_start,
     )
 
 

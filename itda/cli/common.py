@@ -136,21 +136,18 @@ def checked_k(k: int | None, d) -> int:
 
 
 def check_device(device: str):
-    """A torch.device the user named, refused in one line when unknown or unavailable."""
-    import torch
+    """The torch.device a user named (auto: CUDA when available), refused in one line naming --device."""
+    from itda.devices import choose_device
 
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ItdaInputError(f"--device {device!r}: not a torch device (cpu, cuda, cuda:1, ...)") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ItdaInputError(f"--device {device}: CUDA is not available in this torch build or on this machine")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ItdaInputError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type not in ("cpu", "mps"):
-        raise ItdaInputError(f"--device {device}: itda runs on cpu or cuda")
-    return dev
+    return choose_device(device)
+
+
+def print_model_header(lm) -> None:
+    """One line saying which model runs where, in what dtype (and the folder a hub ID or GGUF file resolved to)."""
+    from itda.devices import describe
+
+    where = "" if str(lm.source) == lm.name else f" (from {lm.source})"
+    typer.echo(f"model {lm.name}{where} on {describe(lm.device, lm.dtype)}")
 
 
 def load_dictionary_file(path: Path):

@@ -71,6 +71,7 @@ def compare_command(
     max_memory: int | None = None,
     cka_memory: int = 1 << 30,
     overwrite=False,
+    offline=False,
 ) -> None:
     from itda.cli.outputs import Output, guarded
 
@@ -105,6 +106,7 @@ def compare_command(
             max_memory=max_memory,
             cka_memory=cka_memory,
             batch_tokens=batch_tokens,
+            offline=offline,
         )
 
 
@@ -197,18 +199,33 @@ def _compare_acts(a: Path, b: Path, names: list[str], out: Path | None) -> None:
 
 
 def _compare_models(
-    a: str, b: str, names: list[str], *, corpus, field, out, device, quiet, layerwise=False, max_memory=None, **options
+    a: str,
+    b: str,
+    names: list[str],
+    *,
+    corpus,
+    field,
+    out,
+    device,
+    quiet,
+    layerwise=False,
+    max_memory=None,
+    offline=False,
+    **options,
 ) -> None:
-    from itda.activations.models import load_model
+    from itda.activations.config import ModelSource
     from itda.builder.distributed import init_distributed
-    from itda.cli.common import check_device
+    from itda.cli.common import print_model_header
     from itda.comparison import CompareConfig, compare_on_corpus
     from itda.comparison.registry import expand_measures
 
     config = CompareConfig(measures=tuple(expand_measures(names)), **options)
-    exchange = init_distributed(check_device(device))
-    lm_a = load_model(a, device=device, layerwise=layerwise, max_memory=max_memory)
-    lm_b = None if b == a else load_model(b, device=device, layerwise=layerwise, max_memory=max_memory)
+    source_a = ModelSource(a, device, layerwise=layerwise, max_memory=max_memory, offline=offline)
+    exchange = init_distributed(source_a.torch_device())
+    lm_a = source_a.load()
+    lm_b = (
+        None if b == a else ModelSource(b, device, layerwise=layerwise, max_memory=max_memory, offline=offline).load()
+    )
     res = compare_on_corpus(lm_a, lm_b, corpus, field, config, progress=not quiet, exchange=exchange)
     if exchange is not None:
         import torch.distributed
@@ -217,6 +234,8 @@ def _compare_models(
         if exchange.rank != 0:
             return
         res.notes.append(f"forward passes split over {exchange.world} ranks (torchrun)")
+    for lm in [x for x in (lm_a, lm_b) if x is not None]:
+        print_model_header(lm)
     typer.echo(f"{res.paired_tokens} paired tokens ({res.identity} identities), {res.seconds:.0f}s")
     for note in res.notes:
         typer.echo(note)

@@ -44,7 +44,7 @@ def explore(
     from itda.explorer.page import explorer_data, write_explorer
     from itda.explorer.run import view_on_model
 
-    check_device(device)
+    device = str(check_device(device))
     if tokens < 1 or contexts < 0:
         raise ItdaInputError("--tokens must be >= 1 and --contexts >= 0")
     outputs = [Output(out, "explorer", folder=True)]

@@ -21,6 +21,7 @@ from itda.cli.common import (
     is_activation_file,
     on_interrupt,
     parse_memory,
+    print_model_header,
     user_errors,
 )
 from itda.cli.explore import explore
@@ -103,6 +104,8 @@ def build(
     ),
     corpus: str = option(CorpusConfig, "corpus"),
     field: str = option(CorpusConfig, "field"),
+    split: str = option(CorpusConfig, "split"),
+    dataset_config: str | None = option(CorpusConfig, "dataset_config"),
     tokens: int = option(CorpusConfig, "tokens"),
     context: int = option(CorpusConfig, "context"),
     batch_tokens: int = option(CorpusConfig, "batch_tokens"),
@@ -131,6 +134,8 @@ def build(
     dtype: DType = typer.Option(DType.float32, help="Storage dtype of the atoms."),
     backend: Backend = option(BuildConfig, "backend", choices=Backend),
     device: str = option(ModelSource, "device"),
+    revision: str | None = option(ModelSource, "revision"),
+    offline: bool = option(ModelSource, "offline"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Build dictionaries from an activation file, or from a model over a corpus."""
@@ -138,9 +143,11 @@ def build(
         raise ItdaInputError(f"--batch-size must be >= 1, got {batch_size}")
     if checkpoint is not None and checkpoint_every < 1:
         raise ItdaInputError("--checkpoint-every must be >= 1 with --checkpoint")
-    check_device(device)
-    model = ModelSource(source, device, model_dtype, layerwise, parse_memory(max_memory))
-    corpus_config = CorpusConfig(corpus, field, tokens, context, batch_tokens, include_special, stream_dtype)
+    device = str(check_device(device))
+    model = ModelSource(source, device, model_dtype, layerwise, parse_memory(max_memory), revision, offline)
+    corpus_config = CorpusConfig(
+        corpus, field, split, dataset_config, tokens, context, batch_tokens, include_special, stream_dtype
+    )
     corpus_config.validate()
     if is_activation_file(source) and (layer or hookpoint):
         raise ItdaInputError(f"--layer and --hookpoint choose a model's hookpoints; {source} is an activation file")
@@ -251,24 +258,16 @@ def _build_from_model(
     """Build one dictionary per hookpoint in one pass of the model over the corpus, and write them."""
     from itda.activations.hookpoints import depth, resolve_module
     from itda.activations.layerwise import LayerwiseModel
-    from itda.activations.models import load_model
-    from itda.activations.stream import STREAM_DTYPES
     from itda.builder.distributed import init_distributed
     from itda.builder.from_model import build_on_corpus
+    from itda.devices import dtype_name
 
     model.validate()
     assert model.model is not None  # build() makes the ModelSource from its SOURCE argument
     one_file, _files = _model_build_files(hps, output, model, corpus)
-    exchange = init_distributed(check_device(model.device))
+    exchange = init_distributed(model.torch_device())
     deepest = max(hp.layer for hp in hps)
-    lm = load_model(
-        model.model,
-        device=model.device,
-        layerwise=model.layerwise,
-        max_memory=model.max_memory,
-        max_layer=deepest,
-        dtype=STREAM_DTYPES[model.model_dtype],
-    )
+    lm = model.load(max_layer=deepest)
     if lm.layerwise is not None and not output.quiet:
         assert isinstance(lm.layerwise, LayerwiseModel)  # LoadedModel.layerwise: the LayerwiseModel or None
         typer.echo(f"layer-wise execution: blocks stream from {lm.source}, up to block {lm.layerwise.max_layer}")
@@ -288,8 +287,9 @@ def _build_from_model(
         progress=not output.quiet,
         checkpoint=checkpoint,
         checkpoint_every=output.checkpoint_every,
-        fingerprint={"model_dtype": model.model_dtype},
+        fingerprint={"model_dtype": dtype_name(lm.dtype)},
         exchange=exchange,
+        on_start=(lambda: print_model_header(lm)) if exchange is None or exchange.rank == 0 else None,
     )
     _save_model_build(result, output.out, one_file, output.dtype, checkpoint, exchange)
 
@@ -449,7 +449,8 @@ def eval_cmd(
         raise ItdaInputError(f"--batch-size must be >= 1, got {batch_size}")
     outputs = [Output(out, "eval-report")] if out is not None else []
     check_outputs(outputs, [dictionary, acts, model], overwrite)
-    d = Dictionary.load(dictionary, device=check_device(device))
+    device = str(check_device(device))
+    d = Dictionary.load(dictionary, device=device)
     k = checked_k(k, d)
     if acts is not None:
         from itda.activations.files import load_activations
@@ -511,7 +512,8 @@ def compare(
     ),
     precision: str = typer.Option("float64", help="Streaming CKA cross products: float64 (exact) or float32 (faster)."),
     include_special: bool = typer.Option(False, help="Keep BOS/special tokens (they can dominate CKA)."),
-    device: str = typer.Option("cpu"),
+    device: str = option(ModelSource, "device"),
+    offline: bool = option(ModelSource, "offline"),
     layerwise: bool | None = typer.Option(
         None,
         "--layerwise/--in-memory",
@@ -531,7 +533,7 @@ def compare(
     """Compare models layer by layer, two dictionaries (or folders of them), or two activation files."""
     from itda.cli.compare import compare_command
 
-    check_device(device)
+    device = str(check_device(device))
     if batch_tokens < 1:
         raise ItdaInputError(f"--batch-tokens must be >= 1, got {batch_tokens}")
     compare_command(
@@ -550,6 +552,7 @@ def compare(
         precision=precision,
         include_special=include_special,
         device=device,
+        offline=offline,
         quiet=quiet,
         layerwise=layerwise,
         max_memory=parse_memory(max_memory),

@@ -10,7 +10,15 @@ from pathlib import Path
 import typer
 
 from itda.activations.config import CorpusConfig, ModelSource
-from itda.cli.common import check_device, check_output, is_activation_file, on_interrupt, parse_memory, user_errors
+from itda.cli.common import (
+    check_device,
+    check_output,
+    is_activation_file,
+    on_interrupt,
+    parse_memory,
+    print_model_header,
+    user_errors,
+)
 from itda.cli.options import option
 from itda.errors import ItdaInputError
 from itda.sae.train import SaeSpec, TrainConfig
@@ -58,11 +66,16 @@ def train(
     hookpoint: str | None = typer.Option(None, help="Model input: hookpoint name instead of --layer."),
     corpus: str = option(CorpusConfig, "corpus", help="Model input: corpus (its training split)."),
     field: str = option(CorpusConfig, "field"),
+    split: str = option(CorpusConfig, "split"),
+    dataset_config: str | None = option(CorpusConfig, "dataset_config"),
     context: int = option(CorpusConfig, "context"),
     batch_tokens: int = option(CorpusConfig, "batch_tokens"),
     layerwise: bool | None = option(ModelSource, "layerwise", "--layerwise/--in-memory"),
     max_memory: str | None = option(ModelSource, "max_memory"),
     device: str = option(ModelSource, "device"),
+    model_dtype: str = option(ModelSource, "model_dtype"),
+    revision: str | None = option(ModelSource, "revision"),
+    offline: bool = option(ModelSource, "offline"),
     overwrite: bool = typer.Option(False, help="Replace an existing --out that is not an itda SAE."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
@@ -79,7 +92,7 @@ def train(
         raise ItdaInputError("--checkpoint-every must be >= 1 with --checkpoint")
     inputs = ([Path(source)] if is_activation_file(source) else []) + ([checkpoint] if checkpoint else [])
     check_output(out, inputs, "sae", overwrite)
-    check_device(device)
+    device = str(check_device(device))
     init_spec = parse_init(init)
     config = TrainConfig(
         steps,
@@ -94,8 +107,10 @@ def train(
     if is_activation_file(source):
         stream, sample, d, meta, evaluate = _file_source(Path(source), spec, seed)
     else:
-        model = ModelSource(source, device, layerwise=layerwise, max_memory=parse_memory(max_memory))
-        corpus_config = CorpusConfig(corpus, field, steps * batch_size, context, batch_tokens)
+        model = ModelSource(source, device, model_dtype, layerwise, parse_memory(max_memory), revision, offline)
+        corpus_config = CorpusConfig(
+            corpus, field, split, dataset_config, tokens=steps * batch_size, context=context, batch_tokens=batch_tokens
+        )
         stream, sample, d, meta, evaluate = _model_source(model, corpus_config, spec, layer, hookpoint)
     cfg = SaeConfig(d, latents, k, batch_topk)
     check_fits(
@@ -234,7 +249,6 @@ def _model_source(model: ModelSource, corpus: CorpusConfig, spec: SaeSpec, layer
 
     from itda.activations.corpus import load_contexts
     from itda.activations.hookpoints import parse_hookpoint
-    from itda.activations.models import load_model
     from itda.activations.stream import iterate_dense
     from itda.sae.io import SaeMeta
     from itda.sae.train import rebatch
@@ -248,15 +262,9 @@ def _model_source(model: ModelSource, corpus: CorpusConfig, spec: SaeSpec, layer
         hp = parse_hookpoint(hookpoint)
     else:
         raise ItdaInputError("a model source needs exactly one of --layer and --hookpoint")
-    lm = load_model(
-        source,
-        device=device,
-        layerwise=model.layerwise,
-        max_memory=model.max_memory,
-        max_layer=hp.layer if hp.layer >= 0 else None,
-    )
+    lm = model.load(max_layer=hp.layer if hp.layer >= 0 else None)
     _docs, contexts = load_contexts(
-        corpus.corpus,
+        corpus.source,
         lm.tokenizer,
         tokenizer_name=lm.tokenizer_name,
         split="train",
@@ -265,6 +273,7 @@ def _model_source(model: ModelSource, corpus: CorpusConfig, spec: SaeSpec, layer
         field=corpus.field,
     )
     per = corpus.batch_contexts
+    print_model_header(lm)
 
     def stream():
         return rebatch(iterate_dense(lm.model, hp, contexts, batch_contexts=per, device=device), spec.batch_size)
@@ -312,7 +321,8 @@ def eval_cmd(
 
     outputs = [Output(out, "sae-eval-report")] if out is not None else []
     check_outputs(outputs, [sae_path, acts, model], overwrite)
-    loaded = load_sae(sae_path, device=check_device(device))
+    device = str(check_device(device))
+    loaded = load_sae(sae_path, device=device)
     if acts is not None:
         from itda.activations.files import load_activations
         from itda.sae.evaluate import evaluate_sae

@@ -41,7 +41,7 @@ def select(
     from itda.selection.coverage import BASELINES, STRATEGIES
     from itda.selection.run import choose, corpus_supports, plot_curves
 
-    check_device(device)
+    device = str(check_device(device))
     if strategy not in STRATEGIES + BASELINES:
         raise ItdaInputError(f"--strategy {strategy!r}: choose one of {', '.join(STRATEGIES + BASELINES)}")
     if budget < 1:

@@ -8,6 +8,7 @@ pass and of what torchrun ranks share out.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,7 +51,7 @@ class PairedCorpus:
 def pair_corpus(
     lm_a: LoadedModel,
     lm_b: LoadedModel | None,
-    docs: list[str],
+    docs: Sequence[str],
     doc_ids: list[int],
     *,
     tokens: int,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -51,7 +52,7 @@ def compare_on_corpus(
 def compare_models(
     lm_a: LoadedModel,
     lm_b: LoadedModel | None,
-    docs: list[str],
+    docs: Sequence[str],
     doc_ids: list[int],
     config: CompareConfig | None = None,
     *,

@@ -46,7 +46,7 @@ def evaluate_on_model(
     k: int | None = None,
     method: str = "mp",
     batch_contexts: int = 32,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     layerwise: bool | None = False,
     max_memory: int | None = None,
 ) -> ModelEvalReport:
@@ -62,6 +62,7 @@ def evaluate_on_model(
         max_memory=max_memory,
         lm=loaded,
     )
+    device = lm.device
     _docs, contexts = load_contexts(
         corpus,
         lm.tokenizer,
@@ -86,10 +87,11 @@ def evaluate_contexts(
     k: int | None = None,
     method: str = "mp",
     batch_contexts: int = 32,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
 ) -> ModelEvalReport:
     """Reconstruction metrics over the contexts' activations at hp, and the CE-loss score for causal LMs.
     `dictionary`: a Dictionary (encoded with k atoms by `method`), an itda.sae.LoadedSae or any ModelCoder."""
+    device = lm.device if device is None else device
     coder = as_coder(dictionary, k, method)
     ev = coder.evaluator()
     for batch in iterate_batches(

@@ -8,6 +8,8 @@ and this atom's coefficient on it) and its co-occurring atoms.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -19,7 +21,7 @@ from itda.explorer.usage import AtomUsage, co_occurrence, histogram
 SOURCE_CHARS = 160  # characters shown on each side of an atom's source token
 
 
-def check_refs(dictionary: Dictionary, docs: list[str], tokenizer) -> None:
+def check_refs(dictionary: Dictionary, docs: Sequence[str], tokenizer) -> None:
     """Refuse a corpus other than the one the dictionary was built on (document count, token ids)."""
     refs = dictionary.refs
     if not len(refs):
@@ -50,7 +52,7 @@ def source_context(text: str, char_start: int, char_end: int, chars: int = SOURC
 
 
 def held_out_context(
-    atom: int, row: int, usage: AtomUsage, stream_refs: np.ndarray, docs: list[str], window: int
+    atom: int, row: int, usage: AtomUsage, stream_refs: np.ndarray, docs: Sequence[str], window: int
 ) -> dict:
     """Tokens row-window..row+window of the same document: the text, every token's character span
     and this atom's coefficient on it (`spans` = [start, end, coefficient] * tokens, flat), and
@@ -71,7 +73,7 @@ def held_out_context(
 def explorer_view(
     dictionary: Dictionary,
     usage: AtomUsage,
-    docs: list[str],
+    docs: Sequence[str],
     stream_refs: np.ndarray,
     *,
     label: str,
@@ -100,8 +102,9 @@ def explorer_view(
             "mean_coef": round(float(mean_coef[a]), 4),
         }
         if 0 <= doc < len(docs) and cs >= 0:
-            card["source"] = source_context(docs[doc], cs, ce)
-            card["token"] = docs[doc][cs:ce]
+            text = docs[int(doc)]
+            card["source"] = source_context(text, cs, ce)
+            card["token"] = text[cs:ce]
         else:
             card["source"], card["token"] = None, "" if pos >= 0 else "<special>"
         rows, _ = usage.top_tokens(a, contexts)

@@ -28,12 +28,13 @@ def view_on_model(
     context: int = 128,
     k: int | None = None,
     contexts: int = 5,
-    device: str = "cpu",
+    device: str | torch.device = "auto",
     progress: bool = True,
     lm=None,
 ) -> dict:
     """One explorer view: the dictionary's source contexts and its usage on held-out tokens."""
     lm, hp = model_at_hookpoint(dictionary, model, needs=f"the explorer ({label})", device=device, lm=lm)
+    device = lm.device
     corpus = corpus or dictionary_corpus(dictionary)
     docs = read_documents(corpus, field)
     check_refs(dictionary, docs, lm.tokenizer)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
+import torch
 
 from itda.activations.corpus import read_documents
 from itda.activations.models import model_at_hookpoint
@@ -34,10 +36,11 @@ def corpus_supports(
     support_atoms: int = 4,
     context: int = 128,
     max_doc_tokens: int | None = None,
-    device: str = "cpu",
+    device: str | torch.device = "auto",
     progress: bool = True,
-) -> tuple[list[str], DocSupports]:
+) -> tuple[Sequence[str], DocSupports]:
     lm, hp = model_at_hookpoint(dictionary, model, needs="select", device=device)
+    device = lm.device
     docs = read_documents(corpus, field)
     sup = document_supports(
         lm,

@@ -38,7 +38,7 @@ def document_supports(
     max_doc_tokens: int | None = None,
     docs_per_step: int = 64,
     batch_contexts: int = 32,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> DocSupports:
     """A document's support: the atoms that are among the `support_atoms` strongest (largest
