@@ -11,14 +11,15 @@ import pytest
 from itda.activations.config import CorpusConfig, ModelSource
 from itda.builder import BuildConfig
 from itda.cli.explore import explore
-from itda.cli.main import build, eval_cmd
+from itda.cli.main import build, compare, eval_cmd
 from itda.cli.sae import eval_cmd as sae_eval
 from itda.cli.sae import train
 from itda.cli.select import select
+from itda.comparison.plan import CompareConfig
 from itda.configfields import FieldError
 from itda.sae.train import SaeSpec, TrainConfig
 
-CONFIGS = (ModelSource, CorpusConfig, BuildConfig, TrainConfig, SaeSpec)
+CONFIGS = (ModelSource, CorpusConfig, BuildConfig, TrainConfig, SaeSpec, CompareConfig)
 
 # Per command: its config classes, the fields it offers no option for (why), its options that are no config's
 # choice (outputs, hookpoints, checkpoints: how one run writes), and its argument that holds ModelSource.model.
@@ -53,6 +54,18 @@ COMMANDS = {
             "resample_min_cosine": "library only",
         },
         {"source", "out", "checkpoint", "checkpoint_every", "layer", "hookpoint", "overwrite", "quiet"},
+    ),
+    "compare": (
+        compare,
+        (ModelSource, CorpusConfig, CompareConfig),
+        {
+            "model": "the A and B arguments",
+            "revision": "two models: not offered",
+            "stream_dtype": "float64 accumulators",
+            "measures": "--measures, a comma list",
+            "cka_memory": "--cka-memory, a size such as 1GiB",
+        },
+        {"a", "b", "measures", "out", "cka_memory", "overwrite", "quiet"},
     ),
 }
 # eval, explore and select share some options with the configs: those named like a field map to it

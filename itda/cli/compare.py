@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import typer
 
+from itda.activations.config import ModelSource
 from itda.atomic import write_text_atomic
+from itda.comparison.plan import CompareConfig
 from itda.comparison.report import has_matplotlib, matrix_summary, save_comparison
 from itda.errors import ItdaInputError
 
@@ -39,7 +41,7 @@ def _kind(spec: str) -> str:
     return "model"
 
 
-def _measure_list(text: str) -> list[str]:
+def measure_list(text: str) -> list[str]:
     from itda.comparison.registry import check_measures
 
     names = [m.strip() for m in text.split(",") if m.strip()]
@@ -52,27 +54,17 @@ def _measure_list(text: str) -> list[str]:
 def compare_command(
     a: str,
     b: str,
+    names: list[str],
+    config: CompareConfig,
+    models: ModelSource,
     *,
-    corpus,
-    field,
-    tokens,
-    context,
-    measures,
-    out,
-    k,
-    min_cosine,
-    max_rows,
-    precision,
-    batch_tokens=4096,
-    include_special,
-    device,
-    quiet,
-    layerwise: bool | None = False,
-    max_memory: int | None = None,
-    cka_memory: int = 1 << 30,
-    overwrite=False,
-    offline=False,
+    corpus: str,
+    field: str,
+    out: Path | None,
+    quiet: bool,
+    overwrite: bool = False,
 ) -> None:
+    """Compare A and B, whatever kind both are (models, dictionaries or folders of them, activation files)."""
     from itda.cli.outputs import Output, guarded
 
     kinds = (_kind(a), _kind(b))
@@ -80,54 +72,29 @@ def compare_command(
         raise ItdaInputError(
             f"compare needs two of a kind; got a {kinds[0].replace('_', ' ')} and a {kinds[1].replace('_', ' ')}"
         )
-    names = _measure_list(measures)
-    if precision not in ("float64", "float32"):
-        raise ItdaInputError(f"--precision must be float64 or float32, got {precision!r}")
     outputs = [Output(out, "compare-report", folder=True)] if out is not None else []
     with guarded(outputs, [a, b], overwrite):
-        _dispatch(
-            kinds[0],
-            a,
-            b,
-            names,
-            out,
-            corpus=corpus,
-            field=field,
-            tokens=tokens,
-            context=context,
-            k=k,
-            min_cosine=min_cosine,
-            max_rows=max_rows,
-            precision=precision,
-            include_special=include_special,
-            device=device,
-            quiet=quiet,
-            layerwise=layerwise,
-            max_memory=max_memory,
-            cka_memory=cka_memory,
-            batch_tokens=batch_tokens,
-            offline=offline,
-        )
+        if kinds[0] in ("dict", "dict_folder"):
+            _note_dictionary_measures(names)
+        if kinds[0] == "dict":
+            _compare_dicts(Path(a), Path(b), out)
+        elif kinds[0] == "dict_folder":
+            _compare_dict_folders(Path(a), Path(b), out)
+        elif kinds[0] == "acts":
+            _compare_acts(Path(a), Path(b), names, out)
+        else:
+            _compare_models(a, b, config, models, corpus=corpus, field=field, out=out, quiet=quiet)
 
 
-def _dispatch(kind: str, a: str, b: str, names: list[str], out: Path | None, **options) -> None:
+def _note_dictionary_measures(names: list[str]) -> None:
     from itda.comparison.registry import ACTIVATIONS, REGISTRY
 
-    if kind in ("dict", "dict_folder"):
-        need_acts = [n for n in names if ACTIVATIONS in REGISTRY[n].needs]
-        if need_acts:
-            typer.echo(
-                f"dictionaries alone give the Jaccard family; {', '.join(need_acts)} need activations "
-                "(compare the models, or two activation files)"
-            )
-    if kind == "dict":
-        _compare_dicts(Path(a), Path(b), out)
-    elif kind == "dict_folder":
-        _compare_dict_folders(Path(a), Path(b), out)
-    elif kind == "acts":
-        _compare_acts(Path(a), Path(b), names, out)
-    else:
-        _compare_models(a, b, names, out=out, **options)
+    need_acts = [n for n in names if ACTIVATIONS in REGISTRY[n].needs]
+    if need_acts:
+        typer.echo(
+            f"dictionaries alone give the Jaccard family; {', '.join(need_acts)} need activations "
+            "(compare the models, or two activation files)"
+        )
 
 
 def _compare_dicts(a: Path, b: Path, out: Path | None) -> None:
@@ -199,33 +166,17 @@ def _compare_acts(a: Path, b: Path, names: list[str], out: Path | None) -> None:
 
 
 def _compare_models(
-    a: str,
-    b: str,
-    names: list[str],
-    *,
-    corpus,
-    field,
-    out,
-    device,
-    quiet,
-    layerwise=False,
-    max_memory=None,
-    offline=False,
-    **options,
+    a: str, b: str, config: CompareConfig, models: ModelSource, *, corpus: str, field: str, out, quiet: bool
 ) -> None:
-    from itda.activations.config import ModelSource
+    import dataclasses
+
     from itda.builder.distributed import init_distributed
     from itda.cli.common import print_model_header
-    from itda.comparison import CompareConfig, compare_on_corpus
-    from itda.comparison.registry import expand_measures
+    from itda.comparison import compare_on_corpus
 
-    config = CompareConfig(measures=tuple(expand_measures(names)), **options)
-    source_a = ModelSource(a, device, layerwise=layerwise, max_memory=max_memory, offline=offline)
-    exchange = init_distributed(source_a.torch_device())
-    lm_a = source_a.load()
-    lm_b = (
-        None if b == a else ModelSource(b, device, layerwise=layerwise, max_memory=max_memory, offline=offline).load()
-    )
+    exchange = init_distributed(models.torch_device())
+    lm_a = dataclasses.replace(models, model=a).load()
+    lm_b = None if b == a else dataclasses.replace(models, model=b).load()
     res = compare_on_corpus(lm_a, lm_b, corpus, field, config, progress=not quiet, exchange=exchange)
     if exchange is not None:
         import torch.distributed

@@ -29,7 +29,9 @@ from itda.cli.options import option
 from itda.cli.outputs import Output, check_outputs, record_outputs
 from itda.cli.sae import export, sae_app
 from itda.cli.select import select
+from itda.comparison.plan import CompareConfig
 from itda.comparison.registry import DEFAULT_MEASURES, measures_help
+from itda.configfields import field_help
 from itda.errors import ItdaInputError
 
 app = typer.Typer(
@@ -492,72 +494,54 @@ def eval_cmd(
 def compare(
     a: str = typer.Argument(..., help="Model, dictionary file/folder, or activation file."),
     b: str = typer.Argument(..., help="Same kind as A (a model may be A itself)."),
-    corpus: str = typer.Option("default", help="Models: corpus both read (held-out split of the default)."),
-    field: str = typer.Option("text"),
-    tokens: int = typer.Option(20_000, help="Models: tokens of A to read."),
-    context: int = typer.Option(128),
-    batch_tokens: int = typer.Option(
-        4096,
-        help="Models: tokens per forward pass (the unit torchrun ranks share out; the first one's mean "
-        "centres the per-token ITDA measures).",
-    ),
+    corpus: str = option(CorpusConfig, "corpus", help="Models: corpus both read (held-out split of the default)."),
+    field: str = option(CorpusConfig, "field"),
+    split: str = option(CorpusConfig, "split"),
+    dataset_config: str | None = option(CorpusConfig, "dataset_config"),
+    tokens: int = option(CompareConfig, "tokens"),
+    context: int = option(CompareConfig, "context"),
+    batch_tokens: int = option(CompareConfig, "batch_tokens"),
     measures: str = typer.Option(",".join(DEFAULT_MEASURES), help=measures_help()),
     out: Path | None = typer.Option(None, "--out", "-o", help="Folder for JSON, CSV and PNG heatmaps."),
-    k: int = typer.Option(40, help="Models: MP steps for the dictionaries (Jaccard, ITDA measures)."),
-    min_cosine: float = typer.Option(0.85, help="Models: dictionary threshold (Jaccard, ITDA measures)."),
-    max_rows: int = typer.Option(
-        4096,
-        help="Rows kept for the in-memory measures (not the per-token itda_fused / itda_scaled_* / "
-        "itda_loss_profile / itda_recon_cka: they see every token).",
-    ),
-    precision: str = typer.Option("float64", help="Streaming CKA cross products: float64 (exact) or float32 (faster)."),
-    include_special: bool = typer.Option(False, help="Keep BOS/special tokens (they can dominate CKA)."),
+    k: int = option(CompareConfig, "k"),
+    min_cosine: float = option(CompareConfig, "min_cosine"),
+    max_rows: int = option(CompareConfig, "max_rows"),
+    precision: str = option(CompareConfig, "precision"),
+    include_special: bool = option(CompareConfig, "include_special"),
+    cka_memory: str = typer.Option("1GiB", help=field_help(CompareConfig, "cka_memory").replace(" in bytes", "")),
+    cka_minibatch: int = option(CompareConfig, "cka_minibatch"),
     device: str = option(ModelSource, "device"),
+    model_dtype: str = option(ModelSource, "model_dtype"),
     offline: bool = option(ModelSource, "offline"),
-    layerwise: bool | None = typer.Option(
-        None,
-        "--layerwise/--in-memory",
-        help="Models: stream blocks from the shards (default: when a model exceeds --max-memory).",
-    ),
-    max_memory: str | None = typer.Option(
-        None, help="Models: memory budget for choosing layer-wise execution, e.g. 8GB, 70GiB."
-    ),
-    cka_memory: str = typer.Option(
-        "1GiB",
-        help="Models: largest exact CKA accumulators (each grid: raw CKA/Procrustes, the per-token ITDA "
-        "grids); beyond it minibatch CKA runs, without Procrustes.",
-    ),
+    layerwise: bool | None = option(ModelSource, "layerwise", "--layerwise/--in-memory"),
+    max_memory: str | None = option(ModelSource, "max_memory"),
     overwrite: bool = typer.Option(False, help="Write into an existing --out folder that itda did not write."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Compare models layer by layer, two dictionaries (or folders of them), or two activation files."""
-    from itda.cli.compare import compare_command
+    from itda.cli.compare import compare_command, measure_list
+    from itda.comparison.registry import expand_measures
 
     device = str(check_device(device))
-    if batch_tokens < 1:
-        raise ItdaInputError(f"--batch-tokens must be >= 1, got {batch_tokens}")
-    compare_command(
-        a,
-        b,
-        corpus=corpus,
-        field=field,
+    names = measure_list(measures)
+    config = CompareConfig(
         tokens=tokens,
+        measures=tuple(expand_measures(names)),
         context=context,
-        measures=measures,
-        out=out,
-        k=k,
         batch_tokens=batch_tokens,
+        k=k,
         min_cosine=min_cosine,
         max_rows=max_rows,
         precision=precision,
         include_special=include_special,
-        device=device,
-        offline=offline,
-        quiet=quiet,
-        layerwise=layerwise,
-        max_memory=parse_memory(max_memory),
         cka_memory=parse_memory(cka_memory, "--cka-memory"),
-        overwrite=overwrite,
+        cka_minibatch=cka_minibatch,
+    )
+    models = ModelSource(None, device, model_dtype, layerwise, parse_memory(max_memory), offline=offline)
+    models.validate()
+    text = CorpusConfig(corpus, field, split, dataset_config)
+    compare_command(
+        a, b, names, config, models, corpus=text.source, field=field, out=out, quiet=quiet, overwrite=overwrite
     )
 
 
