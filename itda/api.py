@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
 
-from itda.activations.config import CorpusConfig
+from itda.activations.config import CorpusConfig, ModelSource
 from itda.activations.models import LoadedModel, load_model
 from itda.builder import BuildConfig
 from itda.comparison import CompareConfig, ModelComparison
+from itda.configfields import FieldError
 from itda.devices import choose_device
 from itda.dictionary import Dictionary
 from itda.errors import ItdaInputError
@@ -84,13 +85,22 @@ def build(
     return {hp.name: d for hp, d in result.dictionaries.items()}
 
 
-def evaluate(coder, data=None, *, model: str | LoadedModel | None = None, k: int | None = None, **options):
+def evaluate(
+    coder,
+    data=None,
+    *,
+    model: str | LoadedModel | None = None,
+    k: int | None = None,
+    batch_size: int = 8192,
+    **options,
+):
     """Reconstruction quality of a dictionary or SAE (`itda eval`, `itda sae eval`).
 
-    data: activations (a [T, d] tensor, an iterable of batches, or an activation file) → an
-    EvalReport (dictionary) or SaeEvalReport (SAE). Without data, held-out text of the corpus
-    through `model` (default: the one the coder records) → an OnModelReport with the CE-loss
-    score; options: corpus, field, tokens, context, ce, device, ...
+    data: activations (a [T, d] tensor, an iterable of batches, an activation file or a loaded one),
+    read batch_size rows at a time → an EvalReport (dictionary; options: method) or SaeEvalReport (SAE).
+    Without data, held-out text of the corpus through `model` (default: the one the coder records) → a
+    ModelEvalReport with the CE-loss score; options: corpus, field, tokens, context, ce, method, device,
+    layerwise, max_memory.
     """
     from itda.sae.io import LoadedSae
 
@@ -98,7 +108,7 @@ def evaluate(coder, data=None, *, model: str | LoadedModel | None = None, k: int
         from itda.evaluation.on_model import evaluate_on_model
 
         return evaluate_on_model(coder, model, k=k, **options)
-    batches = _batches(data)
+    batches = _batches(data, batch_size)
     if isinstance(coder, LoadedSae):
         coder = coder.sae
     if isinstance(coder, Dictionary):
@@ -111,10 +121,13 @@ def evaluate(coder, data=None, *, model: str | LoadedModel | None = None, k: int
 
 
 def _batches(data, batch_size: int = 8192) -> Iterable[torch.Tensor]:
-    if isinstance(data, (str, os.PathLike)):
-        from itda.activations.files import load_activations
+    """Batches of activations given as a file, a loaded file (an ActivationSet), a tensor or batches."""
+    from itda.activations.files import ActivationSet, load_activations
 
-        return (x for x, _ in load_activations(data).batches(batch_size))
+    if isinstance(data, (str, os.PathLike)):
+        data = load_activations(data)
+    if isinstance(data, ActivationSet):
+        return (x for x, _ in data.batches(batch_size))
     if isinstance(data, torch.Tensor):
         return data.split(batch_size)
     return data
@@ -151,55 +164,81 @@ def compare(
 
 
 def train_sae(
-    data,
+    data=None,
     *,
     latents: int,
-    k: int = 32,
-    init: str = "kaiming",
-    steps: int = 1000,
-    batch_size: int = 4096,
+    model: str | LoadedModel | None = None,
+    layer: int | None = None,
+    hookpoint: str | None = None,
     device: str | torch.device = "auto",
     progress: bool = True,
-    seed: int = 0,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 100,
+    out: str | os.PathLike | None = None,
+    on_model: Callable[[LoadedModel], None] | None = None,
+    on_start: Callable | None = None,
     **options,
 ):
-    """A TopK SAE trained on activations (a [T, d] tensor, batches of one, or an activation file), from any
-    initialisation (`kaiming`, `data`, `itda:DICT`, ...); returns LoadedSae(sae, meta).
+    """A TopK SAE trained from any initialisation (`kaiming`, `data`, `itda:DICT`, ...) (`itda sae train`);
+    returns LoadedSae(sae, meta), written to `out` when given.
 
-    options: TrainConfig fields (lr, auxk_alpha, resample, ...) and b_dec, fill, crop, batch_topk.
+    data: activations (a [T, d] tensor, batches of one, or an activation file; the last `holdout` of the
+    rows are held out and evaluated into meta.train['heldout']), or None and `model` with one of `layer`
+    (resid_post) and `hookpoint`: the model's activations over the corpus's training split. checkpoint:
+    saved every checkpoint_every steps and on Ctrl-C, resumed when it exists, removed at the end.
+    options: SaeSpec (k, init, batch_size, b_dec, fill, crop, batch_topk, init_sample, holdout),
+    TrainConfig (steps, lr, auxk_alpha, resample, seed, ...), CorpusConfig (corpus, field, context, ...)
+    and ModelSource fields (model_dtype, layerwise, max_memory, revision, offline). on_model(lm): once the
+    model is loaded; on_start(trainer, init record): before the first step.
     """
-    from itda.sae.init import new_sae
-    from itda.sae.io import LoadedSae, SaeMeta
-    from itda.sae.model import SaeConfig
-    from itda.sae.train import SaeTrainer, TrainConfig, shuffled_batches
+    from itda.sae.init import parse_init
+    from itda.sae.run import run_training
+    from itda.sae.train import SaeSpec, TrainConfig
 
-    init_opts = {key: options.pop(key) for key in ("b_dec", "fill", "crop") if key in options}
-    batch_topk = bool(options.pop("batch_topk", False))
-    rows = torch.cat([x[0] if isinstance(x, tuple) else x for x in _batches(data)]).to(torch.float32)
-    config = TrainConfig(steps=steps, seed=seed, **options)
+    spec_opts, train_opts, corpus_opts, model_opts = _split(options, SaeSpec, TrainConfig, CorpusConfig, ModelSource)
+    spec = SaeSpec(latents, **spec_opts)
+    spec.validate()
+    if checkpoint is not None and checkpoint_every < 1:
+        raise FieldError("checkpoint_every", "must be >= 1 with {checkpoint}", others=("checkpoint",))
+    parse_init(spec.init)
+    config = TrainConfig(**train_opts)
     config.validate()
-    sample = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:16_384]]
-    sae, info = new_sae(
-        SaeConfig(rows.shape[1], latents, k, batch_topk),
-        init,
-        sample,
-        device=choose_device(device),
-        seed=seed,
-        **init_opts,
+    device = choose_device(device)
+    if data is not None:
+        source = _rows_source(data, spec, config.seed)
+    else:
+        from itda.sae.run import model_source
+
+        if model is None:
+            raise ItdaInputError("give activations (data) or a model")
+        corpus = CorpusConfig(**corpus_opts, tokens=config.steps * spec.batch_size)
+        lm = model if isinstance(model, LoadedModel) else ModelSource(model, str(device), **model_opts)
+        source = model_source(lm, corpus, spec, layer, hookpoint, on_model=on_model)
+    return run_training(
+        source,
+        spec,
+        config,
+        device=device,
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
+        out=out,
+        progress=progress,
+        on_start=on_start,
     )
-    trainer = SaeTrainer(sae, config)
-    trainer.fit(shuffled_batches(rows, batch_size, seed), progress=progress)
-    meta = SaeMeta(
-        init=info,
-        train={
-            **dataclasses.asdict(config),
-            "lr": trainer.lr,
-            "batch_size": batch_size,
-            "tokens": trainer.tokens_seen,
-            "final_train_fvu": trainer.last_fvu,
-        },
-    )
-    return LoadedSae(trainer.sae, meta)
+
+
+def _rows_source(data, spec, seed: int):
+    """The TrainSource of activations given as a file, a tensor or batches."""
+    from itda.sae.run import rows_source
+
+    if isinstance(data, (str, os.PathLike)):
+        from itda.activations.files import load_activations
+
+        return rows_source(load_activations(data).acts, spec, seed, str(data), str(Path(data)))
+    if isinstance(data, torch.Tensor):
+        return rows_source(data, spec, seed, "tensor")
+    rows = torch.cat([x[0] if isinstance(x, tuple) else x for x in data])
+    return rows_source(rows, spec, seed, "batches")
 
 
 def export(source, format: str, out: str | os.PathLike, *, k: int | None = None) -> Path:
@@ -222,29 +261,50 @@ def explore(
     *,
     other: Dictionary | None = None,
     model: str | LoadedModel | None = None,
+    model_b: str | LoadedModel | None = None,
+    labels: Sequence[str] | None = None,
     progress: bool = True,
     **options,
-) -> Path:
-    """The static atom explorer of one dictionary (or two side by side) in folder out; returns its index.html.
+):
+    """The static atom explorer of one dictionary (or two side by side) in folder out (`itda explore`): an
+    Explorer of its index.html, the views (label, summary, atom cards) and the shared atoms (None for one).
 
-    options: corpus, tokens, context, k, contexts (per atom), device.
+    model: the dictionary's model (default: the one it records); model_b: the other's (default: the one it
+    records, else model). labels: one per dictionary (default: their hookpoints, as A: and B:).
+    options: corpus, field, tokens, context, k, contexts (per atom), device.
     """
     from itda.explorer.data import shared_atoms
     from itda.explorer.page import explorer_data, write_explorer
-    from itda.explorer.run import view_on_model
+    from itda.explorer.run import Explorer, view_on_model
 
-    lm = model if isinstance(model, LoadedModel) else None
-    name = model if isinstance(model, str) else None
     dicts = [dictionary] + ([other] if other is not None else [])
-    labels = [d.meta.hookpoint or "dictionary" for d in dicts]
-    if len(dicts) == 2:
-        labels = [f"A: {labels[0]}", f"B: {labels[1]}"]
+    if labels is None:
+        labels = [d.meta.hookpoint or "dictionary" for d in dicts]
+        labels = [f"A: {labels[0]}", f"B: {labels[1]}"] if len(dicts) == 2 else labels
+    models = [model] + ([_model_b(model, model_b, dictionary, other)] if other is not None else [])
     views = [
-        view_on_model(d, label=label, model=name, lm=lm, progress=progress, **options)
-        for d, label in zip(dicts, labels, strict=True)
+        view_on_model(
+            d,
+            label=label,
+            model=m if not isinstance(m, LoadedModel) else None,
+            lm=m if isinstance(m, LoadedModel) else None,
+            progress=progress,
+            **options,
+        )
+        for d, label, m in zip(dicts, labels, models, strict=True)
     ]
     shared = shared_atoms(dictionary, other) if other is not None else None
-    return write_explorer(Path(out), explorer_data(views, shared))
+    return Explorer(write_explorer(Path(out), explorer_data(views, shared)), views, shared)
+
+
+def _model_b(model, model_b, dictionary: Dictionary, other: Dictionary):
+    """The second dictionary's model: model_b, else the one it records (a loaded `model` of the same name
+    serves), else model."""
+    if model_b is not None:
+        return model_b
+    if isinstance(model, LoadedModel) and other.meta.model in (None, dictionary.meta.model):
+        return model
+    return other.meta.model or model
 
 
 def select(
@@ -258,11 +318,13 @@ def select(
     **options,
 ):
     """The `budget` documents of corpus that cover the most atoms (`itda select`): a Selection of
-    chosen document indices, atoms each newly covered, the coverage report and curves.
+    chosen document indices, atoms each newly covered, the coverage report and curves, and the
+    chosen documents' tokens and texts.
 
     options: model, field, k, support_atoms, context, max_doc_tokens, device.
     """
     from itda.selection.run import choose, corpus_supports
 
-    _docs, supports = corpus_supports(corpus, dictionary, progress=progress, **options)
-    return choose(supports, len(dictionary), budget, strategy, seed=seed)
+    docs, supports = corpus_supports(corpus, dictionary, progress=progress, **options)
+    sel = choose(supports, len(dictionary), budget, strategy, seed=seed)
+    return sel._replace(texts=tuple(docs[int(i)] for i in sel.chosen))

@@ -22,6 +22,7 @@ FORMAT_VERSION = 1
 REF_FIELDS = ("doc", "pos", "char_start", "char_end", "token_id")
 ATOM_DTYPES = (torch.float16, torch.float32, torch.bfloat16)
 _META_KEY = "itda"
+DEFAULT_K = 40  # matching-pursuit steps per activation: BuildConfig.k's default (itda.builder imports this module)
 
 
 @dataclass
@@ -29,7 +30,7 @@ class DictionaryMeta:
     """What the dictionary was built from and how. Stored as JSON in the safetensors header."""
 
     d: int
-    k: int = 40
+    k: int = DEFAULT_K
     threshold: float | None = None  # normalised loss mean((x/|x| - x_hat/|x_hat|)^2) = (2 - 2cos)/d
     min_cosine: float | None = None  # the same criterion as a cosine: loss > threshold <=> cos < min_cosine
     loss: str = "normalised_mse"

@@ -30,9 +30,10 @@ from itda.activations.corpus import read_documents, split_documents
 from itda.activations.models import LoadedModel
 from itda.comparison.layers import pooled_accuracy
 from itda.comparison.pipeline import compare_models
+from itda.comparison.registry import DICTIONARY, KEPT_ROWS, STREAMED, names_of
 from itda.comparison.streaming import StreamingCKAGrid
 
-MEASURES = ["jaccard", "cka", "cka_debiased", "procrustes", "cka_rbf", "svcca", "pwcca", "relative", "mutual_knn"]
+MEASURES = list(names_of(DICTIONARY, STREAMED, KEPT_ROWS))  # Jaccard and the baselines, in registry order
 
 
 def cka_throughput(layers: int = 12, d: int = 768, tokens: int = 16384, batch: int = 4096) -> dict:

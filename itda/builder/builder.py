@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from itda.builder.candidates import first_unique_rows, greedy_dissimilar
 from itda.configfields import FieldError, choice
 from itda.dictionary import (
+    DEFAULT_K,
     REF_FIELDS,
     Dictionary,
     DictionaryMeta,
@@ -40,7 +41,7 @@ class BuildConfig:
 
     DEFAULT_MIN_COSINE: ClassVar[float] = 0.85
 
-    k: int = choice(40, "Matching-pursuit steps per activation.")
+    k: int = choice(DEFAULT_K, "Matching-pursuit steps per activation.")
     threshold: float | None = choice(None, "Add rows whose normalised loss (2-2cos)/d exceeds this.")
     min_cosine: float | None = choice(
         None, f"Add rows reconstructed with cosine below this (default {DEFAULT_MIN_COSINE})."

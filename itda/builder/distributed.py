@@ -25,6 +25,11 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def rank_from_env() -> int:
+    """This process's rank under torchrun (RANK; 0 when not distributed)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 class Exchange:
     """The collective steps of a distributed build (gather candidates, sum counters)."""
 

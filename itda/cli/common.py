@@ -160,3 +160,22 @@ def load_dictionary_file(path: Path):
     if header_kind(path) not in ("dictionary", None):
         raise ItdaInputError(f"{path}: is an itda {header_kind(path)}, not a dictionary")
     return Dictionary.load(path)
+
+
+def print_summary(summary: dict) -> None:
+    """One `key value` line per entry of a report's summary (floats to 6 significant digits)."""
+    for key, value in summary.items():
+        typer.echo(f"{key:16s} {value:.6g}" if isinstance(value, float) else f"{key:16s} {value}")
+
+
+def write_report(summary: dict, out: Path | None, outputs: list) -> None:
+    """An evaluation summary: written to `out` as JSON when given (and recorded as `outputs`), then printed."""
+    import json
+
+    from itda.atomic import write_text_atomic
+    from itda.cli.outputs import record_outputs
+
+    if out is not None:
+        write_text_atomic(out, json.dumps(summary, indent=2))
+        record_outputs(outputs)
+    print_summary(summary)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -40,44 +41,30 @@ def explore(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """A static page (open OUT/index.html from disk) with one card per atom; two dictionaries side by side."""
-    from itda.explorer.data import shared_atoms
-    from itda.explorer.page import explorer_data, write_explorer
-    from itda.explorer.run import view_on_model
+    from itda.api import explore as write_explorer
 
     device = str(check_device(device))
     if tokens < 1 or contexts < 0:
         raise ItdaInputError("--tokens must be >= 1 and --contexts >= 0")
     outputs = [Output(out, "explorer", folder=True)]
     check_outputs(outputs, [dictionary, other], overwrite)
-    dicts = [load_dictionary_file(dictionary)] + ([load_dictionary_file(other)] if other is not None else [])
+    first = load_dictionary_file(dictionary)
+    second = load_dictionary_file(other) if other is not None else None
     labels = [dictionary.stem] + ([other.stem] if other is not None else [])
     if len(labels) == 2 and labels[0] == labels[1]:
         labels = [f"A: {labels[0]}", f"B: {labels[1]}"]
-    models = [model] + ([model_b or dicts[1].meta.model or model] if other is not None else [])
-    views = [
-        view_on_model(
-            d,
-            label=label,
-            model=m,
-            corpus=corpus,
-            tokens=tokens,
-            context=context,
-            k=k,
-            contexts=contexts,
-            device=device,
-            progress=not quiet,
-        )
-        for d, label, m in zip(dicts, labels, models, strict=True)
-    ]
-    shared = shared_atoms(dicts[0], dicts[1]) if len(dicts) == 2 else None
-    page = write_explorer(out, explorer_data(views, shared))
+    options: dict[str, Any] = dict(corpus=corpus, tokens=tokens, context=context, k=k, contexts=contexts, device=device)
+    page = write_explorer(
+        first, out, other=second, model=model, model_b=model_b, labels=labels, progress=not quiet, **options
+    )
     record_outputs(outputs)
-    for v in views:
+    for v in page.views:
         s = v["summary"]
         typer.echo(
             f"{v['label']}: {s['atoms']} atoms, {s['tokens']} held-out tokens, {s['dead']} unused, "
             f"mean L0 {s['mean_l0']:.1f}, mean cosine {s['mean_cosine']:.3f}"
         )
-    if shared is not None:
-        typer.echo(f"shared atoms: {len(shared)} (of {len(dicts[0])} and {len(dicts[1])})")
-    typer.echo(f"wrote {page}")
+    if second is not None:
+        assert page.shared is not None  # two dictionaries: their shared atoms
+        typer.echo(f"shared atoms: {len(page.shared)} (of {len(first)} and {len(second)})")
+    typer.echo(f"wrote {page.index}")

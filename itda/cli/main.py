@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -23,6 +24,7 @@ from itda.cli.common import (
     parse_memory,
     print_model_header,
     user_errors,
+    write_report,
 )
 from itda.cli.explore import explore
 from itda.cli.options import option
@@ -444,7 +446,7 @@ def eval_cmd(
     overwrite: bool = typer.Option(False, help="Replace an existing --out that itda did not write."),
 ) -> None:
     """FVU, cosine, normalised loss, L0, atom usage (and the CE-loss score on a model)."""
-    from itda.atomic import write_text_atomic
+    from itda.api import evaluate
     from itda.dictionary import Dictionary
 
     if batch_size < 1:
@@ -456,37 +458,21 @@ def eval_cmd(
     k = checked_k(k, d)
     if acts is not None:
         from itda.activations.files import load_activations
-        from itda.evaluation import evaluate
 
         data = load_activations(acts)
         if data.d != d.d:
             raise ItdaInputError(f"dimension mismatch: {acts} has d={data.d}, {dictionary} has d={d.d}")
-        summary = evaluate(d, (x for x, _ in data.batches(batch_size)), k=k, method=method.value).summary()
+        report = evaluate(d, data, k=k, method=method.value, batch_size=batch_size)
     else:
-        from itda.evaluation.on_model import evaluate_on_model
-
         model = model or d.meta.model
         if not model:
             raise ItdaInputError(f"{dictionary}: no model recorded; give an activation file or --model")
-        summary = evaluate_on_model(
-            d,
-            model,
-            corpus=corpus,
-            field=field,
-            tokens=tokens,
-            context=context,
-            ce=ce,
-            k=k,
-            method=method.value,
-            device=device,
-            layerwise=layerwise,
-            max_memory=parse_memory(max_memory),
-        ).summary()
-    if out is not None:
-        write_text_atomic(out, json.dumps(summary, indent=2))
-        record_outputs(outputs)
-    for key, value in summary.items():
-        typer.echo(f"{key:16s} {value:.6g}" if isinstance(value, float) else f"{key:16s} {value}")
+        on_model: dict[str, Any] = dict(
+            corpus=corpus, field=field, tokens=tokens, context=context, ce=ce, device=device
+        )
+        memory: dict[str, Any] = dict(layerwise=layerwise, max_memory=parse_memory(max_memory))
+        report = evaluate(d, model=model, k=k, method=method.value, **on_model, **memory)
+    write_report(report.summary(), out, outputs)
 
 
 @app.command()

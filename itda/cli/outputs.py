@@ -118,7 +118,9 @@ def check_outputs(outputs: Sequence[Output], inputs: Iterable[str | Path | None]
 
 def record_outputs(outputs: Sequence[Output]) -> None:
     """Note each written output's kind and digest in its folder's manifest (best effort; rank 0 under torchrun)."""
-    if os.environ.get("RANK", "0") != "0":
+    from itda.builder.distributed import rank_from_env
+
+    if rank_from_env() != 0:
         return
     by_folder: dict[Path, list[Output]] = {}
     for out in outputs:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -37,9 +38,10 @@ def select(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Choose BUDGET documents of CORPUS that cover the most atoms of DICT; report coverage vs random and longest."""
+    from itda.api import select as select_documents
     from itda.atomic import write_text_atomic
     from itda.selection.coverage import BASELINES, STRATEGIES
-    from itda.selection.run import choose, corpus_supports, plot_curves
+    from itda.selection.run import plot_curves
 
     device = str(check_device(device))
     if strategy not in STRATEGIES + BASELINES:
@@ -54,22 +56,15 @@ def select(
     outputs = [Output(out, "select-subset"), Output(report_path, "select-report"), Output(png_path, "select-plot")]
     check_outputs(outputs, [corpus, dictionary], overwrite)
     d = load_dictionary_file(dictionary)
-    docs, sup = corpus_supports(
-        corpus,
-        d,
-        model=model,
-        field=field,
-        k=k,
-        support_atoms=support_atoms,
-        context=context,
-        max_doc_tokens=max_doc_tokens,
-        device=device,
-        progress=not quiet,
+    options: dict[str, Any] = dict(
+        model=model, field=field, k=k, support_atoms=support_atoms, context=context, device=device
     )
-    sel = choose(sup, len(d), budget, strategy, seed=seed)
+    sel = select_documents(
+        corpus, d, budget, strategy=strategy, seed=seed, max_doc_tokens=max_doc_tokens, progress=not quiet, **options
+    )
     lines = [
-        json.dumps({"doc": int(i), "new_atoms": int(g), "tokens": int(sup.tokens[int(i)]), "text": docs[int(i)]})
-        for i, g in zip(sel.chosen, sel.new_atoms, strict=True)
+        json.dumps({"doc": int(i), "new_atoms": int(g), "tokens": int(n), "text": text})
+        for i, g, n, text in zip(sel.chosen, sel.new_atoms, sel.tokens, sel.texts, strict=True)
     ]
     sel.report.update(corpus=str(corpus), dictionary=str(dictionary), subset=str(out), support_atoms=support_atoms)
     write_text_atomic(out, "\n".join(lines) + "\n")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import NamedTuple
+
 import torch
 from tqdm.auto import tqdm
 
@@ -10,6 +13,14 @@ from itda.activations.models import model_at_hookpoint
 from itda.activations.stream import iterate_batches
 from itda.dictionary import Dictionary
 from itda.explorer.data import check_refs, encode_stream, explorer_view
+
+
+class Explorer(NamedTuple):
+    """A written explorer: its page, one view per dictionary, the atoms two dictionaries share (None for one)."""
+
+    index: Path
+    views: list[dict]
+    shared: list | None
 
 
 def dictionary_corpus(dictionary: Dictionary) -> str:

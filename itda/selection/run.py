@@ -24,6 +24,8 @@ class Selection(NamedTuple):
     new_atoms: np.ndarray  # atoms each choice newly covered
     report: dict
     curves: dict[str, np.ndarray]  # strategy -> atoms covered after 1..budget documents
+    tokens: np.ndarray  # tokens of each chosen document
+    texts: tuple[str, ...] = ()  # the chosen documents' text (itda.select; choose() has no texts)
 
 
 def corpus_supports(
@@ -95,7 +97,7 @@ def choose(sup: DocSupports, n_atoms: int, budget: int, strategy: str = "greedy"
         "seed": seed,
     }
     new = np.diff(np.concatenate([[0], chosen]))
-    return Selection(sup.doc_ids[rows], new, report, curves)
+    return Selection(sup.doc_ids[rows], new, report, curves, np.asarray(sup.tokens)[rows])
 
 
 def plot_curves(curves: dict[str, np.ndarray], used: int, path, title: str) -> bool:
