@@ -179,15 +179,16 @@ def train_sae(
     on_start: Callable | None = None,
     **options,
 ):
-    """A TopK SAE trained from any initialisation (`kaiming`, `data`, `itda:DICT`, ...) (`itda sae train`);
-    returns LoadedSae(sae, meta), written to `out` when given.
+    """An SAE (arch topk, batchtopk or matryoshka_batchtopk) trained from any initialisation (`kaiming`,
+    `data`, `itda:DICT`, ...) (`itda sae train`); returns LoadedSae(sae, meta), written to `out` when given.
 
     data: activations (a [T, d] tensor, batches of one, or an activation file; the last `holdout` of the
     rows are held out and evaluated into meta.train['heldout']), or None and `model` with one of `layer`
     (resid_post) and `hookpoint`: the model's activations over the corpus's training split. checkpoint:
     saved every checkpoint_every steps and on Ctrl-C, resumed when it exists, removed at the end.
-    options: SaeSpec (k, init, batch_size, b_dec, fill, crop, batch_topk, init_sample, holdout),
-    TrainConfig (steps, lr, auxk_alpha, resample, seed, ...), CorpusConfig (corpus, field, context, ...)
+    options: SaeSpec (k, arch, matryoshka_widths (a comma list or ints), init, batch_size, b_dec, fill, crop,
+    init_sample, holdout; batch_topk: deprecated arch batchtopk), TrainConfig (steps, lr, auxk_alpha, resample,
+    seed, threshold_lr, ...), CorpusConfig (corpus, field, context, ...)
     and ModelSource fields (model_dtype, layerwise, max_memory, revision, offline). on_model(lm): once the
     model is loaded; on_start(trainer, init record): before the first step.
     """
@@ -242,7 +243,8 @@ def _rows_source(data, spec, seed: int):
 
 
 def export(source, format: str, out: str | os.PathLike, *, k: int | None = None) -> Path:
-    """Write an SAE or a dictionary (as a TopK SAE) as a SAELens or sparsify folder; returns where."""
+    """Write an SAE (any architecture; BatchTopK ones as SAELens JumpReLU) or a dictionary (as a TopK SAE) as a
+    SAELens or sparsify folder; returns where."""
     from itda.sae.io import LoadedSae, dictionary_as_sae, export_saelens, export_sparsify, load_sae_or_none
 
     if isinstance(source, (str, os.PathLike)):

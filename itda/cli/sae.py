@@ -42,6 +42,8 @@ def train(
     out: Path = typer.Option(..., "--out", "-o", help="SAE file to write (.safetensors)."),
     latents: int = option(SaeSpec, "latents", "--latents"),
     k: int = option(SaeSpec, "k"),
+    arch: str = option(SaeSpec, "arch"),
+    matryoshka_widths: str | None = option(SaeSpec, "matryoshka_widths"),
     init: str = option(SaeSpec, "init"),
     steps: int = option(TrainConfig, "steps"),
     batch_size: int = option(SaeSpec, "batch_size"),
@@ -55,6 +57,7 @@ def train(
     resample: str | None = option(TrainConfig, "resample"),
     resample_every: int = option(TrainConfig, "resample_every"),
     seed: int = option(TrainConfig, "seed"),
+    threshold_lr: float = option(TrainConfig, "threshold_lr"),
     init_sample: int = option(SaeSpec, "init_sample"),
     holdout: float = option(SaeSpec, "holdout"),
     checkpoint: Path | None = typer.Option(None, help="Checkpoint file; an existing one is resumed."),
@@ -76,7 +79,8 @@ def train(
     overwrite: bool = typer.Option(False, help="Replace an existing --out that is not an itda SAE."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
-    """Train a TopK SAE on an activation file or a model's activations, from any initialisation."""
+    """Train an SAE (--arch topk, batchtopk or matryoshka_batchtopk) on an activation file or a model's
+    activations, from any initialisation."""
     from itda.api import train_sae
 
     from_file = is_activation_file(source)
@@ -87,6 +91,7 @@ def train(
     )
     options.update(init_sample=init_sample, holdout=holdout, steps=steps, lr=lr, auxk_alpha=auxk_alpha, seed=seed)
     options.update(dead_after_tokens=dead_after_tokens, resample=resample, resample_every=resample_every)
+    options.update(arch=arch, matryoshka_widths=matryoshka_widths, threshold_lr=threshold_lr)
     if not from_file:
         options.update(model=source, layer=layer, hookpoint=hookpoint, on_model=print_model_header)
         options.update(corpus=corpus, field=field, split=split, dataset_config=dataset_config, context=context)
@@ -98,8 +103,9 @@ def train(
         if checkpoint is not None:
             on_interrupt(f"checkpoint saved at {checkpoint}; run the same command to resume")
         if not quiet:
+            name = "" if trainer.sae.cfg.arch == "topk" else f" {trainer.sae.cfg.arch}"
             typer.echo(
-                f"SAE d={trainer.sae.cfg.d_in}, {latents} latents, k={k}, init {info['init']}, "
+                f"SAE{name} d={trainer.sae.cfg.d_in}, {latents} latents, k={k}, init {info['init']}, "
                 f"lr {trainer.lr:.3g}, {steps} steps of {batch_size} tokens"
             )
         started.append(time.perf_counter())  # printed, never stored: a resumed run must write the same bytes
@@ -116,7 +122,8 @@ def train(
         **options,
     )
     seconds = time.perf_counter() - started[0]
-    typer.echo(f"{out}: {latents} latents, k={k}, {loaded.meta.train['tokens']} tokens in {seconds:.1f}s")
+    learned = f", threshold {loaded.meta.train['threshold']:.4g}" if "threshold" in loaded.meta.train else ""
+    typer.echo(f"{out}: {latents} latents, k={k}{learned}, {loaded.meta.train['tokens']} tokens in {seconds:.1f}s")
     if "heldout" in loaded.meta.train:
         print_summary(loaded.meta.train["heldout"])
 
@@ -188,5 +195,7 @@ def export(
     check_outputs(outputs, [source], overwrite)
     where = export_sae(source, format.value, out, k=k)
     record_outputs(outputs)
-    cfg = load_sae(where).sae.cfg  # read back as the SAE libraries will read it
-    typer.echo(f"{where}: {format.value} TopK SAE, d_in={cfg.d_in}, {cfg.n_latents} latents, k={cfg.k}")
+    sae = load_sae(where).sae  # read back as the SAE libraries will read it
+    cfg = sae.cfg
+    form = "TopK" if cfg.arch == "topk" else f"JumpReLU ({cfg.arch}, threshold {sae.inference_threshold():.4g})"
+    typer.echo(f"{where}: {format.value} {form} SAE, d_in={cfg.d_in}, {cfg.n_latents} latents, k={cfg.k}")

@@ -65,7 +65,7 @@ class SaeEvaluator:
             self._first = x[0].clone() if self._first is None else self._first
             self._varies = bool((x != self._first).any())
         units = activation_units(x)
-        enc = self.sae.encode(x, batch=False, units=units)
+        enc = self.sae.encode(x, training=False, units=units)
         x_hat = self.sae.decode(enc.top_acts, enc.top_indices, units=units)
         if not bool(torch.isfinite(x_hat).all()):
             raise ItdaInputError(

@@ -288,6 +288,8 @@ def _copy_sae(sae: TopKSAE, other: TopKSAE, info: dict) -> dict:
     with torch.no_grad():
         for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
             getattr(sae, name).copy_(getattr(other, name))
+        if sae.arch.uses_threshold and other.arch.uses_threshold:
+            sae.threshold.copy_(other.threshold)  # the EMA goes on from the learned threshold
     info["b_dec"] = "transferred"
     return info
 

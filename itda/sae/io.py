@@ -1,10 +1,13 @@
 """SAE files: itda's own format, and the folders SAELens and sparsify load natively.
 
-- itda: one `.safetensors` file, tensors W_enc [F, D], b_enc [F], W_dec [F, D], b_dec [D] and a
-  JSON header `itda_sae` (SaeConfig, model, hookpoint, tokenizer, init and training record).
-- SAELens (v6, architecture `topk`): `cfg.json` + `sae_weights.safetensors` with
-  W_enc [D, F], b_enc [F], W_dec [F, D], b_dec [D].
-- sparsify: `<out>/<hookpoint>/cfg.json` + `sae.safetensors` with encoder.weight [F, D],
+- itda: one `.safetensors` file, tensors W_enc [F, D], b_enc [F], W_dec [F, D], b_dec [D] (and, for
+  the architectures that learn one, threshold [1] float64) and a JSON header `itda_sae` (SaeConfig,
+  model, hookpoint, tokenizer, init and training record). A header with `batch_topk` and no `arch`
+  (itda before architectures) is a `topk` SAE: BatchTopK was a training option, inference TopK.
+- SAELens (v6): `cfg.json` + `sae_weights.safetensors` with W_enc [D, F], b_enc [F], W_dec [F, D],
+  b_dec [D]; architecture `topk` (with k), or `jumprelu` (with threshold [F], every entry the learned
+  one; training_architecture and its k, widths in the metadata) for batchtopk and matryoshka_batchtopk.
+- sparsify (topk only): `<out>/<hookpoint>/cfg.json` + `sae.safetensors` with encoder.weight [F, D],
   encoder.bias [F], W_dec [F, D], b_dec [D]; hookpoint folders are named like `layers.10`.
 """
 
@@ -21,6 +24,7 @@ from safetensors.torch import save_file
 
 from itda.atomic import atomic_dir
 from itda.errors import ItdaInputError
+from itda.sae.arch import ARCH_NAMES, get_arch
 from itda.sae.model import SaeConfig, TopKSAE
 from itda.tensorfile import read_tensor_file, write_tensor_file
 from itda.version import __version__
@@ -59,6 +63,8 @@ def save_sae(sae: TopKSAE, path: str | os.PathLike, meta: SaeMeta | None = None)
         **meta.__dict__,
     }
     tensors = {n: getattr(sae, n).detach().cpu().contiguous() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    if sae.arch.uses_threshold:
+        tensors["threshold"] = sae.threshold.detach().cpu().reshape(1).to(torch.float64)
     for name, t in tensors.items():
         if not bool(torch.isfinite(t).all()):
             raise ItdaInputError(f"{path}: not written: the SAE's {name} contains NaN or inf (training diverged?)")
@@ -125,26 +131,60 @@ class Fields:
         return v
 
 
+_CFG_KEYS = ("arch", "matryoshka_widths", "batch_topk")  # an itda header's keys besides d_in, n_latents, k
+
+
 def checked_config(
     where: str | os.PathLike,
     raw: Any,
     names: tuple[str, str, str] = ("d_in", "n_latents", "k"),
     prefix: str = "cfg.",
-    batch_topk: bool = True,
+    itda_header: bool = True,
 ) -> SaeConfig:
-    """A SaeConfig from a metadata object: d_in >= 1, n_latents >= 1, 1 <= k <= n_latents (ints), batch_topk a bool.
+    """A SaeConfig from a metadata object: d_in >= 1, n_latents >= 1, 1 <= k <= n_latents (ints); in an
+    itda header also arch (a registered name, default topk), matryoshka_widths (ints, as the arch needs)
+    and the legacy batch_topk (a bool, ignored), and no other key.
 
-    `names` are the file's keys for d_in, n_latents and k; with `batch_topk` the object may hold
-    no other key (an itda header). Errors name `where` and the field.
+    `names` are the file's keys for d_in, n_latents and k. Errors name `where` and the field.
     """
     f = Fields(where, raw, prefix)
     d_key, f_key, k_key = names
     d, n = f.integer(d_key), f.integer(f_key)
-    cfg = SaeConfig(d, n, f.integer(k_key, 1, n, f_key), f.boolean("batch_topk", False) if batch_topk else False)
-    extra = sorted(set(raw) - {*names, "batch_topk"}) if batch_topk else []
+    k = f.integer(k_key, 1, n, f_key)
+    if not itda_header:
+        return SaeConfig(d, n, k)
+    f.boolean("batch_topk", False)
+    extra = sorted(set(raw) - {*names, *_CFG_KEYS})
     if extra:
         raise ItdaInputError(f"{where}: unknown field '{prefix}{extra[0]}'")
+    arch = str(f.string("arch", "topk", choices=ARCH_NAMES))
+    widths = f.get("matryoshka_widths", [])
+    if not isinstance(widths, list) or not all(isinstance(w, int) and not isinstance(w, bool) for w in widths):
+        raise f.fail("matryoshka_widths", "a list of integers")
+    return arch_config(where, SaeConfig(d, n, k, arch, tuple(widths)), prefix)
+
+
+def arch_config(where: str | os.PathLike, cfg: SaeConfig, prefix: str = "cfg.") -> SaeConfig:
+    """cfg, refused (naming `where` and the field) when its fields do not suit its architecture."""
+    problem = get_arch(cfg.arch).config_error(cfg)
+    if problem is not None:
+        raise ItdaInputError(f"{where}: field '{prefix}{problem[0]}' {problem[1]}")
     return cfg
+
+
+def check_threshold(path: str | os.PathLike, t: torch.Tensor | None, n: int = 1) -> float:
+    """A stored threshold: a float tensor [n] whose entries are one finite value >= 0; that value."""
+    if t is None:
+        raise ItdaInputError(f"{path}: missing tensor 'threshold' (the architecture's inference threshold)")
+    if tuple(t.shape) != (n,) or not t.is_floating_point():
+        raise ItdaInputError(f"{path}: threshold must be a float tensor [{n}], got {t.dtype} {list(t.shape)}")
+    value = float(t[0])
+    if not (0.0 <= value < float("inf")) or not bool((t == t[0]).all()):
+        raise ItdaInputError(
+            f"{path}: threshold must be one finite value >= 0 for every latent (itda reads JumpReLU SAEs "
+            "with a global threshold, as BatchTopK training learns)"
+        )
+    return value
 
 
 def check_weights(path: Path, tensors: dict[str, torch.Tensor], d: int, f: int) -> None:
@@ -160,11 +200,12 @@ def check_weights(path: Path, tensors: dict[str, torch.Tensor], d: int, f: int) 
             raise ItdaInputError(f"{path}: {name} contains NaN or inf")
 
 
-def _build(cfg: SaeConfig, tensors: dict[str, torch.Tensor], device) -> TopKSAE:
+def _build(cfg: SaeConfig, tensors: dict[str, torch.Tensor], device, threshold: float = 0.0) -> TopKSAE:
     sae = TopKSAE(cfg)
     with torch.no_grad():
         for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
             getattr(sae, name).copy_(tensors[name].to(torch.float32))
+        sae.threshold.fill_(threshold)
     return sae.to(device)
 
 
@@ -181,7 +222,8 @@ def load_itda_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -
         raise ItdaInputError(f"{path}: SAE metadata is not JSON ({exc})") from None
     cfg, meta = _checked_header(path, raw)
     check_weights(path, tensors, cfg.d_in, cfg.n_latents)
-    return LoadedSae(_build(cfg, tensors, device), meta)
+    threshold = check_threshold(path, tensors.get("threshold")) if get_arch(cfg.arch).uses_threshold else 0.0
+    return LoadedSae(_build(cfg, tensors, device, threshold), meta)
 
 
 def _checked_header(path: Path, raw: Any) -> tuple[SaeConfig, SaeMeta]:
@@ -226,24 +268,47 @@ def _read_json(path: Path) -> Any:
 
 
 def load_saelens(folder: Path, device: str | torch.device = "cpu") -> LoadedSae:
-    """A SAELens v6 `topk` folder; cfg.json is checked field by field before the weights are read."""
+    """A SAELens v6 `topk` folder, or a `jumprelu` one with one threshold for every latent (a BatchTopK
+    export); cfg.json is checked field by field before the weights are read."""
     where = folder / "cfg.json"
     cfg = _read_json(where)
     f = Fields(where, cfg)
-    if f.string("architecture") != "topk":
-        raise ItdaInputError(f"{folder}: SAELens architecture {cfg['architecture']!r}; itda reads 'topk'")
+    architecture = f.string("architecture")
+    if architecture not in ("topk", "jumprelu"):
+        raise ItdaInputError(f"{folder}: SAELens architecture {architecture!r}; itda reads 'topk' and 'jumprelu'")
     f.boolean("apply_b_dec_to_input", True, must=True)
     f.string("normalize_activations", "none", choices=("none",))
     f.boolean("rescale_acts_by_decoder_norm", False, must=False)
-    sc = checked_config(where, cfg, ("d_in", "d_sae", "k"), prefix="", batch_topk=False)
     md_raw = f.get("metadata", None)
     md = Fields(where, {} if md_raw is None else md_raw, "metadata.")
+    if architecture == "topk":
+        sc = checked_config(where, cfg, ("d_in", "d_sae", "k"), prefix="", itda_header=False)
+    else:
+        sc = _jumprelu_config(where, f, md)
     meta = SaeMeta(model=md.string("model_name", None, none=True), hookpoint=_hookpoint_field(md, "hook_name"))
     _, tensors = read_tensor_file(folder / SAELENS_WEIGHTS)
     if "W_enc" in tensors:
         tensors["W_enc"] = tensors["W_enc"].T.contiguous()
     check_weights(folder, tensors, sc.d_in, sc.n_latents)
-    return LoadedSae(_build(sc, tensors, device), meta)
+    threshold = check_threshold(folder, tensors.get("threshold"), sc.n_latents) if architecture == "jumprelu" else 0.0
+    return LoadedSae(_build(sc, tensors, device, threshold), meta)
+
+
+def _jumprelu_config(where: Path, f: Fields, md: Fields) -> SaeConfig:
+    """A jumprelu cfg.json's SaeConfig: d_in, d_sae, and the training architecture (batchtopk or
+    matryoshka_batchtopk), its k and widths from metadata.training_architecture_details."""
+    d, n = f.integer("d_in"), f.integer("d_sae")
+    trained = md.string("training_architecture", "batchtopk", choices=("batchtopk", "matryoshka_batchtopk"))
+    raw = md.mapping("training_architecture_details", {})
+    if isinstance(raw.get("k"), float) and raw["k"].is_integer():
+        raw = {**raw, "k": int(raw["k"])}  # SAELens's own BatchTopK k is a float
+    prefix = "metadata.training_architecture_details."
+    details = Fields(where, raw, prefix)
+    k = details.integer("k", 1, n, "d_sae")
+    widths = details.get("matryoshka_widths", []) if trained == "matryoshka_batchtopk" else []
+    if not isinstance(widths, list) or not all(isinstance(w, int) and not isinstance(w, bool) for w in widths):
+        raise details.fail("matryoshka_widths", "a list of integers")
+    return arch_config(where, SaeConfig(d, n, k, str(trained), tuple(widths)), prefix)
 
 
 def _sparsify_config(where: Path, cfg: Any) -> SaeConfig:
@@ -370,23 +435,26 @@ def saelens_hook_name(hookpoint: str | None) -> str | None:
 
 
 def export_saelens(sae: TopKSAE, meta: SaeMeta, out: str | os.PathLike, context_size: int = 128) -> Path:
+    """The SAE's SAELens inference form (the architecture's: topk, or jumprelu with its threshold)."""
+    fields, extra, training = sae.arch.saelens(sae)
     cfg = {
-        "architecture": "topk",
+        "architecture": sae.arch.saelens_architecture,
         "d_in": sae.cfg.d_in,
         "d_sae": sae.cfg.n_latents,
-        "k": sae.cfg.k,
+        **({"k": fields.pop("k")} if "k" in fields else {}),
         "dtype": "float32",
         "device": "cpu",
         "apply_b_dec_to_input": True,
         "normalize_activations": "none",
         "reshape_activations": "none",
-        "rescale_acts_by_decoder_norm": False,
+        **fields,
         "metadata": {
             "sae_lens_version": SAELENS_MIN_VERSION,
             "model_name": meta.model,
             "hook_name": saelens_hook_name(meta.hookpoint),
             "context_size": context_size,
             "exported_by": f"itda {__version__}",
+            **training,
         },
     }
     tensors = {
@@ -394,6 +462,7 @@ def export_saelens(sae: TopKSAE, meta: SaeMeta, out: str | os.PathLike, context_
         "b_enc": sae.b_enc.detach().cpu().float().contiguous(),
         "W_dec": sae.W_dec.detach().cpu().float().contiguous(),
         "b_dec": sae.b_dec.detach().cpu().float().contiguous(),
+        **extra,
     }
     out = Path(out)
     with atomic_dir(out, replace_if="cfg.json") as tmp:
@@ -403,6 +472,12 @@ def export_saelens(sae: TopKSAE, meta: SaeMeta, out: str | os.PathLike, context_
 
 
 def export_sparsify(sae: TopKSAE, meta: SaeMeta, out: str | os.PathLike) -> Path:
+    """A topk SAE as sparsify's folder; other architectures are refused (sparsify has no JumpReLU)."""
+    if sae.arch.name != "topk":
+        raise ItdaInputError(
+            f"sparsify loads TopK SAEs only; this is a {sae.arch.name} SAE (JumpReLU at inference): "
+            "export it with --format saelens"
+        )
     cfg = {
         "activation": "topk",
         "expansion_factor": max(1, sae.cfg.n_latents // sae.cfg.d_in),

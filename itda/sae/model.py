@@ -1,8 +1,10 @@
-"""TopK sparse autoencoder (Gao et al. 2024), with BatchTopK as a training option (pure math).
+"""The sparse autoencoder of every architecture (itda.sae.arch: topk, batchtopk, matryoshka_batchtopk).
 
-encode: pre = relu(W_enc (x - b_dec) + b_enc), keep the k largest per row (TopK) or the
-B*k largest of the batch (BatchTopK); decode: x_hat = sum_i a_i W_dec[i] + b_dec, with unit-norm
-decoder rows. Weights are stored as sparsify does: W_enc [F, D], b_enc [F], W_dec [F, D], b_dec [D].
+encode: pre = relu(W_enc (x - b_dec) + b_enc), then the architecture keeps some latents (in training:
+the k largest per row, or the B*k largest of the batch; at inference: TopK per row, or JumpReLU with the
+learned `threshold`); decode: x_hat = sum_i a_i W_dec[i] + b_dec, with unit-norm decoder rows. Weights
+are stored as sparsify does: W_enc [F, D], b_enc [F], W_dec [F, D], b_dec [D]; `threshold` is a float64
+scalar buffer (used by the architectures that learn one, 0 otherwise).
 
 The losses square their terms after an exact power-of-two rescaling (pow2_unit): bit for bit
 the plain formula on ordinary activations, finite at 1e30 or 1e-30 where plain float32 squares
@@ -13,23 +15,30 @@ activations of any finite size in units where float32 is comfortable, exactly.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from itda.sae.arch import Architecture, get_arch
+from itda.sae.kernels import batch_topk, pow2_unit  # noqa: F401  (batch_topk: re-exported)
+
 
 @dataclass(frozen=True)
 class SaeConfig:
     d_in: int
     n_latents: int
-    k: int = 32
-    batch_topk: bool = False  # training only: keep the B*k largest activations of the batch
+    k: int = 32  # per token (topk) or on average over a training batch (batchtopk, matryoshka_batchtopk)
+    arch: str = "topk"  # an itda.sae.arch name
+    matryoshka_widths: tuple[int, ...] = ()  # matryoshka_batchtopk: increasing prefix widths, the last = n_latents
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out: dict = {"d_in": self.d_in, "n_latents": self.n_latents, "k": self.k, "arch": self.arch}
+        if self.matryoshka_widths:
+            out["matryoshka_widths"] = list(self.matryoshka_widths)
+        return out
 
 
 class EncoderOutput(NamedTuple):
@@ -44,19 +53,7 @@ class ForwardOutput(NamedTuple):
     top_indices: Tensor  # [B, K]
     fvu: Tensor  # scalar: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2
     auxk_loss: Tensor  # scalar: AuxK term (0 without dead latents)
-
-
-def pow2_unit(*tensors: Tensor) -> float:
-    """2^-e with the largest |entry| of the tensors in [2^(e-1), 2^e), e clamped to [-126, 126].
-
-    Multiplying by it is exact and brings every entry below 1 (below 4 past 2^126), so sums of
-    their squares cannot overflow float32 for any finite input; 1.0 when all entries are zero.
-    """
-    tops = [t.detach().abs().amax() for t in tensors if t.numel()]
-    top = float(torch.stack(tops).max()) if tops else 0.0  # one device sync
-    if top == 0.0 or not math.isfinite(top):
-        return 1.0
-    return math.ldexp(1.0, -min(max(math.frexp(top)[1], -126), 126))
+    recon_loss: Tensor  # scalar: the architecture's reconstruction loss (the FVU, or the prefixes' FVU sum)
 
 
 UNITS_RANGE = (2.0**-32, 2.0**32)  # RMS row norms that float32 training and evaluation take as they are
@@ -76,31 +73,29 @@ def activation_units(x_SD: Tensor) -> float:
     return math.ldexp(1.0, min(max(round(math.log2(rms)), -126), 126))
 
 
-def batch_topk(pre_BF: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Keep the B*k largest entries of the batch; per row as [B, K'] with K' the largest row count."""
-    b = pre_BF.shape[0]
-    flat = pre_BF.reshape(-1)
-    kth = flat.topk(min(b * k, flat.numel()), sorted=False).values.min()
-    counts_B = (pre_BF >= kth).sum(1)
-    width = max(1, int(counts_B.max()))
-    acts_BK, idx_BK = pre_BF.topk(width, dim=1)
-    acts_BK = torch.where(acts_BK >= kth, acts_BK, torch.zeros_like(acts_BK))
-    return acts_BK, idx_BK
-
-
 class TopKSAE(nn.Module):
+    """The SAE module of every architecture (the name is historical: cfg.arch picks the selection rules)."""
+
+    threshold: Tensor
+
     def __init__(self, cfg: SaeConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         super().__init__()
         self.cfg = cfg
+        self.arch: Architecture = get_arch(cfg.arch)
         D, Fn = cfg.d_in, cfg.n_latents
         self.W_enc = nn.Parameter(torch.zeros(Fn, D, device=device, dtype=dtype))
         self.b_enc = nn.Parameter(torch.zeros(Fn, device=device, dtype=dtype))
         self.W_dec = nn.Parameter(torch.zeros(Fn, D, device=device, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(D, device=device, dtype=dtype))
+        self.register_buffer("threshold", torch.zeros((), device=device, dtype=torch.float64))
 
     @property
     def device(self) -> torch.device:
         return self.W_enc.device
+
+    def inference_threshold(self) -> float:
+        """The JumpReLU threshold as inference uses and SAELens stores it: float32."""
+        return float(self.threshold.to(torch.float32))
 
     def pre_acts(self, x_BD: Tensor, units: float = 1.0) -> Tensor:
         """relu(W_enc (x - b_dec) + b_enc); with `units` (a power of two) that of x / units, in those units."""
@@ -109,14 +104,14 @@ class TopKSAE(nn.Module):
         s = 1.0 / units
         return F.relu(F.linear(x_BD * s - self.b_dec * s, self.W_enc, self.b_enc * s))
 
-    def encode(self, x_BD: Tensor, *, batch: bool | None = None, units: float = 1.0) -> EncoderOutput:
-        """TopK per row; BatchTopK when `batch` (default: cfg.batch_topk while training); acts in `units`."""
+    def encode(self, x_BD: Tensor, *, training: bool | None = None, units: float = 1.0) -> EncoderOutput:
+        """The architecture's training selection when `training` (default: self.training), else its
+        inference rule; acts in `units`."""
         pre_BF = self.pre_acts(x_BD, units)
-        use_batch = (self.cfg.batch_topk and self.training) if batch is None else batch
-        if use_batch:
-            acts, idx = batch_topk(pre_BF, self.cfg.k)
+        if self.training if training is None else training:
+            acts, idx = self.arch.select_train(self, pre_BF)
         else:
-            acts, idx = pre_BF.topk(self.cfg.k, dim=1, sorted=False)
+            acts, idx = self.arch.select_infer(self, pre_BF, units)
         return EncoderOutput(acts, idx, pre_BF)
 
     def decode(self, top_acts: Tensor, top_indices: Tensor, *, bias: bool = True, units: float = 1.0) -> Tensor:
@@ -127,8 +122,8 @@ class TopKSAE(nn.Module):
         return out + (self.b_dec if units == 1.0 else self.b_dec * (1.0 / units))
 
     def reconstruct(self, x_BD: Tensor, k: int | None = None) -> Tensor:
-        """x_hat for evaluation and splicing (always per-row TopK; k is ignored: the SAE's own k)."""
-        enc = self.encode(x_BD.to(self.W_enc.dtype), batch=False)
+        """x_hat for evaluation and splicing, by the inference rule (k is ignored: the SAE's own rule)."""
+        enc = self.encode(x_BD.to(self.W_enc.dtype), training=False)
         return self.decode(enc.top_acts, enc.top_indices)
 
     def forward(self, x_BD: Tensor, dead_mask_F: Tensor | None = None, k_aux: int | None = None) -> ForwardOutput:
@@ -140,17 +135,20 @@ class TopKSAE(nn.Module):
         total_var = (centred_BD * unit).pow(2).sum()
         fvu = (err_BD * unit).pow(2).sum() / total_var
         auxk = auxk_loss(self, enc.pre_acts, err_BD, total_var, dead_mask_F, k_aux, unit)
-        return ForwardOutput(sae_out, enc.top_acts, enc.top_indices, fvu, auxk)
+        recon = self.arch.recon_loss(self, x_BD, enc, fvu)
+        return ForwardOutput(sae_out, enc.top_acts, enc.top_indices, fvu, auxk, recon)
 
     @torch.no_grad()
     def scale_biases_(self, factor: float) -> None:
-        """Make this the same SAE for activations times `factor` > 0: b_enc, b_dec scale; W_enc, W_dec are unitless.
+        """Make this the same SAE for activations times `factor` > 0: b_enc, b_dec and the threshold scale;
+        W_enc, W_dec are unitless.
 
-        relu and TopK commute with a positive scale, so the new SAE's codes and reconstruction
+        relu, TopK and JumpReLU commute with a positive scale, so the new SAE's codes and reconstruction
         are the old ones times factor (exactly, for a power of two).
         """
         self.b_enc.mul_(factor)
         self.b_dec.mul_(factor)
+        self.threshold.mul_(factor)
 
     # -- decoder constraints -----------------------------------------------------------------
     @torch.no_grad()

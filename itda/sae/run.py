@@ -22,7 +22,6 @@ from itda.activations.config import CorpusConfig, ModelSource
 from itda.activations.models import LoadedModel
 from itda.configfields import FieldError
 from itda.sae.io import LoadedSae, SaeMeta
-from itda.sae.model import SaeConfig
 from itda.sae.train import SaeSpec, SaeTrainer, TrainConfig
 
 HELDOUT_BATCH = 8192  # held-out rows evaluated per batch
@@ -119,16 +118,20 @@ def model_source(
 
 
 def train_record(config: TrainConfig, trainer: SaeTrainer, spec: SaeSpec, units: float) -> dict:
-    """What the SAE file records of its training (no wall-clock value: resumed runs write the same bytes)."""
+    """What the SAE file records of its training (no wall-clock value: resumed runs write the same bytes);
+    the learned inference threshold too (in the activations' units) for the architectures with one."""
+    sae = trainer.sae
+    learned = {"threshold": float(sae.threshold)} if sae.arch.uses_threshold else {}
     return {
         **config.__dict__,
         "lr": trainer.lr,
         "batch_size": spec.batch_size,
-        "batch_topk": spec.batch_topk,
+        "arch": trainer.sae.cfg.arch,
         "tokens": trainer.tokens_seen,
         "units": units,
         "final_train_fvu": trainer.last_fvu,
         "resampled": trainer.resampled_total,
+        **learned,
     }
 
 
@@ -185,7 +188,7 @@ def run_training(
     from itda.sae.train import ScaledBatches, training_bytes
 
     checkpoint = Path(checkpoint) if checkpoint is not None else None
-    cfg = SaeConfig(source.d, spec.latents, spec.k, spec.batch_topk)
+    cfg = spec.sae_config(source.d)
     what = f"training an SAE of {spec.latents} latents x d={source.d} (batch {spec.batch_size})"
     check_fits(training_bytes(cfg, spec.batch_size), what, str(device))
     units = activation_units(source.sample)  # 1.0 for ordinary activations; extreme ones train in power-of-two units

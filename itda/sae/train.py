@@ -1,13 +1,15 @@
-"""TopK SAE trainer fed by any iterator of activation batches [B, D]; blind to where they come from.
+"""SAE trainer fed by any iterator of activation batches [B, D]; blind to where they come from.
 
-Per step: loss = FVU + auxk_alpha * AuxK (dead latents = not fired in `dead_after_tokens`
-tokens); Adam; the gradient along each decoder row is projected out before the step and the
-rows are renormalised after it. Optional dead-latent resampling with the ITDA rule: the rows of
-the batch the SAE reconstructs worst (lowest cosine), greedily kept when no kept row is within
-the build's cosine of them, become the dead latents' decoder rows. Checkpoints hold the full
-state (weights, Adam moments, counters, the last FVU) so a resumed run is byte-identical to an
-uninterrupted one. Batches without variance and non-finite losses are refused before the update;
-training_bytes estimates the memory a run needs before anything is allocated.
+Per step: loss = the architecture's reconstruction loss (the FVU; Matryoshka: the sum of its prefixes'
+FVUs) + auxk_alpha * AuxK (dead latents = not fired in `dead_after_tokens` tokens); the architectures
+with an inference threshold update it from the step's selection (before the update); Adam; the gradient
+along each decoder row is projected out before the step and the rows are renormalised after it.
+Optional dead-latent resampling with the ITDA rule: the rows of the batch the SAE reconstructs worst
+(lowest cosine), greedily kept when no kept row is within the build's cosine of them, become the dead
+latents' decoder rows. Checkpoints hold the full state (weights, threshold, Adam moments, counters, the
+last FVU) so a resumed run is byte-identical to an uninterrupted one. Batches without variance and
+non-finite losses are refused before the update; training_bytes estimates the memory a run needs before
+anything is allocated.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import itertools
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
@@ -27,7 +29,8 @@ from tqdm.auto import tqdm
 from itda.builder.builder import BuildConfig
 from itda.configfields import FieldError, choice
 from itda.errors import ItdaInputError
-from itda.sae.io import Fields, check_weights, checked_config
+from itda.sae.arch import ARCH_NAMES, get_arch
+from itda.sae.io import Fields, check_threshold, check_weights, checked_config
 from itda.sae.model import SaeConfig, TopKSAE
 from itda.tensorfile import json_entry, read_tensor_file, write_tensor_file
 
@@ -52,6 +55,9 @@ class TrainConfig:
         BuildConfig.DEFAULT_MIN_COSINE, "ITDA resampling: kept rows pairwise below this |cos|."
     )
     seed: int = choice(0, "Seed of the initialisation, the batch order and resampling.")
+    threshold_lr: float = choice(
+        0.01, "batchtopk, matryoshka_batchtopk: EMA rate of the inference threshold (SAELens's topk_threshold_lr)."
+    )
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -67,6 +73,8 @@ class TrainConfig:
         for name in ("resample_every", "dead_after_tokens"):
             if getattr(self, name) < 1:
                 raise FieldError(name, f"must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.threshold_lr <= 1:
+            raise FieldError("threshold_lr", f"must be in (0, 1], got {self.threshold_lr}")
 
     def learning_rate(self, n_latents: int) -> float:
         return self.lr if self.lr is not None else 2e-4 / (n_latents / 2**14) ** 0.5
@@ -77,7 +85,11 @@ class SaeSpec:
     """The SAE to train (its shape and initialisation) and the batches it sees."""
 
     latents: int = choice(help="Number of latents F.")
-    k: int = choice(32, "Active latents per token.")
+    k: int = choice(32, "Active latents per token (batchtopk archs: on average over a training batch).")
+    arch: str = choice("topk", f"SAE architecture: {', '.join(ARCH_NAMES)}.")
+    matryoshka_widths: str | Sequence[int] | None = choice(
+        None, "matryoshka_batchtopk: nested prefix widths, comma-separated (e.g. 256,512,1024; the last = latents)."
+    )
     init: str = choice(
         "kaiming",
         "kaiming, orthogonal, data, mean-subtracted, centroid-subtracted, outliers, itda:DICT, transfer:SAE_OR_DICT.",
@@ -88,7 +100,7 @@ class SaeSpec:
         "data", "itda/transfer init with more latents than atoms: fill the rest with 'data' or 'kaiming' rows."
     )
     crop: bool = choice(False, "itda/transfer init with fewer latents than atoms: keep the first atoms.")
-    batch_topk: bool = choice(False, "Train with BatchTopK (B*k activations per batch); inference stays TopK.")
+    batch_topk: bool = choice(False, "Deprecated: the same as --arch batchtopk.")
     init_sample: int = choice(16_384, "Activations the init and b_dec are computed from.")
     holdout: float = choice(
         0.05, "Activation file: fraction of rows (the last ones) held out for the final evaluation."
@@ -107,6 +119,39 @@ class SaeSpec:
             raise FieldError("init_sample", f"must be >= 1, got {self.init_sample}")
         if not 0.0 <= self.holdout < 1.0:
             raise FieldError("holdout", f"must be in [0, 1), got {self.holdout}")
+        self.sae_config(1)
+
+    def arch_name(self) -> str:
+        """arch, or batchtopk for the deprecated batch_topk; refused when unknown or both disagree."""
+        if self.arch not in ARCH_NAMES:
+            raise FieldError("arch", f"unknown {{field}} {self.arch!r}; choose one of {', '.join(ARCH_NAMES)}")
+        if self.batch_topk and self.arch not in ("topk", "batchtopk"):
+            raise FieldError(
+                "batch_topk",
+                f"{{field}} means {{arch}} batchtopk; it cannot go with {{arch}} {self.arch}",
+                others=("arch",),
+            )
+        return "batchtopk" if self.batch_topk else self.arch
+
+    def widths(self) -> tuple[int, ...]:
+        """matryoshka_widths as ints (a comma list or a sequence), the latents appended when last is below."""
+        raw = self.matryoshka_widths
+        if raw is None or raw == "":
+            return ()
+        parts = raw.split(",") if isinstance(raw, str) else list(raw)
+        try:
+            widths = [int(str(p).strip()) for p in parts]
+        except ValueError:
+            raise FieldError("matryoshka_widths", f"must be integers separated by commas, got {raw!r}") from None
+        return tuple(widths + [self.latents] if widths and widths[-1] < self.latents else widths)
+
+    def sae_config(self, d: int) -> SaeConfig:
+        """The SaeConfig of this spec for activations of dimension d; refused when arch and widths disagree."""
+        cfg = SaeConfig(d, self.latents, self.k, self.arch_name(), self.widths())
+        problem = get_arch(cfg.arch).config_error(cfg)
+        if problem is not None:
+            raise FieldError(problem[0], f"{{field}} {problem[1]}")
+        return cfg
 
 
 def training_bytes(cfg: SaeConfig, batch_size: int) -> int:
@@ -115,7 +160,8 @@ def training_bytes(cfg: SaeConfig, batch_size: int) -> int:
     Adam's update), the int64 last-fired counters, and three float32 [B, F] tensors of a step (the
     pre-activations, their gradient, AuxK's masked copy). Within 10% of the measured peak on CPU."""
     f, d = cfg.n_latents, cfg.d_in
-    return 4 * (4 * (2 * f * d + f + d) + 2 * f * d + 3 * batch_size * f) + 8 * f
+    prefixes = 3 * batch_size * d * max(0, len(cfg.matryoshka_widths) - 1)  # Matryoshka: a recon, error, grad each
+    return 4 * (4 * (2 * f * d + f + d) + 2 * f * d + 3 * batch_size * f + prefixes) + 8 * f
 
 
 class StepStats(NamedTuple):
@@ -167,7 +213,7 @@ class SaeTrainer:
         self.sae.train()
         dead = self.dead_mask()
         out = self.sae(x, dead, self.config.k_aux)
-        loss = out.fvu + self.config.auxk_alpha * out.auxk_loss
+        loss = out.recon_loss + self.config.auxk_alpha * out.auxk_loss
         fvu, aux = float(out.fvu.detach()), float(out.auxk_loss.detach())
         if not (math.isfinite(fvu) and math.isfinite(aux)):
             raise FieldError(
@@ -175,6 +221,7 @@ class SaeTrainer:
                 f"training diverged at step {self.step_count}: the loss is not finite (FVU {fvu}, "
                 f"AuxK {aux}); lower {{field}}",
             )
+        self.sae.arch.after_forward(self.sae, out.top_acts.detach(), self.config.threshold_lr)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.sae.remove_parallel_grads()
@@ -204,7 +251,8 @@ class SaeTrainer:
         if len(dead) == 0:
             return 0
         self.sae.eval()
-        x_hat = self.sae.reconstruct(x_BD)
+        enc = self.sae.encode(x_BD, training=True)  # what the loss reconstructs (TopK: the inference rule)
+        x_hat = self.sae.decode(enc.top_acts, enc.top_indices)
         centred = x_BD - self.sae.b_dec
         cos = torch.nn.functional.cosine_similarity(centred, x_hat - self.sae.b_dec, dim=1)
         order = torch.argsort(cos, stable=True)[: 4 * len(dead)]
@@ -281,6 +329,8 @@ class SaeTrainer:
                         st[key].detach().cpu().reshape(-1) if key == "step" else st[key].detach().cpu().contiguous()
                     )
         tensors["since_fired"] = self.since_fired_F.cpu().contiguous()
+        if self.sae.arch.uses_threshold:
+            tensors["sae.threshold"] = self.sae.threshold.detach().cpu().reshape(1)
         state = {
             "sae": self.sae.cfg.to_dict(),
             "config": asdict(self.config),
@@ -304,6 +354,8 @@ class SaeTrainer:
             with torch.no_grad():
                 for n in _PARAMS:
                     getattr(sae, n).copy_(tensors[f"sae.{n}"])
+                if sae.arch.uses_threshold:
+                    sae.threshold.copy_(tensors["sae.threshold"].reshape(()))
             trainer = cls(sae.to(device), TrainConfig(**state["config"]))
             for n in _PARAMS:
                 if f"adam.{n}.step" in tensors:
@@ -352,6 +404,10 @@ def _check_state(path, state: dict, tensors: dict[str, Tensor], cfg: SaeConfig) 
             )
     if "since_fired" not in tensors or tensors["since_fired"].dtype != torch.int64:
         raise ItdaInputError(f"{path}: checkpoint tensor since_fired is missing or not int64")
+    if get_arch(cfg.arch).uses_threshold:
+        check_threshold(path, tensors.get("sae.threshold"))
+        if tensors["sae.threshold"].dtype != torch.float64:
+            raise ItdaInputError(f"{path}: checkpoint tensor sae.threshold is not float64")
 
 
 # -- batch streams ---------------------------------------------------------------------------------

@@ -1,0 +1,62 @@
+"""The selection kernels of the SAE architectures and the exact power-of-two loss unit (pure math).
+
+Each selection returns the kept activations of a batch per row as [B, K] values and int64 latent
+indices, padded with zeros to the batch's largest row count; decode sums them without a dense [B, F].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def pow2_unit(*tensors: Tensor) -> float:
+    """2^-e with the largest |entry| of the tensors in [2^(e-1), 2^e), e clamped to [-126, 126].
+
+    Multiplying by it is exact and brings every entry below 1 (below 4 past 2^126), so sums of
+    their squares cannot overflow float32 for any finite input; 1.0 when all entries are zero.
+    """
+    tops = [t.detach().abs().amax() for t in tensors if t.numel()]
+    top = float(torch.stack(tops).max()) if tops else 0.0  # one device sync
+    if top == 0.0 or not math.isfinite(top):
+        return 1.0
+    return math.ldexp(1.0, -min(max(math.frexp(top)[1], -126), 126))
+
+
+def row_topk(pre_BF: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k largest entries of each row (TopK, Gao et al. 2024)."""
+    acts_BK, idx_BK = pre_BF.topk(k, dim=1, sorted=False)
+    return acts_BK, idx_BK
+
+
+def _packed(pre_BF: Tensor, keep_BF: Tensor) -> tuple[Tensor, Tensor]:
+    """The entries of pre where keep holds, per row, zero-padded to the largest row count (>= 1)."""
+    width = max(1, int(keep_BF.sum(1).max()))
+    acts_BK, idx_BK = pre_BF.topk(width, dim=1)
+    kept_BK = torch.gather(keep_BF, 1, idx_BK)
+    return torch.where(kept_BK, acts_BK, torch.zeros_like(acts_BK)), idx_BK
+
+
+def batch_topk(pre_BF: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Keep the B*k largest entries of the batch; per row as [B, K'] with K' the largest row count."""
+    b = pre_BF.shape[0]
+    flat = pre_BF.reshape(-1)
+    kth = flat.topk(min(b * k, flat.numel()), sorted=False).values.min()
+    counts_B = (pre_BF >= kth).sum(1)
+    width = max(1, int(counts_B.max()))
+    acts_BK, idx_BK = pre_BF.topk(width, dim=1)
+    acts_BK = torch.where(acts_BK >= kth, acts_BK, torch.zeros_like(acts_BK))
+    return acts_BK, idx_BK
+
+
+def jumprelu(pre_BF: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
+    """JumpReLU with one threshold for every latent: keep pre where pre > threshold (pre >= 0, relu'd)."""
+    return _packed(pre_BF, pre_BF > threshold)
+
+
+def min_positive(acts_BK: Tensor) -> float | None:
+    """The smallest positive kept activation of a batch (float64), or None when none is positive."""
+    pos = acts_BK[acts_BK > 0]
+    return float(pos.min().double()) if pos.numel() else None
