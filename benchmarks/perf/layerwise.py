@@ -8,7 +8,14 @@ for the same token batch in float32.
   layerwise     itda LayerwiseModel, --pass-tokens tokens per pass
   offload_disk  transformers + accelerate device_map with every block on "disk"
 The I/O floor is the bytes itda read divided by the read bandwidth measured on the shards.
+
+Memory vs depth (--depth-layers): a second random Llama checkpoint made in a temporary folder
+(24 blocks, d = 1024, MLP 4096, 16 heads, 4 KV heads, vocab 49,152, fp32: 61 MB per block,
+200 MB shards, the packaged smollm2 tokenizer), then `itda build DIR --layer L --layerwise
+--max-memory 0.4 --tokens 4000` in a child process per L, sampled every 5 ms: peak RssAnon and
+VmHWM per depth. The layer-wise budget holds when they do not grow with L.
 Usage: python benchmarks/perf/layerwise.py [--tokens 16384] [--pass-tokens 8192]
+       python benchmarks/perf/layerwise.py --depth-only [--depth-layers 2 10 20]
 """
 
 from __future__ import annotations
@@ -17,11 +24,12 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for the harness package
-from harness.results import write_result
+from harness.results import run_measured, write_result
 
 from itda.activations.models import cache_root
 
@@ -70,6 +78,9 @@ print(json.dumps({"mode": mode, "tokens": tokens, "pass_tokens": pass_tokens, "l
 """
 
 
+DEPTH_CHECKPOINT = "synthetic Llama, 24 blocks, d=1024, MLP 4096, 4 KV heads, fp32, 200 MB shards"
+
+
 def make_checkpoint() -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -92,6 +103,55 @@ def make_checkpoint() -> Path:
     return folder
 
 
+def make_depth_checkpoint(folder: Path) -> Path:
+    """24 random fp32 Llama blocks (d = 1024, MLP 4096) in 200 MB shards, with a tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from itda.activations.models import load_model
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=49_152,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(folder, max_shard_size="200MB")
+    load_model("smollm2-135m").tokenizer.save_pretrained(folder)  # ids inside the vocabulary
+    return folder
+
+
+def memory_vs_depth(layers: list[int]) -> list[dict]:
+    """Peak RssAnon and VmHWM of `itda build --layerwise` to each layer, one process per layer."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = make_depth_checkpoint(Path(tmp) / "llama-24x1024")
+        for layer in layers:
+            cmd = [sys.executable, "-m", "itda", "build", str(folder), "--layer", str(layer), "--layerwise"]
+            cmd += ["--max-memory", "0.4", "--tokens", "4000", "--out", str(Path(tmp) / f"out{layer}"), "-q"]
+            res = run_measured(cmd, poll_s=0.005)
+            row = {
+                "layer": layer,
+                "returncode": res["returncode"],
+                "peak_rss_anon_MiB": res["peak_rss_anon"] / 2**20,
+                "vmhwm_MiB": res["vmhwm"] / 2**20,
+                "wall_s": res["seconds"],
+            }
+            rows.append(row)
+            print(
+                f"layer {layer:2d}: peak RssAnon {row['peak_rss_anon_MiB']:6.0f} MiB, "
+                f"VmHWM {row['vmhwm_MiB']:6.0f} MiB, {row['wall_s']:.0f} s"
+                + ("" if res["returncode"] == 0 else f" (failed: {res['stderr'][-300:]})"),
+                flush=True,
+            )
+    return rows
+
+
 def read_bandwidth(folder: Path) -> float:
     """Bytes/s reading the shards (after a first read warms the page cache, as in the runs)."""
     files = sorted(folder.glob("*.safetensors"))
@@ -107,7 +167,13 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--pass-tokens", type=int, default=8192)
     parser.add_argument("--offload-pass-tokens", type=int, nargs="*", default=[8192, 1024])
+    parser.add_argument("--depth-layers", type=int, nargs="*", default=[2, 10, 20])
+    parser.add_argument("--depth-only", action="store_true", help="only the memory-vs-depth runs")
     args = parser.parse_args()
+    depth = memory_vs_depth(args.depth_layers) if args.depth_layers else []
+    if args.depth_only:
+        print("wrote", write_result("layerwise_depth", {"checkpoint": DEPTH_CHECKPOINT, "depth": depth}))
+        return
     folder = make_checkpoint()
     bw = read_bandwidth(folder)
     offload_dir = cache_root() / "bench" / "offload"
@@ -156,6 +222,8 @@ def main() -> None:
                 "checkpoint": "synthetic Llama, 16 blocks, d=1024, MLP 2816, bf16 shards",
                 "runs": runs,
                 "summary": summary,
+                "depth_checkpoint": DEPTH_CHECKPOINT,
+                "depth": depth,
             },
         ),
     )

@@ -7,11 +7,15 @@ are read tensor by tensor (safe_open(...).get_tensor, through the index's weight
 whole shard) just before the block runs, the block processes the whole resident batch in
 micro-chunks, and its weights are dropped again. A background thread reads the next block
 while the current one computes (into pinned memory on CUDA). Blocks past the deepest requested
-layer, the final norm and the LM head are never loaded.
+layer, the final norm and the LM head are never loaded. Resident memory does not grow with
+depth: parameters are never allocated on the CPU, each block gets its own meta parameters back
+after it runs, and the C heap is trimmed after every block.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import math
 import mmap
@@ -25,6 +29,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from torch.overrides import TorchFunctionMode
 
 from itda.activations.hookpoints import find_blocks
 from itda.activations.lm_classes import is_causal_lm_class
@@ -220,11 +225,51 @@ def _slice_kwargs(kwargs: dict[str, Any], start: int, stop: int, batch: int) -> 
     return {k: _slice_batch(v, start, stop, batch) for k, v in kwargs.items()}
 
 
-def _to_meta(module: torch.nn.Module) -> None:
-    for mod in module.modules():
-        for name, p in list(mod._parameters.items()):
-            if p is not None and p.device.type != "meta":
-                mod._parameters[name] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None where the C library has none (musl, macOS, Windows)."""
+    try:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except OSError:
+        return None
+
+
+def trim_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc malloc_trim(0); a no-op elsewhere)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+class _FactoriesOnMeta(TorchFunctionMode):
+    """torch.empty / zeros / ones / full called without a device make meta tensors (this thread only)."""
+
+    _FACTORIES = (torch.empty, torch.zeros, torch.ones, torch.full)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in self._FACTORIES and kwargs.get("device") is None:
+            kwargs["device"] = "meta"
+        return func(*args, **kwargs)
+
+
+def _meta_model(cls, config, dtype: torch.dtype) -> Any:
+    """cls.from_config with parameters on meta and real buffers, allocating no parameter memory.
+
+    accelerate's init_empty_weights alone makes each parameter on the CPU and then moves it to
+    meta: the C heap keeps free chunks about the size of the model between small live objects,
+    and the CPU allocations of later forward passes wander into ever new parts of them, so
+    RssAnon grows with every block passed. Parameters here are born on meta; should a buffer
+    come from one of those factories (and so be meta), the model is built the accelerate way.
+    """
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False), _FactoriesOnMeta():
+        model = cls.from_config(config, dtype=dtype)
+    if any(b.device.type == "meta" for b in model.buffers()):
+        with init_empty_weights(include_buffers=False):
+            model = cls.from_config(config, dtype=dtype)
+    return model
 
 
 class LayerwiseModel:
@@ -246,7 +291,6 @@ class LayerwiseModel:
         micro_batch: int = 8,
         prefetch: bool = True,
     ):
-        from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
         self.folder = Path(folder)
@@ -257,8 +301,7 @@ class LayerwiseModel:
         config = AutoConfig.from_pretrained(self.folder, local_files_only=True)
         archs = getattr(config, "architectures", None) or []
         cls = AutoModelForCausalLM if any(is_causal_lm_class(a) for a in archs) else AutoModel
-        with init_empty_weights(include_buffers=False):
-            self.model = cls.from_config(config, dtype=dtype)
+        self.model = _meta_model(cls, config, dtype)
         self.model.eval().requires_grad_(False)
         for name, buf in list(self.model.named_buffers()):
             if buf.device != self.device:
@@ -357,30 +400,50 @@ class LayerwiseModel:
         return tensors
 
     def _patch(self, i: int, block: torch.nn.Module) -> None:
+        """Make block i load its weights, run in micro-chunks, and drop its weights again.
+
+        The block's own meta parameters are put back after each call: new meta tensors made per
+        call would be small objects that live on in the C heap, carved out of the chunks the
+        block's activations just freed, so the heap (and RssAnon) grew with every block passed.
+        """
         original = block.forward
         owner = self
+        metas = [(mod, name, p) for mod in block.modules() for name, p in mod._parameters.items() if p is not None]
 
         def forward(self_block, hidden_states, *args, **kwargs):
             tensors = owner._take(i)
             self_block.load_state_dict(tensors, strict=True, assign=True)
             try:
-                batch = hidden_states.shape[0]
-                outs = []
-                for s in range(0, batch, owner.micro_batch):
-                    e = min(s + owner.micro_batch, batch)
-                    outs.append(
-                        original(
-                            hidden_states[s:e], *_slice_batch(args, s, e, batch), **_slice_kwargs(kwargs, s, e, batch)
-                        )
-                    )
+                out = owner._run_chunks(original, hidden_states, args, kwargs)
             finally:
-                _to_meta(self_block)
+                for mod, name, p in metas:
+                    mod._parameters[name] = p
                 del tensors
-            if isinstance(outs[0], tuple):
-                return (torch.cat([o[0] for o in outs]),) + tuple(outs[0][1:])
-            return torch.cat(outs)
+            trim_heap()
+            return out
 
         block.forward = types.MethodType(forward, block)
+
+    def _run_chunks(self, original, hidden_states: torch.Tensor, args: tuple, kwargs: dict):
+        """The block's output for the batch, run in micro-chunks of micro_batch rows.
+
+        Each chunk's hidden states go straight into one output tensor (no list of chunk outputs
+        to concatenate, which held two copies at once); a tuple output keeps the first chunk's
+        other elements.
+        """
+        batch = hidden_states.shape[0]
+        out = rest = None
+        for s in range(0, batch, self.micro_batch):
+            e = min(s + self.micro_batch, batch)
+            o = original(hidden_states[s:e], *_slice_batch(args, s, e, batch), **_slice_kwargs(kwargs, s, e, batch))
+            first = o[0] if isinstance(o, tuple) else o
+            if out is None:
+                out = first.new_empty((batch, *first.shape[1:]))
+                rest = tuple(o[1:]) if isinstance(o, tuple) else None
+            out[s:e] = first
+            del o, first
+        assert out is not None  # batch >= 1
+        return out if rest is None else (out, *rest)
 
     def block_bytes(self, i: int) -> int:
         return self.index.nbytes(list(self._names(self.blocks[i], f"{self.blocks_path}.{i}.").values()))
