@@ -13,7 +13,7 @@ import torch
 
 from itda.errors import ItdaInputError
 from itda.pursuit import SparseCodes, compute_gram, decode, matching_pursuit, orthogonal_matching_pursuit
-from itda.pursuit.api import Backend
+from itda.pursuit.api import DEFAULT_K, Backend
 from itda.pursuit.gram import gram_fits
 from itda.tensorfile import read_tensor_file, write_tensor_file
 from itda.version import __version__
@@ -22,7 +22,6 @@ FORMAT_VERSION = 1
 REF_FIELDS = ("doc", "pos", "char_start", "char_end", "token_id")
 ATOM_DTYPES = (torch.float16, torch.float32, torch.bfloat16)
 _META_KEY = "itda"
-DEFAULT_K = 40  # matching-pursuit steps per activation: BuildConfig.k's default (itda.builder imports this module)
 
 
 @dataclass

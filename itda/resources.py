@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 
 import torch
@@ -52,3 +54,20 @@ def check_fits(nbytes: float, what: str, device: torch.device | str = "cpu") -> 
             f"{what} needs about {format_bytes(nbytes)}, more than the {format_bytes(free)} free "
             f"on {torch.device(device)}"
         )
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None where the C library has none (musl, macOS, Windows)."""
+    try:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except OSError:
+        return None
+
+
+def trim_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc malloc_trim(0); a no-op elsewhere). Long runs
+    of many few-MB tensors interleaved with small long-lived objects otherwise keep every past peak."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

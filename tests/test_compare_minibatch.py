@@ -105,3 +105,30 @@ def test_sums_of_two_ranks_add_up_to_one_pass_over_both():
     assert r0.n == 128
     for name, m in r0.matrices().items():
         np.testing.assert_allclose(m, whole.matrices()[name], rtol=1e-10)
+
+
+def test_scaled_pair_is_two_grids_and_pending_rows_are_copies():
+    """ScaledMinibatchCKAGrids (kernels once, scaled by w_i w_j) gives what two MinibatchCKAGrids
+    over x and w * x give; what waits for a minibatch holds none of the caller's tensors."""
+    from itda.comparison.minibatch import ScaledMinibatchCKAGrids
+
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(150, 6, generator=g) for _ in range(3)]
+    ys = [torch.randn(150, 5, generator=g) + xs[0][:, :5] for _ in range(2)]
+    wx = [torch.rand(150, generator=g) + 0.5 for _ in xs]
+    wy = [torch.rand(150, generator=g) + 0.5 for _ in ys]
+    pair, unit, scaled = ScaledMinibatchCKAGrids(40), MinibatchCKAGrid(40), MinibatchCKAGrid(40)
+    for s, e in ((0, 33), (33, 150)):
+        pair.update([x[s:e] for x in xs], [y[s:e] for y in ys], [w[s:e] for w in wx], [w[s:e] for w in wy])
+        unit.update([x[s:e] for x in xs], [y[s:e] for y in ys])
+        scaled.update(
+            [x[s:e].double() * w[s:e, None] for x, w in zip(xs, wx, strict=True)],
+            [y[s:e].double() * w[s:e, None] for y, w in zip(ys, wy, strict=True)],
+        )
+    assert pair.unit.batches == unit.batches == 3
+    np.testing.assert_allclose(pair.unit.matrix(), unit.matrix(), rtol=1e-12)
+    np.testing.assert_allclose(pair.scaled.matrix(), scaled.matrix(), rtol=1e-12)
+    assert not np.allclose(pair.unit.matrix(), pair.scaled.matrix())
+    inputs = {t.untyped_storage().data_ptr() for t in xs + ys}
+    waiting = [t for p in unit._pending_x + unit._pending_y for t in p]
+    assert waiting and all(t.untyped_storage().data_ptr() not in inputs for t in waiting)

@@ -48,7 +48,8 @@ def test_a_config_and_keyword_options_give_the_same_comparison():
     assert list(res.matrices) == ["cka", "svcca"] == list(again.matrices)
     for name in res.matrices:
         np.testing.assert_array_equal(res.matrices[name], again.matrices[name])
-    assert [e.name for e in res.plan.estimators] == ["cka_grid", "kept_rows"] and res.plan.raw_grid.exact
+    assert [e.name for e in res.plan.estimators] == ["cka_grid", "kept_rows", "chunk_activations"]
+    assert res.plan.raw_grid.exact
     assert res.notes == res.plan.notes()
 
 

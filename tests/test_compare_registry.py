@@ -7,7 +7,7 @@ from itda.comparison.cka_grids import choose_grid
 from itda.comparison.itda_measures import ITDA_MEASURES, PER_TOKEN
 from itda.comparison.measures import _FACTORIES, IN_MEMORY, MEASURES, STREAMED
 from itda.comparison.minibatch import MinibatchCKAGrid, exact_grid_bytes
-from itda.comparison.plan import make_plan
+from itda.comparison.plan import GRAM_MEMORY, make_plan
 from itda.errors import ItdaInputError
 
 
@@ -51,6 +51,11 @@ def test_config_validates_and_plan_chooses_estimators_up_front():
     by_name = {e.name: e for e in plan.estimators}
     assert by_name["kept_rows"].bytes == 4 * 100 * (4 * 16 + 3 * 8)
     assert by_name["per_token_grid"].passes == (1, 2) and by_name["jaccard_dictionaries"].bytes is None
+    # the dictionaries' Gram matrices and a chunk's activations are bounded up front
+    assert by_name["dictionary_grams"].bytes == plan.gram_memory == GRAM_MEMORY
+    assert by_name["dictionary_grams"].measures == ("jaccard", "itda_fused")
+    assert by_name["chunk_activations"].bytes == 8 * cfg.batch_tokens * (4 * 16 + 3 * 8)
+    assert plan.bytes == sum(e.bytes or 0 for e in plan.estimators)
     assert plan.notes()[0].startswith("linear CKA: exact streaming")
     small = make_plan(dataclasses.replace(cfg, cka_memory=1, cka_minibatch=64), 4, 16, 3, 8)
     assert not small.raw_grid.exact and not small.per_token_grid.exact

@@ -106,3 +106,23 @@ def test_unknown_hub_dataset_offline_is_one_line(tmp_path: Path):
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert lines[0].startswith("error: dataset acme/no-such-dataset: cannot be opened"), lines
     assert not out.exists()
+
+
+def test_compare_streams_a_dataset_only_as_far_as_its_tokens(tmp_path: Path, monkeypatch):
+    import itda.activations.corpus as corpus_module
+
+    model, _corpus, _docs = saved_model_and_corpus(tmp_path, 4, seed=0)
+    repo = parquet_repo(tmp_path / "big", {"train": sample_docs(3000, seed=2)})
+    opened: list[StreamedDocuments] = []
+    real = corpus_module.read_documents
+
+    def spy(source, field="text"):
+        docs = real(source, field)
+        opened.append(docs)
+        return docs
+
+    monkeypatch.setattr(corpus_module, "read_documents", spy)
+    args = ["compare", str(model), str(model), "--corpus", str(repo), "--measures", "cka", "--tokens", "300"]
+    result = run_ok([*args, "--device", "cpu", "-q"])
+    assert "cka" in result.output and len(opened) == 1 and isinstance(opened[0], StreamedDocuments)
+    assert 0 < len(opened[0].read) < 60  # of 3,000 documents

@@ -143,3 +143,41 @@ def test_leave_one_out_is_mp_over_the_dictionary_without_the_rows_own_atom():
         np.testing.assert_allclose(float(codes.residual_sq[row]), energy[0], rtol=1e-3, atol=1e-5)
     assert int(own[0]) not in codes.indices[0].tolist()  # without the exclusion step 1 picks the atom itself
     assert matching_pursuit(x[:1], atoms, 9).indices[0, 0] == 5
+
+
+def test_gram_pool_drops_and_rebuilds_the_same_bits():
+    """Grams past a GramPool's budget are dropped at trim() and rebuilt bit for bit when next read;
+    a builder whose Gram is dropped between updates builds the same dictionary."""
+    from itda.builder import BuildConfig, DictionaryBuilder
+    from itda.pursuit import GrowingGram
+    from itda.pursuit.gram import GramPool
+
+    rng = np.random.default_rng(2)
+    rows = torch.from_numpy(random_unit(700, 24, rng)).float()
+    plain = GrowingGram(24)
+    with GramPool(4 * 256 * 256) as pool:
+        first, second = GrowingGram(24), GrowingGram(24)
+    outside = GrowingGram(24)
+    assert len(pool.members) == 2  # made while the pool was active
+    for s, e in ((0, 100), (100, 130), (130, 400), (400, 700)):
+        for g in (plain, second):
+            g.append(rows[s:e])
+        first.append(rows[s : min(e, 200)])
+        pool.trim()
+        assert first.holds_gram and not second.holds_gram  # the first fits the budget, the second not
+    outside.append(rows)
+    assert outside.holds_gram
+    assert torch.equal(second.gram, plain.gram) and torch.equal(second.atoms, plain.atoms)
+    assert second.holds_gram and pool.trim() == first.gram_bytes and not second.holds_gram
+
+    x = torch.from_numpy(rng.standard_normal((600, 24))).float()
+    cfg = BuildConfig(k=6, min_cosine=0.9, round_size=32)
+    ref = DictionaryBuilder(24, cfg)
+    with GramPool(0) as pool:
+        dropped = DictionaryBuilder(24, cfg)
+    for s in range(0, 600, 150):
+        ref.update(x[s : s + 150])
+        dropped.update(x[s : s + 150])
+        pool.trim()
+        assert not dropped.store.holds_gram
+    assert torch.equal(ref.dictionary().atoms, dropped.dictionary().atoms)

@@ -13,7 +13,7 @@ from itda.activations.hookpoints import Hookpoint
 from itda.activations.models import LoadedModel
 from itda.activations.stream import iterate_batches
 from itda.comparison.itda_measures import ITDA_MEASURES, PER_TOKEN, layer_sample, pair_similarities
-from itda.comparison.measures import _relative_pair, _relative_prepare, _svcca_pair, _svcca_prepare, similarity_grid
+from itda.comparison.measures import relative_pair, relative_prepare, similarity_grid, svcca_pair, svcca_prepare
 from itda.comparison.minibatch import MinibatchCKAGrid
 from itda.comparison.per_token import FUSED_PARTS_MINIBATCH, fused_grid, scaled_recon, spearman_grid
 from itda.comparison.streaming import StreamingCKAGrid
@@ -90,9 +90,9 @@ class Prepared:
     def __init__(self, xs: list[torch.Tensor], itda_k: int, itda_cos: float):
         self.xs = xs
         n = xs[0].shape[0]
-        self.svcca = [_svcca_prepare(x.double()) for x in xs]
+        self.svcca = [svcca_prepare(x.double()) for x in xs]
         anchor_idx = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:300]
-        self.relative = [_relative_prepare(x.double(), anchor_idx) for x in xs]
+        self.relative = [relative_prepare(x.double(), anchor_idx) for x in xs]
         self.itda = [layer_sample(x, itda_k, itda_cos, 0.5) for x in xs]
         self.recon = torch.stack([s.recon for s in self.itda])
         self.loss = torch.stack([s.loss for s in self.itda])
@@ -121,8 +121,8 @@ def grids(a: Prepared, b: Prepared, full_layers: list[int] | None, itda_k: int) 
     """Every measure's [L_A, L_B] matrix (--full measures on the layers full_layers only)."""
     mats = cka_grid(torch.stack(a.xs), torch.stack(b.xs), procrustes=True)
     out = {m: mats[m] for m in ("cka", "cka_debiased", "procrustes")}
-    out["svcca"] = np.array([[_svcca_pair(p, q) for q in b.svcca] for p in a.svcca])
-    out["relative"] = np.array([[_relative_pair(p, q) for q in b.relative] for p in a.relative])
+    out["svcca"] = np.array([[svcca_pair(p, q) for q in b.svcca] for p in a.svcca])
+    out["relative"] = np.array([[relative_pair(p, q) for q in b.relative] for p in a.relative])
     out["itda_recon_cka"] = cka_grid(a.recon, b.recon)["cka"]
     out["itda_loss_profile"] = spearman_grid(a.loss, b.loss)
     scaled = cka_grid(a.scaled, b.scaled, procrustes=True)

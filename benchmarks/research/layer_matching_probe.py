@@ -44,7 +44,7 @@ from harness.suite import CHECKPOINTS, NOISE_GEMMA3, NOISE_SMOLLM2, baseline_gri
 
 from itda.activations.hookpoints import n_layers
 from itda.activations.models import LoadedModel, load_model
-from itda.comparison.itda_measures import _mp_cosine, layer_sample, pair_similarities
+from itda.comparison.itda_measures import layer_sample, mp_cosine, pair_similarities
 from itda.comparison.layers import pooled_accuracy
 from itda.comparison.measures import similarity_grid
 from itda.comparison.streaming import StreamingCKAGrid
@@ -83,7 +83,7 @@ class Layer:
         self.s = layer_sample(x, k=40, min_cosine=0.85, fit=0.5)
         held = self.s.held.double()
         atoms = self.s.unit[self.s.anchors].double()
-        codes, _ = _mp_cosine(self.s.held, self.s.unit[self.s.anchors], 40)
+        codes, _ = mp_cosine(self.s.held, self.s.unit[self.s.anchors], 40)
         tot, used = atom_totals(codes)
         c = torch.zeros(held.shape[0], len(self.s.anchors), dtype=torch.float64)
         rows = torch.arange(held.shape[0])[:, None].expand_as(codes.indices)
@@ -152,7 +152,7 @@ def cheap_grids(xs, ys) -> dict[str, np.ndarray]:
     sb = [layer_sample(y, 40, 0.85, 0.5) for y in ys]
 
     def recon(s):
-        codes, _ = _mp_cosine(s.held, s.unit[s.anchors], 40)
+        codes, _ = mp_cosine(s.held, s.unit[s.anchors], 40)
         from itda.pursuit import decode
 
         return _unit(decode(codes, s.unit[s.anchors]))

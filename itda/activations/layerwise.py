@@ -14,8 +14,6 @@ after it runs, and the C heap is trimmed after every block.
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import json
 import math
 import mmap
@@ -34,6 +32,7 @@ from torch.overrides import TorchFunctionMode
 from itda.activations.hookpoints import find_blocks
 from itda.activations.lm_classes import is_causal_lm_class
 from itda.errors import ItdaInputError
+from itda.resources import trim_heap
 
 SKIP_PREFIXES = ("lm_head.", "model.norm.", "transformer.ln_f.", "model.final_layernorm.", "norm.", "ln_f.")
 
@@ -223,22 +222,6 @@ def _slice_batch(obj, start: int, stop: int, batch: int):
 def _slice_kwargs(kwargs: dict[str, Any], start: int, stop: int, batch: int) -> dict[str, Any]:
     """_slice_batch of a call's keyword arguments."""
     return {k: _slice_batch(v, start, stop, batch) for k, v in kwargs.items()}
-
-
-@functools.cache
-def _malloc_trim():
-    """glibc's malloc_trim, or None where the C library has none (musl, macOS, Windows)."""
-    try:
-        return getattr(ctypes.CDLL(None), "malloc_trim", None)
-    except OSError:
-        return None
-
-
-def trim_heap() -> None:
-    """Hand the C heap's free pages back to the OS (glibc malloc_trim(0); a no-op elsewhere)."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 class _FactoriesOnMeta(TorchFunctionMode):

@@ -49,10 +49,12 @@ import torch
 
 import itda.comparison.registry as registry
 from itda.builder import build_dictionary
+from itda.builder.builder import BuildConfig
 from itda.comparison.cka import gram_cka, linear_cka
 from itda.comparison.per_token import FUSED_PARTS, fused_grid, scaled_recon, spearman_grid, token_parts, unit_rows
 from itda.evaluation.metrics import recon_terms
 from itda.pursuit import matching_pursuit
+from itda.pursuit.api import DEFAULT_K
 from itda.pursuit.codes import atom_totals
 
 ITDA_MEASURES = registry.names_of(registry.PER_TOKEN, registry.ITDA_KEPT_ROWS)
@@ -85,7 +87,7 @@ def _per_token(part: torch.Tensor | None) -> torch.Tensor:
     return part
 
 
-def _mp_cosine(x_ND: torch.Tensor, atoms_MD: torch.Tensor, k: int):
+def mp_cosine(x_ND: torch.Tensor, atoms_MD: torch.Tensor, k: int):
     codes = matching_pursuit(x_ND, atoms_MD, min(k, atoms_MD.shape[0]), check_finite=False)
     return codes, recon_terms(x_ND, codes, atoms_MD).cosine
 
@@ -103,8 +105,8 @@ def dictionary_rows(unit_ND: torch.Tensor, k: int, min_cosine: float, batch: int
 
 def layer_sample(
     x_ND: torch.Tensor,
-    k: int = 40,
-    min_cosine: float = 0.85,
+    k: int = DEFAULT_K,
+    min_cosine: float = BuildConfig.DEFAULT_MIN_COSINE,
     fit: float = 0.5,
     batch: int = 1024,
     per_token: bool = True,
@@ -115,7 +117,7 @@ def layer_sample(
     unit = unit_rows(x_ND)
     n_fit = max(1, min(unit.shape[0] - 1, int(round(fit * unit.shape[0]))))
     anchors = dictionary_rows(unit[:n_fit], k, min_cosine, batch)
-    _, cos = _mp_cosine(unit[n_fit:], unit[anchors], k)
+    _, cos = mp_cosine(unit[n_fit:], unit[anchors], k)
     if not per_token:
         return LayerSample(unit, anchors, n_fit, cos, None, None, None, None, None)
     centred_ND = x_ND.double() - x_ND.double().mean(0)
@@ -151,7 +153,7 @@ def _code_agreement(ca, cb) -> tuple[torch.Tensor, torch.Tensor]:
     return jaccard, dot / norms.clamp(min=1e-30)
 
 
-def pair_similarities(a: LayerSample, b: LayerSample, k: int = 40, measures=ITDA_MEASURES) -> dict[str, float]:
+def pair_similarities(a: LayerSample, b: LayerSample, k: int = DEFAULT_K, measures=ITDA_MEASURES) -> dict[str, float]:
     """Every requested ITDA measure for one pair of layers (see the module docstring)."""
     out: dict[str, float] = {}
     if "itda_recon_cka" in measures:
@@ -169,16 +171,16 @@ def pair_similarities(a: LayerSample, b: LayerSample, k: int = 40, measures=ITDA
     shared = torch.unique(torch.cat([a.anchors, b.anchors]))
     need_codes = {"itda_code_overlap", "itda_code_cosine"} & set(measures)
     if need_codes:
-        ca, _ = _mp_cosine(a.held, a.unit[shared], k)
-        cb, _ = _mp_cosine(b.held, b.unit[shared], k)
+        ca, _ = mp_cosine(a.held, a.unit[shared], k)
+        cb, _ = mp_cosine(b.held, b.unit[shared], k)
         jaccard, cosine = _code_agreement(ca, cb)
         if "itda_code_overlap" in measures:
             out["itda_code_overlap"] = float(jaccard.mean())
         if "itda_code_cosine" in measures:
             out["itda_code_cosine"] = float(cosine.mean())
     if "itda_cross_recon" in measures:
-        _, b_over_a = _mp_cosine(b.held, b.unit[a.anchors], k)
-        _, a_over_b = _mp_cosine(a.held, a.unit[b.anchors], k)
+        _, b_over_a = mp_cosine(b.held, b.unit[a.anchors], k)
+        _, a_over_b = mp_cosine(a.held, a.unit[b.anchors], k)
         a_own, b_own = a.own_cos, b.own_cos
         out["itda_cross_recon"] = 0.5 * (
             float(b_over_a.mean() / b_own.mean().clamp(min=1e-12))
@@ -198,8 +200,8 @@ def itda_grids(
     ys: list[torch.Tensor] | None,
     measures=ITDA_MEASURES,
     *,
-    k: int = 40,
-    min_cosine: float = 0.85,
+    k: int = DEFAULT_K,
+    min_cosine: float = BuildConfig.DEFAULT_MIN_COSINE,
     fit: float = 0.5,
 ) -> dict[str, np.ndarray]:
     """[L_A, L_B] matrices of the requested ITDA measures; ys=None compares xs with itself."""

@@ -4,10 +4,12 @@ Nguyen, Raghu & Kornblith (2021): split the paired tokens into minibatches of m 
 for every layer the linear kernel K = X X^T (m x m) with its diagonal zeroed; the unbiased
 HSIC (Song et al. 2012) of every pair of layers,
   HSIC1(K, L) = [tr(K~L~) + (1^T K~ 1)(1^T L~ 1)/((m-1)(m-2)) - 2/(m-2) 1^T K~ L~ 1] / (m(m-3)),
-comes from three matrix products over the flattened kernels of all layers; the estimate is
+comes from matrix products over the flattened kernels of all layers, summed over blocks of 128
+kernel rows; the estimate is
   CKA = mean_b HSIC1(K_b, L_b) / sqrt(mean_b HSIC1(K_b, K_b) mean_b HSIC1(L_b, L_b)).
-Memory: the current minibatch's kernels, (L_A + L_B) m^2 floats, plus O(L_A L_B) sums — never
-d^2. Unbiased per minibatch, so the estimate does not drift with m the way biased CKA does.
+Memory: one block of every layer's kernel rows, (L_A + L_B) 128 m floats, the rows waiting for a
+minibatch, plus O(L_A L_B) sums — never d^2. Unbiased per minibatch, so the estimate does not
+drift with m the way biased CKA does.
 """
 
 from __future__ import annotations
@@ -19,26 +21,77 @@ import torch
 
 from itda.errors import ItdaInputError
 
+_BLOCK = 512  # kernel rows per block: the [L, block * m] float64 blocks are all a minibatch holds
 
-def _kernels(xs, m: int) -> torch.Tensor:
-    """[L, m*m] flattened zero-diagonal linear kernels (float64) of the layers' [m, d] rows."""
-    out = torch.empty(len(xs), m * m, dtype=torch.float64)
-    for i, x in enumerate(xs):
-        x = torch.as_tensor(x).detach().to("cpu", torch.float64)
+
+def _as_rows(xs, m: int) -> list[torch.Tensor]:
+    """The layers' [m, d] rows on the CPU, checked (each made float64 when its kernel rows are)."""
+    out = []
+    for x in xs:
+        x = torch.as_tensor(x).detach().to("cpu")
         if x.shape[0] != m:
             raise ItdaInputError(f"minibatch rows differ: {x.shape[0]} vs {m}")
         if not bool(torch.isfinite(x).all()):
             raise ItdaInputError("activations contain NaN or inf")
-        k = x @ x.T
-        k.fill_diagonal_(0.0)
-        out[i] = k.reshape(-1)
+        out.append(x)
     return out
+
+
+def _kernel_rows(xs: list[torch.Tensor], r0: int, r1: int) -> torch.Tensor:
+    """[L, (r1 - r0) * m] rows r0:r1 of the layers' zero-diagonal linear kernels, flattened (float64)."""
+    m = xs[0].shape[0]
+    out = torch.empty(len(xs), (r1 - r0) * m, dtype=torch.float64)
+    diag = torch.arange(r1 - r0)
+    for i, x in enumerate(xs):
+        x = x.to(torch.float64)  # one layer's float64 copy at a time
+        k = out[i].view(r1 - r0, m)
+        torch.matmul(x[r0:r1], x.T, out=k)
+        k[diag, diag + r0] = 0.0
+    return out
+
+
+class _Terms:
+    """The sums one minibatch's unbiased HSIC needs, accumulated over kernel row blocks."""
+
+    def __init__(self, la: int, lb: int, m: int):
+        self.kl = torch.zeros(la, lb, dtype=torch.float64)  # tr(K~ L~)
+        self.kk, self.ll = torch.zeros(la, dtype=torch.float64), torch.zeros(lb, dtype=torch.float64)
+        self.ra, self.rb = torch.zeros(la, m, dtype=torch.float64), torch.zeros(lb, m, dtype=torch.float64)
+
+    def add(self, ka: torch.Tensor, kb: torch.Tensor, r0: int, r1: int) -> None:
+        self.kl += ka @ kb.T
+        self.kk += torch.linalg.vector_norm(ka, dim=1) ** 2
+        self.ll += torch.linalg.vector_norm(kb, dim=1) ** 2
+        self.ra[:, r0:r1] = ka.view(len(ka), r1 - r0, -1).sum(2)  # K~ 1, these rows
+        self.rb[:, r0:r1] = kb.view(len(kb), r1 - r0, -1).sum(2)
 
 
 def _unbiased(
     kl_tr: torch.Tensor, k_sum: torch.Tensor, l_sum: torch.Tensor, kl_one: torch.Tensor, m: int
 ) -> torch.Tensor:
     return (kl_tr + torch.outer(k_sum, l_sum) / ((m - 1) * (m - 2)) - 2.0 / (m - 2) * kl_one) / (m * (m - 3))
+
+
+def _unbiased_diag(kk: torch.Tensor, k_sum: torch.Tensor, kk_one: torch.Tensor, m: int) -> torch.Tensor:
+    """HSIC1(K, K) per layer, from tr(K~ K~), 1^T K~ 1 and |K~ 1|^2."""
+    return (kk + k_sum * k_sum / ((m - 1) * (m - 2)) - 2.0 / (m - 2) * kk_one) / (m * (m - 3))
+
+
+def _take(pending: list[list[torch.Tensor]], m: int) -> list[torch.Tensor]:
+    """The first m pending rows of every layer, removed from `pending` (pieces in arrival order)."""
+    parts: list[list[torch.Tensor]] = []
+    need = m
+    while need:
+        piece = pending[0]
+        rows = piece[0].shape[0]
+        if rows <= need:
+            parts.append(pending.pop(0))
+            need -= rows
+        else:
+            parts.append([x[:need] for x in piece])
+            pending[0] = [x[need:] for x in piece]
+            need = 0
+    return [torch.cat([p[i] for p in parts]) for i in range(len(parts[0]))]
 
 
 class MinibatchCKAGrid:
@@ -66,27 +119,34 @@ class MinibatchCKAGrid:
         n = xs[0].shape[0]
         if any(x.shape[0] != n for x in xs) or any(y.shape[0] != n for y in ys):
             raise ItdaInputError("paired batches differ in rows")
+        if not n:
+            return
         self._pending_x.append([torch.as_tensor(x) for x in xs])
         self._pending_y.append([torch.as_tensor(y) for y in ys])
         self._pending_rows += n
         while self._pending_rows >= self.m:
-            bx = [torch.cat([p[i] for p in self._pending_x]) for i in range(len(xs))]
-            by = [torch.cat([p[j] for p in self._pending_y]) for j in range(len(ys))]
-            self._add([x[: self.m] for x in bx], [y[: self.m] for y in by])
-            rest = bx[0].shape[0] - self.m
-            self._pending_x = [[x[self.m :] for x in bx]] if rest else []
-            self._pending_y = [[y[self.m :] for y in by]] if rest else []
-            self._pending_rows = rest
+            self._add(_take(self._pending_x, self.m), _take(self._pending_y, self.m))
+            self._pending_rows -= self.m
+        # what waits is copied, so that the callers' batches are not kept alive by it
+        self._pending_x = [[x.clone() for x in p] for p in self._pending_x]
+        self._pending_y = [[y.clone() for y in p] for p in self._pending_y]
 
     def _add(self, xs, ys) -> None:
         m = self.m
-        ka, kb = _kernels(xs, m), _kernels(ys, m)
-        sa, sb = ka.sum(1), kb.sum(1)
-        ra = ka.view(len(xs), m, m).sum(2)  # K~ 1 per layer: [L_A, m]
-        rb = kb.view(len(ys), m, m).sum(2)
-        ab = _unbiased(ka @ kb.T, sa, sb, ra @ rb.T, m)
-        aa = torch.diagonal(_unbiased(ka @ ka.T, sa, sa, ra @ ra.T, m))
-        bb = torch.diagonal(_unbiased(kb @ kb.T, sb, sb, rb @ rb.T, m))
+        xs, ys = _as_rows(xs, m), _as_rows(ys, m)
+        terms = _Terms(len(xs), len(ys), m)
+        for r0 in range(0, m, _BLOCK):
+            r1 = min(r0 + _BLOCK, m)
+            terms.add(_kernel_rows(xs, r0, r1), _kernel_rows(ys, r0, r1), r0, r1)
+        self._add_terms(terms)
+
+    def _add_terms(self, terms: _Terms) -> None:
+        """One minibatch's unbiased HSIC of every layer pair into the sums."""
+        m = self.m
+        sa, sb = terms.ra.sum(1), terms.rb.sum(1)
+        ab = _unbiased(terms.kl, sa, sb, terms.ra @ terms.rb.T, m)
+        aa = _unbiased_diag(terms.kk, sa, (terms.ra * terms.ra).sum(1), m)
+        bb = _unbiased_diag(terms.ll, sb, (terms.rb * terms.rb).sum(1), m)
         sums = self._sums()
         if sums is None:
             self.hsic_ab, self.hsic_aa, self.hsic_bb = ab, aa, bb
@@ -140,7 +200,57 @@ class MinibatchCKAGrid:
 
     @staticmethod
     def memory_bytes(layers_a: int, layers_b: int, minibatch: int) -> int:
-        return (layers_a + layers_b) * minibatch * minibatch * 8 * 2 + layers_a * layers_b * 8 * 4
+        """Bytes of one minibatch's kernel row blocks (float64, with their products) and the sums;
+        the pending rows, fewer than a minibatch per layer, come on top."""
+        block = min(_BLOCK, minibatch)
+        return (layers_a + layers_b) * (2 * block + 2) * minibatch * 8 + layers_a * layers_b * 8 * 5
+
+
+class ScaledMinibatchCKAGrids:
+    """Two MinibatchCKAGrids over the same paired rows: `unit` of the rows x_t, `scaled` of the rows
+    times per-row weights w_t. The scaled kernels are the unit ones times w_i w_j, so each
+    minibatch's kernels are computed once for both."""
+
+    def __init__(self, minibatch: int = 1024, layers: tuple[int, int] | None = None):
+        self.unit, self.scaled = MinibatchCKAGrid(minibatch, layers), MinibatchCKAGrid(minibatch, layers)
+        self.m = minibatch
+        self._pending: list[list[torch.Tensor]] = []  # per update: x rows of every layer, y rows, weights
+        self._sizes = (0, 0)
+        self._pending_rows = 0
+
+    def update(self, xs, ys, wx, wy) -> None:
+        """Paired rows xs [L_A] x [n, d_A], ys [L_B] x [n, d_B] and their weights wx [L_A] x [n], wy [L_B] x [n]."""
+        xs, ys, wx, wy = list(xs), list(ys), list(wx), list(wy)
+        n = xs[0].shape[0]
+        if any(t.shape[0] != n for t in xs + ys + wx + wy):
+            raise ItdaInputError("paired batches differ in rows")
+        if not n:
+            return
+        self._sizes = (len(xs), len(ys))
+        self._pending.append([torch.as_tensor(t) for t in xs + ys + wx + wy])
+        self._pending_rows += n
+        while self._pending_rows >= self.m:
+            self._add(_take(self._pending, self.m))
+            self._pending_rows -= self.m
+        self._pending = [[t.clone() for t in p] for p in self._pending]
+
+    def _add(self, rows: list[torch.Tensor]) -> None:
+        la, lb = self._sizes
+        m = self.m
+        xs, ys = _as_rows(rows[:la], m), _as_rows(rows[la : la + lb], m)
+        wx = torch.stack([w.to(torch.float64) for w in rows[la + lb : 2 * la + lb]])
+        wy = torch.stack([w.to(torch.float64) for w in rows[2 * la + lb :]])
+        unit, scaled = _Terms(la, lb, m), _Terms(la, lb, m)
+        for r0 in range(0, m, _BLOCK):
+            r1 = min(r0 + _BLOCK, m)
+            ka, kb = _kernel_rows(xs, r0, r1), _kernel_rows(ys, r0, r1)
+            unit.add(ka, kb, r0, r1)
+            for k, w in ((ka, wx), (kb, wy)):  # in place: K_ij w_i w_j
+                for i in range(len(k)):
+                    k[i].view(r1 - r0, m).mul_(torch.outer(w[i, r0:r1], w[i]))
+            scaled.add(ka, kb, r0, r1)
+        self.unit._add_terms(unit)
+        self.scaled._add_terms(scaled)
 
 
 def exact_grid_bytes(layers_a: int, d_a: int, layers_b: int, d_b: int) -> int:

@@ -8,7 +8,7 @@ pass and of what torchrun ranks share out.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,7 +52,7 @@ def pair_corpus(
     lm_a: LoadedModel,
     lm_b: LoadedModel | None,
     docs: Sequence[str],
-    doc_ids: list[int],
+    doc_ids: Iterable[int],
     *,
     tokens: int,
     context: int,

@@ -11,17 +11,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from itda.builder import BuildConfig, DictionaryBuilder
 from itda.comparison.cka_grids import CKAGrid, make_grid
+from itda.comparison.itda_measures import itda_grids
+from itda.comparison.measures import similarity_grid
 from itda.comparison.pairing import PairedCorpus, forward_chunk, pair_rows
 from itda.comparison.per_token import CentredDictionaries, PerTokenGrid
-from itda.comparison.plan import ComparePlan
+from itda.comparison.plan import ROW_SLICE, ComparePlan
 from itda.comparison.ranks import Ranks
 from itda.comparison.streaming import StreamingCKAGrid
 from itda.dictionary import DictionaryMeta
+from itda.pursuit.gram import GramPool
+from itda.resources import trim_heap
 
 
 class KeptRows:
@@ -39,10 +44,11 @@ class KeptRows:
 
     def add(self, chunk_index: int, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> None:
         take = min(self.max_rows - self.n, len(xs[0]))
+        part = (lambda t: t) if take == len(xs[0]) else (lambda t: t[:take].clone())  # keep no more than taken
         for store, x in zip(self.a, xs, strict=True):
-            store.append(x[:take])
+            store.append(part(x))
         for store, y in zip(self.b, ys, strict=True):
-            store.append(y[:take])
+            store.append(part(y))
         self.chunk.append(torch.full((take,), chunk_index, dtype=torch.int64))
         self.n += take
 
@@ -53,8 +59,10 @@ class KeptRows:
             self.b, _ = ranks.gather_kept(self.b, self.chunk, self.max_rows, d_b, order)
 
     def tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per layer [n, d] rows of A and of B."""
-        return [torch.cat(s) for s in self.a], [torch.cat(s) for s in self.b]
+        """Per layer [n, d] rows of A and of B (the pieces are joined in place: one copy is held)."""
+        self.a = [[torch.cat(s)] if len(s) != 1 else s for s in self.a]
+        self.b = [[torch.cat(s)] if len(s) != 1 else s for s in self.b]
+        return [s[0] for s in self.a], [s[0] for s in self.b]
 
 
 class CentredBuilders:
@@ -70,7 +78,7 @@ class CentredBuilders:
         self.self_compare, self.shapes = corpus.self_compare, corpus.shapes
         self.centres_a = self.centres_b = None
 
-    def update(self, fwd: list, ranks: Ranks) -> None:
+    def update(self, fwd: list, ranks: Ranks, grams: GramPool | None = None) -> None:
         """One step; the centres: the first chunk with rows (no earlier chunk had any to add)."""
         la, da, lb, db = self.shapes
         if self.centres_a is None:
@@ -80,17 +88,18 @@ class CentredBuilders:
                 self.centres_a if self.self_compare else _first_chunk_means([f[2] for f in fwd], ranks, lb, db)
             )
         if self.centres_a is not None:
-            ranks.update_builders(self.a, [f[1] for f in fwd], self.centres_a)
+            ranks.update_builders(self.a, [f[1] for f in fwd], self.centres_a, grams)
         if self.centres_b is not None and not self.self_compare:
-            ranks.update_builders(self.b, [f[2] for f in fwd], self.centres_b)
+            ranks.update_builders(self.b, [f[2] for f in fwd], self.centres_b, grams)
 
     def bases(self) -> tuple[CentredDictionaries, CentredDictionaries]:
+        """Both models' centres and dictionaries; the builders are let go one by one as they are read."""
         # the first pass paired rows (compare needs >= 4), so some chunk had rows and set the centres
         assert self.centres_a is not None and self.centres_b is not None
-        basis_a = CentredDictionaries(self.centres_a, [b.dictionary() for b in self.a])
+        basis_a = CentredDictionaries(self.centres_a, take_dictionaries(self.a))
         if self.self_compare:
             return basis_a, basis_a
-        return basis_a, CentredDictionaries(self.centres_b, [b.dictionary() for b in self.b])
+        return basis_a, CentredDictionaries(self.centres_b, take_dictionaries(self.b))
 
 
 @dataclass
@@ -102,12 +111,23 @@ class FirstPass:
     jaccard_a: list[DictionaryBuilder] | None
     jaccard_b: list[DictionaryBuilder] | None
     centred: CentredBuilders | None
+    grams: GramPool  # the builders' Gram matrices, within the plan's budget
     paired: int = 0
+    kept_matrices: dict[str, np.ndarray] | None = None  # computed once the kept rows are complete
+
+
+def take_dictionaries(builders: list[DictionaryBuilder]) -> list:
+    """Each builder's dictionary, the builder dropped from the list once read (emptied in place:
+    one builder's atoms are copied at a time, never all of them)."""
+    out = []
+    while builders:
+        out.append(builders.pop(0).dictionary())
+    return out
 
 
 def layer_builders(lm, hps, ctx, config: BuildConfig, centred: bool = False) -> list[DictionaryBuilder]:
     """One dictionary builder per hookpoint, its metadata naming the model, layer and corpus."""
-    d = lm.config.hidden_size
+    d, tokenizer = lm.config.hidden_size, lm.tokenizer_name  # the name hashes the vocabulary: once
     return [
         DictionaryBuilder(
             d,
@@ -117,7 +137,7 @@ def layer_builders(lm, hps, ctx, config: BuildConfig, centred: bool = False) -> 
                 model=lm.name,
                 hookpoint=hp.name,
                 layer=hp.layer,
-                tokenizer=lm.tokenizer_name,
+                tokenizer=tokenizer,
                 dataset_fingerprint=ctx.fingerprint,
                 build={"documents_fingerprint": ctx.documents_fingerprint, "centred": centred},
             ),
@@ -133,11 +153,14 @@ def _accumulators(corpus: PairedCorpus, plan: ComparePlan) -> FirstPass:
     grid = None if plan.raw_grid is None else make_grid(plan.raw_grid, cfg.precision)
     kept = KeptRows(la, lb, cfg.max_rows) if plan.keeps_rows else None
     jaccard_a = jaccard_b = None
-    if plan.jaccard:
-        jaccard_a = layer_builders(corpus.lm_a, corpus.hps_a, corpus.ctx_a, build)
-        jaccard_b = jaccard_a if corpus.self_compare else layer_builders(corpus.lm_b, corpus.hps_b, corpus.ctx_b, build)
-    centred = CentredBuilders(corpus, build) if plan.second_pass else None
-    return FirstPass(grid, kept, jaccard_a, jaccard_b, centred)
+    with GramPool(plan.gram_memory) as grams:  # every builder made here draws on it
+        if plan.jaccard:
+            jaccard_a = layer_builders(corpus.lm_a, corpus.hps_a, corpus.ctx_a, build)
+            jaccard_b = (
+                jaccard_a if corpus.self_compare else layer_builders(corpus.lm_b, corpus.hps_b, corpus.ctx_b, build)
+            )
+        centred = CentredBuilders(corpus, build) if plan.second_pass else None
+    return FirstPass(grid, kept, jaccard_a, jaccard_b, centred, grams)
 
 
 def _forward_step(corpus: PairedCorpus, mine: list, bar, ranks: Ranks, include_special: bool) -> list:
@@ -163,13 +186,19 @@ def first_pass(corpus: PairedCorpus, plan: ComparePlan, ranks: Ranks, progress: 
     for mine in ranks.steps(corpus.chunks):
         fwd = _forward_step(corpus, mine, bar, ranks, plan.config.include_special)
         if acc.jaccard_a is not None:
-            ranks.update_builders(acc.jaccard_a, [f[1] for f in fwd])
+            ranks.update_builders(acc.jaccard_a, [f[1] for f in fwd], grams=acc.grams)
             if not corpus.self_compare:
                 assert acc.jaccard_b is not None  # made together with jaccard_a
-                ranks.update_builders(acc.jaccard_b, [f[2] for f in fwd])
+                ranks.update_builders(acc.jaccard_b, [f[2] for f in fwd], grams=acc.grams)
         if acc.centred is not None:
-            acc.centred.update(fwd, ranks)
+            acc.centred.update(fwd, ranks, acc.grams)
         _feed_rows(acc, corpus, fwd, ranks)
+        if acc.kept is not None and acc.kept.full and not ranks.distributed:
+            # complete: the kept-rows measures now, and the rows go (under torchrun they are gathered first)
+            acc.kept_matrices = kept_row_matrices(plan, acc.kept, corpus.self_compare)
+            acc.kept = None
+        del fwd  # before the next step's forward: one step's activations at a time
+        trim_heap()
     bar.close()
     acc.paired = ranks.sum_count(acc.paired)
     ranks.sum_grids(acc.grid)
@@ -179,24 +208,43 @@ def first_pass(corpus: PairedCorpus, plan: ComparePlan, ranks: Ranks, progress: 
 
 
 def _feed_rows(acc: FirstPass, corpus: PairedCorpus, fwd: list, ranks: Ranks) -> None:
-    """Pair the step's rows; feed the CKA grid and the kept rows."""
+    """Pair the step's rows; feed the CKA grid and the kept rows, ROW_SLICE paired rows at a time."""
     pairs = []
     for ci, batch_a, batch_b in fwd:
         ia, ib = pair_rows(batch_a, batch_b, corpus.identity)
         acc.paired += len(ia)
         if acc.grid is None and (acc.kept is None or acc.kept.full):
             continue  # Jaccard only: the dense paired rows are not needed
-        pairs.append((ci, [acts.dense()[ia] for acts in batch_a], [acts.dense()[ib] for acts in batch_b]))
+        pairs.append((ci, batch_a, batch_b, ia, ib))
     # only the exact grid has pilot means (MinibatchCKAGrid.needs_pilots is False)
     if ranks.distributed and isinstance(acc.grid, StreamingCKAGrid) and acc.grid.needs_pilots:
-        _share_pilots(acc.grid, pairs, ranks, corpus.shapes)
-    for ci, xs, ys in pairs:
-        if not len(xs[0]):
-            continue
-        if acc.grid is not None:
-            acc.grid.update(torch.stack(xs), torch.stack(ys))
-        if acc.kept is not None and not acc.kept.full:
-            acc.kept.add(ci, xs, ys)
+        dense = [(ci, paired_rows(ba, ia), paired_rows(bb, ib)) for ci, ba, bb, ia, ib in pairs]
+        _share_pilots(acc.grid, dense, ranks, corpus.shapes)
+    for ci, batch_a, batch_b, ia, ib in pairs:
+        for s in range(0, len(ia), ROW_SLICE):
+            xs, ys = paired_rows(batch_a, ia[s : s + ROW_SLICE]), paired_rows(batch_b, ib[s : s + ROW_SLICE])
+            if acc.grid is not None:  # per-layer lists: the grids copy what they keep
+                acc.grid.update(xs, ys)
+            if acc.kept is not None and not acc.kept.full:
+                acc.kept.add(ci, xs, ys)
+
+
+def paired_rows(batch: list, rows: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer, the dense float32 activations of these rows (`ActBatch.dense()[rows]`, bit for bit)."""
+    return [acts.unit[rows].to(torch.float32) * acts.norm[rows, None] for acts in batch]
+
+
+def kept_row_matrices(plan: ComparePlan, kept: KeptRows | None, self_compare: bool) -> dict[str, np.ndarray]:
+    """The kept-rows measures' [L_A, L_B] matrices (baselines and ITDA) from the kept rows."""
+    cfg, out = plan.config, {}
+    xs, ys = kept.tensors() if kept is not None else ([], [])
+    for m in plan.kept_rows:
+        out[m] = similarity_grid(xs, ys, m, max_rows=cfg.max_rows)
+    if plan.itda_kept_rows:
+        out.update(
+            itda_grids(xs, None if self_compare else ys, plan.itda_kept_rows, k=cfg.k, min_cosine=cfg.min_cosine)
+        )
+    return out
 
 
 def _first_chunk_means(batches: list[list], ranks: Ranks, n_layers: int, d: int) -> torch.Tensor | None:
@@ -220,15 +268,36 @@ def second_pass(
     """Forward every chunk again; encode every paired token over the centred dictionaries."""
     assert first.centred is not None  # the first pass builds it whenever the plan has a second pass
     basis_a, basis_b = first.centred.bases()
+    first.centred = None  # the builders' atoms and Gram matrices go; the bases hold the dictionaries
     grid = PerTokenGrid(
-        basis_a, None if corpus.self_compare else basis_b, plan.config.k, plan.per_token, plan.per_token_grid
+        basis_a,
+        None if corpus.self_compare else basis_b,
+        plan.config.k,
+        plan.per_token,
+        plan.per_token_grid,
+        gram_memory=plan.gram_memory,
     )
     bar = _bar(corpus, ranks, progress, "compare: per-token ITDA")
     for mine in ranks.steps(corpus.chunks):
-        for _, batch_a, batch_b in _forward_step(corpus, mine, bar, ranks, plan.config.include_special):
+        fwd = _forward_step(corpus, mine, bar, ranks, plan.config.include_special)
+        while fwd:
+            _, batch_a, batch_b = fwd.pop(0)
             ia, ib = pair_rows(batch_a, batch_b, corpus.identity)
-            ys = None if corpus.self_compare else [acts.dense()[ib] for acts in batch_b]
-            grid.update([acts.dense()[ia] for acts in batch_a], batch_a[0].refs[ia], ys, batch_b[0].refs[ib])
+            refs_a, refs_b = batch_a[0].refs[ia], batch_b[0].refs[ib]
+            rows_b = None if corpus.self_compare else _layer_reader(batch_b, ib)
+            grid.update_layers(_layer_reader(batch_a, ia), refs_a, rows_b, refs_b)
+        trim_heap()
     bar.close()
     ranks.sum_grids(grid)
     return grid
+
+
+def _layer_reader(batch: list, rows: torch.Tensor):
+    """rows -> layer l's paired dense rows, the layer's activations let go once read."""
+
+    def read(layer: int) -> torch.Tensor:
+        (x,) = paired_rows(batch[layer : layer + 1], rows)
+        batch[layer] = None
+        return x
+
+    return read

@@ -28,6 +28,7 @@ token is scored by an atom made from it. Per token and layer this gives the MP l
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -36,9 +37,14 @@ import torch
 from itda.comparison.cka_grids import CKAGrid, GridChoice, choose_grid, make_grid
 from itda.comparison.hubness import CSLS_K, csls
 from itda.comparison.jaccard import ref_keys
+from itda.comparison.minibatch import ScaledMinibatchCKAGrids
+from itda.comparison.plan import ROW_SLICE
 from itda.dictionary import Dictionary
-from itda.pursuit import decode
+from itda.pursuit import compute_gram, decode
+from itda.pursuit.codes import SparseCodes
 from itda.pursuit.leave_one_out import matching_pursuit_leave_one_out
+
+DECODE_ROWS = 256  # rows decoded at a time
 
 
 def unit_rows(x: torch.Tensor) -> torch.Tensor:
@@ -48,17 +54,26 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def token_parts(
-    unit_ND: torch.Tensor, atoms_MD: torch.Tensor, own_N: torch.Tensor, k: int
+    unit_ND: torch.Tensor, atoms_MD: torch.Tensor, own_N: torch.Tensor, k: int, gram_MM: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(unit reconstructions [N, d], MP losses [N]) of unit rows over unit atoms, row n without
-    atom own_N[n] (-1: none)."""
+    atom own_N[n] (-1: none); gram_MM: the atoms' Gram matrix, if kept."""
     atoms = atoms_MD.to(torch.float32)
     if not atoms.shape[0]:
         recon = torch.zeros_like(unit_ND)
     else:  # a row left with no atom (a one-atom dictionary, its own) gets coefficient 0
-        recon = decode(matching_pursuit_leave_one_out(unit_ND, atoms, min(k, atoms.shape[0]), own_N), atoms)
+        codes = matching_pursuit_leave_one_out(unit_ND, atoms, min(k, atoms.shape[0]), own_N, gram=gram_MM)
+        recon = _decode_rows(codes, atoms)
     cos = (recon * unit_ND).sum(1) / recon.norm(dim=1).clamp(min=1e-12)
     return unit_rows(recon), (2 - 2 * cos) / unit_ND.shape[1]
+
+
+def _decode_rows(codes: SparseCodes, atoms_MD: torch.Tensor, rows: int = DECODE_ROWS) -> torch.Tensor:
+    """`decode` a few hundred rows at a time (the same bits; never the [N, k, d] gather at once)."""
+    n = codes.indices.shape[0]
+    if n <= rows:
+        return decode(codes, atoms_MD)
+    return torch.cat([decode(SparseCodes(*(t[s : s + rows] for t in codes)), atoms_MD) for s in range(0, n, rows)])
 
 
 def scaled_recon(recon_LND: torch.Tensor, norm_LN: torch.Tensor) -> torch.Tensor:
@@ -101,14 +116,24 @@ class CentredDictionaries(NamedTuple):
 
 
 class _LayerIndex:
-    """A layer's centre and dictionary: float32 atoms and, per (document, position), its atom row."""
+    """A layer's centre and dictionary: float32 atoms, their Gram matrix when kept (`keep_gram`)
+    and, per (document, position), its atom row."""
 
     def __init__(self, d: Dictionary, centre_D: torch.Tensor):
         self.atoms = d.atoms.to(torch.float32)
         self.centre = centre_D.to(torch.float32)
+        self.gram: torch.Tensor | None = None
         keys = ref_keys(d.refs, "token")
         self.order = np.argsort(keys, kind="stable")
         self.sorted_keys = keys[self.order]
+
+    def keep_gram(self, budget: int) -> int:
+        """Compute and keep the atoms' Gram matrix if its bytes fit `budget`; returns the bytes kept."""
+        need = 4 * len(self.atoms) ** 2
+        if not len(self.atoms) or need > budget:
+            return 0
+        self.gram = compute_gram(self.atoms)
+        return need
 
     def own(self, refs_N5: torch.Tensor) -> torch.Tensor:
         """int64 [N]: the atom row of each token (by document and position), -1 if none."""
@@ -135,7 +160,10 @@ class PerTokenGrid:
         k: int,
         measures,
         grid: GridChoice | None = None,
+        gram_memory: int = 0,
     ):
+        """gram_memory: bytes of the layers' Gram matrices kept for the whole pass (layers of A first,
+        while they fit); the other layers' are computed for each batch."""
         self.k, self.measures = k, tuple(measures)
         self.basis_a, self.basis_b = basis_a, basis_b or basis_a  # what the tokens are encoded over
         self.needed = set(self.measures) | (set(FUSED_PARTS) if "itda_fused" in self.measures else set())
@@ -156,42 +184,76 @@ class PerTokenGrid:
 
         self.unit_grid = grid_if("itda_recon_cka" in self.needed)  # unit reconstructions
         self.scaled_grid = grid_if(bool(set(SCALED) & self.needed))  # reconstructions x ||x_t||
+        self.pair: ScaledMinibatchCKAGrids | None = None  # both minibatch grids, fed together
+        if not self.choice.exact and self.unit_grid is not None and self.scaled_grid is not None:
+            self.pair = ScaledMinibatchCKAGrids(self.choice.minibatch, self.choice.layers)
+            self.unit_grid, self.scaled_grid = self.pair.unit, self.pair.scaled
+        for layer in self.a + (self.b or []):
+            gram_memory -= layer.keep_gram(gram_memory)
 
     def _side(
-        self, side: str, index: list[_LayerIndex], xs: list[torch.Tensor], refs: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """This side's (unit reconstructions [L, n, d], centred norms ||x_t - mu|| [L, n]); its
-        losses and (uncentred) norms appended to its profiles."""
-        recon, loss, centred_norm = [], [], []
-        for layer, x in zip(index, xs, strict=True):
-            centred = x.to(torch.float32) - layer.centre
+        self, side: str, index: list[_LayerIndex], rows: Callable[[int], torch.Tensor], refs: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """This side's (unit reconstructions [n, d], centred norms ||x_t - mu|| [n]) per layer, the
+        rows of layer l read as rows(l) one layer at a time; its losses and (uncentred) norms
+        appended to its profiles."""
+        recon, loss, centred_norm, norm = [], [], [], []
+        for i, layer in enumerate(index):
+            x = rows(i).to(torch.float32)
+            centred = x - layer.centre
             length = centred.norm(dim=1)
-            r, s = token_parts(centred / length.clamp(min=1e-12)[:, None], layer.atoms, layer.own(refs), self.k)
+            unit = centred / length.clamp(min=1e-12)[:, None]
+            r, s = token_parts(unit, layer.atoms, layer.own(refs), self.k, layer.gram)
             recon.append(r)
             loss.append(s)
             centred_norm.append(length)
+            norm.append(x.norm(dim=1))
         self.profiles[side]["loss"].append(torch.stack(loss))
-        self.profiles[side]["norm"].append(torch.stack([x.to(torch.float32).norm(dim=1) for x in xs]))
-        return torch.stack(recon), torch.stack(centred_norm)
+        self.profiles[side]["norm"].append(torch.stack(norm))
+        return recon, centred_norm
 
     def update(
         self, xs: list[torch.Tensor], refs_a: torch.Tensor, ys: list[torch.Tensor] | None, refs_b: torch.Tensor | None
     ) -> None:
         """One batch of paired rows: xs[l] [n, d_A] with refs_a [n, 5] (document, position, ...),
         and the same tokens in B (ys=None when B is A)."""
-        if not len(xs[0]):
+        if ys is not None and refs_b is not None:
+            self.update_layers(xs.__getitem__, refs_a, ys.__getitem__, refs_b)
+        elif self.b is not None:
+            raise ValueError("B is not A: its rows ys and refs_b are needed")
+        else:
+            self.update_layers(xs.__getitem__, refs_a, None, None)
+
+    def update_layers(
+        self,
+        rows_a: Callable[[int], torch.Tensor],
+        refs_a: torch.Tensor,
+        rows_b: Callable[[int], torch.Tensor] | None,
+        refs_b: torch.Tensor | None,
+    ) -> None:
+        """`update` with each layer's rows read when it is encoded (rows_a(l): [n, d_A]), so that a
+        caller can let each layer's activations go once read."""
+        if not len(refs_a):
             return
-        recon_a, norm_a = self._side("a", self.a, xs, refs_a)
+        recon_a, norm_a = self._side("a", self.a, rows_a, refs_a)
         if self.b is None:
             recon_b, norm_b = recon_a, norm_a
         else:
-            if ys is None or refs_b is None:
+            if rows_b is None or refs_b is None:
                 raise ValueError("B is not A: its rows ys and refs_b are needed")
-            recon_b, norm_b = self._side("b", self.b, ys, refs_b)
-        if self.unit_grid is not None:
-            self.unit_grid.update(recon_a, recon_b)
-        if self.scaled_grid is not None:
-            self.scaled_grid.update(scaled_recon(recon_a, norm_a), scaled_recon(recon_b, norm_b))
+            recon_b, norm_b = self._side("b", self.b, rows_b, refs_b)
+        if self.pair is not None:  # the scaled rows are the unit ones weighted by their norms
+            self.pair.update(recon_a, recon_b, norm_a, norm_b)
+            return
+        for s in range(0, len(refs_a), ROW_SLICE):  # float64 copies of ROW_SLICE rows at a time
+            ra, rb = [r[s : s + ROW_SLICE] for r in recon_a], [r[s : s + ROW_SLICE] for r in recon_b]
+            if self.unit_grid is not None:
+                self.unit_grid.update(ra, rb)
+            if self.scaled_grid is not None:
+                self.scaled_grid.update(
+                    [scaled_recon(r, n[s : s + ROW_SLICE]) for r, n in zip(ra, norm_a, strict=True)],
+                    [scaled_recon(r, n[s : s + ROW_SLICE]) for r, n in zip(rb, norm_b, strict=True)],
+                )
 
     def sum_over(self, exchange) -> None:
         """Under torchrun: every rank's profiles and CKA sums combined (rank order; the measures do

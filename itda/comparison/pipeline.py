@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 from itda.activations.models import LoadedModel
-from itda.comparison.itda_measures import itda_grids
 from itda.comparison.jaccard import SIZE_CONTROLS, jaccard, jaccard_union
-from itda.comparison.measures import similarity_grid
 from itda.comparison.model_comparison import ModelComparison
 from itda.comparison.pairing import PairedCorpus, pair_corpus
-from itda.comparison.passes import FirstPass, first_pass, second_pass
+from itda.comparison.passes import FirstPass, first_pass, kept_row_matrices, second_pass, take_dictionaries
 from itda.comparison.per_token import PerTokenGrid
 from itda.comparison.plan import CompareConfig, ComparePlan, make_plan
 from itda.comparison.ranks import Ranks
@@ -42,10 +40,10 @@ def compare_on_corpus(
 ) -> ModelComparison:
     """compare_models over a corpus by name (what `itda compare A B` and itda.compare run): the
     default corpus's held-out split, another corpus whole."""
-    from itda.activations.corpus import read_documents, split_documents
+    from itda.activations.corpus import iter_split, read_documents
 
     docs = read_documents(corpus, field)
-    ids = split_documents(docs, "heldout" if corpus == "default" else "all")
+    ids = iter_split(docs, "heldout" if corpus == "default" else "all")  # a streamed corpus: read as needed
     return compare_models(lm_a, lm_b, docs, ids, config, progress=progress, exchange=exchange)
 
 
@@ -53,7 +51,7 @@ def compare_models(
     lm_a: LoadedModel,
     lm_b: LoadedModel | None,
     docs: Sequence[str],
-    doc_ids: list[int],
+    doc_ids: Iterable[int],
     config: CompareConfig | None = None,
     *,
     progress: bool = True,
@@ -85,9 +83,10 @@ def compare_models(
         raise ItdaInputError(f"only {first.paired} tokens could be paired between the models")
     dicts_a = dicts_b = None
     if first.jaccard_a is not None and ranks.is_root:
-        dicts_a = [b.dictionary() for b in first.jaccard_a]
         assert first.jaccard_b is not None  # made together with jaccard_a
-        dicts_b = dicts_a if corpus.self_compare else [b.dictionary() for b in first.jaccard_b]
+        dicts_a = take_dictionaries(first.jaccard_a)  # a self-comparison's jaccard_b is this list
+        dicts_b = dicts_a if corpus.self_compare else take_dictionaries(first.jaccard_b)
+    first.jaccard_a = first.jaccard_b = None  # their dictionaries are taken: the builders' memory goes
     per_token = second_pass(corpus, plan, ranks, first, progress) if plan.second_pass else None
     result = ModelComparison(
         corpus.lm_a.name,
@@ -120,15 +119,14 @@ def assemble_matrices(
             matrices.update({m: mats[m] for m in plan.streamed})
         else:
             matrices["cka_minibatch"] = mats["cka"]
-    xs, ys = first.kept.tensors() if first.kept is not None else ([], [])
-    for m in plan.kept_rows:
-        matrices[m] = similarity_grid(xs, ys, m, max_rows=cfg.max_rows)
+    kept = first.kept_matrices
+    if kept is None and plan.keeps_rows:
+        kept = kept_row_matrices(plan, first.kept, corpus.self_compare)
+    kept = kept or {}
+    matrices.update({m: kept[m] for m in plan.kept_rows})
     if per_token is not None:
         matrices.update(per_token.matrices())
-    if plan.itda_kept_rows:
-        matrices.update(
-            itda_grids(xs, None if corpus.self_compare else ys, plan.itda_kept_rows, k=cfg.k, min_cosine=cfg.min_cosine)
-        )
+    matrices.update({m: v for m, v in kept.items() if m not in plan.kept_rows})
     return matrices
 
 

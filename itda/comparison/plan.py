@@ -3,7 +3,9 @@
 `CompareConfig` holds every option of `itda compare` for two models; `make_plan` reads the
 measure registry and the models' shapes and decides which estimators run, which CKA grids are
 exact and which fall back to minibatch past `cka_memory`, which need the second pass, and the
-accumulator bytes of each. The run reports the plan's notes.
+accumulator bytes of each: with a document chunk's activations and the Gram budget of the ITDA
+dictionaries (GRAM_MEMORY) all are bounded up front except the dictionaries' atoms, which grow
+with them. The run reports the plan's notes.
 """
 
 from __future__ import annotations
@@ -11,10 +13,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import itda.comparison.registry as registry
+from itda.builder.builder import BuildConfig
 from itda.comparison.cka_grids import GridChoice, choose_grid, grid_bytes
 from itda.configfields import FieldError, choice
+from itda.dictionary import DEFAULT_K
 
 GiB = 2**30
+# bytes the Gram matrices of the ITDA dictionaries keep, all layers together: pass 1's builders
+# between updates (itda.pursuit.gram.GramPool), pass 2's leave-one-out encoders; past it a
+# dictionary's Gram is rebuilt for each use
+GRAM_MEMORY = 256 << 20
+ROW_SLICE = 512  # paired tokens the passes feed their CKA grids at a time
 
 
 @dataclass(frozen=True)
@@ -29,8 +38,8 @@ class CompareConfig:
         "tokens per forward pass (a document chunk; the first centres the per-token "
         "ITDA measures; the unit torchrun ranks share out)",
     )
-    k: int = choice(40, "MP steps of the ITDA dictionaries (Jaccard, ITDA measures)")
-    min_cosine: float = choice(0.85, "dictionary threshold (Jaccard, ITDA measures)")
+    k: int = choice(DEFAULT_K, "MP steps of the ITDA dictionaries (Jaccard, ITDA measures)")
+    min_cosine: float = choice(BuildConfig.DEFAULT_MIN_COSINE, "dictionary threshold (Jaccard, ITDA measures)")
     max_rows: int = choice(4096, "paired rows kept for the kept-rows measures (not the per-token ones)")
     precision: str = choice("float64", "streaming CKA cross products: float64 (exact) or float32 (faster)")
     include_special: bool = choice(False, "keep BOS/special tokens (they can dominate CKA)")
@@ -68,6 +77,7 @@ class ComparePlan:
     raw_grid: GridChoice | None
     per_token_grid: GridChoice | None
     estimators: list[Estimator] = field(default_factory=list)
+    gram_memory: int = GRAM_MEMORY  # the ITDA dictionaries' Gram matrices, all layers together
 
     @property
     def keeps_rows(self) -> bool:
@@ -77,6 +87,11 @@ class ComparePlan:
     @property
     def second_pass(self) -> bool:
         return bool(self.per_token)
+
+    @property
+    def bytes(self) -> int:
+        """The estimators' bytes that are known up front (the dictionaries' atoms grow with them)."""
+        return sum(e.bytes or 0 for e in self.estimators)
 
     def notes(self) -> list[str]:
         """What the run reports about its estimators, in order."""
@@ -153,8 +168,15 @@ def _estimators(plan: ComparePlan, row_width: int) -> list[Estimator]:
                 "kept_rows", plan.kept_rows + plan.itda_kept_rows, (1,), True, 4 * plan.config.max_rows * row_width
             )
         )
+    cfg = plan.config
+    out.append(
+        Estimator("chunk_activations", (), (1, 2) if plan.second_pass else (1,), True, chunk_bytes(cfg, row_width))
+    )
     if plan.jaccard:
         out.append(Estimator("jaccard_dictionaries", ("jaccard",), (1,), True, None))
+    if plan.jaccard or plan.per_token:
+        names = (("jaccard",) if plan.jaccard else ()) + plan.per_token
+        out.append(Estimator("dictionary_grams", names, (1, 2) if plan.per_token else (1,), True, plan.gram_memory))
     if plan.per_token:
         assert plan.per_token_grid is not None  # make_plan chooses it whenever per_token is asked
         grids = sum(
@@ -168,7 +190,19 @@ def _estimators(plan: ComparePlan, row_width: int) -> list[Estimator]:
                 plan.per_token,
                 (1, 2),
                 plan.per_token_grid.exact,
-                grids * grid_bytes(plan.per_token_grid),
+                grids * grid_bytes(plan.per_token_grid) + per_token_slice_bytes(cfg, row_width),
             )
         )
     return out
+
+
+def chunk_bytes(config: CompareConfig, row_width: int) -> int:
+    """One document chunk's activations of both models: the forward's unit rows and the paired
+    dense rows (float32; row_width floats per token)."""
+    return 8 * config.batch_tokens * row_width
+
+
+def per_token_slice_bytes(config: CompareConfig, row_width: int) -> int:
+    """Pass 2's working rows: a chunk's unit reconstructions (float32) and, per slice of
+    ROW_SLICE tokens, their scaled float64 copies."""
+    return 4 * config.batch_tokens * row_width + 8 * min(ROW_SLICE, config.batch_tokens) * row_width

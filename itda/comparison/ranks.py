@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from itda.builder import DictionaryBuilder
+from itda.pursuit.gram import GramPool
 
 
 class Ranks:
@@ -52,19 +53,30 @@ class Ranks:
                     grid.sum_over(self.exchange)
 
     def update_builders(
-        self, builders: list[DictionaryBuilder], batches: list[list], centres_LD: torch.Tensor | None = None
+        self,
+        builders: list[DictionaryBuilder],
+        batches: list[list],
+        centres_LD: torch.Tensor | None = None,
+        grams: GramPool | None = None,
     ) -> None:
         """One build step per layer: this rank's batch with the ranks' candidates gathered (torchrun),
         or the step's batches concatenated and scored batch by batch (one process, interleave); with
-        centres_LD, over the rows minus their layer's centre."""
+        centres_LD, over the rows minus their layer's centre; with grams, its budget kept after each layer."""
         for layer, builder in enumerate(builders):
-            parts = [b[layer].unit if centres_LD is None else b[layer].dense() - centres_LD[layer] for b in batches]
-            refs = [b[layer].refs for b in batches]
-            if self.exchange is not None:
-                rows = parts[0] if parts else torch.zeros(0, builder.d)
-                builder.update(rows, refs[0] if refs else torch.zeros(0, 5, dtype=torch.int64), exchange=self.exchange)
-            elif parts:
-                builder.update(torch.cat(parts), torch.cat(refs), score_chunk=[len(p) for p in parts])
+            self._update_builder(layer, builder, batches, centres_LD)
+            if grams is not None:
+                grams.trim()
+
+    def _update_builder(
+        self, layer: int, builder: DictionaryBuilder, batches: list[list], centres_LD: torch.Tensor | None
+    ) -> None:
+        parts = [b[layer].unit if centres_LD is None else b[layer].dense() - centres_LD[layer] for b in batches]
+        refs = [b[layer].refs for b in batches]
+        if self.exchange is not None:
+            rows = parts[0] if parts else torch.zeros(0, builder.d)
+            builder.update(rows, refs[0] if refs else torch.zeros(0, 5, dtype=torch.int64), exchange=self.exchange)
+        elif parts:
+            builder.update(torch.cat(parts), torch.cat(refs), score_chunk=[len(p) for p in parts])
 
     def earliest_means(self, chunks: list[list[torch.Tensor]], width: int) -> torch.Tensor | None:
         """float64 [width]: the per-layer row means, concatenated, of the earliest of this step's chunks

@@ -89,8 +89,13 @@ class StreamingCKAGrid:
     def _stack(xs) -> torch.Tensor:
         if isinstance(xs, torch.Tensor) and xs.ndim == 3:
             t = xs.detach().to("cpu", torch.float64)
-        else:
-            t = torch.stack([_as64(x) for x in xs])
+        else:  # one float64 copy of the layers' rows, filled layer by layer
+            rows = [torch.as_tensor(x).detach() for x in xs]
+            if any(r.ndim != 2 or r.shape != rows[0].shape for r in rows):
+                raise ItdaInputError(f"activations must be 2-D [n, d], got shapes {[tuple(r.shape) for r in rows]}")
+            t = torch.empty(len(rows), *rows[0].shape, dtype=torch.float64)
+            for i, r in enumerate(rows):
+                t[i].copy_(r)
         if not bool(torch.isfinite(t).all()):
             raise ItdaInputError("activations contain NaN or inf")
         return t

@@ -12,6 +12,8 @@ from itda.pursuit.codes import SparseCodes, cat_codes
 from itda.pursuit.gram import compute_gram, gram_fits
 from itda.resources import check_fits
 
+DEFAULT_K = 40  # matching-pursuit steps per activation (the paper's k); every other default k is this one
+
 Backend = Literal["auto", "torch", "numba"]
 BACKENDS = ("auto", "torch", "numba")
 CHUNK_BYTES = 256 << 20
@@ -52,7 +54,7 @@ def _resolve(
     gram: torch.Tensor | None,
     backend: str,
     need_gram_for_numba: bool = True,
-    k: int = 40,
+    k: int = DEFAULT_K,
 ) -> tuple[str, torch.Tensor | None]:
     if backend not in BACKENDS:
         raise ItdaInputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -89,11 +91,32 @@ def _chunk_rows(b: int, n: int, chunk_size: int | None) -> int:
     return max(1, min(b, CHUNK_BYTES // (4 * max(n, 1))))
 
 
+def _check_exclude(exclude: torch.Tensor | None, b: int, n: int) -> None:
+    if exclude is None:
+        return
+    if not isinstance(exclude, torch.Tensor) or exclude.shape != (b,) or exclude.is_floating_point():
+        raise ItdaInputError(f"exclude must be an integer tensor of shape [{b}]")
+    if b and (int(exclude.min()) < -1 or int(exclude.max()) >= n):
+        raise ItdaInputError(f"exclude holds atom rows in [-1, {n}), got [{int(exclude.min())}, {int(exclude.max())}]")
+
+
 def _run(
-    x, atoms, k, gram, backend, chunk_size, numba_chunk, torch_chunk, rows_divisor: int = 1, check_finite: bool = True
+    x,
+    atoms,
+    k,
+    gram,
+    backend,
+    chunk_size,
+    numba_chunk,
+    torch_chunk,
+    rows_divisor: int = 1,
+    check_finite: bool = True,
+    exclude: torch.Tensor | None = None,
 ) -> SparseCodes:
-    """Validate, choose the backend, and run a chunk kernel over row chunks."""
+    """Validate, choose the backend, and run a chunk kernel over row chunks (with exclude: the
+    kernels' exclude_B, sliced like the rows)."""
     _check_inputs(x, atoms, k, check_finite)
+    _check_exclude(exclude, x.shape[0], atoms.shape[0])
     if codes_bytes(x.shape[0], k) > 1 << 26:  # small requests are not worth a look at free memory
         check_fits(
             2 * codes_bytes(x.shape[0], k), f"matching-pursuit codes of {x.shape[0]} rows with k={k}", atoms.device
@@ -104,7 +127,11 @@ def _run(
     gram32 = None if gram is None else gram.to(device=atoms.device, dtype=torch.float32)
     step = max(1, _chunk_rows(x.shape[0], atoms.shape[0], chunk_size) // rows_divisor)
     chunk = numba_chunk if backend == "numba" else torch_chunk
-    parts = [chunk(x32[s : s + step], atoms32, k, gram32) for s in range(0, x.shape[0], step)]
+    if exclude is None:
+        parts = [chunk(x32[s : s + step], atoms32, k, gram32) for s in range(0, x.shape[0], step)]
+    else:
+        own = exclude.to(device=atoms.device, dtype=torch.int64)
+        parts = [chunk(x32[s : s + step], atoms32, k, gram32, own[s : s + step]) for s in range(0, x.shape[0], step)]
     return cat_codes(parts) if parts else _empty_codes(k, atoms.device)
 
 
@@ -117,6 +144,7 @@ def matching_pursuit(
     backend: Backend = "auto",
     chunk_size: int | None = None,
     check_finite: bool = True,
+    exclude: torch.Tensor | None = None,
 ) -> SparseCodes:
     """Textbook matching pursuit of rows x [B, d] over unit-norm atoms [N, d], k steps.
 
@@ -125,11 +153,24 @@ def matching_pursuit(
     Inputs of any float dtype; arithmetic in float32. `gram` (= atoms @ atoms.T, float32)
     may be passed to reuse it across calls. backend: 'numba' (CPU), 'torch' (CPU/CUDA) or
     'auto'. check_finite=False skips the NaN/inf scan for callers that validated x already.
+    exclude (integer [B], -1: none): an atom row b never selects (leave-one-out), exactly MP
+    over the dictionary without it; a row left with no atom (N = 1) gets index -1, value 0.
     Returns SparseCodes on the atoms' device.
     """
     from itda.pursuit.mp_torch import mp_chunk_torch
 
-    return _run(x, atoms, k, gram, backend, chunk_size, _mp_chunk_numba, mp_chunk_torch, check_finite=check_finite)
+    return _run(
+        x,
+        atoms,
+        k,
+        gram,
+        backend,
+        chunk_size,
+        _mp_chunk_numba,
+        mp_chunk_torch,
+        check_finite=check_finite,
+        exclude=exclude,
+    )
 
 
 def orthogonal_matching_pursuit(
@@ -171,14 +212,19 @@ def _empty_codes(k: int, device: torch.device) -> SparseCodes:
     )
 
 
-def _mp_chunk_numba(x_BD: torch.Tensor, atoms_ND: torch.Tensor, k: int, gram_NN: torch.Tensor) -> SparseCodes:
-    from itda.pursuit.mp_numba import mp_gram_kernel
+def _mp_chunk_numba(
+    x_BD: torch.Tensor, atoms_ND: torch.Tensor, k: int, gram_NN: torch.Tensor, exclude_B: torch.Tensor | None = None
+) -> SparseCodes:
+    from itda.pursuit.mp_numba import mp_gram_excluding_kernel, mp_gram_kernel
 
     corr_BN = (x_BD @ atoms_ND.T).numpy()
     b = x_BD.shape[0]
     idx_BK = np.empty((b, k), dtype=np.int64)
     val_BK = np.empty((b, k), dtype=np.float32)
-    mp_gram_kernel(corr_BN, gram_NN.numpy(), k, idx_BK, val_BK)
+    if exclude_B is None:
+        mp_gram_kernel(corr_BN, gram_NN.numpy(), k, idx_BK, val_BK)
+    else:
+        mp_gram_excluding_kernel(corr_BN, gram_NN.numpy(), k, exclude_B.numpy(), idx_BK, val_BK)
     val = torch.from_numpy(val_BK)
     energy = (x_BD * x_BD).sum(1) - (val * val).sum(1)
     return SparseCodes(torch.from_numpy(idx_BK), val, energy.clamp_(min=0.0))

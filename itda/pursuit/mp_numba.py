@@ -76,6 +76,60 @@ def mp_gram_kernel(corr_BN, gram_NN, k, idx_BK, val_BK):
                 j = _first_index_of(bits, m)
 
 
+@numba.njit(inline="always", fastmath=_FASTMATH)
+def _update_max(c, bits, g, a, lo, hi, m):
+    """c[lo:hi] -= a * g[lo:hi]; the largest |c| bits of that range and m."""
+    for i in range(lo, hi):
+        c[i] -= a * g[i]
+        v = bits[i] & _ABS_MASK
+        m = v if v > m else m
+    return m
+
+
+@numba.njit(inline="always", fastmath=_FASTMATH)
+def _pick_excluding(bits, m, own):
+    """First index with |c| bits m other than own (own holds 0, so it can tie only when m is 0); -1 if none."""
+    j = _first_index_of(bits, m)
+    if j != own:
+        return j
+    for i in range(own + 1, bits.shape[0]):
+        if (bits[i] & _ABS_MASK) == m:
+            return i
+    return -1
+
+
+@njit_cached(parallel=True, fastmath=_FASTMATH)
+def mp_gram_excluding_kernel(corr_BN, gram_NN, k, own_B, idx_BK, val_BK):
+    """mp_gram_kernel where row b never selects atom own_B[b] (-1: any atom may be selected).
+
+    That atom's correlation is held at 0 and skipped by the updates, so the other atoms' follow
+    MP over the dictionary without it exactly; a row left with no atom gets index -1, value 0.
+    """
+    b_total, n = corr_BN.shape
+    for b in numba.prange(b_total):
+        c = corr_BN[b]
+        bits = c.view(np.int32)
+        own = own_B[b]
+        hi = own if own >= 0 else n  # the updates run over [0, hi) and (own, n)
+        if own >= 0:
+            c[own] = 0.0
+        j = _pick_excluding(bits, _max_abs_bits(bits), own)
+        for t in range(k):
+            if j < 0:
+                idx_BK[b, t] = -1
+                val_BK[b, t] = 0.0
+                continue
+            a = c[j]
+            idx_BK[b, t] = j
+            val_BK[b, t] = a
+            if t + 1 < k:
+                g = gram_NN[j]
+                m = _update_max(c, bits, g, a, 0, hi, np.int32(0))
+                if own >= 0:
+                    m = _update_max(c, bits, g, a, own + 1, n, m)
+                j = _pick_excluding(bits, m, own)
+
+
 @njit_cached(parallel=True, fastmath=_FASTMATH)
 def omp_gram_kernel(alpha0_BN, gram_NN, k, eps, idx_BK, gamma_BK, energy_drop_B):
     """Batch-OMP (Rubinstein, Zibulevsky & Elad 2008) with incremental Cholesky, per row.

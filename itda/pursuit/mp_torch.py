@@ -14,36 +14,76 @@ import torch
 from itda.pursuit.codes import SparseCodes
 
 
-def mp_chunk_torch(x_BD: torch.Tensor, atoms_ND: torch.Tensor, k: int, gram_NN: torch.Tensor | None) -> SparseCodes:
-    """Textbook MP of float32 rows x over float32 unit atoms; see module docstring."""
+def mp_chunk_torch(
+    x_BD: torch.Tensor,
+    atoms_ND: torch.Tensor,
+    k: int,
+    gram_NN: torch.Tensor | None,
+    exclude_B: torch.Tensor | None = None,
+) -> SparseCodes:
+    """Textbook MP of float32 rows x over float32 unit atoms; see module docstring.
+
+    exclude_B (int64 [B], -1: none): atom row b never selects; a row left with no atom gets
+    index -1 and value 0.
+    """
     b = x_BD.shape[0]
     corr_BN = x_BD @ atoms_ND.T
     abs_BN = torch.empty_like(corr_BN)
     idx_BK = torch.empty(b, k, dtype=torch.int64, device=x_BD.device)
     val_BK = torch.empty(b, k, dtype=torch.float32, device=x_BD.device)
     rows_B = torch.arange(b, device=x_BD.device)
+    held_H, own_H = _held(exclude_B)
     resid_BD = x_BD.clone() if gram_NN is None else None
     for t in range(k):
         torch.abs(corr_BN, out=abs_BN)
+        if own_H is not None:
+            abs_BN[held_H, own_H] = -1.0  # below every |c|: chosen only when no other atom exists
         j_B = abs_BN.argmax(dim=1)
         alpha_B = corr_BN[rows_B, j_B]
+        if own_H is not None:
+            alone_H = j_B[held_H] == own_H
+            j_B[held_H[alone_H]] = -1
+            alpha_B[held_H[alone_H]] = 0.0
         idx_BK[:, t] = j_B
         val_BK[:, t] = alpha_B
         if t + 1 == k:
             break
-        if gram_NN is not None:
-            corr_BN.addcmul_(gram_NN.index_select(0, j_B), alpha_B[:, None], value=-1.0)
-            continue
-        assert resid_BD is not None  # the Gram-free path keeps the residual
-        resid_BD.addcmul_(atoms_ND.index_select(0, j_B), alpha_B[:, None], value=-1.0)
-        uniq_U, inverse_B = torch.unique(j_B, return_inverse=True)
-        if 2 * uniq_U.shape[0] < b:
-            rows_UN = atoms_ND.index_select(0, uniq_U) @ atoms_ND.T
-            corr_BN.addcmul_(rows_UN.index_select(0, inverse_B), alpha_B[:, None], value=-1.0)
-        else:
-            torch.matmul(resid_BD, atoms_ND.T, out=corr_BN)
+        _step(corr_BN, resid_BD, atoms_ND, gram_NN, j_B.clamp(min=0), alpha_B)
     energy_B = (x_BD * x_BD).sum(1) - (val_BK * val_BK).sum(1)
     return SparseCodes(idx_BK, val_BK, energy_B.clamp_(min=0.0))
+
+
+def _held(exclude_B: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(rows with an excluded atom [H], their excluded atoms [H]); (empty, None) when none."""
+    if exclude_B is None:
+        return torch.empty(0, dtype=torch.int64), None
+    held_H = torch.nonzero(exclude_B >= 0).flatten()
+    if not len(held_H):
+        return held_H, None
+    return held_H, exclude_B[held_H]
+
+
+def _step(
+    corr_BN: torch.Tensor,
+    resid_BD: torch.Tensor | None,
+    atoms_ND: torch.Tensor,
+    gram_NN: torch.Tensor | None,
+    j_B: torch.Tensor,
+    alpha_B: torch.Tensor,
+) -> None:
+    """Subtract alpha_B times atom j_B from every row's correlations (and residual, Gram-free)."""
+    b = corr_BN.shape[0]
+    if gram_NN is not None:
+        corr_BN.addcmul_(gram_NN.index_select(0, j_B), alpha_B[:, None], value=-1.0)
+        return
+    assert resid_BD is not None  # the Gram-free path keeps the residual
+    resid_BD.addcmul_(atoms_ND.index_select(0, j_B), alpha_B[:, None], value=-1.0)
+    uniq_U, inverse_B = torch.unique(j_B, return_inverse=True)
+    if 2 * uniq_U.shape[0] < b:
+        rows_UN = atoms_ND.index_select(0, uniq_U) @ atoms_ND.T
+        corr_BN.addcmul_(rows_UN.index_select(0, inverse_B), alpha_B[:, None], value=-1.0)
+    else:
+        torch.matmul(resid_BD, atoms_ND.T, out=corr_BN)
 
 
 def omp_chunk_torch(
