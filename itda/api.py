@@ -242,18 +242,30 @@ def _rows_source(data, spec, seed: int):
     return rows_source(rows, spec, seed, "batches")
 
 
-def export(source, format: str, out: str | os.PathLike, *, k: int | None = None) -> Path:
+def export(source, format: str, out: str | os.PathLike, *, k: int | None = None, signed: bool = True) -> Path:
     """Write an SAE (any architecture; BatchTopK ones as SAELens JumpReLU) or a dictionary (as a TopK SAE) as a
-    SAELens or sparsify folder; returns where."""
+    SAELens or sparsify folder, or a dictionary as SAELens's matching_pursuit SAE ("saelens-mp": k MP steps
+    over ±atoms when signed, else non-negative MP over the atoms); returns where."""
+    from itda.sae.export_mp import export_saelens_mp
     from itda.sae.io import LoadedSae, dictionary_as_sae, export_saelens, export_sparsify, load_sae_or_none
 
+    if format not in ("saelens", "sparsify", "saelens-mp"):
+        raise ItdaInputError(f"format {format!r}: choose saelens, sparsify or saelens-mp")
+    if not signed and format != "saelens-mp":
+        raise ItdaInputError("signed=False (--plain) applies to --format saelens-mp only")
+    name = str(source) if isinstance(source, (str, os.PathLike)) else "the source"
     if isinstance(source, (str, os.PathLike)):
         loaded = load_sae_or_none(source)
         source = loaded if loaded is not None else Dictionary.load(source)
+    if format == "saelens-mp":
+        if isinstance(source, LoadedSae):
+            raise ItdaInputError(
+                f"{name} is an SAE; saelens-mp exports a dictionary (matching pursuit over its atoms): "
+                "use --format saelens"
+            )
+        return export_saelens_mp(source, out, k=k, signed=signed)
     loaded = source if isinstance(source, LoadedSae) else dictionary_as_sae(source, k)
     writers = {"saelens": export_saelens, "sparsify": export_sparsify}
-    if format not in writers:
-        raise ItdaInputError(f"format {format!r}: choose saelens or sparsify")
     return writers[format](*loaded, out)
 
 

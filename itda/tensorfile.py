@@ -39,6 +39,7 @@ KIND_NAMES = {
     "checkpoint": "build checkpoint",
     "model-checkpoint": "model-build checkpoint",
     "saelens-export": "SAELens export",
+    "saelens-mp-export": "SAELens matching-pursuit export",
 }
 
 

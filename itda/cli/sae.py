@@ -33,6 +33,7 @@ sae_app = typer.Typer(
 class ExportFormat(str, Enum):
     saelens = "saelens"
     sparsify = "sparsify"
+    saelens_mp = "saelens-mp"
 
 
 @sae_app.command("train")
@@ -179,22 +180,36 @@ def eval_cmd(
 @user_errors
 def export(
     source: Path = typer.Argument(..., help="An itda dictionary or SAE file (or a SAELens/sparsify folder)."),
-    format: ExportFormat = typer.Option(..., "--format", help="saelens or sparsify."),
+    format: ExportFormat = typer.Option(..., "--format", help="saelens, sparsify or saelens-mp (a dictionary)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write (replaced only if it is an earlier export)."),
-    k: int | None = typer.Option(None, help="Dictionary input: TopK k (default: the dictionary's k)."),
+    k: int | None = typer.Option(None, help="Dictionary input: TopK k or MP steps (default: the dictionary's k)."),
+    signed: bool = typer.Option(
+        True, "--signed/--plain", help="saelens-mp: ±atoms (2N latents, ITDA's signed MP) or the atoms only."
+    ),
     overwrite: bool = typer.Option(
         False, help="Replace an earlier export folder that was changed since itda wrote it."
     ),
 ) -> None:
-    """Write an SAE (or a dictionary as a TopK SAE) in a format SAELens or sparsify loads natively."""
+    """Write an SAE (or a dictionary as a TopK SAE, or as SAELens's matching-pursuit SAE) in a format
+    SAELens or sparsify loads natively."""
     from itda.api import export as export_sae
     from itda.cli.outputs import Output, check_outputs, record_outputs
     from itda.sae.io import load_sae
 
     outputs = [Output(out, f"{format.value}-export", folder=True)]
     check_outputs(outputs, [source], overwrite)
-    where = export_sae(source, format.value, out, k=k)
+    where = export_sae(source, format.value, out, k=k, signed=signed)
     record_outputs(outputs)
+    if format is ExportFormat.saelens_mp:
+        import json
+
+        cfg = json.loads((where / "cfg.json").read_text())
+        form = "signed (±atoms)" if cfg["metadata"]["itda_dictionary"]["signed"] else "plain (non-negative)"
+        typer.echo(
+            f"{where}: saelens matching_pursuit SAE, {form}, d_in={cfg['d_in']}, {cfg['d_sae']} latents, "
+            f"{cfg['max_iterations']} MP steps"
+        )
+        return
     sae = load_sae(where).sae  # read back as the SAE libraries will read it
     cfg = sae.cfg
     form = "TopK" if cfg.arch == "topk" else f"JumpReLU ({cfg.arch}, threshold {sae.inference_threshold():.4g})"
