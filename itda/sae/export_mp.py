@@ -27,8 +27,7 @@ from safetensors.torch import save_file
 
 from itda.atomic import atomic_dir
 from itda.errors import ItdaInputError
-from itda.sae.io import SAELENS_MIN_VERSION, SAELENS_WEIGHTS, saelens_hook_name
-from itda.version import __version__
+from itda.sae.io import SAELENS_WEIGHTS, saelens_cfg
 
 if TYPE_CHECKING:
     from itda.dictionary import Dictionary
@@ -51,35 +50,24 @@ def _mp_cfg(
     dictionary: Dictionary, k: int, signed: bool, residual_threshold: float, stop_on_dup: bool, context: int
 ) -> dict:
     n, m = len(dictionary), dictionary.meta
-    return {
-        "architecture": "matching_pursuit",
-        "d_in": dictionary.d,
-        "d_sae": 2 * n if signed else n,
-        "residual_threshold": residual_threshold,
-        "max_iterations": k,
-        "stop_on_duplicate_support": stop_on_dup,
-        "dtype": "float32",
-        "device": "cpu",
-        "apply_b_dec_to_input": True,
-        "normalize_activations": "none",
-        "reshape_activations": "none",
-        "metadata": {
-            "sae_lens_version": SAELENS_MIN_VERSION,
-            "model_name": m.model,
-            "hook_name": saelens_hook_name(m.hookpoint),
-            "context_size": context,
-            "exported_by": f"itda {__version__}",
-            "itda_dictionary": {
-                "atoms": n,
-                "k": k,
-                "signed": signed,
-                "latents": "j < N: +atom j, N + j: -atom j; codes = acts[:, :N] - acts[:, N:]"
-                if signed
-                else "latent j: atom j, non-negative coefficients only",
-                "hookpoint": m.hookpoint,
-            },
+    layout = (
+        "j < N: +atom j, N + j: -atom j; codes = acts[:, :N] - acts[:, N:]"
+        if signed
+        else "latent j: atom j, non-negative coefficients only"
+    )
+    return saelens_cfg(
+        "matching_pursuit",
+        dictionary.d,
+        2 * n if signed else n,
+        head={"residual_threshold": residual_threshold, "max_iterations": k, "stop_on_duplicate_support": stop_on_dup},
+        tail={},
+        model=m.model,
+        hookpoint=m.hookpoint,
+        context_size=context,
+        metadata={
+            "itda_dictionary": {"atoms": n, "k": k, "signed": signed, "latents": layout, "hookpoint": m.hookpoint}
         },
-    }
+    )
 
 
 def export_saelens_mp(

@@ -434,29 +434,57 @@ def saelens_hook_name(hookpoint: str | None) -> str | None:
     return f"blocks.{hp.layer}.{names[hp.kind]}" if hp.kind in names else hookpoint
 
 
-def export_saelens(sae: TopKSAE, meta: SaeMeta, out: str | os.PathLike, context_size: int = 128) -> Path:
-    """The SAE's SAELens inference form (the architecture's: topk, or jumprelu with its threshold)."""
-    fields, extra, training = sae.arch.saelens(sae)
-    cfg = {
-        "architecture": sae.arch.saelens_architecture,
-        "d_in": sae.cfg.d_in,
-        "d_sae": sae.cfg.n_latents,
-        **({"k": fields.pop("k")} if "k" in fields else {}),
+def saelens_cfg(
+    architecture: str,
+    d_in: int,
+    d_sae: int,
+    *,
+    head: dict,
+    tail: dict,
+    model: str | None,
+    hookpoint: str | None,
+    context_size: int,
+    metadata: dict,
+) -> dict:
+    """A SAELens cfg.json: architecture and widths, `head`, the fields every itda export shares, `tail`, and
+    the metadata (SAELens version, model, hook, context, exporter) with `metadata` added."""
+    return {
+        "architecture": architecture,
+        "d_in": d_in,
+        "d_sae": d_sae,
+        **head,
         "dtype": "float32",
         "device": "cpu",
         "apply_b_dec_to_input": True,
         "normalize_activations": "none",
         "reshape_activations": "none",
-        **fields,
+        **tail,
         "metadata": {
             "sae_lens_version": SAELENS_MIN_VERSION,
-            "model_name": meta.model,
-            "hook_name": saelens_hook_name(meta.hookpoint),
+            "model_name": model,
+            "hook_name": saelens_hook_name(hookpoint),
             "context_size": context_size,
             "exported_by": f"itda {__version__}",
-            **training,
+            **metadata,
         },
     }
+
+
+def export_saelens(sae: TopKSAE, meta: SaeMeta, out: str | os.PathLike, context_size: int = 128) -> Path:
+    """The SAE's SAELens inference form (the architecture's: topk, or jumprelu with its threshold)."""
+    fields, extra, training = sae.arch.saelens(sae)
+    head = {"k": fields.pop("k")} if "k" in fields else {}
+    cfg = saelens_cfg(
+        sae.arch.saelens_architecture,
+        sae.cfg.d_in,
+        sae.cfg.n_latents,
+        head=head,
+        tail=fields,
+        model=meta.model,
+        hookpoint=meta.hookpoint,
+        context_size=context_size,
+        metadata=training,
+    )
     tensors = {
         "W_enc": sae.W_enc.detach().cpu().float().T.contiguous(),
         "b_enc": sae.b_enc.detach().cpu().float().contiguous(),
