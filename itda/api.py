@@ -207,6 +207,8 @@ def train_sae(
     device = choose_device(device)
     if data is not None:
         source = _rows_source(data, spec, config.seed)
+        if layer is not None or hookpoint is not None:  # where the rows came from: exports name it
+            source.meta.hookpoint = _recorded_hookpoint(layer, hookpoint)
     else:
         from itda.sae.run import model_source
 
@@ -226,6 +228,16 @@ def train_sae(
         progress=progress,
         on_start=on_start,
     )
+
+
+def _recorded_hookpoint(layer: int | None, hookpoint: str | None) -> str:
+    """The hookpoint name activations were taken at: one of `layer` (resid_post) and `hookpoint`."""
+    from itda.activations.hookpoints import parse_hookpoint
+    from itda.configfields import FieldError
+
+    if layer is not None and hookpoint is not None:
+        raise FieldError("layer", "give one of {field} and {hookpoint}", others=("hookpoint",))
+    return parse_hookpoint(str(layer) if layer is not None else str(hookpoint)).name
 
 
 def _rows_source(data, spec, seed: int):

@@ -192,3 +192,24 @@ def test_train_on_smollm2_layer_and_eval_with_ce_score(tmp_path):
     _ok(["sae", "eval", str(out), "--tokens", "512", "--out", str(rep)])
     s = json.loads(rep.read_text())
     assert s["ce_clean"] < s["ce_zero"] and np.isfinite(s["ce_loss_score"]) and s["l0"] <= 16
+
+
+def test_an_activation_file_sae_records_the_hookpoint_given(tmp_path, files):
+    """--layer on an activation file records where its rows came from, so the sparsify export lands in
+    layers.L (sparsify's own folder name) instead of a folder named sae."""
+    from itda.sae.io import load_sae
+
+    acts, _d = files
+    out = tmp_path / "sae.safetensors"
+    common = ["sae", "train", str(acts), "--latents", "64", "--k", "4", "--steps", "3", "--batch-size", "256"]
+    _ok([*common, "--layer", "8", "--out", str(out), "-q"])
+    assert load_sae(out).meta.hookpoint == "resid_post.8"
+    _ok(["export", str(out), "--format", "sparsify", "--out", str(tmp_path / "sp")])
+    assert (tmp_path / "sp" / "layers.8" / "sae.safetensors").is_file()
+    r = runner.invoke(
+        app, [*common, "--layer", "8", "--hookpoint", "blocks.8.hook_mlp_out", "--out", str(tmp_path / "x")]
+    )
+    assert r.exit_code == 2 and "--hookpoint" in r.output and not (tmp_path / "x").exists()
+    plain = tmp_path / "plain.safetensors"
+    _ok([*common, "--out", str(plain), "-q"])
+    assert load_sae(plain).meta.hookpoint is None

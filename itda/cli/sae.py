@@ -63,8 +63,12 @@ def train(
     holdout: float = option(SaeSpec, "holdout"),
     checkpoint: Path | None = typer.Option(None, help="Checkpoint file; an existing one is resumed."),
     checkpoint_every: int = typer.Option(100, help="Steps between checkpoints."),
-    layer: int | None = typer.Option(None, "--layer", "-l", help="Model input: block index (resid_post)."),
-    hookpoint: str | None = typer.Option(None, help="Model input: hookpoint name instead of --layer."),
+    layer: int | None = typer.Option(
+        None, "--layer", "-l", help="Block index (resid_post): the model's to train on, or an activation file's."
+    ),
+    hookpoint: str | None = typer.Option(
+        None, help="Hookpoint name instead of --layer (an activation file's is recorded, so exports name it)."
+    ),
     corpus: str = option(CorpusConfig, "corpus", help="Model input: corpus (its training split)."),
     field: str = option(CorpusConfig, "field"),
     split: str = option(CorpusConfig, "split"),
@@ -93,8 +97,9 @@ def train(
     options.update(init_sample=init_sample, holdout=holdout, steps=steps, lr=lr, auxk_alpha=auxk_alpha, seed=seed)
     options.update(dead_after_tokens=dead_after_tokens, resample=resample, resample_every=resample_every)
     options.update(arch=arch, matryoshka_widths=matryoshka_widths, threshold_lr=threshold_lr)
+    options.update(layer=layer, hookpoint=hookpoint)  # a file's: recorded, so exports name the hookpoint
     if not from_file:
-        options.update(model=source, layer=layer, hookpoint=hookpoint, on_model=print_model_header)
+        options.update(model=source, on_model=print_model_header)
         options.update(corpus=corpus, field=field, split=split, dataset_config=dataset_config, context=context)
         options.update(batch_tokens=batch_tokens, layerwise=layerwise, max_memory=parse_memory(max_memory))
         options.update(model_dtype=model_dtype, revision=revision, offline=offline)
