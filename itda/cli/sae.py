@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from enum import Enum
 from pathlib import Path
@@ -88,34 +89,16 @@ def train(
     activations, from any initialisation."""
     from itda.api import train_sae
 
+    params = dict(locals())  # the options by name, before anything else is bound
     from_file = is_activation_file(source)
     check_output(out, ([Path(source)] if from_file else []) + ([checkpoint] if checkpoint else []), "sae", overwrite)
     device = str(check_device(device))
-    options: dict[str, Any] = dict(
-        k=k, init=init, batch_size=batch_size, b_dec=b_dec, fill=fill, crop=crop, batch_topk=batch_topk
-    )
-    options.update(init_sample=init_sample, holdout=holdout, steps=steps, lr=lr, auxk_alpha=auxk_alpha, seed=seed)
-    options.update(dead_after_tokens=dead_after_tokens, resample=resample, resample_every=resample_every)
-    options.update(arch=arch, matryoshka_widths=matryoshka_widths, threshold_lr=threshold_lr)
+    options = _offered(params, SaeSpec, TrainConfig, drop=("latents",))
     options.update(layer=layer, hookpoint=hookpoint)  # a file's: recorded, so exports name the hookpoint
     if not from_file:
-        options.update(model=source, on_model=print_model_header)
-        options.update(corpus=corpus, field=field, split=split, dataset_config=dataset_config, context=context)
-        options.update(batch_tokens=batch_tokens, layerwise=layerwise, max_memory=parse_memory(max_memory))
-        options.update(model_dtype=model_dtype, revision=revision, offline=offline)
+        options.update(_offered(params, CorpusConfig, ModelSource, drop=("device",)))
+        options.update(model=source, on_model=print_model_header, max_memory=parse_memory(max_memory))
     started: list[float] = []
-
-    def on_start(trainer, info: dict) -> None:
-        if checkpoint is not None:
-            on_interrupt(f"checkpoint saved at {checkpoint}; run the same command to resume")
-        if not quiet:
-            name = "" if trainer.sae.cfg.arch == "topk" else f" {trainer.sae.cfg.arch}"
-            typer.echo(
-                f"SAE{name} d={trainer.sae.cfg.d_in}, {latents} latents, k={k}, init {info['init']}, "
-                f"lr {trainer.lr:.3g}, {steps} steps of {batch_size} tokens"
-            )
-        started.append(time.perf_counter())  # printed, never stored: a resumed run must write the same bytes
-
     loaded = train_sae(
         source if from_file else None,
         latents=latents,
@@ -124,7 +107,7 @@ def train(
         checkpoint=checkpoint,
         checkpoint_every=checkpoint_every,
         out=out,
-        on_start=on_start,
+        on_start=_start_line(params, started),
         **options,
     )
     seconds = time.perf_counter() - started[0]
@@ -132,6 +115,31 @@ def train(
     typer.echo(f"{out}: {latents} latents, k={k}{learned}, {loaded.meta.train['tokens']} tokens in {seconds:.1f}s")
     if "heldout" in loaded.meta.train:
         print_summary(loaded.meta.train["heldout"])
+
+
+def _offered(params: dict[str, Any], *configs: type, drop: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The command's options that are fields of `configs` (those it offers), less `drop`."""
+    names = {f.name for c in configs for f in dataclasses.fields(c)} - set(drop)
+    return {name: value for name, value in params.items() if name in names}
+
+
+def _start_line(params: dict[str, Any], started: list[float]):
+    """train_sae's on_start for the command's options `params`: the interrupt note, the run's first line, and
+    the start time appended to `started` (printed, never stored: a resumed run must write the same bytes)."""
+    checkpoint = params["checkpoint"]
+
+    def on_start(trainer, info: dict) -> None:
+        if checkpoint is not None:
+            on_interrupt(f"checkpoint saved at {checkpoint}; run the same command to resume")
+        if not params["quiet"]:
+            name = "" if trainer.sae.cfg.arch == "topk" else f" {trainer.sae.cfg.arch}"
+            typer.echo(
+                f"SAE{name} d={trainer.sae.cfg.d_in}, {params['latents']} latents, k={params['k']}, "
+                f"init {info['init']}, lr {trainer.lr:.3g}, {params['steps']} steps of {params['batch_size']} tokens"
+            )
+        started.append(time.perf_counter())
+
+    return on_start
 
 
 @sae_app.command("eval")
