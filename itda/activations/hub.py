@@ -53,18 +53,19 @@ def hub_snapshot(repo_id: str, revision: str | None = None, offline: bool = Fals
     if offline:
         rev = f" at revision {revision}" if revision else ""
         raise ItdaInputError(
-            f"model '{repo_id}'{rev} is not in the Hugging Face cache {cache} (offline: {_first_line(missing)})"
+            f"model '{repo_id}'{rev} is not in the Hugging Face cache {cache} (offline: {first_line(missing)})"
         )
     try:
         folder = snapshot_download(repo_id, revision=revision, cache_dir=cache, allow_patterns=HUB_FILES)
     except Exception as exc:  # not found, gated, no network: one line naming what was asked for
         raise ItdaInputError(
             f"model '{repo_id}'{f' at revision {revision}' if revision else ''}: not in the Hugging Face cache "
-            f"{cache} and not downloadable ({type(exc).__name__}: {_first_line(exc)})"
+            f"{cache} and not downloadable ({type(exc).__name__}: {first_line(exc)})"
         ) from None
     return Path(folder)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """An exception's first line of text (its type's name when it has none)."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

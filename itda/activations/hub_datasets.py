@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import overload
 
-from itda.activations.hub import is_hub_id
+from itda.activations.hub import first_line, is_hub_id
 from itda.errors import ItdaInputError
 
 _DATA_FILES = ("*.parquet", "*.jsonl", "*.json", "*.csv", "*.jsonl.gz", "*.json.gz")
@@ -109,7 +109,7 @@ def _stream_field(spec: DatasetSpec, field: str) -> Iterator[str]:
     except StopIteration:
         return
     except Exception as exc:  # noqa: BLE001 - datasets/fsspec/pyarrow errors: one line naming the dataset
-        raise ItdaInputError(f"dataset {spec}: cannot be read ({_first_line(exc)})") from None
+        raise ItdaInputError(f"dataset {spec}: cannot be read ({first_line(exc)})") from None
     if field not in first:
         raise ItdaInputError(
             f"dataset {spec}: no field '{field}' (fields: {', '.join(first)}); choose one with --field"
@@ -132,9 +132,4 @@ def _open(spec: DatasetSpec):
     try:
         return load_dataset(spec.repo, name=spec.config, split=spec.split, streaming=True)
     except Exception as exc:  # noqa: BLE001 - not found, no network, no such split or config
-        raise ItdaInputError(f"dataset {spec}: cannot be opened ({type(exc).__name__}: {_first_line(exc)})") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+        raise ItdaInputError(f"dataset {spec}: cannot be opened ({type(exc).__name__}: {first_line(exc)})") from None
