@@ -192,6 +192,7 @@ def train_sae(
     and ModelSource fields (model_dtype, layerwise, max_memory, revision, offline). on_model(lm): once the
     model is loaded; on_start(trainer, init record): before the first step.
     """
+    from itda.sae.batchgroup import training_group
     from itda.sae.init import parse_init
     from itda.sae.run import run_training
     from itda.sae.train import SaeSpec, TrainConfig
@@ -205,8 +206,9 @@ def train_sae(
     config = TrainConfig(**train_opts)
     config.validate()
     device = choose_device(device)
+    group = training_group(device)  # torchrun: every rank trains on its shards
     if data is not None:
-        source = _rows_source(data, spec, config.seed)
+        source = _rows_source(data, spec, config.seed, group)
         if layer is not None or hookpoint is not None:  # where the rows came from: exports name it
             source.meta.hookpoint = _recorded_hookpoint(layer, hookpoint)
     else:
@@ -216,7 +218,7 @@ def train_sae(
             raise ItdaInputError("give activations (data) or a model")
         corpus = CorpusConfig(**corpus_opts, tokens=config.steps * spec.batch_size)
         lm = model if isinstance(model, LoadedModel) else ModelSource(model, str(device), **model_opts)
-        source = model_source(lm, corpus, spec, layer, hookpoint, on_model=on_model)
+        source = model_source(lm, corpus, spec, layer, hookpoint, on_model=on_model, group=group)
     return run_training(
         source,
         spec,
@@ -227,6 +229,7 @@ def train_sae(
         out=out,
         progress=progress,
         on_start=on_start,
+        group=group,
     )
 
 
@@ -240,18 +243,18 @@ def _recorded_hookpoint(layer: int | None, hookpoint: str | None) -> str:
     return parse_hookpoint(str(layer) if layer is not None else str(hookpoint)).name
 
 
-def _rows_source(data, spec, seed: int):
+def _rows_source(data, spec, seed: int, group):
     """The TrainSource of activations given as a file, a tensor or batches."""
     from itda.sae.run import rows_source
 
     if isinstance(data, (str, os.PathLike)):
         from itda.activations.files import load_activations
 
-        return rows_source(load_activations(data).acts, spec, seed, str(data), str(Path(data)))
+        return rows_source(load_activations(data).acts, spec, seed, str(data), str(Path(data)), group)
     if isinstance(data, torch.Tensor):
-        return rows_source(data, spec, seed, "tensor")
+        return rows_source(data, spec, seed, "tensor", group=group)
     rows = torch.cat([x[0] if isinstance(x, tuple) else x for x in data])
-    return rows_source(rows, spec, seed, "batches")
+    return rows_source(rows, spec, seed, "batches", group=group)
 
 
 def export(source, format: str, out: str | os.PathLike, *, k: int | None = None, signed: bool = True) -> Path:

@@ -38,15 +38,17 @@ class Exchange:
         self.world = dist.get_world_size()
         self.device = device if dist.get_backend() == "nccl" else torch.device("cpu")
 
+    def _collective(self, call, *args, resume: bool = True):
+        """Run a torch.distributed call; a dead or timed-out peer becomes one ItdaInputError line."""
+        try:
+            return call(*args)
+        except RuntimeError as exc:
+            hint = "; the checkpoint is intact, run the command again to resume" if resume else ""
+            raise ItdaInputError(f"rank {self.rank}: another rank stopped ({str(exc).splitlines()[0]}){hint}") from None
+
     def _all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
         out = [torch.empty_like(t) for _ in range(self.world)]
-        try:
-            dist.all_gather(out, t)
-        except RuntimeError as exc:  # a peer died or timed out
-            raise ItdaInputError(
-                f"rank {self.rank}: another rank stopped ({str(exc).splitlines()[0]}); "
-                "the checkpoint is intact, run the command again to resume"
-            ) from None
+        self._collective(dist.all_gather, out, t)
         return out
 
     def gather_rows(self, rows_MX: torch.Tensor) -> torch.Tensor:
@@ -66,22 +68,29 @@ class Exchange:
 
     def sum_(self, t: torch.Tensor, piece_bytes: int = 1 << 28) -> torch.Tensor:
         """Sum t over ranks in place (in pieces of at most piece_bytes on the collective's device)."""
+        return self.reduce_(t, "sum", piece_bytes)
+
+    def reduce_(self, t: torch.Tensor, op: str = "sum", piece_bytes: int = 1 << 28) -> torch.Tensor:
+        """Reduce t over ranks in place (op: sum, min or max), in pieces of at most piece_bytes."""
+        reduce_op = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op]
         flat = t.view(-1)
         step = max(1, piece_bytes // max(1, t.element_size()))
         for s in range(0, flat.numel(), step):
             part = flat[s : s + step].to(self.device)
-            try:
-                dist.all_reduce(part)
-            except RuntimeError as exc:
-                raise ItdaInputError(f"rank {self.rank}: another rank stopped ({str(exc).splitlines()[0]})") from None
+            self._collective(dist.all_reduce, part, reduce_op, resume=False)
             flat[s : s + step] = part.to(t.device)
         return t
 
+    def broadcast_(self, t: torch.Tensor) -> torch.Tensor:
+        """Rank 0's values of t on every rank, in place."""
+        part = t.detach().to(self.device)
+        self._collective(dist.broadcast, part, 0, resume=False)
+        with torch.no_grad():
+            t.copy_(part.to(t.device))
+        return t
+
     def barrier(self) -> None:
-        try:
-            dist.barrier()
-        except RuntimeError as exc:
-            raise ItdaInputError(f"rank {self.rank}: another rank stopped ({str(exc).splitlines()[0]})") from None
+        self._collective(dist.barrier, resume=False)
 
 
 def init_distributed(device: torch.device) -> Exchange | None:

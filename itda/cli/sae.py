@@ -88,8 +88,11 @@ def train(
     """Train an SAE (--arch topk, batchtopk or matryoshka_batchtopk) on an activation file or a model's
     activations, from any initialisation."""
     from itda.api import train_sae
+    from itda.builder.distributed import rank_from_env
 
     params = dict(locals())  # the options by name, before anything else is bound
+    root = rank_from_env() == 0  # under torchrun rank 0 speaks for every rank
+    params["quiet"] = quiet = quiet or not root
     from_file = is_activation_file(source)
     check_output(out, ([Path(source)] if from_file else []) + ([checkpoint] if checkpoint else []), "sae", overwrite)
     device = str(check_device(device))
@@ -97,7 +100,8 @@ def train(
     options.update(layer=layer, hookpoint=hookpoint)  # a file's: recorded, so exports name the hookpoint
     if not from_file:
         options.update(_offered(params, CorpusConfig, ModelSource, drop=("device",)))
-        options.update(model=source, on_model=print_model_header, max_memory=parse_memory(max_memory))
+        header = print_model_header if root else None
+        options.update(model=source, on_model=header, max_memory=parse_memory(max_memory))
     started: list[float] = []
     loaded = train_sae(
         source if from_file else None,
@@ -110,6 +114,8 @@ def train(
         on_start=_start_line(params, started),
         **options,
     )
+    if not root:
+        return
     seconds = time.perf_counter() - started[0]
     learned = f", threshold {loaded.meta.train['threshold']:.4g}" if "threshold" in loaded.meta.train else ""
     typer.echo(f"{out}: {latents} latents, k={k}{learned}, {loaded.meta.train['tokens']} tokens in {seconds:.1f}s")

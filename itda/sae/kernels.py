@@ -7,9 +7,23 @@ indices, padded with zeros to the batch's largest row count; decode sums them wi
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from itda.sae.batchgroup import SINGLE, BatchGroup
+
+
+def fvu_scale(x_BD: Tensor, errs: Sequence[Tensor], group: BatchGroup = SINGLE) -> tuple[float, Tensor]:
+    """(unit, total_var) of a batch over every rank's rows: the pow2_unit of the centred rows and the
+    errors, and sum ||(x - mean(x)) * unit||^2 (no gradient: it depends on x alone)."""
+    centred_BD = x_BD - group.mean_rows(x_BD)
+    unit = pow2_unit(centred_BD, *errs)
+    if group.distributed:
+        low = group.min_value(unit)
+        unit = unit if low is None else low
+    return unit, group.sum((centred_BD.detach() * unit).pow(2).sum())
 
 
 def pow2_unit(*tensors: Tensor) -> float:
@@ -39,11 +53,16 @@ def _packed(pre_BF: Tensor, keep_BF: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(kept_BK, acts_BK, torch.zeros_like(acts_BK)), idx_BK
 
 
-def batch_topk(pre_BF: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Keep the B*k largest entries of the batch; per row as [B, K'] with K' the largest row count."""
-    b = pre_BF.shape[0]
+def batch_topk(pre_BF: Tensor, k: int, group: BatchGroup = SINGLE) -> tuple[Tensor, Tensor]:
+    """Keep the B*k largest entries of the batch (B: every rank's rows); per row as [B, K'] with K' the
+    largest row count."""
+    b = group.rows(pre_BF.shape[0])
     flat = pre_BF.reshape(-1)
-    kth = flat.topk(min(b * k, flat.numel()), sorted=False).values.min()
+    top = flat.topk(min(b * k, flat.numel()), sorted=False).values
+    if group.distributed:  # the global cut: the (B*k)-th largest of every rank's candidates
+        top = group.gather_rows(top.detach())
+        top = top.topk(min(b * k, top.numel()), sorted=False).values
+    kth = top.min()
     counts_B = (pre_BF >= kth).sum(1)
     width = max(1, int(counts_B.max()))
     acts_BK, idx_BK = pre_BF.topk(width, dim=1)

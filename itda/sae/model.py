@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from itda.sae.arch import Architecture, get_arch
-from itda.sae.kernels import batch_topk, pow2_unit  # noqa: F401  (batch_topk: re-exported)
+from itda.sae.batchgroup import SINGLE, BatchGroup
+from itda.sae.kernels import batch_topk, fvu_scale  # noqa: F401  (batch_topk: re-exported)
 
 
 @dataclass(frozen=True)
@@ -104,12 +105,14 @@ class TopKSAE(nn.Module):
         s = 1.0 / units
         return F.relu(F.linear(x_BD * s - self.b_dec * s, self.W_enc, self.b_enc * s))
 
-    def encode(self, x_BD: Tensor, *, training: bool | None = None, units: float = 1.0) -> EncoderOutput:
-        """The architecture's training selection when `training` (default: self.training), else its
-        inference rule; acts in `units`."""
+    def encode(
+        self, x_BD: Tensor, *, training: bool | None = None, units: float = 1.0, group: BatchGroup = SINGLE
+    ) -> EncoderOutput:
+        """The architecture's training selection when `training` (default: self.training; over every rank's
+        rows of `group`), else its inference rule; acts in `units`."""
         pre_BF = self.pre_acts(x_BD, units)
         if self.training if training is None else training:
-            acts, idx = self.arch.select_train(self, pre_BF)
+            acts, idx = self.arch.select_train(self, pre_BF, group)
         else:
             acts, idx = self.arch.select_infer(self, pre_BF, units)
         return EncoderOutput(acts, idx, pre_BF)
@@ -126,16 +129,22 @@ class TopKSAE(nn.Module):
         enc = self.encode(x_BD.to(self.W_enc.dtype), training=False)
         return self.decode(enc.top_acts, enc.top_indices)
 
-    def forward(self, x_BD: Tensor, dead_mask_F: Tensor | None = None, k_aux: int | None = None) -> ForwardOutput:
-        enc = self.encode(x_BD)
+    def forward(
+        self,
+        x_BD: Tensor,
+        dead_mask_F: Tensor | None = None,
+        k_aux: int | None = None,
+        group: BatchGroup = SINGLE,
+    ) -> ForwardOutput:
+        """The training forward; with a `group` of ranks, x is this rank's shard and the losses are its
+        parts of the global batch's (their sum over ranks is the loss of the whole batch)."""
+        enc = self.encode(x_BD, group=group)
         sae_out = self.decode(enc.top_acts, enc.top_indices)
         err_BD = x_BD - sae_out
-        centred_BD = x_BD - x_BD.mean(0)
-        unit = pow2_unit(centred_BD, err_BD)  # the squares below cannot overflow float32
-        total_var = (centred_BD * unit).pow(2).sum()
+        unit, total_var = fvu_scale(x_BD, [err_BD], group)  # the squares below cannot overflow float32
         fvu = (err_BD * unit).pow(2).sum() / total_var
         auxk = auxk_loss(self, enc.pre_acts, err_BD, total_var, dead_mask_F, k_aux, unit)
-        recon = self.arch.recon_loss(self, x_BD, enc, fvu)
+        recon = self.arch.recon_loss(self, x_BD, enc, fvu, group)
         return ForwardOutput(sae_out, enc.top_acts, enc.top_indices, fvu, auxk, recon)
 
     @torch.no_grad()

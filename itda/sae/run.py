@@ -9,6 +9,7 @@ resumed run gives the same SAE, byte for byte, as an uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 from collections.abc import Callable, Iterable
@@ -19,8 +20,10 @@ import torch
 from torch import Tensor
 
 from itda.activations.config import CorpusConfig, ModelSource
+from itda.activations.corpus import Contexts
 from itda.activations.models import LoadedModel
 from itda.configfields import FieldError
+from itda.sae.batchgroup import SINGLE, BatchGroup
 from itda.sae.io import LoadedSae, SaeMeta
 from itda.sae.train import SaeSpec, SaeTrainer, TrainConfig
 
@@ -39,9 +42,12 @@ class TrainSource(NamedTuple):
     name: str
 
 
-def rows_source(rows: Tensor, spec: SaeSpec, seed: int, name: str, where: str | None = None) -> TrainSource:
+def rows_source(
+    rows: Tensor, spec: SaeSpec, seed: int, name: str, where: str | None = None, group: BatchGroup = SINGLE
+) -> TrainSource:
     """Rows in memory (an activation file's, or a tensor) named `name` (`where` in messages; default name):
-    the last spec.holdout of them held out."""
+    the last spec.holdout of them held out. Under torchrun (`group`) each rank gets its equal shard of
+    every batch, so the ranks together see the batches of one process."""
     from itda.sae.evaluate import evaluate_sae
     from itda.sae.train import shuffled_batches
 
@@ -58,8 +64,32 @@ def rows_source(rows: Tensor, spec: SaeSpec, seed: int, name: str, where: str | 
     gen = torch.Generator().manual_seed(seed)
     sample = train_rows[torch.randperm(n_train, generator=gen)[: min(init_sample, n_train)]]
     evaluate = (lambda sae: evaluate_sae(sae, held.split(HELDOUT_BATCH)).summary()) if len(held) else None
-    stream = shuffled_batches(train_rows, spec.batch_size, seed)
+    stream = shard_batches(shuffled_batches(train_rows, spec.batch_size, seed), group, spec.batch_size)
     return TrainSource(stream, sample, rows.shape[1], SaeMeta(), evaluate, name)
+
+
+def shard_batches(batches: Iterable[Tensor], group: BatchGroup, batch_size: int) -> Iterable[Tensor]:
+    """This rank's rows of every batch: the rank-th of `world` equal slices (the batches when alone)."""
+    if not group.distributed:
+        return batches
+    if batch_size % group.world:
+        raise FieldError("batch_size", f"must be a multiple of the {group.world} ranks, got {batch_size}")
+    part = batch_size // group.world
+    return (x[group.rank * part : (group.rank + 1) * part] for x in batches)
+
+
+def rank_contexts(contexts: Contexts, group: BatchGroup) -> Contexts:
+    """This rank's contexts: rank, rank + W, ... (all of them when alone)."""
+    if not group.distributed:
+        return contexts
+    r, w = group.rank, group.world
+    return dataclasses.replace(
+        contexts,
+        input_ids=contexts.input_ids[r::w],
+        attention_mask=contexts.attention_mask[r::w],
+        refs=contexts.refs[r::w],
+        special=contexts.special[r::w],
+    )
 
 
 class _Restartable:
@@ -79,9 +109,11 @@ def model_source(
     layer: int | None = None,
     hookpoint: str | None = None,
     on_model: Callable[[LoadedModel], None] | None = None,
+    group: BatchGroup = SINGLE,
 ) -> TrainSource:
     """A model's activations at one hookpoint (`layer`: resid_post of that block) over the corpus's
-    training split; on_model(lm) is called once the model and the corpus are loaded."""
+    training split; on_model(lm) is called once the model and the corpus are loaded. Under torchrun
+    (`group`) each rank forwards its own contexts (rank, rank + W, ...) into batches of batch_size / W."""
     from itda.activations.corpus import load_contexts
     from itda.activations.hookpoints import parse_hookpoint
     from itda.activations.stream import iterate_dense
@@ -103,6 +135,7 @@ def model_source(
         field=corpus.field,
     )
     per = corpus.batch_contexts
+    contexts = rank_contexts(contexts, group)
     if on_model is not None:
         on_model(lm)
 
@@ -113,7 +146,9 @@ def model_source(
     sample = torch.cat(list(chunks))[:init_sample]
     name = lm.name if isinstance(model, LoadedModel) else model.model
     meta = SaeMeta(model=name, hookpoint=hp.name, tokenizer=lm.tokenizer_name)
-    stream = _Restartable(lambda: rebatch(dense(), spec.batch_size))
+    if spec.batch_size % group.world:
+        raise FieldError("batch_size", f"must be a multiple of the {group.world} ranks, got {spec.batch_size}")
+    stream = _Restartable(lambda: rebatch(dense(), spec.batch_size // group.world))
     return TrainSource(stream, sample.cpu(), sample.shape[1], meta, None, str(meta.model))
 
 
@@ -135,12 +170,15 @@ def train_record(config: TrainConfig, trainer: SaeTrainer, spec: SaeSpec, units:
     }
 
 
-def _trainer(cfg, config, spec: SaeSpec, sample, units, checkpoint, fingerprint, device) -> tuple[SaeTrainer, dict]:
-    """(trainer, init record): resumed from a checkpoint made by this same run, or new with its SAE in `units`."""
+def _trainer(
+    cfg, config, spec: SaeSpec, sample, units, checkpoint, fingerprint, device, group: BatchGroup
+) -> tuple[SaeTrainer, dict]:
+    """(trainer, init record): resumed from a checkpoint made by this same run, or new with its SAE in `units`
+    (under torchrun: rank 0's, on every rank)."""
     from itda.sae.init import new_sae, parse_init
 
     if checkpoint is not None and checkpoint.exists():
-        trainer, extra = SaeTrainer.load_checkpoint(checkpoint, device=device)
+        trainer, extra = SaeTrainer.load_checkpoint(checkpoint, device=device, group=group)
         if (
             trainer.sae.cfg != cfg
             or trainer.config != config
@@ -155,7 +193,8 @@ def _trainer(cfg, config, spec: SaeSpec, sample, units, checkpoint, fingerprint,
     init = dict(seed=config.seed, b_dec=spec.b_dec, fill=spec.fill, crop=spec.crop)
     sae, info = new_sae(cfg, parse_init(spec.init), sample, device=device, **init)
     sae.scale_biases_(1.0 / units)
-    return SaeTrainer(sae, config), info
+    group.broadcast_([sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.threshold])
+    return SaeTrainer(sae, config, group), info
 
 
 def _remove_checkpoint(checkpoint: Path | None) -> None:
@@ -178,10 +217,13 @@ def run_training(
     out: str | os.PathLike | None = None,
     progress: bool = True,
     on_start: Callable[[SaeTrainer, dict], None] | None = None,
+    group: BatchGroup = SINGLE,
 ) -> LoadedSae:
     """Train an SAE of spec on source to config.steps, resumable from `checkpoint` (removed once the SAE is
     trained and written to `out`, when given); on_start(trainer, init record) is called before the first
-    step. meta.train['heldout']: the held-out metrics, when rows were held out."""
+    step. meta.train['heldout']: the held-out metrics, when rows were held out. Under torchrun (`group`:
+    the source made with it) every rank trains on its shards and ends with the same SAE; rank 0 evaluates,
+    writes checkpoints and `out`."""
     from itda.resources import check_fits
     from itda.sae.io import save_sae
     from itda.sae.model import activation_units
@@ -191,6 +233,7 @@ def run_training(
     cfg = spec.sae_config(source.d)
     what = f"training an SAE of {spec.latents} latents x d={source.d} (batch {spec.batch_size})"
     check_fits(training_bytes(cfg, spec.batch_size), what, str(device))
+    group.broadcast_([source.sample])  # one init sample (rank 0's) for every rank
     units = activation_units(source.sample)  # 1.0 for ordinary activations; extreme ones train in power-of-two units
     fingerprint = dict(
         source=source.name,
@@ -198,8 +241,9 @@ def run_training(
         batch_size=spec.batch_size,
         sample_sum=float(source.sample.double().sum()),
         units=units,
+        **({"ranks": group.world} if group.distributed else {}),
     )
-    trainer, info = _trainer(cfg, config, spec, source.sample, units, checkpoint, fingerprint, str(device))
+    trainer, info = _trainer(cfg, config, spec, source.sample, units, checkpoint, fingerprint, str(device), group)
     if on_start is not None:
         on_start(trainer, info)
     # checkpoints carry the run's identity so that a resume with other data is refused
@@ -208,12 +252,14 @@ def run_training(
         checkpoint=checkpoint,
         checkpoint_every=checkpoint_every if checkpoint else 0,
         checkpoint_extra={"fingerprint": fingerprint, "init": info},
-        progress=progress,
+        progress=progress and group.is_root,
     )
     trainer.sae.scale_biases_(units)  # from training units back to the activations' own (exact)
     meta = source.meta
     meta.init = info
     meta.train = train_record(config, trainer, spec, units)
+    if not group.is_root:
+        return LoadedSae(trainer.sae, meta)
     summary = source.evaluate(trainer.sae) if source.evaluate else None
     if summary:
         meta.train["heldout"] = summary

@@ -30,6 +30,7 @@ from itda.builder.builder import BuildConfig
 from itda.configfields import FieldError, choice
 from itda.errors import ItdaInputError
 from itda.sae.arch import ARCH_NAMES, get_arch
+from itda.sae.batchgroup import SINGLE, BatchGroup
 from itda.sae.io import Fields, check_threshold, check_weights, checked_config
 from itda.sae.model import SaeConfig, TopKSAE
 from itda.tensorfile import json_entry, read_tensor_file, write_tensor_file
@@ -174,10 +175,14 @@ class StepStats(NamedTuple):
 
 
 class SaeTrainer:
-    def __init__(self, sae: TopKSAE, config: TrainConfig):
+    """Trains one SAE; under torchrun (`group` of several ranks) each rank steps on its shard of every
+    batch, the batch-wide terms and the gradients reduced over the ranks so all ranks hold the same SAE."""
+
+    def __init__(self, sae: TopKSAE, config: TrainConfig, group: BatchGroup = SINGLE):
         config.validate()
         self.sae = sae
         self.config = config
+        self.group = group
         self.lr = config.learning_rate(sae.cfg.n_latents)
         self.opt = torch.optim.Adam([getattr(sae, n) for n in _PARAMS], lr=self.lr, betas=(0.9, 0.999), eps=1e-8)
         self.since_fired_F = torch.zeros(sae.cfg.n_latents, dtype=torch.int64, device=sae.device)
@@ -209,38 +214,41 @@ class SaeTrainer:
         return x
 
     def step(self, x_BD: Tensor) -> StepStats:
+        """One optimiser step on a batch (under torchrun: this rank's shard of the step's batch)."""
         x = self.checked_batch(x_BD)
+        group = self.group
         self.sae.train()
         dead = self.dead_mask()
-        out = self.sae(x, dead, self.config.k_aux)
+        out = self.sae(x, dead, self.config.k_aux, group)
         loss = out.recon_loss + self.config.auxk_alpha * out.auxk_loss
-        fvu, aux = float(out.fvu.detach()), float(out.auxk_loss.detach())
+        fvu, aux = (float(group.sum(t.detach())) for t in (out.fvu, out.auxk_loss))
         if not (math.isfinite(fvu) and math.isfinite(aux)):
             raise FieldError(
                 "lr",
                 f"training diverged at step {self.step_count}: the loss is not finite (FVU {fvu}, "
                 f"AuxK {aux}); lower {{field}}",
             )
-        self.sae.arch.after_forward(self.sae, out.top_acts.detach(), self.config.threshold_lr)
+        self.sae.arch.after_forward(self.sae, out.top_acts.detach(), self.config.threshold_lr, group)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        group.sum_grads_(getattr(self.sae, n) for n in _PARAMS)
         self.sae.remove_parallel_grads()
         self.opt.step()
         self.sae.normalise_decoder()
         fired_F = torch.zeros_like(dead)
         active = out.top_acts > 0
         fired_F[out.top_indices[active]] = True
-        self.since_fired_F += x.shape[0]
+        rows, fired_F = group.rows(x.shape[0]), group.any_(fired_F)
+        self.since_fired_F += rows
         self.since_fired_F[fired_F] = 0
         self.step_count += 1
-        self.tokens_seen += x.shape[0]
+        self.tokens_seen += rows
         resampled = 0
         if self.config.resample == "itda" and self.step_count % self.config.resample_every == 0:
-            resampled = self.resample_dead(x)
+            resampled = self.resample_dead(group.gather_rows(x))  # every rank: the same rows, the same choice
         self.last_fvu = fvu
-        return StepStats(
-            self.step_count, fvu, aux, int(self.dead_mask().sum()), float(active.sum()) / x.shape[0], resampled
-        )
+        l0 = float(group.sum(active.sum())) / rows
+        return StepStats(self.step_count, fvu, aux, int(self.dead_mask().sum()), l0, resampled)
 
     @torch.no_grad()
     def resample_dead(self, x_BD: Tensor) -> int:
@@ -320,6 +328,9 @@ class SaeTrainer:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self, path: str | os.PathLike, extra: dict | None = None) -> None:
+        """Atomically write the full state (under torchrun rank 0 writes: every rank holds the same state)."""
+        if not self.group.is_root:
+            return
         tensors = {f"sae.{n}": getattr(self.sae, n).detach().cpu().contiguous() for n in _PARAMS}
         for n in _PARAMS:
             st = self.opt.state.get(getattr(self.sae, n), {})
@@ -343,7 +354,9 @@ class SaeTrainer:
         write_tensor_file(path, tensors, _CKPT_KEY, state)
 
     @classmethod
-    def load_checkpoint(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[SaeTrainer, dict]:
+    def load_checkpoint(
+        cls, path: str | os.PathLike, device: torch.device | str = "cpu", group: BatchGroup = SINGLE
+    ) -> tuple[SaeTrainer, dict]:
         """(trainer, extra) from a checkpoint; its config and tensor shapes are checked before anything is allocated."""
         header, tensors = read_tensor_file(path, "itda SAE checkpoint")
         state = json_entry(header, _CKPT_KEY, path, "itda SAE checkpoint")
@@ -356,7 +369,7 @@ class SaeTrainer:
                     getattr(sae, n).copy_(tensors[f"sae.{n}"])
                 if sae.arch.uses_threshold:
                     sae.threshold.copy_(tensors["sae.threshold"].reshape(()))
-            trainer = cls(sae.to(device), TrainConfig(**state["config"]))
+            trainer = cls(sae.to(device), TrainConfig(**state["config"]), group)
             for n in _PARAMS:
                 if f"adam.{n}.step" in tensors:
                     p = getattr(trainer.sae, n)

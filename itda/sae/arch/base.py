@@ -7,6 +7,8 @@ from typing import Any, Protocol
 
 from torch import Tensor
 
+from itda.sae.batchgroup import SINGLE, BatchGroup
+
 
 class SaeConfigLike(Protocol):
     """What an architecture reads of an itda.sae.model.SaeConfig."""
@@ -55,19 +57,23 @@ class Architecture:
             return "matryoshka_widths", f"is for arch matryoshka_batchtopk, not {self.name}"
         return None
 
-    def select_train(self, sae: SaeLike, pre_BF: Tensor) -> tuple[Tensor, Tensor]:
+    def select_train(self, sae: SaeLike, pre_BF: Tensor, group: BatchGroup = SINGLE) -> tuple[Tensor, Tensor]:
+        """The training selection; batch-wide rules reach over every rank's rows of `group`."""
         raise NotImplementedError
 
     def select_infer(self, sae: SaeLike, pre_BF: Tensor, units: float) -> tuple[Tensor, Tensor]:
         """The inference rule on pre-activations in `units` (a power of two)."""
         raise NotImplementedError
 
-    def recon_loss(self, sae: SaeLike, x_BD: Tensor, enc: EncodedLike, fvu: Tensor) -> Tensor:
-        """The reconstruction term of the training loss (default: the FVU itself)."""
+    def recon_loss(
+        self, sae: SaeLike, x_BD: Tensor, enc: EncodedLike, fvu: Tensor, group: BatchGroup = SINGLE
+    ) -> Tensor:
+        """The reconstruction term of the training loss (default: the FVU itself); this rank's part of it."""
         return fvu
 
-    def after_forward(self, sae: SaeLike, acts_BK: Tensor, rate: float) -> None:
-        """Update what the architecture learns besides the weights from a training batch's kept activations."""
+    def after_forward(self, sae: SaeLike, acts_BK: Tensor, rate: float, group: BatchGroup = SINGLE) -> None:
+        """Update what the architecture learns besides the weights from a training batch's kept activations
+        (every rank's, so the ranks stay equal)."""
 
     def saelens(self, sae: SaeLike) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, Any]]:
         """(cfg.json fields, extra tensors, metadata fields) of the SAELens inference form."""

@@ -13,12 +13,14 @@ import torch
 from torch import Tensor
 
 from itda.sae.arch.base import Architecture, SaeLike
+from itda.sae.batchgroup import SINGLE, BatchGroup
 from itda.sae.kernels import batch_topk, jumprelu, min_positive
 
 
-def ema_threshold(threshold: float, acts_BK: Tensor, rate: float) -> float:
-    """(1 - rate) * threshold + rate * (smallest positive kept activation); unchanged when none is positive."""
-    low = min_positive(acts_BK)
+def ema_threshold(threshold: float, acts_BK: Tensor, rate: float, group: BatchGroup = SINGLE) -> float:
+    """(1 - rate) * threshold + rate * (smallest positive kept activation of every rank); unchanged when none
+    is positive."""
+    low = group.min_value(min_positive(acts_BK))
     return threshold if low is None else (1.0 - rate) * threshold + rate * low
 
 
@@ -28,15 +30,15 @@ class BatchTopK(Architecture):
     uses_threshold = True
     saelens_architecture = "jumprelu"
 
-    def select_train(self, sae: SaeLike, pre_BF: Tensor) -> tuple[Tensor, Tensor]:
-        return batch_topk(pre_BF, sae.cfg.k)
+    def select_train(self, sae: SaeLike, pre_BF: Tensor, group: BatchGroup = SINGLE) -> tuple[Tensor, Tensor]:
+        return batch_topk(pre_BF, sae.cfg.k, group)
 
     def select_infer(self, sae: SaeLike, pre_BF: Tensor, units: float) -> tuple[Tensor, Tensor]:
         return jumprelu(pre_BF, sae.inference_threshold() / units)
 
     @torch.no_grad()
-    def after_forward(self, sae: SaeLike, acts_BK: Tensor, rate: float) -> None:
-        sae.threshold.fill_(ema_threshold(float(sae.threshold), acts_BK, rate))
+    def after_forward(self, sae: SaeLike, acts_BK: Tensor, rate: float, group: BatchGroup = SINGLE) -> None:
+        sae.threshold.fill_(ema_threshold(float(sae.threshold), acts_BK, rate, group))
 
     def training_details(self, sae: SaeLike) -> dict[str, Any]:
         return {"k": sae.cfg.k}

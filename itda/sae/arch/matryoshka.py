@@ -13,11 +13,20 @@ from torch import Tensor
 
 from itda.sae.arch.base import EncodedLike, SaeConfigLike, SaeLike
 from itda.sae.arch.batchtopk import BatchTopK
-from itda.sae.kernels import pow2_unit
+from itda.sae.batchgroup import SINGLE, BatchGroup
+from itda.sae.kernels import fvu_scale
 
 
-def prefix_fvus(sae: SaeLike, x_BD: Tensor, acts_BK: Tensor, idx_BK: Tensor, widths: tuple[int, ...]) -> list[Tensor]:
-    """The FVU of each prefix: x_hat_w = b_dec + sum over kept latents i < w of acts_i W_dec[i]."""
+def prefix_fvus(
+    sae: SaeLike,
+    x_BD: Tensor,
+    acts_BK: Tensor,
+    idx_BK: Tensor,
+    widths: tuple[int, ...],
+    group: BatchGroup = SINGLE,
+) -> list[Tensor]:
+    """The FVU of each prefix (this rank's part of it): x_hat_w = b_dec + sum over kept latents i < w of
+    acts_i W_dec[i]."""
     recon_BD = sae.b_dec.expand_as(x_BD)
     errs: list[Tensor] = []
     low = 0
@@ -26,9 +35,7 @@ def prefix_fvus(sae: SaeLike, x_BD: Tensor, acts_BK: Tensor, idx_BK: Tensor, wid
         recon_BD = recon_BD + sae.decode(part_BK, idx_BK, bias=False)
         errs.append(x_BD - recon_BD)
         low = w
-    centred_BD = x_BD - x_BD.mean(0)
-    unit = pow2_unit(centred_BD, *errs)  # exact; the squares cannot overflow float32
-    total_var = (centred_BD * unit).pow(2).sum()
+    unit, total_var = fvu_scale(x_BD, errs, group)  # exact; the squares cannot overflow float32
     return [(e * unit).pow(2).sum() / total_var for e in errs]
 
 
@@ -44,9 +51,11 @@ class MatryoshkaBatchTopK(BatchTopK):
             return "matryoshka_widths", f"must increase from >= 1 to the {cfg.n_latents} latents, got {list(w)}"
         return None
 
-    def recon_loss(self, sae: SaeLike, x_BD: Tensor, enc: EncodedLike, fvu: Tensor) -> Tensor:
+    def recon_loss(
+        self, sae: SaeLike, x_BD: Tensor, enc: EncodedLike, fvu: Tensor, group: BatchGroup = SINGLE
+    ) -> Tensor:
         """fvu (the full width) plus the FVU of every inner prefix."""
-        inner = prefix_fvus(sae, x_BD, enc.top_acts, enc.top_indices, sae.cfg.matryoshka_widths[:-1])
+        inner = prefix_fvus(sae, x_BD, enc.top_acts, enc.top_indices, sae.cfg.matryoshka_widths[:-1], group)
         return fvu + torch.stack(inner).sum() if inner else fvu
 
     def training_details(self, sae: SaeLike) -> dict[str, Any]:

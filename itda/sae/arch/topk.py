@@ -8,6 +8,7 @@ from typing import Any
 from torch import Tensor
 
 from itda.sae.arch.base import Architecture, SaeLike
+from itda.sae.batchgroup import SINGLE, BatchGroup
 from itda.sae.kernels import row_topk
 
 
@@ -16,7 +17,7 @@ class TopK(Architecture):
     summary = "per-token TopK: each token keeps its k largest latents"
     saelens_architecture = "topk"
 
-    def select_train(self, sae: SaeLike, pre_BF: Tensor) -> tuple[Tensor, Tensor]:
+    def select_train(self, sae: SaeLike, pre_BF: Tensor, group: BatchGroup = SINGLE) -> tuple[Tensor, Tensor]:
         return row_topk(pre_BF, sae.cfg.k)
 
     def select_infer(self, sae: SaeLike, pre_BF: Tensor, units: float) -> tuple[Tensor, Tensor]:
