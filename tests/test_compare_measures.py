@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import scipy.stats
+import torch
 
 from itda.comparison.measures import (
     compare_activations,
@@ -205,3 +206,17 @@ def test_compare_stream_equals_in_memory():
     whole = compare_activations(x, y, ["cka", "svcca", "relative"])
     for name in whole:
         assert abs(streamed[name].value - whole[name].value) < 1e-9, name
+
+
+def test_similarity_grid_in_blocks_of_prepared_ys_equals_all_at_once():
+    """A budget smaller than one prepared y: one y per block, each x prepared again; the same matrix bit for bit."""
+    from itda.comparison.measures import similarity_grid
+
+    gen = torch.Generator().manual_seed(4)
+    xs = [torch.randn(300, 24, generator=gen) for _ in range(3)]
+    ys = [torch.randn(300, 20, generator=gen) for _ in range(4)]
+    whole = similarity_grid(xs, ys, "svcca", budget=1 << 40)
+    blocks = similarity_grid(xs, ys, "svcca", budget=1)
+    assert whole.shape == (3, 4) and np.array_equal(whole, blocks)
+    ref = [[similarity_grid([x], [y], "svcca")[0, 0] for y in ys] for x in xs]
+    assert np.array_equal(whole, np.array(ref))

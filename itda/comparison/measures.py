@@ -240,14 +240,38 @@ def compare_activations(x, y, measures: Sequence[str] = MEASURES) -> dict[str, S
     return out
 
 
-def similarity_grid(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], name: str, **kw) -> np.ndarray:
-    """[len(xs), len(ys)] matrix of an in-memory measure, preparing each representation once."""
+PREPARED_BUDGET = 256 * 2**20  # bytes of prepared ys similarity_grid holds at once
+
+
+def similarity_grid(
+    xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], name: str, budget: int = PREPARED_BUDGET, **kw
+) -> np.ndarray:
+    """[len(xs), len(ys)] matrix of an in-memory measure. The ys are prepared once each, in blocks of at
+    most `budget` bytes (at least one); each block meets every x prepared afresh, one at a time."""
     n = xs[0].shape[0]
     measure, idx = make_measure(name, n, **kw)
     pick = (lambda z: _as64(z)) if idx is None else (lambda z: _as64(z)[idx])
-    py = [measure.prepare(pick(y)) for y in ys]
-    # one prepared x at a time beside every prepared y (the x side is never held whole)
-    return np.array([[measure.pair(p, q) for q in py] for p in (measure.prepare(pick(x)) for x in xs)])
+    out = np.empty((len(xs), len(ys)))
+    start = 0
+    while start < len(ys):
+        block, held = [], 0
+        while start + len(block) < len(ys) and (not block or held < budget):
+            block.append(measure.prepare(pick(ys[start + len(block)])))
+            held += _nbytes(block[-1])
+        for i, p in enumerate(measure.prepare(pick(x)) for x in xs):
+            out[i, start : start + len(block)] = [measure.pair(p, q) for q in block]
+        start += len(block)
+        del block
+    return out
+
+
+def _nbytes(prepared) -> int:
+    """Bytes of a prepared representation (tensors, arrays, or tuples of them)."""
+    if isinstance(prepared, tuple):
+        return sum(_nbytes(p) for p in prepared)
+    if isinstance(prepared, torch.Tensor):
+        return prepared.numel() * prepared.element_size()
+    return int(getattr(prepared, "nbytes", 0))
 
 
 def compare_stream(batches, measures: Sequence[str] = MEASURES, *, max_rows: int = 4096) -> dict[str, Similarity]:

@@ -193,12 +193,13 @@ def first_pass(corpus: PairedCorpus, plan: ComparePlan, ranks: Ranks, progress: 
         if acc.centred is not None:
             acc.centred.update(fwd, ranks, acc.grams)
         _feed_rows(acc, corpus, fwd, ranks)
+        del fwd  # before the kept-rows measures and the next forward: one step's activations at a time
+        trim_heap()
         if acc.kept is not None and acc.kept.full and not ranks.distributed:
             # complete: the kept-rows measures now, and the rows go (under torchrun they are gathered first)
             acc.kept_matrices = kept_row_matrices(plan, acc.kept, corpus.self_compare)
             acc.kept = None
-        del fwd  # before the next step's forward: one step's activations at a time
-        trim_heap()
+            trim_heap()
     bar.close()
     acc.paired = ranks.sum_count(acc.paired)
     ranks.sum_grids(acc.grid)
