@@ -16,7 +16,7 @@ from itda.sae.io import load_sae
 pytestmark = pytest.mark.slow
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", ITDA_DIST_TIMEOUT="60")
-COMMON = dict(latents=96, k=4, steps=14, batch_size=256, dead_after_tokens=1024, seed=3, init="data")
+COMMON = dict(latents=96, k=4, steps=14, batch_size=256, dead_after_tokens=1024, seed=3, init="data", lr=0.003)
 
 
 def _args(acts, out, options: dict) -> list[str]:

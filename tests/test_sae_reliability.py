@@ -117,7 +117,7 @@ def test_loss_is_the_plain_formula_on_ordinary_data_and_finite_far_beyond_it():
         enc = b.encode(x)  # the loss as written before: squares of the raw float32 terms
         err = x - b.decode(enc.top_acts, enc.top_indices)
         tv = (x - x.mean(0)).pow(2).sum()
-        fvu, aux = err.pow(2).sum() / tv, auxk_loss(b, enc.pre_acts, err, tv, dead, 6)
+        fvu, aux = err.pow(2).sum() / tv, auxk_loss(b, enc, err, tv, dead, 6)
         (fvu + aux).backward()
         assert torch.equal(out.fvu, fvu) and torch.equal(out.auxk_loss, aux)
         assert all(torch.equal(getattr(a, n).grad, getattr(b, n).grad) for n in PARAMS)

@@ -79,3 +79,40 @@ def min_positive(acts_BK: Tensor) -> float | None:
     """The smallest positive kept activation of a batch (float64), or None when none is positive."""
     pos = acts_BK[acts_BK > 0]
     return float(pos.min().double()) if pos.numel() else None
+
+
+class _KeptPre(torch.autograd.Function):
+    """kept_BK (pre-activations relu(x W^T + b) at idx_BK, 0 where not kept), differentiable in x, W and b
+    through the kept entries only: a sparse [F, B] x [B, D] product of B*K entries, not a dense GEMM."""
+
+    @staticmethod
+    def forward(ctx, x_BD: Tensor, W_FD: Tensor, b_F: Tensor, kept_BK: Tensor, idx_BK: Tensor) -> Tensor:
+        ctx.save_for_backward(x_BD, W_FD, kept_BK, idx_BK)
+        return kept_BK.clone()
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
+        x_BD, W_FD, kept_BK, idx_BK = ctx.saved_tensors
+        g_BK = torch.where(kept_BK > 0, grads[0], torch.zeros_like(grads[0]))  # relu and the selection
+        grad_x = grad_W = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.nn.functional.embedding_bag(idx_BK, W_FD, per_sample_weights=g_BK, mode="sum")
+        if ctx.needs_input_grad[1]:  # G^T x with G the [B, F] gradient of the pre-activations, sparse
+            b, k = g_BK.shape
+            rows_N = torch.arange(b, device=g_BK.device).repeat_interleave(k)
+            g_FB = torch.sparse_coo_tensor(
+                torch.stack([idx_BK.reshape(-1), rows_N]), g_BK.reshape(-1), (W_FD.shape[0], b), check_invariants=False
+            )
+            grad_W = torch.sparse.mm(g_FB, x_BD.detach())
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(W_FD.shape[0], dtype=g_BK.dtype, device=g_BK.device)
+            grad_b.index_add_(0, idx_BK.reshape(-1), g_BK.reshape(-1))
+        return grad_x, grad_W, grad_b, None, None
+
+
+def kept_pre(x_BD: Tensor, W_FD: Tensor, b_F: Tensor, kept_BK: Tensor, idx_BK: Tensor) -> Tensor:
+    """kept_BK as a function of the encoder's input x, W_FD and b_F (kept_BK: relu(x W^T + b) at idx_BK,
+    computed without gradient, 0 where not kept); the backward touches only the kept entries."""
+    out = _KeptPre.apply(x_BD, W_FD, b_F, kept_BK, idx_BK)
+    assert isinstance(out, Tensor)
+    return out

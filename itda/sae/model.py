@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from itda.sae.arch import Architecture, get_arch
 from itda.sae.batchgroup import SINGLE, BatchGroup
-from itda.sae.kernels import batch_topk, fvu_scale  # noqa: F401  (batch_topk: re-exported)
+from itda.sae.kernels import batch_topk, fvu_scale, kept_pre  # noqa: F401  (batch_topk: re-exported)
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,8 @@ class SaeConfig:
 class EncoderOutput(NamedTuple):
     top_acts: Tensor  # [B, K] activations of the kept latents (0 in padding slots)
     top_indices: Tensor  # [B, K] int64 latent indices
-    pre_acts: Tensor  # [B, F] relu(W_enc (x - b_dec) + b_enc)
+    pre_acts: Tensor  # [B, F] relu(W_enc (x - b_dec) + b_enc) (training: without gradient)
+    sae_in: Tensor | None = None  # training: x - b_dec, what kept_pre differentiates through
 
 
 class ForwardOutput(NamedTuple):
@@ -110,6 +111,14 @@ class TopKSAE(nn.Module):
     ) -> EncoderOutput:
         """The architecture's training selection when `training` (default: self.training; over every rank's
         rows of `group`), else its inference rule; acts in `units`."""
+        if (self.training if training is None else training) and units == 1.0:
+            sae_in_BD = x_BD - self.b_dec
+            with torch.no_grad():
+                pre_BF = F.relu(F.linear(sae_in_BD, self.W_enc, self.b_enc))
+                kept, idx = self.arch.select_train(self, pre_BF, group)
+            # the gradient reaches the encoder through the kept entries only (sparse, exact)
+            acts = kept_pre(sae_in_BD, self.W_enc, self.b_enc, kept, idx)
+            return EncoderOutput(acts, idx, pre_BF, sae_in_BD)
         pre_BF = self.pre_acts(x_BD, units)
         if self.training if training is None else training:
             acts, idx = self.arch.select_train(self, pre_BF, group)
@@ -143,7 +152,7 @@ class TopKSAE(nn.Module):
         err_BD = x_BD - sae_out
         unit, total_var = fvu_scale(x_BD, [err_BD], group)  # the squares below cannot overflow float32
         fvu = (err_BD * unit).pow(2).sum() / total_var
-        auxk = auxk_loss(self, enc.pre_acts, err_BD, total_var, dead_mask_F, k_aux, unit)
+        auxk = auxk_loss(self, enc, err_BD, total_var, dead_mask_F, k_aux, unit)
         recon = self.arch.recon_loss(self, x_BD, enc, fvu, group)
         return ForwardOutput(sae_out, enc.top_acts, enc.top_indices, fvu, auxk, recon)
 
@@ -176,7 +185,7 @@ class TopKSAE(nn.Module):
 
 def auxk_loss(
     sae: TopKSAE,
-    pre_BF: Tensor,
+    enc: EncoderOutput,
     err_BD: Tensor,
     total_var: Tensor,
     dead_mask_F: Tensor | None,
@@ -189,6 +198,7 @@ def auxk_loss(
     without b_dec; k_aux defaults to d_in / 2. Both squares are taken of the terms times `unit`
     (total_var = sum ||(x - mean(x)) * unit||^2), a power of two that keeps them in range.
     """
+    pre_BF = enc.pre_acts
     if dead_mask_F is None:
         return pre_BF.new_zeros(())
     n_dead = int(dead_mask_F.sum())
@@ -199,5 +209,7 @@ def auxk_loss(
     masked = torch.where(dead_mask_F[None], pre_BF, torch.full_like(pre_BF, -torch.inf))
     acts, idx = masked.topk(min(k_aux, n_dead), dim=1, sorted=False)
     acts = acts.clamp(min=0)  # dead latents all -inf would not happen: n_dead >= width
+    if enc.sae_in is not None:  # training's sparse path: the encoder's gradient through these entries
+        acts = kept_pre(enc.sae_in, sae.W_enc, sae.b_enc, acts.detach(), idx)
     e_hat = sae.decode(acts, idx, bias=False)
     return scale * ((e_hat - err_BD.detach()) * unit).pow(2).sum() / total_var

@@ -36,6 +36,7 @@ from itda.sae.model import SaeConfig, TopKSAE
 from itda.tensorfile import json_entry, read_tensor_file, write_tensor_file
 
 RESAMPLE_RULES = (None, "itda")
+DEFAULT_LR_SCALE = 2e-3  # Adam at F = 2^14; chosen by the lr sweep of benchmarks/perf/sae_vs_sparsify.py
 MAX_LR = 1e3  # Adam moves each weight by about lr a step: far past any use for unit-norm decoder rows
 _CKPT_KEY = "itda_sae_checkpoint"
 _PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
@@ -46,7 +47,9 @@ class TrainConfig:
     """How the SAE is optimised (stored in checkpoints and in the SAE file's train record)."""
 
     steps: int = choice(1000, "Optimizer steps.")
-    lr: float | None = choice(None, "Adam learning rate (default 2e-4 / sqrt(F / 2^14)).")
+    lr: float | None = choice(
+        None, "Adam learning rate (default 2e-3 / sqrt(F / 2^14): benchmarks/perf/sae_vs_sparsify.py)."
+    )
     auxk_alpha: float = choice(1 / 32, "Weight of the AuxK loss.")
     k_aux: int | None = choice(None, "AuxK: dead latents used per token (default d_in / 2).")
     dead_after_tokens: int = choice(1_000_000, "A latent is dead after this many tokens without firing.")
@@ -78,7 +81,7 @@ class TrainConfig:
             raise FieldError("threshold_lr", f"must be in (0, 1], got {self.threshold_lr}")
 
     def learning_rate(self, n_latents: int) -> float:
-        return self.lr if self.lr is not None else 2e-4 / (n_latents / 2**14) ** 0.5
+        return self.lr if self.lr is not None else DEFAULT_LR_SCALE / (n_latents / 2**14) ** 0.5
 
 
 @dataclass(frozen=True)
