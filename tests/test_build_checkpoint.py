@@ -216,10 +216,12 @@ def test_repeated_sigkill_of_a_model_build_then_resume_is_byte_identical(tiny, c
         assert all(got[name] == cli_reference[name] for name in got)  # never a partial output
         if kills == KILLS or proc.exitcode == 0:
             break
-    assert kills == KILLS and ck.exists()
-    cmd = ITDA + args  # the resume: the real command line, in a fresh interpreter
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    assert kills >= 1  # on a loaded machine a run may finish between kills: its output is checked below
+    if proc.exitcode != 0:
+        assert ck.exists()
+        cmd = ITDA + args  # the resume: the real command line, in a fresh interpreter
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
     assert digests(out) == cli_reference
     assert not ck.exists() and not list(tmp_path.rglob(".*.tmp"))
 
