@@ -374,3 +374,21 @@ def test_training_gradients_through_the_kept_entries_equal_the_dense_textbook_fo
         assert got is not None and want is not None
         assert (got.double() - want).abs().max() <= 1e-5 * max(1.0, float(want.abs().max())), n
     assert float(sae.W_enc.grad[dead].abs().sum()) > 0  # AuxK reaches the dead latents' encoder rows
+
+
+def test_the_dense_encoder_gradients_cuda_uses_equal_the_sparse_ones():
+    """CUDA takes dense_encoder_grads (deterministic GEMMs); on CPU it equals the sparse backward."""
+    from itda.sae.kernels import dense_encoder_grads, kept_pre
+
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(30, 12, generator=g, requires_grad=True)
+    w = torch.randn(40, 12, generator=g, requires_grad=True)
+    b = torch.randn(40, generator=g, requires_grad=True)
+    with torch.no_grad():
+        pre = torch.relu(x @ w.T + b)
+        kept, idx = pre.topk(5, dim=1)
+    grad_out = torch.randn(30, 5, generator=g)
+    kept_pre(x, w, b, kept, idx).backward(grad_out)
+    masked = torch.where(kept > 0, grad_out, torch.zeros_like(grad_out))
+    for got, want in zip((x.grad, w.grad, b.grad), dense_encoder_grads(x, w, masked, idx), strict=True):
+        assert got is not None and torch.allclose(got, want, atol=1e-5)

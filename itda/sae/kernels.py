@@ -83,7 +83,7 @@ def min_positive(acts_BK: Tensor) -> float | None:
 
 class _KeptPre(torch.autograd.Function):
     """kept_BK (pre-activations relu(x W^T + b) at idx_BK, 0 where not kept), differentiable in x, W and b
-    through the kept entries only: a sparse [F, B] x [B, D] product of B*K entries, not a dense GEMM."""
+    through the kept entries only: on CPU a sparse [F, B] x [B, D] product of B*K entries, not a dense GEMM."""
 
     @staticmethod
     def forward(ctx, x_BD: Tensor, W_FD: Tensor, b_F: Tensor, kept_BK: Tensor, idx_BK: Tensor) -> Tensor:
@@ -95,6 +95,8 @@ class _KeptPre(torch.autograd.Function):
         x_BD, W_FD, kept_BK, idx_BK = ctx.saved_tensors
         g_BK = torch.where(kept_BK > 0, grads[0], torch.zeros_like(grads[0]))  # relu and the selection
         grad_x = grad_W = grad_b = None
+        if g_BK.is_cuda:  # CUDA: the dense GEMMs, fast there and deterministic (scatters into sparse sums are not)
+            return (*dense_encoder_grads(x_BD, W_FD, g_BK, idx_BK), None, None)
         if ctx.needs_input_grad[0]:
             grad_x = torch.nn.functional.embedding_bag(idx_BK, W_FD, per_sample_weights=g_BK, mode="sum")
         if ctx.needs_input_grad[1]:  # G^T x with G the [B, F] gradient of the pre-activations, sparse
@@ -108,6 +110,14 @@ class _KeptPre(torch.autograd.Function):
             grad_b = torch.zeros(W_FD.shape[0], dtype=g_BK.dtype, device=g_BK.device)
             grad_b.index_add_(0, idx_BK.reshape(-1), g_BK.reshape(-1))
         return grad_x, grad_W, grad_b, None, None
+
+
+def dense_encoder_grads(x_BD: Tensor, W_FD: Tensor, g_BK: Tensor, idx_BK: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad x, grad W, grad b) of the pre-activations' gradient g_BK at idx_BK (distinct per row), scattered
+    into a dense [B, F] matrix: what autograd's dense encoder backward computes."""
+    g_BF = torch.zeros(g_BK.shape[0], W_FD.shape[0], dtype=g_BK.dtype, device=g_BK.device)
+    g_BF.scatter_(1, idx_BK, g_BK)
+    return g_BF @ W_FD, g_BF.T @ x_BD.detach(), g_BF.sum(0)
 
 
 def kept_pre(x_BD: Tensor, W_FD: Tensor, b_F: Tensor, kept_BK: Tensor, idx_BK: Tensor) -> Tensor:
