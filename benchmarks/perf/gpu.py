@@ -7,6 +7,9 @@
 3. Layer-wise streaming with prefetch on CUDA: a synthetic 24-block Llama (d = 2048) in bf16,
    in-memory forward vs `--layerwise` (pinned double buffers, copy stream) tokens/s and peak
    GPU memory.
+4. The SAE training step on CUDA, itda's trainer at its defaults vs sparsify's Sae with its default
+   optimiser (as benchmarks/perf/sae_vs_sparsify.py runs them on CPU): tokens/s on the same random
+   batches (d = 2304, 16,384 latents, k = 32, batches of 4,096 rows; speed only).
 Writes out/gpu.json. Usage: python benchmarks/perf/gpu.py [--quick]
 """
 
@@ -139,6 +142,40 @@ def layerwise(tokens: int) -> dict:
     return out
 
 
+def sae_step(d: int = 2304, latents: int = 16_384, k: int = 32, batch: int = 4096, steps: int = 30) -> dict:
+    from itda.sae import SaeConfig, SaeTrainer, TrainConfig, new_sae
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    data = [torch.randn(batch, d, device="cuda", generator=g) for _ in range(4)]
+    sae, _ = new_sae(SaeConfig(d, latents, k), "kaiming", data[0][:4096], device="cuda", seed=0)
+    trainer = SaeTrainer(sae, TrainConfig(steps=steps + 3))
+    out = {"itda_tok_s": batch * steps / timed(lambda: [trainer.step(data[i % 4]) for i in range(steps)], 1)}
+    try:
+        from schedulefree import ScheduleFreeWrapper
+        from sparsify import Sae
+        from sparsify import SaeConfig as SparsifyConfig
+        from sparsify.sign_sgd import SignSGD
+    except ImportError:
+        return out
+    ssae = Sae(d, SparsifyConfig(num_latents=latents, k=k), device="cuda")
+    opt = ScheduleFreeWrapper(
+        SignSGD([dict(params=ssae.parameters(), lr=5e-3 / (latents / 2**14) ** 0.5)]), momentum=0.95
+    )
+    opt.train()
+
+    def sparsify_steps() -> None:
+        for i in range(steps):
+            ssae(x=data[i % 4], y=data[i % 4]).fvu.backward()
+            ssae.remove_gradient_parallel_to_decoder_directions()
+            opt.step()
+            opt.zero_grad()
+            ssae.set_decoder_norm_to_unit_norm()
+
+    out["sparsify_tok_s"] = batch * steps / timed(sparsify_steps, 1)
+    print(out, flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -154,6 +191,7 @@ def main() -> None:
     res = {"device": torch.cuda.get_device_name(), "mp_vs_gemm": mp_vs_gemm(sizes)}
     res["build_overhead"] = build_overhead(20_000 if args.quick else 100_000)
     res["layerwise"] = layerwise(4096 if args.quick else 32_768)
+    res["sae_step"] = sae_step(steps=10 if args.quick else 30)
     print("wrote", write_result("gpu", res))
 
 
