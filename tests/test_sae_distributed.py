@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 from cli_helpers import synthetic_acts_file
 
 from itda.api import train_sae
@@ -98,3 +99,37 @@ def test_a_batch_the_ranks_cannot_split_evenly_is_refused(acts, tmp_path):
     assert "error: --batch-size must be a multiple of the 2 ranks, got 255" in r.stderr
     assert r.stderr.count("error: --batch-size must be a multiple of the 2 ranks") == 2  # one line per rank
     assert "/itda/" not in r.stderr  # no traceback of ours (torchrun's launcher prints its own)
+
+
+def test_two_ranks_train_from_a_model_each_on_its_own_contexts(tmp_path):
+    """From a model: the same init sample on both ranks (the first contexts), then each rank its own contexts;
+    rank 0 alone speaks and writes."""
+    import json
+
+    from tiny_models import sample_docs, tiny_model, word_tokenizer
+
+    tok, folder = word_tokenizer(), tmp_path / "m"
+    tiny_model("llama", vocab=len(tok), seed=0).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in sample_docs(60, seed=1)))
+    out = tmp_path / "sae.safetensors"
+    args = ["sae", "train", str(folder), "--layer", "1", "--corpus", str(corpus), "--context", "32"]
+    args += [
+        "--latents",
+        "64",
+        "--k",
+        "4",
+        "--steps",
+        "5",
+        "--batch-size",
+        "128",
+        "--init-sample",
+        "800",
+    ]  # more than a rank's share
+    r = subprocess.run(TORCHRUN + ["-m", "itda"] + args + ["--out", str(out)], env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count(f"{out}: 64 latents") == 1  # one rank prints
+    sae = load_sae(out)
+    assert sae.meta.train["tokens"] == 5 * 128 and sae.meta.hookpoint == "resid_post.1"
+    assert all(bool(torch.isfinite(getattr(sae.sae, n)).all()) for n in ("W_enc", "W_dec", "b_enc", "b_dec"))

@@ -135,20 +135,21 @@ def model_source(
         field=corpus.field,
     )
     per = corpus.batch_contexts
-    contexts = rank_contexts(contexts, group)
     if on_model is not None:
         on_model(lm)
+    if spec.batch_size % group.world:
+        raise FieldError("batch_size", f"must be a multiple of the {group.world} ranks, got {spec.batch_size}")
 
-    def dense():
-        return iterate_dense(lm.model, hp, contexts, batch_contexts=per, device=device)
+    def dense(ctx=contexts):
+        return iterate_dense(lm.model, hp, ctx, batch_contexts=per, device=device)
 
+    # the init sample: the first contexts, the same on every rank; training: this rank's contexts
     chunks = itertools.islice(dense(), max(1, init_sample // (per * context)) + 1)
     sample = torch.cat(list(chunks))[:init_sample]
     name = lm.name if isinstance(model, LoadedModel) else model.model
     meta = SaeMeta(model=name, hookpoint=hp.name, tokenizer=lm.tokenizer_name)
-    if spec.batch_size % group.world:
-        raise FieldError("batch_size", f"must be a multiple of the {group.world} ranks, got {spec.batch_size}")
-    stream = _Restartable(lambda: rebatch(dense(), spec.batch_size // group.world))
+    mine = rank_contexts(contexts, group)
+    stream = _Restartable(lambda: rebatch(dense(mine), spec.batch_size // group.world))
     return TrainSource(stream, sample.cpu(), sample.shape[1], meta, None, str(meta.model))
 
 
