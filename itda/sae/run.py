@@ -68,13 +68,18 @@ def rows_source(
     return TrainSource(stream, sample, rows.shape[1], SaeMeta(), evaluate, name)
 
 
+def rank_batch_size(batch_size: int, group: BatchGroup) -> int:
+    """Rows of a batch each rank holds; refused unless the ranks split it evenly."""
+    if batch_size % group.world:
+        raise FieldError("batch_size", f"must be a multiple of the {group.world} ranks, got {batch_size}")
+    return batch_size // group.world
+
+
 def shard_batches(batches: Iterable[Tensor], group: BatchGroup, batch_size: int) -> Iterable[Tensor]:
     """This rank's rows of every batch: the rank-th of `world` equal slices (the batches when alone)."""
     if not group.distributed:
         return batches
-    if batch_size % group.world:
-        raise FieldError("batch_size", f"must be a multiple of the {group.world} ranks, got {batch_size}")
-    part = batch_size // group.world
+    part = rank_batch_size(batch_size, group)
     return (x[group.rank * part : (group.rank + 1) * part] for x in batches)
 
 
@@ -137,8 +142,7 @@ def model_source(
     per = corpus.batch_contexts
     if on_model is not None:
         on_model(lm)
-    if spec.batch_size % group.world:
-        raise FieldError("batch_size", f"must be a multiple of the {group.world} ranks, got {spec.batch_size}")
+    part = rank_batch_size(spec.batch_size, group)
 
     def dense(ctx=contexts):
         return iterate_dense(lm.model, hp, ctx, batch_contexts=per, device=device)
@@ -149,7 +153,7 @@ def model_source(
     name = lm.name if isinstance(model, LoadedModel) else model.model
     meta = SaeMeta(model=name, hookpoint=hp.name, tokenizer=lm.tokenizer_name)
     mine = rank_contexts(contexts, group)
-    stream = _Restartable(lambda: rebatch(dense(mine), spec.batch_size // group.world))
+    stream = _Restartable(lambda: rebatch(dense(mine), part))
     return TrainSource(stream, sample.cpu(), sample.shape[1], meta, None, str(meta.model))
 
 
