@@ -92,35 +92,51 @@ def train(
 
     params = dict(locals())  # the options by name, before anything else is bound
     root = rank_from_env() == 0  # under torchrun rank 0 speaks for every rank
-    params["quiet"] = quiet = quiet or not root
+    params["quiet"] = quiet or not root
+    started: list[float] = []
+    loaded = train_sae(**_train_arguments(params, root, started))
+    if root:
+        _print_trained(loaded, params, time.perf_counter() - started[0])
+
+
+def _train_arguments(params: dict[str, Any], root: bool, started: list[float]) -> dict[str, Any]:
+    """itda.train_sae's arguments from the command's options (inputs and --out checked first)."""
+    source, checkpoint, out = params["source"], params["checkpoint"], params["out"]
     from_file = is_activation_file(source)
-    check_output(out, ([Path(source)] if from_file else []) + ([checkpoint] if checkpoint else []), "sae", overwrite)
-    device = str(check_device(device))
+    check_output(
+        out, ([Path(source)] if from_file else []) + ([checkpoint] if checkpoint else []), "sae", params["overwrite"]
+    )
+    device = str(check_device(params["device"]))
     options = _offered(params, SaeSpec, TrainConfig, drop=("latents",))
-    options.update(layer=layer, hookpoint=hookpoint)  # a file's: recorded, so exports name the hookpoint
+    # a file's layer or hookpoint is recorded, so exports name it
+    options.update(layer=params["layer"], hookpoint=params["hookpoint"])
     if not from_file:
         options.update(_offered(params, CorpusConfig, ModelSource, drop=("device",)))
         header = print_model_header if root else None
-        options.update(model=source, on_model=header, max_memory=parse_memory(max_memory))
-    started: list[float] = []
-    loaded = train_sae(
-        source if from_file else None,
-        latents=latents,
+        options.update(model=source, on_model=header, max_memory=parse_memory(params["max_memory"]))
+    return dict(
+        data=source if from_file else None,
+        latents=params["latents"],
         device=device,
-        progress=not quiet,
+        progress=not params["quiet"],
         checkpoint=checkpoint,
-        checkpoint_every=checkpoint_every,
+        checkpoint_every=params["checkpoint_every"],
         out=out,
         on_start=_start_line(params, started),
         **options,
     )
-    if not root:
-        return
-    seconds = time.perf_counter() - started[0]
-    learned = f", threshold {loaded.meta.train['threshold']:.4g}" if "threshold" in loaded.meta.train else ""
-    typer.echo(f"{out}: {latents} latents, k={k}{learned}, {loaded.meta.train['tokens']} tokens in {seconds:.1f}s")
-    if "heldout" in loaded.meta.train:
-        print_summary(loaded.meta.train["heldout"])
+
+
+def _print_trained(loaded, params: dict[str, Any], seconds: float) -> None:
+    """The trained SAE's line (and its held-out summary)."""
+    train = loaded.meta.train
+    learned = f", threshold {train['threshold']:.4g}" if "threshold" in train else ""
+    typer.echo(
+        f"{params['out']}: {params['latents']} latents, k={params['k']}{learned}, {train['tokens']} tokens in "
+        f"{seconds:.1f}s"
+    )
+    if "heldout" in train:
+        print_summary(train["heldout"])
 
 
 def _offered(params: dict[str, Any], *configs: type, drop: tuple[str, ...] = ()) -> dict[str, Any]:
