@@ -39,8 +39,8 @@ class BatchGroup:
         return self.exchange.reduce_(t.detach().clone())
 
     def rows(self, n: int) -> int:
-        """The global batch's row count from this rank's n."""
-        return n if not self.distributed else int(self.sum(torch.tensor([n], dtype=torch.int64)))
+        """The global batch's row count from this rank's n (the shards are equal: itda.sae.run.rank_batch_size)."""
+        return n * self.world
 
     def mean_rows(self, x_BD: Tensor) -> Tensor:
         """The global batch's mean row (x.mean(0) when alone)."""
