@@ -212,18 +212,6 @@ class PerTokenGrid:
         self.profiles[side]["norm"].append(torch.stack(norm))
         return recon, centred_norm
 
-    def update(
-        self, xs: list[torch.Tensor], refs_a: torch.Tensor, ys: list[torch.Tensor] | None, refs_b: torch.Tensor | None
-    ) -> None:
-        """One batch of paired rows: xs[l] [n, d_A] with refs_a [n, 5] (document, position, ...),
-        and the same tokens in B (ys=None when B is A)."""
-        if ys is not None and refs_b is not None:
-            self.update_layers(xs.__getitem__, refs_a, ys.__getitem__, refs_b)
-        elif self.b is not None:
-            raise ValueError("B is not A: its rows ys and refs_b are needed")
-        else:
-            self.update_layers(xs.__getitem__, refs_a, None, None)
-
     def update_layers(
         self,
         rows_a: Callable[[int], torch.Tensor],
@@ -231,8 +219,9 @@ class PerTokenGrid:
         rows_b: Callable[[int], torch.Tensor] | None,
         refs_b: torch.Tensor | None,
     ) -> None:
-        """`update` with each layer's rows read when it is encoded (rows_a(l): [n, d_A]), so that a
-        caller can let each layer's activations go once read."""
+        """One batch of paired rows, each layer's read when it is encoded (rows_a(l): [n, d_A], refs_a [n, 5];
+        rows_b and refs_b: the same tokens in B, None when B is A), so a caller can let each layer's
+        activations go once read."""
         if not len(refs_a):
             return
         recon_a, norm_a = self._side("a", self.a, rows_a, refs_a)
