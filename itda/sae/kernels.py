@@ -62,12 +62,7 @@ def batch_topk(pre_BF: Tensor, k: int, group: BatchGroup = SINGLE) -> tuple[Tens
     if group.distributed:  # the global cut: the (B*k)-th largest of every rank's candidates
         top = group.gather_rows(top.detach())
         top = top.topk(min(b * k, top.numel()), sorted=False).values
-    kth = top.min()
-    counts_B = (pre_BF >= kth).sum(1)
-    width = max(1, int(counts_B.max()))
-    acts_BK, idx_BK = pre_BF.topk(width, dim=1)
-    acts_BK = torch.where(acts_BK >= kth, acts_BK, torch.zeros_like(acts_BK))
-    return acts_BK, idx_BK
+    return _packed(pre_BF, pre_BF >= top.min())
 
 
 def jumprelu(pre_BF: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
