@@ -188,3 +188,22 @@ def test_parquet_reader(tmp_path):
 
     pq.write_table(pa.table({"text": ["one doc", "two doc"]}), tmp_path / "c.parquet")
     assert read_documents(tmp_path / "c.parquet") == ["one doc", "two doc"]
+
+
+def test_gguf_conversion_race_keeps_the_first_folder(tmp_path):
+    """Two processes converting one GGUF file: the one that renames second finds the first's complete
+    folder in place, keeps it and discards its own; a half-made target is still an error."""
+    from itda.activations.models import _publish
+
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "config.json").write_text('{"first": true}')
+    ours = tmp_path / ".convert-ours"
+    ours.mkdir()
+    (ours / "config.json").write_text('{"first": false}')
+    _publish(ours, target)
+    assert (target / "config.json").read_text() == '{"first": true}'
+    (target / "config.json").unlink()
+    (target / "other").write_text("x")
+    with pytest.raises(OSError):
+        _publish(ours, target)

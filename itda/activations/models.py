@@ -8,6 +8,7 @@ load is then local_files_only. Nothing here changes the process environment.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.resources
 import importlib.util
@@ -186,11 +187,21 @@ def convert_gguf(gguf: Path) -> Path:
         metadata = {"format": "pt", "source": gguf.name}
         save_file(untied_state_dict(model), str(tmp / "model.safetensors"), metadata=metadata)
         tok.save_pretrained(tmp)
-        os.replace(tmp, target)
+        _publish(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Move the finished folder into place; another process that converted the same file first wins
+    (its folder is complete: it was renamed into place whole), and ours is discarded."""
+    try:
+        os.replace(tmp, target)
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not (target / "config.json").exists():
+            raise
 
 
 def untied_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
