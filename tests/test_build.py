@@ -12,6 +12,7 @@ import torch
 from itda.builder import BuildConfig, DictionaryBuilder, build_dictionary
 from itda.dictionary import Dictionary
 from itda.errors import ItdaInputError
+from itda.pursuit import matching_pursuit
 from itda.synthetic import synthetic_activations
 
 REFS = lambda rows: torch.tensor([[r, 0, -1, -1, -1] for r in rows], dtype=torch.int64)  # noqa: E731
@@ -82,7 +83,7 @@ def test_init_continues_a_dictionary():
 
 def test_loss_matches_reference_formula():
     data = synthetic_activations(1500, 16, n_features=64, seed=4)
-    builder = DictionaryBuilder(16, BuildConfig(k=5, threshold=0.02))
+    builder = DictionaryBuilder(16, BuildConfig(k=5, threshold=0.02, early_stop=False))
     builder.update(data.acts[:500])
     x = data.acts[500:]
     dct = builder.dictionary()
@@ -92,6 +93,25 @@ def test_loss_matches_reference_formula():
     stats = builder.update(x)
     assert stats.candidates == int((loss > 0.02).sum())
     assert stats.mean_loss == pytest.approx(float(loss.mean()), rel=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["threshold", "min_cosine"])
+def test_early_stop_adds_the_same_atoms(mode):
+    """Ending a row's pursuit once its cosine provably clears the threshold changes no decision:
+    the same atoms in the same order, bit for bit, while many rows stop early."""
+    data = synthetic_activations(12000, 48, n_features=160, seed=6)
+    choice = {"threshold": 0.004} if mode == "threshold" else {"min_cosine": 0.85}
+    runs = {}
+    for early in (True, False):
+        builder = DictionaryBuilder(48, BuildConfig(k=12, early_stop=early, round_size=64, **choice))
+        stats = [builder.update(x, refs) for x, refs in data.batches(1500)]
+        runs[early] = (builder.dictionary(), [s.candidates for s in stats], [s.added for s in stats])
+    (fast, cand_f, add_f), (full, cand_s, add_s) = runs[True], runs[False]
+    assert torch.equal(fast.atoms, full.atoms) and torch.equal(fast.refs, full.refs)
+    assert cand_f == cand_s and add_f == add_s and sum(add_f) > 100
+    cos = BuildConfig(k=12, **choice).cosine_threshold(48)
+    codes = matching_pursuit(data.acts, full.atoms, 12, stop_cosine=cos + 1e-3)
+    assert ((codes.indices >= 0).sum(1) < 12).float().mean() > 0.3  # the case is not vacuous
 
 
 @pytest.mark.parametrize(

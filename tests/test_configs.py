@@ -27,7 +27,7 @@ COMMANDS = {
     "build": (
         build,
         (ModelSource, CorpusConfig, BuildConfig),
-        {"model": "the SOURCE argument", "round_size": "library only"},
+        {"model": "the SOURCE argument", "round_size": "library only", "early_stop": "library only"},
         {
             "source",
             "out",

@@ -181,3 +181,52 @@ def test_gram_pool_drops_and_rebuilds_the_same_bits():
         pool.trim()
         assert not dropped.store.holds_gram
     assert torch.equal(ref.dictionary().atoms, dropped.dictionary().atoms)
+
+
+def _near_atom_rows(rng: np.random.Generator, atoms: np.ndarray, b: int, noise: float) -> np.ndarray:
+    """Rows near random atoms (some close enough to stop after a step or two), scaled."""
+    pick = rng.integers(0, len(atoms), b)
+    x = atoms[pick] + noise * rng.standard_normal((b, atoms.shape[1])) * rng.uniform(0.1, 2.0, (b, 1))
+    return x * rng.uniform(0.5, 5.0, (b, 1))
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_stop_cosine_ends_rows_once_their_cosine_provably_clears_it(backend):
+    rng = np.random.default_rng(11)
+    atoms_np = random_unit(400, 128, rng)
+    x_np = _near_atom_rows(rng, atoms_np, 300, 0.08)
+    atoms, x = torch.from_numpy(atoms_np).float(), torch.from_numpy(x_np).float()
+    k, cos = 12, 0.9
+    full = matching_pursuit(x, atoms, k, backend=backend)
+    cut = matching_pursuit(x, atoms, k, backend=backend, stop_cosine=cos)
+    # the stop step from the float64 textbook loop's coefficients: the first t whose removed energy
+    # sum_{s<=t} val_s^2 reaches cos^2 |x|^2
+    _, val, _, _ = mp_float64(x_np, atoms_np, k)
+    removed = np.cumsum(val**2, 1) / (x_np**2).sum(1, keepdims=True)
+    stops = np.where((removed >= cos * cos).any(1), (removed >= cos * cos).argmax(1) + 1, k)
+    used = (cut.indices >= 0).sum(1).numpy()
+    clear = np.abs(removed[np.arange(len(x)), np.minimum(stops, k) - 1] - cos * cos) > 1e-4  # not a float tie
+    np.testing.assert_array_equal(used[clear], stops[clear])
+    assert 0.2 < (used < k).mean() < 0.95  # both kinds of row occur
+    for row in range(len(x)):
+        u = used[row]
+        assert torch.equal(cut.indices[row, :u], full.indices[row, :u])  # the same steps until it stops
+        assert torch.equal(cut.values[row, :u], full.values[row, :u])
+        assert (cut.indices[row, u:] == -1).all() and (cut.values[row, u:] == 0).all()
+    # the stopped rows' reconstructions (float64) do clear the cosine, and so do the full ones
+    for codes in (cut, full):
+        recon = decode(codes, atoms).double()
+        got = torch.nn.functional.cosine_similarity(recon, x.double(), dim=1).numpy()
+        assert (got[used < k] >= cos - 1e-5).all()
+
+
+def test_stop_cosine_backends_agree_and_refuse_exclude():
+    rng = np.random.default_rng(12)
+    atoms_np = random_unit(300, 128, rng)
+    atoms = torch.from_numpy(atoms_np).float()
+    x = torch.from_numpy(_near_atom_rows(rng, atoms_np, 200, 0.08)).float()
+    a = matching_pursuit(x, atoms, 20, backend="numba", stop_cosine=0.85)
+    b = matching_pursuit(x, atoms, 20, backend="torch", stop_cosine=0.85)
+    assert ((a.indices >= 0).sum(1) == (b.indices >= 0).sum(1)).float().mean() > 0.98
+    with pytest.raises(ItdaInputError, match="not both"):
+        matching_pursuit(x, atoms, 20, exclude=torch.full((200,), -1), stop_cosine=0.85)

@@ -31,6 +31,9 @@ from itda.pursuit.api import Backend
 from itda.tensorfile import json_entry, read_tensor_file, write_tensor_file
 
 MODES = ("improved", "reference")
+# early_stop ends a row's pursuit once its cosine is provably >= the threshold + this: far above
+# float32's error in the cosine (~1e-5), so the row is not a candidate, stopped or not
+STOP_MARGIN = 1e-3
 _CKPT_KEY = "itda_checkpoint"
 
 
@@ -50,6 +53,11 @@ class BuildConfig:
     max_atoms: int | None = choice(None, "Stop adding atoms at this size.")
     backend: Backend = choice("auto", "Pursuit backend.")
     round_size: int = choice(256, "Improved mode: candidates accepted per round before re-scoring the rest.")
+    early_stop: bool = choice(
+        True,
+        "Improved mode: end a row's pursuit once its cosine provably clears the threshold (the same atoms, "
+        "fewer steps); BatchStats.mean_loss then scores such rows by their reconstruction when they stopped.",
+    )
 
     @classmethod
     def choose(cls, threshold: float | None = None, min_cosine: float | None = None, **rest) -> BuildConfig:
@@ -74,6 +82,8 @@ class BuildConfig:
             raise FieldError("min_cosine", f"{self.min_cosine} out of range (-1, 1]")
         if self.mode not in MODES:
             raise FieldError("mode", f"unknown {{field}} {self.mode!r}; choose one of {', '.join(MODES)}")
+        if not isinstance(self.early_stop, bool):
+            raise FieldError("early_stop", f"must be true or false, got {self.early_stop!r}")
         if self.round_size < 1:
             raise FieldError("round_size", f"must be >= 1, got {self.round_size}")
         if self.max_atoms is not None and self.max_atoms < 1:
@@ -253,7 +263,13 @@ class DictionaryBuilder:
             return normalised_loss(torch.zeros(x_BD.shape[0], device=x_BD.device), self.d)
         # batches were validated in update(): no second NaN/inf scan here
         codes = matching_pursuit(
-            x_BD, self.store.atoms, self.config.k, gram=self.store.gram, backend=self.config.backend, check_finite=False
+            x_BD,
+            self.store.atoms,
+            self.config.k,
+            gram=self.store.gram,
+            backend=self.config.backend,
+            check_finite=False,
+            stop_cosine=self.config.cosine_threshold(self.d) + STOP_MARGIN if self.config.early_stop else None,
         )
         return normalised_loss(recon_terms(x_BD, codes, self.store.atoms).cosine, self.d)
 

@@ -17,6 +17,7 @@ DEFAULT_K = 40  # matching-pursuit steps per activation (the paper's k); every o
 Backend = Literal["auto", "torch", "numba"]
 BACKENDS = ("auto", "torch", "numba")
 CHUNK_BYTES = 256 << 20
+NEVER = float(np.finfo(np.float64).max)  # a stop energy no row reaches (finite: the numba kernels assume no inf)
 
 
 def _check_inputs(x: torch.Tensor, atoms: torch.Tensor, k: int, check_finite: bool = True) -> None:
@@ -111,12 +112,11 @@ def _run(
     torch_chunk,
     rows_divisor: int = 1,
     check_finite: bool = True,
-    exclude: torch.Tensor | None = None,
+    per_row: dict[str, torch.Tensor] | None = None,
 ) -> SparseCodes:
-    """Validate, choose the backend, and run a chunk kernel over row chunks (with exclude: the
-    kernels' exclude_B, sliced like the rows)."""
+    """Validate, choose the backend, and run a chunk kernel over row chunks; per_row: the kernels'
+    keyword arguments of one entry per row (exclude_B, stop_B), sliced like the rows."""
     _check_inputs(x, atoms, k, check_finite)
-    _check_exclude(exclude, x.shape[0], atoms.shape[0])
     if codes_bytes(x.shape[0], k) > 1 << 26:  # small requests are not worth a look at free memory
         check_fits(
             2 * codes_bytes(x.shape[0], k), f"matching-pursuit codes of {x.shape[0]} rows with k={k}", atoms.device
@@ -127,11 +127,11 @@ def _run(
     gram32 = None if gram is None else gram.to(device=atoms.device, dtype=torch.float32)
     step = max(1, _chunk_rows(x.shape[0], atoms.shape[0], chunk_size) // rows_divisor)
     chunk = numba_chunk if backend == "numba" else torch_chunk
-    if exclude is None:
-        parts = [chunk(x32[s : s + step], atoms32, k, gram32) for s in range(0, x.shape[0], step)]
-    else:
-        own = exclude.to(device=atoms.device, dtype=torch.int64)
-        parts = [chunk(x32[s : s + step], atoms32, k, gram32, own[s : s + step]) for s in range(0, x.shape[0], step)]
+    rows = {name: t.to(atoms.device) for name, t in (per_row or {}).items()}
+    parts = [
+        chunk(x32[s : s + step], atoms32, k, gram32, **{name: t[s : s + step] for name, t in rows.items()})
+        for s in range(0, x.shape[0], step)
+    ]
     return cat_codes(parts) if parts else _empty_codes(k, atoms.device)
 
 
@@ -145,6 +145,7 @@ def matching_pursuit(
     chunk_size: int | None = None,
     check_finite: bool = True,
     exclude: torch.Tensor | None = None,
+    stop_cosine: float | None = None,
 ) -> SparseCodes:
     """Textbook matching pursuit of rows x [B, d] over unit-norm atoms [N, d], k steps.
 
@@ -155,10 +156,22 @@ def matching_pursuit(
     'auto'. check_finite=False skips the NaN/inf scan for callers that validated x already.
     exclude (integer [B], -1: none): an atom row b never selects (leave-one-out), exactly MP
     over the dictionary without it; a row left with no atom (N = 1) gets index -1, value 0.
+    stop_cosine (not with exclude): a row stops after the step at which its reconstruction's
+    cosine with it is provably at least this, at every later step too (see `stop_energies`);
+    its later slots hold index -1, value 0.
     Returns SparseCodes on the atoms' device.
     """
     from itda.pursuit.mp_torch import mp_chunk_torch
 
+    _check_inputs(x, atoms, k, check_finite=False)  # shapes first; _run scans for NaN/inf
+    _check_exclude(exclude, x.shape[0], atoms.shape[0])
+    per_row = {}
+    if exclude is not None:
+        per_row["exclude_B"] = exclude.to(torch.int64)
+    if stop_cosine is not None:
+        if exclude is not None:
+            raise ItdaInputError("give exclude or stop_cosine, not both")
+        per_row["stop_B"] = stop_energies(x, stop_cosine)
     return _run(
         x,
         atoms,
@@ -169,8 +182,23 @@ def matching_pursuit(
         _mp_chunk_numba,
         mp_chunk_torch,
         check_finite=check_finite,
-        exclude=exclude,
+        per_row=per_row,
     )
+
+
+def stop_energies(x_BD: torch.Tensor, cosine: float) -> torch.Tensor:
+    """float64 [B]: the energy a row's MP steps must remove before its reconstruction's cosine with
+    it is at least `cosine` at that step and every later one.
+
+    With unit atoms each MP step removes the squared coefficient from the residual energy, and
+    the residual never grows; a reconstruction x - r with |r| <= rho |x| is within angle
+    asin(rho) of x, so cos >= sqrt(1 - rho^2). Hence removing (cosine^2) |x|^2 suffices. A row
+    with nothing to remove (cosine <= 0 is not asked for; zero rows) never stops early.
+    """
+    energy_B = (x_BD.to(torch.float64) ** 2).sum(1)
+    if not 0.0 < cosine < 1.0:
+        return torch.full_like(energy_B, NEVER)
+    return torch.where(energy_B > 0, cosine * cosine * energy_B, NEVER)
 
 
 def orthogonal_matching_pursuit(
@@ -213,7 +241,12 @@ def _empty_codes(k: int, device: torch.device) -> SparseCodes:
 
 
 def _mp_chunk_numba(
-    x_BD: torch.Tensor, atoms_ND: torch.Tensor, k: int, gram_NN: torch.Tensor, exclude_B: torch.Tensor | None = None
+    x_BD: torch.Tensor,
+    atoms_ND: torch.Tensor,
+    k: int,
+    gram_NN: torch.Tensor,
+    exclude_B: torch.Tensor | None = None,
+    stop_B: torch.Tensor | None = None,
 ) -> SparseCodes:
     from itda.pursuit.mp_numba import mp_gram_excluding_kernel, mp_gram_kernel
 
@@ -222,7 +255,8 @@ def _mp_chunk_numba(
     idx_BK = np.empty((b, k), dtype=np.int64)
     val_BK = np.empty((b, k), dtype=np.float32)
     if exclude_B is None:
-        mp_gram_kernel(corr_BN, gram_NN.numpy(), k, idx_BK, val_BK)
+        stop = np.full(b, NEVER) if stop_B is None else stop_B.numpy()
+        mp_gram_kernel(corr_BN, gram_NN.numpy(), k, stop, idx_BK, val_BK)
     else:
         mp_gram_excluding_kernel(corr_BN, gram_NN.numpy(), k, exclude_B.numpy(), idx_BK, val_BK)
     val = torch.from_numpy(val_BK)

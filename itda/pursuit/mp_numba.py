@@ -55,17 +55,29 @@ def _argmax_abs(c):
 
 
 @njit_cached(parallel=True, fastmath=_FASTMATH)
-def mp_gram_kernel(corr_BN, gram_NN, k, idx_BK, val_BK):
-    """In-place MP over correlation rows corr_BN (C-contiguous float32, overwritten)."""
+def mp_gram_kernel(corr_BN, gram_NN, k, stop_B, idx_BK, val_BK):
+    """In-place MP over correlation rows corr_BN (C-contiguous float32, overwritten).
+
+    Row b stops once its steps have removed stop_B[b] (float64) of its energy (sum of the
+    squared coefficients; a finite value above any energy for no stop, as fastmath assumes no inf): its
+    later slots hold index -1 and value 0.
+    """
     b_total, n = corr_BN.shape
     for b in numba.prange(b_total):
         c = corr_BN[b]
         bits = c.view(np.int32)
         j = _first_index_of(bits, _max_abs_bits(bits))
+        removed = 0.0
         for t in range(k):
             a = c[j]
             idx_BK[b, t] = j
             val_BK[b, t] = a
+            removed += np.float64(a) * np.float64(a)
+            if removed >= stop_B[b]:
+                for s in range(t + 1, k):
+                    idx_BK[b, s] = -1
+                    val_BK[b, s] = 0.0
+                break
             if t + 1 < k:
                 g = gram_NN[j]
                 m = np.int32(0)

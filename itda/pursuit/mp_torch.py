@@ -20,11 +20,14 @@ def mp_chunk_torch(
     k: int,
     gram_NN: torch.Tensor | None,
     exclude_B: torch.Tensor | None = None,
+    stop_B: torch.Tensor | None = None,
 ) -> SparseCodes:
     """Textbook MP of float32 rows x over float32 unit atoms; see module docstring.
 
     exclude_B (int64 [B], -1: none): atom row b never selects; a row left with no atom gets
-    index -1 and value 0.
+    index -1 and value 0. stop_B (float64 [B]): row b stops once its squared coefficients add up
+    to stop_B[b]; its later slots hold index -1 and value 0 (the rows still run in the batch's
+    steps, so this saves no time here: the numba kernel skips them).
     """
     b = x_BD.shape[0]
     corr_BN = x_BD @ atoms_ND.T
@@ -34,6 +37,7 @@ def mp_chunk_torch(
     rows_B = torch.arange(b, device=x_BD.device)
     held_H, own_H = _held(exclude_B)
     resid_BD = x_BD.clone() if gram_NN is None else None
+    removed_B = None if stop_B is None else torch.zeros(b, dtype=torch.float64, device=x_BD.device)
     for t in range(k):
         torch.abs(corr_BN, out=abs_BN)
         if own_H is not None:
@@ -44,6 +48,13 @@ def mp_chunk_torch(
             alone_H = j_B[held_H] == own_H
             j_B[held_H[alone_H]] = -1
             alpha_B[held_H[alone_H]] = 0.0
+        if (
+            removed_B is not None and stop_B is not None
+        ):  # squared coefficients summed in float64 in step order, as numba does
+            stopped_B = removed_B >= stop_B
+            j_B = torch.where(stopped_B, -1, j_B)
+            alpha_B = torch.where(stopped_B, 0.0, alpha_B)
+            removed_B += alpha_B.double() ** 2
         idx_BK[:, t] = j_B
         val_BK[:, t] = alpha_B
         if t + 1 == k:
