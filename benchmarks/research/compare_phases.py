@@ -80,7 +80,9 @@ def main() -> None:
     if profile:
         profile.disable()
         pstats.Stats(profile).sort_stats("cumulative").print_stats(40)
-    print(f"{time.perf_counter() - t0:.0f} s; peak RssAnon GiB by phase:", {k: round(v, 2) for k, v in peaks.items()})
+    hwm = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("VmHWM:"))
+    print(f"{time.perf_counter() - t0:.0f} s; VmHWM {int(hwm.split()[1]) / 2**20:.2f} GiB; peak RssAnon GiB by phase:")
+    print({k: round(v, 2) for k, v in peaks.items()})
 
 
 if __name__ == "__main__":

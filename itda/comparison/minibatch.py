@@ -21,7 +21,7 @@ import torch
 
 from itda.errors import ItdaInputError
 
-_BLOCK = 512  # kernel rows per block: the [L, block * m] float64 blocks are all a minibatch holds
+_BLOCK = 128  # kernel rows per block: the [L, block * m] float64 blocks are all a minibatch holds
 
 
 def _as_rows(xs, m: int) -> list[torch.Tensor]:
