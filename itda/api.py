@@ -279,6 +279,8 @@ def export(source, format: str, out: str | os.PathLike, *, k: int | None = None,
                 "use --format saelens"
             )
         return export_saelens_mp(source, out, k=k, signed=signed)
+    if isinstance(source, LoadedSae) and k is not None:
+        raise ItdaInputError(f"{name} is an SAE: its k is its own; k (--k) applies to a dictionary input only")
     loaded = source if isinstance(source, LoadedSae) else dictionary_as_sae(source, k)
     writers = {"saelens": export_saelens, "sparsify": export_sparsify}
     return writers[format](*loaded, out)

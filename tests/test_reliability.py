@@ -299,6 +299,8 @@ def _model_files(w: Path) -> None:
     tiny_model("llama", vocab=20).save_pretrained(small)  # the tokenizer's ids go past 20
     tok.save_pretrained(small)
     (w / "empty.jsonl").write_text("".join(json.dumps({"text": ""}) + "\n" for _ in range(5)))
+    (w / "bad_dataset").mkdir()
+    (w / "bad_dataset" / "state.json").write_text("{")  # a saved-dataset folder, damaged
 
 
 def _checkpoint_files(w: Path, acts: Path) -> None:
@@ -415,6 +417,8 @@ def _scaled(acts: Path, scale: float) -> np.ndarray:
 A, D, D4, SAE = "{w}/acts.safetensors", "{w}/dict.safetensors", "{w}/dict4.safetensors", "{w}/sae.safetensors"
 MD, MODEL, CORPUS = "{w}/mdict/resid_post.1.safetensors", "{w}/tiny", "{w}/c.jsonl"
 SELECT = ["select", CORPUS, "--dict", MD, "--budget", "3", "-q"]
+MODEL_BUILD = ["build", MODEL, "--layer", "1", "--corpus", CORPUS, "--tokens", "600", "--context", "32", "-q"]
+MODEL_COMPARE = ["compare", MODEL, MODEL, "--corpus", CORPUS, "--measures", "cka", "--out", "{n}/c"]
 CASES = [
     # -- reading: files that are missing, damaged or of another kind
     Case(
@@ -663,6 +667,71 @@ CASES = [
     Case("compare into a user's folder", ["compare", D, D4, "--out", "{w}/user_dir"], "exists and is not"),
     Case("compare into its inputs' folder", ["compare", A, A, "--out", "{w}"], "holds the input"),
     Case("compare --out a file", ["compare", D, D4, "--out", "{w}/notes.txt"], "is a file"),
+    # -- found by the audit of 2026-12-02: --checkpoint = --out, inputs under --overwrite, unchecked options
+    Case(
+        "build --checkpoint is --out",
+        ["build", A, "--out", "{n}/o.safetensors", "--checkpoint", "{n}/o.safetensors", "--checkpoint-every", "1"],
+        "--checkpoint is also an output",
+    ),
+    Case(
+        "sae train --checkpoint is --out",
+        ["sae", "train", A, "--out", "{n}/s.safetensors", "--checkpoint", "{n}/s.safetensors"]
+        + ["--latents", "64", "--k", "4", "--steps", "3"],
+        "--checkpoint is also an output",
+    ),
+    Case(
+        "build --out inside the model folder, --overwrite",
+        MODEL_BUILD + ["--out", MODEL + "/model.safetensors", "--overwrite"],
+        "inside the input folder",
+    ),
+    Case(
+        "sae train --out its corpus, --overwrite",
+        ["sae", "train", MODEL, "--layer", "1", "--corpus", CORPUS, "--latents", "64", "--k", "4", "--steps", "3"]
+        + ["--batch-size", "64", "--init-sample", "128", "--context", "32", "-q", "--out", CORPUS, "--overwrite"],
+        "also an input",
+    ),
+    Case(
+        "eval --out the model's config, --overwrite",
+        ["eval", MD, "--model", MODEL, "--corpus", CORPUS, "--tokens", "200", "--context", "32", "--no-ce"]
+        + ["--out", MODEL + "/config.json", "--overwrite"],
+        "inside the input folder",
+    ),
+    Case(
+        "eval --out its corpus, --overwrite",
+        ["eval", MD, "--model", MODEL, "--corpus", CORPUS, "--tokens", "200", "--context", "32", "--no-ce"]
+        + ["--out", CORPUS, "--overwrite"],
+        "also an input",
+    ),
+    Case(
+        "sae eval --out a file of its SAELens folder, --overwrite",
+        ["sae", "eval", "{w}/saelens", A, "--out", "{w}/saelens/cfg.json", "--overwrite"],
+        "inside the input folder",
+    ),
+    Case(
+        "select --out the model's config, --overwrite",
+        SELECT + ["--model", MODEL, "--out", MODEL + "/config.json", "--overwrite"],
+        "inside the input folder",
+    ),
+    Case(
+        "explore --out the model folder, --overwrite",
+        ["explore", MD, "--model", MODEL, "--out", MODEL, "--tokens", "200", "--overwrite"],
+        "also an input",
+    ),
+    Case("compare --tokens 0", MODEL_COMPARE + ["--tokens", "0"], "--tokens must be an integer >= 1"),
+    Case("compare --batch-tokens 0", MODEL_COMPARE + ["--batch-tokens", "0"], "--batch-tokens must be"),
+    Case("compare --max-rows 0", MODEL_COMPARE + ["--max-rows", "0"], "--max-rows must be"),
+    Case("compare --k -5", MODEL_COMPARE + ["--k", "-5"], "--k must be"),
+    Case("compare --cka-minibatch 0", MODEL_COMPARE + ["--cka-minibatch", "0"], "--cka-minibatch must be"),
+    Case(
+        "export an SAE with --k",
+        ["export", SAE, "--format", "saelens", "--k", "3", "--out", "{n}/e"],
+        "applies to a dictionary input only",
+    ),
+    Case(
+        "a broken saved-dataset folder as corpus",
+        ["build", MODEL, "--layer", "1", "--corpus", "{w}/bad_dataset", "--out", "{n}/m"],
+        "not a readable saved dataset",
+    ),
 ]
 
 

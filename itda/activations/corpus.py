@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from itda.activations.hub import first_line
 from itda.activations.hub_datasets import StreamedDocuments, parse_dataset_spec
 from itda.atomic import write_text_atomic
 from itda.errors import ItdaInputError
@@ -82,7 +83,12 @@ def _read_datasets(path: Path, field: str) -> list[str]:
         from datasets import DatasetDict, load_from_disk
     except ImportError:
         raise ItdaInputError("reading a saved dataset needs the 'datasets' package") from None
-    ds = load_from_disk(str(path))
+    try:
+        ds = load_from_disk(str(path))
+    except Exception as exc:  # noqa: BLE001 - datasets/pyarrow/fsspec errors: one line naming the folder
+        raise ItdaInputError(
+            f"{path}: not a readable saved dataset ({type(exc).__name__}: {first_line(exc)})"
+        ) from None
     if isinstance(ds, DatasetDict):  # take the 'train' split or the first
         ds = ds["train"] if "train" in ds else ds[sorted(ds.keys())[0]]
     if field not in ds.column_names:

@@ -85,12 +85,19 @@ def user_errors(fn: Callable) -> Callable:
         except ItdaInputError as exc:
             fail(str(exc))
         except (FileNotFoundError, FileExistsError, IsADirectoryError, PermissionError, NotADirectoryError) as exc:
-            fail(f"{exc.filename}: {exc.strerror}")
+            fail(_os_error_line(exc))
         except KeyboardInterrupt:
             typer.echo("interrupted" + (f"; {_INTERRUPT_NOTE[0]}" if _INTERRUPT_NOTE else ""), err=True)
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def _os_error_line(exc: OSError) -> str:
+    """'path: reason' for a missing or unreadable file; a library's error without a path is shown as it is."""
+    if exc.filename is not None and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def is_activation_file(source: str) -> bool:

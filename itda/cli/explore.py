@@ -47,7 +47,7 @@ def explore(
     if tokens < 1 or contexts < 0:
         raise ItdaInputError("--tokens must be >= 1 and --contexts >= 0")
     outputs = [Output(out, "explorer", folder=True)]
-    check_outputs(outputs, [dictionary, other], overwrite)
+    check_outputs(outputs, [dictionary, other, model, model_b], overwrite)
     first = load_dictionary_file(dictionary)
     second = load_dictionary_file(other) if other is not None else None
     labels = [dictionary.stem] + ([other.stem] if other is not None else [])

@@ -173,6 +173,8 @@ def _build_from_file(acts: Path, config: BuildConfig, batch_size: int, device: s
     from itda.builder.distributed import init_distributed, rank_batches
 
     out, checkpoint = output.out, output.checkpoint
+    if checkpoint is not None and Path(checkpoint).resolve() == Path(out).resolve():
+        raise ItdaInputError(f"{checkpoint}: --checkpoint is also an output; choose another --checkpoint")
     check_output(out, [acts] + ([checkpoint] if checkpoint else []), "dictionary", output.overwrite)
     exchange = init_distributed(check_device(device))
     data = load_activations(acts)
@@ -452,7 +454,7 @@ def eval_cmd(
     if batch_size < 1:
         raise ItdaInputError(f"--batch-size must be >= 1, got {batch_size}")
     outputs = [Output(out, "eval-report")] if out is not None else []
-    check_outputs(outputs, [dictionary, acts, model], overwrite)
+    check_outputs(outputs, [dictionary, acts, model, None if corpus == "default" else corpus], overwrite)
     device = str(check_device(device))
     d = Dictionary.load(dictionary, device=device)
     k = checked_k(k, d)

@@ -99,7 +99,8 @@ def _check_place(out: Output) -> None:
 
 
 def check_outputs(outputs: Sequence[Output], inputs: Iterable[str | Path | None], overwrite: bool = False) -> None:
-    """Refuse, before any work, outputs that are inputs, hold inputs, or would replace what itda did not write."""
+    """Refuse, before any work, outputs that are inputs, hold inputs, lie inside an input folder, or would
+    replace what itda did not write."""
     paths = [Path(p) for p in inputs if p is not None and Path(p).exists()]
     for out in outputs:
         _check_place(out)
@@ -108,6 +109,8 @@ def check_outputs(outputs: Sequence[Output], inputs: Iterable[str | Path | None]
                 raise ItdaInputError(f"{out.path}: --out is also an input; choose another --out")
             if out.folder and out.path.exists() and _inside(inp, out.path):
                 raise ItdaInputError(f"{out.path}: --out holds the input {inp}; choose another --out")
+            if inp.is_dir() and _inside(out.path, inp):  # a model's or corpus folder's files are the input
+                raise ItdaInputError(f"{out.path}: --out is inside the input folder {inp}; choose another --out")
         if out.path.exists() and not overwrite and not is_own(out):
             what = "folder" if out.folder else "file"
             raise ItdaInputError(

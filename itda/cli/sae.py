@@ -103,9 +103,10 @@ def _train_arguments(params: dict[str, Any], root: bool, started: list[float]) -
     """itda.train_sae's arguments from the command's options (inputs and --out checked first)."""
     source, checkpoint, out = params["source"], params["checkpoint"], params["out"]
     from_file = is_activation_file(source)
-    check_output(
-        out, ([Path(source)] if from_file else []) + ([checkpoint] if checkpoint else []), "sae", params["overwrite"]
-    )
+    corpus = [] if from_file or params["corpus"] == "default" else [Path(params["corpus"])]
+    if checkpoint is not None and Path(checkpoint).resolve() == Path(out).resolve():
+        raise ItdaInputError(f"{checkpoint}: --checkpoint is also an output; choose another --checkpoint")
+    check_output(out, [Path(source)] + corpus + ([checkpoint] if checkpoint else []), "sae", params["overwrite"])
     device = str(check_device(params["device"]))
     options = _offered(params, SaeSpec, TrainConfig, drop=("latents",))
     # a file's layer or hookpoint is recorded, so exports name it

@@ -54,7 +54,7 @@ def select(
         raise ItdaInputError(f"--max-doc-tokens must be >= 1, got {max_doc_tokens}")
     report_path, png_path = out.with_suffix(".report.json"), out.with_suffix(".coverage.png")
     outputs = [Output(out, "select-subset"), Output(report_path, "select-report"), Output(png_path, "select-plot")]
-    check_outputs(outputs, [corpus, dictionary], overwrite)
+    check_outputs(outputs, [corpus, dictionary, model], overwrite)
     d = load_dictionary_file(dictionary)
     options: dict[str, Any] = dict(
         model=model, field=field, k=k, support_atoms=support_atoms, context=context, device=device
