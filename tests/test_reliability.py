@@ -847,6 +847,13 @@ def test_cli_runs_for_a_user_whose_home_is_not_writable(tmp_path):
             "-q",
         )
         assert r.returncode == 0 and (root / "m" / "resid_post.1.safetensors").is_file(), r.stderr
+        # heatmaps: matplotlib has no cache folder either, and says nothing of it
+        r = run(
+            *("-m", "itda", "compare", str(model), str(model), "--corpus", str(corpus), "--measures", "cka"),
+            *("--tokens", "300", "--context", "32", "--out", "cmp"),
+        )
+        assert r.returncode == 0 and list((root / "cmp").glob("*.png")), r.stderr
+        assert "atplotlib" not in r.stderr and "cache" not in r.stderr, r.stderr
         readonly = root / "ro"
         readonly.mkdir(mode=0o555)
         r = run("-m", "itda", "build", str(data), "--out", str(readonly / "d.safetensors"))
