@@ -266,6 +266,9 @@ def _sae_files(w: Path, acts: Path) -> None:
     entry = json.loads(header["itda_sae"])
     entry["cfg"]["k"] = 1000
     write_tensor_file(w / "sae_k1000.safetensors", tensors, "itda_sae", entry)
+    flipped = bytearray((w / "sae.safetensors").read_bytes())
+    flipped[-60] ^= 0x01  # one mantissa bit of a weight
+    (w / "sae_bitflip.safetensors").write_bytes(bytes(flipped))
     trainer = SaeTrainer(sae, TrainConfig(steps=5))
     trainer.step(torch.randn(64, 48))
     trainer.save_checkpoint(w / "ck_sae.safetensors")
@@ -435,6 +438,8 @@ CASES = [
     ),
     Case("NaN atoms in a file without checksum", ["info", "{w}/nan_unchecked.safetensors"], "NaN or inf"),
     Case("info --verify of a good dictionary", ["info", D, "--verify"], None),
+    Case("info --verify of a good SAE", ["info", SAE, "--verify"], None),
+    Case("one flipped bit in an SAE: info --verify", ["info", "{w}/sae_bitflip.safetensors", "--verify"], "checksum"),
     Case(
         "metadata k = 'eight' (encode)",
         ["encode", "{w}/meta_k_eight.safetensors", A, "--out", "{n}/c.safetensors"],

@@ -2,7 +2,7 @@
 
 smollm2-135m, --layers of the default corpus's train split (--tokens), read once into memory; then
 for each setting of BuildConfig.early_stop a fresh DictionaryBuilder per layer takes the same
-4,096-row batches and the builder time (all `update` calls) is summed. Reports both times, their
+batches (`itda build`'s) and the builder time (all `update` calls) is summed. Reports both times, their
 ratio, the share of MP steps the stopped rows skip, and whether the dictionaries are bit-identical.
 Usage: python benchmarks/perf/early_stop.py [--tokens 16384] [--layers 3 10 20 28]
 """

@@ -344,20 +344,49 @@ def _save_model_build(result, out, one_file, dtype, checkpoint, exchange) -> Non
         typer.echo(f"{p}: {len(d)} atoms at {hp.name}")
 
 
+def _checksum_line(path: Path) -> str:
+    from itda.tensorfile import read_header, recorded_digest
+
+    if path.is_dir():
+        return "none (a folder in another tool's format; its files carry no itda checksum)"
+    recorded = recorded_digest(read_header(path))
+    return f"ok (sha256 {recorded[:16]}...)" if recorded else "none recorded (written by an itda without checksums)"
+
+
+def _sae_summary(path: Path, loaded, verify: bool) -> dict:
+    sae, meta = loaded
+    summary = {"file": str(path), "kind": "sae", **sae.cfg.to_dict(), **meta.__dict__}
+    if verify:
+        summary["checksum"] = _checksum_line(path)
+    return summary
+
+
+def _print_summary(summary: dict, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2, default=str))
+        return
+    for key, value in summary.items():
+        typer.echo(f"{key:20s} {value}")
+
+
 @app.command()
 @user_errors
 def info(
-    dictionary: Path = typer.Argument(..., help="Dictionary file."),
+    dictionary: Path = typer.Argument(..., help="Dictionary or SAE file (or a SAELens/sparsify folder)."),
     as_json: bool = typer.Option(False, "--json"),
     verify: bool = typer.Option(
         False, "--verify", help="Report the content checksum (every load checks it; this says so)."
     ),
 ) -> None:
-    """Summarise a dictionary (its metadata, atoms and references, all validated)."""
+    """Summarise a dictionary (its metadata, atoms and references) or an SAE, all validated."""
     from itda.dictionary import REF_FIELDS, Dictionary
-    from itda.tensorfile import read_header, recorded_digest
+    from itda.sae.io import load_sae_or_none
 
-    d = Dictionary.load(dictionary)  # a checksum mismatch or invalid metadata stops here
+    sae = load_sae_or_none(dictionary)  # a checksum mismatch or invalid metadata stops here
+    if sae is not None:
+        _print_summary(_sae_summary(dictionary, sae, verify), as_json)
+        return
+    d = Dictionary.load(dictionary)
     summary = {
         "file": str(dictionary),
         "n_atoms": len(d),
@@ -367,16 +396,9 @@ def info(
     known = (d.refs[:, 0] >= 0).sum().item()
     summary["atoms_with_refs"] = int(known)
     if verify:
-        recorded = recorded_digest(read_header(dictionary))
-        summary["checksum"] = (
-            f"ok (sha256 {recorded[:16]}...)" if recorded else "none recorded (written by an itda without checksums)"
-        )
-    if as_json:
-        typer.echo(json.dumps(summary, indent=2))
-        return
-    for key, value in summary.items():
-        typer.echo(f"{key:20s} {value}")
-    if len(d):
+        summary["checksum"] = _checksum_line(dictionary)
+    _print_summary(summary, as_json)
+    if len(d) and not as_json:
         typer.echo(
             "first atoms: "
             + ", ".join(
