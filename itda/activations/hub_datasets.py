@@ -8,14 +8,13 @@ re-reads the same documents.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import overload
 
 from itda.activations.hub import first_line, is_hub_id
-from itda.errors import ItdaInputError
+from itda.errors import ItdaInputError, quiet_logger
 
 _DATA_FILES = ("*.parquet", "*.jsonl", "*.json", "*.csv", "*.jsonl.gz", "*.json.gz")
 _SAVED = ("state.json", "dataset_dict.json")  # what save_to_disk writes at the top of its folder
@@ -120,21 +119,6 @@ def _stream_field(spec: DatasetSpec, field: str) -> Iterator[str]:
         yield str(row[field])
 
 
-@contextlib.contextmanager
-def _quiet_hub():
-    """huggingface_hub's warnings (a line per network retry) held back while a dataset is opened:
-    a failure is reported as one line."""
-    import logging
-
-    hub_logger = logging.getLogger("huggingface_hub")
-    level = hub_logger.level
-    hub_logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        hub_logger.setLevel(level)
-
-
 def _open(spec: DatasetSpec):
     try:
         from datasets import load_dataset
@@ -146,7 +130,7 @@ def _open(spec: DatasetSpec):
     set_verbosity_error()
     disable_progress_bar()
     try:
-        with _quiet_hub():
+        with quiet_logger("huggingface_hub"):  # a warning line per network retry
             return load_dataset(spec.repo, name=spec.config, split=spec.split, streaming=True)
     except Exception as exc:  # noqa: BLE001 - not found, no network, no such split or config
         raise ItdaInputError(f"dataset {spec}: cannot be opened ({type(exc).__name__}: {first_line(exc)})") from None

@@ -134,6 +134,18 @@ def check_output(out: Path, inputs: list[Path], kind: str, overwrite: bool) -> N
     check_outputs([Output(out, kind)], inputs, overwrite)
 
 
+def check_checkpoint(checkpoint: Path | None, outputs: list[Path], inputs: list[Path]) -> None:
+    """Refuse a --checkpoint that is a folder, one of the outputs or an input."""
+    if checkpoint is None:
+        return
+    if checkpoint.is_dir():
+        raise ItdaInputError(f"{checkpoint}: --checkpoint is a folder; give a file name")
+    if checkpoint.resolve() in {p.resolve() for p in outputs}:
+        raise ItdaInputError(f"{checkpoint}: --checkpoint is also an output; choose another --checkpoint")
+    if checkpoint.resolve() in {p.resolve() for p in inputs if p.exists()}:
+        raise ItdaInputError(f"{checkpoint}: --checkpoint is also an input; choose another --checkpoint")
+
+
 def checked_k(k: int | None, d) -> int:
     """k for encoding with dictionary d (Dictionary.encoding_k), the error naming --k."""
     try:

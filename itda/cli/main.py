@@ -16,6 +16,7 @@ from itda.activations.config import CorpusConfig, ModelSource
 from itda.builder.builder import BuildConfig
 from itda.cli.common import (
     OneLineErrors,
+    check_checkpoint,
     check_device,
     check_output,
     checked_k,
@@ -173,8 +174,7 @@ def _build_from_file(acts: Path, config: BuildConfig, batch_size: int, device: s
     from itda.builder.distributed import init_distributed, rank_batches
 
     out, checkpoint = output.out, output.checkpoint
-    if checkpoint is not None and Path(checkpoint).resolve() == Path(out).resolve():
-        raise ItdaInputError(f"{checkpoint}: --checkpoint is also an output; choose another --checkpoint")
+    check_checkpoint(checkpoint, [out], [])
     check_output(out, [acts] + ([checkpoint] if checkpoint else []), "dictionary", output.overwrite)
     exchange = init_distributed(check_device(device))
     data = load_activations(acts)
@@ -254,7 +254,7 @@ def _model_build_files(
         [Output(p, "dictionary") for p in files], [model.model, corpus.corpus, output.checkpoint], output.overwrite
     )
     inputs = [Path(model.model)] + ([Path(corpus.corpus)] if corpus.corpus != "default" else [])
-    _check_model_checkpoint(output.checkpoint, files, inputs)
+    check_checkpoint(output.checkpoint, files, inputs)
     return one_file, files
 
 
@@ -298,18 +298,6 @@ def _build_from_model(
         on_start=(lambda: print_model_header(lm)) if exchange is None or exchange.rank == 0 else None,
     )
     _save_model_build(result, output.out, one_file, output.dtype, checkpoint, exchange)
-
-
-def _check_model_checkpoint(checkpoint, outputs, inputs) -> None:
-    """Refuse a --checkpoint that is a folder, one of the outputs or an input."""
-    if checkpoint is None:
-        return
-    if checkpoint.is_dir():
-        raise ItdaInputError(f"{checkpoint}: --checkpoint is a folder; give a file name")
-    if checkpoint.resolve() in {p.resolve() for p in outputs}:
-        raise ItdaInputError(f"{checkpoint}: --checkpoint is also an output; choose another --checkpoint")
-    if checkpoint.resolve() in {p.resolve() for p in inputs if p.exists()}:
-        raise ItdaInputError(f"{checkpoint}: --checkpoint is also an input; choose another --checkpoint")
 
 
 def _save_model_build(result, out, one_file, dtype, checkpoint, exchange) -> None:

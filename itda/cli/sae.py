@@ -12,6 +12,7 @@ import typer
 
 from itda.activations.config import CorpusConfig, ModelSource
 from itda.cli.common import (
+    check_checkpoint,
     check_device,
     check_output,
     is_activation_file,
@@ -104,8 +105,7 @@ def _train_arguments(params: dict[str, Any], root: bool, started: list[float]) -
     source, checkpoint, out = params["source"], params["checkpoint"], params["out"]
     from_file = is_activation_file(source)
     corpus = [] if from_file or params["corpus"] == "default" else [Path(params["corpus"])]
-    if checkpoint is not None and Path(checkpoint).resolve() == Path(out).resolve():
-        raise ItdaInputError(f"{checkpoint}: --checkpoint is also an output; choose another --checkpoint")
+    check_checkpoint(None if checkpoint is None else Path(checkpoint), [Path(out)], [])
     check_output(out, [Path(source)] + corpus + ([checkpoint] if checkpoint else []), "sae", params["overwrite"])
     device = str(check_device(params["device"]))
     options = _offered(params, SaeSpec, TrainConfig, drop=("latents",))

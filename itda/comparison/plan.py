@@ -51,8 +51,17 @@ class CompareConfig:
         registry.check_measures(self.measures)
         if self.precision not in ("float64", "float32"):
             raise FieldError("precision", f"must be float64 or float32, got {self.precision!r}")
-        lowest = {"tokens": 1, "context": 1, "batch_tokens": 1, "k": 1, "max_rows": 4, "cka_memory": 1}
-        for name, low in {**lowest, "cka_minibatch": 4}.items():  # unbiased HSIC needs m >= 4 rows
+        # unbiased HSIC needs minibatches of m >= 4 rows
+        lowest = {
+            "tokens": 1,
+            "context": 1,
+            "batch_tokens": 1,
+            "k": 1,
+            "max_rows": 4,
+            "cka_memory": 1,
+            "cka_minibatch": 4,
+        }
+        for name, low in lowest.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise FieldError(name, f"must be an integer >= {low}, got {value!r}")

@@ -90,15 +90,11 @@ def save_comparison(
 def has_matplotlib() -> bool:
     """Whether matplotlib imports; its first import (and font setup) runs with its warnings held
     back, such as the temporary cache folder it makes where HOME is not writable."""
-    import logging
+    from itda.errors import quiet_logger
 
-    mpl_logger = logging.getLogger("matplotlib")
-    level = mpl_logger.level
-    mpl_logger.setLevel(logging.ERROR)
     try:
-        import matplotlib.font_manager  # noqa: F401
+        with quiet_logger("matplotlib"):
+            import matplotlib.font_manager  # noqa: F401
     except ImportError:
         return False
-    finally:
-        mpl_logger.setLevel(level)
     return True
