@@ -1,16 +1,20 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 from reference_impls import csls_loops
 from tiny_models import loaded, reversed_word_tokenizer, sample_docs, word_tokenizer
 
 from itda.activations.corpus import tokenize_contexts
 from itda.activations.hookpoints import Hookpoint
-from itda.activations.stream import iterate_batches
+from itda.activations.stream import STREAM_DTYPES, iterate_batches
 from itda.comparison import CompareConfig, compare_models
 from itda.comparison.measures import linear_cka
 from itda.comparison.report import write_matrix
+
+# the references read the activations as the comparison streams them
+STREAM = STREAM_DTYPES[CompareConfig().stream_dtype]
 
 MEASURES = ["jaccard", "cka", "cka_debiased", "procrustes", "svcca", "relative", "mutual_knn"]
 
@@ -75,14 +79,14 @@ def test_grid_cka_equals_pairwise_formula_across_tokenizers():
     assert res.paired_tokens == int((~ctx_a.special).sum())
     # recompute layer (1, 2) directly from paired activations
     ha, hb = Hookpoint("resid_post", 1), Hookpoint("resid_post", 2)
-    xa = torch.cat([b[ha].dense() for b in iterate_batches(lm_a.model, [ha], ctx_a, dtype=torch.float32)])
+    xa = torch.cat([b[ha].dense() for b in iterate_batches(lm_a.model, [ha], ctx_a, dtype=STREAM)])
     ctx_b = tokenize_contexts(
         docs, sorted(set(ctx_a.refs[..., 0][ctx_a.refs[..., 0] >= 0].tolist())), tok_b, context=32
     )
-    batches_b = list(iterate_batches(lm_b.model, [hb], ctx_b, dtype=torch.float32))
+    batches_b = list(iterate_batches(lm_b.model, [hb], ctx_b, dtype=STREAM))
     yb = torch.cat([b[hb].dense() for b in batches_b])
     rb = torch.cat([b[hb].refs for b in batches_b])
-    ra = torch.cat([b[ha].refs for b in iterate_batches(lm_a.model, [ha], ctx_a, dtype=torch.float32)])
+    ra = torch.cat([b[ha].refs for b in iterate_batches(lm_a.model, [ha], ctx_a, dtype=STREAM)])
     index_b = {(d, ce): i for i, (d, _p, _cs, ce, _t) in enumerate(rb.tolist())}
     rows = [index_b[(d, ce)] for d, _p, _cs, ce, _t in ra.tolist()]
     want = linear_cka(xa, yb[rows])["cka"].value
@@ -129,14 +133,14 @@ def test_minibatch_cka_runs_when_the_exact_accumulators_do_not_fit():
     xa = [
         torch.cat(t)
         for t in zip(
-            *[[b[h].dense() for h in hps] for b in iterate_batches(lm_a.model, hps, ctx, dtype=torch.float32)],
+            *[[b[h].dense() for h in hps] for b in iterate_batches(lm_a.model, hps, ctx, dtype=STREAM)],
             strict=True,
         )
     ]
     xb = [
         torch.cat(t)
         for t in zip(
-            *[[b[h].dense() for h in hps] for b in iterate_batches(lm_b.model, hps, ctx, dtype=torch.float32)],
+            *[[b[h].dense() for h in hps] for b in iterate_batches(lm_b.model, hps, ctx, dtype=STREAM)],
             strict=True,
         )
     ]
@@ -182,7 +186,7 @@ def test_per_token_grids_past_the_budget_are_minibatch_cka_of_the_same_rows():
     hps = [Hookpoint("resid_post", i) for i in range(4)]
 
     def rows(lm, basis):
-        batches = list(iterate_batches(lm.model, hps, ctx, dtype=torch.float32))
+        batches = list(iterate_batches(lm.model, hps, ctx, dtype=STREAM))
         refs = torch.cat([b[hps[0]].refs for b in batches])
         unit, scaled, norms = [], [], []
         for layer, hp in enumerate(hps):
@@ -244,7 +248,7 @@ def test_per_token_itda_measures_stream_every_token_leave_one_out():
 
     def side(lm, basis, layer):
         hp = Hookpoint("resid_post", layer)
-        batches = list(iterate_batches(lm.model, [hp], ctx, dtype=torch.float32))
+        batches = list(iterate_batches(lm.model, [hp], ctx, dtype=STREAM))
         x = torch.cat([b[hp].dense() for b in batches]).double().numpy()
         refs = torch.cat([b[hp].refs for b in batches]).numpy()
         first = np.isin(refs[:, 0], np.unique(row_doc[:end].numpy()))
@@ -285,7 +289,7 @@ def test_per_token_itda_measures_stream_every_token_leave_one_out():
     # norm), each matrix standardised over its entries, summed, hubness-corrected (CSLS, k = 2)
     def norms(lm):
         hps = [Hookpoint("resid_post", layer) for layer in range(res.matrices["itda_fused"].shape[0])]
-        batches = list(iterate_batches(lm.model, hps, ctx, dtype=torch.float32))
+        batches = list(iterate_batches(lm.model, hps, ctx, dtype=STREAM))
         return [torch.cat([b[hp].dense() for b in batches]).norm(dim=1).numpy() for hp in hps]
 
     norm = np.array([[spearmanr(p, q).statistic for q in norms(lm_b)] for p in norms(lm_a)])
@@ -293,3 +297,43 @@ def test_per_token_itda_measures_stream_every_token_leave_one_out():
     np.testing.assert_allclose(
         res.matrices["itda_fused"], csls_loops(sum((s - s.mean()) / s.std() for s in parts), 2), atol=1e-5
     )
+
+
+def test_pass_two_in_pieces_gives_the_bits_of_whole_chunks(monkeypatch):
+    """Pass 2 encodes PASS2_ROWS paired tokens at a time; the exact and the minibatch grids see the
+    same slices and minibatches as with whole chunks, so every matrix is bit-identical."""
+    import itda.comparison.passes as passes
+    from itda.comparison.itda_measures import PER_TOKEN as per_token
+
+    tok = word_tokenizer()
+    lm_a, lm_b = loaded("tiny-a", "llama", tok, seed=0), loaded("tiny-b", "llama", tok, seed=1)
+    docs = sample_docs(30, seed=6)
+
+    def run(pass2_rows, **options):
+        monkeypatch.setattr(passes, "PASS2_ROWS", pass2_rows)
+        kw = dict(tokens=2500, measures=["cka", *per_token], context=32, k=8, batch_tokens=2048, progress=False)
+        return compare_models(lm_a, lm_b, docs, list(range(30)), **{**kw, **options}).matrices
+
+    for options in ({}, {"cka_memory": 1, "cka_minibatch": 256}):
+        whole, pieces = run(1 << 20, **options), run(512, **options)
+        assert sorted(whole) == sorted(pieces)
+        for name in whole:
+            np.testing.assert_array_equal(pieces[name], whole[name], err_msg=f"{name} {options}")
+
+
+def test_stream_dtype_is_checked_and_float32_streams_dense_rows():
+    from itda.configfields import FieldError
+
+    with pytest.raises(FieldError, match="stream_dtype"):
+        CompareConfig(stream_dtype="int8")
+    tok = word_tokenizer()
+    lm = loaded("tiny-a", "llama", tok, seed=0)
+    docs = sample_docs(20, seed=3)
+    kw = dict(tokens=1200, measures=["cka"], context=32, progress=False)
+    f16 = compare_models(lm, loaded("tiny-b", "llama", tok, seed=1), docs, list(range(20)), **kw).matrices["cka"]
+    f32 = compare_models(
+        lm, loaded("tiny-b", "llama", tok, seed=1), docs, list(range(20)), stream_dtype="float32", **kw
+    ).matrices["cka"]
+    # float16 unit rows move CKA by their rounding only (~1e-4 relative), and they do move it
+    np.testing.assert_allclose(f16, f32, atol=1e-3)
+    assert not np.array_equal(f16, f32)

@@ -506,6 +506,7 @@ def compare(
     max_rows: int = option(CompareConfig, "max_rows"),
     precision: str = option(CompareConfig, "precision"),
     include_special: bool = option(CompareConfig, "include_special"),
+    stream_dtype: str = option(CompareConfig, "stream_dtype"),
     cka_memory: str = typer.Option("1GiB", help=field_help(CompareConfig, "cka_memory").replace(" in bytes", "")),
     cka_minibatch: int = option(CompareConfig, "cka_minibatch"),
     device: str = option(ModelSource, "device"),
@@ -532,6 +533,7 @@ def compare(
         max_rows=max_rows,
         precision=precision,
         include_special=include_special,
+        stream_dtype=stream_dtype,
         cka_memory=parse_memory(cka_memory, "--cka-memory"),
         cka_minibatch=cka_minibatch,
     )

@@ -42,6 +42,7 @@ stands above both layers' usual partners.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -196,8 +197,8 @@ def pair_similarities(a: LayerSample, b: LayerSample, k: int = DEFAULT_K, measur
 
 
 def itda_grids(
-    xs: list[torch.Tensor],
-    ys: list[torch.Tensor] | None,
+    xs: Sequence[torch.Tensor],
+    ys: Sequence[torch.Tensor] | None,
     measures=ITDA_MEASURES,
     *,
     k: int = DEFAULT_K,

@@ -96,13 +96,16 @@ def _doc_chunks(row_docs_a: np.ndarray, row_docs_b: np.ndarray, rows_per_chunk: 
         sa, sb = ea, eb
 
 
-def forward_chunk(corpus: PairedCorpus, chunk: Chunk, include_special: bool) -> tuple[list, list]:
-    """Every layer's activations (itda.activations.stream batches) of both models on one chunk."""
+def forward_chunk(
+    corpus: PairedCorpus, chunk: Chunk, include_special: bool, dtype: torch.dtype = torch.float16
+) -> tuple[list, list]:
+    """Every layer's activations (itda.activations.stream batches, unit rows in `dtype`) of both
+    models on one chunk."""
     (sa, ea), (sb, eb) = chunk
-    batch_a = _forward_all(corpus.lm_a, corpus.hps_a, corpus.ctx_a.rows(sa, ea), include_special)
+    batch_a = _forward_all(corpus.lm_a, corpus.hps_a, corpus.ctx_a.rows(sa, ea), include_special, dtype)
     if corpus.self_compare:
         return batch_a, batch_a
-    return batch_a, _forward_all(corpus.lm_b, corpus.hps_b, corpus.ctx_b.rows(sb, eb), include_special)
+    return batch_a, _forward_all(corpus.lm_b, corpus.hps_b, corpus.ctx_b.rows(sb, eb), include_special, dtype)
 
 
 def pair_rows(batch_a, batch_b, identity: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,10 +115,10 @@ def pair_rows(batch_a, batch_b, identity: str) -> tuple[torch.Tensor, torch.Tens
     return torch.from_numpy(np.sort(ia)), torch.from_numpy(ib[np.argsort(ia)])
 
 
-def _forward_all(lm: LoadedModel, hps: list[Hookpoint], ctx: Contexts, include_special: bool) -> list:
+def _forward_all(
+    lm: LoadedModel, hps: list[Hookpoint], ctx: Contexts, include_special: bool, dtype: torch.dtype
+) -> list:
     parts = list(
-        iterate_batches(
-            lm.model, hps, ctx, batch_contexts=len(ctx), dtype=torch.float32, include_special=include_special
-        )
+        iterate_batches(lm.model, hps, ctx, batch_contexts=len(ctx), dtype=dtype, include_special=include_special)
     )
     return [parts[0][hp] for hp in hps]

@@ -9,19 +9,21 @@ token over those centred dictionaries (`itda.comparison.per_token.PerTokenGrid`)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from itda.activations.stream import STREAM_DTYPES
 from itda.builder import BuildConfig, DictionaryBuilder
 from itda.comparison.cka_grids import CKAGrid, make_grid
 from itda.comparison.itda_measures import itda_grids
 from itda.comparison.measures import similarity_grid
 from itda.comparison.pairing import PairedCorpus, forward_chunk, pair_rows
 from itda.comparison.per_token import CentredDictionaries, PerTokenGrid
-from itda.comparison.plan import ROW_SLICE, ComparePlan
+from itda.comparison.plan import PASS2_ROWS, ROW_SLICE, CompareConfig, ComparePlan
 from itda.comparison.ranks import Ranks
 from itda.comparison.streaming import StreamingCKAGrid
 from itda.dictionary import DictionaryMeta
@@ -29,12 +31,28 @@ from itda.pursuit.gram import GramPool
 from itda.resources import trim_heap
 
 
+class DenseLayers(Sequence[torch.Tensor]):
+    """Per layer, dense float32 rows made when read (`unit * norm`, the bits of `ActBatch.dense()`)
+    from unit rows kept in the stream dtype: half the bytes of dense float32 rows at float16."""
+
+    def __init__(self, units: list[torch.Tensor], norms: list[torch.Tensor]):
+        self.units, self.norms = units, norms
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def __getitem__(self, layer):  # type: ignore[override]  # layers are read one at a time
+        return self.units[layer].to(torch.float32) * self.norms[layer][:, None]
+
+
 class KeptRows:
-    """The first max_rows paired rows of every layer of both models, with each row's chunk index."""
+    """The first max_rows paired rows of every layer of both models (unit rows in the stream dtype
+    and their norms), with each row's chunk index."""
 
     def __init__(self, layers_a: int, layers_b: int, max_rows: int):
-        self.a: list[list[torch.Tensor]] = [[] for _ in range(layers_a)]
-        self.b: list[list[torch.Tensor]] = [[] for _ in range(layers_b)]
+        # per layer, lists of (unit rows, norms) pieces
+        self.a: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(layers_a)]
+        self.b: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(layers_b)]
         self.chunk: list[torch.Tensor] = []  # chunk index of every kept row (ranks gather them in chunk order)
         self.n, self.max_rows = 0, max_rows
 
@@ -42,27 +60,36 @@ class KeptRows:
     def full(self) -> bool:
         return self.n >= self.max_rows
 
-    def add(self, chunk_index: int, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> None:
-        take = min(self.max_rows - self.n, len(xs[0]))
-        part = (lambda t: t) if take == len(xs[0]) else (lambda t: t[:take].clone())  # keep no more than taken
-        for store, x in zip(self.a, xs, strict=True):
-            store.append(part(x))
-        for store, y in zip(self.b, ys, strict=True):
-            store.append(part(y))
+    def add(self, chunk_index: int, batch_a: list, rows_a: torch.Tensor, batch_b: list, rows_b: torch.Tensor) -> None:
+        """Keep these paired rows (indices into the chunk's batches of A and B), up to max_rows."""
+        take = min(self.max_rows - self.n, len(rows_a))
+        for store, batch, rows in ((self.a, batch_a, rows_a[:take]), (self.b, batch_b, rows_b[:take])):
+            for pieces, acts in zip(store, batch, strict=True):
+                pieces.append((acts.unit[rows], acts.norm[rows]))
         self.chunk.append(torch.full((take,), chunk_index, dtype=torch.int64))
         self.n += take
 
     def gather(self, ranks: Ranks, d_a: int, d_b: int) -> None:
-        """Under torchrun: every rank's rows, the first max_rows in chunk order, on every rank."""
-        if ranks.distributed:
-            self.a, order = ranks.gather_kept(self.a, self.chunk, self.max_rows, d_a)
-            self.b, _ = ranks.gather_kept(self.b, self.chunk, self.max_rows, d_b, order)
+        """Under torchrun: every rank's rows, the first max_rows in chunk order, on every rank (as
+        dense float32 rows of norm factor 1: the same bits)."""
+        if not ranks.distributed:
+            return
+        dense_a, order = ranks.gather_kept(self._dense(self.a), self.chunk, self.max_rows, d_a)
+        dense_b, _ = ranks.gather_kept(self._dense(self.b), self.chunk, self.max_rows, d_b, order)
+        self.a = [[(x, torch.ones(len(x)))] for (x,) in dense_a]
+        self.b = [[(y, torch.ones(len(y)))] for (y,) in dense_b]
 
-    def tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    @staticmethod
+    def _dense(store) -> list[list[torch.Tensor]]:
+        return [[unit.to(torch.float32) * norm[:, None] for unit, norm in pieces] for pieces in store]
+
+    def layers(self) -> tuple[DenseLayers, DenseLayers]:
         """Per layer [n, d] rows of A and of B (the pieces are joined in place: one copy is held)."""
-        self.a = [[torch.cat(s)] if len(s) != 1 else s for s in self.a]
-        self.b = [[torch.cat(s)] if len(s) != 1 else s for s in self.b]
-        return [s[0] for s in self.a], [s[0] for s in self.b]
+        for store in (self.a, self.b):
+            for i, pieces in enumerate(store):
+                if len(pieces) != 1:
+                    store[i] = [(torch.cat([u for u, _ in pieces]), torch.cat([n for _, n in pieces]))]
+        return tuple(DenseLayers([p[0][0] for p in s], [p[0][1] for p in s]) for s in (self.a, self.b))  # type: ignore[return-value]
 
 
 class CentredBuilders:
@@ -163,11 +190,11 @@ def _accumulators(corpus: PairedCorpus, plan: ComparePlan) -> FirstPass:
     return FirstPass(grid, kept, jaccard_a, jaccard_b, centred, grams)
 
 
-def _forward_step(corpus: PairedCorpus, mine: list, bar, ranks: Ranks, include_special: bool) -> list:
+def _forward_step(corpus: PairedCorpus, mine: list, bar, ranks: Ranks, config: CompareConfig) -> list:
     """[(chunk index, batch of A, batch of B)] for this process's chunks of one step."""
-    fwd = []
+    fwd, dtype = [], STREAM_DTYPES[config.stream_dtype]
     for ci, chunk in mine:
-        batch_a, batch_b = forward_chunk(corpus, chunk, include_special)
+        batch_a, batch_b = forward_chunk(corpus, chunk, config.include_special, dtype)
         fwd.append((ci, batch_a, batch_b))
         bar.update(ranks.tokens_forwarded(batch_a[0].unit.shape[0]))
     return fwd
@@ -184,7 +211,7 @@ def first_pass(corpus: PairedCorpus, plan: ComparePlan, ranks: Ranks, progress: 
     acc = _accumulators(corpus, plan)
     bar = _bar(corpus, ranks, progress, "compare")
     for mine in ranks.steps(corpus.chunks):
-        fwd = _forward_step(corpus, mine, bar, ranks, plan.config.include_special)
+        fwd = _forward_step(corpus, mine, bar, ranks, plan.config)
         if acc.jaccard_a is not None:
             ranks.update_builders(acc.jaccard_a, [f[1] for f in fwd], grams=acc.grams)
             if not corpus.self_compare:
@@ -222,12 +249,11 @@ def _feed_rows(acc: FirstPass, corpus: PairedCorpus, fwd: list, ranks: Ranks) ->
         dense = [(ci, paired_rows(ba, ia), paired_rows(bb, ib)) for ci, ba, bb, ia, ib in pairs]
         _share_pilots(acc.grid, dense, ranks, corpus.shapes)
     for ci, batch_a, batch_b, ia, ib in pairs:
-        for s in range(0, len(ia), ROW_SLICE):
-            xs, ys = paired_rows(batch_a, ia[s : s + ROW_SLICE]), paired_rows(batch_b, ib[s : s + ROW_SLICE])
-            if acc.grid is not None:  # per-layer lists: the grids copy what they keep
-                acc.grid.update(xs, ys)
-            if acc.kept is not None and not acc.kept.full:
-                acc.kept.add(ci, xs, ys)
+        for s in range(0, len(ia) if acc.grid is not None else 0, ROW_SLICE):
+            assert acc.grid is not None  # per-layer lists: the grid copies what it keeps
+            acc.grid.update(paired_rows(batch_a, ia[s : s + ROW_SLICE]), paired_rows(batch_b, ib[s : s + ROW_SLICE]))
+        if acc.kept is not None and not acc.kept.full:
+            acc.kept.add(ci, batch_a, ia, batch_b, ib)
 
 
 def paired_rows(batch: list, rows: torch.Tensor) -> list[torch.Tensor]:
@@ -238,7 +264,7 @@ def paired_rows(batch: list, rows: torch.Tensor) -> list[torch.Tensor]:
 def kept_row_matrices(plan: ComparePlan, kept: KeptRows | None, self_compare: bool) -> dict[str, np.ndarray]:
     """The kept-rows measures' [L_A, L_B] matrices (baselines and ITDA) from the kept rows."""
     cfg, out = plan.config, {}
-    xs, ys = kept.tensors() if kept is not None else ([], [])
+    xs, ys = kept.layers() if kept is not None else ([], [])
     for m in plan.kept_rows:
         out[m] = similarity_grid(xs, ys, m, max_rows=cfg.max_rows)
     if plan.itda_kept_rows:
@@ -280,25 +306,28 @@ def second_pass(
     )
     bar = _bar(corpus, ranks, progress, "compare: per-token ITDA")
     for mine in ranks.steps(corpus.chunks):
-        fwd = _forward_step(corpus, mine, bar, ranks, plan.config.include_special)
+        fwd = _forward_step(corpus, mine, bar, ranks, plan.config)
         while fwd:
             _, batch_a, batch_b = fwd.pop(0)
             ia, ib = pair_rows(batch_a, batch_b, corpus.identity)
-            refs_a, refs_b = batch_a[0].refs[ia], batch_b[0].refs[ib]
-            rows_b = None if corpus.self_compare else _layer_reader(batch_b, ib)
-            grid.update_layers(_layer_reader(batch_a, ia), refs_a, rows_b, refs_b)
+            for s in range(0, len(ia), PASS2_ROWS):  # the last piece lets each layer go once read
+                last = s + PASS2_ROWS >= len(ia)
+                pa, pb = ia[s : s + PASS2_ROWS], ib[s : s + PASS2_ROWS]
+                rows_b = None if corpus.self_compare else _layer_reader(batch_b, pb, last)
+                grid.update_layers(_layer_reader(batch_a, pa, last), batch_a[0].refs[pa], rows_b, batch_b[0].refs[pb])
         trim_heap()
     bar.close()
     ranks.sum_grids(grid)
     return grid
 
 
-def _layer_reader(batch: list, rows: torch.Tensor):
-    """rows -> layer l's paired dense rows, the layer's activations let go once read."""
+def _layer_reader(batch: list, rows: torch.Tensor, release: bool):
+    """rows -> layer l's paired dense rows; with `release`, the layer's activations let go once read."""
 
     def read(layer: int) -> torch.Tensor:
         (x,) = paired_rows(batch[layer : layer + 1], rows)
-        batch[layer] = None
+        if release:
+            batch[layer] = None
         return x
 
     return read

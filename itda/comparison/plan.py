@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import itda.comparison.registry as registry
+from itda.activations.stream import STREAM_DTYPES
 from itda.builder.builder import BuildConfig
 from itda.comparison.cka_grids import GridChoice, choose_grid, grid_bytes
 from itda.configfields import FieldError, choice
@@ -24,6 +25,9 @@ GiB = 2**30
 # dictionary's Gram is rebuilt for each use
 GRAM_MEMORY = 256 << 20
 ROW_SLICE = 512  # paired tokens the passes feed their CKA grids at a time
+# paired tokens pass 2 encodes at a time (a multiple of ROW_SLICE: the grids see the same slices, so
+# the sums are the same bits as whole chunks'; the minibatch grids carry rows over between updates)
+PASS2_ROWS = 1024
 
 
 @dataclass(frozen=True)
@@ -43,12 +47,17 @@ class CompareConfig:
     max_rows: int = choice(4096, "paired rows kept for the kept-rows measures (not the per-token ones)")
     precision: str = choice("float64", "streaming CKA cross products: float64 (exact) or float32 (faster)")
     include_special: bool = choice(False, "keep BOS/special tokens (they can dominate CKA)")
+    stream_dtype: str = choice(
+        "float16", "unit rows of a chunk's activations, as `itda build` streams them: float16, bfloat16 or float32"
+    )
     cka_memory: int = choice(1 << 30, "largest exact CKA accumulators in bytes, each grid; past it minibatch CKA")
     cka_minibatch: int = choice(1024, "paired tokens per minibatch of the minibatch CKA estimator")
 
     def __post_init__(self):
         object.__setattr__(self, "measures", tuple(self.measures))
         registry.check_measures(self.measures)
+        if self.stream_dtype not in STREAM_DTYPES:
+            raise FieldError("stream_dtype", f"must be one of {', '.join(STREAM_DTYPES)}, got {self.stream_dtype!r}")
         if self.precision not in ("float64", "float32"):
             raise FieldError("precision", f"must be float64 or float32, got {self.precision!r}")
         # unbiased HSIC needs minibatches of m >= 4 rows
@@ -211,12 +220,14 @@ def _estimators(plan: ComparePlan, row_width: int) -> list[Estimator]:
 
 
 def chunk_bytes(config: CompareConfig, row_width: int) -> int:
-    """One document chunk's activations of both models: the forward's unit rows and the paired
-    dense rows (float32; row_width floats per token)."""
-    return 8 * config.batch_tokens * row_width
+    """One document chunk's activations of both models: the forward's unit rows (stream_dtype) and
+    float32 norms, and one ROW_SLICE of paired dense float32 rows (row_width floats per token)."""
+    unit = STREAM_DTYPES[config.stream_dtype].itemsize
+    return unit * config.batch_tokens * row_width + 4 * min(ROW_SLICE, config.batch_tokens) * row_width
 
 
 def per_token_slice_bytes(config: CompareConfig, row_width: int) -> int:
-    """Pass 2's working rows: a chunk's unit reconstructions (float32) and, per slice of
-    ROW_SLICE tokens, their scaled float64 copies."""
-    return 4 * config.batch_tokens * row_width + 8 * min(ROW_SLICE, config.batch_tokens) * row_width
+    """Pass 2's working rows: the unit reconstructions of PASS2_ROWS tokens (float32) and, per slice
+    of ROW_SLICE tokens, their scaled float64 copies."""
+    rows = min(PASS2_ROWS, config.batch_tokens)
+    return 4 * rows * row_width + 8 * min(ROW_SLICE, config.batch_tokens) * row_width
