@@ -1,6 +1,6 @@
 """itda: Inference-Time Decomposition of Activations."""
 
-from itda.api import build, compare, evaluate, explore, export, load_model, select, train_sae  # noqa: E402,F811
+from itda.api import build, compare, evaluate, explore, export, load_model, select, train_sae, train_saes  # noqa: E402,F811
 from itda.builder import BatchStats, BuildConfig, DictionaryBuilder, build_dictionary  # noqa: E402
 from itda.comparison import CompareConfig, ModelComparison  # noqa: E402
 from itda.dictionary import Dictionary, DictionaryMeta  # noqa: E402
@@ -17,6 +17,7 @@ __all__ = [
     "load_model",
     "select",
     "train_sae",
+    "train_saes",
     "BatchStats",
     "CompareConfig",
     "ModelComparison",

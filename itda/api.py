@@ -233,6 +233,69 @@ def train_sae(
     )
 
 
+def train_saes(
+    model: str | LoadedModel,
+    layers,
+    *,
+    latents: int,
+    out: str | os.PathLike | None = None,
+    distribute_hookpoints: bool = False,
+    device: str | torch.device = "auto",
+    progress: bool = True,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 100,
+    on_model: Callable[[LoadedModel], None] | None = None,
+    **options,
+) -> dict:
+    """One SAE per hookpoint of `layers` (a comma list or list of block indices or hookpoint names), all
+    trained from one forward pass per batch (`itda sae train MODEL --layers 4,8`); returns {hookpoint:
+    LoadedSae} (under torchrun: this rank's), each written to OUT/<hookpoint>.safetensors when `out` is
+    given. distribute_hookpoints: under torchrun, each rank trains hookpoints i = rank mod W on the whole
+    batch instead of every rank training all of them on its shard. checkpoint: a folder, one file per
+    hookpoint. options: as train_sae's (SaeSpec, TrainConfig, CorpusConfig, ModelSource fields)."""
+    from itda.sae.batchgroup import training_group
+    from itda.sae.init import parse_init
+    from itda.sae.multi import owners, parse_hookpoints, train_hookpoints
+    from itda.sae.train import SaeSpec, TrainConfig
+
+    hps = parse_hookpoints(layers)
+    spec_opts, train_opts, corpus_opts, model_opts = _split(options, SaeSpec, TrainConfig, CorpusConfig, ModelSource)
+    spec = SaeSpec(latents, **spec_opts)
+    spec.validate()
+    if checkpoint is not None and checkpoint_every < 1:
+        raise FieldError("checkpoint_every", "must be >= 1 with {checkpoint}", others=("checkpoint",))
+    parse_init(spec.init)
+    config = TrainConfig(**train_opts)
+    config.validate()
+    device = choose_device(device)
+    group = training_group(device)
+    owners(len(hps), group, distribute_hookpoints)  # refused before the model loads
+    corpus = CorpusConfig(**corpus_opts, tokens=config.steps * spec.batch_size)
+    corpus.validate()
+    deepest = max(hp.layer for hp in hps)  # the model is cut after the deepest hookpoint's block
+    lm = (
+        model
+        if isinstance(model, LoadedModel)
+        else ModelSource(model, str(device), **model_opts).load(max_layer=deepest)
+    )
+    if on_model is not None:
+        on_model(lm)
+    return train_hookpoints(
+        lm,
+        lm.name if isinstance(model, LoadedModel) else str(model),
+        corpus,
+        spec,
+        config,
+        hps,
+        out=None if out is None else Path(out),
+        checkpoint=None if checkpoint is None else Path(checkpoint),
+        checkpoint_every=checkpoint_every,
+        distribute=distribute_hookpoints,
+        group=group,
+        progress=progress,
+    )
+
+
 def _recorded_hookpoint(layer: int | None, hookpoint: str | None) -> str:
     """The hookpoint name activations were taken at: one of `layer` (resid_post) and `hookpoint`."""
     from itda.activations.hookpoints import parse_hookpoint

@@ -71,6 +71,14 @@ def train(
     hookpoint: str | None = typer.Option(
         None, help="Hookpoint name instead of --layer (an activation file's is recorded, so exports name it)."
     ),
+    layers: str | None = typer.Option(
+        None,
+        help="Model input: several block indices or hookpoint names (4,8,resid_post.12), one SAE each from one "
+        "forward pass; --out is then a folder (OUT/<hookpoint>.safetensors) and --checkpoint too.",
+    ),
+    distribute_hookpoints: bool = typer.Option(
+        False, help="With --layers under torchrun: each rank trains some hookpoints on the whole batch."
+    ),
     corpus: str = option(CorpusConfig, "corpus", help="Model input: corpus (its training split)."),
     field: str = option(CorpusConfig, "field"),
     split: str = option(CorpusConfig, "split"),
@@ -94,10 +102,51 @@ def train(
     params = dict(locals())  # the options by name, before anything else is bound
     root = rank_from_env() == 0  # under torchrun rank 0 speaks for every rank
     params["quiet"] = quiet or not root
+    if layers is not None:
+        _train_hookpoints(params, root)
+        return
+    if distribute_hookpoints:
+        raise ItdaInputError("--distribute-hookpoints needs --layers")
     started: list[float] = []
     loaded = train_sae(**_train_arguments(params, root, started))
     if root:
         _print_trained(loaded, params, time.perf_counter() - started[0])
+
+
+def _train_hookpoints(params: dict[str, Any], root: bool) -> None:
+    """`--layers`: one SAE per hookpoint into the --out folder, from one forward pass per batch."""
+    from itda.api import train_saes
+    from itda.sae.multi import parse_hookpoints
+
+    source, out, checkpoint = params["source"], Path(params["out"]), params["checkpoint"]
+    if is_activation_file(source) or params["layer"] is not None or params["hookpoint"] is not None:
+        raise ItdaInputError("--layers takes a model, and neither --layer nor --hookpoint")
+    if out.exists() and not out.is_dir():
+        raise ItdaInputError(f"{out}: --out is a file; with --layers it is a folder")
+    if checkpoint is not None and (Path(checkpoint).resolve() == out.resolve() or Path(checkpoint).is_file()):
+        raise ItdaInputError(f"{checkpoint}: with --layers --checkpoint is a folder other than --out")
+    corpus = [] if params["corpus"] == "default" else [Path(params["corpus"])]
+    for hp in parse_hookpoints(params["layers"]):
+        check_output(out / f"{hp.name}.safetensors", [Path(source)] + corpus, "sae", params["overwrite"])
+    options = _offered(params, SaeSpec, TrainConfig, CorpusConfig, ModelSource, drop=("latents", "device"))
+    started = time.perf_counter()
+    saes = train_saes(
+        source,
+        params["layers"],
+        latents=params["latents"],
+        out=out,
+        distribute_hookpoints=params["distribute_hookpoints"],
+        device=str(check_device(params["device"])),
+        progress=not params["quiet"],
+        checkpoint=checkpoint,
+        checkpoint_every=params["checkpoint_every"],
+        on_model=print_model_header if root else None,
+        max_memory=parse_memory(params["max_memory"]),
+        **{k: v for k, v in options.items() if k != "max_memory"},
+    )
+    if root:
+        seconds = time.perf_counter() - started
+        typer.echo(f"{out}: {len(saes)} SAEs trained here ({', '.join(saes)}) in {seconds:.1f}s")
 
 
 def _train_arguments(params: dict[str, Any], root: bool, started: list[float]) -> dict[str, Any]:

@@ -211,6 +211,64 @@ def _remove_checkpoint(checkpoint: Path | None) -> None:
         remove_stale_temps(checkpoint)
 
 
+class Prepared(NamedTuple):
+    """A run ready to train: its trainer (new or resumed), init record, checkpoint fingerprint and the
+    power-of-two units it trains in (1.0 for ordinary activations)."""
+
+    trainer: SaeTrainer
+    info: dict
+    fingerprint: dict
+    units: float
+
+
+def prepare_training(
+    source: TrainSource, spec: SaeSpec, config: TrainConfig, checkpoint: Path | None, device, group: BatchGroup
+) -> Prepared:
+    """Check the SAE fits, share rank 0's init sample, and make (or resume) the trainer."""
+    from itda.resources import check_fits
+    from itda.sae.model import activation_units
+    from itda.sae.train import training_bytes
+
+    cfg = spec.sae_config(source.d)
+    what = f"training an SAE of {spec.latents} latents x d={source.d} (batch {spec.batch_size})"
+    check_fits(training_bytes(cfg, spec.batch_size), what, str(device))
+    group.broadcast_([source.sample])  # one init sample (rank 0's) for every rank
+    units = activation_units(source.sample)  # 1.0 for ordinary activations; extreme ones train in power-of-two units
+    fingerprint = dict(
+        source=source.name,
+        d=source.d,
+        batch_size=spec.batch_size,
+        sample_sum=float(source.sample.double().sum()),
+        units=units,
+        **({"ranks": group.world} if group.distributed else {}),
+    )
+    trainer, info = _trainer(cfg, config, spec, source.sample, units, checkpoint, fingerprint, str(device), group)
+    return Prepared(trainer, info, fingerprint, units)
+
+
+def finish_training(
+    run: Prepared, source: TrainSource, spec: SaeSpec, config: TrainConfig, out, checkpoint: Path | None, group
+) -> LoadedSae:
+    """Back to the activations' units, the training record, the held-out evaluation; rank 0 writes `out`
+    and removes the checkpoint."""
+    from itda.sae.io import save_sae
+
+    trainer = run.trainer
+    trainer.sae.scale_biases_(run.units)  # from training units back to the activations' own (exact)
+    meta = source.meta
+    meta.init = run.info
+    meta.train = train_record(config, trainer, spec, run.units)
+    if not group.is_root:
+        return LoadedSae(trainer.sae, meta)
+    summary = source.evaluate(trainer.sae) if source.evaluate else None
+    if summary:
+        meta.train["heldout"] = summary
+    if out is not None:
+        save_sae(trainer.sae, out, meta)
+    _remove_checkpoint(checkpoint)
+    return LoadedSae(trainer.sae, meta)
+
+
 def run_training(
     source: TrainSource,
     spec: SaeSpec,
@@ -229,46 +287,18 @@ def run_training(
     step. meta.train['heldout']: the held-out metrics, when rows were held out. Under torchrun (`group`:
     the source made with it) every rank trains on its shards and ends with the same SAE; rank 0 evaluates,
     writes checkpoints and `out`."""
-    from itda.resources import check_fits
-    from itda.sae.io import save_sae
-    from itda.sae.model import activation_units
-    from itda.sae.train import ScaledBatches, training_bytes
+    from itda.sae.train import ScaledBatches
 
     checkpoint = Path(checkpoint) if checkpoint is not None else None
-    cfg = spec.sae_config(source.d)
-    what = f"training an SAE of {spec.latents} latents x d={source.d} (batch {spec.batch_size})"
-    check_fits(training_bytes(cfg, spec.batch_size), what, str(device))
-    group.broadcast_([source.sample])  # one init sample (rank 0's) for every rank
-    units = activation_units(source.sample)  # 1.0 for ordinary activations; extreme ones train in power-of-two units
-    fingerprint = dict(
-        source=source.name,
-        d=source.d,
-        batch_size=spec.batch_size,
-        sample_sum=float(source.sample.double().sum()),
-        units=units,
-        **({"ranks": group.world} if group.distributed else {}),
-    )
-    trainer, info = _trainer(cfg, config, spec, source.sample, units, checkpoint, fingerprint, str(device), group)
+    run = prepare_training(source, spec, config, checkpoint, device, group)
     if on_start is not None:
-        on_start(trainer, info)
+        on_start(run.trainer, run.info)
     # checkpoints carry the run's identity so that a resume with other data is refused
-    trainer.fit(
-        source.stream if units == 1.0 else ScaledBatches(source.stream, 1.0 / units),
+    run.trainer.fit(
+        source.stream if run.units == 1.0 else ScaledBatches(source.stream, 1.0 / run.units),
         checkpoint=checkpoint,
         checkpoint_every=checkpoint_every if checkpoint else 0,
-        checkpoint_extra={"fingerprint": fingerprint, "init": info},
+        checkpoint_extra={"fingerprint": run.fingerprint, "init": run.info},
         progress=progress and group.is_root,
     )
-    trainer.sae.scale_biases_(units)  # from training units back to the activations' own (exact)
-    meta = source.meta
-    meta.init = info
-    meta.train = train_record(config, trainer, spec, units)
-    if not group.is_root:
-        return LoadedSae(trainer.sae, meta)
-    summary = source.evaluate(trainer.sae) if source.evaluate else None
-    if summary:
-        meta.train["heldout"] = summary
-    if out is not None:
-        save_sae(trainer.sae, out, meta)
-    _remove_checkpoint(checkpoint)
-    return LoadedSae(trainer.sae, meta)
+    return finish_training(run, source, spec, config, out, checkpoint, group)
