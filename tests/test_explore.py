@@ -154,6 +154,9 @@ def test_page_data_agrees_with_the_dictionary_and_corpus(built, page):
             assert coef != 0 and ctx["text"][s:e].strip()
         coefs = [c["spans"][3 * c["at"] + 2] for c in card["contexts"]]
         assert coefs == sorted(coefs, reverse=True)  # strongest first
+        assert sum(card["hist"]["counts"]) == card["uses"]  # every use of the atom in its histogram
+        ups, downs = [v for _, v in card["logits"]["up"]], [v for _, v in card["logits"]["down"]]
+        assert ups == sorted(ups, reverse=True) and downs == sorted(downs) and ups[0] > downs[0]
     s = view["summary"]
     uses = sum(c["uses"] for c in view["atoms"])
     assert uses == pytest.approx(s["mean_l0"] * s["tokens"])  # every token's distinct atoms, counted per atom
@@ -254,6 +257,12 @@ def test_page_in_a_browser(browser, built, page):
         mark = card.locator("mark.atom-token")
         assert mark.inner_text() == docs[doc][cs:ce]
         assert (int(mark.get_attribute("data-doc")), int(mark.get_attribute("data-pos"))) == (doc, pos)
+    # every card's histogram and direct logit effects (a causal LM): the promoted tokens' text
+    first = tab.locator(".card").first
+    cardata = data["views"][0]["atoms"][int(first.get_attribute("data-atom"))]
+    assert first.locator(".hist i").count() == len(cardata["hist"]["counts"])
+    shown = first.locator(".logits.up span.lt").all_inner_texts()
+    assert len(shown) == len(cardata["logits"]["up"]) and first.locator(".logits.down span.lt").count() > 0
     # default order is most used first
     uses = [data["views"][0]["atoms"][int(c.get_attribute("data-atom"))]["uses"] for c in tab.locator(".card").all()]
     assert uses == sorted(uses, reverse=True)

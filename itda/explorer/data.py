@@ -3,7 +3,8 @@
 A card holds the atom's source context (its document's text around the token, the token's
 character span), its held-out usage (tokens using it, their share, mean coefficient), the
 held-out contexts where its coefficient is largest (text plus every token's character span
-and this atom's coefficient on it) and its co-occurring atoms.
+and this atom's coefficient on it), its co-occurring atoms, a histogram of its coefficients on
+the tokens using it and, for causal LMs, its direct logit effects (`itda.explorer.logits`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from itda.errors import ItdaInputError
 from itda.explorer.usage import AtomUsage, co_occurrence, histogram
 
 SOURCE_CHARS = 160  # characters shown on each side of an atom's source token
+HIST_BINS = 12  # bins of each card's histogram of its coefficients
 
 
 def check_refs(dictionary: Dictionary, docs: Sequence[str], tokenizer) -> None:
@@ -80,9 +82,11 @@ def explorer_view(
     contexts: int = 5,
     window: int = 12,
     partners: int = 5,
+    logits: list[dict] | None = None,
 ) -> dict:
     """The JSON-ready view of one dictionary (see the module docstring); `docs` is the whole corpus
-    (atoms' and stream tokens' document indices point into it)."""
+    (atoms' and stream tokens' document indices point into it); logits: each atom's direct logit
+    effects (`logit_cards`), for causal LMs."""
     n = len(dictionary)
     co_atoms, co_scores = (
         co_occurrence(usage, top=partners) if usage.tokens else (np.full((n, partners), -1), np.zeros((n, partners)))
@@ -110,6 +114,9 @@ def explorer_view(
         rows, _ = usage.top_tokens(a, contexts)
         card["contexts"] = [held_out_context(a, int(r), usage, stream_refs, docs, window) for r in rows]
         card["cooc"] = [[int(p), round(float(s), 4)] for p, s in zip(co_atoms[a], co_scores[a], strict=True) if p >= 0]
+        card["hist"] = coefficient_histogram(usage.pair_value[usage.atom_start[a] : usage.atom_start[a + 1]])
+        if logits is not None:
+            card["logits"] = logits[a]
         cards.append(card)
     meta = dictionary.meta
     summary = {
@@ -133,6 +140,35 @@ def explorer_view(
         "summary": summary,
         "atoms": cards,
     }
+
+
+def coefficient_histogram(values: np.ndarray, bins: int = HIST_BINS) -> dict:
+    """{'lo', 'hi', 'counts'}: `bins` equal bins from min(0, lowest) to the highest of an atom's
+    coefficients on the tokens using it (no counts when it is unused)."""
+    if not len(values):
+        return {"lo": 0.0, "hi": 0.0, "counts": []}
+    lo, hi = min(0.0, float(values.min())), float(values.max())
+    hi = hi if hi > lo else lo + 1.0
+    counts, _ = np.histogram(values, bins=bins, range=(lo, hi))
+    return {"lo": round(lo, 4), "hi": round(hi, 4), "counts": [int(c) for c in counts]}
+
+
+def logit_cards(effects, tokenizer) -> list[dict]:
+    """Per direction {'up': [[token, change], ...], 'down': [...]} from itda.explorer.logits.LogitEffects,
+    each token id decoded as the text it stands for."""
+    ids = sorted({int(i) for t in (effects.promoted_MK, effects.suppressed_MK) for i in t.reshape(-1).tolist()})
+    text = dict(zip(ids, tokenizer.batch_decode([[i] for i in ids]), strict=True))
+
+    def pairs(ids_K, values_K) -> list:
+        return [[text[int(i)], round(float(v), 3)] for i, v in zip(ids_K.tolist(), values_K.tolist(), strict=True)]
+
+    return [
+        {
+            "up": pairs(effects.promoted_MK[m], effects.promoted_value_MK[m]),
+            "down": pairs(effects.suppressed_MK[m], effects.suppressed_value_MK[m]),
+        }
+        for m in range(len(effects.promoted_MK))
+    ]
 
 
 def shared_atoms(a: Dictionary, b: Dictionary) -> list[list[int]]:

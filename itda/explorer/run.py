@@ -12,7 +12,8 @@ from itda.activations.corpus import read_documents, split_documents, tokenize_co
 from itda.activations.models import model_at_hookpoint
 from itda.activations.stream import iterate_batches
 from itda.dictionary import Dictionary
-from itda.explorer.data import check_refs, encode_stream, explorer_view
+from itda.explorer.data import check_refs, encode_stream, explorer_view, logit_cards
+from itda.explorer.logits import direct_logit_effects
 
 
 class Explorer(NamedTuple):
@@ -65,6 +66,8 @@ def view_on_model(
 
     usage, stream_refs = encode_stream(dictionary.to(device), batches(), k)
     bar.close()
-    view = explorer_view(dictionary, usage, docs, stream_refs, label=label, contexts=contexts)
+    effects = direct_logit_effects(lm.model, dictionary.atoms)
+    cards = None if effects is None else logit_cards(effects, lm.tokenizer)
+    view = explorer_view(dictionary, usage, docs, stream_refs, label=label, contexts=contexts, logits=cards)
     view.update(model=lm.name, corpus=str(corpus))
     return view
