@@ -49,12 +49,14 @@ def test_config_validates_and_plan_chooses_estimators_up_front():
     assert plan.per_token == ("itda_fused",) and plan.second_pass and plan.jaccard
     assert plan.raw_grid.exact and plan.raw_grid.exact_bytes == exact_grid_bytes(4, 16, 3, 8)
     by_name = {e.name: e for e in plan.estimators}
-    assert by_name["kept_rows"].bytes == 4 * 100 * (4 * 16 + 3 * 8)
+    # float16 unit rows (the norms, one float per layer and row, are not counted)
+    assert by_name["kept_rows"].bytes == 2 * 100 * (4 * 16 + 3 * 8)
     assert by_name["per_token_grid"].passes == (1, 2) and by_name["jaccard_dictionaries"].bytes is None
     # the dictionaries' Gram matrices and a chunk's activations are bounded up front
     assert by_name["dictionary_grams"].bytes == plan.gram_memory == GRAM_MEMORY
     assert by_name["dictionary_grams"].measures == ("jaccard", "itda_fused")
-    assert by_name["chunk_activations"].bytes == 8 * cfg.batch_tokens * (4 * 16 + 3 * 8)
+    # the chunk's float16 unit rows and one 512-row slice of dense float32 paired rows
+    assert by_name["chunk_activations"].bytes == (2 * cfg.batch_tokens + 4 * 512) * (4 * 16 + 3 * 8)
     assert plan.bytes == sum(e.bytes or 0 for e in plan.estimators)
     assert plan.notes()[0].startswith("linear CKA: exact streaming")
     small = make_plan(dataclasses.replace(cfg, cka_memory=1, cka_minibatch=64), 4, 16, 3, 8)

@@ -188,7 +188,11 @@ def _estimators(plan: ComparePlan, row_width: int) -> list[Estimator]:
     if plan.keeps_rows:
         out.append(
             Estimator(
-                "kept_rows", plan.kept_rows + plan.itda_kept_rows, (1,), True, 4 * plan.config.max_rows * row_width
+                "kept_rows",
+                plan.kept_rows + plan.itda_kept_rows,
+                (1,),
+                True,
+                STREAM_DTYPES[plan.config.stream_dtype].itemsize * plan.config.max_rows * row_width,
             )
         )
     cfg = plan.config
