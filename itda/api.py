@@ -349,6 +349,35 @@ def export(source, format: str, out: str | os.PathLike, *, k: int | None = None,
     return writers[format](*loaded, out)
 
 
+def explore_sae(
+    sae,
+    out: str | os.PathLike,
+    *,
+    model: str | LoadedModel | None = None,
+    label: str | None = None,
+    progress: bool = True,
+    **options,
+):
+    """The explorer of an SAE (an itda.sae.LoadedSae, or a path `load_sae` reads) in folder out: one card
+    per latent with its held-out usage by the SAE's inference rule, strongest contexts, co-occurring
+    latents, activation histogram and (causal LMs) direct logit effects. options: corpus, field, tokens,
+    context, contexts, device."""
+    from itda.explorer.page import explorer_data, write_explorer
+    from itda.explorer.run import Explorer, sae_view_on_model
+    from itda.sae.io import LoadedSae, load_sae
+
+    loaded = sae if isinstance(sae, LoadedSae) else load_sae(sae)
+    view = sae_view_on_model(
+        loaded,
+        label=label or loaded.meta.hookpoint or "SAE",
+        model=model if not isinstance(model, LoadedModel) else None,
+        lm=model if isinstance(model, LoadedModel) else None,
+        progress=progress,
+        **options,
+    )
+    return Explorer(write_explorer(Path(out), explorer_data([view], None)), [view], None)
+
+
 def explore(
     dictionary: Dictionary,
     out: str | os.PathLike,

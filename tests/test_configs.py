@@ -53,7 +53,18 @@ COMMANDS = {
             "k_aux": "library only",
             "resample_min_cosine": "library only",
         },
-        {"source", "out", "checkpoint", "checkpoint_every", "layer", "hookpoint", "overwrite", "quiet"},
+        {
+            "source",
+            "out",
+            "checkpoint",
+            "checkpoint_every",
+            "layer",
+            "hookpoint",
+            "layers",
+            "distribute_hookpoints",
+            "overwrite",
+            "quiet",
+        },
     ),
     "compare": (
         compare,
@@ -61,7 +72,7 @@ COMMANDS = {
         {
             "model": "the A and B arguments",
             "revision": "two models: not offered",
-            "stream_dtype": "float64 accumulators",
+            "stream_dtype": "CompareConfig.stream_dtype (the chunks' unit rows) is the one offered",
             "measures": "--measures, a comma list",
             "cka_memory": "--cka-memory, a size such as 1GiB",
         },

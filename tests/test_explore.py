@@ -350,3 +350,79 @@ def test_explorer_on_smollm2_highlights_the_bpe_tokens(smollm2, smollm2_contexts
         for c in card["contexts"]:
             s, e, coef = c["spans"][3 * c["at"] : 3 * c["at"] + 3]
             assert coef != 0 and c["text"][s:e]
+
+
+@pytest.fixture(scope="module")
+def sae_page(built):
+    """An SAE trained on the tiny model's layer 1, explored on the same corpus."""
+    import itda
+
+    root = built["root"]
+    itda.train_sae(
+        model=str(built["model"]),
+        layer=1,
+        corpus=str(built["corpus"]),
+        latents=40,
+        k=4,
+        steps=4,
+        batch_size=128,
+        init="data",
+        init_sample=256,
+        context=32,
+        progress=False,
+        out=root / "sae.safetensors",
+    )
+    out = root / "sae_page"
+    r = runner.invoke(
+        app,
+        [
+            "explore",
+            str(root / "sae.safetensors"),
+            "--corpus",
+            str(built["corpus"]),
+            "--tokens",
+            "1500",
+            "--context",
+            "32",
+            "--out",
+            str(out),
+            "-q",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert "40 latents" in r.output
+    return out
+
+
+def test_sae_cards_count_the_latents_the_sae_fires(built, sae_page):
+    """Per latent, its uses on the held-out tokens against the SAE's TopK rule written out here."""
+    from itda.activations.corpus import read_documents, split_documents, tokenize_contexts
+    from itda.activations.hookpoints import Hookpoint
+    from itda.activations.models import load_model
+    from itda.activations.stream import iterate_batches
+    from itda.sae.io import load_sae
+
+    loaded = load_sae(built["root"] / "sae.safetensors")
+    lm = load_model(str(built["model"]), device="cpu")
+    docs = read_documents(str(built["corpus"]), "text")
+    ids = split_documents(docs, "heldout") or split_documents(docs, "all")
+    ctx = tokenize_contexts(docs, ids, lm.tokenizer, context=32, max_tokens=1500, tokenizer_name=lm.tokenizer_name)
+    hp = Hookpoint("resid_post", 1)
+    x = torch.cat([b[hp].dense() for b in iterate_batches(lm.model, [hp], ctx, dtype=torch.float32)]).double()
+    s = loaded.sae
+    pre = torch.relu((x - s.b_dec.double()) @ s.W_enc.double().T + s.b_enc.double())
+    top = pre.topk(4, dim=1)
+    fired = torch.zeros_like(pre, dtype=torch.bool).scatter_(1, top.indices, top.values > 0)
+    view = json.loads((sae_page / "data.json").read_text())["views"][0]
+    assert view["kind"] == "sae" and len(view["atoms"]) == 40 and view["summary"]["tokens"] == len(x)
+    assert [c["uses"] for c in view["atoms"]] == fired.sum(0).tolist()
+    for c in view["atoms"]:
+        assert sum(c["hist"]["counts"]) == c["uses"] and c["source"] is None and "up" in c["logits"]
+
+
+def test_sae_page_in_a_browser(browser, sae_page):
+    tab, errors = _open(browser, sae_page)
+    first = tab.locator(".card").first
+    assert "sae latent" in first.inner_text().lower() and first.locator(".logits.up span.lt").count() > 0
+    assert first.locator(".token-name").count() == 0  # a latent has no source token
+    assert errors == []

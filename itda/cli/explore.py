@@ -16,7 +16,9 @@ from itda.errors import ItdaInputError
 
 @user_errors
 def explore(
-    dictionary: Path = typer.Argument(..., help="Dictionary to show."),
+    dictionary: Path = typer.Argument(
+        ..., help="Dictionary to show, or an SAE (itda file, SAELens or sparsify folder): one card per latent."
+    ),
     other: Path | None = typer.Argument(
         None, help="A second dictionary: show shared and exclusive atoms side by side."
     ),
@@ -48,6 +50,29 @@ def explore(
         raise ItdaInputError("--tokens must be >= 1 and --contexts >= 0")
     outputs = [Output(out, "explorer", folder=True)]
     check_outputs(outputs, [dictionary, other, model, model_b], overwrite)
+    from itda.sae.io import load_sae_or_none
+
+    sae = load_sae_or_none(dictionary)
+    if sae is not None:
+        if other is not None:
+            raise ItdaInputError("an SAE is explored alone (no second argument)")
+        from itda.api import explore_sae
+
+        page = explore_sae(
+            sae,
+            out,
+            model=model,
+            label=dictionary.stem,
+            progress=not quiet,
+            corpus=corpus,
+            tokens=tokens,
+            context=context,
+            contexts=contexts,
+            device=device,
+        )
+        record_outputs(outputs)
+        _say(page, quiet, last=True)
+        return
     first = load_dictionary_file(dictionary)
     second = load_dictionary_file(other) if other is not None else None
     labels = [dictionary.stem] + ([other.stem] if other is not None else [])
@@ -58,13 +83,20 @@ def explore(
         first, out, other=second, model=model, model_b=model_b, labels=labels, progress=not quiet, **options
     )
     record_outputs(outputs)
-    for v in page.views:
-        s = v["summary"]
-        typer.echo(
-            f"{v['label']}: {s['atoms']} atoms, {s['tokens']} held-out tokens, {s['dead']} unused, "
-            f"mean L0 {s['mean_l0']:.1f}, mean cosine {s['mean_cosine']:.3f}"
-        )
+    _say(page, quiet)
     if second is not None:
         assert page.shared is not None  # two dictionaries: their shared atoms
         typer.echo(f"shared atoms: {len(page.shared)} (of {len(first)} and {len(second)})")
     typer.echo(f"wrote {page.index}")
+
+
+def _say(page, quiet: bool, last: bool = False) -> None:
+    """Each view's summary line (and, with `last`, where the page is)."""
+    for v in page.views:
+        s, what = v["summary"], "latents" if v.get("kind") == "sae" else "atoms"
+        typer.echo(
+            f"{v['label']}: {s['atoms']} {what}, {s['tokens']} held-out tokens, {s['dead']} unused, "
+            f"mean L0 {s['mean_l0']:.1f}, mean cosine {s['mean_cosine']:.3f}"
+        )
+    if last:
+        typer.echo(f"wrote {page.index}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
 from itda.configfields import FieldError
 from itda.dictionary import Dictionary
@@ -179,19 +178,3 @@ def shared_atoms(a: Dictionary, b: Dictionary) -> list[list[int]]:
 
     ka, kb = key(a.refs), key(b.refs)
     return sorted([[ka[k], kb[k]] for k in ka.keys() & kb.keys()])
-
-
-def encode_stream(dictionary: Dictionary, batches, k: int) -> tuple[AtomUsage, np.ndarray]:
-    """Encode a stream of ActBatch (itda.activations.stream) by MP: the usage and every token's refs."""
-    from itda.evaluation.metrics import recon_terms
-    from itda.explorer.usage import AtomUsageAccumulator
-
-    acc = AtomUsageAccumulator(len(dictionary))
-    refs = []
-    atoms = dictionary.atoms.to(torch.float32)
-    for batch in batches:
-        x = batch.dense()
-        codes = dictionary.encode(x, k)
-        acc.update(codes, recon_terms(x, codes, atoms).cosine)
-        refs.append(batch.refs.numpy())
-    return acc.result(), (np.concatenate(refs) if refs else np.zeros((0, 5), np.int64))
