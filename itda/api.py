@@ -193,18 +193,9 @@ def train_sae(
     model is loaded; on_start(trainer, init record): before the first step.
     """
     from itda.sae.batchgroup import training_group
-    from itda.sae.init import parse_init
     from itda.sae.run import run_training
-    from itda.sae.train import SaeSpec, TrainConfig
 
-    spec_opts, train_opts, corpus_opts, model_opts = _split(options, SaeSpec, TrainConfig, CorpusConfig, ModelSource)
-    spec = SaeSpec(latents, **spec_opts)
-    spec.validate()
-    if checkpoint is not None and checkpoint_every < 1:
-        raise FieldError("checkpoint_every", "must be >= 1 with {checkpoint}", others=("checkpoint",))
-    parse_init(spec.init)
-    config = TrainConfig(**train_opts)
-    config.validate()
+    spec, config, corpus_opts, model_opts = _training_options(latents, options, checkpoint, checkpoint_every)
     device = choose_device(device)
     group = training_group(device)  # torchrun: every rank trains on its shards
     if data is not None:
@@ -233,6 +224,22 @@ def train_sae(
     )
 
 
+def _training_options(latents: int, options: dict, checkpoint, checkpoint_every: int) -> tuple:
+    """(SaeSpec, TrainConfig, corpus options, model options) from train_sae's options, each checked."""
+    from itda.sae.init import parse_init
+    from itda.sae.train import SaeSpec, TrainConfig
+
+    spec_opts, train_opts, corpus_opts, model_opts = _split(options, SaeSpec, TrainConfig, CorpusConfig, ModelSource)
+    spec = SaeSpec(latents, **spec_opts)
+    spec.validate()
+    if checkpoint is not None and checkpoint_every < 1:
+        raise FieldError("checkpoint_every", "must be >= 1 with {checkpoint}", others=("checkpoint",))
+    parse_init(spec.init)
+    config = TrainConfig(**train_opts)
+    config.validate()
+    return spec, config, corpus_opts, model_opts
+
+
 def train_saes(
     model: str | LoadedModel,
     layers,
@@ -254,19 +261,10 @@ def train_saes(
     batch instead of every rank training all of them on its shard. checkpoint: a folder, one file per
     hookpoint. options: as train_sae's (SaeSpec, TrainConfig, CorpusConfig, ModelSource fields)."""
     from itda.sae.batchgroup import training_group
-    from itda.sae.init import parse_init
     from itda.sae.multi import owners, parse_hookpoints, train_hookpoints
-    from itda.sae.train import SaeSpec, TrainConfig
 
     hps = parse_hookpoints(layers)
-    spec_opts, train_opts, corpus_opts, model_opts = _split(options, SaeSpec, TrainConfig, CorpusConfig, ModelSource)
-    spec = SaeSpec(latents, **spec_opts)
-    spec.validate()
-    if checkpoint is not None and checkpoint_every < 1:
-        raise FieldError("checkpoint_every", "must be >= 1 with {checkpoint}", others=("checkpoint",))
-    parse_init(spec.init)
-    config = TrainConfig(**train_opts)
-    config.validate()
+    spec, config, corpus_opts, model_opts = _training_options(latents, options, checkpoint, checkpoint_every)
     device = choose_device(device)
     group = training_group(device)
     owners(len(hps), group, distribute_hookpoints)  # refused before the model loads

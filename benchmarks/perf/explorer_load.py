@@ -2,7 +2,8 @@
 
 Pages are written with itda.explorer.page from synthetic views whose cards have the shape of real
 ones (a 320-character source context, 5 held-out contexts of 25 tokens with coefficients, 5
-co-occurring atoms): the page's cost depends on that shape, not on where the numbers came from.
+co-occurring atoms, a 12-bin coefficient histogram, 8 promoted and 8 suppressed tokens): the
+page's cost depends on that shape, not on where the numbers came from.
 Optionally (--page DIR) an existing explorer output is timed too.
 
     python benchmarks/perf/explorer_load.py [--atoms 1000 10000 50000] [--page out/explorer_smollm2]
@@ -68,6 +69,11 @@ def synthetic_view(n_atoms: int, seed: int = 0) -> dict:
                 "source": {"text": src, "hl": [s, e], "cut": [True, True]},
                 "contexts": ctxs,
                 "cooc": [[rng.randrange(n_atoms), round(rng.random(), 4)] for _ in range(5)],
+                "hist": {"lo": 0.0, "hi": 1.0, "counts": [rng.randrange(100) for _ in range(12)]},
+                "logits": {
+                    key: [[rng.choice(WORDS), round(sign * rng.random() * 3, 3)] for _ in range(8)]
+                    for key, sign in (("up", 1), ("down", -1))
+                },
             }
         )
     hist = {"edges": [0.0, 1.0, 2.0], "counts": [1, 1]}
