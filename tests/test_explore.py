@@ -137,9 +137,23 @@ def compare_page(built):
 
 def test_page_data_agrees_with_the_dictionary_and_corpus(built, page):
     data = json.loads((page / "data.json").read_text())
-    assert (page / "data.js").read_text() == "window.ITDA_EXPLORER = " + (
-        page / "data.json"
-    ).read_text().strip() + ";\n"
+    # the page's index holds each card's sort and filter fields; cards/V-C.js the full cards, CHUNK a script
+    from itda.explorer.page import CHUNK, INDEX_FIELDS
+
+    js = (page / "data.js").read_text()
+    index = json.loads(js.removeprefix("window.ITDA_EXPLORER = ").removesuffix(";\n"))
+    assert index["chunk"] == CHUNK
+    assert index["views"][0]["atoms"] == [{k: c[k] for k in INDEX_FIELDS} for c in data["views"][0]["atoms"]]
+    chunks = sorted((page / "cards").iterdir(), key=lambda p: int(p.stem.split("-")[1]))
+    cards = []
+    for i, path in enumerate(chunks):
+        head = f"window.ITDA_CARDS(0, {i}, "
+        text = path.read_text()
+        assert path.name == f"0-{i}.js" and text.startswith(head) and text.endswith(");\n")
+        cards += json.loads(text[len(head) : -3])
+    atoms = data["views"][0]["atoms"]
+    assert cards == sorted(atoms, key=lambda c: (-c["uses"], c["id"]))  # the default order: the first page, one script
+    assert [c["id"] for c in atoms] == list(range(len(atoms)))
     d = Dictionary.load(built["a"])
     (view,) = data["views"]
     assert len(view["atoms"]) == len(d)
@@ -243,6 +257,22 @@ def _open(browser, folder: Path):
 
 
 def test_page_in_a_browser(browser, built, page):
+    _check_page(browser, built, page)
+
+
+def test_page_in_a_browser_loads_cards_chunk_by_chunk(browser, built, page, tmp_path, monkeypatch):
+    """The same page written 7 cards a script: sorting, search, #id and paging load the chunks they show."""
+    import itda.explorer.page as explorer_page
+
+    monkeypatch.setattr(explorer_page, "CHUNK", 7)
+    small = tmp_path / "small"
+    explorer_page.write_explorer(small, json.loads((page / "data.json").read_text()))
+    n = len(json.loads((page / "data.json").read_text())["views"][0]["atoms"])
+    assert len(list((small / "cards").iterdir())) == -(-n // 7) > 2
+    _check_page(browser, built, small)
+
+
+def _check_page(browser, built, page):
     d = Dictionary.load(built["a"])
     data = json.loads((page / "data.json").read_text())
     tab, errors = _open(browser, page)

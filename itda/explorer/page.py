@@ -11,6 +11,8 @@ from itda.version import __version__
 
 ASSET = Path(__file__).with_name("assets") / "index.html"
 MARKER = "data.json"  # an earlier explorer output, which --out may replace
+CHUNK = 1000  # cards per script the page loads when it first shows one of them
+INDEX_FIELDS = ("id", "token", "uses", "mean_coef")  # what the page sorts, filters and labels by
 
 
 def explorer_data(views: list[dict], shared: list[list[int]] | None = None) -> dict:
@@ -20,12 +22,28 @@ def explorer_data(views: list[dict], shared: list[list[int]] | None = None) -> d
 
 
 def write_explorer(out: str | Path, data: dict) -> Path:
-    """out/index.html, out/data.json and out/data.js (the same JSON as a script, which a page
-    opened from disk can load where browsers refuse to fetch a file). Replaces only an earlier
-    explorer output; on error nothing changes."""
-    text = json.dumps(data, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+    """out/index.html, out/data.json (everything, for other tools), out/data.js (the index the page
+    loads first: per card only INDEX_FIELDS) and out/cards/V-C.js (the full cards of view V, CHUNK
+    at a time in the page's default order, most used first, so the first page needs one script;
+    loaded when the page first shows one). Scripts, because a page opened from disk may
+    load scripts where browsers refuse to fetch a file. Replaces only an earlier explorer output;
+    on error nothing changes."""
+    dump = lambda obj: json.dumps(obj, ensure_ascii=True, allow_nan=False, separators=(",", ":"))  # noqa: E731
+    index = {**data, "chunk": CHUNK, "views": [_index_view(v) for v in data["views"]]}
     with atomic_dir(out, replace_if=MARKER) as tmp:
         shutil.copyfile(ASSET, tmp / "index.html")
-        (tmp / "data.js").write_text("window.ITDA_EXPLORER = " + text + ";\n", encoding="ascii")
-        (tmp / MARKER).write_text(text + "\n", encoding="ascii")
+        (tmp / "data.js").write_text("window.ITDA_EXPLORER = " + dump(index) + ";\n", encoding="ascii")
+        (tmp / "cards").mkdir()
+        for v, view in enumerate(data["views"]):
+            atoms = view["atoms"]
+            order = sorted(range(len(atoms)), key=lambda i: (-atoms[i]["uses"], i))  # the page's default order
+            for c in range(0, len(atoms), CHUNK):
+                cards = dump([atoms[i] for i in order[c : c + CHUNK]])
+                text = f"window.ITDA_CARDS({v}, {c // CHUNK}, {cards});\n"
+                (tmp / "cards" / f"{v}-{c // CHUNK}.js").write_text(text, encoding="ascii")
+        (tmp / MARKER).write_text(dump(data) + "\n", encoding="ascii")
     return Path(out) / "index.html"
+
+
+def _index_view(view: dict) -> dict:
+    return {**view, "atoms": [{k: card[k] for k in INDEX_FIELDS} for card in view["atoms"]]}
