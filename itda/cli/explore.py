@@ -56,22 +56,8 @@ def explore(
     if sae is not None:
         if other is not None:
             raise ItdaInputError("an SAE is explored alone (no second argument)")
-        from itda.api import explore_sae
-
-        page = explore_sae(
-            sae,
-            out,
-            model=model,
-            label=dictionary.stem,
-            progress=not quiet,
-            corpus=corpus,
-            tokens=tokens,
-            context=context,
-            contexts=contexts,
-            device=device,
-        )
-        record_outputs(outputs)
-        _say(page, quiet, last=True)
+        options = dict(corpus=corpus, tokens=tokens, context=context, contexts=contexts, device=device)
+        _explore_sae(sae, dictionary.stem, out, model, outputs, quiet, options)
         return
     first = load_dictionary_file(dictionary)
     second = load_dictionary_file(other) if other is not None else None
@@ -88,6 +74,15 @@ def explore(
         assert page.shared is not None  # two dictionaries: their shared atoms
         typer.echo(f"shared atoms: {len(page.shared)} (of {len(first)} and {len(second)})")
     typer.echo(f"wrote {page.index}")
+
+
+def _explore_sae(sae, label: str, out: Path, model, outputs, quiet: bool, options: dict) -> None:
+    """The explorer of an SAE's latents, written and reported."""
+    from itda.api import explore_sae
+
+    page = explore_sae(sae, out, model=model, label=label, progress=not quiet, **options)
+    record_outputs(outputs)
+    _say(page, quiet, last=True)
 
 
 def _say(page, quiet: bool, last: bool = False) -> None:

@@ -94,22 +94,7 @@ def explorer_view(
     refs = dictionary.refs.tolist()
     cards = []
     for a in range(n):
-        doc, pos, cs, ce, tok = refs[a]
-        card = {
-            "id": a,
-            "doc": doc,
-            "pos": pos,
-            "token_id": tok,
-            "uses": int(usage.count_N[a]),
-            "freq": float(usage.count_N[a]) / max(usage.tokens, 1),
-            "mean_coef": round(float(mean_coef[a]), 4),
-        }
-        if 0 <= doc < len(docs) and cs >= 0:
-            text = docs[int(doc)]
-            card["source"] = source_context(text, cs, ce)
-            card["token"] = text[cs:ce]
-        else:
-            card["source"], card["token"] = None, "" if pos >= 0 else "<special>"
+        card = _card(a, refs[a], usage, mean_coef, docs)
         rows, _ = usage.top_tokens(a, contexts)
         card["contexts"] = [held_out_context(a, int(r), usage, stream_refs, docs, window) for r in rows]
         card["cooc"] = [[int(p), round(float(s), 4)] for p, s in zip(co_atoms[a], co_scores[a], strict=True) if p >= 0]
@@ -139,6 +124,26 @@ def explorer_view(
         "summary": summary,
         "atoms": cards,
     }
+
+
+def _card(a: int, ref: list[int], usage: AtomUsage, mean_coef: np.ndarray, docs: Sequence[str]) -> dict:
+    """An atom's identity, usage and source context (its text around the source token)."""
+    doc, pos, cs, ce, tok = ref
+    card = {
+        "id": a,
+        "doc": doc,
+        "pos": pos,
+        "token_id": tok,
+        "uses": int(usage.count_N[a]),
+        "freq": float(usage.count_N[a]) / max(usage.tokens, 1),
+        "mean_coef": round(float(mean_coef[a]), 4),
+    }
+    if 0 <= doc < len(docs) and cs >= 0:
+        text = docs[int(doc)]
+        card["source"], card["token"] = source_context(text, cs, ce), text[cs:ce]
+    else:
+        card["source"], card["token"] = None, "" if pos >= 0 else "<special>"
+    return card
 
 
 def coefficient_histogram(values: np.ndarray, bins: int = HIST_BINS) -> dict:
