@@ -134,3 +134,29 @@ def test_the_command_writes_one_sae_per_hookpoint_and_refuses_bad_input(model_an
     )
     run_bad(args + ["--layers", "1,2", "--distribute-hookpoints", "--out", str(tmp_path / "d")], "torchrun")
     assert (tmp_path / "file").read_text() == "mine" and not (tmp_path / "d").exists()
+
+
+def test_ctrl_c_saves_every_hookpoints_checkpoint_and_the_rerun_finishes(model_and_corpus, tmp_path, monkeypatch):
+    from itda.sae.train import SaeTrainer
+
+    folder, corpus = model_and_corpus
+    whole = itda.train_saes(str(folder), "1,2", corpus=str(corpus), progress=False, **OPTS)
+    ckpt = tmp_path / "ckpt"
+    run = dict(corpus=str(corpus), progress=False, checkpoint=ckpt, checkpoint_every=100, **OPTS)
+    original, calls = SaeTrainer.step, []
+
+    def interrupted(self, x):
+        calls.append(1)
+        if len(calls) == 5:  # layer 1's third step
+            raise KeyboardInterrupt
+        return original(self, x)
+
+    monkeypatch.setattr(SaeTrainer, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        itda.train_saes(str(folder), "1,2", **run)
+    monkeypatch.setattr(SaeTrainer, "step", original)
+    steps = {p.name: SaeTrainer.load_checkpoint(p)[0].step_count for p in ckpt.iterdir()}
+    assert steps == {"resid_post.1.safetensors": 2, "resid_post.2.safetensors": 2}
+    again = itda.train_saes(str(folder), "1,2", **run)
+    for name in whole:
+        _same(again[name], whole[name])

@@ -129,6 +129,8 @@ def _train_hookpoints(params: dict[str, Any], root: bool) -> None:
     for hp in parse_hookpoints(params["layers"]):
         check_output(out / f"{hp.name}.safetensors", [Path(source)] + corpus, "sae", params["overwrite"])
     options = _offered(params, SaeSpec, TrainConfig, CorpusConfig, ModelSource, drop=("latents", "device"))
+    if checkpoint is not None:
+        on_interrupt(f"checkpoints saved in {checkpoint}; run the same command to resume")
     started = time.perf_counter()
     saes = train_saes(
         source,

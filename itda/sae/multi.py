@@ -137,17 +137,28 @@ def _lockstep(stream, runs: dict, config: TrainConfig, checkpoint_every: int, gr
     low = group.min_value(float(min(steps)) if steps else None)  # every rank skips as far as all can
     start = int(low) if low is not None else 0
     bar = tqdm(total=config.steps, initial=start, unit="step", disable=not progress or not group.is_root, desc="saes")
-    for index, xs in enumerate(itertools.islice(stream, start, config.steps), start):
-        for i, (_, run, path) in runs.items():
-            trainer = run.trainer
-            if trainer.step_count != index:
-                continue
-            trainer.step(xs[i] if run.units == 1.0 else xs[i] * (1.0 / run.units))
-            if path is not None and checkpoint_every and trainer.step_count % checkpoint_every == 0:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                trainer.save_checkpoint(path, {"fingerprint": run.fingerprint, "init": run.info})
-        bar.update(1)
-    bar.close()
+    try:
+        for index, xs in enumerate(itertools.islice(stream, start, config.steps), start):
+            for i, (_, run, path) in runs.items():
+                if run.trainer.step_count != index:
+                    continue
+                run.trainer.step(xs[i] if run.units == 1.0 else xs[i] * (1.0 / run.units))
+                if checkpoint_every and run.trainer.step_count % checkpoint_every == 0:
+                    _save(run, path)
+            bar.update(1)
+    except KeyboardInterrupt:  # as one hookpoint's run does: every SAE's state, then stop
+        for _, run, path in runs.values():
+            _save(run, path)
+        raise
+    finally:
+        bar.close()
     for _, run, _ in runs.values():
         if run.trainer.step_count < config.steps:
             raise ItdaInputError(f"the activation stream ended after {run.trainer.step_count} of {config.steps} steps")
+
+
+def _save(run: Prepared, path: Path | None) -> None:
+    """The run's checkpoint (its identity carried, so a resume with other data is refused)."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        run.trainer.save_checkpoint(path, {"fingerprint": run.fingerprint, "init": run.info})
