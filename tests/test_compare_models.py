@@ -337,3 +337,36 @@ def test_stream_dtype_is_checked_and_float32_streams_dense_rows():
     # float16 unit rows move CKA by their rounding only (~1e-4 relative), and they do move it
     np.testing.assert_allclose(f16, f32, atol=1e-3)
     assert not np.array_equal(f16, f32)
+
+
+def test_kept_rows_of_a_self_comparison_are_held_once_and_gathered_once():
+    """B's kept rows are A's (one copy) in a self-comparison, before and after a (one-rank) gather."""
+    from itda.activations.stream import to_act_batch
+    from itda.comparison.passes import KeptRows
+
+    x = torch.randn(2, 10, 8, generator=torch.Generator().manual_seed(0))
+    refs = torch.zeros(10, 5, dtype=torch.int64)
+    batch = [to_act_batch(x[i], refs, torch.float16, f"layer {i}") for i in range(2)]
+    rows = torch.arange(10)
+
+    class OneRank:  # gather_kept as ranks.Ranks does it with a single rank: the pieces in order
+        distributed = True
+
+        def gather_kept(self, kept, chunk, max_rows, d, order=None):
+            calls.append(d)
+            return [[torch.cat(s)[:max_rows]] for s in kept], torch.arange(max_rows)
+
+    calls: list[int] = []
+    for self_compare in (True, False):
+        kept = KeptRows(2, 2, 6, self_compare)
+        kept.add(0, batch, rows[:4], batch, rows[:4])
+        kept.add(1, batch, rows[4:], batch, rows[4:])
+        assert kept.n == 6 and (kept.b is kept.a) == self_compare
+        before = [t.clone() for t in kept.layers()[0]]
+        kept.gather(OneRank(), 8, 8)  # type: ignore[arg-type]
+        xs, ys = kept.layers()
+        assert (kept.b is kept.a) == self_compare
+        for layer in range(2):
+            assert torch.equal(xs[layer], before[layer]) and torch.equal(ys[layer], before[layer])
+            assert torch.equal(xs[layer], batch[layer].dense()[:6])
+    assert calls == [8, 8, 8]  # one gather in the self-comparison, two otherwise

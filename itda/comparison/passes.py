@@ -49,10 +49,12 @@ class KeptRows:
     """The first max_rows paired rows of every layer of both models (unit rows in the stream dtype
     and their norms), with each row's chunk index."""
 
-    def __init__(self, layers_a: int, layers_b: int, max_rows: int):
-        # per layer, lists of (unit rows, norms) pieces
+    def __init__(self, layers_a: int, layers_b: int, max_rows: int, self_compare: bool = False):
+        # per layer, lists of (unit rows, norms) pieces; B's are A's in a self-comparison (one copy)
         self.a: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(layers_a)]
-        self.b: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(layers_b)]
+        self.b: list[list[tuple[torch.Tensor, torch.Tensor]]] = (
+            self.a if self_compare else [[] for _ in range(layers_b)]
+        )
         self.chunk: list[torch.Tensor] = []  # chunk index of every kept row (ranks gather them in chunk order)
         self.n, self.max_rows = 0, max_rows
 
@@ -63,7 +65,7 @@ class KeptRows:
     def add(self, chunk_index: int, batch_a: list, rows_a: torch.Tensor, batch_b: list, rows_b: torch.Tensor) -> None:
         """Keep these paired rows (indices into the chunk's batches of A and B), up to max_rows."""
         take = min(self.max_rows - self.n, len(rows_a))
-        for store, batch, rows in ((self.a, batch_a, rows_a[:take]), (self.b, batch_b, rows_b[:take])):
+        for store, batch, rows in self._stores((batch_a, rows_a[:take]), (batch_b, rows_b[:take])):
             for pieces, acts in zip(store, batch, strict=True):
                 pieces.append((acts.unit[rows], acts.norm[rows]))
         self.chunk.append(torch.full((take,), chunk_index, dtype=torch.int64))
@@ -74,10 +76,19 @@ class KeptRows:
         dense float32 rows of norm factor 1: the same bits)."""
         if not ranks.distributed:
             return
+        shared = self.b is self.a
         dense_a, order = ranks.gather_kept(self._dense(self.a), self.chunk, self.max_rows, d_a)
-        dense_b, _ = ranks.gather_kept(self._dense(self.b), self.chunk, self.max_rows, d_b, order)
         self.a = [[(x, torch.ones(len(x)))] for (x,) in dense_a]
+        if shared:
+            self.b = self.a
+            return
+        dense_b, _ = ranks.gather_kept(self._dense(self.b), self.chunk, self.max_rows, d_b, order)
         self.b = [[(y, torch.ones(len(y)))] for (y,) in dense_b]
+
+    def _stores(self, extra_a: tuple, extra_b: tuple) -> list[tuple]:
+        """(A's store, *extra_a) and, unless B's store is A's, (B's store, *extra_b)."""
+        out = [(self.a, *extra_a)]
+        return out if self.b is self.a else out + [(self.b, *extra_b)]
 
     @staticmethod
     def _dense(store) -> list[list[torch.Tensor]]:
@@ -85,7 +96,7 @@ class KeptRows:
 
     def layers(self) -> tuple[DenseLayers, DenseLayers]:
         """Per layer [n, d] rows of A and of B (the pieces are joined in place: one copy is held)."""
-        for store in (self.a, self.b):
+        for store, *_ in self._stores((), ()):
             for i, pieces in enumerate(store):
                 if len(pieces) != 1:
                     store[i] = [(torch.cat([u for u, _ in pieces]), torch.cat([n for _, n in pieces]))]
@@ -178,7 +189,7 @@ def _accumulators(corpus: PairedCorpus, plan: ComparePlan) -> FirstPass:
     build = BuildConfig(k=cfg.k, min_cosine=cfg.min_cosine)
     la, _, lb, _ = corpus.shapes
     grid = None if plan.raw_grid is None else make_grid(plan.raw_grid, cfg.precision)
-    kept = KeptRows(la, lb, cfg.max_rows) if plan.keeps_rows else None
+    kept = KeptRows(la, lb, cfg.max_rows, corpus.self_compare) if plan.keeps_rows else None
     jaccard_a = jaccard_b = None
     with GramPool(plan.gram_memory) as grams:  # every builder made here draws on it
         if plan.jaccard:

@@ -224,8 +224,9 @@ def _estimators(plan: ComparePlan, row_width: int) -> list[Estimator]:
 
 
 def chunk_bytes(config: CompareConfig, row_width: int) -> int:
-    """One document chunk's activations of both models: the forward's unit rows (stream_dtype) and
-    float32 norms, and one ROW_SLICE of paired dense float32 rows (row_width floats per token)."""
+    """One document chunk's activations of both models: the forward's unit rows (stream_dtype; the
+    float32 norms, one per layer and token, not counted) and one ROW_SLICE of paired dense float32
+    rows (row_width floats per token)."""
     unit = STREAM_DTYPES[config.stream_dtype].itemsize
     return unit * config.batch_tokens * row_width + 4 * min(ROW_SLICE, config.batch_tokens) * row_width
 

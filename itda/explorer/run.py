@@ -36,7 +36,7 @@ class SaeLatents:
 
     def __init__(self, loaded):
         cfg, meta = loaded.sae.cfg, loaded.meta
-        self.loaded, self.atoms = loaded, loaded.sae.W_dec.detach()
+        self.atoms = loaded.sae.W_dec.detach()
         self.refs = torch.full((cfg.n_latents, 5), -1, dtype=torch.int64)
         self.meta = SimpleNamespace(
             model=meta.model, hookpoint=meta.hookpoint, tokenizer=meta.tokenizer, k=cfg.k, d=cfg.d_in
