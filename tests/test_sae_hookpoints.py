@@ -50,29 +50,34 @@ class _Killed(RuntimeError):
     pass
 
 
+def _interrupted(monkeypatch, folder, run: dict, at_call: int, error: type[BaseException]) -> dict[str, int]:
+    """train_saes(**run) stopped by `error` raised in the at_call-th SaeTrainer.step call (the layers
+    step in turn); the step count of each checkpoint it left."""
+    from itda.sae.train import SaeTrainer
+
+    original, calls = SaeTrainer.step, []
+
+    def stopping(self, x):
+        calls.append(1)
+        if len(calls) == at_call:
+            raise error
+        return original(self, x)
+
+    monkeypatch.setattr(SaeTrainer, "step", stopping)
+    with pytest.raises(error):
+        itda.train_saes(str(folder), "1,2", **run)
+    monkeypatch.setattr(SaeTrainer, "step", original)
+    return {p.name: SaeTrainer.load_checkpoint(p)[0].step_count for p in run["checkpoint"].iterdir()}
+
+
 def test_a_killed_run_resumes_each_hookpoint_from_its_checkpoint(model_and_corpus, tmp_path, monkeypatch):
     """Killed inside step 4, after layer 1 wrote its step-4 checkpoint and before layer 2 did: the rerun
     starts at step 2 (layer 2's), layer 1 waits for step 4, and both SAEs equal an uninterrupted run's."""
-    from itda.sae.train import SaeTrainer
-
     folder, corpus = model_and_corpus
     whole = itda.train_saes(str(folder), "1,2", corpus=str(corpus), progress=False, **OPTS)
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"
     run = dict(corpus=str(corpus), progress=False, checkpoint=ckpt, checkpoint_every=2, out=out, **OPTS)
-    original = SaeTrainer.step
-    calls = []
-
-    def dying(self, x):
-        calls.append(self.step_count)
-        if len(calls) == 8:  # layer 2's fourth step
-            raise _Killed
-        return original(self, x)
-
-    monkeypatch.setattr(SaeTrainer, "step", dying)
-    with pytest.raises(_Killed):
-        itda.train_saes(str(folder), "1,2", **run)
-    monkeypatch.setattr(SaeTrainer, "step", original)
-    steps = {p.name: SaeTrainer.load_checkpoint(p)[0].step_count for p in ckpt.iterdir()}
+    steps = _interrupted(monkeypatch, folder, run, 8, _Killed)  # inside layer 2's fourth step
     assert steps == {"resid_post.1.safetensors": 4, "resid_post.2.safetensors": 2}
     again = itda.train_saes(str(folder), "1,2", **run)
     for name in whole:
@@ -137,25 +142,11 @@ def test_the_command_writes_one_sae_per_hookpoint_and_refuses_bad_input(model_an
 
 
 def test_ctrl_c_saves_every_hookpoints_checkpoint_and_the_rerun_finishes(model_and_corpus, tmp_path, monkeypatch):
-    from itda.sae.train import SaeTrainer
-
     folder, corpus = model_and_corpus
     whole = itda.train_saes(str(folder), "1,2", corpus=str(corpus), progress=False, **OPTS)
     ckpt = tmp_path / "ckpt"
     run = dict(corpus=str(corpus), progress=False, checkpoint=ckpt, checkpoint_every=100, **OPTS)
-    original, calls = SaeTrainer.step, []
-
-    def interrupted(self, x):
-        calls.append(1)
-        if len(calls) == 5:  # layer 1's third step
-            raise KeyboardInterrupt
-        return original(self, x)
-
-    monkeypatch.setattr(SaeTrainer, "step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        itda.train_saes(str(folder), "1,2", **run)
-    monkeypatch.setattr(SaeTrainer, "step", original)
-    steps = {p.name: SaeTrainer.load_checkpoint(p)[0].step_count for p in ckpt.iterdir()}
+    steps = _interrupted(monkeypatch, folder, run, 5, KeyboardInterrupt)  # inside layer 1's third step
     assert steps == {"resid_post.1.safetensors": 2, "resid_post.2.safetensors": 2}
     again = itda.train_saes(str(folder), "1,2", **run)
     for name in whole:
