@@ -187,8 +187,8 @@ def train_sae(
     (resid_post) and `hookpoint`: the model's activations over the corpus's training split. checkpoint:
     saved every checkpoint_every steps and on Ctrl-C, resumed when it exists, removed at the end.
     options: SaeSpec (k, arch, matryoshka_widths (a comma list or ints), init, batch_size, b_dec, fill, crop,
-    init_sample, holdout; batch_topk: deprecated arch batchtopk), TrainConfig (steps, lr, auxk_alpha, resample,
-    seed, threshold_lr, ...), CorpusConfig (corpus, field, context, ...)
+    centre_atoms, init_sample, holdout; batch_topk: deprecated arch batchtopk), TrainConfig (steps, lr,
+    auxk_alpha, resample, seed, threshold_lr, ...), CorpusConfig (corpus, field, context, ...)
     and ModelSource fields (model_dtype, layerwise, max_memory, revision, offline). on_model(lm): once the
     model is loaded; on_start(trainer, init record): before the first step.
     """

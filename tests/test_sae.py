@@ -192,6 +192,27 @@ def test_itda_init_fill_and_crop_rules(synthetic, synthetic_dict):
     assert err.value.field == "init"
 
 
+def test_itda_init_centres_atoms_by_b_dec_and_fills_with_outliers(synthetic, synthetic_dict):
+    x, _ = synthetic
+    path, d = synthetic_dict
+    n, sample = len(d), x[:8192].double()
+    sae, info = new_sae(
+        SaeConfig(64, n + 20, 4), f"itda:{path}", x[:8192], seed=0, b_dec="mean", fill="outliers", centre_atoms=True
+    )
+    b = sample.mean(0)
+    r = sample.norm(dim=1).median()
+    want = d.atoms.double() * r - b  # a typical activation along each atom, seen from b_dec
+    assert torch.allclose(sae.W_dec[:n].double(), want / want.norm(dim=1, keepdim=True), atol=1e-5)
+    centred = sample - b
+    top = torch.linalg.svd(centred, full_matrices=False)[2][:16]
+    far = (centred - centred @ top.T @ top).norm(dim=1).argsort(descending=True)[:20]
+    fill = centred[far] / centred[far].norm(dim=1, keepdim=True)
+    assert torch.allclose(sae.W_dec[n:].double(), fill, atol=1e-5)
+    assert info["centre_atoms"] is True and info["fill"] == "outliers"
+    plain, _ = new_sae(SaeConfig(64, n, 4), f"itda:{path}", x[:8192], seed=0, b_dec="mean")
+    assert torch.allclose(plain.W_dec, d.atoms, atol=1e-6)  # centring is asked for, never implied
+
+
 def test_transfer_copies_an_sae_exactly(tmp_path, synthetic):
     x, _ = synthetic
     src = random_sae(d=64, f=96, k=4, seed=3)

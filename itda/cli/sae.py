@@ -54,6 +54,7 @@ def train(
     b_dec: str = option(SaeSpec, "b_dec"),
     fill: str | None = option(SaeSpec, "fill"),
     crop: bool = option(SaeSpec, "crop"),
+    centre_atoms: bool = option(SaeSpec, "centre_atoms"),
     batch_topk: bool = option(SaeSpec, "batch_topk"),
     auxk_alpha: float = option(TrainConfig, "auxk_alpha"),
     dead_after_tokens: int = option(TrainConfig, "dead_after_tokens"),

@@ -24,7 +24,7 @@ from itda.errors import ItdaInputError
 from itda.sae.model import SaeConfig, TopKSAE, activation_units
 
 B_DEC_RULES = ("median", "mean", "zero")
-FILL_RULES = ("data", "kaiming")
+FILL_RULES = ("data", "kaiming", "outliers")
 OUTLIER_PCS = 16  # `outliers`: principal components projected out before ranking samples
 ENCODER_FIT_ROWS = 4096  # sample rows the encoder scale is fitted on
 ENCODER_FIT_BYTES = 2**30  # the fit's [rows, F] pre-activations and [rows, k, D] gathered rows, per chunk
@@ -164,15 +164,20 @@ def atom_rows(
     *,
     fill: str | None = "data",
     crop: bool = False,
+    centre: bool = False,
 ) -> Tensor:
     """Dictionary atoms as decoder rows, in order of addition.
 
-    More latents than atoms: the rest by `fill` (random activations minus b_dec, or kaiming).
+    `centre`: each unit atom a becomes r a - b_dec (r = the sample's median norm), the direction
+    from b_dec to a typical activation along a, as the SAE's decoder sees it.
+    More latents than atoms: the rest by `fill` (random activations minus b_dec, kaiming or outliers).
     Fewer latents than atoms: the first n atoms when `crop`, else an error.
     """
     atoms = atoms_ND.to(torch.float32)
     if atoms.shape[1] != sample_SD.shape[1]:
         raise ItdaInputError(f"the dictionary has d={atoms.shape[1]}, the activations d={sample_SD.shape[1]}")
+    if centre:
+        atoms = unit_rows(atoms * sample_SD.norm(dim=1).median() - b_dec)
     if n < atoms.shape[0]:
         if not crop:
             raise FieldError(
@@ -234,6 +239,7 @@ def initialise(
     b_dec: str = "median",
     fill: str | None = "data",
     crop: bool = False,
+    centre_atoms: bool = False,
 ) -> dict:
     """Set sae's weights in place from spec and the sample; returns what was done (for metadata)."""
     cfg = sae.cfg
@@ -259,8 +265,9 @@ def initialise(
 
         assert spec.path is not None
         atoms = Dictionary.load(spec.path).atoms
-        rows = atom_rows(atoms, cfg.n_latents, sample, gen, bias, fill=fill, crop=crop)
+        rows = atom_rows(atoms, cfg.n_latents, sample, gen, bias, fill=fill, crop=crop, centre=centre_atoms)
         info.update(atoms=int(atoms.shape[0]), fill=fill if cfg.n_latents > atoms.shape[0] else None)
+        info.update(centre_atoms=centre_atoms)
     else:
         rows = ROW_INITS[spec.name](cfg.n_latents, sample, gen, bias)
     w_dec = unit_rows(rows)
@@ -297,7 +304,7 @@ def _copy_sae(sae: TopKSAE, other: TopKSAE, info: dict) -> dict:
 def new_sae(
     cfg: SaeConfig, spec: InitSpec | str, sample_SD: Tensor, device: torch.device | str = "cpu", **kwargs
 ) -> tuple[TopKSAE, dict]:
-    """A TopKSAE initialised by spec on the sample (kwargs: seed, b_dec, fill, crop); refused if it cannot
+    """A TopKSAE initialised by spec on the sample (kwargs: seed, b_dec, fill, crop, centre_atoms); refused if it cannot
     fit in memory."""
     from itda.resources import check_fits
 

@@ -195,7 +195,7 @@ def _trainer(
                 f"{checkpoint}: checkpoint was made with other settings or data; remove it or change {{field}}",
             )
         return trainer, extra["init"]
-    init = dict(seed=config.seed, b_dec=spec.b_dec, fill=spec.fill, crop=spec.crop)
+    init = dict(seed=config.seed, b_dec=spec.b_dec, fill=spec.fill, crop=spec.crop, centre_atoms=spec.centre_atoms)
     sae, info = new_sae(cfg, parse_init(spec.init), sample, device=device, **init)
     sae.scale_biases_(1.0 / units)
     group.broadcast_([sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.threshold])

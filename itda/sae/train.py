@@ -101,7 +101,11 @@ class SaeSpec:
     batch_size: int = choice(4096, "Tokens per step.")
     b_dec: str = choice("median", "Decoder bias from the init sample: median (geometric), mean or zero.")
     fill: str | None = choice(
-        "data", "itda/transfer init with more latents than atoms: fill the rest with 'data' or 'kaiming' rows."
+        "data",
+        "itda/transfer init with more latents than atoms: fill the rest with 'data', 'kaiming' or 'outliers' rows.",
+    )
+    centre_atoms: bool = choice(
+        False, "itda/transfer init: decoder rows from b_dec to a typical activation along each atom."
     )
     crop: bool = choice(False, "itda/transfer init with fewer latents than atoms: keep the first atoms.")
     batch_topk: bool = choice(False, "Deprecated: the same as --arch batchtopk.")
