@@ -56,6 +56,7 @@ def test_train_eval_export_from_itda_init(tmp_path, files):
     assert "fvu" in r.output
     loaded = load_sae(out)
     assert loaded.sae.cfg.n_latents == 512 and loaded.meta.init["init"] == f"itda:{d}"
+    assert loaded.meta.init["centre_atoms"] is True  # the default, recorded
     assert loaded.meta.train["tokens"] == 30 * 256 and 0 < loaded.meta.train["heldout"]["fvu"] < 1
     rep = tmp_path / "rep.json"
     _ok(["sae", "eval", str(out), str(acts), "--out", str(rep)])

@@ -175,7 +175,7 @@ def test_itda_init_fill_and_crop_rules(synthetic, synthetic_dict):
     x, _ = synthetic
     path, d = synthetic_dict
     n = len(d)
-    sae, info = new_sae(SaeConfig(64, n + 50, 4), f"itda:{path}", x[:8192], seed=0, fill="data")
+    sae, info = new_sae(SaeConfig(64, n + 50, 4), f"itda:{path}", x[:8192], seed=0, fill="data", centre_atoms=False)
     assert torch.allclose(sae.W_dec[:n], d.atoms, atol=1e-6)
     assert info["fill"] == "data" and info["atoms"] == n
     with pytest.raises(FieldError, match="give a fill rule") as err:
@@ -209,8 +209,8 @@ def test_itda_init_centres_atoms_by_b_dec_and_fills_with_outliers(synthetic, syn
     fill = centred[far] / centred[far].norm(dim=1, keepdim=True)
     assert torch.allclose(sae.W_dec[n:].double(), fill, atol=1e-5)
     assert info["centre_atoms"] is True and info["fill"] == "outliers"
-    plain, _ = new_sae(SaeConfig(64, n, 4), f"itda:{path}", x[:8192], seed=0, b_dec="mean")
-    assert torch.allclose(plain.W_dec, d.atoms, atol=1e-6)  # centring is asked for, never implied
+    plain, _ = new_sae(SaeConfig(64, n, 4), f"itda:{path}", x[:8192], seed=0, b_dec="mean", centre_atoms=False)
+    assert torch.allclose(plain.W_dec, d.atoms, atol=1e-6)  # the atoms themselves when not centred
 
 
 def test_transfer_copies_an_sae_exactly(tmp_path, synthetic):

@@ -40,11 +40,13 @@ LAYERS = ("smollm2-135m:8", "smollm2-135m:15", "gemma3-270m:9")
 ROW_INITS = ("kaiming", "orthogonal", "data", "mean-subtracted", "centroid-subtracted", "outliers")
 # ITDA variants: dictionary threshold, atoms centred by b_dec, what fills latents beyond the atoms
 ITDA_VARIANTS = {
-    "itda": {"min_cosine": 0.9, "centre_atoms": True, "fill": "outliers"},
-    "itda-raw": {"min_cosine": 0.9, "centre_atoms": False, "fill": "data"},
-    "itda-centred": {"min_cosine": 0.9, "centre_atoms": True, "fill": "data"},
+    "itda": {"min_cosine": 0.9, "centre_atoms": True, "fill": "data"},  # itda sae train's default
+    "itda-raw": {"min_cosine": 0.9, "centre_atoms": False, "fill": "data"},  # the rule before 2026-12-03
     "itda-outfill": {"min_cosine": 0.9, "centre_atoms": False, "fill": "outliers"},
+    "itda-centred-outfill": {"min_cosine": 0.9, "centre_atoms": True, "fill": "outliers"},
     "itda-0.95": {"min_cosine": 0.95, "centre_atoms": True, "fill": "outliers"},
+    # built on activations minus their geometric median: gemma3's raw activations are all near one direction
+    "itda-cbuild": {"min_cosine": 0.9, "centre_atoms": False, "fill": "data", "build_centred": True},
 }
 INITS = (*ROW_INITS, *ITDA_VARIANTS, "transfer")
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "sae_init_study"
@@ -123,17 +125,23 @@ def load_split(model: str, layer: int, split: str, budget: Budget) -> torch.Tens
     return load_activations(act_path(model, layer, split, n)).acts.float()
 
 
-def itda_dictionary(model: str, layer: int, min_cosine: float, budget: Budget) -> tuple[Path, float, int]:
-    """The ITDA dictionary of the cached training tokens (built once; its build time kept beside it)."""
+def itda_dictionary(
+    model: str, layer: int, min_cosine: float, budget: Budget, centred: bool = False
+) -> tuple[Path, float, int]:
+    """The ITDA dictionary of the cached training tokens, or of them minus their geometric median when
+    `centred` (built once; its build time kept beside it)."""
     from itda.builder import build_dictionary
     from itda.dictionary import Dictionary
+    from itda.sae.init import geometric_median
 
-    path = ACTS / f"itda_{model}_L{layer}_{min_cosine}.safetensors"
+    path = ACTS / f"itda_{model}_L{layer}_{min_cosine}{'_centred' if centred else ''}.safetensors"
     timing = path.with_suffix(".json")
     if path.exists() and timing.exists():
         return path, json.loads(timing.read_text())["build_s"], len(Dictionary.load(path))
     x = load_split(model, layer, "train", budget)
     t0 = time.perf_counter()
+    if centred:
+        x = x - geometric_median(x[: budget.init_sample])
     d = build_dictionary(x.split(4096), k=budget.k, min_cosine=min_cosine, max_atoms=budget.expansion * x.shape[1])
     build_s = time.perf_counter() - t0
     d.meta.hookpoint, d.meta.model = f"blocks.{layer}.hook_resid_post", model
@@ -157,7 +165,7 @@ def init_spec(model: str, layer: int, init: str, budget: Budget) -> tuple[str, d
     options = {"b_dec": "median", "fill": "data", "crop": True}
     if init in ITDA_VARIANTS:
         v = ITDA_VARIANTS[init]
-        path, build_s, _ = itda_dictionary(model, layer, v["min_cosine"], budget)
+        path, build_s, _ = itda_dictionary(model, layer, v["min_cosine"], budget, v.get("build_centred", False))
         return f"itda:{path}", {**options, "fill": v["fill"], "centre_atoms": v["centre_atoms"]}, build_s
     if init == "transfer":
         source = source_path(f"{model}:{layer - 1}", budget)
@@ -271,7 +279,8 @@ def run_grid(layers: list[str], inits: list[str], seeds: list[int], budget: Budg
     cache_all(layers, budget)
     for layer in layers:
         for init in {i for _, i, _ in todo if i in ITDA_VARIANTS}:
-            itda_dictionary(*_split(layer), ITDA_VARIANTS[init]["min_cosine"], budget)
+            v = ITDA_VARIANTS[init]
+            itda_dictionary(*_split(layer), v["min_cosine"], budget, v.get("build_centred", False))
     sources = [(f"{m}:{L - 1}", "kaiming", 0) for m, L in map(_split, layers)] if "transfer" in inits else []
     threads = max(1, (os.cpu_count() or 1) // jobs)
     ctx = torch.multiprocessing.get_context("spawn")

@@ -239,7 +239,7 @@ def initialise(
     b_dec: str = "median",
     fill: str | None = "data",
     crop: bool = False,
-    centre_atoms: bool = False,
+    centre_atoms: bool = True,
 ) -> dict:
     """Set sae's weights in place from spec and the sample; returns what was done (for metadata)."""
     cfg = sae.cfg

@@ -105,7 +105,9 @@ class SaeSpec:
         "itda/transfer init with more latents than atoms: fill the rest with 'data', 'kaiming' or 'outliers' rows.",
     )
     centre_atoms: bool = choice(
-        False, "itda/transfer init: decoder rows from b_dec to a typical activation along each atom."
+        True,
+        "itda/transfer init: decoder rows from b_dec to a typical activation along each atom "
+        "(benchmarks/quality/sae_init_study.py).",
     )
     crop: bool = choice(False, "itda/transfer init with fewer latents than atoms: keep the first atoms.")
     batch_topk: bool = choice(False, "Deprecated: the same as --arch batchtopk.")
