@@ -227,7 +227,7 @@ def run_one(layer: str, init: str, seed: int, budget: Budget, threads: int | Non
     path = results_dir(budget) / f"{run_id(layer, init, seed)}.json"
     if path.exists() and json.loads(path.read_text())["budget"] == asdict(budget):
         return json.loads(path.read_text())
-    model, L = layer.split(":")[0], int(layer.split(":")[1])
+    model, L = _split(layer)
     spec, options, once_s = init_spec(model, L, init, budget)
     x_train, x_held = load_split(model, L, "train", budget), load_split(model, L, "heldout", budget)
     sae, trainer, curve, t = train_run(x_train, x_held, spec, options, seed, budget)

@@ -266,8 +266,8 @@ def initialise(
         assert spec.path is not None
         atoms = Dictionary.load(spec.path).atoms
         rows = atom_rows(atoms, cfg.n_latents, sample, gen, bias, fill=fill, crop=crop, centre=centre_atoms)
-        info.update(atoms=int(atoms.shape[0]), fill=fill if cfg.n_latents > atoms.shape[0] else None)
-        info.update(centre_atoms=centre_atoms)
+        fill_used = fill if cfg.n_latents > atoms.shape[0] else None
+        info.update(atoms=int(atoms.shape[0]), fill=fill_used, centre_atoms=centre_atoms)
     else:
         rows = ROW_INITS[spec.name](cfg.n_latents, sample, gen, bias)
     w_dec = unit_rows(rows)
