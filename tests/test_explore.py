@@ -153,6 +153,18 @@ def test_page_data_agrees_with_the_dictionary_and_corpus(built, page):
         cards += json.loads(text[len(head) : -3])
     atoms = data["views"][0]["atoms"]
     assert cards == sorted(atoms, key=lambda c: (-c["uses"], c["id"]))  # the default order: the first page, one script
+    # text/V-C.js: the same chunks' search text alone (source, then contexts, lowercased), what text search loads
+    lines = []
+    for i in range(len(chunks)):
+        head = f"window.ITDA_TEXT(0, {i}, "
+        text = (page / "text" / f"0-{i}.js").read_text()
+        assert text.startswith(head) and text.endswith(");\n")
+        lines += json.loads(text[len(head) : -3])
+    assert len(list((page / "text").iterdir())) == len(chunks)
+    want = [
+        "\x01".join([(c["source"] or {}).get("text", ""), *(x["text"] for x in c["contexts"])]).lower() for c in cards
+    ]
+    assert lines == want
     assert [c["id"] for c in atoms] == list(range(len(atoms)))
     d = Dictionary.load(built["a"])
     (view,) = data["views"]

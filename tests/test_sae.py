@@ -233,7 +233,9 @@ def _state(trainer: SaeTrainer) -> list[torch.Tensor]:
 
 def test_resume_from_checkpoint_is_identical(tmp_path, synthetic):
     x, _ = synthetic
-    cfg = TrainConfig(steps=30, lr=1e-3, dead_after_tokens=2048, resample="itda", resample_every=7)
+    cfg = TrainConfig(
+        steps=30, lr=1e-3, dead_after_tokens=2048, resample="itda", resample_every=7, lr_warmup_steps=4, lr_decay=0.5
+    )  # the checkpoint at step 15 falls where the decay starts: the resumed run must follow the same schedule
 
     def fresh():
         sae, _ = new_sae(SaeConfig(64, 128, 4), "data", x[:4096], seed=0)
@@ -262,6 +264,43 @@ def test_resume_from_checkpoint_is_identical(tmp_path, synthetic):
     assert whole.resampled_total > 0  # the resampling path ran and is part of what must match
     for a, b in zip(_state(whole), _state(resumed), strict=True):
         assert torch.equal(a, b)
+
+
+def reference_lr(step: int, steps: int, warmup: int, decay: float) -> float:
+    """Linear warm-up over `warmup` steps, then flat, then linear to 0 over the last decay·steps steps."""
+    w = 1.0 if warmup == 0 else min(1.0, (step + 1) / warmup)
+    n = round(decay * steps)
+    start = steps - n
+    return w * (1.0 if n == 0 or step < start else 1.0 - (step - start) / n)
+
+
+@pytest.mark.parametrize("warmup,decay", [(0, 0.0), (5, 0.0), (0, 0.2), (7, 1.0), (3, 0.45)])
+def test_lr_schedule_is_applied_each_step(synthetic, warmup, decay):
+    x, _ = synthetic
+    cfg = TrainConfig(steps=20, lr=1e-3, lr_warmup_steps=warmup, lr_decay=decay)
+    sae, _ = new_sae(SaeConfig(64, 128, 4), "data", x[:4096], seed=0)
+    trainer = SaeTrainer(sae, cfg)
+    used: list[float] = []
+    first_move: list[float] = []
+    before = sae.b_enc.detach().clone()
+
+    def record(tr, stats):
+        used.append(tr.opt.param_groups[0]["lr"])
+        if stats.step == 1:  # Adam's first step moves each weight by lr * g / (|g| + eps): at most lr
+            first_move.append(float((tr.sae.b_enc.detach() - before).abs().max()))
+
+    trainer.fit(shuffled_batches(x, 256, seed=1), progress=False, callback=record)
+    want = [1e-3 * reference_lr(i, 20, warmup, decay) for i in range(20)]
+    assert used == pytest.approx(want, rel=1e-12)
+    assert first_move[0] == pytest.approx(want[0], rel=1e-3)
+    assert min(used) > 0
+
+
+def test_lr_schedule_fields_are_checked():
+    with pytest.raises(FieldError, match="lr_decay"):
+        TrainConfig(lr_decay=1.5).validate()
+    with pytest.raises(FieldError, match="lr_warmup_steps"):
+        TrainConfig(lr_warmup_steps=-1).validate()
 
 
 def test_itda_resampling_revives_dead_latents():

@@ -114,11 +114,14 @@ def time_page(browser, folder: Path, repeats: int = 3) -> dict:
         assert not errors, errors
         tab.close()
     size = sum(p.stat().st_size for p in folder.iterdir() if p.name in ("data.js", "index.html"))
+    folder_bytes = lambda name: sum(p.stat().st_size for p in (folder / name).glob("*.js"))  # noqa: E731
     return {
         "load_s_best": min(loads),
         "load_s_median": sorted(loads)[len(loads) // 2],
         "search_s_best": min(searches),
         "page_bytes": size,
+        "cards_bytes": folder_bytes("cards"),
+        "text_bytes": folder_bytes("text"),  # what the first text search loads (since 2026-12-03)
     }
 
 
@@ -150,7 +153,8 @@ def main() -> None:
             rows.append(res)
             print(
                 f"{n:>6} atoms: {res['page_bytes'] / 2**20:.1f} MiB, load {res['load_s_best']:.2f} s "
-                f"(median {res['load_s_median']:.2f}), search {res['search_s_best']:.3f} s",
+                f"(median {res['load_s_median']:.2f}), search {res['search_s_best']:.3f} s; cards "
+                f"{res['cards_bytes'] / 2**20:.0f} MiB, text {res['text_bytes'] / 2**20:.0f} MiB",
                 flush=True,
             )
         for folder in args.page:

@@ -67,14 +67,26 @@ class Budget:
     k: int = 32
     eval_every: int = 244  # steps: 20 evaluations over 5M tokens
     init_sample: int = 16_384
+    lr_decay: float = 0.0  # TrainConfig.lr_decay: the fraction of the last steps the learning rate falls to 0 over
+    lr_warmup_steps: int = 0
 
     @property
     def steps(self) -> int:
         return self.train_tokens // self.batch
 
+    @property
+    def tag(self) -> str:
+        """The results folder's name: the token count, and the schedule when it is not constant."""
+        decay = f"_decay{self.lr_decay:g}" if self.lr_decay else ""
+        return f"{self.train_tokens}_tokens{decay}" + (f"_warmup{self.lr_warmup_steps}" if self.lr_warmup_steps else "")
+
+    def same_as(self, stored: dict) -> bool:
+        """Whether a recorded run's budget is this one (runs recorded before the schedule fields: constant)."""
+        return {"lr_decay": 0.0, "lr_warmup_steps": 0, **stored} == asdict(self)
+
 
 def results_dir(budget: Budget) -> Path:
-    return RESULTS / f"{budget.train_tokens}_tokens"
+    return RESULTS / budget.tag
 
 
 def act_path(model: str, layer: int, split: str, n: int) -> Path:
@@ -152,7 +164,7 @@ def itda_dictionary(
 
 def source_path(layer: str, budget: Budget) -> Path:
     """The kaiming seed-0 SAE of a layer at this budget, kept as the next layer's transfer source."""
-    return ACTS / f"sae_{run_id(layer, 'kaiming', 0)}_{budget.train_tokens}.safetensors"
+    return ACTS / f"sae_{run_id(layer, 'kaiming', 0)}_{budget.tag.replace('_tokens', '')}.safetensors"
 
 
 def run_id(layer: str, init: str, seed: int) -> str:
@@ -185,7 +197,8 @@ def train_run(x_train, x_held, spec: str, options: dict, seed: int, budget: Budg
     t0 = time.perf_counter()
     sae, info = new_sae(SaeConfig(d, budget.expansion * d, budget.k), spec, sample, seed=seed, **options)
     init_s = time.perf_counter() - t0
-    trainer = SaeTrainer(sae, TrainConfig(steps=budget.steps, seed=seed))
+    schedule = {"lr_decay": budget.lr_decay, "lr_warmup_steps": budget.lr_warmup_steps}
+    trainer = SaeTrainer(sae, TrainConfig(steps=budget.steps, seed=seed, **schedule))
     held = x_held.split(4096)
     curve = [(0, evaluate_sae(sae, held).fvu)]
     eval_s = [0.0]
@@ -225,7 +238,7 @@ def run_one(layer: str, init: str, seed: int, budget: Budget, threads: int | Non
     if threads:
         torch.set_num_threads(threads)
     path = results_dir(budget) / f"{run_id(layer, init, seed)}.json"
-    if path.exists() and json.loads(path.read_text())["budget"] == asdict(budget):
+    if path.exists() and budget.same_as(json.loads(path.read_text())["budget"]):
         return json.loads(path.read_text())
     model, L = _split(layer)
     spec, options, once_s = init_spec(model, L, init, budget)
@@ -303,7 +316,7 @@ def results_of(layer: str, budget: Budget) -> dict[str, list[dict]]:
     for init in INITS:
         for path in sorted(results_dir(budget).glob(f"{run_id(layer, init, 0)[:-1]}*.json")):
             r = json.loads(path.read_text())
-            if r["budget"] == asdict(budget) and r["init"] == init:
+            if budget.same_as(r["budget"]) and r["init"] == init:
                 runs.setdefault(init, []).append(r)
     return runs
 
@@ -396,7 +409,7 @@ def plot_layer(layer: str, runs: dict[str, list[dict]], target: float, budget: B
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     IMG.mkdir(parents=True, exist_ok=True)
-    fig.savefig(IMG / f"sae_init_study_{layer.replace(':', '_L')}_{budget.train_tokens}.png", dpi=110)
+    fig.savefig(IMG / f"sae_init_study_{layer.replace(':', '_L')}_{budget.tag.replace('_tokens', '')}.png", dpi=110)
     plt.close(fig)
 
 
@@ -407,11 +420,18 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--train-tokens", type=int, default=Budget.train_tokens)
     ap.add_argument("--eval-every", type=int, default=Budget.eval_every, help="steps between held-out evaluations")
+    ap.add_argument("--lr-decay", type=float, default=Budget.lr_decay, help="TrainConfig.lr_decay")
+    ap.add_argument("--lr-warmup-steps", type=int, default=Budget.lr_warmup_steps, help="TrainConfig.lr_warmup_steps")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (each on cores / jobs threads)")
     ap.add_argument("--cache-only", action="store_true")
     ap.add_argument("--summarise", action="store_true", help="tables and plots of the recorded runs")
     args = ap.parse_args()
-    budget = Budget(train_tokens=args.train_tokens, eval_every=args.eval_every)
+    budget = Budget(
+        train_tokens=args.train_tokens,
+        eval_every=args.eval_every,
+        lr_decay=args.lr_decay,
+        lr_warmup_steps=args.lr_warmup_steps,
+    )
     if args.summarise:
         summarise(args.layers, budget)
     elif args.cache_only:

@@ -51,6 +51,8 @@ def train(
     steps: int = option(TrainConfig, "steps"),
     batch_size: int = option(SaeSpec, "batch_size"),
     lr: float | None = option(TrainConfig, "lr"),
+    lr_warmup_steps: int = option(TrainConfig, "lr_warmup_steps"),
+    lr_decay: float = option(TrainConfig, "lr_decay"),
     b_dec: str = option(SaeSpec, "b_dec"),
     fill: str | None = option(SaeSpec, "fill"),
     crop: bool = option(SaeSpec, "crop"),

@@ -23,9 +23,10 @@ def explorer_data(views: list[dict], shared: list[list[int]] | None = None) -> d
 
 def write_explorer(out: str | Path, data: dict) -> Path:
     """out/index.html, out/data.json (everything, for other tools), out/data.js (the index the page
-    loads first: per card only INDEX_FIELDS) and out/cards/V-C.js (the full cards of view V, CHUNK
+    loads first: per card only INDEX_FIELDS), out/cards/V-C.js (the full cards of view V, CHUNK
     at a time in the page's default order, most used first, so the first page needs one script;
-    loaded when the page first shows one). Scripts, because a page opened from disk may
+    loaded when the page first shows one) and out/text/V-C.js (the same cards' search_text only,
+    what the first text search loads). Scripts, because a page opened from disk may
     load scripts where browsers refuse to fetch a file. Replaces only an earlier explorer output;
     on error nothing changes."""
     dump = lambda obj: json.dumps(obj, ensure_ascii=True, allow_nan=False, separators=(",", ":"))  # noqa: E731
@@ -34,15 +35,24 @@ def write_explorer(out: str | Path, data: dict) -> Path:
         shutil.copyfile(ASSET, tmp / "index.html")
         (tmp / "data.js").write_text("window.ITDA_EXPLORER = " + dump(index) + ";\n", encoding="ascii")
         (tmp / "cards").mkdir()
+        (tmp / "text").mkdir()
         for v, view in enumerate(data["views"]):
             atoms = view["atoms"]
             order = sorted(range(len(atoms)), key=lambda i: (-atoms[i]["uses"], i))  # the page's default order
             for c in range(0, len(atoms), CHUNK):
-                cards = dump([atoms[i] for i in order[c : c + CHUNK]])
-                text = f"window.ITDA_CARDS({v}, {c // CHUNK}, {cards});\n"
-                (tmp / "cards" / f"{v}-{c // CHUNK}.js").write_text(text, encoding="ascii")
+                chunk = [atoms[i] for i in order[c : c + CHUNK]]
+                script = f"window.ITDA_CARDS({v}, {c // CHUNK}, {dump(chunk)});\n"
+                (tmp / "cards" / f"{v}-{c // CHUNK}.js").write_text(script, encoding="ascii")
+                script = f"window.ITDA_TEXT({v}, {c // CHUNK}, {dump([search_text(card) for card in chunk])});\n"
+                (tmp / "text" / f"{v}-{c // CHUNK}.js").write_text(script, encoding="ascii")
         (tmp / MARKER).write_text(dump(data) + "\n", encoding="ascii")
     return Path(out) / "index.html"
+
+
+def search_text(card: dict) -> str:
+    """What a text search looks in, lowercased: the source context, then the held-out contexts, \\x01 between."""
+    source = (card.get("source") or {}).get("text", "")
+    return "\x01".join([source, *(c["text"] for c in card["contexts"])]).lower()
 
 
 def _index_view(view: dict) -> dict:

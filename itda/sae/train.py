@@ -50,6 +50,10 @@ class TrainConfig:
     lr: float | None = choice(
         None, "Adam learning rate (default 2e-3 / sqrt(F / 2^14): benchmarks/perf/sae_vs_sparsify.py)."
     )
+    lr_warmup_steps: int = choice(0, "Steps of linear learning-rate warm-up from 0.")
+    lr_decay: float = choice(
+        0.0, "Fraction of the last steps over which the learning rate decays linearly to 0 (0: constant)."
+    )
     auxk_alpha: float = choice(1 / 32, "Weight of the AuxK loss.")
     k_aux: int | None = choice(None, "AuxK: dead latents used per token (default d_in / 2).")
     dead_after_tokens: int = choice(1_000_000, "A latent is dead after this many tokens without firing.")
@@ -79,9 +83,20 @@ class TrainConfig:
                 raise FieldError(name, f"must be >= 1, got {getattr(self, name)}")
         if not 0 < self.threshold_lr <= 1:
             raise FieldError("threshold_lr", f"must be in (0, 1], got {self.threshold_lr}")
+        if self.lr_warmup_steps < 0:
+            raise FieldError("lr_warmup_steps", f"must be >= 0, got {self.lr_warmup_steps}")
+        if not 0 <= self.lr_decay <= 1:
+            raise FieldError("lr_decay", f"must be in [0, 1], got {self.lr_decay}")
 
     def learning_rate(self, n_latents: int) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR_SCALE / (n_latents / 2**14) ** 0.5
+
+    def lr_factor(self, step: int) -> float:
+        """The learning rate's multiplier at 0-based step `step`: linear warm-up over lr_warmup_steps, then 1,
+        then over the last round(lr_decay * steps) steps a linear fall to 1/that count at the last step."""
+        warm = min(1.0, (step + 1) / self.lr_warmup_steps) if self.lr_warmup_steps else 1.0
+        decay_steps = round(self.lr_decay * self.steps)
+        return warm * (min(1.0, (self.steps - step) / decay_steps) if decay_steps else 1.0)
 
 
 @dataclass(frozen=True)
@@ -242,6 +257,8 @@ class SaeTrainer:
         loss.backward()
         group.sum_grads_(getattr(self.sae, n) for n in _PARAMS)
         self.sae.remove_parallel_grads()
+        for g in self.opt.param_groups:  # a pure function of the step: a resumed run follows the same schedule
+            g["lr"] = self.lr * self.config.lr_factor(self.step_count)
         self.opt.step()
         self.sae.normalise_decoder()
         fired_F = torch.zeros_like(dead)
@@ -378,7 +395,8 @@ class SaeTrainer:
                     getattr(sae, n).copy_(tensors[f"sae.{n}"])
                 if sae.arch.uses_threshold:
                     sae.threshold.copy_(tensors["sae.threshold"].reshape(()))
-            trainer = cls(sae.to(device), TrainConfig(**state["config"]), group)
+            constant = {"lr_warmup_steps": 0, "lr_decay": 0.0}  # a checkpoint from before the schedule fields
+            trainer = cls(sae.to(device), TrainConfig(**{**constant, **state["config"]}), group)
             for n in _PARAMS:
                 if f"adam.{n}.step" in tensors:
                     p = getattr(trainer.sae, n)
