@@ -339,7 +339,8 @@ def _check_page(browser, built, page):
     _shows(tab)
     assert tab.inner_text("#count").startswith(f"{n} of")
     if n > 50:
-        tab.click("#next")
+        tab.click("#next")  # the next page may need card scripts not loaded yet: wait until it is drawn
+        tab.wait_for_function("document.getElementById('page').textContent.includes('page 2 of')")
         assert tab.locator(".card").count() == n - 50
     tab.screenshot(path=str(page / "screenshot.png"))
     assert errors == []
