@@ -164,7 +164,7 @@ def atom_rows(
     *,
     fill: str | None = "data",
     crop: bool = False,
-    centre: bool = False,
+    centre: bool,
 ) -> Tensor:
     """Dictionary atoms as decoder rows, in order of addition.
 
