@@ -36,6 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for the harness package
 from harness.results import OUT
 
+from itda.sae import TrainConfig
+
 LAYERS = ("smollm2-135m:8", "smollm2-135m:15", "gemma3-270m:9")
 ROW_INITS = ("kaiming", "orthogonal", "data", "mean-subtracted", "centroid-subtracted", "outliers")
 # ITDA variants: dictionary threshold, atoms centred by b_dec, what fills latents beyond the atoms
@@ -67,8 +69,8 @@ class Budget:
     k: int = 32
     eval_every: int = 244  # steps: 20 evaluations over 5M tokens
     init_sample: int = 16_384
-    lr_decay: float = 0.0  # TrainConfig.lr_decay: the fraction of the last steps the learning rate falls to 0 over
-    lr_warmup_steps: int = 0
+    lr_decay: float = TrainConfig.lr_decay  # the fraction of the last steps the learning rate falls to 0 over
+    lr_warmup_steps: int = TrainConfig.lr_warmup_steps
 
     @property
     def steps(self) -> int:
@@ -189,7 +191,7 @@ def init_spec(model: str, layer: int, init: str, budget: Budget) -> tuple[str, d
 
 def train_run(x_train, x_held, spec: str, options: dict, seed: int, budget: Budget):
     """Train one SAE; returns it, the trainer and the held-out FVU curve [(tokens, fvu)]."""
-    from itda.sae import SaeConfig, SaeTrainer, TrainConfig, evaluate_sae, new_sae, shuffled_batches
+    from itda.sae import SaeConfig, SaeTrainer, evaluate_sae, new_sae, shuffled_batches
 
     d = x_train.shape[1]
     gen = torch.Generator().manual_seed(seed)

@@ -52,7 +52,9 @@ class TrainConfig:
     )
     lr_warmup_steps: int = choice(0, "Steps of linear learning-rate warm-up from 0.")
     lr_decay: float = choice(
-        0.0, "Fraction of the last steps over which the learning rate decays linearly to 0 (0: constant)."
+        0.2,
+        "Fraction of the last steps over which the learning rate decays linearly to 0 (0: constant; "
+        "0.2 chosen by measurement: benchmarks/RESULTS.md, the learning-rate schedule).",
     )
     auxk_alpha: float = choice(1 / 32, "Weight of the AuxK loss.")
     k_aux: int | None = choice(None, "AuxK: dead latents used per token (default d_in / 2).")
