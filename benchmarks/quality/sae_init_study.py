@@ -370,6 +370,10 @@ def _fmt(x, spec: str = ".2f") -> str:
     return "—" if x is None else format(x, spec)
 
 
+def _millions(tokens: float | None) -> str:
+    return "never" if tokens is None else f"{tokens / 1e6:.2f}M"
+
+
 def summarise(layers: list[str], budget: Budget) -> None:
     """Print a markdown table per layer and plot its FVU-vs-tokens curves (docs/img/sae/)."""
     for layer in layers:
@@ -387,7 +391,7 @@ def summarise(layers: list[str], budget: Budget) -> None:
         for r in rows:
             mean = sum(r["final"]) / len(r["final"])
             print(
-                f"| {r['init']} | {r['seeds']} | {_fmt(r['tokens'] and r['tokens'] / 1e6, '.2f')}M "
+                f"| {r['init']} | {r['seeds']} | {_millions(r['tokens'])} "
                 f"| {_fmt(r['ratio'])} | {_fmt(r['wall_s'], '.0f')} | {_fmt(r['wall_ratio'])} | {mean:.4f} "
                 f"| {', '.join(f'{f:.4f}' for f in r['final'])} | {', '.join(map(str, r['dead_train']))} "
                 f"| {', '.join(map(str, r['dead_heldout']))} | {', '.join(f'{c:.4f}' for c in r['ce'])} |"
