@@ -215,6 +215,26 @@ def test_itda_init_centres_atoms_by_b_dec_and_fills_with_outliers(synthetic, syn
     assert torch.allclose(plain.W_dec, d.atoms, atol=1e-6)  # the atoms themselves when not centred
 
 
+def test_encoder_is_the_least_squares_scale_of_the_decoder_times_the_gain(synthetic, synthetic_dict):
+    x, _ = synthetic
+    path, d = synthetic_dict
+    sample = x[:4096]  # the rows the scale is fitted on (ENCODER_FIT_ROWS)
+    sae, info = new_sae(SaeConfig(64, len(d), 4), f"itda:{path}", sample, seed=0, b_dec="mean")
+    D, xc = sae.W_dec.detach().double(), sample.double() - sample.double().mean(0)
+
+    def loss(s):  # sum ||x_c - s * D^T topk(relu(D x_c))||^2 in float64
+        acts, idx = torch.relu(xc @ D.T).topk(4, dim=1)
+        return float((xc - s * torch.einsum("bk,bkd->bd", acts, D[idx])).pow(2).sum())
+
+    grid = torch.linspace(0.5, 1.5, 101, dtype=torch.float64) * info["encoder_scale"]
+    best = float(grid[torch.tensor([loss(s) for s in grid]).argmin()])
+    assert best == pytest.approx(info["encoder_scale"], rel=0.011)  # the grid's minimum is the fitted scale
+    assert torch.allclose(sae.W_enc.double(), info["encoder_scale"] * D, rtol=1e-5, atol=1e-7)
+    twice, info2 = new_sae(SaeConfig(64, len(d), 4), f"itda:{path}", sample, b_dec="mean", encoder_gain=2.0)
+    assert info2["encoder_scale"] == pytest.approx(2 * info["encoder_scale"], rel=1e-6)
+    assert torch.allclose(twice.W_enc, 2 * sae.W_enc, rtol=1e-5, atol=1e-7)
+
+
 def test_transfer_copies_an_sae_exactly(tmp_path, synthetic):
     x, _ = synthetic
     src = random_sae(d=64, f=96, k=4, seed=3)

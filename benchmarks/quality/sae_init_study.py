@@ -47,6 +47,9 @@ ITDA_VARIANTS = {
     "itda-outfill": {"min_cosine": 0.9, "centre_atoms": False, "fill": "outliers"},
     "itda-centred-outfill": {"min_cosine": 0.9, "centre_atoms": True, "fill": "outliers"},
     "itda-0.95": {"min_cosine": 0.95, "centre_atoms": True, "fill": "outliers"},
+    # the encoder at half and twice its least-squares scale
+    "itda-enc0.5": {"min_cosine": 0.9, "centre_atoms": True, "fill": "data", "encoder_gain": 0.5},
+    "itda-enc2": {"min_cosine": 0.9, "centre_atoms": True, "fill": "data", "encoder_gain": 2.0},
     # built on activations minus their geometric median: gemma3's raw activations are all near one direction
     "itda-cbuild": {"min_cosine": 0.9, "centre_atoms": False, "fill": "data", "build_centred": True},
 }
@@ -180,7 +183,8 @@ def init_spec(model: str, layer: int, init: str, budget: Budget) -> tuple[str, d
     if init in ITDA_VARIANTS:
         v = ITDA_VARIANTS[init]
         path, build_s, _ = itda_dictionary(model, layer, v["min_cosine"], budget, v.get("build_centred", False))
-        return f"itda:{path}", {**options, "fill": v["fill"], "centre_atoms": v["centre_atoms"]}, build_s
+        gain = {"encoder_gain": v["encoder_gain"]} if "encoder_gain" in v else {}
+        return f"itda:{path}", {**options, "fill": v["fill"], "centre_atoms": v["centre_atoms"], **gain}, build_s
     if init == "transfer":
         source = source_path(f"{model}:{layer - 1}", budget)
         if not source.exists():

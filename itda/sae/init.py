@@ -240,8 +240,12 @@ def initialise(
     fill: str | None = "data",
     crop: bool = False,
     centre_atoms: bool = True,
+    encoder_gain: float = 1.0,
 ) -> dict:
-    """Set sae's weights in place from spec and the sample; returns what was done (for metadata)."""
+    """Set sae's weights in place from spec and the sample; returns what was done (for metadata).
+
+    Non-kaiming encoders are the unit decoder rows times the least-squares scale of the sample
+    (fit_encoder_scale) times encoder_gain."""
     cfg = sae.cfg
     sample = sample_SD.to(torch.float32).cpu()
     if sample.ndim != 2 or sample.shape[1] != cfg.d_in:
@@ -274,7 +278,7 @@ def initialise(
     if spec.name == "kaiming":
         w_enc = rows
     else:
-        scale = fit_encoder_scale(w_dec, bias, sample, cfg.k)
+        scale = fit_encoder_scale(w_dec, bias, sample, cfg.k) * encoder_gain
         w_enc = w_dec * scale
         info["encoder_scale"] = scale
     with torch.no_grad():
@@ -304,8 +308,8 @@ def _copy_sae(sae: TopKSAE, other: TopKSAE, info: dict) -> dict:
 def new_sae(
     cfg: SaeConfig, spec: InitSpec | str, sample_SD: Tensor, device: torch.device | str = "cpu", **kwargs
 ) -> tuple[TopKSAE, dict]:
-    """A TopKSAE initialised by spec on the sample (kwargs: seed, b_dec, fill, crop, centre_atoms); refused if it cannot
-    fit in memory."""
+    """A TopKSAE initialised by spec on the sample (kwargs: seed, b_dec, fill, crop, centre_atoms,
+    encoder_gain); refused if it cannot fit in memory."""
     from itda.resources import check_fits
 
     spec = parse_init(spec) if isinstance(spec, str) else spec
