@@ -292,8 +292,11 @@ def _commit() -> str:
     return out.stdout.strip()
 
 
-def run_grid(layers: list[str], inits: list[str], seeds: list[int], budget: Budget, jobs: int) -> None:
-    """Runs in order seed-major (every init at seed 0 first), `jobs` at a time, each on cores/jobs threads."""
+def run_grid(
+    layers: list[str], inits: list[str], seeds: list[int], budget: Budget, jobs: int, threads: int | None = None
+) -> None:
+    """Runs in order seed-major (every init at seed 0 first), `jobs` at a time, each on `threads` threads
+    (default cores / jobs)."""
     todo = [(layer, init, seed) for seed in seeds for layer in layers for init in inits]
     cache_all(layers, budget)
     for layer in layers:
@@ -301,7 +304,7 @@ def run_grid(layers: list[str], inits: list[str], seeds: list[int], budget: Budg
             v = ITDA_VARIANTS[init]
             itda_dictionary(*_split(layer), v["min_cosine"], budget, v.get("build_centred", False))
     sources = [(f"{m}:{L - 1}", "kaiming", 0) for m, L in map(_split, layers)] if "transfer" in inits else []
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     ctx = torch.multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
         for group in (sources, todo):  # transfer sources first: a transfer run needs its source SAE
@@ -433,6 +436,7 @@ def main() -> None:
     ap.add_argument("--lr-decay", type=float, default=Budget.lr_decay, help="TrainConfig.lr_decay")
     ap.add_argument("--lr-warmup-steps", type=int, default=Budget.lr_warmup_steps, help="TrainConfig.lr_warmup_steps")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (each on cores / jobs threads)")
+    ap.add_argument("--threads", type=int, help="threads per run (two grids side by side: 1 each)")
     ap.add_argument("--cache-only", action="store_true")
     ap.add_argument("--summarise", action="store_true", help="tables and plots of the recorded runs")
     args = ap.parse_args()
@@ -447,7 +451,7 @@ def main() -> None:
     elif args.cache_only:
         cache_all(args.layers, budget)
     else:
-        run_grid(args.layers, args.inits, args.seeds, budget, args.jobs)
+        run_grid(args.layers, args.inits, args.seeds, budget, args.jobs, args.threads)
 
 
 if __name__ == "__main__":
